@@ -1,0 +1,182 @@
+"""Typed wrappers over ``torch.ops.longnet``, their fake kernels and autograd.
+
+The compiled operators are
+
+* ``longnet::dilated_attention_fwd(q, k, v, segment_lengths, dilation_rates,
+  is_causal, scale) -> (out, lse)``
+* ``longnet::dilated_attention_bwd(grad_out, grad_lse, q, k, v, out, lse,
+  segment_lengths, dilation_rates, is_causal, scale) -> (dq, dk, dv)``
+
+and ``dilated_attention`` below is the public, validated entry point (SPEC.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["dilated_attention", "validate_inputs", "validate_patterns"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def validate_patterns(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int]
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Check the (w, r) pattern lists and return them as tuples of ints.
+
+    Raises:
+        ValueError: for empty or unequal lists, ``w < 1``, ``r < 1`` or ``r > w``.
+    """
+    try:
+        ws = tuple(int(w) for w in segment_lengths)
+        rs = tuple(int(r) for r in dilation_rates)
+    except TypeError as exc:
+        raise ValueError(
+            "segment_lengths and dilation_rates must be sequences of ints, got "
+            f"{segment_lengths!r} and {dilation_rates!r}"
+        ) from exc
+    if len(ws) == 0:
+        raise ValueError("segment_lengths must hold at least one segment length, got []")
+    if len(ws) != len(rs):
+        raise ValueError(
+            "segment_lengths and dilation_rates must have the same length, got "
+            f"{len(ws)} ({list(ws)}) and {len(rs)} ({list(rs)})"
+        )
+    for i, (w, r) in enumerate(zip(ws, rs)):
+        if w < 1:
+            raise ValueError(f"segment_lengths[{i}] must be >= 1, got {w}")
+        if r < 1:
+            raise ValueError(f"dilation_rates[{i}] must be >= 1, got {r}")
+        if r > w:
+            raise ValueError(
+                f"dilation_rates[{i}] ({r}) must not exceed segment_lengths[{i}] ({w})"
+            )
+    return ws, rs
+
+
+def validate_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> float:
+    """Check q, k, v against SPEC.md and return the softmax scale to use.
+
+    Raises:
+        ValueError: naming the argument and the expected shape, dtype or device.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = "(B, Nq, H, D)" if name == "q" else "(B, Nk, Hk, D)"
+            raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}"
+            )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(
+            f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    b, nq, h, d = q.shape
+    _, nk, hk, _ = k.shape
+    if k.shape[0] != b:
+        raise ValueError(f"k batch size {k.shape[0]} differs from q batch size {b}")
+    if k.shape[3] != d:
+        raise ValueError(f"k head dim {k.shape[3]} differs from q head dim {d}")
+    if nq > nk:
+        raise ValueError(f"q has more positions ({nq}) than k ({nk}); Nq <= Nk is required")
+    if hk < 1 or h % hk != 0:
+        raise ValueError(f"q heads ({h}) must be a multiple of k heads ({hk})")
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d > 0 else 1.0
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
+    return scale
+
+
+def dilated_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """LongNet dilated attention (Ding et al., 2023), exactly as SPEC.md defines it.
+
+    Args:
+        q: queries, ``(B, Nq, H, D)``.
+        k: keys, ``(B, Nk, Hk, D)`` with ``Nq <= Nk`` and ``H % Hk == 0``.
+        v: values, shaped like ``k``.
+        segment_lengths: ``[w_1 .. w_m]``, each ``>= 1``.
+        dilation_rates: ``[r_1 .. r_m]``, each ``1 <= r_i <= w_i``.
+        is_causal: a key must not come after its query (positions are bottom-right
+            aligned: query ``i`` sits at position ``Nk - Nq + i``).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_lse: also return the log-sum-exp of every query row.
+
+    Returns:
+        ``out`` of shape ``(B, Nq, H, D)`` in the input dtype, and with
+        ``return_lse`` also ``lse`` of shape ``(B, H, Nq)`` (float32, or float64
+        for float64 inputs). Rows that reach no key get ``out = 0``, ``lse = -inf``.
+    """
+    ws, rs = validate_patterns(segment_lengths, dilation_rates)
+    scale = validate_inputs(q, k, v, scale)
+    out, lse = torch.ops.longnet.dilated_attention_fwd.default(
+        q, k, v, list(ws), list(rs), bool(is_causal), scale
+    )
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("longnet::dilated_attention_fwd")
+def _fwd_fake(q, k, v, segment_lengths, dilation_rates, is_causal, scale):
+    b, nq, h, _ = q.shape
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((b, h, nq), dtype=_lse_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("longnet::dilated_attention_bwd")
+def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, segment_lengths, dilation_rates,
+              is_causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, segment_lengths, dilation_rates, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.patterns = (list(segment_lengths), list(dilation_rates))
+    ctx.is_causal = is_causal
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    dq, dk, dv = torch.ops.longnet.dilated_attention_bwd.default(
+        grad_out, grad_lse, q, k, v, out, lse, ctx.patterns[0], ctx.patterns[1],
+        ctx.is_causal, ctx.scale,
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd(
+    "longnet::dilated_attention_fwd", _backward, setup_context=_setup_context
+)

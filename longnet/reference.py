@@ -1,0 +1,79 @@
+"""Slow, obviously-correct dilated attention in plain PyTorch (SPEC.md).
+
+It builds, for every head, the dense count matrix ``c[j, p, t]`` (in how many
+patterns query position ``p`` and key position ``t`` share a sparse segment, after
+the causal rule) and evaluates one softmax over ``scale * q k^T + log c``. Memory
+is O(Nq * Nk) per head: use it for tests on short sequences only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["pattern_counts", "dilated_attention_reference"]
+
+
+def pattern_counts(
+    nq: int,
+    nk: int,
+    num_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    is_causal: bool,
+    device: Optional[torch.device] = None,
+) -> Tensor:
+    """Count matrix ``c`` of shape ``(H, Nq, Nk)`` (int64), as SPEC.md defines it."""
+    q_pos = torch.arange(nk - nq, nk, device=device)
+    k_pos = torch.arange(nk, device=device)
+    counts = torch.zeros(num_heads, nq, nk, dtype=torch.int64, device=device)
+    for w, r in zip(segment_lengths, dilation_rates):
+        for j in range(num_heads):
+            o = j % r
+            q_in = (q_pos % w) % r == o
+            k_in = (k_pos % w) % r == o
+            same_segment = (q_pos[:, None] // w) == (k_pos[None, :] // w)
+            hit = same_segment & q_in[:, None] & k_in[None, :]
+            counts[j] += hit.long()
+    if is_causal:
+        counts = counts * (k_pos[None, :] <= q_pos[:, None]).long()
+    return counts
+
+
+def dilated_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Return ``(out, lse)`` of dilated attention, computed densely.
+
+    Shapes as ``longnet.dilated_attention``; differentiable through both outputs.
+    The computation runs in the input dtype (use float64 for a ground truth).
+    """
+    b, nq, h, d = q.shape
+    nk, hk = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    group = h // hk
+    kh = k.repeat_interleave(group, dim=2) if group > 1 else k
+    vh = v.repeat_interleave(group, dim=2) if group > 1 else v
+    counts = pattern_counts(nq, nk, h, segment_lengths, dilation_rates, is_causal, q.device)
+    log_c = torch.log(counts.to(q.dtype))  # -inf where no pattern links p and t
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, kh) * scale + log_c
+    # Rows that reach no key get lse = -inf and out = 0 with finite gradients: run
+    # the softmax on a zero row there and overwrite it afterwards.
+    has_key = (counts > 0).any(dim=-1)  # (H, Nq)
+    logits = torch.where(has_key[..., None], logits, torch.zeros_like(logits))
+    lse_all = torch.logsumexp(logits, dim=-1)  # (B, H, Nq)
+    probs = torch.exp(logits - lse_all[..., None]) * has_key[..., None]
+    lse = torch.where(has_key, lse_all, torch.full_like(lse_all, -math.inf))
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vh)
+    return out, lse

@@ -1,0 +1,83 @@
+"""Build of the longnet extension (longnet._C).
+
+CPU-only by default on machines without CUDA. Environment variables:
+
+* ``LONGNET_FORCE_CUDA=1``: compile the CUDA kernels even without a visible GPU
+  (needs nvcc and a CUDA build of torch).
+* ``LONGNET_NO_CUDA=1``: never compile the CUDA kernels.
+* ``LONGNET_CUDA_ARCHS``: semicolon-separated compute capabilities, default
+  ``"8.0;9.0"`` (A100, H100/H200); PTX is embedded for the newest one.
+* ``LONGNET_DEBUG=1``: ``-O0 -g`` build.
+* ``MAX_JOBS``: parallel compile jobs (ninja).
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda() -> bool:
+    if _env_flag("LONGNET_NO_CUDA"):
+        return False
+    if torch.version.cuda is None or CUDA_HOME is None:
+        if _env_flag("LONGNET_FORCE_CUDA"):
+            raise RuntimeError(
+                "LONGNET_FORCE_CUDA=1 needs a CUDA build of torch and nvcc "
+                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
+            )
+        return False
+    return _env_flag("LONGNET_FORCE_CUDA") or torch.cuda.is_available()
+
+
+def _gencode_flags() -> list:
+    archs = [a.strip() for a in os.environ.get("LONGNET_CUDA_ARCHS", "8.0;9.0").split(";") if a.strip()]
+    flags = []
+    for arch in archs:
+        num = arch.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    newest = archs[-1].replace(".", "")
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags
+
+
+def make_extension():
+    debug = _env_flag("LONGNET_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"]
+    sources = [os.path.relpath(p, HERE) for p in
+               sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+               + sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
+    common = dict(
+        name="longnet._C",
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_link_args=["-fopenmp"],
+    )
+    if _want_cuda():
+        sources += [os.path.relpath(p, HERE) for p in
+                    sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))]
+        nvcc_flags = opt + ["-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr",
+                            "-lineinfo"] + _gencode_flags()
+        return CUDAExtension(
+            sources=sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DLONGNET_WITH_CUDA"],
+                                "nvcc": nvcc_flags + ["-DLONGNET_WITH_CUDA"]},
+            **common,
+        )
+    return CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)
+
+
+setup(
+    packages=find_packages(include=["longnet", "longnet.*"]),
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
