@@ -26,3 +26,24 @@ HAS_CUDA: bool = torch._C._dispatch_has_kernel_for_dispatch_key(
 __version__ = "0.1.0"
 
 __all__ = ["dilated_attention", "HAS_CUDA", "__version__"]
+
+from longnet.modules import (  # noqa: E402
+    DilatedAttention,
+    KVCache,
+    MultiheadDilatedAttention,
+    RotaryEmbedding,
+)
+from longnet.model import LongNetConfig, LongNetDecoder, LongNetDecoderLayer, LongNetLM  # noqa: E402
+from longnet.tokenizer import ByteTokenizer  # noqa: E402
+
+__all__ += [
+    "DilatedAttention",
+    "MultiheadDilatedAttention",
+    "KVCache",
+    "RotaryEmbedding",
+    "LongNetConfig",
+    "LongNetDecoderLayer",
+    "LongNetDecoder",
+    "LongNetLM",
+    "ByteTokenizer",
+]

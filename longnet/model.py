@@ -1,0 +1,417 @@
+"""LongNet decoder language model (Ding et al., 2023) built on dilated attention.
+
+* :class:`LongNetConfig`: the hyper-parameters, saved as ``config.json``.
+* :class:`LongNetDecoderLayer`: pre-LN (or MAGNETO Sub-LN) transformer block.
+* :class:`LongNetDecoder`: the layer stack with a final LayerNorm.
+* :class:`LongNetLM`: token embedding, decoder, LM head, loss, KV-cached
+  :meth:`~LongNetLM.generate` and ``save_pretrained`` / ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from longnet.modules import KVCache, MultiheadDilatedAttention
+from longnet.ops import validate_patterns
+
+__all__ = ["LongNetConfig", "LongNetDecoderLayer", "LongNetDecoder", "LongNetLM"]
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+TORCH_WEIGHTS_NAME = "model.pt"
+
+
+@dataclass
+class LongNetConfig:
+    """Hyper-parameters of :class:`LongNetLM`.
+
+    Attributes:
+        vocab_size: number of token ids (259 for :class:`longnet.ByteTokenizer`).
+        num_layers: decoder layers.
+        embed_dim: model width.
+        num_heads: query heads per layer.
+        num_kv_heads: key/value heads (grouped-query attention); ``None`` = num_heads.
+        ffn_dim: feed-forward width; ``None`` = ``4 * embed_dim``.
+        segment_lengths, dilation_rates: the dilated attention pattern.
+        norm_style: ``"pre"`` (pre-LayerNorm) or ``"subln"`` (MAGNETO: pre-LN plus a
+            LayerNorm before each block's output projection and scaled init).
+        dropout: residual and feed-forward dropout.
+        attention_dropout: dropout on the attention output before its projection.
+        tie_embeddings: share the token embedding with the LM head.
+        position_encoding: ``"rotary"``, ``"xpos"`` or ``None``.
+        rope_base, xpos_scale_base: position-encoding constants.
+        bias: biases in the linear layers.
+        layer_norm_eps: LayerNorm epsilon.
+        pad_token_id, bos_token_id, eos_token_id: special ids (byte tokenizer layout).
+    """
+
+    vocab_size: int = 259
+    num_layers: int = 4
+    embed_dim: int = 256
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None
+    ffn_dim: Optional[int] = None
+    segment_lengths: List[int] = field(default_factory=lambda: [128, 256, 512])
+    dilation_rates: List[int] = field(default_factory=lambda: [1, 2, 4])
+    norm_style: str = "pre"
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    tie_embeddings: bool = True
+    position_encoding: Optional[str] = "rotary"
+    rope_base: float = 10000.0
+    xpos_scale_base: float = 512.0
+    bias: bool = True
+    layer_norm_eps: float = 1e-5
+    pad_token_id: Optional[int] = 256
+    bos_token_id: Optional[int] = 257
+    eos_token_id: Optional[int] = 258
+
+    def __post_init__(self) -> None:
+        ws, rs = validate_patterns(self.segment_lengths, self.dilation_rates)
+        self.segment_lengths, self.dilation_rates = list(ws), list(rs)
+        if self.ffn_dim is None:
+            self.ffn_dim = 4 * self.embed_dim
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
+                     "ffn_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.norm_style not in ("pre", "subln"):
+            raise ValueError(f"norm_style must be 'pre' or 'subln', got {self.norm_style!r}")
+        if self.position_encoding not in ("rotary", "xpos", None):
+            raise ValueError("position_encoding must be 'rotary', 'xpos' or None, got "
+                             f"{self.position_encoding!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "LongNetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LongNetConfig fields: {unknown}")
+        return cls(**data)
+
+
+class FeedForward(nn.Module):
+    """``fc2(dropout(subln(gelu(fc1(x)))))``; Sub-LN only for MAGNETO."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, *, dropout: float = 0.0,
+                 sub_ln: bool = False, bias: bool = True, layer_norm_eps: float = 1e-5,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=bias, **factory)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=bias, **factory)
+        self.norm = nn.LayerNorm(ffn_dim, eps=layer_norm_eps, **factory) if sub_ln else None
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.gelu(self.fc1(x))
+        h = F.dropout(h, p=self.dropout, training=self.training)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.fc2(h)
+
+
+class LongNetDecoderLayer(nn.Module):
+    """One decoder block: ``x + attn(LN(x))`` then ``x + ffn(LN(x))``."""
+
+    def __init__(self, config: LongNetConfig, *, sequence_parallel_group: Any = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        sub_ln = config.norm_style == "subln"
+        self.attn_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps, **factory)
+        self.self_attn = MultiheadDilatedAttention(
+            config.embed_dim, config.num_heads, config.segment_lengths, config.dilation_rates,
+            num_kv_heads=config.num_kv_heads, dropout=config.attention_dropout,
+            bias=config.bias, is_causal=True, position_encoding=config.position_encoding,
+            sub_ln=sub_ln, sequence_parallel_group=sequence_parallel_group,
+            rope_base=config.rope_base, xpos_scale_base=config.xpos_scale_base,
+            layer_norm_eps=config.layer_norm_eps, **factory)
+        self.ffn_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps, **factory)
+        self.ffn = FeedForward(config.embed_dim, config.ffn_dim, dropout=config.dropout,
+                               sub_ln=sub_ln, bias=config.bias,
+                               layer_norm_eps=config.layer_norm_eps, **factory)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor, *, cache: Optional[KVCache] = None,
+                position_offset: int = 0) -> Tensor:
+        h = self.self_attn(self.attn_norm(x), cache=cache, position_offset=position_offset)
+        x = x + F.dropout(h, p=self.dropout, training=self.training)
+        h = self.ffn(self.ffn_norm(x))
+        return x + F.dropout(h, p=self.dropout, training=self.training)
+
+
+class LongNetDecoder(nn.Module):
+    """Stack of :class:`LongNetDecoderLayer` with a final LayerNorm: ``(B, N, E)``."""
+
+    def __init__(self, config: LongNetConfig, *, sequence_parallel_group: Any = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            LongNetDecoderLayer(config, sequence_parallel_group=sequence_parallel_group,
+                                device=device, dtype=dtype)
+            for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps,
+                                       device=device, dtype=dtype)
+
+    def new_cache(self) -> List[KVCache]:
+        """One empty :class:`KVCache` per layer."""
+        return [layer.self_attn.new_cache() for layer in self.layers]
+
+    def forward(self, x: Tensor, *, cache: Optional[List[KVCache]] = None,
+                position_offset: int = 0) -> Tensor:
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache must hold {len(self.layers)} layer caches, got {len(cache)}")
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache=None if cache is None else cache[i],
+                      position_offset=position_offset)
+        return self.final_norm(x)
+
+
+class LongNetLM(nn.Module):
+    """Causal language model: embedding, :class:`LongNetDecoder`, LM head.
+
+    Args:
+        config: a :class:`LongNetConfig`.
+        sequence_parallel_group: optional ``torch.distributed`` group; each rank then
+            feeds its contiguous chunk of every sequence (see
+            :class:`~longnet.modules.MultiheadDilatedAttention`).
+
+    Example::
+
+        model = LongNetLM(LongNetConfig(num_layers=2, embed_dim=128))
+        logits = model(torch.randint(0, 256, (1, 1024)))            # (1, 1024, 259)
+        out = model.generate(prompt_ids, max_new_tokens=100, top_k=20)
+    """
+
+    def __init__(self, config: LongNetConfig, *, sequence_parallel_group: Any = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim, **factory)
+        self.dropout = config.dropout
+        self.decoder = LongNetDecoder(config, sequence_parallel_group=sequence_parallel_group,
+                                      **factory)
+        if config.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) embeddings and head; MAGNETO scaling for ``"subln"``."""
+        nn.init.normal_(self.embed_tokens.weight, std=0.02)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+        if self.config.norm_style == "subln":
+            # MAGNETO: scale v/out projections and the FFN by sqrt(log(2L)).
+            gain = math.sqrt(math.log(2 * self.config.num_layers))
+            with torch.no_grad():
+                for layer in self.decoder.layers:
+                    for lin in (layer.self_attn.v_proj, layer.self_attn.out_proj,
+                                layer.ffn.fc1, layer.ffn.fc2):
+                        lin.weight.mul_(gain)
+
+    @property
+    def sequence_parallel_group(self) -> Any:
+        return self.decoder.layers[0].self_attn.sequence_parallel_group
+
+    def set_sequence_parallel_group(self, group: Any) -> None:
+        """Switch every attention layer to (``group``) or from (``None``) sequence parallelism."""
+        for layer in self.decoder.layers:
+            layer.self_attn.sequence_parallel_group = group
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self) -> List[KVCache]:
+        """Empty per-layer KV caches for :meth:`forward` / :meth:`generate`."""
+        return self.decoder.new_cache()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Optional[Tensor] = None,
+        *,
+        cache: Optional[List[KVCache]] = None,
+        position_offset: int = 0,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """Logits ``(B, N, vocab)``; with ``targets`` ``(B, N)`` also the mean loss.
+
+        Args:
+            input_ids: token ids ``(B, N)`` (int64).
+            targets: next-token ids aligned with ``input_ids``; entries equal to
+                ``-100`` are ignored.
+            cache: per-layer caches from :meth:`new_cache`; the tokens are appended.
+            position_offset: absolute position of the first token (without a cache).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (B, N), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        x = self.embed_tokens(input_ids)
+        x = F.dropout(x, p=self.dropout, training=self.training)
+        x = self.decoder(x, cache=cache, position_offset=position_offset)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight)
+        if targets is None:
+            return logits
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}"
+                             f", got {tuple(targets.shape)}")
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                               targets.reshape(-1).long(), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        greedy: bool = False,
+        *,
+        eos_token_id: Optional[int] = None,
+        use_cache: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Continue ``input_ids`` ``(B, N)`` by up to ``max_new_tokens`` tokens.
+
+        Args:
+            temperature: softmax temperature (> 0) for sampling.
+            top_k: sample only among the ``top_k`` most likely tokens.
+            greedy: take the arg-max instead of sampling.
+            eos_token_id: rows stop after emitting it (later positions repeat it);
+                generation ends once every row has.
+            use_cache: decode incrementally with KV caches (the default); ``False``
+                reruns the full prefix each step (slow, for checking).
+            generator: random generator for reproducible sampling.
+
+        Returns:
+            ``(B, N + T)`` ids, prompt included, ``T <= max_new_tokens``.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must have shape (B, N) with N >= 1, "
+                             f"got {tuple(input_ids.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not greedy and not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        if self.sequence_parallel_group is not None:
+            raise ValueError("generate() does not run under sequence parallelism; "
+                             "call set_sequence_parallel_group(None) first")
+        was_training = self.training
+        self.eval()
+        try:
+            ids = input_ids
+            done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+            cache = self.new_cache() if use_cache else None
+            step_input = ids
+            for _ in range(max_new_tokens):
+                logits = self(step_input, cache=cache)[:, -1, :].float()
+                nxt = self._pick(logits, temperature, top_k, greedy, generator)
+                if eos_token_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                    done = done | (nxt == eos_token_id)
+                ids = torch.cat((ids, nxt[:, None]), dim=1)
+                step_input = nxt[:, None] if use_cache else ids
+                if eos_token_id is not None and bool(done.all()):
+                    break
+            return ids
+        finally:
+            self.train(was_training)
+
+    @staticmethod
+    def _pick(logits: Tensor, temperature: float, top_k: Optional[int], greedy: bool,
+              generator: Optional[torch.Generator]) -> Tensor:
+        if greedy:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    # ---------------------------------------------------------------- persistence
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Write ``config.json`` and the weights (safetensors when installed, else torch)."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            torch.save(state, os.path.join(directory, TORCH_WEIGHTS_NAME))
+            stale = os.path.join(directory, SAFETENSORS_NAME)
+        else:
+            save_file(state, os.path.join(directory, SAFETENSORS_NAME))
+            stale = os.path.join(directory, TORCH_WEIGHTS_NAME)
+        if os.path.exists(stale):
+            os.remove(stale)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], *,
+                        map_location: Union[str, torch.device] = "cpu",
+                        dtype: Optional[torch.dtype] = None) -> "LongNetLM":
+        """Load a model written by :meth:`save_pretrained`."""
+        cfg_path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
+        with open(cfg_path) as f:
+            config = LongNetConfig.from_dict(json.load(f))
+        st_path = os.path.join(directory, SAFETENSORS_NAME)
+        pt_path = os.path.join(directory, TORCH_WEIGHTS_NAME)
+        if os.path.isfile(st_path):
+            try:
+                from safetensors.torch import load_file
+            except ImportError as exc:
+                raise ImportError(f"{st_path} needs the safetensors package "
+                                  "(pip install safetensors)") from exc
+            state = load_file(st_path, device=str(map_location))
+        elif os.path.isfile(pt_path):
+            state = torch.load(pt_path, map_location=map_location, weights_only=True)
+        else:
+            raise FileNotFoundError(
+                f"no {SAFETENSORS_NAME} or {TORCH_WEIGHTS_NAME} in {directory!r}")
+        model = cls(config, device=map_location)
+        model.load_state_dict(state)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"vocab_size={c.vocab_size}, num_layers={c.num_layers}, "
+                f"embed_dim={c.embed_dim}, norm_style={c.norm_style!r}, "
+                f"tie_embeddings={c.tie_embeddings}")

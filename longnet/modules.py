@@ -1,0 +1,394 @@
+"""``nn.Module`` wrappers around ``longnet.dilated_attention``.
+
+* :class:`DilatedAttention`: the bare operator with its pattern as module state.
+* :class:`MultiheadDilatedAttention`: batch-first multi-head attention layer with
+  q/k/v/out projections, grouped-query attention, rotary or xPos position encoding at
+  absolute positions, optional Sub-LN (MAGNETO), an incremental-decoding cache and a
+  sequence-parallel mode.
+* :class:`KVCache`: the per-layer key/value cache used for incremental decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from longnet.ops import dilated_attention, validate_patterns
+
+__all__ = [
+    "DilatedAttention",
+    "MultiheadDilatedAttention",
+    "KVCache",
+    "RotaryEmbedding",
+    "pattern_period",
+]
+
+_POSITION_ENCODINGS = ("rotary", "xpos", None)
+
+
+def pattern_period(segment_lengths: Sequence[int]) -> int:
+    """Least common multiple of the segment lengths.
+
+    Every pattern's segmentation repeats with this period, so a key/value cache may
+    drop keys in whole multiples of it without changing any segment boundary.
+    """
+    period = 1
+    for w in segment_lengths:
+        period = period * int(w) // math.gcd(period, int(w))
+    return period
+
+
+class DilatedAttention(nn.Module):
+    """Dilated attention over already projected heads (no parameters).
+
+    Args:
+        segment_lengths: ``[w_1 .. w_m]``.
+        dilation_rates: ``[r_1 .. r_m]`` with ``1 <= r_i <= w_i``.
+        is_causal: default causality of :meth:`forward`.
+        scale: softmax scale, default ``1 / sqrt(head_dim)``.
+
+    Shapes: ``q`` ``(B, Nq, H, D)``, ``k``/``v`` ``(B, Nk, Hk, D)`` as in
+    :func:`longnet.dilated_attention`.
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        is_causal: bool = False,
+        scale: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        ws, rs = validate_patterns(segment_lengths, dilation_rates)
+        self.segment_lengths: Tuple[int, ...] = ws
+        self.dilation_rates: Tuple[int, ...] = rs
+        self.is_causal = bool(is_causal)
+        if scale is not None and not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be a finite number or None, got {scale}")
+        self.scale = None if scale is None else float(scale)
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        is_causal: Optional[bool] = None,
+        return_lse: bool = False,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """Attend ``q`` to ``k``/``v``; ``is_causal=None`` uses the module default."""
+        return dilated_attention(
+            q, k, v, self.segment_lengths, self.dilation_rates,
+            is_causal=self.is_causal if is_causal is None else bool(is_causal),
+            scale=self.scale, return_lse=return_lse,
+        )
+
+    def extra_repr(self) -> str:
+        s = (f"segment_lengths={list(self.segment_lengths)}, "
+             f"dilation_rates={list(self.dilation_rates)}, is_causal={self.is_causal}")
+        if self.scale is not None:
+            s += f", scale={self.scale:g}"
+        return s
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE), optionally with xPos scaling.
+
+    Rotations use absolute positions, so the same token gets the same rotation in a
+    full forward, in incremental decoding and on any sequence-parallel rank.
+
+    xPos (Sun et al., 2022) additionally multiplies queries by ``zeta**((n - c) / b)``
+    and keys by ``zeta**(-(n - c) / b)`` (``b = scale_base``). The products only depend
+    on the distance between query and key, so the centre ``c`` is free; callers pass
+    the same ``c`` for all queries and keys of one attention call. Far from ``c`` the
+    factors overflow float32 after roughly ``70 * scale_base`` positions: use plain
+    rotary for very long sequences.
+    """
+
+    def __init__(self, head_dim: int, *, base: float = 10000.0, xpos: bool = False,
+                 xpos_scale_base: float = 512.0, xpos_gamma: float = 0.4) -> None:
+        super().__init__()
+        if head_dim < 2 or head_dim % 2 != 0:
+            raise ValueError(f"rotary embeddings need an even head_dim >= 2, got {head_dim}")
+        self.head_dim = head_dim
+        self.base = float(base)
+        self.xpos = bool(xpos)
+        self.xpos_scale_base = float(xpos_scale_base)
+        half = head_dim // 2
+        inv_freq = 1.0 / (self.base ** (torch.arange(half, dtype=torch.float64) / half))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        zeta = (torch.arange(half, dtype=torch.float64) / half + xpos_gamma) / (1.0 + xpos_gamma)
+        self.register_buffer("log_zeta", zeta.log(), persistent=False)
+
+    def _angles(self, positions: Tensor) -> Tuple[Tensor, Tensor]:
+        ang = positions.to(torch.float64)[:, None] * self.inv_freq.to(torch.float64)[None, :]
+        return ang.cos(), ang.sin()
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x`` ``(B, N, H, D)`` by the angles of ``positions`` ``(N,)``."""
+        cos, sin = self._angles(positions)
+        cos = cos.to(x.dtype)[None, :, None, :]
+        sin = sin.to(x.dtype)[None, :, None, :]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+    def xpos_scale(self, positions: Tensor, center: Union[int, Tensor], sign: float,
+                   dtype: torch.dtype) -> Tensor:
+        """xPos factors ``(1, N, 1, D)``: ``zeta ** (sign * (n - center) / scale_base)``."""
+        rel = (positions.to(torch.float64) - center) * (sign / self.xpos_scale_base)
+        scale = torch.exp(rel[:, None] * self.log_zeta.to(torch.float64)[None, :])
+        return torch.cat((scale, scale), dim=-1).to(dtype)[None, :, None, :]
+
+    def extra_repr(self) -> str:
+        s = f"head_dim={self.head_dim}, base={self.base:g}"
+        if self.xpos:
+            s += f", xpos=True, xpos_scale_base={self.xpos_scale_base:g}"
+        return s
+
+
+class KVCache:
+    """Key/value cache of one attention layer for incremental decoding.
+
+    Holds the rotated keys and the values of positions ``[start, end)``. Queries are
+    bottom-right aligned against it (the operator's ``Nq < Nk`` path). ``start`` is
+    always a multiple of the layer's pattern period (:func:`pattern_period`), so every
+    pattern's segments keep their absolute boundaries; keys before the period block of
+    the next query are dropped because no later query can reach them.
+    """
+
+    def __init__(self, period: int, *, trim: bool = True) -> None:
+        if period < 1:
+            raise ValueError(f"period must be >= 1, got {period}")
+        self.period = int(period)
+        self.trim = bool(trim)
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+        self.start = 0
+        self.end = 0
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def update(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """Append keys/values ``(B, n, Hk, D)`` at positions ``[end, end + n)``.
+
+        Returns the cached keys and values that the new queries may reach.
+        """
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            if self.trim:
+                keep_from = (self.end // self.period) * self.period
+                if keep_from > self.start:
+                    drop = keep_from - self.start
+                    self.k, self.v = self.k[:, drop:], self.v[:, drop:]
+                    self.start = keep_from
+            self.k = torch.cat((self.k, k), dim=1)
+            self.v = torch.cat((self.v, v), dim=1)
+        self.end += k.shape[1]
+        return self.k, self.v
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep only batch rows ``index`` (e.g. for beam search or finished rows)."""
+        if self.k is not None:
+            self.k, self.v = self.k[index], self.v[index]
+
+    def __repr__(self) -> str:
+        return (f"KVCache(start={self.start}, end={self.end}, period={self.period}, "
+                f"trim={self.trim})")
+
+
+class MultiheadDilatedAttention(nn.Module):
+    """Multi-head dilated attention layer (LongNet), batch first: ``(B, N, E)``.
+
+    Args:
+        embed_dim: model width ``E``.
+        num_heads: query heads ``H``; ``E`` must be divisible by ``H``.
+        segment_lengths, dilation_rates: the dilated pattern (see SPEC.md).
+        num_kv_heads: key/value heads for grouped-query attention (default ``H``).
+        dropout: dropout on the attention output before the output projection (the
+            operator has no attention-probability dropout).
+        bias: biases in the projections.
+        is_causal: causal attention (a decoder).
+        position_encoding: ``"rotary"``, ``"xpos"`` or ``None``.
+        sub_ln: MAGNETO Sub-LN: a LayerNorm before the output projection.
+        sequence_parallel_group: a ``torch.distributed`` group; when given, every rank
+            holds one contiguous chunk of each sequence (rank order) and attention runs
+            through ``longnet.distributed.sequence_parallel_dilated_attention``.
+        rope_base, xpos_scale_base, layer_norm_eps: encoding and norm settings.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        num_kv_heads: Optional[int] = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        is_causal: bool = True,
+        position_encoding: Optional[str] = "rotary",
+        sub_ln: bool = False,
+        sequence_parallel_group: Any = None,
+        rope_base: float = 10000.0,
+        xpos_scale_base: float = 512.0,
+        layer_norm_eps: float = 1e-5,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else int(num_kv_heads)
+        if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if position_encoding not in _POSITION_ENCODINGS:
+            raise ValueError(
+                f"position_encoding must be 'rotary', 'xpos' or None, got {position_encoding!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.is_causal = bool(is_causal)
+        self.position_encoding = position_encoding
+        self.dropout = float(dropout)
+        self.sequence_parallel_group = sequence_parallel_group
+        self.attention = DilatedAttention(segment_lengths, dilation_rates, is_causal=is_causal)
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.inner_norm = (nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory)
+                           if sub_ln else None)
+        self.rotary = (None if position_encoding is None else RotaryEmbedding(
+            self.head_dim, base=rope_base, xpos=position_encoding == "xpos",
+            xpos_scale_base=xpos_scale_base))
+        if self.rotary is not None and device is not None:
+            self.rotary.to(device)
+        self.reset_parameters()
+
+    @property
+    def segment_lengths(self) -> Tuple[int, ...]:
+        return self.attention.segment_lengths
+
+    @property
+    def dilation_rates(self) -> Tuple[int, ...]:
+        return self.attention.dilation_rates
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform projections, zero biases."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def new_cache(self, *, trim: bool = True) -> KVCache:
+        """An empty :class:`KVCache` for this layer's pattern."""
+        return KVCache(pattern_period(self.segment_lengths), trim=trim)
+
+    def _sp_rank_world(self) -> Tuple[int, int]:
+        import torch.distributed as dist
+
+        group = self.sequence_parallel_group
+        return dist.get_rank(group), dist.get_world_size(group)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        cache: Optional[KVCache] = None,
+        position_offset: int = 0,
+    ) -> Tensor:
+        """Self-attention over ``x`` ``(B, N, E)``; returns ``(B, N, E)``.
+
+        Args:
+            x: input sequence (this rank's chunk under sequence parallelism).
+            cache: a :class:`KVCache` for incremental decoding; the tokens of ``x``
+                sit at positions ``[cache.end, cache.end + N)`` and are appended.
+            position_offset: absolute position of ``x[:, 0]`` without a cache (e.g.
+                the start of a chunk of a longer document). Under sequence
+                parallelism it is the position of the first token of rank 0.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"x must have shape (B, N, {self.embed_dim}), got {tuple(x.shape)}")
+        b, n, _ = x.shape
+        sp = self.sequence_parallel_group is not None
+        if cache is not None:
+            if sp:
+                raise ValueError("a KV cache cannot be combined with sequence parallelism")
+            if not self.is_causal:
+                raise ValueError("a KV cache needs a causal layer (is_causal=True)")
+            first = cache.end
+        elif sp:
+            rank, world = self._sp_rank_world()
+            first = int(position_offset) + rank * n
+        else:
+            first = int(position_offset)
+
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
+        if self.rotary is not None:
+            pos = torch.arange(first, first + n, device=x.device)
+            q = self.rotary.rotate(q, pos)
+            k = self.rotary.rotate(k, pos)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if self.rotary is not None and self.rotary.xpos:
+            # One centre per call: the middle of the queries, or of the whole
+            # sequence under sequence parallelism (shared by all ranks).
+            if sp:
+                center = int(position_offset) + (world * n) // 2
+            else:
+                center = first + n // 2
+            k_first = first + n - k.shape[1]
+            k_pos = torch.arange(k_first, k_first + k.shape[1], device=x.device)
+            q = q * self.rotary.xpos_scale(pos, center, 1.0, q.dtype)
+            k = k * self.rotary.xpos_scale(k_pos, center, -1.0, k.dtype)
+
+        if sp:
+            try:
+                from longnet.distributed import sequence_parallel_dilated_attention
+            except ImportError as exc:  # pragma: no cover - depends on the checkout
+                raise ImportError(
+                    "sequence parallelism needs longnet.distributed."
+                    "sequence_parallel_dilated_attention, which could not be imported: "
+                    f"{exc}") from exc
+            out = sequence_parallel_dilated_attention(
+                q, k, v, self.segment_lengths, self.dilation_rates,
+                group=self.sequence_parallel_group, is_causal=self.is_causal,
+                scale=self.attention.scale)
+        else:
+            out = self.attention(q, k, v)
+        out = out.reshape(b, n, self.embed_dim)
+        out = F.dropout(out, p=self.dropout, training=self.training)
+        if self.inner_norm is not None:
+            out = self.inner_norm(out)
+        return self.out_proj(out)
+
+    def extra_repr(self) -> str:
+        s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
+        if self.num_kv_heads != self.num_heads:
+            s += f", num_kv_heads={self.num_kv_heads}"
+        s += (f", segment_lengths={list(self.segment_lengths)}, "
+              f"dilation_rates={list(self.dilation_rates)}, is_causal={self.is_causal}, "
+              f"position_encoding={self.position_encoding!r}")
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.sequence_parallel_group is not None:
+            s += ", sequence_parallel=True"
+        return s
