@@ -15,8 +15,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from longnet.model import CONFIG_NAME, LongNetLM
-from longnet.tokenizer import ByteTokenizer
+try:
+    import longnet  # noqa: F401
+except ImportError:  # running from a source checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from longnet.model import CONFIG_NAME, LongNetLM  # noqa: E402
+from longnet.tokenizer import ByteTokenizer  # noqa: E402
 
 
 def find_model_dir(path: str) -> str:

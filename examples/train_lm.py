@@ -35,10 +35,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-import longnet
-from longnet.data import (encode_files, eval_batches, list_text_files, random_batch,
-                          split_by_file, stdlib_source_files)
-from longnet.model import LongNetConfig, LongNetLM
+try:
+    import longnet  # noqa: F401
+except ImportError:  # running from a source checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import longnet  # noqa: E402
+from longnet.data import (encode_files, eval_batches, list_text_files,  # noqa: E402
+                          random_batch, split_by_file, stdlib_source_files)
+from longnet.model import LongNetConfig, LongNetLM  # noqa: E402
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -78,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--position-encoding", choices=("rotary", "xpos", "none"), default="rotary")
     g.add_argument("--dropout", type=float, default=0.0)
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=400, help="total optimizer steps")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--steps", type=int, default=500, help="total optimizer steps")
+    g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=0.1,
                    help="final learning rate as a fraction of --lr (cosine decay)")

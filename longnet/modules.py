@@ -119,14 +119,19 @@ class RotaryEmbedding(nn.Module):
         self.base = float(base)
         self.xpos = bool(xpos)
         self.xpos_scale_base = float(xpos_scale_base)
-        half = head_dim // 2
-        inv_freq = 1.0 / (self.base ** (torch.arange(half, dtype=torch.float64) / half))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        zeta = (torch.arange(half, dtype=torch.float64) / half + xpos_gamma) / (1.0 + xpos_gamma)
-        self.register_buffer("log_zeta", zeta.log(), persistent=False)
+        self.xpos_gamma = float(xpos_gamma)
+
+    def _freqs(self, device: torch.device) -> Tuple[Tensor, Tensor]:
+        # Built per call in float64 (tiny), so module dtype casts never round them.
+        half = self.head_dim // 2
+        idx = torch.arange(half, dtype=torch.float64, device=device) / half
+        inv_freq = torch.pow(self.base, -idx)
+        log_zeta = torch.log((idx + self.xpos_gamma) / (1.0 + self.xpos_gamma))
+        return inv_freq, log_zeta
 
     def _angles(self, positions: Tensor) -> Tuple[Tensor, Tensor]:
-        ang = positions.to(torch.float64)[:, None] * self.inv_freq.to(torch.float64)[None, :]
+        inv_freq, _ = self._freqs(positions.device)
+        ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]
         return ang.cos(), ang.sin()
 
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
@@ -140,8 +145,9 @@ class RotaryEmbedding(nn.Module):
     def xpos_scale(self, positions: Tensor, center: Union[int, Tensor], sign: float,
                    dtype: torch.dtype) -> Tensor:
         """xPos factors ``(1, N, 1, D)``: ``zeta ** (sign * (n - center) / scale_base)``."""
+        _, log_zeta = self._freqs(positions.device)
         rel = (positions.to(torch.float64) - center) * (sign / self.xpos_scale_base)
-        scale = torch.exp(rel[:, None] * self.log_zeta.to(torch.float64)[None, :])
+        scale = torch.exp(rel[:, None] * log_zeta[None, :])
         return torch.cat((scale, scale), dim=-1).to(dtype)[None, :, None, :]
 
     def extra_repr(self) -> str:
@@ -276,8 +282,6 @@ class MultiheadDilatedAttention(nn.Module):
         self.rotary = (None if position_encoding is None else RotaryEmbedding(
             self.head_dim, base=rope_base, xpos=position_encoding == "xpos",
             xpos_scale_base=xpos_scale_base))
-        if self.rotary is not None and device is not None:
-            self.rotary.to(device)
         self.reset_parameters()
 
     @property

@@ -1,0 +1,108 @@
+"""End-to-end runs of the example scripts with tiny settings."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+TINY = ["--seq-len", "64", "--segment-lengths", "16,32,64", "--dilation-rates", "1,2,4",
+        "--layers", "1", "--embed-dim", "32", "--heads", "2", "--batch-size", "2",
+        "--eval-windows", "4", "--max-train-bytes", "300000", "--threads", "1",
+        "--warmup-steps", "2"]
+
+
+def _run(script, *args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_train_lm_checkpoint_plot_resume_and_generate(tmp_path):
+    out = str(tmp_path / "run")
+    _run("train_lm.py", *TINY, "--steps", "6", "--eval-interval", "3",
+         "--save-interval", "3", "--out-dir", out, "--quiet")
+    ckpt = os.path.join(out, "checkpoint")
+    for name in ("config.json", "trainer_state.pt"):
+        assert os.path.isfile(os.path.join(ckpt, name)), name
+    assert {"model.safetensors", "model.pt"} & set(os.listdir(ckpt))
+    png = os.path.join(out, "loss_curve.png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "metrics.json")) as f:
+        first = json.load(f)
+    assert first["steps"] == 6
+    assert [s for s, _ in first["history"]["val"]] == [0, 3, 6]
+    assert [s for s, _ in first["history"]["train"]] == list(range(1, 7))
+
+    # --resume continues from step 6 to 9 and keeps the earlier history.
+    proc = _run("train_lm.py", *TINY, "--steps", "9", "--eval-interval", "3",
+                "--out-dir", out, "--resume", "--quiet")
+    assert "resuming from" in proc.stdout and "at step 6" in proc.stdout
+    with open(os.path.join(out, "metrics.json")) as f:
+        second = json.load(f)
+    assert second["steps"] == 9
+    assert [s for s, _ in second["history"]["train"]] == list(range(1, 10))
+    assert second["history"]["train"][:6] == first["history"]["train"]
+    assert [s for s, _ in second["history"]["val"]] == [0, 3, 6, 9]
+
+    proc = _run("generate.py", out, "--prompt", "import ", "--max-new-tokens", "12",
+                "--greedy")
+    assert proc.stdout.startswith("import ")
+
+
+def test_train_lm_rejects_resume_without_checkpoint(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "train_lm.py"), *TINY,
+                           "--out-dir", str(tmp_path / "none"), "--resume"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0 and "no checkpoint" in proc.stderr
+
+
+def test_compare_runs_all_variants(tmp_path):
+    out = str(tmp_path / "cmp")
+    proc = _run("compare.py", "--steps", "2", "--seq-len", "64", "--segment-lengths",
+                "16,32,64", "--dilation-rates", "1,2,4", "--layers", "1", "--embed-dim",
+                "32", "--batch-size", "2", "--eval-windows", "2", "--max-train-bytes",
+                "200000", "--out-dir", out, "--quiet")
+    with open(os.path.join(out, "compare.json")) as f:
+        results = json.load(f)["results"]
+    assert set(results) == {"dilated", "dense", "sliding"}
+    for row in results.values():
+        assert set(row) == {"16", "32", "64", "train_s"}
+        assert all(0 < row[n] < 7 for n in ("16", "32", "64"))
+    assert "validation loss (nats / byte) by context length" in proc.stdout
+    assert os.path.isfile(os.path.join(out, "compare.png"))
+    # The three variants differ only in their attention pattern.
+    expected = {"dilated": ([16, 32, 64], [1, 2, 4]), "dense": ([64], [1]),
+                "sliding": ([16], [1])}
+    configs = {}
+    for variant, (ws, rs) in expected.items():
+        with open(os.path.join(out, variant, "checkpoint", "config.json")) as f:
+            cfg = json.load(f)
+        assert (cfg.pop("segment_lengths"), cfg.pop("dilation_rates")) == (ws, rs)
+        configs[variant] = cfg
+    assert configs["dilated"] == configs["dense"] == configs["sliding"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_train_lm_sequence_parallel_under_torchrun(tmp_path):
+    pytest.importorskip("longnet.distributed")
+    out = str(tmp_path / "sp")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node=2", os.path.join(EXAMPLES, "train_lm.py"), *TINY,
+           "--steps", "3", "--eval-interval", "3", "--out-dir", out, "--quiet", "--no-plot",
+           "--sequence-parallel", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["steps"] == 3 and metrics["val_loss_end"] < metrics["val_loss_start"]

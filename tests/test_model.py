@@ -1,0 +1,244 @@
+"""Tests of the LongNet decoder LM, its KV-cached generation, persistence, tokenizer
+and data helpers."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longnet.data import eval_batches, encode_files, random_batch, split_by_file
+from longnet.model import LongNetConfig, LongNetLM
+from longnet.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread avoids OpenMP overhead on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**kw) -> LongNetConfig:
+    args = dict(num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, ffn_dim=64,
+                segment_lengths=[4, 8, 16], dilation_rates=[1, 2, 4])
+    args.update(kw)
+    return LongNetConfig(**args)
+
+
+def tiny_model(dtype=torch.float64, seed=0, **kw) -> LongNetLM:
+    torch.manual_seed(seed)
+    return LongNetLM(tiny_config(**kw)).to(dtype).eval()
+
+
+def test_config_defaults_validation_and_round_trip():
+    cfg = tiny_config(ffn_dim=None, num_kv_heads=None)
+    assert cfg.ffn_dim == 128 and cfg.num_kv_heads == 4 and cfg.head_dim == 8
+    assert LongNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="norm_style"):
+        tiny_config(norm_style="post")
+    with pytest.raises(ValueError, match="embed_dim"):
+        tiny_config(embed_dim=30)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        tiny_config(num_kv_heads=3)
+    with pytest.raises(ValueError, match="dilation_rates"):
+        tiny_config(dilation_rates=[1, 2])
+    with pytest.raises(ValueError, match="unknown LongNetConfig fields"):
+        LongNetConfig.from_dict({"vocab": 3})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_shapes_dtypes_and_loss(dtype):
+    model = tiny_model(dtype=dtype)
+    ids = torch.randint(0, 256, (3, 21))
+    logits = model(ids)
+    assert logits.shape == (3, 21, 259) and logits.dtype == dtype
+    targets = torch.randint(0, 256, (3, 21))
+    targets[0, :5] = -100
+    logits2, loss = model(ids, targets)
+    keep = targets != -100
+    expected = F.cross_entropy(logits2.float()[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
+    assert loss.dtype == torch.float32
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.randn(3, 21))
+    with pytest.raises(ValueError, match="targets"):
+        model(ids, targets[:, :4])
+
+
+@pytest.mark.parametrize("norm_style", ["pre", "subln"])
+def test_no_information_from_future_tokens(norm_style):
+    model = tiny_model(norm_style=norm_style)
+    ids = torch.randint(0, 256, (2, 50))
+    base = model(ids)
+    for t in (0, 17, 33, 49):
+        ids2 = ids.clone()
+        ids2[:, t] = (ids2[:, t] + 1) % 256
+        out = model(ids2)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-12)
+        assert (out[:, t] - base[:, t]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(norm_style="subln", tie_embeddings=False, num_kv_heads=1),
+    dict(position_encoding="xpos", segment_lengths=[6, 4], dilation_rates=[3, 1]),
+    dict(position_encoding=None, num_kv_heads=4),
+])
+def test_cached_logits_equal_full_forward_at_every_length(kw):
+    """Every step's logits from KV-cached decoding equal a full forward over the same
+    prefix, far past the largest segment and the pattern period."""
+    model = tiny_model(**kw)
+    ids = torch.randint(0, 256, (2, 70))
+    full = model(ids)
+    cache = model.new_cache()
+    prompt = 3
+    step_logits = [model(ids[:, :prompt], cache=cache)]
+    for t in range(prompt, ids.shape[1]):
+        step_logits.append(model(ids[:, t:t + 1], cache=cache))
+        # The full forward over the prefix alone gives the same last logits.
+        if t in (15, 16, 40, 69):
+            prefix = model(ids[:, :t + 1])
+            torch.testing.assert_close(step_logits[-1][:, -1], prefix[:, -1],
+                                       rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), full, rtol=1e-10, atol=1e-10)
+    period = cache[0].period
+    assert cache[0].start == ((ids.shape[1] - 1) // period) * period
+
+
+def test_generate_greedy_cache_matches_no_cache_and_top_k_1():
+    model = tiny_model()
+    prompt = torch.randint(0, 256, (2, 5))
+    a = model.generate(prompt, 40, greedy=True)
+    b = model.generate(prompt, 40, greedy=True, use_cache=False)
+    c = model.generate(prompt, 40, top_k=1, temperature=0.7)
+    assert a.shape == (2, 45)
+    assert torch.equal(a[:, :5], prompt)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    # The greedy tokens are the arg-max of a full forward over each prefix.
+    logits = model(a[:, :-1])
+    assert torch.equal(logits[:, 4:].argmax(-1), a[:, 5:])
+
+
+def test_generate_sampling_is_reproducible_and_stops_at_eos():
+    model = tiny_model(dtype=torch.float32)
+    prompt = torch.randint(0, 256, (3, 4))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    s1 = model.generate(prompt, 20, temperature=1.3, top_k=50, generator=g1)
+    s2 = model.generate(prompt, 20, temperature=1.3, top_k=50, generator=g2)
+    assert torch.equal(s1, s2)
+    # Make EOS the arg-max everywhere: generation stops after one token.
+    with torch.no_grad():
+        model.decoder.final_norm.weight.zero_()
+        model.decoder.final_norm.bias.fill_(1.0)
+        model.embed_tokens.weight[258] = 10.0
+    out = model.generate(prompt, 20, greedy=True, eos_token_id=258)
+    assert out.shape == (3, 5) and (out[:, -1] == 258).all()
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 2, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(prompt, 2, top_k=0)
+
+
+@pytest.mark.parametrize("use_safetensors", [True, False])
+def test_save_and_load_round_trip(tmp_path, monkeypatch, use_safetensors):
+    if use_safetensors:
+        pytest.importorskip("safetensors")
+    else:
+        monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    model = tiny_model(dtype=torch.float32, norm_style="subln", tie_embeddings=False,
+                       position_encoding="xpos")
+    model.save_pretrained(tmp_path)
+    names = set(os.listdir(tmp_path))
+    assert "config.json" in names
+    assert ("model.safetensors" if use_safetensors else "model.pt") in names
+    loaded = LongNetLM.from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    ids = torch.randint(0, 256, (2, 30))
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LongNetLM.from_pretrained(tmp_path / "missing")
+
+
+def test_a_few_optimizer_steps_lower_the_loss():
+    model = tiny_model(dtype=torch.float32).train()
+    text = b"def add(a, b):\n    return a + b\n\n" * 4
+    ids = torch.tensor([list(text)])
+    x, y = ids[:, :-1], ids[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def _check_compiled(backend):
+    model = tiny_model(dtype=torch.float32, num_layers=1)
+    ids = torch.randint(0, 256, (2, 24))
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
+    # Training through the compiled graph gives the eager gradients.
+    y = torch.randint(0, 256, (2, 24))
+    _, loss_c = compiled(ids, y)
+    loss_c.backward()
+    g_c = model.decoder.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    _, loss_e = model(ids, y)
+    loss_e.backward()
+    torch.testing.assert_close(g_c, model.decoder.layers[0].self_attn.q_proj.weight.grad,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_fullgraph_traces_the_model():
+    """Dynamo + AOT autograd over the whole model (no graph break), without codegen."""
+    _check_compiled("aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    """The default inductor backend (about a minute of compiling on 2 CPU cores)."""
+    _check_compiled("inductor")
+
+
+def test_byte_tokenizer():
+    tok = ByteTokenizer()
+    text = "héllo, wörld ✓\n"
+    ids = tok.encode(text, add_bos=True, add_eos=True)
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert all(0 <= i < 256 for i in ids[1:-1]) and len(ids) == len(text.encode()) + 2
+    assert tok.decode(ids) == text
+    assert tok.decode(torch.tensor(ids)) == text
+    assert tok.decode([0xFF]) == "\ufffd"
+    assert len(tok) == 259 == LongNetConfig().vocab_size
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([300])
+    with pytest.raises(TypeError):
+        tok.encode(3)
+
+
+def test_split_by_file_is_deterministic_and_disjoint(tmp_path):
+    files = []
+    for i in range(60):
+        p = tmp_path / f"m{i}.py"
+        p.write_text(f"x = {i}\n")
+        files.append(str(p))
+    train, val = split_by_file(files, str(tmp_path), 0.2)
+    assert set(train).isdisjoint(val) and sorted(train + val) == sorted(files)
+    assert 0 < len(val) < 30
+    assert sorted(split_by_file(list(reversed(files)), str(tmp_path), 0.2)[1]) == sorted(val)
+    stream = encode_files(files[:2])
+    assert list(stream) == [257, *b"x = 0\n", 258, 257, *b"x = 1\n", 258]
+    x, y = random_batch(np.arange(1000, dtype=np.uint16), 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 16) and torch.equal(y, x + 1) and x.dtype == torch.int64
+    batches = eval_batches(np.arange(1000, dtype=np.uint16), 16, 5, 2)
+    assert [b[0].shape[0] for b in batches] == [2, 2, 1]
+    assert batches[0][0][0, 0] == 0 and batches[-1][1][-1, -1] == 999
