@@ -13,7 +13,11 @@ import sys
 import time
 from typing import Optional, Sequence
 
-import torch
+# Idle OpenMP threads sleep instead of spinning: on a busy or shared CPU spinning
+# threads slow every parallel region down several times. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 try:
     import longnet  # noqa: F401
