@@ -322,9 +322,10 @@ class MultiheadDilatedAttention(nn.Module):
             x: input sequence (this rank's chunk under sequence parallelism).
             cache: a :class:`KVCache` for incremental decoding; the tokens of ``x``
                 sit at positions ``[cache.end, cache.end + N)`` and are appended.
-            position_offset: absolute position of ``x[:, 0]`` without a cache (e.g.
-                the start of a chunk of a longer document). Under sequence
-                parallelism it is the position of the first token of rank 0.
+            position_offset: absolute position of ``x[:, 0]`` for rotary/xPos
+                without a cache. Segments are always counted from ``x[:, 0]``.
+                Under sequence parallelism it is the position of rank 0's first
+                token; each rank adds ``rank * N`` itself.
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(
