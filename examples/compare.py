@@ -40,15 +40,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {VARIANTS}")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--segment-lengths", type=train_lm._int_list, default=[32, 64, 128, 256])
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--segment-lengths", type=train_lm._int_list, default=[64, 128, 256, 512])
     p.add_argument("--dilation-rates", type=train_lm._int_list, default=[1, 2, 4, 8])
     p.add_argument("--window", type=int, default=None,
                    help="sliding block size (default: first segment length)")
     p.add_argument("--eval-lengths", type=train_lm._int_list, default=None,
                    help="context lengths to evaluate (default: seq_len/4, /2, 1)")
-    p.add_argument("--eval-windows", type=int, default=24)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--embed-dim", type=int, default=64)
