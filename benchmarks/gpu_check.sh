@@ -32,7 +32,7 @@ python3 -c "import longnet; print('HAS_CUDA', longnet.HAS_CUDA)"
 step "tests/test_cuda.py"
 rc_tests=0
 if python3 -c "import pytest" 2>/dev/null; then
-  LONGNET_POISON_OUTPUTS=1 timeout 240 python3 -m pytest -q -x -p no:cacheprovider \
+  LONGNET_POISON_OUTPUTS=1 timeout 240 python3 -m pytest -q -rf --maxfail=25 -p no:cacheprovider \
     tests/test_cuda.py 2>&1 | tail -40
   rc_tests=${PIPESTATUS[0]}
 else

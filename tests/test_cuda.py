@@ -252,6 +252,23 @@ def test_long_sequence_bf16_paths_agree(monkeypatch):
     assert rel_err(results["tensor_core"][0], results["generic"][0]) < 3e-2
 
 
+def test_unaligned_rows_take_generic_path():
+    # Rows that are not 16-byte aligned cannot take the tensor-core loads: the
+    # operator must still be right (generic kernels).
+    b, nq, nk, h, hk, d, ws, rs = CASES["d64"]
+    rounded = [t.detach().to(torch.bfloat16).double().requires_grad_()
+               for t in make_inputs(b, nq, nk, h, hk, d)]
+    want = evaluate(reference, *rounded, ws, rs, True)
+    views = []
+    for t in rounded:
+        buf = torch.zeros(*t.shape[:-1], d + 1, device="cuda", dtype=torch.bfloat16)
+        buf[..., 1:] = t.detach().to(torch.bfloat16)
+        views.append(buf[..., 1:].detach().requires_grad_())
+    assert views[0].stride(2) % 8 != 0
+    got = evaluate(op, *views, ws, rs, True)
+    compare_low_precision(got, want, tol=3e-2)
+
+
 def test_runs_on_current_stream():
     b, nq, nk, h, hk, d, ws, rs = CASES["long_blocks"]
     q, k, v = to_device(make_inputs(b, nq, nk, h, hk, d), torch.float32)
