@@ -180,3 +180,19 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd(
     "longnet::dilated_attention_fwd", _backward, setup_context=_setup_context
 )
+
+
+def _backward_of_backward(ctx, grad_dq, grad_dk, grad_dv):
+    raise RuntimeError(
+        "longnet.dilated_attention does not support double backward (gradients of "
+        "its gradients); use longnet.reference.dilated_attention_reference for that"
+    )
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "longnet::dilated_attention_bwd", _backward_of_backward, setup_context=_bwd_setup_context
+)

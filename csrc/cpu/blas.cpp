@@ -1,0 +1,182 @@
+#include "cpu/blas.h"
+
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+
+// Fortran BLAS entry points (LP64). Weak: resolved against the BLAS inside
+// libtorch_cpu when it exports them, null otherwise.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc)
+    __attribute__((weak));
+}
+
+namespace longnet::cpu {
+namespace {
+
+template <typename T>
+using fortran_gemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                                const T*, const T*, const int*, const T*, const int*, const T*,
+                                T*, const int*);
+
+template <typename T>
+fortran_gemm_t<T> raw_fortran_gemm();
+template <>
+fortran_gemm_t<float> raw_fortran_gemm<float>() { return &sgemm_ ? sgemm_ : nullptr; }
+template <>
+fortran_gemm_t<double> raw_fortran_gemm<double>() { return &dgemm_ ? dgemm_ : nullptr; }
+
+bool blas_disabled_by_env() {
+  const char* env = std::getenv("LONGNET_CPU_BLAS");
+  return env != nullptr && std::strcmp(env, "0") == 0;
+}
+
+// Portable loops, used when no BLAS is found. Accumulate in T.
+template <typename T>
+void portable_nt(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                 int64_t ldb, T beta, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    const T* ai = a + i * lda;
+    T* ci = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) {
+      const T* bj = b + j * ldb;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t p = 0; p < k; ++p) sum += ai[p] * bj[p];
+      ci[j] = alpha * sum + (beta == T(0) ? T(0) : beta * ci[j]);
+    }
+  }
+}
+
+template <typename T>
+void scale_rows(int64_t m, int64_t n, T beta, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* ci = c + i * ldc;
+    if (beta == T(0)) {
+      for (int64_t j = 0; j < n; ++j) ci[j] = T(0);
+    } else if (beta != T(1)) {
+      for (int64_t j = 0; j < n; ++j) ci[j] *= beta;
+    }
+  }
+}
+
+template <typename T>
+void portable_nn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                 int64_t ldb, T beta, T* c, int64_t ldc) {
+  scale_rows(m, n, beta, c, ldc);
+  for (int64_t i = 0; i < m; ++i) {
+    T* ci = c + i * ldc;
+    for (int64_t p = 0; p < k; ++p) {
+      const T aip = alpha * a[i * lda + p];
+      if (aip == T(0)) continue;
+      const T* bp = b + p * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) ci[j] += aip * bp[j];
+    }
+  }
+}
+
+template <typename T>
+void portable_tn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                 int64_t ldb, T beta, T* c, int64_t ldc) {
+  scale_rows(m, n, beta, c, ldc);
+  for (int64_t p = 0; p < k; ++p) {
+    const T* ap = a + p * lda;
+    const T* bp = b + p * ldb;
+    for (int64_t i = 0; i < m; ++i) {
+      const T api = alpha * ap[i];
+      if (api == T(0)) continue;
+      T* ci = c + i * ldc;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) ci[j] += api * bp[j];
+    }
+  }
+}
+
+bool fits_int(int64_t x) { return x >= 0 && x <= INT_MAX; }
+
+// Check once that the BLAS found answers a small known product correctly (guards
+// against an ILP64 BLAS behind the LP64 names).
+template <typename T>
+fortran_gemm_t<T> checked_fortran_gemm() {
+  static const fortran_gemm_t<T> fn = []() -> fortran_gemm_t<T> {
+    fortran_gemm_t<T> f = raw_fortran_gemm<T>();
+    if (f == nullptr || blas_disabled_by_env()) return nullptr;
+    // Column-major 2x2: C = A * B with A = [[1,2],[3,4]], B = [[5,6],[7,8]] (rows).
+    const T a[4] = {1, 3, 2, 4}, b[4] = {5, 7, 6, 8};
+    T c[4] = {0, 0, 0, 0};
+    const int two = 2;
+    const T one = 1, zero = 0;
+    f("N", "N", &two, &two, &two, &one, a, &two, b, &two, &zero, c, &two);
+    const bool ok = c[0] == T(19) && c[2] == T(22) && c[1] == T(43) && c[3] == T(50);
+    return ok ? f : nullptr;
+  }();
+  return fn;
+}
+
+// Row-major C = op(A) op(B) expressed as column-major C^T = op(B)^T op(A)^T.
+template <typename T>
+bool fortran_gemm(char tb, char ta, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                  int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  fortran_gemm_t<T> f = checked_fortran_gemm<T>();
+  if (f == nullptr || !fits_int(m) || !fits_int(n) || !fits_int(k) || !fits_int(lda) ||
+      !fits_int(ldb) || !fits_int(ldc)) {
+    return false;
+  }
+  if (m == 0 || n == 0) return true;
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ilda = static_cast<int>(lda < 1 ? 1 : lda);
+  const int ildb = static_cast<int>(ldb < 1 ? 1 : ldb);
+  const int ildc = static_cast<int>(ldc < 1 ? 1 : ldc);
+  f(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+  return true;
+}
+
+}  // namespace
+
+template <typename T>
+void gemm_nt(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+             int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (k == 0) return scale_rows(m, n, beta, c, ldc);
+  if (!fortran_gemm<T>('T', 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) {
+    portable_nt(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+template <typename T>
+void gemm_nn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+             int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (k == 0) return scale_rows(m, n, beta, c, ldc);
+  if (!fortran_gemm<T>('N', 'N', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) {
+    portable_nn(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+template <typename T>
+void gemm_tn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+             int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (k == 0) return scale_rows(m, n, beta, c, ldc);
+  if (!fortran_gemm<T>('N', 'T', m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) {
+    portable_tn(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+bool blas_available() { return checked_fortran_gemm<float>() != nullptr; }
+
+#define LONGNET_INSTANTIATE_GEMM(T)                                                         \
+  template void gemm_nt<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*,      \
+                           int64_t, T, T*, int64_t);                                      \
+  template void gemm_nn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*,      \
+                           int64_t, T, T*, int64_t);                                      \
+  template void gemm_tn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*,      \
+                           int64_t, T, T*, int64_t);
+LONGNET_INSTANTIATE_GEMM(float)
+LONGNET_INSTANTIATE_GEMM(double)
+#undef LONGNET_INSTANTIATE_GEMM
+
+}  // namespace longnet::cpu

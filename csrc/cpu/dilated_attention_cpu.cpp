@@ -1,0 +1,448 @@
+// CPU kernels of longnet::dilated_attention_fwd / _bwd (SPEC.md).
+//
+// All patterns share one online softmax per query row: the patterns run one after
+// another; within a pattern every (batch, head, sparse segment, query block) is an
+// independent task (each query row of a head lies in exactly one sparse segment
+// of a pattern), so tasks write disjoint rows of the running state (m, l, acc).
+// Sparse segments are read in place: their rows are r rows of the input apart,
+// which the block products take as a leading dimension.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <initializer_list>
+#include <limits>
+#include <type_traits>
+
+#include "checks.h"
+#include "cpu/blas.h"
+#include "cpu/vec_math.h"
+#include "pattern.h"
+
+namespace longnet::cpu {
+namespace {
+
+constexpr int64_t kQueryBlock = 128;
+constexpr int64_t kKeyBlock = 256;
+
+// Accumulation type: float for float, bfloat16 and half; double for double.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename A>
+constexpr A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
+
+// Element (b, n, h, 0) of a (B, N, H, D) tensor whose last dimension is dense.
+template <typename T>
+struct RowView {
+  T* data;
+  int64_t sb, sn, sh;
+  explicit RowView(const at::Tensor& t)
+      : data(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), sn(t.stride(1)), sh(t.stride(2)) {}
+  T* at(int64_t b, int64_t n, int64_t h) const { return data + b * sb + n * sn + h * sh; }
+};
+
+// `count` rows of `d` values, `stride` apart, as acc_t rows: the tensor memory when
+// the types match, else a converted copy in `scratch`. Sets *ld to the row stride.
+template <typename T, typename A>
+const A* load_rows(const T* first, int64_t stride, int64_t count, int64_t d, A* scratch,
+                   int64_t* ld) {
+  if constexpr (std::is_same_v<T, A>) {
+    *ld = stride;
+    return first;
+  } else {
+    for (int64_t i = 0; i < count; ++i) {
+      const T* src = first + i * stride;
+      A* dst = scratch + i * d;
+      for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<A>(src[j]);
+    }
+    *ld = d;
+    return scratch;
+  }
+}
+
+// LONGNET_POISON_OUTPUTS=1 fills freshly allocated outputs with NaN, so tests
+// catch any element a kernel forgets to write.
+void maybe_poison(std::initializer_list<at::Tensor> outputs) {
+  static const bool poison = [] {
+    const char* env = std::getenv("LONGNET_POISON_OUTPUTS");
+    return env != nullptr && env[0] != '\0' && env[0] != '0';
+  }();
+  if (!poison) return;
+  for (const at::Tensor& t : outputs) t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+// Rows whose last dimension is dense and whose row stride covers a row, as the
+// block products need; anything else is copied once.
+at::Tensor with_dense_rows(const at::Tensor& t) {
+  if (t.stride(3) == 1 && t.stride(1) >= t.size(3)) return t;
+  return t.contiguous();
+}
+
+struct Problem {
+  int64_t batch, nq, nk, heads, kv_heads, dim;
+  int64_t group() const { return heads / kv_heads; }
+  int64_t q_start() const { return nk - nq; }  // absolute position of query 0
+};
+
+// ---------------------------------------------------------------- forward ----
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
+                  bool is_causal, double scale_d, at::Tensor& out, at::Tensor& lse) {
+  using A = acc_t<T>;
+  constexpr bool kConvert = !std::is_same_v<T, A>;
+  const Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  const int64_t D = pb.dim;
+  const A scale = static_cast<A>(scale_d);
+  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
+
+  // Running state: m lives in lse, acc in out when out has the accumulation type.
+  at::Tensor acc = kConvert ? at::zeros(q.sizes(), acc_opts) : out.zero_();
+  at::Tensor l = at::zeros({pb.batch, pb.heads, pb.nq}, acc_opts);
+  lse.fill_(neg_inf<A>());
+  A* acc_p = acc.data_ptr<A>();
+  A* m_p = lse.data_ptr<A>();
+  A* l_p = l.data_ptr<A>();
+
+  const RowView<const T> qv(q), kv(k), vv(v);
+  const int64_t QB = kQueryBlock, KB = kKeyBlock;
+  const int64_t per_thread =
+      QB * KB + QB * D + 2 * QB + (kConvert ? QB * D + 2 * KB * D : 0);
+  const int64_t nthreads = at::get_num_threads();
+  at::Tensor scratch = at::empty({nthreads, per_thread}, acc_opts);
+  A* scratch_p = scratch.data_ptr<A>();
+
+  for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
+    const int64_t w = segment_lengths[pi], r = dilation_rates[pi];
+    const int64_t nseg = num_segments(pb.nk, w);
+    const int64_t max_count = (std::min(w, pb.nk) + r - 1) / r;
+    const int64_t nqb = (max_count + QB - 1) / QB;
+    const int64_t ntasks = pb.batch * pb.heads * nseg * nqb;
+
+    at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+      A* buf = scratch_p + at::get_thread_num() * per_thread;
+      A* S = buf;
+      A* acc_loc = S + QB * KB;
+      A* m_loc = acc_loc + QB * D;
+      A* l_loc = m_loc + QB;
+      A* q_buf = l_loc + QB;
+      A* k_buf = q_buf + QB * D;
+      A* v_buf = k_buf + KB * D;
+
+      for (int64_t task = begin; task < end; ++task) {
+        int64_t rest = task;
+        const int64_t qb = rest % nqb;
+        rest /= nqb;
+        const int64_t s = rest % nseg;
+        rest /= nseg;
+        const int64_t h = rest % pb.heads;
+        const int64_t b = rest / pb.heads;
+        const int64_t g = h / pb.group();
+
+        const SparseSegment seg = sparse_segment(pb.nk, pb.nq, w, r, s, head_offset(h, r));
+        const int64_t tq0 = seg.first_query + qb * QB;
+        if (tq0 >= seg.count) continue;
+        const int64_t tq1 = std::min(tq0 + QB, seg.count);
+        const int64_t qn = tq1 - tq0;
+        const int64_t kend = is_causal ? tq1 : seg.count;
+        const int64_t qi0 = seg.base + tq0 * r - pb.q_start();  // query index of row 0
+
+        int64_t ldq, ldk, ldv;
+        const A* Q = load_rows<T, A>(qv.at(b, qi0, h), r * qv.sn, qn, D, q_buf, &ldq);
+        fill_row<A>(m_loc, neg_inf<A>(), qn);
+        fill_row<A>(l_loc, A(0), qn);
+        fill_row<A>(acc_loc, A(0), qn * D);
+
+        for (int64_t kb0 = 0; kb0 < kend; kb0 += KB) {
+          const int64_t kn = std::min(KB, kend - kb0);
+          const T* k_first = kv.at(b, seg.base + kb0 * r, g);
+          const T* v_first = vv.at(b, seg.base + kb0 * r, g);
+          const A* K = load_rows<T, A>(k_first, r * kv.sn, kn, D, k_buf, &ldk);
+          const A* V = load_rows<T, A>(v_first, r * vv.sn, kn, D, v_buf, &ldv);
+
+          gemm_nt<A>(qn, kn, D, scale, Q, ldq, K, ldk, A(0), S, kn);
+          for (int64_t i = 0; i < qn; ++i) {
+            A* row = S + i * kn;
+            const int64_t valid = is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
+            if (valid == 0) {
+              fill_row<A>(row, A(0), kn);
+              continue;
+            }
+            const A m_old = m_loc[i];
+            const A m_new = std::max(m_old, row_max(row, valid));
+            const A sum = exp_shift_sum(row, m_new, row, valid);
+            fill_row<A>(row + valid, A(0), kn - valid);
+            if (m_old != m_new) {
+              const A alpha = m_old == neg_inf<A>() ? A(0) : std::exp(m_old - m_new);
+              l_loc[i] *= alpha;
+              scale_row(acc_loc + i * D, alpha, D);
+            }
+            l_loc[i] += sum;
+            m_loc[i] = m_new;
+          }
+          gemm_nn<A>(qn, D, kn, A(1), S, kn, V, ldv, A(1), acc_loc, D);
+        }
+
+        // Merge this block's partial softmax into the running state of its rows.
+        for (int64_t i = 0; i < qn; ++i) {
+          if (l_loc[i] == A(0)) continue;
+          const int64_t qi = qi0 + i * r;
+          const int64_t state = (b * pb.heads + h) * pb.nq + qi;
+          A* acc_row = acc_p + ((b * pb.nq + qi) * pb.heads + h) * D;
+          const A m_old = m_p[state];
+          const A m_new = std::max(m_old, m_loc[i]);
+          const A a_old = m_old == neg_inf<A>() ? A(0) : std::exp(m_old - m_new);
+          const A a_new = std::exp(m_loc[i] - m_new);
+          const A* src = acc_loc + i * D;
+          for (int64_t j = 0; j < D; ++j) acc_row[j] = acc_row[j] * a_old + src[j] * a_new;
+          l_p[state] = l_p[state] * a_old + l_loc[i] * a_new;
+          m_p[state] = m_new;
+        }
+      }
+    });
+  }
+
+  // out = acc / l, lse = m + log l; rows that reached no key: out 0, lse -inf.
+  T* out_p = out.data_ptr<T>();
+  const int64_t rows = pb.batch * pb.nq * pb.heads;
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t h = row % pb.heads;
+      const int64_t qi = (row / pb.heads) % pb.nq;
+      const int64_t b = row / (pb.heads * pb.nq);
+      const int64_t state = (b * pb.heads + h) * pb.nq + qi;
+      const A denom = l_p[state];
+      const A* src = acc_p + row * D;
+      T* dst = out_p + row * D;
+      if (denom > A(0)) {
+        const A inv = A(1) / denom;
+        for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<T>(src[j] * inv);
+        m_p[state] += std::log(denom);
+      } else {
+        for (int64_t j = 0; j < D; ++j) dst[j] = T(0);
+        m_p[state] = neg_inf<A>();
+      }
+    }
+  });
+}
+
+// --------------------------------------------------------------- backward ----
+
+template <typename T>
+void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q,
+                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                   const at::Tensor& lse, at::IntArrayRef segment_lengths,
+                   at::IntArrayRef dilation_rates, bool is_causal, double scale_d,
+                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  using A = acc_t<T>;
+  constexpr bool kConvert = !std::is_same_v<T, A>;
+  const Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  const int64_t D = pb.dim;
+  const A scale = static_cast<A>(scale_d);
+  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
+
+  const A* lse_p = lse.data_ptr<A>();
+  const A* dlse_p = dlse.data_ptr<A>();
+  const RowView<const T> qv(q), kv(k), vv(v), dov(dout), ov(out);
+
+  // Delta = rowsum(dout * out) - dlse, per (b, h, query).
+  at::Tensor delta = at::empty({pb.batch, pb.heads, pb.nq}, acc_opts);
+  A* delta_p = delta.data_ptr<A>();
+  at::parallel_for(0, pb.batch * pb.heads * pb.nq, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t qi = idx % pb.nq;
+      const int64_t h = (idx / pb.nq) % pb.heads;
+      const int64_t b = idx / (pb.nq * pb.heads);
+      const T* o = ov.at(b, qi, h);
+      const T* g = dov.at(b, qi, h);
+      A sum = 0;
+      for (int64_t j = 0; j < D; ++j) sum += static_cast<A>(o[j]) * static_cast<A>(g[j]);
+      delta_p[idx] = sum - dlse_p[idx];
+    }
+  });
+
+  at::Tensor dq_acc = kConvert ? at::zeros(dq.sizes(), acc_opts) : dq.zero_();
+  at::Tensor dk_acc = kConvert ? at::zeros(dk.sizes(), acc_opts) : dk.zero_();
+  at::Tensor dv_acc = kConvert ? at::zeros(dv.sizes(), acc_opts) : dv.zero_();
+  A* dq_p = dq_acc.data_ptr<A>();
+  A* dk_p = dk_acc.data_ptr<A>();
+  A* dv_p = dv_acc.data_ptr<A>();
+  const int64_t q_row = pb.heads * D;     // contiguous row strides of the accumulators
+  const int64_t kv_row = pb.kv_heads * D;
+
+  const int64_t QB = kQueryBlock, KB = kKeyBlock;
+  const int64_t per_thread =
+      2 * QB * KB + 2 * KB * D + (kConvert ? 2 * QB * D + 2 * KB * D : 0);
+  const int64_t nthreads = at::get_num_threads();
+  at::Tensor scratch = at::empty({nthreads, per_thread}, acc_opts);
+  A* scratch_p = scratch.data_ptr<A>();
+
+  for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
+    const int64_t w = segment_lengths[pi], r = dilation_rates[pi];
+    const int64_t nseg = num_segments(pb.nk, w);
+    // A task owns one (batch, kv head, segment): all dk/dv rows of that kv head in
+    // the segment and all dq rows of its query heads there, so no two tasks write
+    // the same row.
+    const int64_t ntasks = pb.batch * pb.kv_heads * nseg;
+
+    at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+      A* buf = scratch_p + at::get_thread_num() * per_thread;
+      A* S = buf;
+      A* dP = S + QB * KB;
+      A* dk_loc = dP + QB * KB;
+      A* dv_loc = dk_loc + KB * D;
+      A* q_buf = dv_loc + KB * D;
+      A* do_buf = q_buf + QB * D;
+      A* k_buf = do_buf + QB * D;
+      A* v_buf = k_buf + KB * D;
+
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t s = task % nseg;
+        const int64_t g = (task / nseg) % pb.kv_heads;
+        const int64_t b = task / (nseg * pb.kv_heads);
+        for (int64_t h = g * pb.group(); h < (g + 1) * pb.group(); ++h) {
+          const SparseSegment seg = sparse_segment(pb.nk, pb.nq, w, r, s, head_offset(h, r));
+          if (seg.first_query >= seg.count) continue;
+          const A* lse_row = lse_p + (b * pb.heads + h) * pb.nq;
+          const A* delta_row = delta_p + (b * pb.heads + h) * pb.nq;
+
+          for (int64_t kb0 = 0; kb0 < seg.count; kb0 += KB) {
+            const int64_t kn = std::min(KB, seg.count - kb0);
+            const int64_t key0 = seg.base + kb0 * r;
+            int64_t ldk, ldv, ldq, ldo;
+            const A* K = load_rows<T, A>(kv.at(b, key0, g), r * kv.sn, kn, D, k_buf, &ldk);
+            const A* V = load_rows<T, A>(vv.at(b, key0, g), r * vv.sn, kn, D, v_buf, &ldv);
+            fill_row<A>(dk_loc, A(0), kn * D);
+            fill_row<A>(dv_loc, A(0), kn * D);
+
+            const int64_t q_first = is_causal ? std::max(seg.first_query, kb0) : seg.first_query;
+            for (int64_t tq0 = q_first; tq0 < seg.count; tq0 += QB) {
+              const int64_t qn = std::min(QB, seg.count - tq0);
+              const int64_t qi0 = seg.base + tq0 * r - pb.q_start();
+              const A* Q = load_rows<T, A>(qv.at(b, qi0, h), r * qv.sn, qn, D, q_buf, &ldq);
+              const A* dO = load_rows<T, A>(dov.at(b, qi0, h), r * dov.sn, qn, D, do_buf, &ldo);
+
+              gemm_nt<A>(qn, kn, D, scale, Q, ldq, K, ldk, A(0), S, kn);
+              gemm_nt<A>(qn, kn, D, A(1), dO, ldo, V, ldv, A(0), dP, kn);
+              for (int64_t i = 0; i < qn; ++i) {
+                A* s_row = S + i * kn;
+                A* dp_row = dP + i * kn;
+                const int64_t qi = qi0 + i * r;
+                const int64_t valid =
+                    is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
+                const A row_lse = lse_row[qi];
+                if (valid == 0 || row_lse == neg_inf<A>()) {
+                  fill_row<A>(s_row, A(0), kn);
+                  fill_row<A>(dp_row, A(0), kn);
+                  continue;
+                }
+                softmax_grad_row(s_row, dp_row, row_lse, delta_row[qi], valid);
+                fill_row<A>(s_row + valid, A(0), kn - valid);
+                fill_row<A>(dp_row + valid, A(0), kn - valid);
+              }
+              // S now holds P and dP holds dS.
+              gemm_tn<A>(kn, D, qn, A(1), S, kn, dO, ldo, A(1), dv_loc, D);
+              gemm_tn<A>(kn, D, qn, scale, dP, kn, Q, ldq, A(1), dk_loc, D);
+              A* dq_rows = dq_p + ((b * pb.nq + qi0) * pb.heads + h) * D;
+              gemm_nn<A>(qn, D, kn, scale, dP, kn, K, ldk, A(1), dq_rows, r * q_row);
+            }
+
+            A* dk_rows = dk_p + ((b * pb.nk + key0) * pb.kv_heads + g) * D;
+            A* dv_rows = dv_p + ((b * pb.nk + key0) * pb.kv_heads + g) * D;
+            for (int64_t i = 0; i < kn; ++i) {
+              A* dk_dst = dk_rows + i * r * kv_row;
+              A* dv_dst = dv_rows + i * r * kv_row;
+              const A* dk_src = dk_loc + i * D;
+              const A* dv_src = dv_loc + i * D;
+              for (int64_t j = 0; j < D; ++j) {
+                dk_dst[j] += dk_src[j];
+                dv_dst[j] += dv_src[j];
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+
+  if constexpr (kConvert) {
+    dq.copy_(dq_acc);
+    dk.copy_(dk_acc);
+    dv.copy_(dv_acc);
+  }
+}
+
+// ------------------------------------------------------------- operators ----
+
+std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
+    double scale) {
+  check_qkv(q_in, k_in, v_in, scale);
+  check_patterns(segment_lengths, dilation_rates);
+  TORCH_CHECK(q_in.device().is_cpu(), "longnet: expected CPU tensors, got ", q_in.device());
+  const auto lse_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({q_in.size(0), q_in.size(2), q_in.size(1)}, q_in.options().dtype(lse_dtype));
+  maybe_poison({out, lse});
+  if (q_in.numel() == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  const at::Tensor q = with_dense_rows(q_in), k = with_dense_rows(k_in), v = with_dense_rows(v_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_fwd_cpu", [&] {
+    forward_impl<scalar_t>(q, k, v, segment_lengths, dilation_rates, is_causal, scale, out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
+    const at::Tensor& lse_in, at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
+    bool is_causal, double scale) {
+  check_qkv(q_in, k_in, v_in, scale);
+  check_patterns(segment_lengths, dilation_rates);
+  TORCH_CHECK(q_in.device().is_cpu(), "longnet: expected CPU tensors, got ", q_in.device());
+  TORCH_CHECK(grad_out.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "longnet: grad_out and out must have the shape of q ", q_in.sizes());
+  const std::vector<int64_t> lse_shape{q_in.size(0), q_in.size(2), q_in.size(1)};
+  TORCH_CHECK(grad_lse.sizes() == lse_shape && lse_in.sizes() == lse_shape,
+              "longnet: grad_lse and lse must have shape (B, H, Nq) = ", lse_shape);
+  at::Tensor dq = at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dk = at::empty(k_in.sizes(), k_in.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dv = at::empty(v_in.sizes(), v_in.options().memory_format(at::MemoryFormat::Contiguous));
+  maybe_poison({dq, dk, dv});
+  if (q_in.numel() == 0 || k_in.numel() == 0) {
+    return {dq.zero_(), dk.zero_(), dv.zero_()};
+  }
+  const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor q = with_dense_rows(q_in), k = with_dense_rows(k_in), v = with_dense_rows(v_in);
+  const at::Tensor dout = grad_out.to(q_in.scalar_type()).contiguous();
+  const at::Tensor out = out_in.to(q_in.scalar_type()).contiguous();
+  const at::Tensor lse = lse_in.to(acc_dtype).contiguous();
+  const at::Tensor dlse = grad_lse.to(acc_dtype).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_bwd_cpu", [&] {
+    backward_impl<scalar_t>(dout, dlse, q, k, v, out, lse, segment_lengths, dilation_rates,
+                            is_causal, scale, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longnet, CPU, m) {
+  m.impl("dilated_attention_fwd", &dilated_attention_fwd_cpu);
+  m.impl("dilated_attention_bwd", &dilated_attention_bwd_cpu);
+}
+
+}  // namespace longnet::cpu

@@ -1,0 +1,330 @@
+"""The dilated-attention operator against the float64 reference (SPEC.md)."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import longnet
+from longnet.reference import dilated_attention_reference, pattern_counts
+
+CASES = {
+    # name: (B, Nq, Nk, H, Hk, D, segment_lengths, dilation_rates)
+    "n_multiple_of_w": (1, 64, 64, 2, 2, 16, [8, 16, 32], [1, 2, 4]),
+    "n_not_multiple": (1, 37, 37, 2, 2, 16, [8, 16, 32], [1, 2, 4]),
+    "w_larger_than_n": (1, 40, 40, 2, 2, 16, [16, 128], [1, 4]),
+    "r_not_dividing_w": (1, 45, 45, 3, 3, 16, [10, 21], [3, 4]),
+    "r_larger_than_h": (1, 48, 48, 2, 2, 16, [12, 24], [1, 8]),
+    "no_r1_pattern": (1, 33, 33, 4, 4, 16, [8, 16], [2, 4]),
+    "batch_gqa": (3, 29, 29, 6, 2, 32, [8, 16], [1, 2]),
+    "mqa": (2, 30, 30, 4, 1, 16, [6, 12], [1, 3]),
+    "nq_lt_nk": (2, 11, 50, 4, 2, 16, [8, 32], [1, 2]),
+    "decode_one": (1, 1, 71, 4, 4, 16, [16, 64], [1, 4]),
+    "d64": (1, 40, 40, 2, 2, 64, [8, 16], [1, 2]),
+    "d128": (1, 24, 24, 2, 1, 128, [8, 24], [1, 2]),
+    "d40": (1, 35, 35, 2, 2, 40, [7, 14], [1, 2]),
+    "d3": (1, 20, 20, 2, 2, 3, [5, 10], [1, 2]),
+    # Sparse segments longer than the kernels' query (128) and key (256) blocks.
+    "long_blocks": (1, 520, 600, 2, 1, 16, [300, 600], [1, 2]),
+    "repeat_pattern": (1, 32, 32, 2, 2, 16, [8, 8], [1, 1]),
+}
+
+
+def make_inputs(b, nq, nk, h, hk, d, dtype=torch.float64, seed=0, packed=False):
+    gen = torch.Generator().manual_seed(seed)
+    if packed:
+        # Non-contiguous views: slices of one packed (B, N, H + 2 Hk, D) projection,
+        # with the query slice taken from the end of the sequence.
+        qkv = torch.randn(b, nk, h + 2 * hk, d, generator=gen, dtype=dtype)
+        q = qkv[:, nk - nq:, :h]
+        k = qkv[:, :, h:h + hk]
+        v = qkv[:, :, h + hk:]
+        assert not q.is_contiguous() and not k.is_contiguous()
+        return [t.detach().requires_grad_() for t in (q, k, v)]
+    q = torch.randn(b, nq, h, d, generator=gen, dtype=dtype)
+    k = torch.randn(b, nk, hk, d, generator=gen, dtype=dtype)
+    v = torch.randn(b, nk, hk, d, generator=gen, dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def loss_on_both(out, lse, seed=1):
+    """A loss that depends on out and on the finite entries of lse."""
+    gen = torch.Generator().manual_seed(seed)
+    w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    w_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(lse.dtype)
+    finite = torch.isfinite(lse)
+    return (out * w_out).sum() + (torch.where(finite, lse, torch.zeros_like(lse)) * w_lse).sum()
+
+
+def run_both(case, causal, packed=False, scale=None):
+    b, nq, nk, h, hk, d, ws, rs = case
+    q, k, v = make_inputs(b, nq, nk, h, hk, d, packed=packed)
+    out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, scale=scale,
+                                         return_lse=True)
+    grads = torch.autograd.grad(loss_on_both(out, lse), (q, k, v))
+    ref_out, ref_lse = dilated_attention_reference(q, k, v, ws, rs, is_causal=causal, scale=scale)
+    ref_grads = torch.autograd.grad(loss_on_both(ref_out, ref_lse), (q, k, v))
+    return (out, lse, grads), (ref_out, ref_lse, ref_grads)
+
+
+def assert_matches(got, want, atol=1e-10, rtol=1e-9):
+    out, lse, grads = got
+    ref_out, ref_lse, ref_grads = want
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    assert lse.dtype == torch.float64 and lse.shape == ref_lse.shape
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    torch.testing.assert_close(lse, ref_lse, atol=atol, rtol=rtol)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert torch.isfinite(g).all(), f"d{name} has non-finite entries"
+        torch.testing.assert_close(g, rg, atol=atol, rtol=rtol, msg=f"d{name} mismatch")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_float64(name, causal):
+    got, want = run_both(CASES[name], causal)
+    assert_matches(got, want)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", ["batch_gqa", "nq_lt_nk", "d40"])
+def test_non_contiguous_inputs(name, causal):
+    got, want = run_both(CASES[name], causal, packed=True)
+    assert_matches(got, want)
+
+
+def test_custom_scale():
+    got, want = run_both(CASES["batch_gqa"], True, scale=0.37)
+    assert_matches(got, want)
+
+
+def test_rows_without_keys():
+    # No pattern has r = 1: positions outside every head's sparse segments get
+    # out = 0 and lse = -inf, with finite gradients.
+    b, nq, nk, h, hk, d, ws, rs = CASES["no_r1_pattern"]
+    counts = pattern_counts(nq, nk, h, ws, rs, is_causal=False)
+    empty_rows = (counts.sum(-1) == 0)
+    assert empty_rows.any(), "the case must contain rows with no key"
+    got, want = run_both(CASES["no_r1_pattern"], causal=False)
+    out, lse, grads = got
+    assert torch.isneginf(lse[:, empty_rows]).all()
+    assert (out.permute(0, 2, 1, 3)[:, empty_rows] == 0).all()
+    assert not torch.isnan(out).any()
+    assert_matches(got, want)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_reference_counts_follow_spec_rule(causal):
+    # The reference's count matrix, checked element by element against SPEC.md's
+    # membership rule, with bottom-right aligned queries.
+    nq, nk, h, ws, rs = 7, 23, 5, [4, 9, 30], [1, 3, 4]
+    counts = pattern_counts(nq, nk, h, ws, rs, is_causal=causal)
+    for j in range(h):
+        for i in range(nq):
+            p = nk - nq + i
+            for t in range(nk):
+                want = 0
+                for w, r in zip(ws, rs):
+                    o = j % r
+                    if p // w == t // w and (p % w) % r == o and (t % w) % r == o:
+                        want += 1
+                if causal and t > p:
+                    want = 0
+                assert counts[j, i, t] == want, (j, i, t)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradcheck(causal):
+    q, k, v = make_inputs(1, 9, 13, 4, 2, 5)
+    ws, rs = [4, 8], [1, 2]
+
+    def fn(q, k, v):
+        out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, return_lse=True)
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_rows_without_keys():
+    q, k, v = make_inputs(1, 10, 10, 2, 2, 4)
+    ws, rs = [4, 10], [2, 5]
+
+    def fn(q, k, v):
+        out, lse = longnet.dilated_attention(q, k, v, ws, rs, return_lse=True)
+        return out, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_low_precision(dtype, causal):
+    b, nq, nk, h, hk, d, ws, rs = 2, 150, 300, 4, 2, 64, [64, 128, 300], [1, 2, 4]
+    q64, k64, v64 = make_inputs(b, nq, nk, h, hk, d)
+    # Round the inputs to the low-precision type first so both sides see the same data.
+    q, k, v = [t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64)]
+    qr, kr, vr = [t.detach().to(torch.float64).requires_grad_() for t in (q, k, v)]
+    out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    grads = torch.autograd.grad(loss_on_both(out.float(), lse), (q, k, v))
+    ref_out, ref_lse = dilated_attention_reference(qr, kr, vr, ws, rs, is_causal=causal)
+    ref_grads = torch.autograd.grad(loss_on_both(ref_out, ref_lse), (qr, kr, vr))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert rel(out, ref_out) < tol
+    assert rel(lse, ref_lse) < tol
+    for g, rg in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        assert rel(g, rg) < tol
+
+
+def test_opcheck():
+    for name in ["batch_gqa", "nq_lt_nk", "no_r1_pattern"]:
+        b, nq, nk, h, hk, d, ws, rs = CASES[name]
+        q, k, v = make_inputs(b, nq, nk, h, hk, d, dtype=torch.float32)
+        for causal in (False, True):
+            torch.library.opcheck(
+                torch.ops.longnet.dilated_attention_fwd.default,
+                (q, k, v, ws, rs, causal, 1.0 / math.sqrt(d)),
+            )
+        with torch.no_grad():
+            out, lse = torch.ops.longnet.dilated_attention_fwd(q, k, v, ws, rs, True, 0.25)
+        torch.library.opcheck(
+            torch.ops.longnet.dilated_attention_bwd.default,
+            (torch.randn_like(out), torch.zeros_like(lse), q.detach(), k.detach(), v.detach(),
+             out, lse, ws, rs, True, 0.25),
+        )
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    b, nq, nk, h, hk, d, ws, rs = CASES["batch_gqa"]
+    q, k, v = make_inputs(b, nq, nk, h, hk, d, dtype=torch.float32)
+
+    def fn(q, k, v):
+        out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True, return_lse=True)
+        return (out * 2).sum() + lse.sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    eager_val = fn(q, k, v)
+    eager_grads = torch.autograd.grad(eager_val, (q, k, v))
+    comp_val = compiled(q, k, v)
+    comp_grads = torch.autograd.grad(comp_val, (q, k, v))
+    torch.testing.assert_close(comp_val, eager_val)
+    for a, e in zip(comp_grads, eager_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_portable_gemm_fallback():
+    # The kernels fall back to portable loops when no BLAS is found; force that
+    # path in a fresh process and compare with the reference.
+    code = (
+        "import torch, longnet\n"
+        "from longnet.reference import dilated_attention_reference as ref\n"
+        "torch.manual_seed(0)\n"
+        "q = torch.randn(2, 300, 4, 24, dtype=torch.float64, requires_grad=True)\n"
+        "k = torch.randn(2, 300, 2, 24, dtype=torch.float64, requires_grad=True)\n"
+        "v = torch.randn(2, 300, 2, 24, dtype=torch.float64, requires_grad=True)\n"
+        "for causal in (False, True):\n"
+        "    o = longnet.dilated_attention(q, k, v, [64, 300], [1, 3], is_causal=causal)\n"
+        "    g = torch.autograd.grad(o.square().sum(), (q, k, v))\n"
+        "    o2, _ = ref(q, k, v, [64, 300], [1, 3], is_causal=causal)\n"
+        "    g2 = torch.autograd.grad(o2.square().sum(), (q, k, v))\n"
+        "    torch.testing.assert_close(o, o2)\n"
+        "    for a, b in zip(g, g2):\n"
+        "        torch.testing.assert_close(a, b)\n"
+        "print('fallback ok')\n"
+    )
+    env = dict(os.environ, LONGNET_CPU_BLAS="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "fallback ok" in res.stdout
+
+
+def test_double_backward_raises_clear_error():
+    q, k, v = make_inputs(1, 8, 8, 2, 2, 4)
+    out = longnet.dilated_attention(q, k, v, [4], [1])
+    (gq,) = torch.autograd.grad(out.sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gq.sum().backward()
+
+
+def test_empty_sequence():
+    q = torch.randn(2, 0, 4, 8, requires_grad=True)
+    k = torch.randn(2, 0, 4, 8, requires_grad=True)
+    out, lse = longnet.dilated_attention(q, k, k, [4], [1], return_lse=True)
+    assert out.shape == (2, 0, 4, 8) and lse.shape == (2, 4, 0)
+
+
+def test_threads_give_same_result():
+    b, nq, nk, h, hk, d, ws, rs = CASES["long_blocks"]
+    q, k, v = make_inputs(b, nq, nk, h, hk, d, dtype=torch.float32)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True)
+        torch.set_num_threads(max(2, old))
+        many = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(one, many, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------ bad inputs ----
+
+def _qkv(b=1, n=16, h=4, hk=4, d=8, dtype=torch.float32):
+    return (torch.randn(b, n, h, d, dtype=dtype), torch.randn(b, n, hk, d, dtype=dtype),
+            torch.randn(b, n, hk, d, dtype=dtype))
+
+
+BAD_INPUTS = {
+    "q_3d": (lambda q, k, v: (q[0], k, v, [4], [1], {}), "q must have shape"),
+    "v_shape": (lambda q, k, v: (q, k, v[:, :8], [4], [1], {}), "v must have the shape of k"),
+    "batch": (lambda q, k, v: (q, k[:1].expand(2, -1, -1, -1), v[:1].expand(2, -1, -1, -1),
+                               [4], [1], {}), None),
+    "head_dim": (lambda q, k, v: (q, k[..., :4], v[..., :4], [4], [1], {}), "head dim"),
+    "int_dtype": (lambda q, k, v: (q.long(), k.long(), v.long(), [4], [1], {}), "float32"),
+    "mixed_dtype": (lambda q, k, v: (q, k.double(), v, [4], [1], {}), "share a dtype"),
+    "heads": (lambda q, k, v: (q, k[:, :, :3], v[:, :, :3], [4], [1], {}), "multiple of k heads"),
+    "nq_gt_nk": (lambda q, k, v: (q, k[:, :8], v[:, :8], [4], [1], {}), "more positions"),
+    "empty_patterns": (lambda q, k, v: (q, k, v, [], [], {}), "at least one"),
+    "unequal_patterns": (lambda q, k, v: (q, k, v, [4, 8], [1], {}), "same length"),
+    "w_zero": (lambda q, k, v: (q, k, v, [0], [1], {}), "segment_lengths[0] must be >= 1"),
+    "r_zero": (lambda q, k, v: (q, k, v, [4], [0], {}), "dilation_rates[0] must be >= 1"),
+    "r_gt_w": (lambda q, k, v: (q, k, v, [4, 2], [1, 4], {}), "dilation_rates[1] (4) must not exceed"),
+    "nan_scale": (lambda q, k, v: (q, k, v, [4], [1], {"scale": float("nan")}), "scale must be"),
+    "inf_scale": (lambda q, k, v: (q, k, v, [4], [1], {"scale": float("inf")}), "scale must be"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_raises_clear_error(name):
+    make, message = BAD_INPUTS[name]
+    q, k, v = _qkv(b=2) if name == "batch" else _qkv()
+    if name == "batch":
+        q = q[:1]
+        args = (q, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), [4], [1], {})
+        message = "batch size"
+    else:
+        args = make(q, k, v)
+    q, k, v, ws, rs, kwargs = args
+    with pytest.raises(ValueError, match=re.escape(message)):
+        longnet.dilated_attention(q, k, v, ws, rs, **kwargs)
+
+
+def test_direct_op_call_checks_arguments():
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="dilation_rates"):
+        torch.ops.longnet.dilated_attention_fwd(q, k, v, [4], [8], False, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of k heads"):
+        torch.ops.longnet.dilated_attention_fwd(q, k[:, :, :3], v[:, :, :3], [4], [1], False, 1.0)
