@@ -15,7 +15,8 @@ Implementations compared (float32, forward and forward+backward):
 
 Method. Every measurement runs in a fresh Python subprocess (``--worker``), so one
 implementation's allocator cache cannot hide another's memory. The subprocess builds
-the inputs, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs one
+the inputs (after one call on tiny inputs that starts thread pools and lazy library
+state), resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs one
 cold call and reports ``VmHWM - VmRSS(before)``: the peak resident-memory increase over
 the inputs, C++ allocations included (outputs and, for fwd+bwd, the input gradients
 count as well; they are the same for every implementation). That cold call is also
@@ -60,30 +61,34 @@ from benchmarks.common import (  # noqa: E402
 
 CASES = ("scaling", "target1", "target2", "gflops")
 MODES = ("fwd", "fwdbwd")
+ALL_IMPLS = ("longnet", "gather_sdpa", "dense_sdpa")
 
 
 # --------------------------------------------------------------------------- cases
 
 def case_configs(case: str, quick: bool) -> Dict[str, object]:
     """Shapes and patterns of one case (tiny ones with ``quick``)."""
+    # dense SDPA cannot run at the targets' full N; --quick leaves it out there too
+    target_impls = ALL_IMPLS[:2] if quick else ALL_IMPLS
     if case == "scaling":
         if quick:
             return dict(B=1, H=2, D=32, causal=True, ws=[256, 512, 1024], rs=[1, 2, 4],
-                        Ns=[1024, 2048, 4096], ref_n=2048, modes=["fwdbwd"])
+                        Ns=[2048, 4096], ref_n=2048, modes=["fwdbwd"], impls=ALL_IMPLS)
         return dict(B=1, H=4, D=64, causal=True, ws=[2048, 4096, 8192, 16384, 32768],
                     rs=[1, 2, 4, 8, 16], Ns=[4096 * 2 ** i for i in range(9)],
-                    ref_n=16384, modes=["fwdbwd"])
+                    ref_n=16384, modes=["fwdbwd"], impls=ALL_IMPLS)
     if case == "target1":
         n, h, d = (4096, 2, 32) if quick else (65536, 8, 64)
         ws = [256, 512, 1024] if quick else [2048, 4096, 8192]
-        return dict(B=1, H=h, D=d, causal=True, ws=ws, rs=[1, 2, 4], Ns=[n], modes=list(MODES))
+        return dict(B=1, H=h, D=d, causal=True, ws=ws, rs=[1, 2, 4], Ns=[n], modes=list(MODES),
+                    impls=target_impls)
     if case == "target2":
         n, h, d = (4096, 2, 32) if quick else (65536, 8, 64)
         return dict(B=1, H=h, D=d, causal=True, ws=[64, 128, 256, 512], rs=[1, 2, 4, 8],
-                    Ns=[n], modes=list(MODES))
+                    Ns=[n], modes=list(MODES), impls=target_impls)
     if case == "gflops":
         if quick:
-            return dict(B=1, H=2, D=32, causal=False, seg=[128, 512], n_tokens=2048,
+            return dict(B=1, H=2, D=32, causal=False, seg=[512], n_tokens=2048,
                         mm_n=512, modes=list(MODES))
         return dict(B=1, H=8, D=64, causal=False, seg=[128, 256, 512, 1024, 2048, 4096],
                     n_tokens=16384, mm_n=2048, modes=list(MODES))
@@ -138,36 +143,55 @@ def _impl_fn(spec: Dict[str, object]):
     raise ValueError(f"unknown implementation {impl!r}")
 
 
+def _attention_call(spec: Dict[str, object], n: int, gen):
+    """A no-argument callable running one forward (and backward) on fresh inputs."""
+    import torch
+
+    bsz, h, d = (int(spec[x]) for x in ("B", "H", "D"))
+    hk = int(spec.get("Hk", h))
+    grad = spec["mode"] == "fwdbwd"
+    q = torch.randn(bsz, n, h, d, generator=gen).requires_grad_(grad)
+    k = torch.randn(bsz, n, hk, d, generator=gen).requires_grad_(grad)
+    v = torch.randn(bsz, n, hk, d, generator=gen).requires_grad_(grad)
+    gout = torch.randn(bsz, n, h, d, generator=gen) if grad else None
+    fn = _impl_fn(spec)
+
+    def call() -> None:
+        if grad:
+            fn(q, k, v).backward(gout)
+            q.grad = k.grad = v.grad = None
+        else:
+            with torch.no_grad():
+                fn(q, k, v)
+
+    return call
+
+
 def run_worker(spec: Dict[str, object]) -> Dict[str, object]:
-    """One measurement, in this process: cold call (peak RSS), then timed repeats."""
+    """One measurement, in this process.
+
+    A call on tiny inputs first starts thread pools and lazy library state; then the
+    real inputs are built, the peak-RSS mark is reset and one cold call gives the peak
+    memory; then timed repeats.
+    """
     import torch
 
     torch.set_num_threads(int(spec["threads"]))
     gen = torch.Generator().manual_seed(0)
-    probe = PeakRSS()
     if spec["impl"] == "mm":
-        n = int(spec["n"])
-        a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-        c = torch.empty(n, n)
-        call = lambda: torch.mm(a, b, out=c)  # noqa: E731
+        def mm_call(n):
+            a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+            c = torch.empty(n, n)
+            return lambda: torch.mm(a, b, out=c)
+
+        mm_call(64)()
+        call = mm_call(int(spec["n"]))
     else:
-        bsz, n, h, d = (int(spec[x]) for x in ("B", "N", "H", "D"))
-        hk = int(spec.get("Hk", h))
-        grad = spec["mode"] == "fwdbwd"
-        q = torch.randn(bsz, n, h, d, generator=gen).requires_grad_(grad)
-        k = torch.randn(bsz, n, hk, d, generator=gen).requires_grad_(grad)
-        v = torch.randn(bsz, n, hk, d, generator=gen).requires_grad_(grad)
-        gout = torch.randn(bsz, n, h, d, generator=gen) if grad else None
-        fn = _impl_fn(spec)
+        tiny = spec["ws"][0] if spec["impl"] == "segment_sdpa" else 256
+        _attention_call(spec, min(tiny, int(spec["N"])), gen)()
+        call = _attention_call(spec, int(spec["N"]), gen)
 
-        def call() -> None:
-            if grad:
-                fn(q, k, v).backward(gout)
-                q.grad = k.grad = v.grad = None
-            else:
-                with torch.no_grad():
-                    fn(q, k, v)
-
+    probe = PeakRSS()
     probe.start()
     t0 = time.perf_counter()
     call()
@@ -278,7 +302,7 @@ def run_case(case: str, runner: Runner) -> Dict[str, object]:
         for n in cfg["Ns"]:
             for mode in cfg["modes"]:
                 spec = _spec(case, cfg, n, mode, cfg["ws"], cfg["rs"])
-                for impl in ("longnet", "gather_sdpa", "dense_sdpa"):
+                for impl in cfg["impls"]:
                     records.append(runner.measure(impl, dict(spec, flops=_flops(spec, impl))))
     return {"case": case, "quick": runner.args.quick, "config": cfg,
             "machine": machine_info(runner.args.threads), "records": records}
