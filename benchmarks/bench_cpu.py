@@ -288,6 +288,7 @@ def _flops(spec: Dict[str, object], impl: str) -> float:
 def run_case(case: str, runner: Runner) -> Dict[str, object]:
     """Measure every implementation of one case; returns the records and a summary."""
     cfg = case_configs(case, runner.args.quick)
+    cfg["modes"] = [m for m in cfg["modes"] if m in runner.args.modes]
     print(f"\n## {case}: {json.dumps({k: v for k, v in cfg.items()})}", flush=True)
     records: List[Dict[str, object]] = []
     if case == "gflops":
@@ -490,6 +491,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="largest N for dense SDPA on the whole sequence")
     p.add_argument("--baseline-max-n", type=int, default=262144,
                    help="largest N for gather_sdpa")
+    p.add_argument("--modes", default="fwd,fwdbwd",
+                   help="comma-separated subset of fwd,fwdbwd to run (default both)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -501,6 +504,9 @@ def main(argv=None) -> int:
         return 0
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes or any(m not in MODES for m in args.modes):
+        raise SystemExit(f"--modes must list some of {MODES}, got {args.modes}")
     os.makedirs(args.out, exist_ok=True)
     runner = Runner(args)
     if runner.longnet_reason:

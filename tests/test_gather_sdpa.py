@@ -111,7 +111,7 @@ def test_bench_quick_smoke(tmp_path):
     """``bench_cpu.py --quick`` on its smallest case writes a table, JSON and a plot."""
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu.py"), "--quick",
-         "--case", "target1", "--repeats", "1", "--dense-max-n", "0",
+         "--case", "target1", "--modes", "fwdbwd", "--repeats", "1",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
