@@ -7,8 +7,9 @@ aligned, rows with no key give ``out = 0`` and ``lse = -inf``) with plain PyTorc
 
 1. For every pattern ``(w, r)`` (``w`` clipped to the sequence length), cut the
    sequence into segments of ``w`` rows (the full ones as one batch, a shorter last
-   one as a second batch), and for every head offset ``o`` copy out rows ``o::r`` of
-   heads ``o::r`` (the sparse segments): a gathered ``(B * S, w / r, H / r, D)`` tensor.
+   one as a second batch), and copy out, for every head offset ``o``, rows ``o::r``
+   of heads ``o::r`` (the sparse segments; one ``index_select`` per tensor and
+   pattern): gathered ``(B * S, w / r, H / r, D)`` tensors.
 2. Run PyTorch's CPU flash attention on the gathered segments, batched over
    segments and heads (``aten::_scaled_dot_product_flash_attention_for_cpu``, the
    kernel ``torch.nn.functional.scaled_dot_product_attention`` dispatches to on CPU;
