@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# GPU check for a fresh CUDA machine: build the extension with its CUDA kernels, run
+# the CUDA tests, then the GPU benchmark. Whole run under about 8 minutes.
+#
+# Usage: benchmarks/gpu_check.sh [--quick]   (LONGNET_CUDA_ARCHS defaults to 9.0;
+# LONGNET_WHEELS=<dir> installs a missing pytest from local wheels, offline)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+QUICK="${1:-}"
+step() { echo "[$(date +%H:%M:%S)] == $*"; }
+
+step "environment"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if ! python3 -c "import pytest" 2>/dev/null; then
+  if [ -n "${LONGNET_WHEELS:-}" ]; then
+    python3 -m pip install -q --no-index --find-links "$LONGNET_WHEELS" pytest || true
+  fi
+fi
+
+step "build (LONGNET_FORCE_CUDA=1, archs ${LONGNET_CUDA_ARCHS:-9.0})"
+start=$SECONDS
+if ! LONGNET_FORCE_CUDA=1 LONGNET_CUDA_ARCHS="${LONGNET_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+    python3 setup.py -q build_ext --inplace > /tmp/longnet_gpu_build.log 2>&1; then
+  tail -60 /tmp/longnet_gpu_build.log
+  step "build FAILED"
+  exit 1
+fi
+echo "built in $((SECONDS - start)) s"
+python3 -c "import longnet; print('HAS_CUDA', longnet.HAS_CUDA)"
+
+step "tests/test_cuda.py"
+rc_tests=0
+if python3 -c "import pytest" 2>/dev/null; then
+  LONGNET_POISON_OUTPUTS=1 timeout 240 python3 -m pytest -q -rf --maxfail=25 -p no:cacheprovider \
+    tests/test_cuda.py 2>&1 | tail -40
+  rc_tests=${PIPESTATUS[0]}
+else
+  echo "pytest is not installed: tests skipped"
+  rc_tests=2
+fi
+echo "tests exit code: $rc_tests"
+
+step "benchmarks/bench_gpu.py $QUICK"
+timeout 300 python3 benchmarks/bench_gpu.py $QUICK
+echo "benchmark exit code: $?"
+step "done"
+exit "$rc_tests"

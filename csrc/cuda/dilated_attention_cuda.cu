@@ -1,0 +1,291 @@
+// CUDA kernels of longnet::dilated_attention_fwd / _bwd (SPEC.md): argument checks,
+// buffers, the per-pattern launch sequence and the dispatch between the tensor-core
+// kernels (bfloat16/float16, sm80+, head dims tensor_core.cuh accepts) and the
+// generic FMA kernels (every dtype and head dim).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "cuda/common.cuh"
+#include "cuda/generic_kernels.cuh"
+#include "cuda/tensor_core.cuh"
+#include "pattern.h"
+
+namespace longnet::cuda {
+namespace {
+
+// LONGNET_POISON_OUTPUTS=1 fills freshly allocated outputs with NaN, so tests catch
+// any element a kernel forgets to write.
+void maybe_poison(std::initializer_list<at::Tensor> outputs) {
+  static const bool poison = [] {
+    const char* env = std::getenv("LONGNET_POISON_OUTPUTS");
+    return env != nullptr && env[0] != '\0' && env[0] != '0';
+  }();
+  if (!poison) return;
+  for (const at::Tensor& t : outputs) t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+// LONGNET_CUDA_GENERIC=1 routes bfloat16/float16 to the generic kernels too (read on
+// every call, so tests can compare both paths in one process).
+bool force_generic() {
+  const char* env = std::getenv("LONGNET_CUDA_GENERIC");
+  return env != nullptr && env[0] != '\0' && env[0] != '0';
+}
+
+// The kernels need a dense last dimension; any other strides are read in place.
+at::Tensor with_dense_last(const at::Tensor& t) {
+  return (t.size(3) <= 1 || t.stride(3) == 1) ? t : t.contiguous();
+}
+
+void check_launch_dims(const at::Tensor& q, const at::Tensor& k) {
+  constexpr int64_t kMaxGridYZ = 65535;
+  TORCH_CHECK(q.size(0) <= kMaxGridYZ, "longnet: CUDA kernels support batch sizes up to ",
+              kMaxGridYZ, ", got ", q.size(0));
+  TORCH_CHECK(q.size(2) <= kMaxGridYZ && k.size(2) <= kMaxGridYZ,
+              "longnet: CUDA kernels support up to ", kMaxGridYZ, " heads, got ", q.size(2));
+}
+
+Shape make_shape(const at::Tensor& q, const at::Tensor& k, int64_t w, int64_t r, bool causal,
+                 int64_t tile_rows) {
+  Shape sh;
+  sh.batch = q.size(0);
+  sh.nq = q.size(1);
+  sh.nk = k.size(1);
+  sh.heads = q.size(2);
+  sh.kv_heads = k.size(2);
+  sh.dim = q.size(3);
+  sh.w = w;
+  sh.r = r;
+  sh.nseg = num_segments(sh.nk, w);
+  const int64_t max_count = ((w < sh.nk ? w : sh.nk) + r - 1) / r;  // rows of a sparse segment
+  sh.ntiles = (max_count + tile_rows - 1) / tile_rows;
+  sh.causal = causal;
+  TORCH_CHECK(sh.nseg * sh.ntiles <= std::numeric_limits<int32_t>::max(),
+              "longnet: too many segments for one CUDA launch (", sh.nseg, " segments of ",
+              sh.ntiles, " tiles)");
+  return sh;
+}
+
+unsigned int elementwise_blocks(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned int>(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
+}
+
+// Calls f.template operator()<kPerLane>() with the per-lane width covering `dim`
+// (wider head dims loop over chunks of 256).
+template <typename F>
+void dispatch_per_lane(int64_t dim, F&& f) {
+  if (dim <= 32) {
+    f.template operator()<1>();
+  } else if (dim <= 64) {
+    f.template operator()<2>();
+  } else if (dim <= 128) {
+    f.template operator()<4>();
+  } else {
+    f.template operator()<8>();
+  }
+}
+
+// ---------------------------------------------------------------- forward ----
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
+                  bool is_causal, double scale_d, at::Tensor& out, at::Tensor& lse) {
+  using A = acc_t<T>;
+  constexpr bool kConvert = !std::is_same_v<T, A>;
+  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool tensor_cores = !force_generic() && tc_supported({q, k, v});
+
+  // Running state: m lives in lse, acc in out when out has the accumulation type.
+  at::Tensor acc = kConvert ? at::zeros(q.sizes(), acc_opts) : out.zero_();
+  at::Tensor l = at::zeros({q.size(0), q.size(2), q.size(1)}, acc_opts);
+  lse.fill_(-std::numeric_limits<double>::infinity());
+  const FwdState<A> st{acc.data_ptr<A>(), lse.data_ptr<A>(), l.data_ptr<A>()};
+  const A scale = static_cast<A>(scale_d);
+
+  for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
+    const int64_t w = segment_lengths[pi], r = dilation_rates[pi];
+    if (tensor_cores) {
+      if constexpr (kConvert) {
+        const Shape sh = make_shape(q, k, w, r, is_causal, tc_forward_tile_rows());
+        tc_forward_pattern<T>(q, k, v, sh, static_cast<float>(scale_d), st, stream);
+        continue;
+      }
+    }
+    const Shape sh = make_shape(q, k, w, r, is_causal, kGenericTile);
+    const dim3 grid(static_cast<unsigned int>(sh.nseg * sh.ntiles),
+                    static_cast<unsigned int>(sh.heads), static_cast<unsigned int>(sh.batch));
+    dispatch_per_lane(sh.dim, [&]<int kPerLane>() {
+      fwd_generic_kernel<T, kPerLane><<<grid, kGenericThreads, 0, stream>>>(
+          q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), row_strides(q), row_strides(k),
+          row_strides(v), sh, scale, st);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  const int64_t total = out.numel();
+  constexpr int kThreads = 256;
+  finalize_kernel<T, A><<<elementwise_blocks(total, kThreads), kThreads, 0, stream>>>(
+      st.acc, st.m, st.l, out.data_ptr<T>(), lse.data_ptr<A>(), q.size(1), q.size(2),
+      q.size(3), total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// --------------------------------------------------------------- backward ----
+
+template <typename T>
+void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q,
+                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                   const at::Tensor& lse, at::IntArrayRef segment_lengths,
+                   at::IntArrayRef dilation_rates, bool is_causal, double scale_d,
+                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  using A = acc_t<T>;
+  constexpr bool kConvert = !std::is_same_v<T, A>;
+  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool tensor_cores = !force_generic() && tc_supported({q, k, v, dout});
+  const int64_t B = q.size(0), Nq = q.size(1), H = q.size(2), D = q.size(3);
+
+  // Delta = rowsum(dout * out) - dlse, laid out like lse.
+  at::Tensor delta = at::empty({B, H, Nq}, acc_opts);
+  {
+    constexpr int kThreads = 256;
+    const int64_t rows = B * H * Nq;
+    delta_kernel<T, A><<<elementwise_blocks(rows * 32, kThreads), kThreads, 0, stream>>>(
+        dout.data_ptr<T>(), out.data_ptr<T>(), dlse.data_ptr<A>(), delta.data_ptr<A>(), Nq, H, D,
+        rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  at::Tensor dq_acc = kConvert ? at::zeros(dq.sizes(), acc_opts) : dq.zero_();
+  at::Tensor dk_acc = kConvert ? at::zeros(dk.sizes(), acc_opts) : dk.zero_();
+  at::Tensor dv_acc = kConvert ? at::zeros(dv.sizes(), acc_opts) : dv.zero_();
+  const A scale = static_cast<A>(scale_d);
+
+  for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
+    const int64_t w = segment_lengths[pi], r = dilation_rates[pi];
+    if (tensor_cores) {
+      if constexpr (kConvert) {
+        const Shape sh = make_shape(q, k, w, r, is_causal, tc_backward_tile_rows());
+        tc_backward_pattern<T>(q, k, v, dout, sh, static_cast<float>(scale_d),
+                               lse.data_ptr<float>(), delta.data_ptr<float>(),
+                               dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
+                               dv_acc.data_ptr<float>(), stream);
+        continue;
+      }
+    }
+    const Shape sh = make_shape(q, k, w, r, is_causal, kGenericTile);
+    const dim3 grid(static_cast<unsigned int>(sh.nseg * sh.ntiles),
+                    static_cast<unsigned int>(sh.kv_heads), static_cast<unsigned int>(sh.batch));
+    dispatch_per_lane(D, [&]<int kPerLane>() {
+      bwd_generic_kernel<T, kPerLane><<<grid, kGenericThreads, 0, stream>>>(
+          q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), dout.data_ptr<T>(), row_strides(q),
+          row_strides(k), row_strides(v), row_strides(dout), sh, scale, lse.data_ptr<A>(),
+          delta.data_ptr<A>(), dq_acc.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  if constexpr (kConvert) {
+    dq.copy_(dq_acc);
+    dk.copy_(dk_acc);
+    dv.copy_(dv_acc);
+  }
+}
+
+// ------------------------------------------------------------- operators ----
+
+std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
+    double scale) {
+  check_qkv(q_in, k_in, v_in, scale);
+  check_patterns(segment_lengths, dilation_rates);
+  TORCH_CHECK(q_in.is_cuda(), "longnet: expected CUDA tensors, got ", q_in.device());
+  check_launch_dims(q_in, k_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const auto lse_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out =
+      at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse =
+      at::empty({q_in.size(0), q_in.size(2), q_in.size(1)}, q_in.options().dtype(lse_dtype));
+  maybe_poison({out, lse});
+  if (q_in.numel() == 0) {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in),
+                   v = with_dense_last(v_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_fwd_cuda",
+                                  [&] {
+                                    forward_impl<scalar_t>(q, k, v, segment_lengths,
+                                                           dilation_rates, is_causal, scale, out,
+                                                           lse);
+                                  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
+    const at::Tensor& lse_in, at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
+    bool is_causal, double scale) {
+  check_qkv(q_in, k_in, v_in, scale);
+  check_patterns(segment_lengths, dilation_rates);
+  TORCH_CHECK(q_in.is_cuda(), "longnet: expected CUDA tensors, got ", q_in.device());
+  for (const at::Tensor* t : {&grad_out, &grad_lse, &out_in, &lse_in}) {
+    TORCH_CHECK(t->device() == q_in.device(),
+                "longnet: grad_out, grad_lse, out and lse must be on the device of q (",
+                q_in.device(), "), got ", t->device());
+  }
+  TORCH_CHECK(grad_out.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "longnet: grad_out and out must have the shape of q ", q_in.sizes());
+  const std::vector<int64_t> lse_shape{q_in.size(0), q_in.size(2), q_in.size(1)};
+  TORCH_CHECK(grad_lse.sizes() == lse_shape && lse_in.sizes() == lse_shape,
+              "longnet: grad_lse and lse must have shape (B, H, Nq) = ", lse_shape);
+  check_launch_dims(q_in, k_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor dq =
+      at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dk =
+      at::empty(k_in.sizes(), k_in.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dv =
+      at::empty(v_in.sizes(), v_in.options().memory_format(at::MemoryFormat::Contiguous));
+  maybe_poison({dq, dk, dv});
+  if (q_in.numel() == 0 || k_in.numel() == 0) {
+    return {dq.zero_(), dk.zero_(), dv.zero_()};
+  }
+  const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in),
+                   v = with_dense_last(v_in);
+  const at::Tensor dout = grad_out.to(q_in.scalar_type()).contiguous();
+  const at::Tensor out = out_in.to(q_in.scalar_type()).contiguous();
+  const at::Tensor lse = lse_in.to(acc_dtype).contiguous();
+  const at::Tensor dlse = grad_lse.to(acc_dtype).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_bwd_cuda",
+                                  [&] {
+                                    backward_impl<scalar_t>(dout, dlse, q, k, v, out, lse,
+                                                            segment_lengths, dilation_rates,
+                                                            is_causal, scale, dq, dk, dv);
+                                  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace longnet::cuda
+
+TORCH_LIBRARY_IMPL(longnet, CUDA, m) {
+  m.impl("dilated_attention_fwd", &longnet::cuda::dilated_attention_fwd_cuda);
+  m.impl("dilated_attention_bwd", &longnet::cuda::dilated_attention_bwd_cuda);
+}
