@@ -2,12 +2,13 @@
 """Train a byte-level LongNet language model.
 
 Default corpus: the ``.py`` files of the Python standard library found on this
-machine, split into train and validation by file. The defaults finish in about ten
-minutes on a 2-core CPU and the validation loss falls from ~5.6 (uniform over 259
-ids) to well under 2.5 nats per byte.
+machine, split into train and validation by file. The defaults (0.83 M parameters,
+500 steps of 8 x 512 bytes) take about six minutes on a 2-core CPU, and the
+validation loss falls from 5.53 (uniform over 259 ids) to about 1.70 nats per byte.
 
     python examples/train_lm.py                         # defaults
-    python examples/train_lm.py --steps 2000 --seq-len 2048 --device cuda
+    python examples/train_lm.py --steps 2000 --seq-len 2048 \
+        --segment-lengths 256,512,1024,2048 --dilation-rates 1,2,4,8 --device cuda
     python examples/train_lm.py --resume                # continue out-dir's checkpoint
     torchrun --nproc_per_node=2 examples/train_lm.py --sequence-parallel
 
