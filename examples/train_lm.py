@@ -4,7 +4,7 @@
 Default corpus: the ``.py`` files of the Python standard library found on this
 machine, split into train and validation by file. The defaults (0.83 M parameters,
 500 steps of 8 x 512 bytes) take about six minutes on a 2-core CPU, and the
-validation loss falls from 5.53 (uniform over 259 ids) to about 1.70 nats per byte.
+validation loss falls from 5.53 (about uniform over the 259 ids) to 1.70 nats per byte.
 
     python examples/train_lm.py                         # defaults
     python examples/train_lm.py --steps 2000 --seq-len 2048 \
