@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,8 @@ __all__ = [
     "set_timeout",
     "get_timeout",
     "all_to_all",
+    "all_to_all_start",
+    "Pending",
     "all_gather_small",
     "group_rank_and_size",
 ]
@@ -112,9 +114,8 @@ def _wait(work, what: str, group) -> None:
         )
 
 
-def _exchange(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int],
-              group, what: str) -> Tensor:
-    """Plain (no autograd) variable-size all-to-all of a flat tensor, counted."""
+def _launch(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int], group):
+    """Start a variable-size all-to-all of a flat tensor (no autograd), counted."""
     x = x.contiguous()
     out = x.new_empty(int(sum(recv_sizes)))
     rank = dist.get_rank(group)
@@ -124,37 +125,72 @@ def _exchange(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int],
     _stats.calls += 1
     work = dist.all_to_all_single(out, x, list(map(int, recv_sizes)),
                                   list(map(int, send_sizes)), group=group, async_op=True)
-    _wait(work, what, group)
-    return out
+    return out, (work, x)
+
+
+class Pending:
+    """An all-to-all in flight: call :meth:`wait` before reading its output."""
+
+    def __init__(self, work, what: str, group):
+        # work is (collective handle, send buffer): the buffer must live until done.
+        self._work, self._what, self._group = work, what, group
+
+    def wait(self) -> None:
+        if self._work is not None:
+            (work, _), self._work = self._work, None
+            _wait(work, self._what, self._group)
+
+    def __repr__(self) -> str:
+        return f"Pending({self._what!r}, done={self._work is None})"
 
 
 class _AllToAll(torch.autograd.Function):
-    """All-to-all of a flat tensor; its backward is the reverse all-to-all."""
+    """All-to-all of a flat tensor; its backward is the reverse all-to-all.
+
+    The forward only starts the exchange and puts a :class:`Pending` into ``box``;
+    the caller waits on it before it reads the output (so local work can overlap
+    the transfer). The backward waits before it returns."""
 
     @staticmethod
-    def forward(ctx, x, send_sizes, recv_sizes, group, what):
+    def forward(ctx, x, send_sizes, recv_sizes, group, what, box):
         ctx.sizes = (send_sizes, recv_sizes)
         ctx.group = group
         ctx.what = what
-        return _exchange(x, send_sizes, recv_sizes, group, what)
+        out, work = _launch(x, send_sizes, recv_sizes, group)
+        box.append(Pending(work, what, group))
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         send_sizes, recv_sizes = ctx.sizes
-        g = _exchange(grad, recv_sizes, send_sizes, ctx.group, ctx.what + " (backward)")
-        return g, None, None, None, None
+        g, (work, _buf) = _launch(grad, recv_sizes, send_sizes, ctx.group)
+        _wait(work, ctx.what + " (backward)", ctx.group)
+        return g, None, None, None, None, None
 
 
-def all_to_all(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int],
-               group=None, what: str = "all_to_all") -> Tensor:
-    """Send ``x[sum(send_sizes[:d]) : ...]`` to rank ``d`` of ``group``; return the
-    concatenation of what every rank sent here (``recv_sizes[s]`` elements from rank
-    ``s``). ``x`` is 1-D. Differentiable; every rank of ``group`` must call it."""
+def all_to_all_start(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int],
+                     group=None, what: str = "all_to_all") -> Tuple[Tensor, Pending]:
+    """Start sending ``x[sum(send_sizes[:d]) : ...]`` to rank ``d`` of ``group``.
+
+    Returns ``(out, pending)``: ``out`` becomes the concatenation of what every rank
+    sent here (``recv_sizes[s]`` elements from rank ``s``) once ``pending.wait()``
+    returned. ``x`` is 1-D. Differentiable (the backward exchange is synchronous);
+    every rank of ``group`` must call it."""
     if x.dim() != 1:
         raise ValueError(f"all_to_all expects a 1-D tensor, got shape {tuple(x.shape)}")
     if sum(send_sizes) != x.numel():
         raise ValueError(f"send_sizes sum to {sum(send_sizes)} but x has {x.numel()} elements")
-    return _AllToAll.apply(x, tuple(send_sizes), tuple(recv_sizes), group, what)
+    box: List[Pending] = []
+    out = _AllToAll.apply(x, tuple(send_sizes), tuple(recv_sizes), group, what, box)
+    return out, box[0]
+
+
+def all_to_all(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int],
+               group=None, what: str = "all_to_all") -> Tensor:
+    """:func:`all_to_all_start` followed by the wait."""
+    out, pending = all_to_all_start(x, send_sizes, recv_sizes, group, what)
+    pending.wait()
+    return out
 
 
 def all_gather_small(t: Tensor, group=None, what: str = "all_gather") -> List[Tensor]:

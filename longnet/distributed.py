@@ -58,6 +58,7 @@ from longnet._dist_utils import (
     CommStats,
     all_gather_small,
     all_to_all,
+    all_to_all_start,
     comm_stats,
     get_timeout,
     group_rank_and_size,
@@ -150,39 +151,39 @@ def _segment(pattern: int, s: int, w: int, r: int, n: int, chunk: int,
 
 
 @dataclass
-class _Job:
-    """One operator call for the cross-rank rows of a segment on the receiving rank."""
+class _Call:
+    """One operator call for the cross-rank rows of a segment on this rank."""
 
-    key: Tuple[int, int, int]      # (pattern, segment, group): exchange order
-    seg: _Segment
-    group: _HeadGroup
-    key_ranks: Tuple[int, ...]     # ranks whose rows form the keys, in position order
-    q_rows: Tensor                 # (n_p, |J|) local rows of the queries
-    heads: Tensor                  # (|J|,) query heads
-    head_map: Optional[Tensor]     # (|J|,) pairs index per head, None when GQA maps it
-    local_rows: Tensor             # (n_p, |U|) local rows of this rank's keys
-    kv_heads: Tensor               # (|U|,) key/value heads of the pairs
-
-
-@dataclass
-class _Send:
-    key: Tuple[int, int, int]
-    rows: Tensor                   # (n, |U|) local rows
-    kv_heads: Tensor               # (|U|,)
+    pattern: int
+    n_q: int                          # this rank's query rows per head
+    n_heads: int                      # query heads |J|
+    n_pairs: int                      # exchanged (kv head, offset) pairs |U|
+    q_start: int                      # offset of its queries in the gathered queries
+    pieces: Tuple[Tuple[bool, int, int], ...]  # keys in position order: (received?, start, rows)
+    head_map: Optional[Tensor]        # (|J|,) pair index per head; None when GQA maps it
 
 
 @dataclass
 class _RankPlan:
-    """Everything one rank does for one configuration (index tensors on CPU)."""
+    """Everything one rank does for one configuration (index tensors on CPU).
+
+    Key/value rows are addressed as flat indices ``row * Hk + head`` into a
+    ``(B, L * Hk, D)`` view, query/output rows as ``row * H + head``, lse rows as
+    ``head * L + row``.
+    """
 
     local_ws: Tuple[int, ...]
     local_rs: Tuple[int, ...]
-    partial: Dict[int, Tuple[int, int]]          # pattern -> local [a, b) of own segments
-    cross_patterns: Tuple[int, ...]              # patterns with a per-pattern buffer
-    jobs: List[_Job]
-    sends: List[List[_Send]]                     # per destination rank
-    recvs: List[List[Tuple[Tuple[int, int, int], int, int]]]  # per source: (key, n, |U|)
-    exchange: bool                               # whether any rank exchanges anything
+    partial: Dict[int, Tuple[int, int]]      # pattern -> local [a, b) of own segments
+    cross_patterns: Tuple[int, ...]          # patterns that get a per-pattern result
+    calls: List[_Call]
+    kv_index: Tensor                         # rows sent (by destination), then own rows
+    send_rows: Tuple[int, ...]               # kv_index entries per destination
+    recv_rows: Tuple[int, ...]               # received entries per source
+    q_index: Tensor                          # query rows of all calls
+    out_index: Dict[int, Tensor]             # pattern -> output rows (partial, then calls)
+    lse_index: Dict[int, Tensor]             # pattern -> lse rows (same order)
+    exchange: bool                           # whether the ranks exchange anything
     _device_cache: Dict = field(default_factory=dict)
 
 
@@ -199,25 +200,26 @@ def _touching(p: int, w: int, chunk: int) -> Tuple[int, int]:
     return (p * chunk) // w, ((p + 1) * chunk - 1) // w
 
 
+def _cat(ts: List[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts]) if ts else torch.zeros(0, dtype=torch.long)
+
+
 @lru_cache(maxsize=64)
 def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
           ws: Tuple[int, ...], rs: Tuple[int, ...], is_causal: bool) -> _RankPlan:
     n = world * chunk
     kv_group = num_heads // kv_heads
     local_ws, local_rs, cross, partial = [], [], [], {}
-    jobs: List[_Job] = []
-    sends: List[List[_Send]] = [[] for _ in range(world)]
-    recvs: List[list] = [[] for _ in range(world)]
     exchange = False
+    # (key, ...) records; key = (pattern, segment, group) orders every exchange.
+    jobs = []                                  # receiving side
+    sends: List[list] = [[] for _ in range(world)]
+    recvs: List[list] = [[] for _ in range(world)]
     for i, (w, r) in enumerate(zip(ws, rs)):
         if world > 1 and chunk % w != 0:
             exchange = True
         s_a, s_b = _touching(rank, w, chunk)
-        crossing = []
-        for s in sorted({s_a, s_b}):
-            _, _, r0, r1 = _segment_ranks(s, w, n, chunk)
-            if r1 > r0:
-                crossing.append(s)
+        crossing = [s for s in sorted({s_a, s_b}) if len(set(_segment_ranks(s, w, n, chunk)[2:])) > 1]
         if not crossing:
             local_ws.append(w)
             local_rs.append(r)
@@ -231,45 +233,77 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
             seg = _segment(i, s, w, r, n, chunk, num_heads, kv_group)
             me = rank - seg.first_rank
             for gi, g in enumerate(seg.groups):
+                if g.counts[me] == 0:
+                    continue  # no queries here, and no rows to send
                 key = (i, s, gi)
-                offs_j = [j % r for j in g.heads]
-                offs_u = [o for _, o in g.pairs]
-                kvh = torch.tensor([h for h, _ in g.pairs])
-                # Receiving side: this rank's queries of the group.
-                if g.counts[me] > 0:
-                    ranks = [q for q in range(seg.first_rank, seg.last_rank + 1)
-                             if not is_causal or q <= rank]
-                    ratio = len(g.heads) // len(g.pairs)
-                    uniform = (len(g.heads) % len(g.pairs) == 0 and all(
-                        m == jj // ratio for jj, m in enumerate(g.head_to_pair)))
-                    jobs.append(_Job(
-                        key, seg, g, tuple(ranks),
-                        q_rows=_rows(seg, g, rank, chunk, offs_j),
-                        heads=torch.tensor(g.heads),
-                        head_map=None if uniform else torch.tensor(g.head_to_pair),
-                        local_rows=_rows(seg, g, rank, chunk, offs_u),
-                        kv_heads=kvh,
-                    ))
-                    for q in ranks:
-                        nq = g.counts[q - seg.first_rank]
-                        if q != rank and nq > 0:
-                            recvs[q].append((key, nq, len(g.pairs)))
-                # Sending side: this rank's rows go to every later (causal) or other
-                # rank of the segment that has queries in the group.
-                if g.counts[me] > 0:
-                    rows = _rows(seg, g, rank, chunk, offs_u)
-                    for d in range(seg.first_rank, seg.last_rank + 1):
-                        if d == rank or (is_causal and d < rank):
-                            continue
-                        if g.counts[d - seg.first_rank] > 0:
-                            sends[d].append(_Send(key, rows, kvh))
-    for lst in sends:
-        lst.sort(key=lambda x: x.key)
-    for lst in recvs:
+                kv_rows = _rows(seg, g, rank, chunk, [o for _, o in g.pairs])
+                kvh = torch.tensor([hh for hh, _ in g.pairs])
+                flat_kv = kv_rows * kv_heads + kvh
+                ranks = [q for q in range(seg.first_rank, seg.last_rank + 1)
+                         if not is_causal or q <= rank]
+                jobs.append((key, seg, g, ranks, flat_kv))
+                for q in ranks:
+                    nq = g.counts[q - seg.first_rank]
+                    if q != rank and nq > 0:
+                        recvs[q].append((key, nq * len(g.pairs)))
+                # This rank's rows go to every later (causal) or other rank of the
+                # segment that has queries in the group.
+                for dst in range(seg.first_rank, seg.last_rank + 1):
+                    if dst != rank and not (is_causal and dst < rank) \
+                            and g.counts[dst - seg.first_rank] > 0:
+                        sends[dst].append((key, flat_kv))
+    jobs.sort(key=lambda x: x[0])
+    for lst in sends + recvs:
         lst.sort(key=lambda x: x[0])
-    jobs.sort(key=lambda j: j.key)
-    return _RankPlan(tuple(local_ws), tuple(local_rs), partial, tuple(cross), jobs,
-                     sends, recvs, exchange)
+
+    recv_start, pos = {}, 0
+    for src in range(world):
+        for key, size in recvs[src]:
+            recv_start[(key, src)] = pos
+            pos += size
+    send_parts = [t for dst in range(world) for _, t in sends[dst]]
+    send_rows = tuple(sum(t.numel() for _, t in sends[dst]) for dst in range(world))
+
+    calls, own_parts, q_parts = [], [], []
+    out_parts: Dict[int, list] = {i: [] for i in cross}
+    lse_parts: Dict[int, list] = {i: [] for i in cross}
+    for i, (a, b) in partial.items():  # the locally computed segments come first
+        rows = torch.arange(a, b)
+        out_parts[i].append(rows.unsqueeze(1) * num_heads + torch.arange(num_heads))
+        lse_parts[i].append(torch.arange(num_heads).unsqueeze(1) * chunk + rows)
+    own_pos = sum(send_rows)
+    q_pos = 0
+    for key, seg, g, ranks, flat_kv in jobs:
+        q_rows = _rows(seg, g, rank, chunk, [j % seg.r for j in g.heads])
+        heads = torch.tensor(g.heads)
+        pieces = []
+        for src in ranks:
+            rows = g.counts[src - seg.first_rank]
+            if src == rank:
+                pieces.append((False, own_pos, rows))
+                own_parts.append(flat_kv)
+                own_pos += flat_kv.numel()
+            elif rows > 0:
+                pieces.append((True, recv_start[(key, src)], rows))
+        ratio = len(g.heads) // len(g.pairs)
+        uniform = len(g.heads) % len(g.pairs) == 0 and all(
+            m == jj // ratio for jj, m in enumerate(g.head_to_pair))
+        calls.append(_Call(seg.pattern, g.counts[rank - seg.first_rank], len(g.heads),
+                           len(g.pairs), q_pos, tuple(pieces),
+                           None if uniform else torch.tensor(g.head_to_pair)))
+        q_flat = q_rows * num_heads + heads
+        q_parts.append(q_flat)
+        q_pos += q_flat.numel()
+        out_parts[seg.pattern].append(q_flat)
+        lse_parts[seg.pattern].append(heads.unsqueeze(1) * chunk + q_rows.t())
+    return _RankPlan(
+        tuple(local_ws), tuple(local_rs), partial, tuple(cross), calls,
+        kv_index=_cat(send_parts + own_parts), send_rows=send_rows,
+        recv_rows=tuple(sum(sz for _, sz in recvs[src]) for src in range(world)),
+        q_index=_cat(q_parts),
+        out_index={i: _cat(v) for i, v in out_parts.items()},
+        lse_index={i: _cat(v) for i, v in lse_parts.items()},
+        exchange=exchange)
 
 
 def _on(plan: _RankPlan, t: Tensor, device: torch.device) -> Tensor:
@@ -409,79 +443,82 @@ def sequence_parallel_dilated_attention(
 
     plan = _plan(world, rank, chunk, h, hk, ws, rs, bool(is_causal))
     dev = q.device
+    # Every key/value row this rank sends or uses itself, in one gather per tensor.
+    kv_index = _on(plan, plan.kv_index, dev)
+    k_sel = k.reshape(b, chunk * hk, d).index_select(1, kv_index)
+    v_sel = v.reshape(b, chunk * hk, d).index_select(1, kv_index)
+    n_send = sum(plan.send_rows)
+    got = pending = None
+    if plan.exchange:
+        # One all-to-all carries every cross-rank row of this call, laid out per row
+        # as (k or v, B, D) so that each destination's rows are contiguous. It runs
+        # while this rank computes its local patterns.
+        flat = torch.stack([k_sel[:, :n_send], v_sel[:, :n_send]]).permute(2, 0, 1, 3)
+        unit = 2 * b * d
+        got, pending = all_to_all_start(
+            flat.reshape(-1), [unit * x for x in plan.send_rows],
+            [unit * x for x in plan.recv_rows], group, "key/value exchange")
+
     parts: List[Tuple[Tensor, Tensor]] = []
     if plan.local_ws:
         parts.append(longnet.dilated_attention(
             q, k, v, plan.local_ws, plan.local_rs, is_causal=is_causal, scale=scale,
             return_lse=True))
-
-    # One all-to-all carries every cross-rank key/value row of this call.
-    received: Dict[Tuple[Tuple[int, int, int], int], Tuple[Tensor, Tensor]] = {}
-    if plan.exchange:
-        # The empty leading slices keep k and v in the graph on every rank, so every
-        # rank runs the backward exchange even when it sends nothing.
-        pieces, send_sizes = [k[:0].reshape(-1), v[:0].reshape(-1)], []
-        for dst in range(world):
-            size = 0
-            for snd in plan.sends[dst]:
-                rows, heads = _on(plan, snd.rows, dev), _on(plan, snd.kv_heads, dev)
-                for t in (k, v):
-                    sel = t[:, rows, heads].reshape(-1)
-                    pieces.append(sel)
-                    size += sel.numel()
-            send_sizes.append(size)
-        recv_sizes = [sum(2 * b * nq * nu * d for _, nq, nu in lst) for lst in plan.recvs]
-        flat = torch.cat(pieces)
-        got = all_to_all(flat, send_sizes, recv_sizes, group, "key/value exchange")
-        pos = 0
-        for src in range(world):
-            for key, nq, nu in plan.recvs[src]:
-                numel = b * nq * nu * d
-                kk = got[pos:pos + numel].view(b, nq, nu, d)
-                vv = got[pos + numel:pos + 2 * numel].view(b, nq, nu, d)
-                received[(key, src)] = (kk, vv)
-                pos += 2 * numel
-
-    buffers: Dict[int, Tuple[Tensor, Tensor]] = {}
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    for i in plan.cross_patterns:
-        buffers[i] = (q.new_zeros(b, chunk, h, d),
-                      torch.full((b, h, chunk), -math.inf, dtype=lse_dtype, device=dev))
+    outs: Dict[int, List[Tensor]] = {i: [] for i in plan.cross_patterns}
+    lses: Dict[int, List[Tensor]] = {i: [] for i in plan.cross_patterns}
     for i, (lo, hi) in plan.partial.items():
         o_i, l_i = longnet.dilated_attention(
             q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], [ws[i]], [rs[i]], is_causal=is_causal,
             scale=scale, return_lse=True)
-        buffers[i][0][:, lo:hi] = o_i
-        buffers[i][1][:, :, lo:hi] = l_i
-    for job in plan.jobs:
-        q_rows, heads = _on(plan, job.q_rows, dev), _on(plan, job.heads, dev)
+        outs[i].append(o_i.reshape(b, -1, d))
+        lses[i].append(l_i.reshape(b, -1))
+    if pending is not None:
+        pending.wait()
+        got = got.view(-1, 2, b, d).permute(1, 2, 0, 3)  # (2, B, received rows, D)
+
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_sel = q.reshape(b, chunk * h, d).index_select(1, _on(plan, plan.q_index, dev))
+    for call in plan.calls:
         ks, vs = [], []
-        for src in job.key_ranks:
-            if src == rank:
-                rows, kvh = _on(plan, job.local_rows, dev), _on(plan, job.kv_heads, dev)
-                ks.append(k[:, rows, kvh])
-                vs.append(v[:, rows, kvh])
-            elif (job.key, src) in received:
-                kk, vv = received[(job.key, src)]
-                ks.append(kk)
-                vs.append(vv)
+        for received, start, rows in call.pieces:
+            size = rows * call.n_pairs
+            if received:
+                kk, vv = got[0, :, start:start + size], got[1, :, start:start + size]
+            else:
+                kk, vv = k_sel[:, start:start + size], v_sel[:, start:start + size]
+            ks.append(kk.reshape(b, rows, call.n_pairs, d))
+            vs.append(vv.reshape(b, rows, call.n_pairs, d))
         kk = torch.cat(ks, dim=1) if len(ks) > 1 else ks[0]
         vv = torch.cat(vs, dim=1) if len(vs) > 1 else vs[0]
-        if job.head_map is not None:
-            hm = _on(plan, job.head_map, dev)
+        if call.head_map is not None:
+            hm = _on(plan, call.head_map, dev)
             kk, vv = kk.index_select(2, hm), vv.index_select(2, hm)
-        o_j, l_j = longnet.dilated_attention(
-            q[:, q_rows, heads], kk, vv, [kk.shape[1]], [1], is_causal=is_causal,
-            scale=scale, return_lse=True)
-        out_buf, lse_buf = buffers[job.seg.pattern]
-        out_buf[:, q_rows, heads] = o_j
-        lse_buf[:, heads.unsqueeze(1), q_rows.t()] = l_j
-    parts.extend(buffers[i] for i in plan.cross_patterns)
+        qq = q_sel[:, call.q_start:call.q_start + call.n_q * call.n_heads]
+        o_c, l_c = longnet.dilated_attention(
+            qq.reshape(b, call.n_q, call.n_heads, d), kk, vv, [kk.shape[1]], [1],
+            is_causal=is_causal, scale=scale, return_lse=True)
+        outs[call.pattern].append(o_c.reshape(b, -1, d))
+        lses[call.pattern].append(l_c.reshape(b, -1))
+    for i in plan.cross_patterns:
+        if not outs[i]:
+            continue  # no head of this rank has rows in the pattern's segments here
+        # This pattern's rows on this rank: zero output and -inf lse where it has none.
+        o_i = torch.cat(outs[i], dim=1) if len(outs[i]) > 1 else outs[i][0]
+        l_i = torch.cat(lses[i], dim=1) if len(lses[i]) > 1 else lses[i][0]
+        out_i = q.new_zeros(b, chunk * h, d).index_copy(1, _on(plan, plan.out_index[i], dev), o_i)
+        lse_i = torch.full((b, h * chunk), -math.inf, dtype=lse_dtype, device=dev)
+        lse_i = lse_i.index_copy(1, _on(plan, plan.lse_index[i], dev), l_i)
+        parts.append((out_i.view(b, chunk, h, d), lse_i.view(b, h, chunk)))
+    if not parts:  # no pattern reaches this rank's rows at all
+        parts.append((q.new_zeros(q.shape),
+                      torch.full((b, h, chunk), -math.inf, dtype=lse_dtype, device=dev)))
     out, lse = _merge(parts)
-    if plan.exchange and got.requires_grad:
-        # Tie the exchange into both outputs (adding an exact zero) so its backward
-        # runs on every rank, also on one that received nothing.
-        tie = got[:0].sum()
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # Tie q, k, v and the exchange into both outputs (adding an exact zero) so
+        # the backward runs, and reaches the exchange, on every rank.
+        tie = q[:0].sum() + k_sel[:0].sum() + v_sel[:0].sum()
+        if got is not None:
+            tie = tie + got[:, :0].sum()
         out = out + tie.to(out.dtype)
         lse = lse + tie.to(lse.dtype)
     return (out, lse) if return_lse else out

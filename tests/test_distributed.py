@@ -34,6 +34,7 @@ CASES = [
     ("mqa-partial-local", 1, 12, 4, 1, 8, [5, 9], [1, 2], True),
     ("no-dense-pattern", 1, 12, 4, 2, 8, [8, 24], [2, 4], True),
     ("rate-above-chunk", 1, 12, 5, 5, 4, [48], [16], False),
+    ("ranks-without-rows", 1, 4, 2, 2, 4, [16], [16], True),
 ]
 
 
