@@ -182,7 +182,7 @@ class _RankPlan:
     recv_rows: Tuple[int, ...]               # received entries per source
     q_index: Tensor                          # query rows of all calls
     out_index: Dict[int, Tensor]             # pattern -> output rows (partial, then calls)
-    lse_index: Dict[int, Tensor]             # pattern -> lse rows (same order)
+    lse_index: Dict[int, Tensor]             # pattern -> lse rows (same entries and order)
     exchange: bool                           # whether the ranks exchange anything
     _device_cache: Dict = field(default_factory=dict)
 
@@ -270,7 +270,7 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
     for i, (a, b) in partial.items():  # the locally computed segments come first
         rows = torch.arange(a, b)
         out_parts[i].append(rows.unsqueeze(1) * num_heads + torch.arange(num_heads))
-        lse_parts[i].append(torch.arange(num_heads).unsqueeze(1) * chunk + rows)
+        lse_parts[i].append(rows.unsqueeze(1) + torch.arange(num_heads) * chunk)
     own_pos = sum(send_rows)
     q_pos = 0
     for key, seg, g, ranks, flat_kv in jobs:
@@ -295,7 +295,7 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
         q_parts.append(q_flat)
         q_pos += q_flat.numel()
         out_parts[seg.pattern].append(q_flat)
-        lse_parts[seg.pattern].append(heads.unsqueeze(1) * chunk + q_rows.t())
+        lse_parts[seg.pattern].append(heads * chunk + q_rows)
     return _RankPlan(
         tuple(local_ws), tuple(local_rs), partial, tuple(cross), calls,
         kv_index=_cat(send_parts + own_parts), send_rows=send_rows,
@@ -354,28 +354,23 @@ def _check_config(group, rank: int, cfg: Tuple, device: torch.device,
 # ------------------------------------------------------------------------ merging
 
 
-def _merge(parts: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
-    """Exact merge of partial attention results over disjoint key multisets.
+def _merge(o_a: Tensor, l_a: Tensor, o_b: Tensor, l_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Exact merge of two attention results over disjoint key multisets.
 
-    ``out = sum_i exp(lse_i - lse) out_i`` with ``lse = logsumexp_i lse_i``; rows where
-    every ``lse_i`` is ``-inf`` get ``out = 0``, ``lse = -inf`` and finite gradients.
+    ``o``: ``(..., D)``, ``l``: ``(...)`` (the log-sum-exp). Returns
+    ``sum_x exp(l_x - l) o_x`` and ``l = logaddexp(l_a, l_b)``; where both are
+    ``-inf`` the result is ``o = 0``, ``l = -inf`` with finite gradients.
     """
-    if len(parts) == 1:
-        return parts[0]
-    lses = torch.stack([lse for _, lse in parts])          # (n, B, H, L)
-    m = lses.detach().amax(dim=0)
+    m = torch.maximum(l_a, l_b).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    weights = torch.exp(lses - m)
-    total = weights.sum(dim=0)
+    w_a, w_b = torch.exp(l_a - m), torch.exp(l_b - m)
+    total = w_a + w_b
     has = total > 0
-    total_safe = torch.where(has, total, torch.ones_like(total))
-    lse = torch.where(has, m + torch.log(total_safe), torch.full_like(m, -math.inf))
-    coef = (weights / total_safe).permute(0, 1, 3, 2).unsqueeze(-1)  # (n, B, L, H, 1)
-    out = None
-    for i, (o, _) in enumerate(parts):
-        term = coef[i] * o.to(coef.dtype)
-        out = term if out is None else out + term
-    return out.to(parts[0][0].dtype), lse
+    total = torch.where(has, total, torch.ones_like(total))
+    lse = torch.where(has, m + torch.log(total), torch.full_like(m, -math.inf))
+    acc = l_a.dtype
+    out = (w_a / total).unsqueeze(-1) * o_a.to(acc) + (w_b / total).unsqueeze(-1) * o_b.to(acc)
+    return out.to(o_a.dtype), lse
 
 
 # ----------------------------------------------------------------------- the op
@@ -471,7 +466,7 @@ def sequence_parallel_dilated_attention(
             q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], [ws[i]], [rs[i]], is_causal=is_causal,
             scale=scale, return_lse=True)
         outs[i].append(o_i.reshape(b, -1, d))
-        lses[i].append(l_i.reshape(b, -1))
+        lses[i].append(l_i.transpose(1, 2).reshape(b, -1))
     if pending is not None:
         pending.wait()
         got = got.view(-1, 2, b, d).permute(1, 2, 0, 3)  # (2, B, received rows, D)
@@ -498,21 +493,23 @@ def sequence_parallel_dilated_attention(
             qq.reshape(b, call.n_q, call.n_heads, d), kk, vv, [kk.shape[1]], [1],
             is_causal=is_causal, scale=scale, return_lse=True)
         outs[call.pattern].append(o_c.reshape(b, -1, d))
-        lses[call.pattern].append(l_c.reshape(b, -1))
+        lses[call.pattern].append(l_c.transpose(1, 2).reshape(b, -1))
+    # Merge each cross-rank pattern into the result at the entries it reaches only.
+    if parts:
+        out, lse = parts[0]
+    else:
+        out = q.new_zeros(q.shape)
+        lse = torch.full((b, h, chunk), -math.inf, dtype=lse_dtype, device=dev)
+    out, lse = out.reshape(b, chunk * h, d), lse.reshape(b, h * chunk)
     for i in plan.cross_patterns:
         if not outs[i]:
             continue  # no head of this rank has rows in the pattern's segments here
-        # This pattern's rows on this rank: zero output and -inf lse where it has none.
         o_i = torch.cat(outs[i], dim=1) if len(outs[i]) > 1 else outs[i][0]
         l_i = torch.cat(lses[i], dim=1) if len(lses[i]) > 1 else lses[i][0]
-        out_i = q.new_zeros(b, chunk * h, d).index_copy(1, _on(plan, plan.out_index[i], dev), o_i)
-        lse_i = torch.full((b, h * chunk), -math.inf, dtype=lse_dtype, device=dev)
-        lse_i = lse_i.index_copy(1, _on(plan, plan.lse_index[i], dev), l_i)
-        parts.append((out_i.view(b, chunk, h, d), lse_i.view(b, h, chunk)))
-    if not parts:  # no pattern reaches this rank's rows at all
-        parts.append((q.new_zeros(q.shape),
-                      torch.full((b, h, chunk), -math.inf, dtype=lse_dtype, device=dev)))
-    out, lse = _merge(parts)
+        io, il = _on(plan, plan.out_index[i], dev), _on(plan, plan.lse_index[i], dev)
+        o_m, l_m = _merge(out.index_select(1, io), lse.index_select(1, il), o_i, l_i)
+        out, lse = out.index_copy(1, io, o_m), lse.index_copy(1, il, l_m)
+    out, lse = out.view(b, chunk, h, d), lse.view(b, h, chunk)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         # Tie q, k, v and the exchange into both outputs (adding an exact zero) so
         # the backward runs, and reaches the exchange, on every rank.

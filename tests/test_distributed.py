@@ -104,6 +104,32 @@ def _scenario_correctness(rank, world, report):
     report["gather_grad_err"] = (part.grad - expected).abs().max().item()
 
 
+def _scenario_subgroups(rank, world, report):
+    """Two sequence-parallel groups side by side (data parallel beside them)."""
+    import torch.distributed as dist
+
+    from longnet.distributed import sequence_parallel_dilated_attention
+    from longnet.reference import dilated_attention_reference
+
+    size = world // 2
+    groups = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(2)]
+    mine, sp_rank = rank // size, rank % size
+    case = CASES[1]  # mixed-causal
+    _, _, chunk, _, _, _, ws, rs, causal = case
+    q, k, v, gout, _ = _full_inputs(case, size, seed=100 + mine)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = dilated_attention_reference(*full, ws, rs, is_causal=causal)
+    (ref_out * gout).sum().backward()
+    sl = slice(sp_rank * chunk, (sp_rank + 1) * chunk)
+    loc = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
+    out = sequence_parallel_dilated_attention(*loc, ws, rs, is_causal=causal,
+                                              group=groups[mine])
+    (out * gout[:, sl]).sum().backward()
+    errs = [(out - ref_out[:, sl]).abs().max().item()]
+    errs += [(a.grad - b.grad[:, sl]).abs().max().item() for a, b in zip(loc, full)]
+    report["subgroup_err"] = max(errs)
+
+
 def _scenario_bytes(rank, world, report):
     """Bytes per rank for fixed patterns and fixed L, forward and backward."""
     from longnet.distributed import (comm_stats, reset_comm_stats,
@@ -229,7 +255,8 @@ def reports_by_world(tmp_path_factory):
     """Reports of the 2-rank and 4-rank runs (correctness and traffic scenarios)."""
     result = {}
     for world in (2, 4):
-        reports = _spawn(world, ["correctness", "bytes"], tmp_path_factory.mktemp(f"w{world}"))
+        scenarios = ["correctness", "bytes"] + (["subgroups"] if world == 4 else [])
+        reports = _spawn(world, scenarios, tmp_path_factory.mktemp(f"w{world}"))
         for rep in reports:
             assert rep is not None and "exception" not in rep, rep and rep.get("exception")
         result[world] = reports
@@ -257,6 +284,11 @@ def test_split_and_gather_sequence(reports_by_world, world):
     for rep in reports_by_world[world]:
         assert rep["gather_roundtrip"]
         assert rep["gather_grad_err"] < 1e-12
+
+
+def test_two_sequence_parallel_groups_side_by_side(reports_by_world):
+    for rep in reports_by_world[4]:
+        assert rep["subgroup_err"] < 1e-10, rep["subgroup_err"]
 
 
 def test_bytes_per_rank_constant_when_sequence_and_ranks_double(reports_by_world):
