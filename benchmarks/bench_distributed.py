@@ -12,7 +12,8 @@ operator on the whole N. Prints a table and saves a PNG (and JSON) under
     python3 benchmarks/bench_distributed.py --ranks 1 2 4 8 --tokens-per-rank 4096
 
 Note: the ranks run as processes on this machine's cores; with more ranks than cores
-they share cores and the per-rank times grow for that reason alone.
+they share cores and the per-rank wall-clock times grow for that reason alone. The
+per-rank process CPU time ("CPU ms") measures the work a rank does regardless.
 """
 
 from __future__ import annotations
@@ -42,18 +43,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rss_peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
 
 
-def _time(fn, iters: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
+def _peak_rss_growth_mib(fn) -> float:
+    """How far the resident set rises above its level before ``fn()`` (Linux:
+    the peak is reset through /proc/self/clear_refs; elsewhere ru_maxrss)."""
+    try:
+        base = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return (_status_kib("VmHWM") - base) / 1024.0
+    except OSError:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0
+
+
+def _time(fn, iters: int):
+    """Median wall-clock and process CPU seconds of ``fn()``."""
+    fn()  # warm-up
+    wall, cpu = [], []
+    for _ in range(iters):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def _inputs(args, n: int, seed: int):
@@ -78,7 +100,7 @@ def _saved_bytes(fn) -> int:
     return total
 
 
-def _worker(rank, world, port, args, path):
+def _worker(rank, world, port, args, path, mode):
     torch.set_num_threads(args.threads)
     import torch.distributed as dist
 
@@ -88,7 +110,6 @@ def _worker(rank, world, port, args, path):
                             world_size=world, timeout=datetime.timedelta(seconds=300))
     q, k, v = _inputs(args, args.tokens_per_rank, seed=rank)
     ws, rs = args.segment_lengths, args.dilation_rates
-    rss0 = _rss_peak_mib()
 
     def fwd():
         with torch.no_grad():
@@ -98,17 +119,21 @@ def _worker(rank, world, port, args, path):
         out = lnd.sequence_parallel_dilated_attention(q, k, v, ws, rs, is_causal=args.causal)
         out.sum().backward()
 
-    t_fwd = _time(fwd, args.iters)
-    t_fb = _time(fwd_bwd, args.iters)
-    lnd.reset_comm_stats()
-    fwd_bwd()
-    stats = lnd.comm_stats()
-    saved = _saved_bytes(
-        lambda: lnd.sequence_parallel_dilated_attention(q, k, v, ws, rs, is_causal=args.causal))
+    if mode == "time":
+        t_fwd, _ = _time(fwd, args.iters)
+        t_fb, cpu_fb = _time(fwd_bwd, args.iters)
+        lnd.reset_comm_stats()
+        fwd_bwd()
+        stats = lnd.comm_stats()
+        result = {"fwd_s": t_fwd, "fwd_bwd_s": t_fb, "fwd_bwd_cpu_s": cpu_fb,
+                  "sent": stats.bytes_sent, "received": stats.bytes_received}
+    else:
+        fwd_bwd()  # warm-up
+        result = {"rss_growth_mib": _peak_rss_growth_mib(fwd_bwd), "saved": _saved_bytes(
+            lambda: lnd.sequence_parallel_dilated_attention(q, k, v, ws, rs,
+                                                            is_causal=args.causal))}
     with open(path, "w") as f:
-        json.dump({"rank": rank, "fwd_s": t_fwd, "fwd_bwd_s": t_fb,
-                   "sent": stats.bytes_sent, "received": stats.bytes_received,
-                   "saved": saved, "rss_growth_mib": _rss_peak_mib() - rss0}, f)
+        json.dump(result, f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -125,41 +150,55 @@ def _single_process(args, n: int) -> float:
                                         is_causal=args.causal)
         out.sum().backward()
 
-    return _time(fwd_bwd, args.iters)
+    return _time(fwd_bwd, args.iters)[1]
+
+
+def _launch(args, world: int, mode: str) -> list:
+    """Run ``world`` ranks in ``mode`` ("time" or "memory"); return their reports."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    paths = [os.path.join(RESULTS, f".dist_rank{r}.json") for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, args, paths[r], mode))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(args.timeout)
+    if any(p.is_alive() or p.exitcode != 0 for p in procs):
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        raise RuntimeError(f"a rank of the {world}-process {mode} run failed or timed out")
+    reps = []
+    for path in paths:
+        with open(path) as f:
+            reps.append(json.load(f))
+        os.remove(path)
+    return reps
 
 
 def run(args) -> list:
     rows = []
-    ctx = mp.get_context("spawn")
     for world in args.ranks:
-        port = _free_port()
-        paths = [os.path.join(RESULTS, f".dist_rank{r}.json") for r in range(world)]
-        procs = [ctx.Process(target=_worker, args=(r, world, port, args, paths[r]))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(args.timeout)
-        if any(p.is_alive() or p.exitcode != 0 for p in procs):
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-            raise RuntimeError(f"a rank of the {world}-process run failed or timed out")
-        reps = []
-        for path in paths:
-            with open(path) as f:
-                reps.append(json.load(f))
-            os.remove(path)
+        reps = _launch(args, world, "time")
+        # The memory run makes glibc serve large blocks with mmap and return them on
+        # free, so the resident set follows the live tensors (this slows it down).
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        try:
+            mem = _launch(args, world, "memory")
+        finally:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
         n = world * args.tokens_per_rank
         rows.append({
             "ranks": world, "N": n,
             "fwd_ms": 1e3 * max(r["fwd_s"] for r in reps),
             "fwd_bwd_ms": 1e3 * max(r["fwd_bwd_s"] for r in reps),
+            "fwd_bwd_cpu_ms": 1e3 * max(r["fwd_bwd_cpu_s"] for r in reps),
             "sent_kib": max(r["sent"] for r in reps) / 1024,
             "received_kib": max(r["received"] for r in reps) / 1024,
-            "saved_mib": max(r["saved"] for r in reps) / 2**20,
-            "rss_growth_mib": max(r["rss_growth_mib"] for r in reps),
-            "single_process_fwd_bwd_ms": 1e3 * _single_process(args, n),
+            "saved_mib": max(r["saved"] for r in mem) / 2**20,
+            "rss_growth_mib": max(r["rss_growth_mib"] for r in mem),
+            "single_process_fwd_bwd_cpu_ms": 1e3 * _single_process(args, n),
         })
     return rows
 
@@ -188,13 +227,17 @@ def main() -> None:
           f"H={args.heads} Hk={args.kv_heads} D={args.dim} tokens/rank="
           f"{args.tokens_per_rank} w={args.segment_lengths} r={args.dilation_rates} "
           f"causal={args.causal} threads/rank={args.threads} cores={os.cpu_count()}")
-    head = (f"{'ranks':>5} {'N':>7} {'fwd ms':>8} {'fwd+bwd ms':>10} {'sent KiB':>9} "
-            f"{'recv KiB':>9} {'saved MiB':>9} {'RSS+ MiB':>8} {'1-proc fwd+bwd ms':>17}")
+    head = (f"{'ranks':>5} {'N':>7} {'fwd ms':>8} {'fwd+bwd ms':>10} {'CPU ms':>8} "
+            f"{'sent KiB':>9} {'recv KiB':>9} {'saved MiB':>9} {'RSS+ MiB':>8} "
+            f"{'1-proc CPU ms':>13}")
     print(head)
     for r in rows:
         print(f"{r['ranks']:>5} {r['N']:>7} {r['fwd_ms']:>8.1f} {r['fwd_bwd_ms']:>10.1f} "
-              f"{r['sent_kib']:>9.1f} {r['received_kib']:>9.1f} {r['saved_mib']:>9.2f} "
-              f"{r['rss_growth_mib']:>8.1f} {r['single_process_fwd_bwd_ms']:>17.1f}")
+              f"{r['fwd_bwd_cpu_ms']:>8.1f} {r['sent_kib']:>9.1f} {r['received_kib']:>9.1f} "
+              f"{r['saved_mib']:>9.2f} {r['rss_growth_mib']:>8.1f} "
+              f"{r['single_process_fwd_bwd_cpu_ms']:>13.1f}")
+    print("ms: per rank, the slowest rank; CPU ms: process CPU time of forward+backward "
+          "(not inflated by ranks sharing cores); 1-proc: one process on the whole N")
 
     with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
         json.dump({"args": vars(args), "rows": rows}, f, indent=2)
@@ -205,9 +248,11 @@ def main() -> None:
 
     ns = [r["N"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(ns, [r["fwd_bwd_ms"] for r in rows], "o-", label="per rank (sequence parallel)")
-    axes[0].plot(ns, [r["single_process_fwd_bwd_ms"] for r in rows], "s--",
-                 label="one process, whole N")
+    axes[0].plot(ns, [r["fwd_bwd_cpu_ms"] for r in rows], "o-",
+                 label="per rank, CPU time (sequence parallel)")
+    axes[0].plot(ns, [r["fwd_bwd_ms"] for r in rows], "^:", label="per rank, wall clock")
+    axes[0].plot(ns, [r["single_process_fwd_bwd_cpu_ms"] for r in rows], "s--",
+                 label="one process, whole N, CPU time")
     axes[0].set_ylabel("forward + backward (ms)")
     axes[0].legend(fontsize=8)
     axes[1].plot(ns, [r["sent_kib"] for r in rows], "o-", label="sent")
@@ -215,7 +260,8 @@ def main() -> None:
     axes[1].set_ylabel("KiB per rank (fwd + bwd)")
     axes[1].legend(fontsize=8)
     axes[2].plot(ns, [r["saved_mib"] for r in rows], "o-", label="saved for backward")
-    axes[2].plot(ns, [r["rss_growth_mib"] for r in rows], "s--", label="peak RSS growth")
+    axes[2].plot(ns, [r["rss_growth_mib"] for r in rows], "s--",
+                 label="peak RSS growth (fwd+bwd)")
     axes[2].set_ylabel("MiB per rank")
     axes[2].legend(fontsize=8)
     for ax in axes:

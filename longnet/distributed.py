@@ -219,7 +219,8 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
         if world > 1 and chunk % w != 0:
             exchange = True
         s_a, s_b = _touching(rank, w, chunk)
-        crossing = [s for s in sorted({s_a, s_b}) if len(set(_segment_ranks(s, w, n, chunk)[2:])) > 1]
+        crossing = [s for s in sorted({s_a, s_b})
+                    if _segment_ranks(s, w, n, chunk)[3] > _segment_ranks(s, w, n, chunk)[2]]
         if not crossing:
             local_ws.append(w)
             local_rs.append(r)

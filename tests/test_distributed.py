@@ -8,7 +8,6 @@ reference on the whole sequence and write a JSON report that the tests read.
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import sys
@@ -57,7 +56,6 @@ def _finite(x):
 
 
 def _scenario_correctness(rank, world, report):
-    import longnet
     from longnet.distributed import sequence_parallel_dilated_attention
     from longnet.reference import dilated_attention_reference
 
