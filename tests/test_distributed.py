@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPAWN_TIMEOUT_S = 90
+RANDOM_CASES = 30
 
 # (name, batch, local length L, H, Hk, D, segment_lengths, dilation_rates, causal)
 # for a sequence of world * L positions.
@@ -43,6 +44,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _random_cases(world, count, seed):
+    """Random configurations (the same on every rank: seeded by world and seed)."""
+    import random
+
+    rnd = random.Random(1000 * world + seed)
+    cases = []
+    for c in range(count):
+        chunk = rnd.randint(1, 9)
+        n = world * chunk
+        hk = rnd.choice([1, 2, 3])
+        h = hk * rnd.choice([1, 2, 3])
+        ws, rs = [], []
+        for _ in range(rnd.randint(1, 3)):
+            w = rnd.randint(1, 2 * n + 2)
+            ws.append(w)
+            rs.append(rnd.randint(1, min(w, n + 2)))
+        cases.append((f"random-{c}", rnd.randint(1, 2), chunk, h, hk, 4, ws, rs,
+                      rnd.random() < 0.5))
+    return cases
+
+
 def _full_inputs(case, world, seed=0):
     _, b, chunk, h, hk, d, _, _, _ = case
     n = world * chunk
@@ -60,7 +82,7 @@ def _scenario_correctness(rank, world, report):
     from longnet.reference import dilated_attention_reference
 
     errors = {}
-    for case in CASES:
+    for case in CASES + _random_cases(world, RANDOM_CASES, seed=0):
         name, _, chunk, _, _, _, ws, rs, causal = case
         q, k, v, gout, glse = _full_inputs(case, world)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -271,6 +293,16 @@ def test_matches_single_process_reference(reports_by_world, world, case):
         for key in ("out", "lse", "dq", "dk", "dv"):
             assert err[key] < 1e-10, f"rank {rep['rank']} of {world}: {key} error {err[key]}"
         assert err["out_f32"] < 1e-4, f"rank {rep['rank']}: float32 error {err['out_f32']}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_random_configurations_match_reference(reports_by_world, world):
+    for rep in reports_by_world[world]:
+        for case in _random_cases(world, RANDOM_CASES, seed=0):
+            err = rep["errors"][case[0]]
+            assert err["lse_inf_match"] and err["finite"], (case, err)
+            worst = max(err[key] for key in ("out", "lse", "dq", "dk", "dv"))
+            assert worst < 1e-10, (rep["rank"], case, err)
 
 
 def test_some_case_has_rows_without_keys(reports_by_world):
