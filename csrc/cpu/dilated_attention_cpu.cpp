@@ -236,6 +236,158 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 // --------------------------------------------------------------- backward ----
 
+// Backward of one pattern (w, r). With the final lse and
+// Delta = rowsum(dout * out) - dlse, a (query block, key block) pair of a sparse
+// segment gives P = exp(scale q k^T - lse) and dS = P * (dO v^T - Delta); then
+// dv += P^T dO, dk += scale dS^T q, dq += scale dS k.
+template <typename T>
+struct PatternBackward {
+  using A = acc_t<T>;
+  static constexpr bool kConvert = !std::is_same_v<T, A>;
+  static constexpr int64_t QB = kQueryBlock, KB = kKeyBlock;
+
+  Problem pb;
+  int64_t w, r;
+  bool is_causal;
+  A scale;
+  RowView<const T> qv, kv, vv, dov;
+  const A* lse_p;
+  const A* delta_p;
+  A* dq_p;  // accumulators, contiguous (B, N, H or Hk, D)
+  A* dk_p;
+  A* dv_p;
+
+  // Per-thread scratch: S/P and dP/dS tiles, dk/dv (or dq) tiles, converted rows.
+  static int64_t scratch_size(int64_t D) {
+    return 2 * QB * KB + 2 * KB * D + (kConvert ? 2 * QB * D + 2 * KB * D : 0);
+  }
+  struct Scratch {
+    A *S, *dP, *tile0, *tile1, *q_buf, *do_buf, *k_buf, *v_buf;
+    Scratch(A* buf, int64_t D) {
+      S = buf;
+      dP = S + QB * KB;
+      tile0 = dP + QB * KB;
+      tile1 = tile0 + KB * D;
+      q_buf = tile1 + KB * D;
+      do_buf = q_buf + QB * D;
+      k_buf = do_buf + QB * D;
+      v_buf = k_buf + KB * D;
+    }
+  };
+
+  SparseSegment segment(int64_t s, int64_t h) const {
+    return sparse_segment(pb.nk, pb.nq, w, r, s, head_offset(h, r));
+  }
+  int64_t query_index(const SparseSegment& seg, int64_t t) const {
+    return seg.base + t * r - pb.q_start();
+  }
+
+  // Turns S = Q K^T (scaled) into P and dP = dO V^T into dS for rows tq0.. of
+  // head h against keys kb0.. of the sparse segment.
+  void probs_and_grads(int64_t b, int64_t h, const SparseSegment& seg, int64_t tq0, int64_t qn,
+                       int64_t kb0, int64_t kn, A* S, A* dP) const {
+    const A* lse_row = lse_p + (b * pb.heads + h) * pb.nq;
+    const A* delta_row = delta_p + (b * pb.heads + h) * pb.nq;
+    for (int64_t i = 0; i < qn; ++i) {
+      A* s_row = S + i * kn;
+      A* dp_row = dP + i * kn;
+      const int64_t qi = query_index(seg, tq0 + i);
+      const int64_t valid = is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
+      const A row_lse = lse_row[qi];
+      if (valid == 0 || row_lse == neg_inf<A>()) {
+        fill_row<A>(s_row, A(0), kn);
+        fill_row<A>(dp_row, A(0), kn);
+        continue;
+      }
+      softmax_grad_row(s_row, dp_row, row_lse, delta_row[qi], valid);
+      fill_row<A>(s_row + valid, A(0), kn - valid);
+      fill_row<A>(dp_row + valid, A(0), kn - valid);
+    }
+  }
+
+  // dk, dv of key block kb0 of head h's sparse segment (kv head g) from all its
+  // queries; with_dq also adds those queries' dq. The caller owns these rows.
+  void key_block(int64_t b, int64_t h, int64_t s, int64_t kb0, bool with_dq,
+                 const Scratch& sc) const {
+    const int64_t D = pb.dim, g = h / pb.group();
+    const SparseSegment seg = segment(s, h);
+    if (seg.first_query >= seg.count || kb0 >= seg.count) return;
+    const int64_t kn = std::min(KB, seg.count - kb0);
+    const int64_t key0 = seg.base + kb0 * r;
+    int64_t ldk, ldv, ldq, ldo;
+    const A* K = load_rows<T, A>(kv.at(b, key0, g), r * kv.sn, kn, D, sc.k_buf, &ldk);
+    const A* V = load_rows<T, A>(vv.at(b, key0, g), r * vv.sn, kn, D, sc.v_buf, &ldv);
+    A* dk_loc = sc.tile0;
+    A* dv_loc = sc.tile1;
+    fill_row<A>(dk_loc, A(0), kn * D);
+    fill_row<A>(dv_loc, A(0), kn * D);
+
+    const int64_t q_first = is_causal ? std::max(seg.first_query, kb0) : seg.first_query;
+    for (int64_t tq0 = q_first; tq0 < seg.count; tq0 += QB) {
+      const int64_t qn = std::min(QB, seg.count - tq0);
+      const int64_t qi0 = query_index(seg, tq0);
+      const A* Q = load_rows<T, A>(qv.at(b, qi0, h), r * qv.sn, qn, D, sc.q_buf, &ldq);
+      const A* dO = load_rows<T, A>(dov.at(b, qi0, h), r * dov.sn, qn, D, sc.do_buf, &ldo);
+      gemm_nt<A>(qn, kn, D, scale, Q, ldq, K, ldk, A(0), sc.S, kn);
+      gemm_nt<A>(qn, kn, D, A(1), dO, ldo, V, ldv, A(0), sc.dP, kn);
+      probs_and_grads(b, h, seg, tq0, qn, kb0, kn, sc.S, sc.dP);
+      gemm_tn<A>(kn, D, qn, A(1), sc.S, kn, dO, ldo, A(1), dv_loc, D);
+      gemm_tn<A>(kn, D, qn, scale, sc.dP, kn, Q, ldq, A(1), dk_loc, D);
+      if (with_dq) {
+        A* dq_rows = dq_p + ((b * pb.nq + qi0) * pb.heads + h) * D;
+        gemm_nn<A>(qn, D, kn, scale, sc.dP, kn, K, ldk, A(1), dq_rows, r * pb.heads * D);
+      }
+    }
+
+    const int64_t kv_row = pb.kv_heads * D;
+    A* dk_rows = dk_p + ((b * pb.nk + key0) * pb.kv_heads + g) * D;
+    A* dv_rows = dv_p + ((b * pb.nk + key0) * pb.kv_heads + g) * D;
+    for (int64_t i = 0; i < kn; ++i) {
+      A* dk_dst = dk_rows + i * r * kv_row;
+      A* dv_dst = dv_rows + i * r * kv_row;
+      const A* dk_src = dk_loc + i * D;
+      const A* dv_src = dv_loc + i * D;
+      for (int64_t j = 0; j < D; ++j) {
+        dk_dst[j] += dk_src[j];
+        dv_dst[j] += dv_src[j];
+      }
+    }
+  }
+
+  // dq of query block qb of head h's sparse segment from all its keys. The caller
+  // owns these rows.
+  void query_block(int64_t b, int64_t h, int64_t s, int64_t qb, const Scratch& sc) const {
+    const int64_t D = pb.dim, g = h / pb.group();
+    const SparseSegment seg = segment(s, h);
+    const int64_t tq0 = seg.first_query + qb * QB;
+    if (tq0 >= seg.count) return;
+    const int64_t qn = std::min(QB, seg.count - tq0);
+    const int64_t kend = is_causal ? tq0 + qn : seg.count;
+    const int64_t qi0 = query_index(seg, tq0);
+    int64_t ldk, ldv, ldq, ldo;
+    const A* Q = load_rows<T, A>(qv.at(b, qi0, h), r * qv.sn, qn, D, sc.q_buf, &ldq);
+    const A* dO = load_rows<T, A>(dov.at(b, qi0, h), r * dov.sn, qn, D, sc.do_buf, &ldo);
+    A* dq_loc = sc.tile0;  // qn x D fits: QB <= KB
+    fill_row<A>(dq_loc, A(0), qn * D);
+    for (int64_t kb0 = 0; kb0 < kend; kb0 += KB) {
+      const int64_t kn = std::min(KB, kend - kb0);
+      const int64_t key0 = seg.base + kb0 * r;
+      const A* K = load_rows<T, A>(kv.at(b, key0, g), r * kv.sn, kn, D, sc.k_buf, &ldk);
+      const A* V = load_rows<T, A>(vv.at(b, key0, g), r * vv.sn, kn, D, sc.v_buf, &ldv);
+      gemm_nt<A>(qn, kn, D, scale, Q, ldq, K, ldk, A(0), sc.S, kn);
+      gemm_nt<A>(qn, kn, D, A(1), dO, ldo, V, ldv, A(0), sc.dP, kn);
+      probs_and_grads(b, h, seg, tq0, qn, kb0, kn, sc.S, sc.dP);
+      gemm_nn<A>(qn, D, kn, scale, sc.dP, kn, K, ldk, A(1), dq_loc, D);
+    }
+    A* dq_rows = dq_p + ((b * pb.nq + qi0) * pb.heads + h) * D;
+    for (int64_t i = 0; i < qn; ++i) {
+      A* dst = dq_rows + i * r * pb.heads * D;
+      const A* src = dq_loc + i * D;
+      for (int64_t j = 0; j < D; ++j) dst[j] += src[j];
+    }
+  }
+};
+
 template <typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q,
                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -243,15 +395,14 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
                    at::IntArrayRef dilation_rates, bool is_causal, double scale_d,
                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using A = acc_t<T>;
-  constexpr bool kConvert = !std::is_same_v<T, A>;
+  using Pattern = PatternBackward<T>;
+  constexpr bool kConvert = Pattern::kConvert;
   const Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   const int64_t D = pb.dim;
-  const A scale = static_cast<A>(scale_d);
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
 
-  const A* lse_p = lse.data_ptr<A>();
   const A* dlse_p = dlse.data_ptr<A>();
-  const RowView<const T> qv(q), kv(k), vv(v), dov(dout), ov(out);
+  const RowView<const T> dov(dout), ov(out);
 
   // Delta = rowsum(dout * out) - dlse, per (b, h, query).
   at::Tensor delta = at::empty({pb.batch, pb.heads, pb.nq}, acc_opts);
@@ -272,105 +423,65 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
   at::Tensor dq_acc = kConvert ? at::zeros(dq.sizes(), acc_opts) : dq.zero_();
   at::Tensor dk_acc = kConvert ? at::zeros(dk.sizes(), acc_opts) : dk.zero_();
   at::Tensor dv_acc = kConvert ? at::zeros(dv.sizes(), acc_opts) : dv.zero_();
-  A* dq_p = dq_acc.data_ptr<A>();
-  A* dk_p = dk_acc.data_ptr<A>();
-  A* dv_p = dv_acc.data_ptr<A>();
-  const int64_t q_row = pb.heads * D;     // contiguous row strides of the accumulators
-  const int64_t kv_row = pb.kv_heads * D;
 
-  const int64_t QB = kQueryBlock, KB = kKeyBlock;
-  const int64_t per_thread =
-      2 * QB * KB + 2 * KB * D + (kConvert ? 2 * QB * D + 2 * KB * D : 0);
   const int64_t nthreads = at::get_num_threads();
+  const int64_t per_thread = Pattern::scratch_size(D);
   at::Tensor scratch = at::empty({nthreads, per_thread}, acc_opts);
   A* scratch_p = scratch.data_ptr<A>();
 
   for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
-    const int64_t w = segment_lengths[pi], r = dilation_rates[pi];
-    const int64_t nseg = num_segments(pb.nk, w);
-    // A task owns one (batch, kv head, segment): all dk/dv rows of that kv head in
-    // the segment and all dq rows of its query heads there, so no two tasks write
-    // the same row.
-    const int64_t ntasks = pb.batch * pb.kv_heads * nseg;
+    const Pattern pat{pb, segment_lengths[pi], dilation_rates[pi], is_causal,
+                      static_cast<A>(scale_d), RowView<const T>(q), RowView<const T>(k),
+                      RowView<const T>(v), dov, lse.data_ptr<A>(), delta_p,
+                      dq_acc.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>()};
+    const int64_t nseg = num_segments(pb.nk, pat.w);
+    const int64_t max_count = (std::min(pat.w, pb.nk) + pat.r - 1) / pat.r;
+    const int64_t segment_tasks = pb.batch * pb.kv_heads * nseg;
 
-    at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
-      A* buf = scratch_p + at::get_thread_num() * per_thread;
-      A* S = buf;
-      A* dP = S + QB * KB;
-      A* dk_loc = dP + QB * KB;
-      A* dv_loc = dk_loc + KB * D;
-      A* q_buf = dv_loc + KB * D;
-      A* do_buf = q_buf + QB * D;
-      A* k_buf = do_buf + QB * D;
-      A* v_buf = k_buf + KB * D;
-
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t s = task % nseg;
-        const int64_t g = (task / nseg) % pb.kv_heads;
-        const int64_t b = task / (nseg * pb.kv_heads);
-        for (int64_t h = g * pb.group(); h < (g + 1) * pb.group(); ++h) {
-          const SparseSegment seg = sparse_segment(pb.nk, pb.nq, w, r, s, head_offset(h, r));
-          if (seg.first_query >= seg.count) continue;
-          const A* lse_row = lse_p + (b * pb.heads + h) * pb.nq;
-          const A* delta_row = delta_p + (b * pb.heads + h) * pb.nq;
-
-          for (int64_t kb0 = 0; kb0 < seg.count; kb0 += KB) {
-            const int64_t kn = std::min(KB, seg.count - kb0);
-            const int64_t key0 = seg.base + kb0 * r;
-            int64_t ldk, ldv, ldq, ldo;
-            const A* K = load_rows<T, A>(kv.at(b, key0, g), r * kv.sn, kn, D, k_buf, &ldk);
-            const A* V = load_rows<T, A>(vv.at(b, key0, g), r * vv.sn, kn, D, v_buf, &ldv);
-            fill_row<A>(dk_loc, A(0), kn * D);
-            fill_row<A>(dv_loc, A(0), kn * D);
-
-            const int64_t q_first = is_causal ? std::max(seg.first_query, kb0) : seg.first_query;
-            for (int64_t tq0 = q_first; tq0 < seg.count; tq0 += QB) {
-              const int64_t qn = std::min(QB, seg.count - tq0);
-              const int64_t qi0 = seg.base + tq0 * r - pb.q_start();
-              const A* Q = load_rows<T, A>(qv.at(b, qi0, h), r * qv.sn, qn, D, q_buf, &ldq);
-              const A* dO = load_rows<T, A>(dov.at(b, qi0, h), r * dov.sn, qn, D, do_buf, &ldo);
-
-              gemm_nt<A>(qn, kn, D, scale, Q, ldq, K, ldk, A(0), S, kn);
-              gemm_nt<A>(qn, kn, D, A(1), dO, ldo, V, ldv, A(0), dP, kn);
-              for (int64_t i = 0; i < qn; ++i) {
-                A* s_row = S + i * kn;
-                A* dp_row = dP + i * kn;
-                const int64_t qi = qi0 + i * r;
-                const int64_t valid =
-                    is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
-                const A row_lse = lse_row[qi];
-                if (valid == 0 || row_lse == neg_inf<A>()) {
-                  fill_row<A>(s_row, A(0), kn);
-                  fill_row<A>(dp_row, A(0), kn);
-                  continue;
-                }
-                softmax_grad_row(s_row, dp_row, row_lse, delta_row[qi], valid);
-                fill_row<A>(s_row + valid, A(0), kn - valid);
-                fill_row<A>(dp_row + valid, A(0), kn - valid);
-              }
-              // S now holds P and dP holds dS.
-              gemm_tn<A>(kn, D, qn, A(1), S, kn, dO, ldo, A(1), dv_loc, D);
-              gemm_tn<A>(kn, D, qn, scale, dP, kn, Q, ldq, A(1), dk_loc, D);
-              A* dq_rows = dq_p + ((b * pb.nq + qi0) * pb.heads + h) * D;
-              gemm_nn<A>(qn, D, kn, scale, dP, kn, K, ldk, A(1), dq_rows, r * q_row);
-            }
-
-            A* dk_rows = dk_p + ((b * pb.nk + key0) * pb.kv_heads + g) * D;
-            A* dv_rows = dv_p + ((b * pb.nk + key0) * pb.kv_heads + g) * D;
-            for (int64_t i = 0; i < kn; ++i) {
-              A* dk_dst = dk_rows + i * r * kv_row;
-              A* dv_dst = dv_rows + i * r * kv_row;
-              const A* dk_src = dk_loc + i * D;
-              const A* dv_src = dv_loc + i * D;
-              for (int64_t j = 0; j < D; ++j) {
-                dk_dst[j] += dk_src[j];
-                dv_dst[j] += dv_src[j];
-              }
+    if (segment_tasks >= 2 * nthreads || nthreads == 1) {
+      // Fused: a task owns one (batch, kv head, segment), i.e. all dk/dv rows of
+      // that kv head in the segment and all dq rows of its query heads there.
+      at::parallel_for(0, segment_tasks, 1, [&](int64_t begin, int64_t end) {
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t s = task % nseg;
+          const int64_t g = (task / nseg) % pb.kv_heads;
+          const int64_t b = task / (nseg * pb.kv_heads);
+          for (int64_t h = g * pb.group(); h < (g + 1) * pb.group(); ++h) {
+            for (int64_t kb0 = 0; kb0 < max_count; kb0 += Pattern::KB) {
+              pat.key_block(b, h, s, kb0, /*with_dq=*/true, sc);
             }
           }
         }
-      }
-    });
+      });
+    } else {
+      // Too few segments to keep every thread busy: split into key blocks for
+      // dk/dv, then query blocks for dq (recomputing P once more).
+      const int64_t nkb = (max_count + Pattern::KB - 1) / Pattern::KB;
+      at::parallel_for(0, segment_tasks * nkb, 1, [&](int64_t begin, int64_t end) {
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t kb = task % nkb;
+          const int64_t s = (task / nkb) % nseg;
+          const int64_t g = (task / (nkb * nseg)) % pb.kv_heads;
+          const int64_t b = task / (nkb * nseg * pb.kv_heads);
+          for (int64_t h = g * pb.group(); h < (g + 1) * pb.group(); ++h) {
+            pat.key_block(b, h, s, kb * Pattern::KB, /*with_dq=*/false, sc);
+          }
+        }
+      });
+      const int64_t nqb = (max_count + Pattern::QB - 1) / Pattern::QB;
+      at::parallel_for(0, pb.batch * pb.heads * nseg * nqb, 1, [&](int64_t begin, int64_t end) {
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t qb = task % nqb;
+          const int64_t s = (task / nqb) % nseg;
+          const int64_t h = (task / (nqb * nseg)) % pb.heads;
+          const int64_t b = task / (nqb * nseg * pb.heads);
+          pat.query_block(b, h, s, qb, sc);
+        }
+      });
+    }
   }
 
   if constexpr (kConvert) {

@@ -1,12 +1,37 @@
 #include "cpu/vec_math.h"
 
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LONGNET_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#define LONGNET_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define LONGNET_TARGET_CLONES
 #endif
 
 namespace longnet::cpu {
+
+// exp(x) for float, Cephes-style: 2^n * p(r) with x = n ln2 + r (about 1 ulp);
+// -inf and values below -88 give 0.
+static inline float exp_approx(float x) {
+  x = x > -88.0f ? x : -88.0f;
+  x = x < 88.0f ? x : 88.0f;
+  // n = round(x / ln2): adding and removing 1.5 * 2^23 rounds to an integer.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n through the exponent bits; n = -127 gives 0 (the clamp's underflow).
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
 
 // p[j] = exp(s[j] - m) for j < n; returns the sum.
 LONGNET_TARGET_CLONES float exp_shift_sum(const float* s, float m, float* p, int64_t n) {
