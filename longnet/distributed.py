@@ -186,6 +186,12 @@ class _RankPlan:
     exchange: bool                           # whether the ranks exchange anything
     _device_cache: Dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return (f"_RankPlan(local patterns {list(zip(self.local_ws, self.local_rs))}, "
+                f"cross-rank patterns {list(self.cross_patterns)}, "
+                f"partly local {self.partial}, {len(self.calls)} calls, "
+                f"rows sent {list(self.send_rows)}, received {list(self.recv_rows)})")
+
 
 def _rows(seg: _Segment, g: _HeadGroup, rank: int, chunk: int, offs: Sequence[int]) -> Tensor:
     """Local rows of ``rank`` for the given offsets: (count, len(offs))."""

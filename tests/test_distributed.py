@@ -328,7 +328,28 @@ def test_bytes_per_rank_constant_when_sequence_and_ranks_double(reports_by_world
         two = sorted({tuple(r["bytes"][causal]) for r in reports_by_world[2]})
         four = sorted({tuple(r["bytes"][causal]) for r in reports_by_world[4]})
         assert two == four, (causal, two, four)
-        assert max(b[0] for b in two) > 0  # the long pattern does cross ranks
+    # Only the w=32, r=4 pattern crosses ranks (L = 16): a rank sends its L/r = 4 rows
+    # per head of k and v (4 heads, D = 8, float32) to its partner, and the partner
+    # sends their gradients back; causal, only the earlier rank sends forward.
+    rows_bytes = 4 * 4 * 8 * 2 * 4
+    for world in (2, 4):
+        for rep in reports_by_world[world]:
+            assert rep["bytes"]["False"] == [2 * rows_bytes, 2 * rows_bytes], rep["bytes"]
+            assert rep["bytes"]["True"] == [rows_bytes, rows_bytes], rep["bytes"]
+
+
+def test_errors_before_any_communication():
+    from longnet.distributed import sequence_parallel_dilated_attention, split_sequence
+
+    x = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="same positions as q"):
+        sequence_parallel_dilated_attention(x[:, :4], x, x, [4], [1])
+    with pytest.raises(ValueError, match="dilation_rates"):
+        sequence_parallel_dilated_attention(x, x, x, [4], [8])
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        sequence_parallel_dilated_attention(x, x, x, [4], [1])
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        split_sequence(x)
 
 
 def test_mismatched_configuration_raises_on_every_rank(tmp_path):
