@@ -383,6 +383,7 @@ def _merge(o_a: Tensor, l_a: Tensor, o_b: Tensor, l_b: Tensor) -> Tuple[Tensor, 
 # ----------------------------------------------------------------------- the op
 
 
+@torch.compiler.disable  # collectives and plan bookkeeping run eagerly (a graph break)
 def sequence_parallel_dilated_attention(
     q: Tensor,
     k: Tensor,

@@ -205,6 +205,9 @@ def _scenario_dead(rank, world, report):
 def _scenario_stuck(rank, world, report):
     from longnet.distributed import sequence_parallel_dilated_attention
 
+    import longnet.distributed as lnd
+
+    lnd.set_timeout(3)
     x = torch.randn(1, 8, 2, 4)
     if rank == 1:
         time.sleep(8)  # alive but never joins in time
@@ -231,7 +234,7 @@ def _worker(rank, world, port, scenarios, path):
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=60))
-        lnd.set_timeout(3)
+        lnd.set_timeout(30)
         for name in scenarios:
             globals()[f"_scenario_{name}"](rank, world, report)
     except Exception:  # reported to the test, which fails with it
