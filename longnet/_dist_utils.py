@@ -1,0 +1,202 @@
+"""Collectives with timeouts, traffic counters and autograd for ``longnet.distributed``.
+
+Every exchange of the sequence-parallel path goes through :func:`all_to_all`, an
+autograd-aware wrapper of ``torch.distributed.all_to_all_single`` (forward: the
+exchange; backward: the same exchange with send and receive sizes swapped). It
+counts the bytes each rank sends and receives (:func:`comm_stats`) and waits on the
+collective with a timeout (:func:`set_timeout`), so a rank that died or never
+arrives turns into a ``RuntimeError`` on the others instead of a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "CommStats",
+    "comm_stats",
+    "reset_comm_stats",
+    "set_timeout",
+    "get_timeout",
+    "all_to_all",
+    "all_to_all_start",
+    "Pending",
+    "all_gather_small",
+    "group_rank_and_size",
+]
+
+_DEFAULT_TIMEOUT_S = float(os.environ.get("LONGNET_DIST_TIMEOUT", "600"))
+_timeout_s: float = _DEFAULT_TIMEOUT_S
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank passed to ``longnet.distributed``'s collectives.
+
+    ``bytes_sent`` / ``bytes_received`` count what leaves / reaches this rank
+    (data a rank keeps for itself is not counted), forward and backward together;
+    ``calls`` counts the collectives issued.
+    """
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    calls: int = 0
+
+    def __repr__(self) -> str:
+        return (f"CommStats(bytes_sent={self.bytes_sent}, "
+                f"bytes_received={self.bytes_received}, calls={self.calls})")
+
+
+_stats = CommStats()
+
+
+def comm_stats() -> CommStats:
+    """A copy of this process's traffic counters since the last reset."""
+    return CommStats(_stats.bytes_sent, _stats.bytes_received, _stats.calls)
+
+
+def reset_comm_stats() -> None:
+    """Set this process's traffic counters back to zero."""
+    _stats.bytes_sent = _stats.bytes_received = _stats.calls = 0
+
+
+def set_timeout(seconds: float) -> None:
+    """Seconds a rank waits for any one collective before it raises (default 600,
+    or the ``LONGNET_DIST_TIMEOUT`` environment variable)."""
+    seconds = float(seconds)
+    if not seconds > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {seconds}")
+    global _timeout_s
+    _timeout_s = seconds
+
+
+def get_timeout() -> float:
+    """The collective timeout in seconds (see :func:`set_timeout`)."""
+    return _timeout_s
+
+
+def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple:
+    """``(rank, world_size)`` of this process inside ``group`` (default: WORLD)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "longnet.distributed needs an initialized default process group: call "
+            "torch.distributed.init_process_group(...) first"
+        )
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError("this process is not a member of the given process group")
+    return rank, dist.get_world_size(group)
+
+
+def _wait(work, what: str, group) -> None:
+    """Wait for an async collective, turning failures and timeouts into clear errors."""
+    try:
+        ok = work.wait(timeout=datetime.timedelta(seconds=_timeout_s))
+    except Exception as exc:  # gloo raises on timeout or on a peer that went away
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        raise RuntimeError(
+            f"longnet.distributed: {what} failed on rank {rank} of {size} "
+            f"(timeout {_timeout_s:g} s): {exc}. Another rank probably died, hung, or "
+            "called with a different configuration or call order."
+        ) from exc
+    if ok is False:  # some backends report a timeout by returning False
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        raise RuntimeError(
+            f"longnet.distributed: {what} timed out after {_timeout_s:g} s on rank "
+            f"{rank} of {size}; another rank probably died or hung."
+        )
+
+
+def _launch(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int], group):
+    """Start a variable-size all-to-all of a flat tensor (no autograd), counted."""
+    x = x.contiguous()
+    out = x.new_empty(int(sum(recv_sizes)))
+    rank = dist.get_rank(group)
+    item = x.element_size()
+    _stats.bytes_sent += item * sum(s for d, s in enumerate(send_sizes) if d != rank)
+    _stats.bytes_received += item * sum(s for d, s in enumerate(recv_sizes) if d != rank)
+    _stats.calls += 1
+    work = dist.all_to_all_single(out, x, list(map(int, recv_sizes)),
+                                  list(map(int, send_sizes)), group=group, async_op=True)
+    return out, (work, x)
+
+
+class Pending:
+    """An all-to-all in flight: call :meth:`wait` before reading its output."""
+
+    def __init__(self, work, what: str, group):
+        # work is (collective handle, send buffer): the buffer must live until done.
+        self._work, self._what, self._group = work, what, group
+
+    def wait(self) -> None:
+        if self._work is not None:
+            (work, _), self._work = self._work, None
+            _wait(work, self._what, self._group)
+
+    def __repr__(self) -> str:
+        return f"Pending({self._what!r}, done={self._work is None})"
+
+
+class _AllToAll(torch.autograd.Function):
+    """All-to-all of a flat tensor; its backward is the reverse all-to-all.
+
+    The forward only starts the exchange and puts a :class:`Pending` into ``box``;
+    the caller waits on it before it reads the output (so local work can overlap
+    the transfer). The backward waits before it returns."""
+
+    @staticmethod
+    def forward(ctx, x, send_sizes, recv_sizes, group, what, box):
+        ctx.sizes = (send_sizes, recv_sizes)
+        ctx.group = group
+        ctx.what = what
+        out, work = _launch(x, send_sizes, recv_sizes, group)
+        box.append(Pending(work, what, group))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_sizes, recv_sizes = ctx.sizes
+        g, (work, _buf) = _launch(grad, recv_sizes, send_sizes, ctx.group)
+        _wait(work, ctx.what + " (backward)", ctx.group)
+        return g, None, None, None, None, None
+
+
+def all_to_all_start(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int],
+                     group=None, what: str = "all_to_all") -> Tuple[Tensor, Pending]:
+    """Start sending ``x[sum(send_sizes[:d]) : ...]`` to rank ``d`` of ``group``.
+
+    Returns ``(out, pending)``: ``out`` becomes the concatenation of what every rank
+    sent here (``recv_sizes[s]`` elements from rank ``s``) once ``pending.wait()``
+    returned. ``x`` is 1-D. Differentiable (the backward exchange is synchronous);
+    every rank of ``group`` must call it."""
+    if x.dim() != 1:
+        raise ValueError(f"all_to_all expects a 1-D tensor, got shape {tuple(x.shape)}")
+    if sum(send_sizes) != x.numel():
+        raise ValueError(f"send_sizes sum to {sum(send_sizes)} but x has {x.numel()} elements")
+    box: List[Pending] = []
+    out = _AllToAll.apply(x, tuple(send_sizes), tuple(recv_sizes), group, what, box)
+    return out, box[0]
+
+
+def all_to_all(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int],
+               group=None, what: str = "all_to_all") -> Tensor:
+    """:func:`all_to_all_start` followed by the wait."""
+    out, pending = all_to_all_start(x, send_sizes, recv_sizes, group, what)
+    pending.wait()
+    return out
+
+
+def all_gather_small(t: Tensor, group=None, what: str = "all_gather") -> List[Tensor]:
+    """All-gather of a small tensor (no autograd, not counted), with the timeout."""
+    size = dist.get_world_size(group)
+    out = [torch.empty_like(t) for _ in range(size)]
+    work = dist.all_gather(out, t.contiguous(), group=group, async_op=True)
+    _wait(work, what, group)
+    return out

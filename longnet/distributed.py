@@ -1,0 +1,583 @@
+"""Sequence-parallel dilated attention over ``torch.distributed`` (LongNet section 3.1).
+
+A sequence of ``N = P * L`` positions is split over the ``P`` ranks of a process
+group: rank ``p`` holds positions ``[p*L, (p+1)*L)`` of q, k and v.
+:func:`sequence_parallel_dilated_attention` returns this rank's rows of exactly the
+operator of SPEC.md evaluated on the whole sequence.
+
+How it works, for every pattern ``(w, r)``:
+
+* Segments that lie inside one rank's chunk are computed there. Patterns whose every
+  segment touching this rank is local (e.g. ``L % w == 0``) are fused into one call
+  of :func:`longnet.dilated_attention` on the local chunk.
+* A segment that spans several ranks is handled in the dilated frame: for head
+  ``j`` its sparse segment is the rows ``s*w + (j mod r) + t*r``. Each rank selects
+  its own rows of that sparse segment (``1/r`` of its chunk per head; with
+  grouped-query attention each key/value head once per offset its query heads
+  need), and the ranks of the segment exchange them with one autograd-aware
+  all-to-all (backward: the reverse all-to-all). Within the dilated frame the pattern
+  is plain attention over the gathered rows, computed with the operator and the
+  pattern ``([n_keys], [1])``. Causal: a rank receives only from the ranks before
+  it, so its own rows are the last keys, the operator's bottom-right aligned
+  ``Nq < Nk`` case, and the causal rule in the dilated frame is the causal rule in
+  positions. Heads whose offsets give the same per-rank row counts share one call.
+* The partial results are merged by their log-sum-exp, which is exact (SPEC.md:
+  one softmax over the multiset of keys of all patterns) and differentiable.
+
+All exchanges of one call go into a single all-to-all (and one in backward). A rank
+sends its ``L / r`` selected rows per head to each other rank of a segment it shares
+and receives the ``w / r`` rows of its segments: constant in ``N`` for fixed
+patterns. :func:`comm_stats` reports the bytes.
+
+Every rank of ``group`` must call with the same configuration (batch size, ``L``,
+heads, head dim, dtype, patterns, ``is_causal``, ``scale``). The first time a rank
+meets a configuration it checks it against the others and raises a ``ValueError``
+on a mismatch. Collectives wait at most :func:`set_timeout` seconds, so a dead rank
+makes the others raise a ``RuntimeError`` instead of hanging.
+
+Training: the attention backward returns the gradients of the sum of all ranks'
+losses. Parameters replicated over the sequence-parallel ranks need their gradients
+summed over ``group`` (e.g. ``torch.distributed.all_reduce``, or DDP over it).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import longnet
+from longnet._dist_utils import (
+    CommStats,
+    all_gather_small,
+    all_to_all,
+    all_to_all_start,
+    comm_stats,
+    get_timeout,
+    group_rank_and_size,
+    reset_comm_stats,
+    set_timeout,
+)
+from longnet.ops import validate_inputs, validate_patterns
+
+__all__ = [
+    "sequence_parallel_dilated_attention",
+    "split_sequence",
+    "gather_sequence",
+    "comm_stats",
+    "reset_comm_stats",
+    "CommStats",
+    "set_timeout",
+    "get_timeout",
+]
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division that is right for negative ``a`` too."""
+    return -((-a) // b)
+
+
+@dataclass(frozen=True)
+class _HeadGroup:
+    """Query heads of one cross-rank segment whose offsets give every rank of the
+    segment the same number of rows (so one operator call serves them)."""
+
+    heads: Tuple[int, ...]                 # query heads J
+    pairs: Tuple[Tuple[int, int], ...]     # (kv head, offset) rows that are exchanged
+    head_to_pair: Tuple[int, ...]          # J index -> pairs index
+    counts: Tuple[int, ...]                # rows per rank of the segment
+    first_t: Tuple[Tuple[int, ...], ...]   # [rank in segment][offset] first sparse index
+
+
+@dataclass(frozen=True)
+class _Segment:
+    pattern: int
+    index: int
+    start: int          # S0
+    stop: int           # S1 (exclusive, clipped to N)
+    first_rank: int
+    last_rank: int
+    w: int
+    r: int
+    groups: Tuple[_HeadGroup, ...]
+
+
+def _segment_ranks(s: int, w: int, n: int, chunk: int) -> Tuple[int, int, int, int]:
+    start, stop = s * w, min((s + 1) * w, n)
+    return start, stop, start // chunk, (stop - 1) // chunk
+
+
+@lru_cache(maxsize=256)
+def _segment(pattern: int, s: int, w: int, r: int, n: int, chunk: int,
+             num_heads: int, kv_group: int) -> _Segment:
+    """Head groups of cross-rank segment ``s`` of pattern ``(w, r)``."""
+    start, stop, r0, r1 = _segment_ranks(s, w, n, chunk)
+    offsets = range(min(num_heads, r))
+    firsts: Dict[int, List[int]] = {}
+    sig: Dict[int, Tuple[int, ...]] = {}
+    for o in offsets:
+        counts, ts = [], []
+        for q in range(r0, r1 + 1):
+            a = max(start, q * chunk) - start
+            e = min(stop, (q + 1) * chunk) - start
+            t_lo = max(0, _cdiv(a - o, r))
+            t_hi = max(0, _cdiv(e - o, r))
+            counts.append(max(0, t_hi - t_lo))
+            ts.append(t_lo)
+        sig[o] = tuple(counts)
+        firsts[o] = ts
+    groups = []
+    for counts in sorted(set(sig.values()), key=lambda c: min(o for o in offsets if sig[o] == c)):
+        if not any(counts):
+            continue
+        offs = [o for o in offsets if sig[o] == counts]
+        heads = tuple(j for j in range(num_heads) if j % r in offs)
+        pairs = tuple(sorted({(j // kv_group, j % r) for j in heads}))
+        head_to_pair = tuple(pairs.index((j // kv_group, j % r)) for j in heads)
+        first_t = tuple(tuple(firsts[o][q] if o in offs else -1 for o in range(max(offs) + 1))
+                        for q in range(r1 - r0 + 1))
+        groups.append(_HeadGroup(heads, pairs, head_to_pair, counts, first_t))
+    return _Segment(pattern, s, start, stop, r0, r1, w, r, tuple(groups))
+
+
+@dataclass
+class _Call:
+    """One operator call for the cross-rank rows of a segment on this rank."""
+
+    pattern: int
+    n_q: int                          # this rank's query rows per head
+    n_heads: int                      # query heads |J|
+    n_pairs: int                      # exchanged (kv head, offset) pairs |U|
+    q_start: int                      # offset of its queries in the gathered queries
+    pieces: Tuple[Tuple[bool, int, int], ...]  # keys in position order: (received?, start, rows)
+    head_map: Optional[Tensor]        # (|J|,) pair index per head; None when GQA maps it
+
+
+@dataclass
+class _RankPlan:
+    """Everything one rank does for one configuration (index tensors on CPU).
+
+    Key/value rows are addressed as flat indices ``row * Hk + head`` into a
+    ``(B, L * Hk, D)`` view, query/output rows as ``row * H + head``, lse rows as
+    ``head * L + row``.
+    """
+
+    local_ws: Tuple[int, ...]
+    local_rs: Tuple[int, ...]
+    partial: Dict[int, Tuple[int, int]]      # pattern -> local [a, b) of own segments
+    cross_patterns: Tuple[int, ...]          # patterns that get a per-pattern result
+    calls: List[_Call]
+    kv_index: Tensor                         # rows sent (by destination), then own rows
+    send_rows: Tuple[int, ...]               # kv_index entries per destination
+    recv_rows: Tuple[int, ...]               # received entries per source
+    q_index: Tensor                          # query rows of all calls
+    out_index: Dict[int, Tensor]             # pattern -> output rows (partial, then calls)
+    lse_index: Dict[int, Tensor]             # pattern -> lse rows (same entries and order)
+    exchange: bool                           # whether the ranks exchange anything
+    _device_cache: Dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"_RankPlan(local patterns {list(zip(self.local_ws, self.local_rs))}, "
+                f"cross-rank patterns {list(self.cross_patterns)}, "
+                f"partly local {self.partial}, {len(self.calls)} calls, "
+                f"rows sent {list(self.send_rows)}, received {list(self.recv_rows)})")
+
+
+def _rows(seg: _Segment, g: _HeadGroup, rank: int, chunk: int, offs: Sequence[int]) -> Tensor:
+    """Local rows of ``rank`` for the given offsets: (count, len(offs))."""
+    qi = rank - seg.first_rank
+    n = g.counts[qi]
+    t = torch.arange(n).unsqueeze(1)
+    base = torch.tensor([seg.start + o + g.first_t[qi][o] * seg.r - rank * chunk for o in offs])
+    return base.unsqueeze(0) + t * seg.r
+
+
+def _touching(p: int, w: int, chunk: int) -> Tuple[int, int]:
+    return (p * chunk) // w, ((p + 1) * chunk - 1) // w
+
+
+def _cat(ts: List[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts]) if ts else torch.zeros(0, dtype=torch.long)
+
+
+@lru_cache(maxsize=64)
+def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
+          ws: Tuple[int, ...], rs: Tuple[int, ...], is_causal: bool) -> _RankPlan:
+    n = world * chunk
+    kv_group = num_heads // kv_heads
+    local_ws, local_rs, cross, partial = [], [], [], {}
+    exchange = False
+    # (key, ...) records; key = (pattern, segment, group) orders every exchange.
+    jobs = []                                  # receiving side
+    sends: List[list] = [[] for _ in range(world)]
+    recvs: List[list] = [[] for _ in range(world)]
+    for i, (w, r) in enumerate(zip(ws, rs)):
+        if world > 1 and chunk % w != 0:
+            exchange = True
+        s_a, s_b = _touching(rank, w, chunk)
+        crossing = [s for s in sorted({s_a, s_b})
+                    if _segment_ranks(s, w, n, chunk)[3] > _segment_ranks(s, w, n, chunk)[2]]
+        if not crossing:
+            local_ws.append(w)
+            local_rs.append(r)
+            continue
+        cross.append(i)
+        lo = s_a + 1 if s_a in crossing else s_a
+        hi = s_b - 1 if s_b in crossing else s_b
+        if lo <= hi:
+            partial[i] = (lo * w - rank * chunk, min((hi + 1) * w, n) - rank * chunk)
+        for s in crossing:
+            seg = _segment(i, s, w, r, n, chunk, num_heads, kv_group)
+            me = rank - seg.first_rank
+            for gi, g in enumerate(seg.groups):
+                if g.counts[me] == 0:
+                    continue  # no queries here, and no rows to send
+                key = (i, s, gi)
+                kv_rows = _rows(seg, g, rank, chunk, [o for _, o in g.pairs])
+                kvh = torch.tensor([hh for hh, _ in g.pairs])
+                flat_kv = kv_rows * kv_heads + kvh
+                ranks = [q for q in range(seg.first_rank, seg.last_rank + 1)
+                         if not is_causal or q <= rank]
+                jobs.append((key, seg, g, ranks, flat_kv))
+                for q in ranks:
+                    nq = g.counts[q - seg.first_rank]
+                    if q != rank and nq > 0:
+                        recvs[q].append((key, nq * len(g.pairs)))
+                # This rank's rows go to every later (causal) or other rank of the
+                # segment that has queries in the group.
+                for dst in range(seg.first_rank, seg.last_rank + 1):
+                    if dst != rank and not (is_causal and dst < rank) \
+                            and g.counts[dst - seg.first_rank] > 0:
+                        sends[dst].append((key, flat_kv))
+    jobs.sort(key=lambda x: x[0])
+    for lst in sends + recvs:
+        lst.sort(key=lambda x: x[0])
+
+    recv_start, pos = {}, 0
+    for src in range(world):
+        for key, size in recvs[src]:
+            recv_start[(key, src)] = pos
+            pos += size
+    send_parts = [t for dst in range(world) for _, t in sends[dst]]
+    send_rows = tuple(sum(t.numel() for _, t in sends[dst]) for dst in range(world))
+
+    calls, own_parts, q_parts = [], [], []
+    out_parts: Dict[int, list] = {i: [] for i in cross}
+    lse_parts: Dict[int, list] = {i: [] for i in cross}
+    for i, (a, b) in partial.items():  # the locally computed segments come first
+        rows = torch.arange(a, b)
+        out_parts[i].append(rows.unsqueeze(1) * num_heads + torch.arange(num_heads))
+        lse_parts[i].append(rows.unsqueeze(1) + torch.arange(num_heads) * chunk)
+    own_pos = sum(send_rows)
+    q_pos = 0
+    for key, seg, g, ranks, flat_kv in jobs:
+        q_rows = _rows(seg, g, rank, chunk, [j % seg.r for j in g.heads])
+        heads = torch.tensor(g.heads)
+        pieces = []
+        for src in ranks:
+            rows = g.counts[src - seg.first_rank]
+            if src == rank:
+                pieces.append((False, own_pos, rows))
+                own_parts.append(flat_kv)
+                own_pos += flat_kv.numel()
+            elif rows > 0:
+                pieces.append((True, recv_start[(key, src)], rows))
+        ratio = len(g.heads) // len(g.pairs)
+        uniform = len(g.heads) % len(g.pairs) == 0 and all(
+            m == jj // ratio for jj, m in enumerate(g.head_to_pair))
+        calls.append(_Call(seg.pattern, g.counts[rank - seg.first_rank], len(g.heads),
+                           len(g.pairs), q_pos, tuple(pieces),
+                           None if uniform else torch.tensor(g.head_to_pair)))
+        q_flat = q_rows * num_heads + heads
+        q_parts.append(q_flat)
+        q_pos += q_flat.numel()
+        out_parts[seg.pattern].append(q_flat)
+        lse_parts[seg.pattern].append(heads * chunk + q_rows)
+    return _RankPlan(
+        tuple(local_ws), tuple(local_rs), partial, tuple(cross), calls,
+        kv_index=_cat(send_parts + own_parts), send_rows=send_rows,
+        recv_rows=tuple(sum(sz for _, sz in recvs[src]) for src in range(world)),
+        q_index=_cat(q_parts),
+        out_index={i: _cat(v) for i, v in out_parts.items()},
+        lse_index={i: _cat(v) for i, v in lse_parts.items()},
+        exchange=exchange)
+
+
+def _on(plan: _RankPlan, t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``, cached per plan."""
+    key = (id(t), device)
+    hit = plan._device_cache.get(key)
+    if hit is None:
+        hit = plan._device_cache[key] = t.to(device)
+    return hit
+
+
+# --------------------------------------------------------------------- validation
+
+_DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
+_FIELDS = ("batch size", "local sequence length L", "query heads H", "key/value heads Hk",
+           "head dim D", "dtype", "is_causal", "segment_lengths/dilation_rates",
+           "scale", "return_lse", "requires_grad of q/k/v")
+_validated: set = set()
+
+
+def _grad_flags(q: Tensor, k: Tensor, v: Tensor) -> int:
+    if not torch.is_grad_enabled():
+        return 0
+    return 4 * q.requires_grad + 2 * k.requires_grad + v.requires_grad
+
+
+def _check_config(group, rank: int, cfg: Tuple, device: torch.device,
+                  shown: Dict[str, object]) -> None:
+    """All-gather ``cfg`` once per (group, configuration) and raise on a mismatch."""
+    key = (id(group if group is not None else dist.group.WORLD), cfg)
+    if key in _validated:
+        return
+    local = torch.tensor(cfg, dtype=torch.int64, device=device)
+    every = [t.cpu().tolist() for t in all_gather_small(local, group, "configuration check")]
+    for f, name in enumerate(_FIELDS):
+        values = [row[f] for row in every]
+        if len(set(values)) > 1:
+            per_rank = ", ".join(f"rank {q}: {v}" for q, v in enumerate(values))
+            raise ValueError(
+                "sequence_parallel_dilated_attention: the ranks of the group were called "
+                f"with different {name} ({per_rank}; this rank {rank} has "
+                f"{shown.get(name, values[rank])}). Every rank must pass the same "
+                "configuration."
+            )
+    _validated.add(key)
+
+
+# ------------------------------------------------------------------------ merging
+
+
+def _merge(o_a: Tensor, l_a: Tensor, o_b: Tensor, l_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Exact merge of two attention results over disjoint key multisets.
+
+    ``o``: ``(..., D)``, ``l``: ``(...)`` (the log-sum-exp). Returns
+    ``sum_x exp(l_x - l) o_x`` and ``l = logaddexp(l_a, l_b)``; where both are
+    ``-inf`` the result is ``o = 0``, ``l = -inf`` with finite gradients.
+    """
+    m = torch.maximum(l_a, l_b).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w_a, w_b = torch.exp(l_a - m), torch.exp(l_b - m)
+    total = w_a + w_b
+    has = total > 0
+    total = torch.where(has, total, torch.ones_like(total))
+    lse = torch.where(has, m + torch.log(total), torch.full_like(m, -math.inf))
+    acc = l_a.dtype
+    out = (w_a / total).unsqueeze(-1) * o_a.to(acc) + (w_b / total).unsqueeze(-1) * o_b.to(acc)
+    return out.to(o_a.dtype), lse
+
+
+# ----------------------------------------------------------------------- the op
+
+
+@torch.compiler.disable  # collectives and plan bookkeeping run eagerly (a graph break)
+def sequence_parallel_dilated_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Dilated attention over a sequence split across the ranks of ``group``.
+
+    Args:
+        q: this rank's queries ``(B, L, H, D)``: positions ``[p*L, (p+1)*L)`` of a
+            sequence of ``world_size * L`` positions, ``p`` the rank in ``group``.
+        k: this rank's keys ``(B, L, Hk, D)``, ``H % Hk == 0``.
+        v: this rank's values, shaped like ``k``.
+        segment_lengths, dilation_rates: the patterns, as in
+            :func:`longnet.dilated_attention` (segments are aligned to absolute
+            positions of the whole sequence).
+        group: the sequence-parallel process group (default: the world).
+        is_causal: no query attends to a later position.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_lse: also return this rank's log-sum-exp rows.
+
+    Returns:
+        ``out`` ``(B, L, H, D)`` (and ``lse`` ``(B, H, L)`` with ``return_lse``): this
+        rank's rows of ``longnet.dilated_attention`` on the whole sequence.
+        Differentiable; the backward is collective too (every rank must run it).
+
+    Raises:
+        ValueError: bad shapes or patterns, or ranks called with different
+            configurations.
+        RuntimeError: a collective failed or timed out (e.g. a rank died).
+    """
+    ws, rs = validate_patterns(segment_lengths, dilation_rates)
+    scale = validate_inputs(q, k, v, scale)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"k must hold the same positions as q on every rank: q has {q.shape[1]} "
+            f"positions, k has {k.shape[1]} (sequence parallelism has no key/value cache)"
+        )
+    rank, world = group_rank_and_size(group)
+    b, chunk, h, d = q.shape
+    hk = k.shape[2]
+    if world == 1:
+        return longnet.dilated_attention(q, k, v, ws, rs, is_causal=is_causal, scale=scale,
+                                         return_lse=return_lse)
+    cfg = (b, chunk, h, hk, d, _DTYPE_CODES[q.dtype], int(bool(is_causal)),
+           zlib.crc32(repr((ws, rs)).encode()) & 0x7FFFFFFF,
+           struct.unpack("<q", struct.pack("<d", scale))[0], int(bool(return_lse)),
+           _grad_flags(q, k, v))
+    _check_config(group, rank, cfg, q.device, {
+        "segment_lengths/dilation_rates": f"{list(ws)}/{list(rs)}", "dtype": str(q.dtype),
+        "scale": scale})
+    if chunk == 0:
+        raise ValueError("q must hold at least one position per rank, got L = 0")
+
+    plan = _plan(world, rank, chunk, h, hk, ws, rs, bool(is_causal))
+    dev = q.device
+    # Every key/value row this rank sends or uses itself, in one gather per tensor.
+    kv_index = _on(plan, plan.kv_index, dev)
+    k_sel = k.reshape(b, chunk * hk, d).index_select(1, kv_index)
+    v_sel = v.reshape(b, chunk * hk, d).index_select(1, kv_index)
+    n_send = sum(plan.send_rows)
+    got = pending = None
+    if plan.exchange:
+        # One all-to-all carries every cross-rank row of this call, laid out per row
+        # as (k or v, B, D) so that each destination's rows are contiguous. It runs
+        # while this rank computes its local patterns.
+        flat = torch.stack([k_sel[:, :n_send], v_sel[:, :n_send]]).permute(2, 0, 1, 3)
+        unit = 2 * b * d
+        got, pending = all_to_all_start(
+            flat.reshape(-1), [unit * x for x in plan.send_rows],
+            [unit * x for x in plan.recv_rows], group, "key/value exchange")
+
+    parts: List[Tuple[Tensor, Tensor]] = []
+    if plan.local_ws:
+        parts.append(longnet.dilated_attention(
+            q, k, v, plan.local_ws, plan.local_rs, is_causal=is_causal, scale=scale,
+            return_lse=True))
+    outs: Dict[int, List[Tensor]] = {i: [] for i in plan.cross_patterns}
+    lses: Dict[int, List[Tensor]] = {i: [] for i in plan.cross_patterns}
+    for i, (lo, hi) in plan.partial.items():
+        o_i, l_i = longnet.dilated_attention(
+            q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], [ws[i]], [rs[i]], is_causal=is_causal,
+            scale=scale, return_lse=True)
+        outs[i].append(o_i.reshape(b, -1, d))
+        lses[i].append(l_i.transpose(1, 2).reshape(b, -1))
+    if pending is not None:
+        pending.wait()
+        got = got.view(-1, 2, b, d).permute(1, 2, 0, 3)  # (2, B, received rows, D)
+
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_sel = q.reshape(b, chunk * h, d).index_select(1, _on(plan, plan.q_index, dev))
+    for call in plan.calls:
+        ks, vs = [], []
+        for received, start, rows in call.pieces:
+            size = rows * call.n_pairs
+            if received:
+                kk, vv = got[0, :, start:start + size], got[1, :, start:start + size]
+            else:
+                kk, vv = k_sel[:, start:start + size], v_sel[:, start:start + size]
+            ks.append(kk.reshape(b, rows, call.n_pairs, d))
+            vs.append(vv.reshape(b, rows, call.n_pairs, d))
+        kk = torch.cat(ks, dim=1) if len(ks) > 1 else ks[0]
+        vv = torch.cat(vs, dim=1) if len(vs) > 1 else vs[0]
+        if call.head_map is not None:
+            hm = _on(plan, call.head_map, dev)
+            kk, vv = kk.index_select(2, hm), vv.index_select(2, hm)
+        qq = q_sel[:, call.q_start:call.q_start + call.n_q * call.n_heads]
+        o_c, l_c = longnet.dilated_attention(
+            qq.reshape(b, call.n_q, call.n_heads, d), kk, vv, [kk.shape[1]], [1],
+            is_causal=is_causal, scale=scale, return_lse=True)
+        outs[call.pattern].append(o_c.reshape(b, -1, d))
+        lses[call.pattern].append(l_c.transpose(1, 2).reshape(b, -1))
+    # Merge each cross-rank pattern into the result at the entries it reaches only.
+    if parts:
+        out, lse = parts[0]
+    else:
+        out = q.new_zeros(q.shape)
+        lse = torch.full((b, h, chunk), -math.inf, dtype=lse_dtype, device=dev)
+    out, lse = out.reshape(b, chunk * h, d), lse.reshape(b, h * chunk)
+    for i in plan.cross_patterns:
+        if not outs[i]:
+            continue  # no head of this rank has rows in the pattern's segments here
+        o_i = torch.cat(outs[i], dim=1) if len(outs[i]) > 1 else outs[i][0]
+        l_i = torch.cat(lses[i], dim=1) if len(lses[i]) > 1 else lses[i][0]
+        io, il = _on(plan, plan.out_index[i], dev), _on(plan, plan.lse_index[i], dev)
+        o_m, l_m = _merge(out.index_select(1, io), lse.index_select(1, il), o_i, l_i)
+        out, lse = out.index_copy(1, io, o_m), lse.index_copy(1, il, l_m)
+    out, lse = out.view(b, chunk, h, d), lse.view(b, h, chunk)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # Tie q, k, v and the exchange into both outputs (adding an exact zero) so
+        # the backward runs, and reaches the exchange, on every rank.
+        tie = q[:0].sum() + k_sel[:0].sum() + v_sel[:0].sum()
+        if got is not None:
+            tie = tie + got[:, :0].sum()
+        out = out + tie.to(out.dtype)
+        lse = lse + tie.to(lse.dtype)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def split_sequence(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: int = 1) -> Tensor:
+    """This rank's contiguous chunk of ``x`` along ``dim`` (a view, no communication).
+
+    ``x.shape[dim]`` must be a multiple of the group size; rank ``p`` gets
+    ``[p*L, (p+1)*L)``. Gradients reach only this rank's part of ``x``.
+    """
+    rank, world = group_rank_and_size(group)
+    n = x.shape[dim]
+    if n % world != 0:
+        raise ValueError(
+            f"x.shape[{dim}] = {n} must be a multiple of the group size {world}")
+    chunk = n // world
+    return x.narrow(dim, rank * chunk, chunk)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        rank, world = group_rank_and_size(group)
+        xt = x.movedim(dim, 0).contiguous()
+        n = xt.numel()
+        got = all_to_all(xt.reshape(-1).repeat(world), [n] * world, [n] * world, group,
+                         "gather_sequence")
+        got = got.view(world * xt.shape[0], *xt.shape[1:])
+        return got.movedim(0, dim).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Sum over ranks of the gradient of this rank's chunk (a reduce-scatter).
+        rank, world = group_rank_and_size(ctx.group)
+        gt = grad.movedim(ctx.dim, 0).contiguous()
+        chunk = gt.shape[0] // world
+        n = gt.numel() // world
+        got = all_to_all(gt.reshape(-1), [n] * world, [n] * world, ctx.group,
+                         "gather_sequence (backward)")
+        summed = got.view(world, chunk, *gt.shape[1:]).sum(dim=0)
+        return summed.movedim(0, ctx.dim), None, None
+
+
+def gather_sequence(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: int = 1) -> Tensor:
+    """Concatenate every rank's chunk along ``dim`` (the inverse of :func:`split_sequence`).
+
+    Differentiable: the gradient of this rank's chunk is the sum over ranks of the
+    gradients of the gathered tensor's slice ``[p*L, (p+1)*L)`` (a reduce-scatter),
+    i.e. the gradient of the sum of all ranks' losses.
+    """
+    group_rank_and_size(group)
+    return _Gather.apply(x, group, dim)
