@@ -242,6 +242,7 @@ class SequenceParallel:
 
     def close(self) -> None:
         if self.enabled:
+            self.dist.barrier()  # no rank tears down while a peer still communicates
             self.dist.destroy_process_group()
 
 

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "op_common.h"
 #include "cpu/blas.h"
 #include "cpu/vec_math.h"
 #include "pattern.h"
@@ -65,17 +66,6 @@ const A* load_rows(const T* first, int64_t stride, int64_t count, int64_t d, A* 
     *ld = d;
     return scratch;
   }
-}
-
-// LONGNET_POISON_OUTPUTS=1 fills freshly allocated outputs with NaN, so tests
-// catch any element a kernel forgets to write.
-void maybe_poison(std::initializer_list<at::Tensor> outputs) {
-  static const bool poison = [] {
-    const char* env = std::getenv("LONGNET_POISON_OUTPUTS");
-    return env != nullptr && env[0] != '\0' && env[0] != '0';
-  }();
-  if (!poison) return;
-  for (const at::Tensor& t : outputs) t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
 // Rows whose last dimension is dense and whose row stride covers a row, as the
@@ -500,12 +490,9 @@ std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cpu(
   check_qkv(q_in, k_in, v_in, scale);
   check_patterns(segment_lengths, dilation_rates);
   TORCH_CHECK(q_in.device().is_cpu(), "longnet: expected CPU tensors, got ", q_in.device());
-  const auto lse_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty({q_in.size(0), q_in.size(2), q_in.size(1)}, q_in.options().dtype(lse_dtype));
-  maybe_poison({out, lse});
+  at::Tensor out, lse;
+  std::tie(out, lse) = allocate_forward_outputs(q_in);
   if (q_in.numel() == 0) {
-    out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out, lse};
   }
@@ -524,27 +511,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cpu(
   check_qkv(q_in, k_in, v_in, scale);
   check_patterns(segment_lengths, dilation_rates);
   TORCH_CHECK(q_in.device().is_cpu(), "longnet: expected CPU tensors, got ", q_in.device());
-  TORCH_CHECK(grad_out.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "longnet: grad_out and out must have the shape of q ", q_in.sizes());
-  const std::vector<int64_t> lse_shape{q_in.size(0), q_in.size(2), q_in.size(1)};
-  TORCH_CHECK(grad_lse.sizes() == lse_shape && lse_in.sizes() == lse_shape,
-              "longnet: grad_lse and lse must have shape (B, H, Nq) = ", lse_shape);
-  at::Tensor dq = at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dk = at::empty(k_in.sizes(), k_in.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dv = at::empty(v_in.sizes(), v_in.options().memory_format(at::MemoryFormat::Contiguous));
-  maybe_poison({dq, dk, dv});
+  check_backward_args(grad_out, grad_lse, q_in, out_in, lse_in);
+  at::Tensor dq, dk, dv;
+  std::tie(dq, dk, dv) = allocate_backward_outputs(q_in, k_in, v_in);
   if (q_in.numel() == 0 || k_in.numel() == 0) {
     return {dq.zero_(), dk.zero_(), dv.zero_()};
   }
-  const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor q = with_dense_rows(q_in), k = with_dense_rows(k_in), v = with_dense_rows(v_in);
-  const at::Tensor dout = grad_out.to(q_in.scalar_type()).contiguous();
-  const at::Tensor out = out_in.to(q_in.scalar_type()).contiguous();
-  const at::Tensor lse = lse_in.to(acc_dtype).contiguous();
-  const at::Tensor dlse = grad_lse.to(acc_dtype).contiguous();
+  const BackwardRows rows(q_in, grad_out, out_in, lse_in, grad_lse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_bwd_cpu", [&] {
-    backward_impl<scalar_t>(dout, dlse, q, k, v, out, lse, segment_lengths, dilation_rates,
-                            is_causal, scale, dq, dk, dv);
+    backward_impl<scalar_t>(rows.grad_out, rows.grad_lse, q, k, v, rows.out, rows.lse,
+                            segment_lengths, dilation_rates, is_causal, scale, dq, dk, dv);
   });
   return {dq, dk, dv};
 }

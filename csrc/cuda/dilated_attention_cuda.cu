@@ -18,21 +18,12 @@
 #include "cuda/common.cuh"
 #include "cuda/generic_kernels.cuh"
 #include "cuda/tensor_core.cuh"
+#include "op_common.h"
 #include "pattern.h"
 
 namespace longnet::cuda {
 namespace {
 
-// LONGNET_POISON_OUTPUTS=1 fills freshly allocated outputs with NaN, so tests catch
-// any element a kernel forgets to write.
-void maybe_poison(std::initializer_list<at::Tensor> outputs) {
-  static const bool poison = [] {
-    const char* env = std::getenv("LONGNET_POISON_OUTPUTS");
-    return env != nullptr && env[0] != '\0' && env[0] != '0';
-  }();
-  if (!poison) return;
-  for (const at::Tensor& t : outputs) t.fill_(std::numeric_limits<double>::quiet_NaN());
-}
 
 // LONGNET_CUDA_GENERIC=1 routes bfloat16/float16 to the generic kernels too (read on
 // every call, so tests can compare both paths in one process).
@@ -215,12 +206,8 @@ std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cuda(
   TORCH_CHECK(q_in.is_cuda(), "longnet: expected CUDA tensors, got ", q_in.device());
   check_launch_dims(q_in, k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const auto lse_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out =
-      at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse =
-      at::empty({q_in.size(0), q_in.size(2), q_in.size(1)}, q_in.options().dtype(lse_dtype));
-  maybe_poison({out, lse});
+  at::Tensor out, lse;
+  std::tie(out, lse) = allocate_forward_outputs(q_in);
   if (q_in.numel() == 0) {
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out, lse};
@@ -244,40 +231,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cuda(
   check_qkv(q_in, k_in, v_in, scale);
   check_patterns(segment_lengths, dilation_rates);
   TORCH_CHECK(q_in.is_cuda(), "longnet: expected CUDA tensors, got ", q_in.device());
-  for (const at::Tensor* t : {&grad_out, &grad_lse, &out_in, &lse_in}) {
-    TORCH_CHECK(t->device() == q_in.device(),
-                "longnet: grad_out, grad_lse, out and lse must be on the device of q (",
-                q_in.device(), "), got ", t->device());
-  }
-  TORCH_CHECK(grad_out.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "longnet: grad_out and out must have the shape of q ", q_in.sizes());
-  const std::vector<int64_t> lse_shape{q_in.size(0), q_in.size(2), q_in.size(1)};
-  TORCH_CHECK(grad_lse.sizes() == lse_shape && lse_in.sizes() == lse_shape,
-              "longnet: grad_lse and lse must have shape (B, H, Nq) = ", lse_shape);
+  check_backward_args(grad_out, grad_lse, q_in, out_in, lse_in);
   check_launch_dims(q_in, k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  at::Tensor dq =
-      at::empty(q_in.sizes(), q_in.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dk =
-      at::empty(k_in.sizes(), k_in.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dv =
-      at::empty(v_in.sizes(), v_in.options().memory_format(at::MemoryFormat::Contiguous));
-  maybe_poison({dq, dk, dv});
+  at::Tensor dq, dk, dv;
+  std::tie(dq, dk, dv) = allocate_backward_outputs(q_in, k_in, v_in);
   if (q_in.numel() == 0 || k_in.numel() == 0) {
     return {dq.zero_(), dk.zero_(), dv.zero_()};
   }
-  const auto acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in),
                    v = with_dense_last(v_in);
-  const at::Tensor dout = grad_out.to(q_in.scalar_type()).contiguous();
-  const at::Tensor out = out_in.to(q_in.scalar_type()).contiguous();
-  const at::Tensor lse = lse_in.to(acc_dtype).contiguous();
-  const at::Tensor dlse = grad_lse.to(acc_dtype).contiguous();
+  const BackwardRows rows(q_in, grad_out, out_in, lse_in, grad_lse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_bwd_cuda",
                                   [&] {
-                                    backward_impl<scalar_t>(dout, dlse, q, k, v, out, lse,
-                                                            segment_lengths, dilation_rates,
-                                                            is_causal, scale, dq, dk, dv);
+                                    backward_impl<scalar_t>(
+                                        rows.grad_out, rows.grad_lse, q, k, v, rows.out,
+                                        rows.lse, segment_lengths, dilation_rates, is_causal,
+                                        scale, dq, dk, dv);
                                   });
   return {dq, dk, dv};
 }
