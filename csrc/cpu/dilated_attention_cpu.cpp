@@ -13,9 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <initializer_list>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 
 #include "checks.h"
