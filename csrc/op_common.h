@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -22,6 +23,17 @@ inline void maybe_poison(std::initializer_list<at::Tensor> outputs) {
   }();
   if (!poison) return;
   for (const at::Tensor& t : outputs) t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+// LONGNET_DEBUG_SKIP_ROW=1 makes the kernels skip every write of row (b=0, q=0,
+// head=0) of their outputs, so tests can show that the poison above catches an
+// unwritten element (read once).
+inline bool debug_skip_first_row() {
+  static const bool skip = [] {
+    const char* env = std::getenv("LONGNET_DEBUG_SKIP_ROW");
+    return env != nullptr && env[0] != '\0' && env[0] != '0';
+  }();
+  return skip;
 }
 
 // float64 inputs keep float64 statistics; every other dtype accumulates in float32.
@@ -76,5 +88,48 @@ struct BackwardRows {
         lse(lse_in.to(accumulate_dtype(q)).contiguous()),
         grad_lse(grad_lse_in.to(accumulate_dtype(q)).contiguous()) {}
 };
+
+// Per-row key ranges as contiguous int64 tensors on the device of q (undefined
+// when absent), checked: shape (B,), integer dtype, device of q, and
+// 0 <= key_start <= key_end <= Nk (read on the host: a synchronisation on CUDA).
+struct KeyRanges {
+  at::Tensor start, end;
+  KeyRanges(const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end,
+            const at::Tensor& q, int64_t nk) {
+    start = prepare(key_start, "key_start", q);
+    end = prepare(key_end, "key_end", q);
+    if (!start.defined() && !end.defined()) return;
+    const int64_t batch = q.size(0);
+    const at::Tensor s_host = start.defined() ? start.cpu() : at::zeros({batch}, at::kLong);
+    const at::Tensor e_host = end.defined() ? end.cpu() : at::full({batch}, nk, at::kLong);
+    const int64_t* s = s_host.data_ptr<int64_t>();
+    const int64_t* e = e_host.data_ptr<int64_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      TORCH_CHECK(0 <= s[b] && s[b] <= e[b] && e[b] <= nk,
+                  "longnet: key ranges must satisfy 0 <= key_start <= key_end <= Nk (", nk,
+                  "), got key_start[", b, "] = ", s[b], ", key_end[", b, "] = ", e[b]);
+    }
+  }
+  const int64_t* start_ptr() const { return start.defined() ? start.data_ptr<int64_t>() : nullptr; }
+  const int64_t* end_ptr() const { return end.defined() ? end.data_ptr<int64_t>() : nullptr; }
+
+ private:
+  static at::Tensor prepare(const std::optional<at::Tensor>& t, const char* name,
+                            const at::Tensor& q) {
+    if (!t.has_value() || !t->defined()) return at::Tensor();
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == q.size(0), "longnet: ", name,
+                " must have shape (B,) = (", q.size(0), ",), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kLong || t->scalar_type() == at::kInt, "longnet: ", name,
+                " must be an int32 or int64 tensor, got ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), "longnet: ", name, " must be on the device of q (",
+                q.device(), "), got ", t->device());
+    return t->to(at::kLong).contiguous();
+  }
+};
+
+inline void check_position_offset(int64_t position_offset) {
+  TORCH_CHECK(position_offset >= 0, "longnet: position_offset must be >= 0, got ",
+              position_offset);
+}
 
 }  // namespace longnet

@@ -3,22 +3,31 @@
 The compiled operators are
 
 * ``longnet::dilated_attention_fwd(q, k, v, segment_lengths, dilation_rates,
-  is_causal, scale) -> (out, lse)``
+  is_causal, scale, position_offset=0, key_start=None, key_end=None) -> (out, lse)``
 * ``longnet::dilated_attention_bwd(grad_out, grad_lse, q, k, v, out, lse,
-  segment_lengths, dilation_rates, is_causal, scale) -> (dq, dk, dv)``
+  segment_lengths, dilation_rates, is_causal, scale, position_offset=0,
+  key_start=None, key_end=None) -> (dq, dk, dv)``
 
-and ``dilated_attention`` below is the public, validated entry point (SPEC.md).
+and ``dilated_attention`` below is the public, validated entry point; the contract
+it computes is ``docs/operator.md``.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["dilated_attention", "validate_inputs", "validate_patterns"]
+__all__ = [
+    "dilated_attention",
+    "validate_inputs",
+    "validate_patterns",
+    "validate_position_offset",
+    "validate_key_ranges",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -33,16 +42,11 @@ def validate_patterns(
     """Check the (w, r) pattern lists and return them as tuples of ints.
 
     Raises:
-        ValueError: for empty or unequal lists, ``w < 1``, ``r < 1`` or ``r > w``.
+        ValueError: for empty or unequal lists, non-integral or boolean entries,
+            ``w < 1``, ``r < 1`` or ``r > w``.
     """
-    try:
-        ws = tuple(int(w) for w in segment_lengths)
-        rs = tuple(int(r) for r in dilation_rates)
-    except TypeError as exc:
-        raise ValueError(
-            "segment_lengths and dilation_rates must be sequences of ints, got "
-            f"{segment_lengths!r} and {dilation_rates!r}"
-        ) from exc
+    ws = _int_tuple(segment_lengths, "segment_lengths")
+    rs = _int_tuple(dilation_rates, "dilation_rates")
     if len(ws) == 0:
         raise ValueError("segment_lengths must hold at least one segment length, got []")
     if len(ws) != len(rs):
@@ -60,6 +64,64 @@ def validate_patterns(
                 f"dilation_rates[{i}] ({r}) must not exceed segment_lengths[{i}] ({w})"
             )
     return ws, rs
+
+
+def _as_int(value, name: str) -> int:
+    """``value`` as an int when it is integral (Python, NumPy or 0-d torch ints), else
+    a ValueError naming ``name``; bools and floats (even 2.0) are refused."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"{name} must be an int, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(
+            f"{name} must be an int, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
+def _int_tuple(values: Sequence[int], name: str) -> Tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of ints, got {values!r}")
+    return tuple(_as_int(x, f"{name}[{i}]") for i, x in enumerate(values))
+
+
+def validate_position_offset(position_offset: int) -> int:
+    """Check ``position_offset`` (an int >= 0) and return it as an int."""
+    offset = _as_int(position_offset, "position_offset")
+    if offset < 0:
+        raise ValueError(f"position_offset must be >= 0, got {offset}")
+    return offset
+
+
+def validate_key_ranges(
+    key_start: Optional[Tensor], key_end: Optional[Tensor], q: Tensor, nk: int
+) -> None:
+    """Check the per-row key ranges: int tensors of shape ``(B,)`` on q's device with
+    ``0 <= key_start <= key_end <= Nk`` (the values are checked outside
+    ``torch.compile``; the kernels check them again)."""
+    for name, t in (("key_start", key_start), ("key_end", key_end)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape (B,) or None, "
+                             f"got {type(t).__name__}")
+        if t.dim() != 1 or t.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} must have shape (B,) = ({q.shape[0]},), got {tuple(t.shape)}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    if torch.compiler.is_compiling() or (key_start is None and key_end is None):
+        return
+    start = key_start if key_start is not None else torch.zeros_like(key_end)
+    end = key_end if key_end is not None else torch.full_like(key_start, nk)
+    bad = (start < 0) | (start > end) | (end > nk)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"key ranges must satisfy 0 <= key_start <= key_end <= Nk ({nk}), got "
+            f"key_start[{b}] = {int(start[b])}, key_end[{b}] = {int(end[b])}"
+        )
 
 
 def validate_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> float:
@@ -114,8 +176,12 @@ def dilated_attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    position_offset: int = 0,
+    key_start: Optional[Tensor] = None,
+    key_end: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """LongNet dilated attention (Ding et al., 2023), exactly as SPEC.md defines it.
+    """LongNet dilated attention (Ding et al., 2023), exactly as ``docs/operator.md``
+    defines it.
 
     Args:
         q: queries, ``(B, Nq, H, D)``.
@@ -124,9 +190,17 @@ def dilated_attention(
         segment_lengths: ``[w_1 .. w_m]``, each ``>= 1``.
         dilation_rates: ``[r_1 .. r_m]``, each ``1 <= r_i <= w_i``.
         is_causal: a key must not come after its query (positions are bottom-right
-            aligned: query ``i`` sits at position ``Nk - Nq + i``).
+            aligned: query ``i`` sits at position ``position_offset + Nk - Nq + i``).
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp of every query row.
+        position_offset: absolute position of ``k[:, 0]`` (an int >= 0). Segments are
+            ``[s*w, (s+1)*w)`` in absolute positions; 0 gives the plain operator.
+        key_start, key_end: optional int tensors of shape ``(B,)`` on q's device:
+            row ``b``'s sequence is the keys ``[key_start[b], key_end[b])`` (padding
+            outside, never attended), positions counted from ``key_start[b]`` (plus
+            ``position_offset``), queries bottom-right aligned to ``key_end[b]``.
+            Query rows that fall before ``key_start[b]`` get ``out = 0``,
+            ``lse = -inf``.
 
     Returns:
         ``out`` of shape ``(B, Nq, H, D)`` in the input dtype, and with
@@ -135,14 +209,17 @@ def dilated_attention(
     """
     ws, rs = validate_patterns(segment_lengths, dilation_rates)
     scale = validate_inputs(q, k, v, scale)
+    position_offset = validate_position_offset(position_offset)
+    validate_key_ranges(key_start, key_end, q, k.shape[1])
     out, lse = torch.ops.longnet.dilated_attention_fwd.default(
-        q, k, v, list(ws), list(rs), bool(is_causal), scale
+        q, k, v, list(ws), list(rs), bool(is_causal), scale, position_offset, key_start, key_end
     )
     return (out, lse) if return_lse else out
 
 
 @torch.library.register_fake("longnet::dilated_attention_fwd")
-def _fwd_fake(q, k, v, segment_lengths, dilation_rates, is_causal, scale):
+def _fwd_fake(q, k, v, segment_lengths, dilation_rates, is_causal, scale, position_offset=0,
+              key_start=None, key_end=None):
     b, nq, h, _ = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((b, h, nq), dtype=_lse_dtype(q.dtype))
@@ -151,30 +228,32 @@ def _fwd_fake(q, k, v, segment_lengths, dilation_rates, is_causal, scale):
 
 @torch.library.register_fake("longnet::dilated_attention_bwd")
 def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, segment_lengths, dilation_rates,
-              is_causal, scale):
+              is_causal, scale, position_offset=0, key_start=None, key_end=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, segment_lengths, dilation_rates, is_causal, scale = inputs
+    q, k, v, segment_lengths, dilation_rates, is_causal, scale = inputs[:7]
+    position_offset, key_start, key_end = (list(inputs[7:]) + [0, None, None][len(inputs) - 7:])
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, key_start, key_end)
     ctx.patterns = (list(segment_lengths), list(dilation_rates))
     ctx.is_causal = is_causal
     ctx.scale = scale
+    ctx.position_offset = position_offset
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, key_start, key_end = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
     dq, dk, dv = torch.ops.longnet.dilated_attention_bwd.default(
         grad_out, grad_lse, q, k, v, out, lse, ctx.patterns[0], ctx.patterns[1],
-        ctx.is_causal, ctx.scale,
+        ctx.is_causal, ctx.scale, ctx.position_offset, key_start, key_end,
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(

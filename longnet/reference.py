@@ -1,9 +1,9 @@
-"""Slow, obviously-correct dilated attention in plain PyTorch (SPEC.md).
+"""Slow, obviously-correct dilated attention in plain PyTorch (docs/operator.md).
 
 It builds, for every head, the dense count matrix ``c[j, p, t]`` (in how many
-patterns query position ``p`` and key position ``t`` share a sparse segment, after
-the causal rule) and evaluates one softmax over ``scale * q k^T + log c``. Memory
-is O(Nq * Nk) per head: use it for tests on short sequences only.
+patterns query ``p`` and key ``t`` share a sparse segment, after the causal rule)
+and evaluates one softmax over ``scale * q k^T + log c``. Memory is O(Nq * Nk) per
+head: use it for tests on short sequences only.
 """
 
 from __future__ import annotations
@@ -25,19 +25,33 @@ def pattern_counts(
     dilation_rates: Sequence[int],
     is_causal: bool,
     device: Optional[torch.device] = None,
+    *,
+    position_offset: int = 0,
+    key_start: Optional[int] = None,
+    key_end: Optional[int] = None,
 ) -> Tensor:
-    """Count matrix ``c`` of shape ``(H, Nq, Nk)`` (int64), as SPEC.md defines it."""
-    q_pos = torch.arange(nk - nq, nk, device=device)
-    k_pos = torch.arange(nk, device=device)
+    """Count matrix ``c`` of shape ``(H, Nq, Nk)`` (int64), as docs/operator.md defines it.
+
+    The sequence is the keys ``[key_start, key_end)`` (default: all ``nk``), key
+    ``key_start`` at absolute position ``position_offset``; queries are bottom-right
+    aligned to ``key_end``. Pairs outside the sequence count 0.
+    """
+    start = 0 if key_start is None else int(key_start)
+    end = nk if key_end is None else int(key_end)
+    key_index = torch.arange(nk, device=device)
+    query_index = torch.arange(end - nq, end, device=device)  # as key indices
+    k_pos = key_index - start + position_offset
+    q_pos = query_index - start + position_offset
+    k_real = (key_index >= start) & (key_index < end)
+    q_real = query_index >= start
     counts = torch.zeros(num_heads, nq, nk, dtype=torch.int64, device=device)
     for w, r in zip(segment_lengths, dilation_rates):
+        same_segment = (q_pos[:, None] // w) == (k_pos[None, :] // w)
         for j in range(num_heads):
             o = j % r
-            q_in = (q_pos % w) % r == o
-            k_in = (k_pos % w) % r == o
-            same_segment = (q_pos[:, None] // w) == (k_pos[None, :] // w)
-            hit = same_segment & q_in[:, None] & k_in[None, :]
-            counts[j] += hit.long()
+            q_in = ((q_pos % w) % r == o) & q_real
+            k_in = ((k_pos % w) % r == o) & k_real
+            counts[j] += (same_segment & q_in[:, None] & k_in[None, :]).long()
     if is_causal:
         counts = counts * (k_pos[None, :] <= q_pos[:, None]).long()
     return counts
@@ -52,10 +66,13 @@ def dilated_attention_reference(
     *,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    position_offset: int = 0,
+    key_start: Optional[Tensor] = None,
+    key_end: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Return ``(out, lse)`` of dilated attention, computed densely.
 
-    Shapes as ``longnet.dilated_attention``; differentiable through both outputs.
+    Arguments as ``longnet.dilated_attention``; differentiable through both outputs.
     The computation runs in the input dtype (use float64 for a ground truth).
     """
     b, nq, h, d = q.shape
@@ -65,12 +82,22 @@ def dilated_attention_reference(
     group = h // hk
     kh = k.repeat_interleave(group, dim=2) if group > 1 else k
     vh = v.repeat_interleave(group, dim=2) if group > 1 else v
-    counts = pattern_counts(nq, nk, h, segment_lengths, dilation_rates, is_causal, q.device)
+    if key_start is None and key_end is None:
+        counts = pattern_counts(nq, nk, h, segment_lengths, dilation_rates, is_causal, q.device,
+                                position_offset=position_offset)[None]
+    else:
+        starts = [0] * b if key_start is None else key_start.tolist()
+        ends = [nk] * b if key_end is None else key_end.tolist()
+        counts = torch.stack([
+            pattern_counts(nq, nk, h, segment_lengths, dilation_rates, is_causal, q.device,
+                           position_offset=position_offset, key_start=s, key_end=e)
+            for s, e in zip(starts, ends)
+        ])  # (B, H, Nq, Nk)
     log_c = torch.log(counts.to(q.dtype))  # -inf where no pattern links p and t
     logits = torch.einsum("bqhd,bkhd->bhqk", q, kh) * scale + log_c
     # Rows that reach no key get lse = -inf and out = 0 with finite gradients: run
     # the softmax on a zero row there and overwrite it afterwards.
-    has_key = (counts > 0).any(dim=-1)  # (H, Nq)
+    has_key = (counts > 0).any(dim=-1)  # (B or 1, H, Nq)
     logits = torch.where(has_key[..., None], logits, torch.zeros_like(logits))
     lse_all = torch.logsumexp(logits, dim=-1)  # (B, H, Nq)
     probs = torch.exp(logits - lse_all[..., None]) * has_key[..., None]

@@ -1,4 +1,4 @@
-// CPU kernels of longnet::dilated_attention_fwd / _bwd (SPEC.md).
+// CPU kernels of longnet::dilated_attention_fwd / _bwd (docs/operator.md).
 //
 // All patterns share one online softmax per query row: the patterns run one after
 // another; within a pattern every (batch, head, sparse segment, query block) is an
@@ -76,8 +76,15 @@ at::Tensor with_dense_rows(const at::Tensor& t) {
 
 struct Problem {
   int64_t batch, nq, nk, heads, kv_heads, dim;
+  int64_t position_offset;
+  const int64_t* key_start;  // (B,) or nullptr
+  const int64_t* key_end;    // (B,) or nullptr
   int64_t group() const { return heads / kv_heads; }
-  int64_t q_start() const { return nk - nq; }  // absolute position of query 0
+  RowSpan row(int64_t b) const {
+    return row_span(nk, nq, position_offset, key_start, key_end, b);
+  }
+  // Upper bound of the segments of length w any row touches.
+  int64_t segments(int64_t w) const { return max_row_segments(nk, position_offset, w); }
 };
 
 // ---------------------------------------------------------------- forward ----
@@ -85,21 +92,24 @@ struct Problem {
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
-                  bool is_causal, double scale_d, at::Tensor& out, at::Tensor& lse) {
+                  bool is_causal, double scale_d, const Problem& pb, at::Tensor& out,
+                  at::Tensor& lse) {
   using A = acc_t<T>;
   constexpr bool kConvert = !std::is_same_v<T, A>;
-  const Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   const int64_t D = pb.dim;
   const A scale = static_cast<A>(scale_d);
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
 
-  // Running state: m lives in lse, acc in out when out has the accumulation type.
-  at::Tensor acc = kConvert ? at::zeros(q.sizes(), acc_opts) : out.zero_();
+  // Running state (m, l, acc) per query row. acc lives in out when out has the
+  // accumulation type; a row's first merge overwrites it, so nothing is zero-filled
+  // and the final pass below is the only writer of every row's result.
+  at::Tensor acc = kConvert ? at::empty(q.sizes(), acc_opts) : out;
+  at::Tensor m = at::full({pb.batch, pb.heads, pb.nq}, neg_inf<A>(), acc_opts);
   at::Tensor l = at::zeros({pb.batch, pb.heads, pb.nq}, acc_opts);
-  lse.fill_(neg_inf<A>());
   A* acc_p = acc.data_ptr<A>();
-  A* m_p = lse.data_ptr<A>();
+  A* m_p = m.data_ptr<A>();
   A* l_p = l.data_ptr<A>();
+  const int64_t skipped_state = debug_skip_first_row() ? 0 : -1;
 
   const RowView<const T> qv(q), kv(k), vv(v);
   const int64_t QB = kQueryBlock, KB = kKeyBlock;
@@ -111,7 +121,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
   for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
     const int64_t w = segment_lengths[pi], r = dilation_rates[pi];
-    const int64_t nseg = num_segments(pb.nk, w);
+    const int64_t nseg = pb.segments(w);
     const int64_t max_count = (std::min(w, pb.nk) + r - 1) / r;
     const int64_t nqb = (max_count + QB - 1) / QB;
     const int64_t ntasks = pb.batch * pb.heads * nseg * nqb;
@@ -136,13 +146,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const int64_t b = rest / pb.heads;
         const int64_t g = h / pb.group();
 
-        const SparseSegment seg = sparse_segment(pb.nk, pb.nq, w, r, s, head_offset(h, r));
+        const RowSpan row = pb.row(b);
+        const SparseSegment seg = sparse_segment(row, w, r, s, head_offset(h, r));
         const int64_t tq0 = seg.first_query + qb * QB;
         if (tq0 >= seg.count) continue;
         const int64_t tq1 = std::min(tq0 + QB, seg.count);
         const int64_t qn = tq1 - tq0;
         const int64_t kend = is_causal ? tq1 : seg.count;
-        const int64_t qi0 = seg.base + tq0 * r - pb.q_start();  // query index of row 0
+        const int64_t qi0 = seg.base + tq0 * r - row.q_start;  // query index of row 0
 
         int64_t ldq, ldk, ldv;
         const A* Q = load_rows<T, A>(qv.at(b, qi0, h), r * qv.sn, qn, D, q_buf, &ldq);
@@ -185,12 +196,19 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           if (l_loc[i] == A(0)) continue;
           const int64_t qi = qi0 + i * r;
           const int64_t state = (b * pb.heads + h) * pb.nq + qi;
+          if (state == skipped_state) continue;
           A* acc_row = acc_p + ((b * pb.nq + qi) * pb.heads + h) * D;
+          const A* src = acc_loc + i * D;
           const A m_old = m_p[state];
+          if (m_old == neg_inf<A>()) {  // first contribution to this row
+            std::copy(src, src + D, acc_row);
+            l_p[state] = l_loc[i];
+            m_p[state] = m_loc[i];
+            continue;
+          }
           const A m_new = std::max(m_old, m_loc[i]);
           const A a_old = m_old == neg_inf<A>() ? A(0) : std::exp(m_old - m_new);
           const A a_new = std::exp(m_loc[i] - m_new);
-          const A* src = acc_loc + i * D;
           for (int64_t j = 0; j < D; ++j) acc_row[j] = acc_row[j] * a_old + src[j] * a_new;
           l_p[state] = l_p[state] * a_old + l_loc[i] * a_new;
           m_p[state] = m_new;
@@ -199,8 +217,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     });
   }
 
-  // out = acc / l, lse = m + log l; rows that reached no key: out 0, lse -inf.
+  // The only write of every output element: out = acc / l, lse = m + log l; rows
+  // that reached no key (l = 0, acc never written) get out = 0, lse = -inf.
   T* out_p = out.data_ptr<T>();
+  A* lse_p = lse.data_ptr<A>();
   const int64_t rows = pb.batch * pb.nq * pb.heads;
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -208,16 +228,17 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t qi = (row / pb.heads) % pb.nq;
       const int64_t b = row / (pb.heads * pb.nq);
       const int64_t state = (b * pb.heads + h) * pb.nq + qi;
+      if (state == skipped_state) continue;
       const A denom = l_p[state];
       const A* src = acc_p + row * D;
       T* dst = out_p + row * D;
       if (denom > A(0)) {
         const A inv = A(1) / denom;
         for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<T>(src[j] * inv);
-        m_p[state] += std::log(denom);
+        lse_p[state] = m_p[state] + std::log(denom);
       } else {
         for (int64_t j = 0; j < D; ++j) dst[j] = T(0);
-        m_p[state] = neg_inf<A>();
+        lse_p[state] = neg_inf<A>();
       }
     }
   });
@@ -264,23 +285,23 @@ struct PatternBackward {
     }
   };
 
-  SparseSegment segment(int64_t s, int64_t h) const {
-    return sparse_segment(pb.nk, pb.nq, w, r, s, head_offset(h, r));
+  SparseSegment segment(const RowSpan& row, int64_t s, int64_t h) const {
+    return sparse_segment(row, w, r, s, head_offset(h, r));
   }
-  int64_t query_index(const SparseSegment& seg, int64_t t) const {
-    return seg.base + t * r - pb.q_start();
+  int64_t query_index(const RowSpan& row, const SparseSegment& seg, int64_t t) const {
+    return seg.base + t * r - row.q_start;
   }
 
   // Turns S = Q K^T (scaled) into P and dP = dO V^T into dS for rows tq0.. of
   // head h against keys kb0.. of the sparse segment.
-  void probs_and_grads(int64_t b, int64_t h, const SparseSegment& seg, int64_t tq0, int64_t qn,
-                       int64_t kb0, int64_t kn, A* S, A* dP) const {
+  void probs_and_grads(int64_t b, int64_t h, const RowSpan& row, const SparseSegment& seg,
+                       int64_t tq0, int64_t qn, int64_t kb0, int64_t kn, A* S, A* dP) const {
     const A* lse_row = lse_p + (b * pb.heads + h) * pb.nq;
     const A* delta_row = delta_p + (b * pb.heads + h) * pb.nq;
     for (int64_t i = 0; i < qn; ++i) {
       A* s_row = S + i * kn;
       A* dp_row = dP + i * kn;
-      const int64_t qi = query_index(seg, tq0 + i);
+      const int64_t qi = query_index(row, seg, tq0 + i);
       const int64_t valid = is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
       const A row_lse = lse_row[qi];
       if (valid == 0 || row_lse == neg_inf<A>()) {
@@ -299,7 +320,8 @@ struct PatternBackward {
   void key_block(int64_t b, int64_t h, int64_t s, int64_t kb0, bool with_dq,
                  const Scratch& sc) const {
     const int64_t D = pb.dim, g = h / pb.group();
-    const SparseSegment seg = segment(s, h);
+    const RowSpan row = pb.row(b);
+    const SparseSegment seg = segment(row, s, h);
     if (seg.first_query >= seg.count || kb0 >= seg.count) return;
     const int64_t kn = std::min(KB, seg.count - kb0);
     const int64_t key0 = seg.base + kb0 * r;
@@ -314,12 +336,12 @@ struct PatternBackward {
     const int64_t q_first = is_causal ? std::max(seg.first_query, kb0) : seg.first_query;
     for (int64_t tq0 = q_first; tq0 < seg.count; tq0 += QB) {
       const int64_t qn = std::min(QB, seg.count - tq0);
-      const int64_t qi0 = query_index(seg, tq0);
+      const int64_t qi0 = query_index(row, seg, tq0);
       const A* Q = load_rows<T, A>(qv.at(b, qi0, h), r * qv.sn, qn, D, sc.q_buf, &ldq);
       const A* dO = load_rows<T, A>(dov.at(b, qi0, h), r * dov.sn, qn, D, sc.do_buf, &ldo);
       gemm_nt<A>(qn, kn, D, scale, Q, ldq, K, ldk, A(0), sc.S, kn);
       gemm_nt<A>(qn, kn, D, A(1), dO, ldo, V, ldv, A(0), sc.dP, kn);
-      probs_and_grads(b, h, seg, tq0, qn, kb0, kn, sc.S, sc.dP);
+      probs_and_grads(b, h, row, seg, tq0, qn, kb0, kn, sc.S, sc.dP);
       gemm_tn<A>(kn, D, qn, A(1), sc.S, kn, dO, ldo, A(1), dv_loc, D);
       gemm_tn<A>(kn, D, qn, scale, sc.dP, kn, Q, ldq, A(1), dk_loc, D);
       if (with_dq) {
@@ -347,12 +369,13 @@ struct PatternBackward {
   // owns these rows.
   void query_block(int64_t b, int64_t h, int64_t s, int64_t qb, const Scratch& sc) const {
     const int64_t D = pb.dim, g = h / pb.group();
-    const SparseSegment seg = segment(s, h);
+    const RowSpan row = pb.row(b);
+    const SparseSegment seg = segment(row, s, h);
     const int64_t tq0 = seg.first_query + qb * QB;
     if (tq0 >= seg.count) return;
     const int64_t qn = std::min(QB, seg.count - tq0);
     const int64_t kend = is_causal ? tq0 + qn : seg.count;
-    const int64_t qi0 = query_index(seg, tq0);
+    const int64_t qi0 = query_index(row, seg, tq0);
     int64_t ldk, ldv, ldq, ldo;
     const A* Q = load_rows<T, A>(qv.at(b, qi0, h), r * qv.sn, qn, D, sc.q_buf, &ldq);
     const A* dO = load_rows<T, A>(dov.at(b, qi0, h), r * dov.sn, qn, D, sc.do_buf, &ldo);
@@ -365,7 +388,7 @@ struct PatternBackward {
       const A* V = load_rows<T, A>(vv.at(b, key0, g), r * vv.sn, kn, D, sc.v_buf, &ldv);
       gemm_nt<A>(qn, kn, D, scale, Q, ldq, K, ldk, A(0), sc.S, kn);
       gemm_nt<A>(qn, kn, D, A(1), dO, ldo, V, ldv, A(0), sc.dP, kn);
-      probs_and_grads(b, h, seg, tq0, qn, kb0, kn, sc.S, sc.dP);
+      probs_and_grads(b, h, row, seg, tq0, qn, kb0, kn, sc.S, sc.dP);
       gemm_nn<A>(qn, D, kn, scale, sc.dP, kn, K, ldk, A(1), dq_loc, D);
     }
     A* dq_rows = dq_p + ((b * pb.nq + qi0) * pb.heads + h) * D;
@@ -377,16 +400,28 @@ struct PatternBackward {
   }
 };
 
+// Writes every element of `dst` (contiguous (B, N, H, D)) once from `acc`, row by
+// row; the debug switch skips row (0, 0, 0).
+template <typename T, typename A>
+void write_gradients(const at::Tensor& acc, at::Tensor& dst) {
+  const int64_t D = dst.size(3);
+  const int64_t rows = dst.numel() / std::max<int64_t>(D, 1);
+  const int64_t first = debug_skip_first_row() ? 1 : 0;
+  const A* src_p = acc.data_ptr<A>();
+  T* dst_p = dst.data_ptr<T>();
+  at::parallel_for(first, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * D; i < end * D; ++i) dst_p[i] = static_cast<T>(src_p[i]);
+  });
+}
+
 template <typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q,
                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                    const at::Tensor& lse, at::IntArrayRef segment_lengths,
                    at::IntArrayRef dilation_rates, bool is_causal, double scale_d,
-                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                   const Problem& pb, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using A = acc_t<T>;
   using Pattern = PatternBackward<T>;
-  constexpr bool kConvert = Pattern::kConvert;
-  const Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   const int64_t D = pb.dim;
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
 
@@ -409,9 +444,11 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
     }
   });
 
-  at::Tensor dq_acc = kConvert ? at::zeros(dq.sizes(), acc_opts) : dq.zero_();
-  at::Tensor dk_acc = kConvert ? at::zeros(dk.sizes(), acc_opts) : dk.zero_();
-  at::Tensor dv_acc = kConvert ? at::zeros(dv.sizes(), acc_opts) : dv.zero_();
+  // Patterns add into zeroed accumulators; write_gradients is the only writer of
+  // the outputs.
+  at::Tensor dq_acc = at::zeros(dq.sizes(), acc_opts);
+  at::Tensor dk_acc = at::zeros(dk.sizes(), acc_opts);
+  at::Tensor dv_acc = at::zeros(dv.sizes(), acc_opts);
 
   const int64_t nthreads = at::get_num_threads();
   const int64_t per_thread = Pattern::scratch_size(D);
@@ -423,7 +460,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
                       static_cast<A>(scale_d), RowView<const T>(q), RowView<const T>(k),
                       RowView<const T>(v), dov, lse.data_ptr<A>(), delta_p,
                       dq_acc.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>()};
-    const int64_t nseg = num_segments(pb.nk, pat.w);
+    const int64_t nseg = pb.segments(pat.w);
     const int64_t max_count = (std::min(pat.w, pb.nk) + pat.r - 1) / pat.r;
     const int64_t segment_tasks = pb.batch * pb.kv_heads * nseg;
 
@@ -473,11 +510,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
     }
   }
 
-  if constexpr (kConvert) {
-    dq.copy_(dq_acc);
-    dk.copy_(dk_acc);
-    dv.copy_(dv_acc);
-  }
+  write_gradients<T, A>(dq_acc, dq);
+  write_gradients<T, A>(dk_acc, dk);
+  write_gradients<T, A>(dv_acc, dv);
 }
 
 // ------------------------------------------------------------- operators ----
@@ -485,10 +520,13 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
 std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
-    double scale) {
+    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
+    const std::optional<at::Tensor>& key_end) {
   check_qkv(q_in, k_in, v_in, scale);
   check_patterns(segment_lengths, dilation_rates);
+  check_position_offset(position_offset);
   TORCH_CHECK(q_in.device().is_cpu(), "longnet: expected CPU tensors, got ", q_in.device());
+  const KeyRanges ranges(key_start, key_end, q_in, k_in.size(1));
   at::Tensor out, lse;
   std::tie(out, lse) = allocate_forward_outputs(q_in);
   if (q_in.numel() == 0) {
@@ -496,8 +534,11 @@ std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cpu(
     return {out, lse};
   }
   const at::Tensor q = with_dense_rows(q_in), k = with_dense_rows(k_in), v = with_dense_rows(v_in);
+  const Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
+                   position_offset, ranges.start_ptr(), ranges.end_ptr()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_fwd_cpu", [&] {
-    forward_impl<scalar_t>(q, k, v, segment_lengths, dilation_rates, is_causal, scale, out, lse);
+    forward_impl<scalar_t>(q, k, v, segment_lengths, dilation_rates, is_causal, scale, pb, out,
+                           lse);
   });
   return {out, lse};
 }
@@ -506,11 +547,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
     const at::Tensor& lse_in, at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
-    bool is_causal, double scale) {
+    bool is_causal, double scale, int64_t position_offset,
+    const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
   check_qkv(q_in, k_in, v_in, scale);
   check_patterns(segment_lengths, dilation_rates);
+  check_position_offset(position_offset);
   TORCH_CHECK(q_in.device().is_cpu(), "longnet: expected CPU tensors, got ", q_in.device());
   check_backward_args(grad_out, grad_lse, q_in, out_in, lse_in);
+  const KeyRanges ranges(key_start, key_end, q_in, k_in.size(1));
   at::Tensor dq, dk, dv;
   std::tie(dq, dk, dv) = allocate_backward_outputs(q_in, k_in, v_in);
   if (q_in.numel() == 0 || k_in.numel() == 0) {
@@ -518,9 +562,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cpu(
   }
   const at::Tensor q = with_dense_rows(q_in), k = with_dense_rows(k_in), v = with_dense_rows(v_in);
   const BackwardRows rows(q_in, grad_out, out_in, lse_in, grad_lse);
+  const Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
+                   position_offset, ranges.start_ptr(), ranges.end_ptr()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_bwd_cpu", [&] {
     backward_impl<scalar_t>(rows.grad_out, rows.grad_lse, q, k, v, rows.out, rows.lse,
-                            segment_lengths, dilation_rates, is_causal, scale, dq, dk, dv);
+                            segment_lengths, dilation_rates, is_causal, scale, pb, dq, dk, dv);
   });
   return {dq, dk, dv};
 }
