@@ -56,7 +56,8 @@ def make_extension():
     cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"]
     sources = [os.path.relpath(p, HERE) for p in
                sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
-               + sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
+               + sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+               + sorted(glob.glob(os.path.join(HERE, "csrc", "engine", "*.cpp")))]
     common = dict(
         name="longnet._C",
         include_dirs=[os.path.join(HERE, "csrc")],

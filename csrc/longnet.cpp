@@ -1,11 +1,65 @@
 // Operator schemas of the longnet namespace and the Python module stub.
-// Kernels live in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA).
+// csrc/engine/dispatch.cpp registers the implementations: the fused kernels of
+// csrc/cpu/*.cpp and csrc/cuda/*.cu, or dense engines (csrc/engine/).
 #include <Python.h>
 #include <torch/library.h>
 
+#include "engine/engine.h"
+
+namespace {
+
+// _set_engine(name): force an engine for this thread ("" or "auto": automatic).
+PyObject* set_engine(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  longnet::engine::set_forced_engine(name);
+  Py_RETURN_NONE;
+}
+
+// _forced_engine() -> str: the engine forced for this thread ("" when none).
+PyObject* forced_engine(PyObject*, PyObject*) {
+  return PyUnicode_FromString(longnet::engine::forced_engine().c_str());
+}
+
+// _last_engine() -> (sequence, name): the engine of this thread's last call, with a
+// process-wide sequence number ((0, "") before any call).
+PyObject* last_engine(PyObject*, PyObject*) {
+  const auto last = longnet::engine::last_engine();
+  return Py_BuildValue("(Ks)", static_cast<unsigned long long>(last.first), last.second.c_str());
+}
+
+// _engine_names() -> tuple of the engine names (without "auto").
+PyObject* engine_names(PyObject*, PyObject*) {
+  const auto& names = longnet::engine::engine_names();
+  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+  if (tuple == nullptr) return nullptr;
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), PyUnicode_FromString(names[i].c_str()));
+  }
+  return tuple;
+}
+
+// _engine_built(name) -> bool: whether a dense engine of that name is compiled in.
+PyObject* engine_built(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  return PyBool_FromLong(std::string(name) == "fused" ||
+                         longnet::engine::find_engine(name) != nullptr);
+}
+
+PyMethodDef methods[] = {
+    {"_set_engine", set_engine, METH_O, "Force an engine for this thread."},
+    {"_forced_engine", forced_engine, METH_NOARGS, "Engine forced for this thread."},
+    {"_last_engine", last_engine, METH_NOARGS, "(sequence, engine) of this thread's last call."},
+    {"_engine_names", engine_names, METH_NOARGS, "Names of the engines."},
+    {"_engine_built", engine_built, METH_O, "Whether an engine is compiled in."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // Importing longnet._C loads this library, which runs the registrations below.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "repository root, against the torch that is installed now."
     ) from exc
 
-from longnet.ops import dilated_attention  # noqa: E402
+from longnet.ops import dilated_attention, last_engine, use_engine  # noqa: E402
 
 HAS_CUDA: bool = torch._C._dispatch_has_kernel_for_dispatch_key(
     "longnet::dilated_attention_fwd", "CUDA"
@@ -25,7 +25,7 @@ HAS_CUDA: bool = torch._C._dispatch_has_kernel_for_dispatch_key(
 
 __version__ = "0.1.0"
 
-__all__ = ["dilated_attention", "HAS_CUDA", "__version__"]
+__all__ = ["dilated_attention", "use_engine", "last_engine", "HAS_CUDA", "__version__"]
 
 from longnet.modules import (  # noqa: E402
     DilatedAttention,

@@ -21,13 +21,20 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from longnet import engines as _engines
+
 __all__ = [
     "dilated_attention",
     "validate_inputs",
     "validate_patterns",
     "validate_position_offset",
     "validate_key_ranges",
+    "use_engine",
+    "last_engine",
 ]
+
+use_engine = _engines.use_engine
+last_engine = _engines.last_engine
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -241,6 +248,7 @@ def _setup_context(ctx, inputs, output):
     ctx.is_causal = is_causal
     ctx.scale = scale
     ctx.position_offset = position_offset
+    ctx.engine = _engines._capture()
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -249,10 +257,11 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
-    dq, dk, dv = torch.ops.longnet.dilated_attention_bwd.default(
-        grad_out, grad_lse, q, k, v, out, lse, ctx.patterns[0], ctx.patterns[1],
-        ctx.is_causal, ctx.scale, ctx.position_offset, key_start, key_end,
-    )
+    with _engines._backward_scope(getattr(ctx, "engine", None)):
+        dq, dk, dv = torch.ops.longnet.dilated_attention_bwd.default(
+            grad_out, grad_lse, q, k, v, out, lse, ctx.patterns[0], ctx.patterns[1],
+            ctx.is_causal, ctx.scale, ctx.position_offset, key_start, key_end,
+        )
     return dq, dk, dv, None, None, None, None, None, None, None
 
 

@@ -1,4 +1,5 @@
-// CPU kernels of longnet::dilated_attention_fwd / _bwd (docs/operator.md).
+// CPU kernels of longnet::dilated_attention_fwd / _bwd (docs/operator.md), the
+// `fused` engine; csrc/engine/dispatch.cpp registers the operators.
 //
 // All patterns share one online softmax per query row: the patterns run one after
 // another; within a pattern every (batch, head, sparse segment, query block) is an
@@ -9,7 +10,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +20,7 @@
 #include "checks.h"
 #include "op_common.h"
 #include "cpu/blas.h"
+#include "cpu/fused.h"
 #include "cpu/vec_math.h"
 #include "pattern.h"
 
@@ -515,9 +516,11 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
   write_gradients<T, A>(dv_acc, dv);
 }
 
+}  // namespace
+
 // ------------------------------------------------------------- operators ----
 
-std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor> fused_forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
     double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
@@ -543,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cpu(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
     const at::Tensor& lse_in, at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
@@ -569,13 +572,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cpu(
                             segment_lengths, dilation_rates, is_causal, scale, pb, dq, dk, dv);
   });
   return {dq, dk, dv};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(longnet, CPU, m) {
-  m.impl("dilated_attention_fwd", &dilated_attention_fwd_cpu);
-  m.impl("dilated_attention_bwd", &dilated_attention_bwd_cpu);
 }
 
 }  // namespace longnet::cpu

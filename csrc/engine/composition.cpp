@@ -1,0 +1,309 @@
+// Dilated attention composed of dense attention problems over strided views
+// (docs/operator.md, "Engines"; engine.h).
+//
+// Plan: for every group of batch rows with one key range, every pattern (w, r), head
+// offset o and set of query heads whose key/value heads are a strided set, the
+// segments that lie wholly inside the row's queries form one batched dense problem
+// (batch = rows x segments, rows o, o+r, ... of each segment); every other segment
+// (partial first or last segment, the segment where the queries start) is a problem
+// of its own. A causal problem whose queries start after its first key is split into
+// the keys before the first query (no mask) and a square causal problem, so engines
+// only ever see square causal problems.
+//
+// Forward: the problems' (out, lse) merge into the outputs by log-sum-exp, which is
+// the softmax over the multiset union of the keys of all patterns.
+// Backward: each problem's dense backward with the merged out and lse gives exact
+// dq, dk, dv contributions. A gradient on lse adds dlse * P to dS; one more dense
+// backward per problem with values 0, out = -e_0 and grad_out = dlse * e_0 (so that
+// rowsum(grad_out * out) = -dlse and grad_out . v = 0) yields exactly those terms of
+// dq and dk.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <functional>
+#include <limits>
+#include <numeric>
+
+#include "engine/engine.h"
+#include "op_common.h"
+#include "pattern.h"
+
+namespace longnet::engine {
+namespace {
+
+// Rows row0, row0 + step, ... (len of them) of the first segment.
+struct Side {
+  int64_t row0, len;
+};
+
+struct SubProblem {
+  int64_t b0, nb;                 // batch rows b0 .. b0 + nb - 1
+  int64_t segments, seg_step;     // segments of the problem and their distance in rows
+  int64_t step;                   // row step inside a segment (the dilation rate)
+  Side q, k;                      // q rows index q, k rows index k and v
+  int64_t h0, heads, hstep;       // query heads h0, h0 + hstep, ...
+  int64_t kh0, khstep;            // their key/value heads kh0, kh0 + khstep, ...
+  bool causal;
+};
+
+// (nb, segments, len, heads, D) view of a (B, N, H, D) tensor.
+at::Tensor view5(const at::Tensor& t, const SubProblem& sp, const Side& side, bool kv) {
+  const int64_t h0 = kv ? sp.kh0 : sp.h0, hstep = kv ? sp.khstep : sp.hstep;
+  return t.as_strided(
+      {sp.nb, sp.segments, side.len, sp.heads, t.size(3)},
+      {t.stride(0), sp.seg_step * t.stride(1), sp.step * t.stride(1), hstep * t.stride(2),
+       t.stride(3)},
+      t.storage_offset() + sp.b0 * t.stride(0) + side.row0 * t.stride(1) + h0 * t.stride(2));
+}
+
+// (nb, segments, heads, Lq) view of a (B, H, Nq) tensor (lse and its gradient).
+at::Tensor row_stats_view(const at::Tensor& t, const SubProblem& sp) {
+  return t.as_strided(
+      {sp.nb, sp.segments, sp.heads, sp.q.len},
+      {t.stride(0), sp.seg_step * t.stride(2), sp.hstep * t.stride(1), sp.step * t.stride(2)},
+      t.storage_offset() + sp.b0 * t.stride(0) + sp.h0 * t.stride(1) + sp.q.row0 * t.stride(2));
+}
+
+// True when rows and segments of a view5 fold into one batch dimension without a copy.
+bool batch_folds(const at::Tensor& t5) {
+  return t5.size(0) == 1 || t5.size(1) == 1 || t5.stride(0) == t5.size(1) * t5.stride(1);
+}
+
+at::Tensor fold(const at::Tensor& t5) { return t5.flatten(0, 1); }
+
+void add_heads(std::vector<SubProblem>& plan, SubProblem base, int64_t o, int64_t r,
+               int64_t heads, int64_t group) {
+  // Query heads o + m r read key/value heads (o + m r) / group. With L = lcm(r, group),
+  // the heads h0 + c L for one h0 read the strided key/value heads h0 / group + c L / group.
+  const int64_t period = std::lcm(r, group);
+  for (int64_t h0 = o; h0 < std::min(heads, o + period); h0 += r) {
+    SubProblem sp = base;
+    sp.h0 = h0;
+    sp.heads = (heads - h0 + period - 1) / period;
+    sp.hstep = period;
+    sp.kh0 = h0 / group;
+    sp.khstep = period / group;
+    plan.push_back(sp);
+  }
+}
+
+// Problems of rows b0 .. b0 + nb - 1, which share one key range.
+void plan_rows(std::vector<SubProblem>& plan, int64_t b0, int64_t nb, const RowSpan& span,
+               int64_t heads, int64_t group, const Call& call) {
+  if (span.length() <= 0) return;
+  const int64_t q_lo = span.first_query_key();
+  if (q_lo >= span.key_end) return;
+  for (size_t pi = 0; pi < call.segment_lengths.size(); ++pi) {
+    const int64_t w = call.segment_lengths[pi], r = call.dilation_rates[pi];
+    const int64_t nseg = num_segments(span.position % w + span.length(), w);
+    // Key index of the start of the row's first segment (before key_begin when the
+    // row starts inside a segment).
+    const int64_t first_start = (span.position / w) * w - span.position + span.key_begin;
+    // Segments [la, lb) start at or after the first query and end inside the row.
+    const int64_t la = std::max<int64_t>(0, (q_lo - first_start + w - 1) / w);
+    const int64_t lb = std::max(la, std::min(nseg, (span.key_end - first_start) / w));
+    for (int64_t o = 0; o < std::min(r, heads); ++o) {
+      SubProblem base{};
+      base.b0 = b0;
+      base.nb = nb;
+      base.step = r;
+      base.seg_step = w;
+      if (lb > la) {
+        SubProblem sp = base;
+        sp.segments = lb - la;
+        sp.k = {first_start + la * w + o, (w - o + r - 1) / r};
+        sp.q = {sp.k.row0 - span.q_start, sp.k.len};
+        sp.causal = call.is_causal;
+        add_heads(plan, sp, o, r, heads, group);
+      }
+      for (int64_t l = std::max<int64_t>(0, la - 1); l < nseg; ++l) {
+        if (l >= la && l < lb) continue;
+        const SparseSegment seg = sparse_segment(span, w, r, l, o);
+        if (seg.count == 0 || seg.first_query >= seg.count) continue;
+        SubProblem sp = base;
+        sp.segments = 1;
+        const int64_t fq = seg.first_query;
+        sp.q = {seg.base + fq * r - span.q_start, seg.count - fq};
+        if (!call.is_causal || fq == 0) {
+          sp.k = {seg.base, seg.count};
+          sp.causal = call.is_causal;
+          add_heads(plan, sp, o, r, heads, group);
+        } else {
+          sp.k = {seg.base, fq};  // keys before the first query: all visible
+          sp.causal = false;
+          add_heads(plan, sp, o, r, heads, group);
+          sp.k = {seg.base + fq * r, seg.count - fq};  // the queries' own keys: causal
+          sp.causal = true;
+          add_heads(plan, sp, o, r, heads, group);
+        }
+      }
+    }
+  }
+}
+
+std::vector<SubProblem> make_plan(const at::Tensor& q, const at::Tensor& k, const Call& call) {
+  const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1);
+  const int64_t heads = q.size(2), group = q.size(2) / k.size(2);
+  std::vector<SubProblem> plan;
+  for (int64_t b = 0; b < batch;) {
+    const RowSpan span = row_span(nk, nq, call.position_offset, call.key_start, call.key_end, b);
+    int64_t nb = 1;
+    while (b + nb < batch) {
+      const RowSpan next =
+          row_span(nk, nq, call.position_offset, call.key_start, call.key_end, b + nb);
+      if (next.key_begin != span.key_begin || next.key_end != span.key_end) break;
+      ++nb;
+    }
+    plan_rows(plan, b, nb, span, heads, group, call);
+    b += nb;
+  }
+  return plan;
+}
+
+// Runs `run` on pieces of sp whose batch folds into one dimension (checked by
+// `folds`) and holds at most max_batch problems.
+void for_each_call(const SubProblem& sp, int64_t max_batch,
+                   const std::function<bool(const SubProblem&)>& folds,
+                   const std::function<void(const SubProblem&)>& run) {
+  if (sp.nb * sp.segments <= max_batch && folds(sp)) {
+    run(sp);
+    return;
+  }
+  if (sp.nb > 1) {
+    for (int64_t b = 0; b < sp.nb; ++b) {
+      SubProblem one = sp;
+      one.b0 = sp.b0 + b;
+      one.nb = 1;
+      for_each_call(one, max_batch, folds, run);
+    }
+    return;
+  }
+  for (int64_t s = 0; s < sp.segments; s += max_batch) {
+    SubProblem part = sp;
+    part.segments = std::min(max_batch, sp.segments - s);
+    part.q.row0 += s * sp.seg_step;
+    part.k.row0 += s * sp.seg_step;
+    run(part);
+  }
+}
+
+at::Tensor with_dense_last(const at::Tensor& t) {
+  return t.stride(3) == 1 ? t : t.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> composed_forward(const DenseEngine& engine, const at::Tensor& q_in,
+                                                    const at::Tensor& k_in, const at::Tensor& v_in,
+                                                    const Call& call) {
+  at::Tensor out, lse;
+  std::tie(out, lse) = allocate_forward_outputs(q_in);
+  const at::ScalarType acc_type = accumulate_dtype(q_in);
+  // Every element of out and lse is written here: rows that no problem reaches
+  // keep out = 0 and lse = -inf.
+  lse.fill_(-std::numeric_limits<double>::infinity());
+  const bool direct = q_in.scalar_type() == acc_type;
+  at::Tensor acc = direct ? out : at::empty(q_in.sizes(), q_in.options().dtype(acc_type));
+  acc.zero_();
+  if (q_in.numel() > 0 && k_in.numel() > 0) {
+    const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in),
+                     v = with_dense_last(v_in);
+    const auto folds = [&](const SubProblem& sp) {
+      return batch_folds(view5(q, sp, sp.q, false)) && batch_folds(view5(k, sp, sp.k, true)) &&
+             batch_folds(view5(v, sp, sp.k, true));
+    };
+    const auto run = [&](const SubProblem& sp) {
+      at::Tensor o_p, l_p;
+      std::tie(o_p, l_p) =
+          engine.forward(fold(view5(q, sp, sp.q, false)), fold(view5(k, sp, sp.k, true)),
+                         fold(view5(v, sp, sp.k, true)), sp.causal, call.scale);
+      at::Tensor acc5 = view5(acc, sp, sp.q, false);
+      at::Tensor lse5 = row_stats_view(lse, sp);
+      o_p = o_p.reshape(acc5.sizes()).to(acc_type);
+      l_p = l_p.reshape(lse5.sizes()).to(acc_type);
+      // Every query of a problem sees at least one key, so l_p and the merged lse
+      // are finite.
+      const at::Tensor merged = at::logaddexp(lse5, l_p);
+      const at::Tensor w_old = (lse5 - merged).exp_().transpose(2, 3).unsqueeze(-1);
+      const at::Tensor w_new = (l_p - merged).exp_().transpose(2, 3).unsqueeze(-1);
+      acc5.mul_(w_old).add_(o_p * w_new);
+      lse5.copy_(merged);
+    };
+    for (const SubProblem& sp : make_plan(q, k, call)) for_each_call(sp, engine.max_batch(), folds, run);
+  }
+  if (!direct) out.copy_(acc);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_backward(
+    const DenseEngine& engine, const at::Tensor& grad_out, const at::Tensor& grad_lse,
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const Call& call) {
+  at::Tensor dq, dk, dv;
+  std::tie(dq, dk, dv) = allocate_backward_outputs(q_in, k_in, v_in);
+  const at::ScalarType acc_type = accumulate_dtype(q_in);
+  const bool direct = q_in.scalar_type() == acc_type;
+  const auto accumulator = [&](const at::Tensor& t) {
+    return direct ? t : at::empty(t.sizes(), t.options().dtype(acc_type));
+  };
+  at::Tensor dq_acc = accumulator(dq), dk_acc = accumulator(dk), dv_acc = accumulator(dv);
+  dq_acc.zero_();
+  dk_acc.zero_();
+  dv_acc.zero_();
+  if (q_in.numel() > 0 && k_in.numel() > 0) {
+    const at::ScalarType dtype = q_in.scalar_type();
+    const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in),
+                     v = with_dense_last(v_in);
+    const at::Tensor dout = with_dense_last(grad_out.to(dtype));
+    const at::Tensor out = with_dense_last(out_in.to(dtype));
+    const at::Tensor lse = lse_in.to(acc_type);
+    const at::Tensor dlse = grad_lse.to(acc_type);
+    // Rows with lse = -inf are in no problem; their dlse plays no part.
+    const bool with_dlse =
+        q.size(3) > 0 && at::logical_and(dlse != 0, at::isfinite(lse)).any().item<bool>();
+    const auto folds = [&](const SubProblem& sp) {
+      return batch_folds(view5(q, sp, sp.q, false)) && batch_folds(view5(k, sp, sp.k, true)) &&
+             batch_folds(view5(v, sp, sp.k, true)) && batch_folds(view5(dout, sp, sp.q, false)) &&
+             batch_folds(view5(out, sp, sp.q, false));
+    };
+    const auto run = [&](const SubProblem& sp) {
+      const at::Tensor qv = fold(view5(q, sp, sp.q, false));
+      const at::Tensor kv = fold(view5(k, sp, sp.k, true));
+      const at::Tensor vv = fold(view5(v, sp, sp.k, true));
+      const int64_t bt = qv.size(0);
+      const at::Tensor lse_p = row_stats_view(lse, sp).reshape({bt, sp.heads, sp.q.len}).contiguous();
+      at::Tensor dq5 = view5(dq_acc, sp, sp.q, false);
+      at::Tensor dk5 = view5(dk_acc, sp, sp.k, true);
+      at::Tensor dv5 = view5(dv_acc, sp, sp.k, true);
+      at::Tensor dq_p, dk_p, dv_p;
+      std::tie(dq_p, dk_p, dv_p) =
+          engine.backward(fold(view5(dout, sp, sp.q, false)), qv, kv, vv,
+                          fold(view5(out, sp, sp.q, false)), lse_p, sp.causal, call.scale);
+      dq5.add_(dq_p.reshape(dq5.sizes()));
+      dk5.add_(dk_p.reshape(dk5.sizes()));
+      dv5.add_(dv_p.reshape(dv5.sizes()));
+      if (with_dlse) {
+        // dS += dlse * P: values 0, out = -e_0, grad_out = dlse * e_0.
+        const at::Tensor dl = row_stats_view(dlse, sp).permute({0, 1, 3, 2}).reshape({bt, sp.q.len, sp.heads});
+        at::Tensor dout2 = at::zeros(qv.sizes(), qv.options());
+        dout2.select(3, 0).copy_(dl);
+        at::Tensor out2 = at::zeros(qv.sizes(), qv.options());
+        out2.select(3, 0).fill_(-1);
+        const at::Tensor v0 = at::zeros(kv.sizes(), kv.options());
+        at::Tensor dq2, dk2, dv2;
+        std::tie(dq2, dk2, dv2) = engine.backward(dout2, qv, kv, v0, out2, lse_p, sp.causal, call.scale);
+        dq5.add_(dq2.reshape(dq5.sizes()));
+        dk5.add_(dk2.reshape(dk5.sizes()));
+      }
+    };
+    for (const SubProblem& sp : make_plan(q, k, call)) for_each_call(sp, engine.max_batch(), folds, run);
+  }
+  if (!direct) {
+    dq.copy_(dq_acc);
+    dk.copy_(dk_acc);
+    dv.copy_(dv_acc);
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace longnet::engine
