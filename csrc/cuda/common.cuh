@@ -68,12 +68,17 @@ inline RowStrides row_strides(const at::Tensor& t) {
 // Sizes of one problem plus the pattern a launch works on.
 struct Shape {
   int64_t batch, nq, nk, heads, kv_heads, dim;
+  int64_t position_offset;   // absolute position of key index key_start[b] (0 without ranges)
+  const int64_t* key_start;  // (B,) on the device, or nullptr: the whole row
+  const int64_t* key_end;    // (B,) on the device, or nullptr
   int64_t w, r;        // pattern
-  int64_t nseg;        // segments of the pattern
+  int64_t nseg;        // segments a row may touch (upper bound over rows)
   int64_t ntiles;      // query (forward) or key (backward) tiles per sparse segment
   bool causal;
   __host__ __device__ int64_t group() const { return heads / kv_heads; }
-  __host__ __device__ int64_t q_start() const { return nk - nq; }
+  __device__ RowSpan row(int64_t b) const {
+    return row_span(nk, nq, position_offset, key_start, key_end, b);
+  }
 };
 
 // Running softmax state of the forward pass, contiguous buffers:

@@ -1,4 +1,4 @@
-// CUDA kernels of longnet::dilated_attention_fwd / _bwd (SPEC.md): argument checks,
+// CUDA kernels of longnet::dilated_attention_fwd / _bwd (docs/operator.md): argument checks,
 // buffers, the per-pattern launch sequence and the dispatch between the tensor-core
 // kernels (bfloat16/float16, sm80+, head dims tensor_core.cuh accepts) and the
 // generic FMA kernels (every dtype and head dim).
@@ -45,8 +45,14 @@ void check_launch_dims(const at::Tensor& q, const at::Tensor& k) {
               "longnet: CUDA kernels support up to ", kMaxGridYZ, " heads, got ", q.size(2));
 }
 
+// Where the rows' sequences lie: position_offset and the checked key ranges.
+struct Rows {
+  int64_t position_offset;
+  const KeyRanges& ranges;
+};
+
 Shape make_shape(const at::Tensor& q, const at::Tensor& k, int64_t w, int64_t r, bool causal,
-                 int64_t tile_rows) {
+                 int64_t tile_rows, const Rows& rows) {
   Shape sh;
   sh.batch = q.size(0);
   sh.nq = q.size(1);
@@ -54,9 +60,12 @@ Shape make_shape(const at::Tensor& q, const at::Tensor& k, int64_t w, int64_t r,
   sh.heads = q.size(2);
   sh.kv_heads = k.size(2);
   sh.dim = q.size(3);
+  sh.position_offset = rows.position_offset;
+  sh.key_start = rows.ranges.start_ptr();
+  sh.key_end = rows.ranges.end_ptr();
   sh.w = w;
   sh.r = r;
-  sh.nseg = num_segments(sh.nk, w);
+  sh.nseg = max_row_segments(sh.nk, sh.position_offset, w);
   const int64_t max_count = ((w < sh.nk ? w : sh.nk) + r - 1) / r;  // rows of a sparse segment
   sh.ntiles = (max_count + tile_rows - 1) / tile_rows;
   sh.causal = causal;
@@ -91,30 +100,33 @@ void dispatch_per_lane(int64_t dim, F&& f) {
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
-                  bool is_causal, double scale_d, at::Tensor& out, at::Tensor& lse) {
+                  bool is_causal, double scale_d, const Rows& rows, at::Tensor& out,
+                  at::Tensor& lse) {
   using A = acc_t<T>;
   constexpr bool kConvert = !std::is_same_v<T, A>;
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool tensor_cores = !force_generic() && tc_supported({q, k, v});
 
-  // Running state: m lives in lse, acc in out when out has the accumulation type.
-  at::Tensor acc = kConvert ? at::zeros(q.sizes(), acc_opts) : out.zero_();
+  // Running state (acc, m, l) in internal buffers; finalize_kernel is the only
+  // writer of out and lse.
+  at::Tensor acc = at::zeros(q.sizes(), acc_opts);
+  at::Tensor m = at::full({q.size(0), q.size(2), q.size(1)},
+                          -std::numeric_limits<double>::infinity(), acc_opts);
   at::Tensor l = at::zeros({q.size(0), q.size(2), q.size(1)}, acc_opts);
-  lse.fill_(-std::numeric_limits<double>::infinity());
-  const FwdState<A> st{acc.data_ptr<A>(), lse.data_ptr<A>(), l.data_ptr<A>()};
+  const FwdState<A> st{acc.data_ptr<A>(), m.data_ptr<A>(), l.data_ptr<A>()};
   const A scale = static_cast<A>(scale_d);
 
   for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
     const int64_t w = segment_lengths[pi], r = dilation_rates[pi];
     if (tensor_cores) {
       if constexpr (kConvert) {
-        const Shape sh = make_shape(q, k, w, r, is_causal, tc_forward_tile_rows());
+        const Shape sh = make_shape(q, k, w, r, is_causal, tc_forward_tile_rows(), rows);
         tc_forward_pattern<T>(q, k, v, sh, static_cast<float>(scale_d), st, stream);
         continue;
       }
     }
-    const Shape sh = make_shape(q, k, w, r, is_causal, kGenericTile);
+    const Shape sh = make_shape(q, k, w, r, is_causal, kGenericTile, rows);
     const dim3 grid(static_cast<unsigned int>(sh.nseg * sh.ntiles),
                     static_cast<unsigned int>(sh.heads), static_cast<unsigned int>(sh.batch));
     dispatch_per_lane(sh.dim, [&]<int kPerLane>() {
@@ -129,18 +141,28 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   constexpr int kThreads = 256;
   finalize_kernel<T, A><<<elementwise_blocks(total, kThreads), kThreads, 0, stream>>>(
       st.acc, st.m, st.l, out.data_ptr<T>(), lse.data_ptr<A>(), q.size(1), q.size(2),
-      q.size(3), total);
+      q.size(3), total, debug_skip_first_row());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // --------------------------------------------------------------- backward ----
+
+// dst (contiguous (B, N, H, D)) = acc converted: the only write of each element.
+template <typename T, typename A>
+void write_gradient(const at::Tensor& acc, at::Tensor& dst, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t total = dst.numel();
+  write_rows_kernel<T, A><<<elementwise_blocks(total, kThreads), kThreads, 0, stream>>>(
+      acc.data_ptr<A>(), dst.data_ptr<T>(), dst.size(3), total, debug_skip_first_row());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 template <typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q,
                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                    const at::Tensor& lse, at::IntArrayRef segment_lengths,
                    at::IntArrayRef dilation_rates, bool is_causal, double scale_d,
-                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                   const Rows& rows, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using A = acc_t<T>;
   constexpr bool kConvert = !std::is_same_v<T, A>;
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
@@ -152,23 +174,25 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
   at::Tensor delta = at::empty({B, H, Nq}, acc_opts);
   {
     constexpr int kThreads = 256;
-    const int64_t rows = B * H * Nq;
-    delta_kernel<T, A><<<elementwise_blocks(rows * 32, kThreads), kThreads, 0, stream>>>(
+    const int64_t n_rows = B * H * Nq;
+    delta_kernel<T, A><<<elementwise_blocks(n_rows * 32, kThreads), kThreads, 0, stream>>>(
         dout.data_ptr<T>(), out.data_ptr<T>(), dlse.data_ptr<A>(), delta.data_ptr<A>(), Nq, H, D,
-        rows);
+        n_rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  at::Tensor dq_acc = kConvert ? at::zeros(dq.sizes(), acc_opts) : dq.zero_();
-  at::Tensor dk_acc = kConvert ? at::zeros(dk.sizes(), acc_opts) : dk.zero_();
-  at::Tensor dv_acc = kConvert ? at::zeros(dv.sizes(), acc_opts) : dv.zero_();
+  // Patterns add into internal zeroed accumulators; write_rows_kernel is the only
+  // writer of dq, dk and dv.
+  at::Tensor dq_acc = at::zeros(dq.sizes(), acc_opts);
+  at::Tensor dk_acc = at::zeros(dk.sizes(), acc_opts);
+  at::Tensor dv_acc = at::zeros(dv.sizes(), acc_opts);
   const A scale = static_cast<A>(scale_d);
 
   for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
     const int64_t w = segment_lengths[pi], r = dilation_rates[pi];
     if (tensor_cores) {
       if constexpr (kConvert) {
-        const Shape sh = make_shape(q, k, w, r, is_causal, tc_backward_tile_rows());
+        const Shape sh = make_shape(q, k, w, r, is_causal, tc_backward_tile_rows(), rows);
         tc_backward_pattern<T>(q, k, v, dout, sh, static_cast<float>(scale_d),
                                lse.data_ptr<float>(), delta.data_ptr<float>(),
                                dq_acc.data_ptr<float>(), dk_acc.data_ptr<float>(),
@@ -176,7 +200,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
         continue;
       }
     }
-    const Shape sh = make_shape(q, k, w, r, is_causal, kGenericTile);
+    const Shape sh = make_shape(q, k, w, r, is_causal, kGenericTile, rows);
     const dim3 grid(static_cast<unsigned int>(sh.nseg * sh.ntiles),
                     static_cast<unsigned int>(sh.kv_heads), static_cast<unsigned int>(sh.batch));
     dispatch_per_lane(D, [&]<int kPerLane>() {
@@ -188,11 +212,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
     });
   }
 
-  if constexpr (kConvert) {
-    dq.copy_(dq_acc);
-    dk.copy_(dk_acc);
-    dv.copy_(dv_acc);
-  }
+  write_gradient<T, A>(dq_acc, dq, stream);
+  write_gradient<T, A>(dk_acc, dk, stream);
+  write_gradient<T, A>(dv_acc, dv, stream);
 }
 
 // ------------------------------------------------------------- operators ----
@@ -200,12 +222,15 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
 std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
-    double scale) {
+    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
+    const std::optional<at::Tensor>& key_end) {
   check_qkv(q_in, k_in, v_in, scale);
   check_patterns(segment_lengths, dilation_rates);
+  check_position_offset(position_offset);
   TORCH_CHECK(q_in.is_cuda(), "longnet: expected CUDA tensors, got ", q_in.device());
   check_launch_dims(q_in, k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
+  const KeyRanges ranges(key_start, key_end, q_in, k_in.size(1));
   at::Tensor out, lse;
   std::tie(out, lse) = allocate_forward_outputs(q_in);
   if (q_in.numel() == 0) {
@@ -217,7 +242,8 @@ std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_fwd_cuda",
                                   [&] {
                                     forward_impl<scalar_t>(q, k, v, segment_lengths,
-                                                           dilation_rates, is_causal, scale, out,
+                                                           dilation_rates, is_causal, scale,
+                                                           Rows{position_offset, ranges}, out,
                                                            lse);
                                   });
   return {out, lse};
@@ -227,13 +253,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
     const at::Tensor& lse_in, at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
-    bool is_causal, double scale) {
+    bool is_causal, double scale, int64_t position_offset,
+    const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
   check_qkv(q_in, k_in, v_in, scale);
   check_patterns(segment_lengths, dilation_rates);
+  check_position_offset(position_offset);
   TORCH_CHECK(q_in.is_cuda(), "longnet: expected CUDA tensors, got ", q_in.device());
   check_backward_args(grad_out, grad_lse, q_in, out_in, lse_in);
   check_launch_dims(q_in, k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
+  const KeyRanges ranges(key_start, key_end, q_in, k_in.size(1));
   at::Tensor dq, dk, dv;
   std::tie(dq, dk, dv) = allocate_backward_outputs(q_in, k_in, v_in);
   if (q_in.numel() == 0 || k_in.numel() == 0) {
@@ -247,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cuda(
                                     backward_impl<scalar_t>(
                                         rows.grad_out, rows.grad_lse, q, k, v, rows.out,
                                         rows.lse, segment_lengths, dilation_rates, is_causal,
-                                        scale, dq, dk, dv);
+                                        scale, Rows{position_offset, ranges}, dq, dk, dv);
                                   });
   return {dq, dk, dv};
 }

@@ -36,10 +36,11 @@ __global__ void __launch_bounds__(kGenericThreads)
   const int64_t s = blockIdx.x / sh.ntiles;
   const int64_t h = blockIdx.y;
   const int64_t b = blockIdx.z;
+  const RowSpan span = sh.row(b);
   const int64_t g = h / sh.group();
   const int64_t D = sh.dim;
 
-  const SparseSegment seg = sparse_segment(sh.nk, sh.nq, sh.w, sh.r, s, head_offset(h, sh.r));
+  const SparseSegment seg = sparse_segment(span, sh.w, sh.r, s, head_offset(h, sh.r));
   const int64_t t0 = seg.first_query + tile * kGenericTile + warp * R;  // warp's first row
   if (t0 >= seg.count) return;  // warp-uniform; the kernel has no block barrier
   const int nrows = static_cast<int>(seg.count - t0 < R ? seg.count - t0 : R);
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(kGenericThreads)
 #pragma unroll
   for (int rr = 0; rr < R; ++rr) {
     const int64_t t = t0 + (rr < nrows ? rr : 0);  // padding rows repeat row 0
-    qidx[rr] = seg.base + t * sh.r - sh.q_start();
+    qidx[rr] = seg.base + t * sh.r - span.q_start;
     qrow[rr] = q + b * qs.b + qidx[rr] * qs.n + h * qs.h;
     const int64_t si = (b * sh.heads + h) * sh.nq + qidx[rr];
     m_old[rr] = rr < nrows ? st.m[si] : neg_inf<A>();
@@ -149,13 +150,15 @@ __global__ void __launch_bounds__(kGenericThreads)
 }
 
 // out = acc / l and lse = m + log l per row; rows that reached no key get out 0 and
-// lse -inf. `acc` may alias `out` and `m` may alias `lse` (each element is read and
-// written by one thread only). One thread per output element.
+// lse -inf: the only write of each element of out and lse (skip_first_row, a debug
+// switch, leaves row (0, 0, 0) unwritten). One thread per output element.
 template <typename T, typename A>
 __global__ void finalize_kernel(const A* acc, const A* m, const A* l, T* out, A* lse,
-                                int64_t nq, int64_t heads, int64_t dim, int64_t total) {
+                                int64_t nq, int64_t heads, int64_t dim, int64_t total,
+                                bool skip_first_row) {
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (skip_first_row && idx < dim) continue;  // debug switch: leave row (0, 0, 0) unwritten
     const int64_t row = idx / dim;  // (b, qi, h) row of out
     const int64_t d = idx - row * dim;
     const int64_t h = row % heads;
@@ -167,6 +170,18 @@ __global__ void finalize_kernel(const A* acc, const A* m, const A* l, T* out, A*
     const A mv = d == 0 ? m[si] : A(0);
     out[idx] = static_cast<T>(has_key ? acc[idx] / den : A(0));
     if (d == 0) lse[si] = has_key ? mv + log_a(den) : neg_inf<A>();
+  }
+}
+
+// dst = src converted, element by element over contiguous (B, N, H, D) tensors: the
+// only write of each gradient element (skip_first_row leaves row (0, 0, 0) unwritten).
+template <typename T, typename A>
+__global__ void write_rows_kernel(const A* __restrict__ src, T* __restrict__ dst, int64_t dim,
+                                  int64_t total, bool skip_first_row) {
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (skip_first_row && idx < dim) continue;
+    dst[idx] = static_cast<T>(src[idx]);
   }
 }
 
@@ -213,12 +228,13 @@ __global__ void __launch_bounds__(kGenericThreads)
   const int64_t s = blockIdx.x / sh.ntiles;
   const int64_t g = blockIdx.y;
   const int64_t b = blockIdx.z;
+  const RowSpan span = sh.row(b);
   const int64_t D = sh.dim;
   const int64_t group = sh.group();
   const int64_t t0 = tile * kGenericTile + warp * R;  // warp's first key row
 
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-    const SparseSegment seg = sparse_segment(sh.nk, sh.nq, sh.w, sh.r, s, head_offset(h, sh.r));
+    const SparseSegment seg = sparse_segment(span, sh.w, sh.r, s, head_offset(h, sh.r));
     if (seg.first_query >= seg.count || t0 >= seg.count) continue;  // warp-uniform
     const int nkeys = static_cast<int>(seg.count - t0 < R ? seg.count - t0 : R);
     const T* krow[R];
@@ -233,7 +249,7 @@ __global__ void __launch_bounds__(kGenericThreads)
     const A* delta_row = delta + (b * sh.heads + h) * sh.nq;
     const int64_t q_begin =
         sh.causal ? (seg.first_query > t0 ? seg.first_query : t0) : seg.first_query;
-    const int64_t q0 = seg.base - sh.q_start();  // query index of t = 0 (may be negative)
+    const int64_t q0 = seg.base - span.q_start;  // query index of t = 0 (may be negative)
 
     for (int64_t c0 = 0; c0 < D; c0 += 32 * kPerLane) {
       A kreg[R][kPerLane], dk_acc[R][kPerLane], dv_acc[R][kPerLane];

@@ -128,14 +128,15 @@ __global__ void __launch_bounds__(kTcThreads)
   const int64_t s = blockIdx.x / sh.ntiles;
   const int64_t h = blockIdx.y;
   const int64_t b = blockIdx.z;
+  const RowSpan span = sh.row(b);
   const int64_t g = h / sh.group();
 
-  const SparseSegment seg = sparse_segment(sh.nk, sh.nq, sh.w, sh.r, s, head_offset(h, sh.r));
+  const SparseSegment seg = sparse_segment(span, sh.w, sh.r, s, head_offset(h, sh.r));
   const int64_t tb = seg.first_query + tile * kFwdRows;  // block's first row
   if (tb >= seg.count) return;  // block-uniform, before any barrier
   const int64_t block_rows = seg.count - tb < kFwdRows ? seg.count - tb : kFwdRows;
   const int64_t key_end = sh.causal ? tb + block_rows : seg.count;
-  const int64_t q0 = seg.base - sh.q_start();  // query index of t = 0 (may be negative)
+  const int64_t q0 = seg.base - span.q_start;  // query index of t = 0 (may be negative)
   const E* k_first = k + b * ks.b + seg.base * ks.n + g * ks.h;
   const E* v_first = v + b * vs.b + seg.base * vs.n + g * vs.h;
   const int64_t kstep = sh.r * ks.n, vstep = sh.r * vs.n;
@@ -312,6 +313,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const int64_t s = blockIdx.x / sh.ntiles;
   const int64_t g = blockIdx.y;
   const int64_t b = blockIdx.z;
+  const RowSpan span = sh.row(b);
   const int64_t group = sh.group();
   const int64_t tk0 = tile * kBwdKeys;  // block's first key row
 
@@ -323,9 +325,9 @@ __global__ void __launch_bounds__(kTcThreads)
   const int64_t tk = tk0 + warp * 16 + krow;
 
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-    const SparseSegment seg = sparse_segment(sh.nk, sh.nq, sh.w, sh.r, s, head_offset(h, sh.r));
+    const SparseSegment seg = sparse_segment(span, sh.w, sh.r, s, head_offset(h, sh.r));
     if (seg.first_query >= seg.count || tk0 >= seg.count) continue;  // block-uniform
-    const int64_t q0 = seg.base - sh.q_start();
+    const int64_t q0 = seg.base - span.q_start;
     const int64_t q_begin =
         sh.causal ? (seg.first_query > tk0 ? seg.first_query : tk0) : seg.first_query;
     const float* lse_row = lse + (b * sh.heads + h) * sh.nq;
