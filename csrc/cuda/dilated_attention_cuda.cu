@@ -282,9 +282,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cuda(
 }
 
 }  // namespace
-}  // namespace longnet::cuda
 
-TORCH_LIBRARY_IMPL(longnet, CUDA, m) {
-  m.impl("dilated_attention_fwd", &longnet::cuda::dilated_attention_fwd_cuda);
-  m.impl("dilated_attention_bwd", &longnet::cuda::dilated_attention_bwd_cuda);
+// The `fused` engine on CUDA (cuda/fused.h); csrc/engine/dispatch.cpp registers the
+// operators and calls these when the fused engine is chosen.
+std::tuple<at::Tensor, at::Tensor> fused_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
+    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
+    const std::optional<at::Tensor>& key_end) {
+  return dilated_attention_fwd_cuda(q, k, v, segment_lengths, dilation_rates, is_causal, scale,
+                                    position_offset, key_start, key_end);
 }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
+    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
+    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
+    const std::optional<at::Tensor>& key_end) {
+  return dilated_attention_bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
+                                    dilation_rates, is_causal, scale, position_offset, key_start,
+                                    key_end);
+}
+
+}  // namespace longnet::cuda
