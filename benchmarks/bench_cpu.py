@@ -12,6 +12,10 @@ Implementations compared (float32, forward and forward+backward):
   the same work as one dilated pattern with ``r = 1``.
 * ``mm``           ``torch.mm`` of two square float32 matrices: the machine's
   matrix-multiply rate, the ceiling to compare GFLOP/s against.
+* ``longnet_cpu_flash``, ``longnet_math`` (``engines`` case) the operator on the
+  composition of dense problems over strided views (``longnet.use_engine``), on ATen's
+  CPU flash attention and on plain matmul/softmax, beside ``longnet`` (the fused
+  kernels, the CPU default): which engine wins where.
 
 Method. Every measurement runs in a fresh Python subprocess (``--worker``), so one
 implementation's allocator cache cannot hide another's memory. The subprocess builds
@@ -25,13 +29,15 @@ they would exceed ``--budget`` seconds, at least one). GFLOP/s counts only the F
 the implementation's pattern needs: per pattern ``4 * B * N * H * D * min(w, N) / r**2``,
 halved when causal, backward 2.5x forward (dense SDPA: one pattern ``w = N``).
 
-Cases (``--case``): ``scaling``, ``target1``, ``target2``, ``gflops`` or ``all``.
+Cases (``--case``): ``scaling``, ``target1``, ``target2``, ``gflops``, ``engines`` or
+``all``.
 Results are printed as markdown tables, saved as JSON (``<out>/cpu_<case>.json``) and
 plotted (``<out>/cpu_<case>.png``). ``--quick`` runs tiny sizes as a smoke test.
 
     python3 benchmarks/bench_cpu.py --case all                # the full run
     python3 benchmarks/bench_cpu.py --case target1 --threads 2
     python3 benchmarks/bench_cpu.py --quick                   # seconds, tiny sizes
+    python3 benchmarks/bench_cpu.py --case engines            # fused vs composition
 """
 
 from __future__ import annotations
@@ -59,9 +65,10 @@ from benchmarks.common import (  # noqa: E402
     time_calls,
 )
 
-CASES = ("scaling", "target1", "target2", "gflops")
+CASES = ("scaling", "target1", "target2", "gflops", "engines")
 MODES = ("fwd", "fwdbwd")
 ALL_IMPLS = ("longnet", "gather_sdpa", "dense_sdpa")
+ENGINE_IMPLS = ("longnet", "longnet_cpu_flash", "longnet_math")
 
 
 # --------------------------------------------------------------------------- cases
@@ -92,6 +99,17 @@ def case_configs(case: str, quick: bool) -> Dict[str, object]:
                         mm_n=512, modes=list(MODES))
         return dict(B=1, H=8, D=64, causal=False, seg=[128, 256, 512, 1024, 2048, 4096],
                     n_tokens=16384, mm_n=2048, modes=list(MODES))
+    if case == "engines":
+        # (label, ws, rs): long segments (w/r up to 2048), short segments, one dense pattern
+        if quick:
+            return dict(B=1, H=2, D=32, causal=True, N=4096, modes=list(MODES),
+                        impls=ENGINE_IMPLS,
+                        problems=[("long_w", [256, 512, 1024], [1, 2, 4]),
+                                  ("short_w", [64, 128, 256, 512], [1, 2, 4, 8])])
+        return dict(B=1, H=8, D=64, causal=True, N=16384, modes=list(MODES), impls=ENGINE_IMPLS,
+                    problems=[("long_w", [2048, 4096, 8192], [1, 2, 4]),
+                              ("short_w", [64, 128, 256, 512], [1, 2, 4, 8]),
+                              ("one_pattern", [2048], [1])])
     raise ValueError(f"--case must be one of {CASES + ('all',)}, got {case!r}")
 
 
@@ -119,6 +137,19 @@ def _impl_fn(spec: Dict[str, object]):
 
         return lambda q, k, v: longnet.dilated_attention(
             q, k, v, spec["ws"], spec["rs"], is_causal=causal)
+    if impl.startswith("longnet_"):
+        import longnet
+
+        engine = impl[len("longnet_"):]
+
+        def on_engine(q, k, v):
+            with longnet.use_engine(engine):
+                out = longnet.dilated_attention(q, k, v, spec["ws"], spec["rs"],
+                                                is_causal=causal)
+            assert longnet.last_engine() == engine, longnet.last_engine()
+            return out
+
+        return on_engine
     if impl == "gather_sdpa":
         from benchmarks.gather_sdpa import gather_sdpa_dilated_attention
 
@@ -212,7 +243,7 @@ class Runner:
 
     def skip_reason(self, impl: str, spec: Dict[str, object]) -> Optional[str]:
         a = self.args
-        if impl == "longnet" and self.longnet_reason:
+        if impl.startswith("longnet") and self.longnet_reason:
             return self.longnet_reason
         if impl == "gather_sdpa" and spec["N"] > a.baseline_max_n:
             return f"N > --baseline-max-n {a.baseline_max_n}"
@@ -228,7 +259,7 @@ class Runner:
         """Run one measurement (or record why it was skipped) and print a progress line."""
         a = self.args
         spec = dict(spec, impl=impl, threads=a.threads, repeats=a.repeats, budget=a.budget)
-        label = (f"{spec.get('case', '')}: {impl:12s} "
+        label = (f"{spec.get('case', '')}: {impl:12s} {spec.get('problem', '')} "
                  + (f"n={spec['n']}" if impl == "mm" else f"N={spec['N']:>8d} {spec['mode']:6s}"))
         reason = self.skip_reason(impl, spec)
         if reason:
@@ -300,6 +331,12 @@ def run_case(case: str, runner: Runner) -> Dict[str, object]:
                 spec = _spec(case, cfg, n, mode, [w], [1])
                 for impl in ("longnet", "segment_sdpa"):
                     records.append(runner.measure(impl, dict(spec, flops=_flops(spec, impl))))
+    elif case == "engines":
+        for label, ws, rs in cfg["problems"]:
+            for mode in cfg["modes"]:
+                spec = dict(_spec(case, cfg, cfg["N"], mode, ws, rs), problem=label)
+                for impl in cfg["impls"]:
+                    records.append(runner.measure(impl, dict(spec, flops=_flops(spec, impl))))
     else:
         for n in cfg["Ns"]:
             for mode in cfg["modes"]:
@@ -337,7 +374,8 @@ def summarize(result: Dict[str, object]) -> str:
     for r in recs:
         if r["impl"] == "mm":
             continue
-        shape = f"N={r['N']}" + (f" w={r['ws'][0]}" if case == "gflops" else "")
+        shape = (f"N={r['N']}" + (f" w={r['ws'][0]}" if case == "gflops" else "")
+                 + (f" {r['problem']}" if case == "engines" else ""))
         if "time_s" in r:
             rows.append([r["impl"], shape, r["mode"], f"{r['time_s']:.4f}",
                          f"{1e6 * r['time_s'] / (r['B'] * r['N']):.2f}",
@@ -407,6 +445,27 @@ def summarize(result: Dict[str, object]) -> str:
             lines.append("\n" + markdown_table(
                 ["w", "mode", "longnet GFLOP/s", "vs segment SDPA", ">= 0.8",
                  "vs torch.mm", ">= 0.5"], rows))
+    elif case == "engines":
+        rows = []
+        for label, ws, rs in cfg["problems"]:
+            for mode in cfg["modes"]:
+                got = {r["impl"]: r for r in recs if r.get("problem") == label
+                       and r.get("mode") == mode and "time_s" in r}
+                if not got:
+                    continue
+                winner = min(got, key=lambda i: got[i]["time_s"])
+                fused = got.get("longnet")
+                summary[f"{label}_{mode}"] = {i: got[i]["time_s"] for i in got}
+                rows.append([label, f"w={ws} r={rs}", mode]
+                            + [f"{got[i]['time_s']:.4f}" if i in got else "-"
+                               for i in cfg["impls"]]
+                            + [winner,
+                               ", ".join(f"{got[i]['time_s'] / fused['time_s']:.2f}x"
+                                         for i in cfg["impls"][1:] if i in got) if fused else "-"])
+        if rows:
+            lines.append("\n" + markdown_table(
+                ["problem", "patterns", "mode"] + [f"{i} (s)" for i in cfg["impls"]]
+                + ["fastest", "time vs fused (cpu_flash, math)"], rows))
     result["summary"] = summary
     return "\n".join(lines)
 
@@ -421,6 +480,8 @@ def plot(result: Dict[str, object], path: str) -> bool:
     except ImportError:
         return False
     case, recs, cfg = result["case"], result["records"], result["config"]
+    if case == "engines":
+        return False  # the table is the result
     impls = [i for i in ("longnet", "gather_sdpa", "dense_sdpa", "segment_sdpa")
              if any(r["impl"] == i and "time_s" in r for r in recs)]
     if case == "scaling":

@@ -2,9 +2,13 @@
 
 Compares forward and forward+backward time, TFLOP/s and peak memory of
 
-* ``longnet``: the CUDA kernels of this package;
-* ``sdpa-dense``: PyTorch SDPA (flash backend) on a dense problem with the same
-  number of needed FLOPs (segments of length L = sum_i w_i / r_i**2), a ceiling;
+* ``longnet[<engine>]``: the operator on each engine (``cuda_flash``, ``cuda_cudnn``,
+  ``cuda_efficient``: dense problems over strided views on ATen's kernels;
+  ``fused``: the package's own CUDA kernels), checked with ``longnet.last_engine()``;
+* ``sdpa-<backend>``: PyTorch SDPA on a dense problem with the same number of needed
+  FLOPs (segments of length L = sum_i w_i / r_i**2) on the flash, cuDNN and
+  efficient backends: the ceiling of the engine on the same kernel (the ``vs dense``
+  column is engine TFLOP/s over that backend's dense TFLOP/s);
 * ``gather-sdpa``: gather the sparse segments, flash attention per pattern and head
   offset, scatter back and merge by log-sum-exp (the official implementation's way;
   its mixing weights are detached, as there);
@@ -12,12 +16,14 @@ Compares forward and forward+backward time, TFLOP/s and peak memory of
   counts as a log-count score modification (exact semantics, block-sparse only;
   causal problem only, to keep compile time down);
 
-then the longest sequence whose forward fits (target 64M tokens, H * D = 128).
+then the longest sequence whose forward, and whose forward+backward, fits (target
+64M tokens forward, H * D = 128) on the automatic engine choice.
 
 TFLOP/s count only needed FLOPs: 4 * N * H * D * w_i / r_i**2 per pattern forward,
 half of it causal, 2.5x for the backward (so forward+backward is 3.5x).
 
 Usage: python3 benchmarks/bench_gpu.py [--quick] [--skip-flex] [--max-tokens N]
+       [--engines cuda_flash,cuda_cudnn,cuda_efficient,fused]
 """
 
 from __future__ import annotations
@@ -176,22 +182,46 @@ def bench_method(name: str, fwd: Callable, inputs: List[torch.Tensor], flops: fl
         torch.cuda.empty_cache()
 
 
+# The SDPA backend whose dense kernel each engine runs on.
+ENGINE_BACKEND = {"cuda_flash": "sdpa-flash", "cuda_cudnn": "sdpa-cudnn",
+                  "cuda_efficient": "sdpa-efficient"}
+
+
 def print_table(title: str, rows: List[Dict]) -> None:
+    by_name = {row["method"]: row for row in rows}
     print(f"\n{title}")
-    print(f"{'method':<14}{'fwd ms':>10}{'fwd TF/s':>10}{'bwd ms':>10}{'bwd TF/s':>10}"
-          f"{'fwd GiB':>10}{'f+b GiB':>10}")
+    print(f"{'method':<24}{'fwd ms':>10}{'fwd TF/s':>10}{'bwd ms':>10}{'bwd TF/s':>10}"
+          f"{'fwd GiB':>10}{'f+b GiB':>10}{'vs dense':>16}")
     for row in rows:
         if "error" in row:
-            print(f"{row['method']:<14}{'n/a (' + row['error'] + ')':>70}")
+            print(f"{row['method']:<24}{'n/a (' + row['error'] + ')':>86}")
             continue
-        print(f"{row['method']:<14}{row['fwd_ms']:>10.2f}{row['fwd_tflops']:>10.1f}"
+        ratio = ""
+        engine = row["method"][len("longnet["):-1] if row["method"].startswith("longnet[") else ""
+        dense = by_name.get(ENGINE_BACKEND.get(engine, ""))
+        if dense is not None and "error" not in dense:
+            ratio = (f"{row['fwd_tflops'] / dense['fwd_tflops']:.2f}/"
+                     f"{row['bwd_tflops'] / dense['bwd_tflops']:.2f}")
+        print(f"{row['method']:<24}{row['fwd_ms']:>10.2f}{row['fwd_tflops']:>10.1f}"
               f"{row['bwd_ms']:>10.2f}{row['bwd_tflops']:>10.1f}{row['fwd_gib']:>10.2f}"
-              f"{row['fb_gib']:>10.2f}")
+              f"{row['fb_gib']:>10.2f}{ratio:>16}")
+    print("(vs dense: forward/backward TFLOP/s over the dense SDPA of the same kernel)")
     sys.stdout.flush()
 
 
+def on_engine(engine: str, ws: Sequence[int], rs: Sequence[int], causal: bool) -> Callable:
+    """longnet.dilated_attention forced onto `engine`; raises if another engine ran."""
+    def run(a, b, c):
+        with longnet.use_engine(engine):
+            out = longnet.dilated_attention(a, b, c, ws, rs, is_causal=causal)
+        if longnet.last_engine() != engine:
+            raise RuntimeError(f"ran on {longnet.last_engine()}, not {engine}")
+        return out
+    return run
+
+
 def compare_problem(n: int, heads: int, dim: int, ws: List[int], rs: List[int], causal: bool,
-                    skip_flex: bool, reps: int) -> None:
+                    skip_flex: bool, reps: int, engines: Sequence[str]) -> None:
     dtype = torch.bfloat16
     flops = needed_flops(n, heads, dim, ws, rs, causal)
     log(f"problem N={n} H={heads} D={dim} w={ws} r={rs} causal={causal}: "
@@ -200,9 +230,11 @@ def compare_problem(n: int, heads: int, dim: int, ws: List[int], rs: List[int], 
     q, k, v = (torch.randn(1, n, heads, dim, device="cuda", dtype=dtype, generator=gen)
                .requires_grad_() for _ in range(3))
     rows: List[Dict] = []
-    ours = bench_method(
-        "longnet", lambda a, b, c: longnet.dilated_attention(a, b, c, ws, rs, is_causal=causal),
-        [q, k, v], flops, rows, reps)
+    ours = None
+    for engine in engines:
+        out = bench_method(f"longnet[{engine}]", on_engine(engine, ws, rs, causal), [q, k, v],
+                           flops, rows, reps)
+        ours = out if ours is None else ours
 
     # Dense SDPA with the same needed FLOPs: segments of L = sum w / r^2 rows.
     seg = max(64, int(round(sum(min(w, n) / r**2 for w, r in zip(ws, rs)) / 64)) * 64)
@@ -211,18 +243,22 @@ def compare_problem(n: int, heads: int, dim: int, ws: List[int], rs: List[int], 
              .requires_grad_() for _ in range(3)]
     dense_flops = 4.0 * nb * seg * seg * heads * dim / (2 if causal else 1)
 
-    def sdpa(a, b, c):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    bench_method(f"sdpa-dense", sdpa, dense, dense_flops, rows, reps)
+    for label, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                           ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+                           ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def sdpa(a, b, c, backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
+
+        bench_method(label, sdpa, dense, dense_flops, rows, reps)
     del dense
     base = bench_method("gather-sdpa", lambda a, b, c: gather_sdpa(a, b, c, ws, rs, causal),
                         [q, k, v], flops, rows, reps)
     if ours is not None and base is not None:
         err = ((ours.float() - base.float()).norm() / base.float().norm()).item()
-        log(f"  longnet vs gather-sdpa forward: relative difference {err:.2e}")
+        log(f"  longnet[{engines[0]}] vs gather-sdpa forward: relative difference {err:.2e}")
     if not skip_flex and causal:  # one compile only: the causal (language-model) case
         try:
             log("  flex: building block mask and compiling")
@@ -237,26 +273,33 @@ def compare_problem(n: int, heads: int, dim: int, ws: List[int], rs: List[int], 
     torch.cuda.empty_cache()
 
 
-def largest_forward(max_tokens: int, ws: List[int], rs: List[int]) -> None:
-    """Forward of the longest N (halving from max_tokens) that fits, H = 1, D = 128."""
+def largest(max_tokens: int, ws: List[int], rs: List[int], backward: bool) -> None:
+    """Longest N (halving from max_tokens) whose forward (or forward+backward) fits,
+    H = 1, D = 128, bf16, causal, on the automatic engine choice."""
     heads, dim = 1, 128
+    what = "forward+backward" if backward else "forward"
     n = max_tokens
     while n >= max(ws):
+        q = k = v = None
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            log(f"largest forward: trying N = {n:,} tokens (H*D = {heads * dim})")
+            log(f"largest {what}: trying N = {n:,} tokens (H*D = {heads * dim})")
             q, k, v = (torch.empty(1, n, heads, dim, device="cuda", dtype=torch.bfloat16)
-                       .normal_() for _ in range(3))
-            with torch.no_grad():
-                ms, peak = time_cuda(
-                    lambda: longnet.dilated_attention(q, k, v, ws, rs, is_causal=True),
-                    warmup=1, reps=1)
-            flops = needed_flops(n, heads, dim, ws, rs, True)
+                       .normal_().requires_grad_(backward) for _ in range(3))
+
+            def step():
+                with torch.set_grad_enabled(backward):
+                    out = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True)
+                    if backward:
+                        torch.autograd.grad(out, (q, k, v), out)
+
+            ms, peak = time_cuda(step, warmup=1, reps=1)
+            flops = needed_flops(n, heads, dim, ws, rs, True) * (3.5 if backward else 1.0)
             total = torch.cuda.max_memory_allocated() / 2**30
-            print(f"\nlargest forward: N = {n:,} tokens (H=1, D=128, causal, w={ws}, r={rs}): "
-                  f"{ms:.1f} ms, {flops / ms / 1e9:.1f} TFLOP/s, peak {total:.1f} GiB "
-                  f"({peak:.1f} GiB beyond q, k, v)", flush=True)
+            print(f"\nlargest {what}: N = {n:,} tokens (H=1, D=128, causal, w={ws}, r={rs}, "
+                  f"engine {longnet.last_engine()}): {ms:.1f} ms, {flops / ms / 1e9:.1f} TFLOP/s, "
+                  f"peak {total:.1f} GiB ({peak:.1f} GiB beyond q, k, v)", flush=True)
             return
         except torch.OutOfMemoryError:
             log(f"  N = {n:,} does not fit")
@@ -264,7 +307,7 @@ def largest_forward(max_tokens: int, ws: List[int], rs: List[int]) -> None:
         finally:
             q = k = v = None
             torch.cuda.empty_cache()
-    print("largest forward: nothing fitted", flush=True)
+    print(f"largest {what}: nothing fitted", flush=True)
 
 
 def main() -> None:
@@ -273,6 +316,8 @@ def main() -> None:
     parser.add_argument("--skip-flex", action="store_true", help="do not run FlexAttention")
     parser.add_argument("--max-tokens", type=int, default=64 * 2**20,
                         help="first N tried by the largest-forward probe (default 64M)")
+    parser.add_argument("--engines", default="cuda_flash,cuda_cudnn,cuda_efficient,fused",
+                        help="comma-separated engines to time (default: all CUDA engines)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not longnet.HAS_CUDA:
         sys.exit("bench_gpu: needs a CUDA device and longnet built with CUDA")
@@ -282,9 +327,12 @@ def main() -> None:
     heads, dim = 8, 128
     ws, rs = [2048, 8192, 32768], [1, 4, 16]  # w / r = 2048
     ws = [min(w, n) for w in ws]
+    engines = [e for e in args.engines.split(",") if e]
     for causal in (False, True):
-        compare_problem(n, heads, dim, ws, rs, causal, args.skip_flex, reps)
-    largest_forward(args.max_tokens // (8 if args.quick else 1), [2048, 8192, 32768], [1, 4, 16])
+        compare_problem(n, heads, dim, ws, rs, causal, args.skip_flex, reps, engines)
+    max_tokens = args.max_tokens // (8 if args.quick else 1)
+    largest(max_tokens, [2048, 8192, 32768], [1, 4, 16], backward=False)
+    largest(max_tokens // 2, [2048, 8192, 32768], [1, 4, 16], backward=True)
 
 
 if __name__ == "__main__":
