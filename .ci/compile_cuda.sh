@@ -43,6 +43,8 @@ assert longnet.__file__.startswith(__import__("os").environ["PYTHONPATH"]), long
 for op in ("dilated_attention_fwd", "dilated_attention_bwd"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"longnet::{op}", "CUDA"), op
 assert longnet.HAS_CUDA
-print("compile_cuda: longnet._C loads with CUDA kernels for both operators")
+for engine in ("cuda_flash", "cuda_cudnn", "cuda_efficient"):
+    assert longnet.engines.engine_built(engine), engine
+print("compile_cuda: longnet._C loads with CUDA kernels for both operators and the CUDA engines")
 PY
 )

@@ -9,9 +9,10 @@
 #ifdef LONGNET_WITH_CUDA
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <limits>
 #include <sstream>
 
@@ -49,11 +50,13 @@ std::optional<std::string> check(const at::Tensor& q, const Requirements& req) {
         << req.max_dim << ", got " << d;
     return why.str();
   }
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.device().index());
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index()));
   const int min_major = (t == at::kBFloat16) ? std::max(req.min_major, 8) : req.min_major;
-  if (prop->major < min_major) {
+  if (major < min_major) {
     why << "it needs compute capability " << min_major << ".0 or newer for " << t << ", got "
-        << prop->major << "." << prop->minor;
+        << major << "." << minor;
     return why.str();
   }
   return std::nullopt;
