@@ -44,6 +44,7 @@ struct SubProblem {
   int64_t h0, heads, hstep;       // query heads h0, h0 + hstep, ...
   int64_t kh0, khstep;            // their key/value heads kh0, kh0 + khstep, ...
   bool causal;
+  bool fresh;  // no earlier problem reaches these query rows: store instead of merge
 };
 
 // (nb, segments, len, heads, D) view of a (B, N, H, D) tensor.
@@ -104,6 +105,7 @@ void plan_rows(std::vector<SubProblem>& plan, int64_t b0, int64_t nb, const RowS
     const int64_t lb = std::max(la, std::min(nseg, (span.key_end - first_start) / w));
     for (int64_t o = 0; o < std::min(r, heads); ++o) {
       SubProblem base{};
+      base.fresh = pi == 0;  // the first pattern's problems hold disjoint query rows
       base.b0 = b0;
       base.nb = nb;
       base.step = r;
@@ -134,6 +136,7 @@ void plan_rows(std::vector<SubProblem>& plan, int64_t b0, int64_t nb, const RowS
           add_heads(plan, sp, o, r, heads, group);
           sp.k = {seg.base + fq * r, seg.count - fq};  // the queries' own keys: causal
           sp.causal = true;
+          sp.fresh = false;
           add_heads(plan, sp, o, r, heads, group);
         }
       }
@@ -219,8 +222,15 @@ std::tuple<at::Tensor, at::Tensor> composed_forward(const DenseEngine& engine, c
                          fold(view5(v, sp, sp.k, true)), sp.causal, call.scale);
       at::Tensor acc5 = view5(acc, sp, sp.q, false);
       at::Tensor lse5 = row_stats_view(lse, sp);
-      o_p = o_p.reshape(acc5.sizes()).to(acc_type);
-      l_p = l_p.reshape(lse5.sizes()).to(acc_type);
+      o_p = o_p.reshape(acc5.sizes());
+      l_p = l_p.reshape(lse5.sizes());
+      if (sp.fresh) {
+        acc5.copy_(o_p);
+        lse5.copy_(l_p);
+        return;
+      }
+      o_p = o_p.to(acc_type);
+      l_p = l_p.to(acc_type);
       // Every query of a problem sees at least one key, so l_p and the merged lse
       // are finite.
       const at::Tensor merged = at::logaddexp(lse5, l_p);
