@@ -1,4 +1,4 @@
-// CUDA kernels of longnet::dilated_attention_fwd / _bwd (SPEC.md): argument checks,
+// CUDA kernels of longnet::dilated_attention_fwd / _bwd (docs/operator.md): argument checks,
 // buffers, the per-pattern launch sequence and the dispatch between the tensor-core
 // kernels (bfloat16/float16, sm80+, head dims tensor_core.cuh accepts) and the
 // generic FMA kernels (every dtype and head dim).
