@@ -352,8 +352,7 @@ class MultiheadDilatedAttention(nn.Module):
                 attention pattern it has there. With a cache it may only restate
                 ``cache.end`` (an empty cache then starts at that position); any
                 other value raises. Under sequence parallelism it is the position
-                of rank 0's first token (each rank adds ``rank * N``) and must be a
-                multiple of every segment length.
+                of rank 0's first token (each rank adds ``rank * N``).
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(
@@ -376,12 +375,6 @@ class MultiheadDilatedAttention(nn.Module):
             first = cache.end
         elif sp:
             base = 0 if position_offset is None else position_offset
-            if any(base % w for w in self.segment_lengths):
-                # The sequence-parallel operator counts segments from rank 0's first
-                # token; only offsets on every segment boundary give the same pattern.
-                raise ValueError(
-                    f"under sequence parallelism position_offset ({base}) must be a "
-                    f"multiple of every segment length {list(self.segment_lengths)}")
             rank, world = self._sp_rank_world()
             first = base + rank * n
         else:
@@ -419,7 +412,7 @@ class MultiheadDilatedAttention(nn.Module):
             out = sequence_parallel_dilated_attention(
                 q, k, v, self.segment_lengths, self.dilation_rates,
                 group=self.sequence_parallel_group, is_causal=self.is_causal,
-                scale=self.attention.scale)
+                scale=self.attention.scale, position_offset=base)
         else:
             # k[:, 0] sits at `first` without a cache, at cache.start with one.
             out = self.attention(q, k, v, position_offset=first + n - k.shape[1])

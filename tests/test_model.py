@@ -281,14 +281,16 @@ def _sequence_parallel_worker(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        for pe in ("rotary", "xpos"):
+        # (position encoding, position of the sequence's first token): offset 7 puts
+        # every segment boundary off the ranks' chunk boundaries.
+        for pe, offset in (("rotary", 0), ("xpos", 0), ("rotary", 7)):
             # Segments of 32 straddle the two ranks' chunks of 24 positions.
             model = tiny_model(segment_lengths=[4, 8, 32], dilation_rates=[1, 2, 4],
                                position_encoding=pe)
             gen = torch.Generator().manual_seed(1)
             ids = torch.randint(0, 256, (2, 48), generator=gen)
             targets = torch.randint(0, 256, (2, 48), generator=gen)
-            full_logits, full_loss = model(ids, targets)
+            full_logits, full_loss = model(ids, targets, position_offset=offset)
             full_loss.backward()
             full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
             model.zero_grad()
@@ -296,13 +298,13 @@ def _sequence_parallel_worker(rank, world, port):
             model.set_sequence_parallel_group(dist.group.WORLD)
             n = 48 // world
             part = slice(rank * n, (rank + 1) * n)
-            logits, loss = model(ids[:, part], targets[:, part])
+            logits, loss = model(ids[:, part], targets[:, part], position_offset=offset)
             torch.testing.assert_close(logits, full_logits[:, part], rtol=1e-9, atol=1e-9)
             loss.backward()
             for name, p in model.named_parameters():
                 dist.all_reduce(p.grad)
                 torch.testing.assert_close(p.grad / world, full_grads[name], rtol=1e-8,
-                                           atol=1e-10, msg=f"{pe}: {name}")
+                                           atol=1e-10, msg=f"{pe}, offset {offset}: {name}")
         dist.barrier()
     except BaseException:
         dist.destroy_process_group()
