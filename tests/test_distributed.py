@@ -7,6 +7,7 @@ reference on the whole sequence and write a JSON report that the tests read.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -247,6 +248,14 @@ def _scenario_stuck(rank, world, report):
     report["seconds"] = time.time() - start
 
 
+def _scenario(name):
+    """``_scenario_<name>`` of this file, or ``module:function`` (another test file's)."""
+    if ":" in name:
+        module, function = name.split(":")
+        return getattr(importlib.import_module(module), function)
+    return globals()[f"_scenario_{name}"]
+
+
 def _worker(rank, world, port, scenarios, path):
     import datetime
 
@@ -262,7 +271,7 @@ def _worker(rank, world, port, scenarios, path):
                                 world_size=world, timeout=datetime.timedelta(seconds=60))
         lnd.set_timeout(30)
         for name in scenarios:
-            globals()[f"_scenario_{name}"](rank, world, report)
+            _scenario(name)(rank, world, report)
     except Exception:  # reported to the test, which fails with it
         report["exception"] = traceback.format_exc()
     with open(path, "w") as f:
