@@ -177,8 +177,10 @@ class RunPlan:
 
     @property
     def memory_per_rank_bytes(self) -> int:
-        """Attention activations of all layers on the busiest rank."""
-        return self.layers * self.worst("activation_bytes")
+        """Attention memory of a training step on the busiest rank: every layer's
+        activations held for backward, plus one layer's short-lived forward buffers."""
+        return max(self.layers * c.activation_bytes + c.peak_bytes - c.activation_bytes
+                   for c in self.per_rank)
 
     def summary(self) -> Dict[str, object]:
         """Worst-rank (and mean) numbers per layer, as plain values."""
@@ -189,7 +191,7 @@ class RunPlan:
         }
         for name in ("bytes_sent_fwd", "bytes_received_fwd", "bytes_sent_bwd",
                      "bytes_received_bwd", "flops_fwd", "flops_bwd", "activation_bytes",
-                     "compute_s", "comm_s", "overlap_s", "comm_to_compute"):
+                     "peak_bytes", "compute_s", "comm_s", "overlap_s", "comm_to_compute"):
             out[f"max_{name}"] = self.worst(name)
             out[f"mean_{name}"] = self.mean(name)
         out["memory_per_rank_bytes"] = self.memory_per_rank_bytes
@@ -266,8 +268,9 @@ class RunPlan:
             f"{_fmt_bytes(self.worst('bytes_received_fwd'))} fwd + "
             f"{_fmt_bytes(self.worst('bytes_received_bwd'))} bwd, "
             f"{self.worst('flops_fwd') / 1e12:.4g} + {self.worst('flops_bwd') / 1e12:.4g} "
-            f"TFLOP, activations {_fmt_bytes(self.worst('activation_bytes'))} "
-            f"({_fmt_bytes(self.memory_per_rank_bytes)} for {self.layers} layers)")
+            f"TFLOP, activations {_fmt_bytes(self.worst('activation_bytes'))} (forward "
+            f"peak {_fmt_bytes(self.worst('peak_bytes'))}; "
+            f"{_fmt_bytes(self.memory_per_rank_bytes)} for {self.layers} layers)")
         if timed:
             lines.append(
                 f"at {self.tflops:g} TFLOP/s and {self.link_gbs:g} GB/s per device: compute "
@@ -359,8 +362,8 @@ def _crossing_segments(w: int, n: int, chunk: int, world: int) -> List[int]:
             if b % w:
                 segs.append(b // w)
     else:
-        # Every segment spans at least two ranks, but the last one may end inside
-        # the last rank... or start inside it.
+        # Segments longer than a rank's chunk: fewer than P of them; all but a last,
+        # clipped one span two ranks or more.
         for s in range(_ceil(n, w)):
             start, stop = s * w, min((s + 1) * w, n)
             if start // chunk != (stop - 1) // chunk:
@@ -658,8 +661,10 @@ def scaling_sweep(tokens_per_rank: int, ranks: Sequence[int], *, heads: int, hea
 def fit_ranks(tokens: int, fit_memory: float, *, heads: int, head_dim: int,
               max_ranks: int = 65536, **kwargs) -> int:
     """The fewest ranks (a divisor of ``tokens``, at most ``max_ranks``) whose busiest
-    rank holds at most ``fit_memory`` bytes of attention activations for all layers
-    (:attr:`RunPlan.memory_per_rank_bytes`). ``kwargs`` go to :func:`plan_run`."""
+    rank needs at most ``fit_memory`` bytes of attention memory in a training step
+    (:attr:`RunPlan.memory_per_rank_bytes`: every layer's activations plus one layer's
+    forward buffers; weights, optimizer state and the rest of the model are not
+    counted). ``kwargs`` go to :func:`plan_run`."""
     if not (isinstance(fit_memory, (int, float)) and fit_memory > 0):
         raise ValueError(f"fit_memory must be a positive number of bytes, got {fit_memory!r}")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
@@ -685,7 +690,7 @@ def fit_ranks(tokens: int, fit_memory: float, *, heads: int, head_dim: int,
                     **kwargs).memory_per_rank_bytes <= fit_memory:
             return p
     raise ValueError(f"fit_memory: no rank count up to {max_ranks} that divides {tokens} "
-                     f"keeps the attention activations within {fit_memory:.4g} bytes per rank")
+                     f"keeps the attention memory within {fit_memory:.4g} bytes per rank")
 
 
 # --------------------------------------------------------------------- CLI
@@ -737,7 +742,8 @@ def _plot(rows: List[Dict[str, object]], path: str, title: str) -> None:
             label="fwd + bwd, worst rank")
     ax.plot(ns, [r["max_flops_fwd"] / 1e12 for r in rows], "s--", label="fwd, worst rank")
     ax.set_ylabel("TFLOP per rank per layer")
-    ax.legend(fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="lower right")
     ax = axes[2]
     ax.plot(ns, [r["max_activation_bytes"] / 2**30 for r in rows], "o-",
             label="attention activations, worst rank")
@@ -777,8 +783,9 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--ranks", help="sequence-parallel ranks P (default 1)")
     how.add_argument("--tokens-per-rank", help="tokens per rank L (P = N / L)")
     how.add_argument("--fit-memory", type=float, metavar="GIB",
-                     help="pick the fewest ranks whose attention activations (all "
-                          "layers) fit in this many GiB per device")
+                     help="pick the fewest ranks whose attention memory in a training "
+                          "step (all layers' activations and one layer's forward "
+                          "buffers) fits in this many GiB per device")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     p.add_argument("--heads", type=int, required=True, help="query heads H")
     p.add_argument("--kv-heads", type=int, help="key/value heads Hk (default H)")
@@ -861,8 +868,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write("\n")
     else:
         if args.fit_memory is not None:
-            print(f"fewest ranks within {args.fit_memory:g} GiB of attention activations "
-                  f"per device: {ranks}")
+            print(f"fewest ranks within {args.fit_memory:g} GiB of attention memory per "
+                  f"device: {ranks}")
         print(plan.table(every_rank=True if args.per_rank else None))
         if rows is not None:
             print(f"\nN and P grow together (L = {tokens // ranks:,} tokens per rank"
