@@ -162,6 +162,7 @@ class RunPlan:
     tflops: Optional[float]
     link_gbs: Optional[float]
     per_rank: List[RankCost] = field(repr=False)
+    position_offset: int = 0        # absolute position of the sequence's first token
 
     # -- summaries over ranks
     def worst(self, name: str):
@@ -227,7 +228,8 @@ class RunPlan:
             f"N = {self.tokens:,} tokens on P = {self.ranks} ranks (L = "
             f"{self.tokens_per_rank:,} per rank), B = {self.batch}, H = {self.heads}, "
             f"Hk = {self.kv_heads}, D = {self.head_dim}, {self.dtype}, "
-            f"{'causal' if self.causal else 'not causal'}, {self.layers} layers",
+            f"{'causal' if self.causal else 'not causal'}, {self.layers} layers"
+            + (f", first position {self.position_offset:,}" if self.position_offset else ""),
             f"patterns (w, r): {pats}",
             f"rank-crossing patterns: {len(self.crossing_patterns)} of "
             f"{len(self.segment_lengths)}"
@@ -306,21 +308,30 @@ def _ceil(a: int, b: int) -> int:
     return -((-a) // b)
 
 
-def _seg_pairs(m: int, r: int, num_heads: int, causal: bool) -> int:
-    """Attended pairs of one segment of ``m`` positions, all heads (rows of head j:
-    the positions ``o + t*r < m``, ``o = j % r``)."""
+def _part_pairs(seg_start: int, lo: int, hi: int, r: int, num_heads: int,
+                causal: bool) -> int:
+    """Attended pairs, all heads, of the positions ``[lo, hi)`` of the segment that
+    starts at ``seg_start`` (head j's rows: ``seg_start + j % r + t*r``)."""
     total = 0
     for o in range(min(num_heads, r)):
-        n = max(0, _ceil(m - o, r))
-        total += _heads_with_offset(num_heads, r, o) * (n * (n + 1) // 2 if causal else n * n)
+        n = max(0, _ceil(hi - seg_start - o, r)) - max(0, _ceil(lo - seg_start - o, r))
+        if n > 0:
+            total += _heads_with_offset(num_heads, r, o) * (n * (n + 1) // 2 if causal
+                                                            else n * n)
     return total
 
 
-def _region_pairs(length: int, w: int, r: int, num_heads: int, causal: bool) -> int:
-    """Pairs of a run of ``length`` positions cut into segments of ``w`` from its start."""
-    full, rest = divmod(length, w)
-    return (full * _seg_pairs(w, r, num_heads, causal)
-            + (_seg_pairs(rest, r, num_heads, causal) if rest else 0))
+def _region_pairs(a: int, b: int, w: int, r: int, num_heads: int, causal: bool) -> int:
+    """Pairs of the absolute positions ``[a, b)`` computed alone (segments clipped at
+    both ends): a first and a last partial segment and full ones between."""
+    if a >= b:
+        return 0
+    s0, s1 = a // w, (b - 1) // w
+    if s0 == s1:
+        return _part_pairs(s0 * w, a, b, r, num_heads, causal)
+    return (_part_pairs(s0 * w, a, (s0 + 1) * w, r, num_heads, causal)
+            + (s1 - s0 - 1) * _part_pairs(0, 0, w, r, num_heads, causal)
+            + _part_pairs(s1 * w, s1 * w, b, r, num_heads, causal))
 
 
 @dataclass
@@ -348,44 +359,33 @@ class _RankCount:
     cross_pairs: int = 0
 
 
-def _crossing_segments(w: int, n: int, chunk: int, world: int) -> List[int]:
-    """Segments of a pattern that span more than one rank, in order."""
-    if world == 1:
-        return []
-    if w >= n:
-        return [0]
-    segs = []
-    if chunk >= w:
-        # Only segments over a rank boundary p*L can cross.
-        for p in range(1, world):
-            b = p * chunk
-            if b % w:
-                segs.append(b // w)
-    else:
-        # Segments longer than a rank's chunk: fewer than P of them; all but a last,
-        # clipped one span two ranks or more.
-        for s in range(_ceil(n, w)):
-            start, stop = s * w, min((s + 1) * w, n)
-            if start // chunk != (stop - 1) // chunk:
-                segs.append(s)
-    return segs
+def _crossing_segments(w: int, chunk: int, world: int, offset: int) -> List[int]:
+    """Segments of a pattern that span more than one rank, in order: those with a rank
+    boundary strictly inside."""
+    segs = set()
+    for p in range(1, world):
+        b = offset + p * chunk
+        if b % w:
+            segs.add(b // w)
+    return sorted(segs)
 
 
 def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[int],
-           rs: Sequence[int], causal: bool) -> List[_RankCount]:
+           rs: Sequence[int], causal: bool, offset: int = 0) -> List[_RankCount]:
     """Per-rank rows, calls and pairs, as ``longnet.distributed._plan`` would plan them
-    on every rank, visiting each crossing segment once."""
-    from longnet.distributed import _segment
+    on every rank, visiting each crossing segment once. The sequence occupies the
+    absolute positions ``[offset, offset + world * chunk)``."""
+    from longnet.distributed import _segment, _segment_ranks
 
     segment = getattr(_segment, "__wrapped__", _segment)  # leave the op's cache alone
     n = world * chunk
     kv_group = num_heads // kv_heads
     ranks = [_RankCount() for _ in range(world)]
     for i, (w, r) in enumerate(zip(ws, rs)):
-        crossing = _crossing_segments(w, n, chunk, world)
+        crossing = _crossing_segments(w, chunk, world, offset)
         touched = set()
         for s in crossing:
-            seg = segment(i, s, w, r, n, chunk, num_heads, kv_group)
+            seg = segment(i, s, w, r, n, chunk, num_heads, kv_group, offset)
             m = seg.last_rank - seg.first_rank + 1
             for q in range(seg.first_rank, seg.last_rank + 1):
                 touched.add(q)
@@ -420,30 +420,30 @@ def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[i
                     pairs = c[a] * keys if not causal else \
                         c[a] * (keys - c[a]) + c[a] * (c[a] + 1) // 2
                     rc.cross_pairs += nheads * pairs
+        def spans(s):
+            ranks_of = _segment_ranks(s, w, n, chunk, offset)
+            return ranks_of[3] > ranks_of[2]
+
         for p in range(world):
             rc = ranks[p]
+            first = offset + p * chunk
             if p not in touched:
-                # Every segment touching p lies inside it (and starts at p*L).
-                length = min(chunk, n - p * chunk)
-                rc.local_pairs += _region_pairs(length, w, r, num_heads, causal)
+                # Every segment touching p lies inside it: one local call.
+                rc.local_pairs += _region_pairs(first, first + chunk, w, r, num_heads,
+                                                causal)
                 continue
             rc.cross.append(i)
-            s_a, s_b = (p * chunk) // w, ((p + 1) * chunk - 1) // w
-            lo = s_a + 1 if _spans(s_a, w, n, chunk) else s_a
-            hi = s_b - 1 if _spans(s_b, w, n, chunk) else s_b
+            s_a, s_b = first // w, (first + chunk - 1) // w
+            lo = s_a + 1 if spans(s_a) else s_a
+            hi = s_b - 1 if spans(s_b) else s_b
             if lo <= hi:
-                a, b = lo * w, min((hi + 1) * w, n)
+                a, b = max(lo * w, first), min((hi + 1) * w, offset + n)
                 rc.partial[i] = b - a
-                rc.local_pairs += _region_pairs(b - a, w, r, num_heads, causal)
+                rc.local_pairs += _region_pairs(a, b, w, r, num_heads, causal)
     # Calls in the planner's order: by pattern (segment, group order is kept).
     for rc in ranks:
         rc.calls.sort(key=lambda c: c.pattern)
     return ranks
-
-
-def _spans(s: int, w: int, n: int, chunk: int) -> bool:
-    start, stop = s * w, min((s + 1) * w, n)
-    return start // chunk != (stop - 1) // chunk
 
 
 # ----------------------------------------------------------------- memory
@@ -556,7 +556,7 @@ def plan_run(tokens: int, ranks: int, *, heads: int, head_dim: int,
              segment_lengths: Sequence[int], dilation_rates: Sequence[int],
              kv_heads: Optional[int] = None, dtype: str = "bfloat16", batch: int = 1,
              layers: int = 1, causal: bool = False, tflops: Optional[float] = None,
-             link_gbs: Optional[float] = None) -> RunPlan:
+             link_gbs: Optional[float] = None, position_offset: int = 0) -> RunPlan:
     """Per-rank traffic, FLOPs, activation memory (and time) of one attention layer
     of :func:`longnet.distributed.sequence_parallel_dilated_attention` for ``tokens``
     positions split over ``ranks`` ranks.
@@ -572,6 +572,8 @@ def plan_run(tokens: int, ranks: int, *, heads: int, head_dim: int,
         causal: causal attention.
         tflops: the attention FLOP/s a device sustains, in TFLOP/s (for times).
         link_gbs: a device's link bandwidth, in GB/s (1e9 bytes/s, for times).
+        position_offset: absolute position of the sequence's first token, as in
+            :func:`longnet.distributed.sequence_parallel_dilated_attention`.
 
     Returns:
         A :class:`RunPlan`; ``per_rank[p]`` holds rank ``p``'s :class:`RankCost`.
@@ -584,11 +586,14 @@ def plan_run(tokens: int, ranks: int, *, heads: int, head_dim: int,
     kv_heads = heads if kv_heads is None else kv_heads
     ws, rs = _validate(tokens, ranks, batch, heads, kv_heads, head_dim, dtype, layers,
                        segment_lengths, dilation_rates, tflops, link_gbs)
+    if isinstance(position_offset, bool) or not isinstance(position_offset, int) \
+            or position_offset < 0:
+        raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
     chunk = tokens // ranks
     item = DTYPE_BYTES[dtype]
-    counts = _count(ranks, chunk, heads, kv_heads, ws, rs, bool(causal))
+    counts = _count(ranks, chunk, heads, kv_heads, ws, rs, bool(causal), position_offset)
     crossing = sorted({i for rc in counts for i in rc.cross})
-    exchange = ranks > 1 and any(chunk % w for w in ws)
+    exchange = bool(crossing)
     unit = 2 * batch * head_dim * item                # one row of k and one of v
     per_rank = []
     for p, rc in enumerate(counts):
@@ -615,7 +620,8 @@ def plan_run(tokens: int, ranks: int, *, heads: int, head_dim: int,
     return RunPlan(tokens, ranks, chunk, batch, heads, kv_heads, head_dim, dtype, layers,
                    bool(causal), list(ws), list(rs), crossing,
                    tflops if link_gbs is not None else None,
-                   link_gbs if tflops is not None else None, per_rank)
+                   link_gbs if tflops is not None else None, per_rank,
+                   position_offset=position_offset)
 
 
 # ------------------------------------------------------- sweeps and fitting
@@ -793,6 +799,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
     p.add_argument("--layers", type=int, default=1, help="layers (for the memory total)")
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--position-offset", type=int, default=0,
+                   help="absolute position of the sequence's first token (default 0)")
     g = p.add_argument_group("patterns: a list, or the geometric rule")
     g.add_argument("--segment-lengths", nargs="+", help="w_1 .. w_m")
     g.add_argument("--dilation-rates", nargs="+", help="r_1 .. r_m")
@@ -835,7 +843,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ws, rs = _patterns_for(tokens, **pattern_kw)
         kw = dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                   dtype=args.dtype, batch=args.batch, layers=args.layers,
-                  causal=args.causal)
+                  causal=args.causal, position_offset=args.position_offset)
         if args.fit_memory is not None:
             ranks = fit_ranks(tokens, args.fit_memory * 2**30, segment_lengths=ws,
                               dilation_rates=rs, **kw)

@@ -33,9 +33,12 @@ CASES = [
     ("mqa-partial-local", 1, 12, 4, 1, 8, [5, 9], [1, 2], True, "float32"),
     ("longer-than-sequence", 1, 8, 4, 2, 8, [4, 64], [1, 8], False, "float32"),
     ("all-local", 1, 16, 2, 2, 8, [4, 8], [1, 2], True, "float32"),
+    ("offset-gqa-causal", 1, 12, 6, 2, 8, [5, 24], [2, 3], True, "float32"),
     # Large enough that activations dominate everything else a process holds.
     ("memory", 1, 2048, 4, 2, 32, [512, 1536, 8192], [1, 2, 4], True, "float32"),
 ]
+# position_offset of the whole sequence (0 for the others)
+OFFSETS = {"offset-gqa-causal": 7}
 
 
 class _Held:
@@ -88,8 +91,9 @@ def _run_cases(group, sp_rank):
                 for _ in range(2))
 
         def call():
-            return sequence_parallel_dilated_attention(q, k, v, ws, rs, group=group,
-                                                       is_causal=causal, return_lse=True)
+            return sequence_parallel_dilated_attention(
+                q, k, v, ws, rs, group=group, is_causal=causal, return_lse=True,
+                position_offset=OFFSETS.get(name, 0))
 
         reset_comm_stats()
         (o, lse), held = _held_bytes(call, (q, k, v))
@@ -140,7 +144,8 @@ def runs(tmp_path_factory):
 def _plan_case(case, world):
     name, b, chunk, h, hk, d, ws, rs, causal, dtype = case
     return plan_run(world * chunk, world, heads=h, kv_heads=hk, head_dim=d, batch=b,
-                    segment_lengths=ws, dilation_rates=rs, causal=causal, dtype=dtype)
+                    segment_lengths=ws, dilation_rates=rs, causal=causal, dtype=dtype,
+                    position_offset=OFFSETS.get(name, 0))
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -186,7 +191,8 @@ def test_planned_peak_within_20_percent_of_resident_set_peak(runs, world):
 
 def test_plan_matches_the_planner_and_the_reference_pair_counts():
     """Rows per rank equal longnet.distributed._plan's, attended pairs equal the
-    reference's count matrix, on random small configurations."""
+    reference's count matrix, on random small configurations (half of them with a
+    position_offset)."""
     from longnet.distributed import _plan
     from longnet.reference import pattern_counts
 
@@ -203,17 +209,19 @@ def test_plan_matches_the_planner_and_the_reference_pair_counts():
             ws.append(w)
             rs.append(rnd.randint(1, min(w, n + 2)))
         causal = rnd.random() < 0.5
+        offset = 0 if rnd.random() < 0.5 else rnd.randint(1, 2 * max(ws))
         plan = plan_run(n, world, heads=h, kv_heads=hk, head_dim=4, segment_lengths=ws,
-                        dilation_rates=rs, causal=causal, dtype="float32")
-        counts = pattern_counts(n, n, h, ws, rs, causal)
-        cfg = (world, chunk, h, hk, ws, rs, causal)
+                        dilation_rates=rs, causal=causal, dtype="float32",
+                        position_offset=offset)
+        counts = pattern_counts(n, n, h, ws, rs, causal, position_offset=offset)
+        cfg = (world, chunk, h, hk, ws, rs, causal, offset)
         for p, cost in enumerate(plan.per_rank):
             assert cost.pairs == int(counts[:, p * chunk:(p + 1) * chunk].sum()), (cfg, p)
             assert cost.flops_fwd == 4 * 4 * cost.pairs
             if world == 1:
                 assert cost.kv_rows_sent == cost.kv_rows_received == 0
                 continue
-            rp = _plan(world, p, chunk, h, hk, tuple(ws), tuple(rs), causal)
+            rp = _plan(world, p, chunk, h, hk, tuple(ws), tuple(rs), causal, offset)
             assert cost.kv_rows_sent == sum(rp.send_rows), (cfg, p)
             assert cost.kv_rows_received == sum(rp.recv_rows), (cfg, p)
             assert cost.collectives == (2 if rp.exchange else 0), (cfg, p)
@@ -283,6 +291,8 @@ def test_bad_input_names_the_argument():
         plan_run(8, 2, dtype="int8", **kw)
     with pytest.raises(ValueError, match="ranks"):
         plan_run(8, 0, **kw)
+    with pytest.raises(ValueError, match="position_offset"):
+        plan_run(8, 2, position_offset=-1, **kw)
     with pytest.raises(ValueError, match="tflops"):
         plan_run(8, 2, tflops=-1, link_gbs=10, **kw)
     with pytest.raises(ValueError, match="dilation_rates"):
