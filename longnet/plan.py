@@ -2,8 +2,8 @@
 on P devices, without running anything.
 
 :func:`plan_run` answers, for a model's attention configuration (heads, key/value
-heads, head dim, dtype, patterns, layers, causal) and a sequence of ``N`` tokens on
-``P`` ranks, per rank and per layer:
+heads, head dim, dtype, patterns, layers, causal, position offset) and a sequence of
+``N`` tokens on ``P`` ranks, per rank and per layer:
 
 * the key/value bytes sent and received by
   :func:`longnet.distributed.sequence_parallel_dilated_attention`, forward and
@@ -18,8 +18,9 @@ heads, head dim, dtype, patterns, layers, causal) and a sequence of ``N`` tokens
 
 It follows the sequence-parallel planner itself (``longnet.distributed``'s head
 groups of every rank-crossing segment) but visits each crossing segment once for all
-of its ranks and counts rows instead of building index tensors, so nothing it does
-grows with the sequence: a billion tokens on 1024 ranks plan in about a second.
+of its ranks and counts rows instead of building index tensors, so its work grows
+with the number of ranks and patterns, not with the sequence's length: a billion
+tokens on 1024 ranks plan in about a second.
 
 Command line (``python -m longnet.plan --help``)::
 
