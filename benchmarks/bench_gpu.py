@@ -46,7 +46,7 @@ def log(msg: str) -> None:
 
 def needed_flops(n: int, heads: int, dim: int, ws: Sequence[int], rs: Sequence[int],
                  causal: bool, batch: int = 1) -> float:
-    """Forward FLOPs of dilated attention that the patterns need (SPEC.md)."""
+    """Forward FLOPs of dilated attention that the patterns need (docs/operator.md)."""
     total = sum(4.0 * batch * n * heads * dim * min(w, n) / r**2 for w, r in zip(ws, rs))
     return total / 2 if causal else total
 

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 BWD_FACTOR = 2.5
-"""Backward FLOPs as a multiple of forward FLOPs (SPEC.md); fwd+bwd counts 3.5x."""
+"""Backward FLOPs as a multiple of forward FLOPs (docs/operator.md); fwd+bwd counts 3.5x."""
 
 
 def pattern_flops(

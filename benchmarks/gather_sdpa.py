@@ -1,7 +1,7 @@
 """Dilated attention the way the official LongNet code computes it: gather, SDPA, merge.
 
 This is the baseline the benchmarks compare ``longnet.dilated_attention`` against. It
-computes exactly the function of SPEC.md (multiset softmax over all patterns, head
+computes exactly the function of docs/operator.md (multiset softmax over all patterns, head
 offset ``j mod r``, grouped-query attention, causal, ``Nq <= Nk`` bottom-right
 aligned, rows with no key give ``out = 0`` and ``lse = -inf``) with plain PyTorch:
 
@@ -213,7 +213,7 @@ def gather_sdpa_dilated_attention(
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Dilated attention by gathering sparse segments and calling SDPA on them.
 
-    Same arguments, results and gradients as ``longnet.dilated_attention`` (SPEC.md),
+    Same arguments, results and gradients as ``longnet.dilated_attention`` (docs/operator.md),
     on CPU tensors. Extra memory is what the gathers, the per-pattern outputs and
     the merge hold: O(m * B * N * H * D) for m patterns, saved for backward.
     """

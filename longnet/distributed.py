@@ -1,9 +1,10 @@
 """Sequence-parallel dilated attention over ``torch.distributed`` (LongNet section 3.1).
 
 A sequence of ``N = P * L`` positions is split over the ``P`` ranks of a process
-group: rank ``p`` holds positions ``[p*L, (p+1)*L)`` of q, k and v.
+group: rank ``p`` holds positions ``[p*L, (p+1)*L)`` of q, k and v (shifted by
+``position_offset`` when the sequence itself starts there).
 :func:`sequence_parallel_dilated_attention` returns this rank's rows of exactly the
-operator of SPEC.md evaluated on the whole sequence.
+operator of docs/operator.md evaluated on the whole sequence.
 
 How it works, for every pattern ``(w, r)``:
 
@@ -21,7 +22,7 @@ How it works, for every pattern ``(w, r)``:
   it, so its own rows are the last keys, the operator's bottom-right aligned
   ``Nq < Nk`` case, and the causal rule in the dilated frame is the causal rule in
   positions. Heads whose offsets give the same per-rank row counts share one call.
-* The partial results are merged by their log-sum-exp, which is exact (SPEC.md:
+* The partial results are merged by their log-sum-exp, which is exact (docs/operator.md:
   one softmax over the multiset of keys of all patterns) and differentiable.
 
 All exchanges of one call go into a single all-to-all (and one in backward). A rank
@@ -65,7 +66,7 @@ from longnet._dist_utils import (
     reset_comm_stats,
     set_timeout,
 )
-from longnet.ops import validate_inputs, validate_patterns
+from longnet.ops import validate_inputs, validate_patterns, validate_position_offset
 
 __all__ = [
     "sequence_parallel_dilated_attention",
@@ -103,8 +104,8 @@ class _HeadGroup:
 class _Segment:
     pattern: int
     index: int
-    start: int          # S0
-    stop: int           # S1 (exclusive, clipped to N)
+    start: int          # S0 = index * w, absolute (sparse index t counts from here)
+    stop: int           # S1 (exclusive, clipped to the sequence's end)
     first_rank: int
     last_rank: int
     w: int
@@ -112,24 +113,29 @@ class _Segment:
     groups: Tuple[_HeadGroup, ...]
 
 
-def _segment_ranks(s: int, w: int, n: int, chunk: int) -> Tuple[int, int, int, int]:
-    start, stop = s * w, min((s + 1) * w, n)
-    return start, stop, start // chunk, (stop - 1) // chunk
+def _segment_ranks(s: int, w: int, n: int, chunk: int,
+                   offset: int = 0) -> Tuple[int, int, int, int]:
+    """Segment ``s`` of length ``w`` of the sequence at absolute positions
+    ``[offset, offset + n)``: (start, stop) clipped to the sequence, and the first and
+    last rank holding a position of it."""
+    start, stop = max(s * w, offset), min((s + 1) * w, offset + n)
+    return start, stop, (start - offset) // chunk, (stop - 1 - offset) // chunk
 
 
 @lru_cache(maxsize=256)
 def _segment(pattern: int, s: int, w: int, r: int, n: int, chunk: int,
-             num_heads: int, kv_group: int) -> _Segment:
+             num_heads: int, kv_group: int, offset: int = 0) -> _Segment:
     """Head groups of cross-rank segment ``s`` of pattern ``(w, r)``."""
-    start, stop, r0, r1 = _segment_ranks(s, w, n, chunk)
+    lo, stop, r0, r1 = _segment_ranks(s, w, n, chunk, offset)
+    start = s * w
     offsets = range(min(num_heads, r))
     firsts: Dict[int, List[int]] = {}
     sig: Dict[int, Tuple[int, ...]] = {}
     for o in offsets:
         counts, ts = [], []
         for q in range(r0, r1 + 1):
-            a = max(start, q * chunk) - start
-            e = min(stop, (q + 1) * chunk) - start
+            a = max(lo, offset + q * chunk) - start
+            e = min(stop, offset + (q + 1) * chunk) - start
             t_lo = max(0, _cdiv(a - o, r))
             t_hi = max(0, _cdiv(e - o, r))
             counts.append(max(0, t_hi - t_lo))
@@ -193,17 +199,19 @@ class _RankPlan:
                 f"rows sent {list(self.send_rows)}, received {list(self.recv_rows)})")
 
 
-def _rows(seg: _Segment, g: _HeadGroup, rank: int, chunk: int, offs: Sequence[int]) -> Tensor:
+def _rows(seg: _Segment, g: _HeadGroup, rank: int, chunk: int, offs: Sequence[int],
+          offset: int = 0) -> Tensor:
     """Local rows of ``rank`` for the given offsets: (count, len(offs))."""
     qi = rank - seg.first_rank
     n = g.counts[qi]
     t = torch.arange(n).unsqueeze(1)
-    base = torch.tensor([seg.start + o + g.first_t[qi][o] * seg.r - rank * chunk for o in offs])
+    first = offset + rank * chunk  # absolute position of local row 0
+    base = torch.tensor([seg.start + o + g.first_t[qi][o] * seg.r - first for o in offs])
     return base.unsqueeze(0) + t * seg.r
 
 
-def _touching(p: int, w: int, chunk: int) -> Tuple[int, int]:
-    return (p * chunk) // w, ((p + 1) * chunk - 1) // w
+def _touching(p: int, w: int, chunk: int, offset: int = 0) -> Tuple[int, int]:
+    return (offset + p * chunk) // w, (offset + (p + 1) * chunk - 1) // w
 
 
 def _cat(ts: List[Tensor]) -> Tensor:
@@ -212,8 +220,12 @@ def _cat(ts: List[Tensor]) -> Tensor:
 
 @lru_cache(maxsize=64)
 def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
-          ws: Tuple[int, ...], rs: Tuple[int, ...], is_causal: bool) -> _RankPlan:
+          ws: Tuple[int, ...], rs: Tuple[int, ...], is_causal: bool,
+          offset: int = 0) -> _RankPlan:
+    """What ``rank`` computes, sends and receives; the sequence occupies absolute
+    positions ``[offset, offset + world * chunk)``."""
     n = world * chunk
+    first = offset + rank * chunk  # absolute position of this rank's row 0
     kv_group = num_heads // kv_heads
     local_ws, local_rs, cross, partial = [], [], [], {}
     exchange = False
@@ -222,11 +234,13 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
     sends: List[list] = [[] for _ in range(world)]
     recvs: List[list] = [[] for _ in range(world)]
     for i, (w, r) in enumerate(zip(ws, rs)):
-        if world > 1 and chunk % w != 0:
+        # A rank boundary inside a segment makes that segment cross ranks.
+        if any((offset + p * chunk) % w for p in range(1, world)):
             exchange = True
-        s_a, s_b = _touching(rank, w, chunk)
+        s_a, s_b = _touching(rank, w, chunk, offset)
         crossing = [s for s in sorted({s_a, s_b})
-                    if _segment_ranks(s, w, n, chunk)[3] > _segment_ranks(s, w, n, chunk)[2]]
+                    if _segment_ranks(s, w, n, chunk, offset)[3]
+                    > _segment_ranks(s, w, n, chunk, offset)[2]]
         if not crossing:
             local_ws.append(w)
             local_rs.append(r)
@@ -235,15 +249,15 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
         lo = s_a + 1 if s_a in crossing else s_a
         hi = s_b - 1 if s_b in crossing else s_b
         if lo <= hi:
-            partial[i] = (lo * w - rank * chunk, min((hi + 1) * w, n) - rank * chunk)
+            partial[i] = (max(lo * w, first) - first, min((hi + 1) * w, offset + n) - first)
         for s in crossing:
-            seg = _segment(i, s, w, r, n, chunk, num_heads, kv_group)
+            seg = _segment(i, s, w, r, n, chunk, num_heads, kv_group, offset)
             me = rank - seg.first_rank
             for gi, g in enumerate(seg.groups):
                 if g.counts[me] == 0:
                     continue  # no queries here, and no rows to send
                 key = (i, s, gi)
-                kv_rows = _rows(seg, g, rank, chunk, [o for _, o in g.pairs])
+                kv_rows = _rows(seg, g, rank, chunk, [o for _, o in g.pairs], offset)
                 kvh = torch.tensor([hh for hh, _ in g.pairs])
                 flat_kv = kv_rows * kv_heads + kvh
                 ranks = [q for q in range(seg.first_rank, seg.last_rank + 1)
@@ -281,7 +295,7 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
     own_pos = sum(send_rows)
     q_pos = 0
     for key, seg, g, ranks, flat_kv in jobs:
-        q_rows = _rows(seg, g, rank, chunk, [j % seg.r for j in g.heads])
+        q_rows = _rows(seg, g, rank, chunk, [j % seg.r for j in g.heads], offset)
         heads = torch.tensor(g.heads)
         pieces = []
         for src in ranks:
@@ -327,7 +341,7 @@ def _on(plan: _RankPlan, t: Tensor, device: torch.device) -> Tensor:
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
 _FIELDS = ("batch size", "local sequence length L", "query heads H", "key/value heads Hk",
            "head dim D", "dtype", "is_causal", "segment_lengths/dilation_rates",
-           "scale", "return_lse", "requires_grad of q/k/v")
+           "scale", "return_lse", "requires_grad of q/k/v", "position_offset")
 _validated: set = set()
 
 
@@ -395,6 +409,7 @@ def sequence_parallel_dilated_attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    position_offset: int = 0,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Dilated attention over a sequence split across the ranks of ``group``.
 
@@ -410,6 +425,9 @@ def sequence_parallel_dilated_attention(
         is_causal: no query attends to a later position.
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return this rank's log-sum-exp rows.
+        position_offset: absolute position of the whole sequence's first token (an
+            int >= 0, the same on every rank), as in :func:`longnet.dilated_attention`:
+            rank ``p``'s rows sit at ``position_offset + p*L + i``.
 
     Returns:
         ``out`` ``(B, L, H, D)`` (and ``lse`` ``(B, H, L)`` with ``return_lse``): this
@@ -423,6 +441,7 @@ def sequence_parallel_dilated_attention(
     """
     ws, rs = validate_patterns(segment_lengths, dilation_rates)
     scale = validate_inputs(q, k, v, scale)
+    offset = validate_position_offset(position_offset)
     if k.shape[1] != q.shape[1]:
         raise ValueError(
             f"k must hold the same positions as q on every rank: q has {q.shape[1]} "
@@ -433,18 +452,19 @@ def sequence_parallel_dilated_attention(
     hk = k.shape[2]
     if world == 1:
         return longnet.dilated_attention(q, k, v, ws, rs, is_causal=is_causal, scale=scale,
-                                         return_lse=return_lse)
+                                         return_lse=return_lse, position_offset=offset)
     cfg = (b, chunk, h, hk, d, _DTYPE_CODES[q.dtype], int(bool(is_causal)),
            zlib.crc32(repr((ws, rs)).encode()) & 0x7FFFFFFF,
            struct.unpack("<q", struct.pack("<d", scale))[0], int(bool(return_lse)),
-           _grad_flags(q, k, v))
+           _grad_flags(q, k, v), offset)
     _check_config(group, rank, cfg, q.device, {
         "segment_lengths/dilation_rates": f"{list(ws)}/{list(rs)}", "dtype": str(q.dtype),
         "scale": scale})
     if chunk == 0:
         raise ValueError("q must hold at least one position per rank, got L = 0")
 
-    plan = _plan(world, rank, chunk, h, hk, ws, rs, bool(is_causal))
+    plan = _plan(world, rank, chunk, h, hk, ws, rs, bool(is_causal), offset)
+    first = offset + rank * chunk  # absolute position of this rank's row 0
     dev = q.device
     # Every key/value row this rank sends or uses itself, in one gather per tensor.
     kv_index = _on(plan, plan.kv_index, dev)
@@ -466,13 +486,13 @@ def sequence_parallel_dilated_attention(
     if plan.local_ws:
         parts.append(longnet.dilated_attention(
             q, k, v, plan.local_ws, plan.local_rs, is_causal=is_causal, scale=scale,
-            return_lse=True))
+            return_lse=True, position_offset=first))
     outs: Dict[int, List[Tensor]] = {i: [] for i in plan.cross_patterns}
     lses: Dict[int, List[Tensor]] = {i: [] for i in plan.cross_patterns}
     for i, (lo, hi) in plan.partial.items():
         o_i, l_i = longnet.dilated_attention(
             q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], [ws[i]], [rs[i]], is_causal=is_causal,
-            scale=scale, return_lse=True)
+            scale=scale, return_lse=True, position_offset=first + lo)
         outs[i].append(o_i.reshape(b, -1, d))
         lses[i].append(l_i.transpose(1, 2).reshape(b, -1))
     if pending is not None:

@@ -158,7 +158,7 @@ class LongNetDecoderLayer(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: Tensor, *, cache: Optional[KVCache] = None,
-                position_offset: int = 0) -> Tensor:
+                position_offset: Optional[int] = None) -> Tensor:
         h = self.self_attn(self.attn_norm(x), cache=cache, position_offset=position_offset)
         x = x + F.dropout(h, p=self.dropout, training=self.training)
         h = self.ffn(self.ffn_norm(x))
@@ -183,7 +183,7 @@ class LongNetDecoder(nn.Module):
         return [layer.self_attn.new_cache() for layer in self.layers]
 
     def forward(self, x: Tensor, *, cache: Optional[List[KVCache]] = None,
-                position_offset: int = 0) -> Tensor:
+                position_offset: Optional[int] = None) -> Tensor:
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache must hold {len(self.layers)} layer caches, got {len(cache)}")
         for i, layer in enumerate(self.layers):
@@ -259,16 +259,21 @@ class LongNetLM(nn.Module):
         targets: Optional[Tensor] = None,
         *,
         cache: Optional[List[KVCache]] = None,
-        position_offset: int = 0,
+        position_offset: Optional[int] = None,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """Logits ``(B, N, vocab)``; with ``targets`` ``(B, N)`` also the mean loss.
 
         Args:
             input_ids: token ids ``(B, N)`` (int64).
             targets: next-token ids aligned with ``input_ids``; entries equal to
-                ``-100`` are ignored.
+                ``-100`` or to ``config.pad_token_id`` are ignored (the loss is the
+                mean over the other targets).
             cache: per-layer caches from :meth:`new_cache`; the tokens are appended.
-            position_offset: absolute position of the first token (without a cache).
+            position_offset: absolute position of the first token (default 0): it
+                sets the rotary/xPos positions and where the attention segments fall
+                (see :class:`~longnet.modules.MultiheadDilatedAttention`). With a
+                cache it may only restate the cache's next position (an empty cache
+                then starts there).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, N), got {tuple(input_ids.shape)}")
@@ -284,8 +289,12 @@ class LongNetLM(nn.Module):
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}"
                              f", got {tuple(targets.shape)}")
+        targets = targets.long()
+        if self.config.pad_token_id is not None:
+            # Padding is not text: predicting it must not count in the loss.
+            targets = targets.masked_fill(targets == self.config.pad_token_id, -100)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                               targets.reshape(-1).long(), ignore_index=-100)
+                               targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     @torch.no_grad()
@@ -298,6 +307,7 @@ class LongNetLM(nn.Module):
         greedy: bool = False,
         *,
         eos_token_id: Optional[int] = None,
+        ignore_eos: bool = False,
         use_cache: bool = True,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
@@ -308,7 +318,9 @@ class LongNetLM(nn.Module):
             top_k: sample only among the ``top_k`` most likely tokens.
             greedy: take the arg-max instead of sampling.
             eos_token_id: rows stop after emitting it (later positions repeat it);
-                generation ends once every row has.
+                generation ends once every row has. ``None`` (the default) uses
+                ``config.eos_token_id``.
+            ignore_eos: never stop early: always generate ``max_new_tokens`` tokens.
             use_cache: decode incrementally with KV caches (the default); ``False``
                 reruns the full prefix each step (slow, for checking).
             generator: random generator for reproducible sampling.
@@ -328,6 +340,10 @@ class LongNetLM(nn.Module):
         if self.sequence_parallel_group is not None:
             raise ValueError("generate() does not run under sequence parallelism; "
                              "call set_sequence_parallel_group(None) first")
+        if ignore_eos:
+            eos_token_id = None
+        elif eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
         was_training = self.training
         self.eval()
         try:

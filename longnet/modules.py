@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longnet.ops import dilated_attention, validate_patterns
+from longnet.ops import dilated_attention, validate_patterns, validate_position_offset
 
 __all__ = [
     "DilatedAttention",
@@ -31,10 +31,9 @@ _POSITION_ENCODINGS = ("rotary", "xpos", None)
 
 
 def pattern_period(segment_lengths: Sequence[int]) -> int:
-    """Least common multiple of the segment lengths.
-
-    Every pattern's segmentation repeats with this period, so a key/value cache may
-    drop keys in whole multiples of it without changing any segment boundary.
+    """Least common multiple of the segment lengths: every pattern's segmentation
+    repeats with this period (shifting all positions by a multiple of it changes no
+    segment boundary). :class:`KVCache` does not need it: it trims at any position.
     """
     period = 1
     for w in segment_lengths:
@@ -80,12 +79,14 @@ class DilatedAttention(nn.Module):
         *,
         is_causal: Optional[bool] = None,
         return_lse: bool = False,
+        position_offset: int = 0,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        """Attend ``q`` to ``k``/``v``; ``is_causal=None`` uses the module default."""
+        """Attend ``q`` to ``k``/``v``; ``is_causal=None`` uses the module default.
+        ``position_offset`` is the absolute position of ``k[:, 0]`` (docs/operator.md)."""
         return dilated_attention(
             q, k, v, self.segment_lengths, self.dilation_rates,
             is_causal=self.is_causal if is_causal is None else bool(is_causal),
-            scale=self.scale, return_lse=return_lse,
+            scale=self.scale, return_lse=return_lse, position_offset=position_offset,
         )
 
     def extra_repr(self) -> str:
@@ -160,36 +161,58 @@ class RotaryEmbedding(nn.Module):
 class KVCache:
     """Key/value cache of one attention layer for incremental decoding.
 
-    Holds the rotated keys and the values of positions ``[start, end)``. Queries are
-    bottom-right aligned against it (the operator's ``Nq < Nk`` path). ``start`` is
-    always a multiple of the layer's pattern period (:func:`pattern_period`), so every
-    pattern's segments keep their absolute boundaries; keys before the period block of
-    the next query are dropped because no later query can reach them.
+    Holds the rotated keys and the values of the absolute positions ``[start, end)``
+    and hands them to the operator with ``position_offset=start``, so every pattern
+    keeps its absolute segment boundaries whatever ``start`` is. A query at position
+    ``p`` reads, in pattern ``i``, only keys of its own segment, which begins at
+    ``floor(p / w_i) * w_i``; before new tokens at ``[end, end + n)`` are appended,
+    the keys before ``min_i floor(end / w_i) * w_i`` are dropped because neither
+    these queries nor any later one can reach them. The cache therefore never holds
+    more than ``max(segment_lengths) - 1 + n`` keys, whatever
+    ``lcm(segment_lengths)`` is.
+
+    Args:
+        segment_lengths: the layer's ``[w_1 .. w_m]`` (an int stands for ``[w]``).
+        trim: drop unreachable keys (``False`` keeps every key, for checking).
+        start: absolute position of the first token that will be appended.
     """
 
-    def __init__(self, period: int, *, trim: bool = True) -> None:
-        if period < 1:
-            raise ValueError(f"period must be >= 1, got {period}")
-        self.period = int(period)
+    def __init__(self, segment_lengths: Union[int, Sequence[int]], *, trim: bool = True,
+                 start: int = 0) -> None:
+        if isinstance(segment_lengths, int) and not isinstance(segment_lengths, bool):
+            segment_lengths = (segment_lengths,)
+        ws = tuple(int(w) for w in segment_lengths)
+        if len(ws) == 0 or min(ws) < 1:
+            raise ValueError(f"segment_lengths must be ints >= 1, got {list(ws)}")
+        self.segment_lengths: Tuple[int, ...] = ws
         self.trim = bool(trim)
         self.k: Optional[Tensor] = None
         self.v: Optional[Tensor] = None
-        self.start = 0
-        self.end = 0
+        self.start = int(start)
+        self.end = int(start)
+        if self.start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
 
     def __len__(self) -> int:
         return self.end - self.start
 
+    def reachable_from(self, position: int) -> int:
+        """First key position that a query at ``position`` (or later) can read:
+        ``min_i floor(position / w_i) * w_i``."""
+        return min((position // w) * w for w in self.segment_lengths)
+
     def update(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Append keys/values ``(B, n, Hk, D)`` at positions ``[end, end + n)``.
 
-        Returns the cached keys and values that the new queries may reach.
+        Returns the cached keys and values that the new queries may reach; the first
+        of them sits at absolute position ``start`` (the operator's
+        ``position_offset``).
         """
         if self.k is None:
             self.k, self.v = k, v
         else:
             if self.trim:
-                keep_from = (self.end // self.period) * self.period
+                keep_from = self.reachable_from(self.end)
                 if keep_from > self.start:
                     drop = keep_from - self.start
                     self.k, self.v = self.k[:, drop:], self.v[:, drop:]
@@ -205,8 +228,8 @@ class KVCache:
             self.k, self.v = self.k[index], self.v[index]
 
     def __repr__(self) -> str:
-        return (f"KVCache(start={self.start}, end={self.end}, period={self.period}, "
-                f"trim={self.trim})")
+        return (f"KVCache(start={self.start}, end={self.end}, "
+                f"segment_lengths={list(self.segment_lengths)}, trim={self.trim})")
 
 
 class MultiheadDilatedAttention(nn.Module):
@@ -215,7 +238,7 @@ class MultiheadDilatedAttention(nn.Module):
     Args:
         embed_dim: model width ``E``.
         num_heads: query heads ``H``; ``E`` must be divisible by ``H``.
-        segment_lengths, dilation_rates: the dilated pattern (see SPEC.md).
+        segment_lengths, dilation_rates: the dilated pattern (see docs/operator.md).
         num_kv_heads: key/value heads for grouped-query attention (default ``H``).
         dropout: dropout on the attention output before the output projection (the
             operator has no attention-probability dropout).
@@ -299,9 +322,10 @@ class MultiheadDilatedAttention(nn.Module):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
 
-    def new_cache(self, *, trim: bool = True) -> KVCache:
-        """An empty :class:`KVCache` for this layer's pattern."""
-        return KVCache(pattern_period(self.segment_lengths), trim=trim)
+    def new_cache(self, *, trim: bool = True, start: int = 0) -> KVCache:
+        """An empty :class:`KVCache` for this layer's pattern whose first token will
+        sit at absolute position ``start``."""
+        return KVCache(self.segment_lengths, trim=trim, start=start)
 
     def _sp_rank_world(self) -> Tuple[int, int]:
         import torch.distributed as dist
@@ -314,7 +338,7 @@ class MultiheadDilatedAttention(nn.Module):
         x: Tensor,
         *,
         cache: Optional[KVCache] = None,
-        position_offset: int = 0,
+        position_offset: Optional[int] = None,
     ) -> Tensor:
         """Self-attention over ``x`` ``(B, N, E)``; returns ``(B, N, E)``.
 
@@ -322,27 +346,39 @@ class MultiheadDilatedAttention(nn.Module):
             x: input sequence (this rank's chunk under sequence parallelism).
             cache: a :class:`KVCache` for incremental decoding; the tokens of ``x``
                 sit at positions ``[cache.end, cache.end + N)`` and are appended.
-            position_offset: absolute position of ``x[:, 0]`` for rotary/xPos
-                without a cache. Segments are always counted from ``x[:, 0]``.
-                Under sequence parallelism it is the position of rank 0's first
-                token; each rank adds ``rank * N`` itself.
+            position_offset: absolute position of ``x[:, 0]`` (default 0), used by
+                rotary/xPos and by the operator's segments (``[s*w, (s+1)*w)`` in
+                absolute positions), so a chunk of a longer sequence gets the
+                attention pattern it has there. With a cache it may only restate
+                ``cache.end`` (an empty cache then starts at that position); any
+                other value raises. Under sequence parallelism it is the position
+                of rank 0's first token (each rank adds ``rank * N``).
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(
                 f"x must have shape (B, N, {self.embed_dim}), got {tuple(x.shape)}")
         b, n, _ = x.shape
         sp = self.sequence_parallel_group is not None
+        if position_offset is not None:
+            position_offset = validate_position_offset(position_offset)
         if cache is not None:
             if sp:
                 raise ValueError("a KV cache cannot be combined with sequence parallelism")
             if not self.is_causal:
                 raise ValueError("a KV cache needs a causal layer (is_causal=True)")
+            if position_offset is not None and position_offset != cache.end:
+                if len(cache) != 0 or cache.k is not None:
+                    raise ValueError(
+                        f"position_offset ({position_offset}) must equal the cache's next "
+                        f"position ({cache.end}) or be left out when a cache is given")
+                cache.start = cache.end = position_offset  # an empty cache starts there
             first = cache.end
         elif sp:
+            base = 0 if position_offset is None else position_offset
             rank, world = self._sp_rank_world()
-            first = int(position_offset) + rank * n
+            first = base + rank * n
         else:
-            first = int(position_offset)
+            first = 0 if position_offset is None else position_offset
 
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
@@ -357,7 +393,7 @@ class MultiheadDilatedAttention(nn.Module):
             # One centre per call: the middle of the queries, or of the whole
             # sequence under sequence parallelism (shared by all ranks).
             if sp:
-                center = int(position_offset) + (world * n) // 2
+                center = base + (world * n) // 2
             else:
                 center = first + n // 2
             k_first = first + n - k.shape[1]
@@ -376,9 +412,10 @@ class MultiheadDilatedAttention(nn.Module):
             out = sequence_parallel_dilated_attention(
                 q, k, v, self.segment_lengths, self.dilation_rates,
                 group=self.sequence_parallel_group, is_causal=self.is_causal,
-                scale=self.attention.scale)
+                scale=self.attention.scale, position_offset=base)
         else:
-            out = self.attention(q, k, v)
+            # k[:, 0] sits at `first` without a cache, at cache.start with one.
+            out = self.attention(q, k, v, position_offset=first + n - k.shape[1])
         out = out.reshape(b, n, self.embed_dim)
         out = F.dropout(out, p=self.dropout, training=self.training)
         if self.inner_norm is not None:

@@ -132,7 +132,7 @@ def validate_key_ranges(
 
 
 def validate_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> float:
-    """Check q, k, v against SPEC.md and return the softmax scale to use.
+    """Check q, k, v against docs/operator.md and return the softmax scale to use.
 
     Raises:
         ValueError: naming the argument and the expected shape, dtype or device.

@@ -7,6 +7,7 @@ reference on the whole sequence and write a JSON report that the tests read.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -35,7 +36,25 @@ CASES = [
     ("no-dense-pattern", 1, 12, 4, 2, 8, [8, 24], [2, 4], True),
     ("rate-above-chunk", 1, 12, 5, 5, 4, [48], [16], False),
     ("ranks-without-rows", 1, 4, 2, 2, 4, [16], [16], True),
+    ("offset-mixed", 2, 12, 4, 4, 8, [4, 8, 16], [1, 2, 4], False),
+    ("offset-mixed-causal", 2, 12, 4, 4, 8, [4, 8, 16], [1, 2, 4], True),
+    ("offset-gqa-causal", 1, 12, 6, 2, 8, [5, 24], [2, 3], True),
 ]
+# position_offset of the whole sequence (the absolute position of its first token);
+# random cases draw theirs in _position_offset.
+OFFSETS = {"offset-mixed": 5, "offset-mixed-causal": 13, "offset-gqa-causal": 7}
+
+
+def _position_offset(case) -> int:
+    """The case's position_offset: OFFSETS for named cases; for random ones, 0 or a
+    draw up to twice the largest segment, seeded by the case's name."""
+    import random
+
+    name, ws = case[0], case[6]
+    if not name.startswith("random"):
+        return OFFSETS.get(name, 0)
+    rnd = random.Random(name + str(ws))
+    return 0 if rnd.random() < 0.5 else rnd.randint(1, 2 * max(ws))
 
 
 def _free_port() -> int:
@@ -84,14 +103,16 @@ def _scenario_correctness(rank, world, report):
     errors = {}
     for case in CASES + _random_cases(world, RANDOM_CASES, seed=0):
         name, _, chunk, _, _, _, ws, rs, causal = case
+        offset = _position_offset(case)
         q, k, v, gout, glse = _full_inputs(case, world)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref_out, ref_lse = dilated_attention_reference(*full, ws, rs, is_causal=causal)
+        ref_out, ref_lse = dilated_attention_reference(*full, ws, rs, is_causal=causal,
+                                                       position_offset=offset)
         (ref_out * gout).sum().add((_finite(ref_lse) * glse).sum()).backward()
         sl = slice(rank * chunk, (rank + 1) * chunk)
         loc = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
         out, lse = sequence_parallel_dilated_attention(
-            *loc, ws, rs, is_causal=causal, return_lse=True)
+            *loc, ws, rs, is_causal=causal, return_lse=True, position_offset=offset)
         (out * gout[:, sl]).sum().add((_finite(lse) * glse[:, :, sl]).sum()).backward()
         same_inf = bool(torch.equal(torch.isinf(lse), torch.isinf(ref_lse[:, :, sl])))
         errors[name] = {
@@ -106,11 +127,13 @@ def _scenario_correctness(rank, world, report):
         }
         # float32 through the compiled kernel, forward only, against the reference.
         out32 = sequence_parallel_dilated_attention(
-            *(t[:, sl].float() for t in (q, k, v)), ws, rs, is_causal=causal)
+            *(t[:, sl].float() for t in (q, k, v)), ws, rs, is_causal=causal,
+            position_offset=offset)
         errors[name]["out_f32"] = (out32.double() - ref_out[:, sl]).abs().max().item()
         if not name.startswith("random"):
             out16 = sequence_parallel_dilated_attention(
-                *(t[:, sl].bfloat16() for t in (q, k, v)), ws, rs, is_causal=causal)
+                *(t[:, sl].bfloat16() for t in (q, k, v)), ws, rs, is_causal=causal,
+                position_offset=offset)
             errors[name]["out_bf16"] = (out16.double() - ref_out[:, sl]).abs().max().item()
     report["errors"] = errors
 
@@ -225,6 +248,14 @@ def _scenario_stuck(rank, world, report):
     report["seconds"] = time.time() - start
 
 
+def _scenario(name):
+    """``_scenario_<name>`` of this file, or ``module:function`` (another test file's)."""
+    if ":" in name:
+        module, function = name.split(":")
+        return getattr(importlib.import_module(module), function)
+    return globals()[f"_scenario_{name}"]
+
+
 def _worker(rank, world, port, scenarios, path):
     import datetime
 
@@ -240,7 +271,7 @@ def _worker(rank, world, port, scenarios, path):
                                 world_size=world, timeout=datetime.timedelta(seconds=60))
         lnd.set_timeout(30)
         for name in scenarios:
-            globals()[f"_scenario_{name}"](rank, world, report)
+            _scenario(name)(rank, world, report)
     except Exception:  # reported to the test, which fails with it
         report["exception"] = traceback.format_exc()
     with open(path, "w") as f:

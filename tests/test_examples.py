@@ -68,7 +68,7 @@ def test_train_lm_rejects_resume_without_checkpoint(tmp_path):
 
 def test_compare_runs_all_variants(tmp_path):
     out = str(tmp_path / "cmp")
-    proc = _run("compare.py", "--steps", "2", "--seq-len", "64", "--segment-lengths",
+    proc = _run("compare.py", "--steps", "60", "--seq-len", "64", "--segment-lengths",
                 "16,32,64", "--dilation-rates", "1,2,4", "--layers", "1", "--embed-dim",
                 "32", "--batch-size", "2", "--eval-windows", "2", "--max-train-bytes",
                 "200000", "--out-dir", out, "--quiet")
@@ -77,7 +77,11 @@ def test_compare_runs_all_variants(tmp_path):
     assert set(results) == {"dilated", "dense", "sliding"}
     for row in results.values():
         assert set(row) == {"16", "32", "64", "train_s"}
-        assert all(0 < row[n] < 7 for n in ("16", "32", "64"))
+        # An untrained model predicts bytes about uniformly: ln(259) = 5.56 nats/byte
+        # (5.58 measured at step 0). 60 steps reached 3.68-3.99 (seed 0) and 3.71-4.21
+        # (seed 1) on 2026-11-29, so < 4.6 demands real learning in every variant
+        # (catches a variant whose training or evaluation does nothing).
+        assert all(0 < row[n] < 4.6 for n in ("16", "32", "64")), row
     assert "validation loss (nats / byte) by context length" in proc.stdout
     assert os.path.isfile(os.path.join(out, "compare.png"))
     # The three variants differ only in their attention pattern.
@@ -94,7 +98,7 @@ def test_compare_runs_all_variants(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
 def test_train_lm_sequence_parallel_under_torchrun(tmp_path):
-    pytest.importorskip("longnet.distributed")
+    import longnet.distributed  # noqa: F401  (an ImportError here is a failure, not a skip)
     out = str(tmp_path / "sp")
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

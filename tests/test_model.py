@@ -60,8 +60,9 @@ def test_forward_shapes_dtypes_and_loss(dtype):
     assert logits.shape == (3, 21, 259) and logits.dtype == dtype
     targets = torch.randint(0, 256, (3, 21))
     targets[0, :5] = -100
+    targets[1, 3:9] = model.config.pad_token_id  # PAD targets are ignored too
     logits2, loss = model(ids, targets)
-    keep = targets != -100
+    keep = (targets != -100) & (targets != model.config.pad_token_id)
     expected = F.cross_entropy(logits2.float()[keep], targets[keep])
     torch.testing.assert_close(loss, expected)
     assert loss.dtype == torch.float32
@@ -87,13 +88,18 @@ def test_no_information_from_future_tokens(norm_style):
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(norm_style="subln", tie_embeddings=False, num_kv_heads=1),
+    # lcm(6, 4) = 12 and lcm(3, 4) = 12 against max(w) = 6 and 4: trimming in lcm
+    # blocks would keep up to 11 old keys.
     dict(position_encoding="xpos", segment_lengths=[6, 4], dilation_rates=[3, 1]),
+    dict(position_encoding="rotary", segment_lengths=[3, 4], dilation_rates=[1, 2]),
     dict(position_encoding=None, num_kv_heads=4),
 ])
 def test_cached_logits_equal_full_forward_at_every_length(kw):
     """Every step's logits from KV-cached decoding equal a full forward over the same
-    prefix, far past the largest segment and the pattern period."""
+    prefix, far past the largest segment and the lcm of the segment lengths, and no
+    layer's cache ever holds more than max(w) - 1 keys besides the new ones."""
     model = tiny_model(**kw)
+    ws = model.config.segment_lengths
     ids = torch.randint(0, 256, (2, 70))
     full = model(ids)
     cache = model.new_cache()
@@ -101,22 +107,41 @@ def test_cached_logits_equal_full_forward_at_every_length(kw):
     step_logits = [model(ids[:, :prompt], cache=cache)]
     for t in range(prompt, ids.shape[1]):
         step_logits.append(model(ids[:, t:t + 1], cache=cache))
-        # The full forward over the prefix alone gives the same last logits.
+        # Causality makes full[:, t] the last logits of a forward over ids[:, :t+1]
+        # (test_no_information_from_future_tokens); a few prefixes are run as well.
+        torch.testing.assert_close(step_logits[-1][:, -1], full[:, t], rtol=1e-10, atol=1e-10)
         if t in (15, 16, 40, 69):
             prefix = model(ids[:, :t + 1])
             torch.testing.assert_close(step_logits[-1][:, -1], prefix[:, -1],
                                        rtol=1e-10, atol=1e-10)
+        for layer_cache in cache:
+            assert len(layer_cache) <= max(ws) - 1 + 1, (t, layer_cache)
+            assert layer_cache.start == min((t // w) * w for w in ws)
     torch.testing.assert_close(torch.cat(step_logits, dim=1), full, rtol=1e-10, atol=1e-10)
-    period = cache[0].period
-    assert cache[0].start == ((ids.shape[1] - 1) // period) * period
+
+
+def test_cached_logits_with_position_offset():
+    """A cache started at position_offset 7 (on no segment boundary) gives the logits
+    of a full forward with that offset; an offset that contradicts the cache raises
+    instead of being ignored."""
+    model = tiny_model(segment_lengths=[3, 4], dilation_rates=[1, 2], position_encoding="xpos")
+    ids = torch.randint(0, 256, (1, 30))
+    full = model(ids, position_offset=7)
+    assert (full - model(ids)).abs().max() > 1e-3
+    cache = model.new_cache()
+    steps = [model(ids[:, :2], cache=cache, position_offset=7)]
+    steps += [model(ids[:, t:t + 1], cache=cache) for t in range(2, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="position_offset"):
+        model(ids[:, :1], cache=cache, position_offset=0)
 
 
 def test_generate_greedy_cache_matches_no_cache_and_top_k_1():
     model = tiny_model()
     prompt = torch.randint(0, 256, (2, 5))
-    a = model.generate(prompt, 40, greedy=True)
-    b = model.generate(prompt, 40, greedy=True, use_cache=False)
-    c = model.generate(prompt, 40, top_k=1, temperature=0.7)
+    a = model.generate(prompt, 40, greedy=True, ignore_eos=True)
+    b = model.generate(prompt, 40, greedy=True, use_cache=False, ignore_eos=True)
+    c = model.generate(prompt, 40, top_k=1, temperature=0.7, ignore_eos=True)
     assert a.shape == (2, 45)
     assert torch.equal(a[:, :5], prompt)
     assert torch.equal(a, b) and torch.equal(a, c)
@@ -139,6 +164,11 @@ def test_generate_sampling_is_reproducible_and_stops_at_eos():
         model.embed_tokens.weight[258] = 10.0
     out = model.generate(prompt, 20, greedy=True, eos_token_id=258)
     assert out.shape == (3, 5) and (out[:, -1] == 258).all()
+    # By default generation stops at the config's EOS (it used to run on to
+    # max_new_tokens); ignore_eos turns that off.
+    assert model.config.eos_token_id == 258
+    assert torch.equal(model.generate(prompt, 20, greedy=True), out)
+    assert model.generate(prompt, 20, greedy=True, ignore_eos=True).shape == (3, 24)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(prompt, 2, temperature=0.0)
     with pytest.raises(ValueError, match="top_k"):
@@ -251,14 +281,16 @@ def _sequence_parallel_worker(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        for pe in ("rotary", "xpos"):
+        # (position encoding, position of the sequence's first token): offset 7 puts
+        # every segment boundary off the ranks' chunk boundaries.
+        for pe, offset in (("rotary", 0), ("xpos", 0), ("rotary", 7)):
             # Segments of 32 straddle the two ranks' chunks of 24 positions.
             model = tiny_model(segment_lengths=[4, 8, 32], dilation_rates=[1, 2, 4],
                                position_encoding=pe)
             gen = torch.Generator().manual_seed(1)
             ids = torch.randint(0, 256, (2, 48), generator=gen)
             targets = torch.randint(0, 256, (2, 48), generator=gen)
-            full_logits, full_loss = model(ids, targets)
+            full_logits, full_loss = model(ids, targets, position_offset=offset)
             full_loss.backward()
             full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
             model.zero_grad()
@@ -266,13 +298,13 @@ def _sequence_parallel_worker(rank, world, port):
             model.set_sequence_parallel_group(dist.group.WORLD)
             n = 48 // world
             part = slice(rank * n, (rank + 1) * n)
-            logits, loss = model(ids[:, part], targets[:, part])
+            logits, loss = model(ids[:, part], targets[:, part], position_offset=offset)
             torch.testing.assert_close(logits, full_logits[:, part], rtol=1e-9, atol=1e-9)
             loss.backward()
             for name, p in model.named_parameters():
                 dist.all_reduce(p.grad)
                 torch.testing.assert_close(p.grad / world, full_grads[name], rtol=1e-8,
-                                           atol=1e-10, msg=f"{pe}: {name}")
+                                           atol=1e-10, msg=f"{pe}, offset {offset}: {name}")
         dist.barrier()
     except BaseException:
         dist.destroy_process_group()
@@ -287,7 +319,7 @@ def _sequence_parallel_worker(rank, world, port):
 def test_sequence_parallel_model_equals_single_process():
     """Two gloo ranks, each holding half of every sequence, give the logits of a
     single-process forward, and their averaged gradients are the full gradients."""
-    pytest.importorskip("longnet.distributed")
+    import longnet.distributed  # noqa: F401  (an ImportError here is a failure, not a skip)
     import socket
 
     import torch.multiprocessing as mp

@@ -71,14 +71,17 @@ def test_mha_shapes_and_dtypes(dtype, num_kv_heads):
     assert mha.q_proj.weight.grad is not None and torch.isfinite(mha.q_proj.weight.grad.float()).all()
 
 
-def test_mha_matches_manual_computation():
-    """Projections + rotary + operator + output projection, written out by hand."""
+@pytest.mark.parametrize("offset", [0, 5])
+def test_mha_matches_manual_computation(offset):
+    """Projections + rotary + operator + output projection, written out by hand.
+    With offset 5 (not a multiple of any segment length) this catches an offset that
+    reaches the rotary angles but not the operator's segments, or neither."""
     mha = _mha(num_kv_heads=2, position_encoding="rotary")
     x = torch.randn(2, 20, 32, dtype=torch.float64)
     q = mha.q_proj(x).view(2, 20, 4, 8)
     k = mha.k_proj(x).view(2, 20, 2, 8)
     v = mha.v_proj(x).view(2, 20, 2, 8)
-    pos = torch.arange(20, dtype=torch.float64)
+    pos = torch.arange(offset, offset + 20, dtype=torch.float64)
     inv = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
     ang = pos[:, None] * inv[None, :]
     cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
@@ -87,9 +90,16 @@ def test_mha_matches_manual_computation():
         a, b = t[..., :4], t[..., 4:]
         return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
 
-    out, _ = dilated_attention_reference(rot(q), rot(k), v, WS, RS, is_causal=True)
+    out, _ = dilated_attention_reference(rot(q), rot(k), v, WS, RS, is_causal=True,
+                                         position_offset=offset)
     expected = mha.out_proj(out.reshape(2, 20, 32))
-    torch.testing.assert_close(mha(x), expected)
+    got = mha(x) if offset == 0 else mha(x, position_offset=offset)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    if offset:
+        # The offset moves the segment boundaries: segments counted from x[:, 0]
+        # would give another result.
+        unshifted, _ = dilated_attention_reference(rot(q), rot(k), v, WS, RS, is_causal=True)
+        assert (mha.out_proj(unshifted.reshape(2, 20, 32)) - expected).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("pe", ["rotary", "xpos", None])
@@ -106,18 +116,18 @@ def test_mha_is_causal(pe):
 
 
 @pytest.mark.parametrize("pe", ["rotary", "xpos"])
-def test_position_offset_only_shifts_absolute_positions(pe):
-    """Rotary and xPos depend on relative positions only: shifting every position by
-    the same offset leaves the output unchanged, while the rotation of q and k does
-    change (so the offset is really applied)."""
+def test_position_offset_by_whole_periods_changes_nothing(pe):
+    """Rotary and xPos depend on relative positions only and the segments repeat with
+    lcm(WS) = 16: shifting every position by 1024 leaves the output unchanged, while
+    the rotation of q and k does change (so the offset is really applied)."""
     mha = _mha(position_encoding=pe)
     x = torch.randn(1, 32, 32, dtype=torch.float64)
     a = mha(x)
-    b = mha(x, position_offset=1000)
+    b = mha(x, position_offset=1024)
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     rot = mha.rotary
     q = torch.randn(1, 32, 4, 8, dtype=torch.float64)
-    assert not torch.allclose(rot.rotate(q, torch.arange(32)), rot.rotate(q, torch.arange(1000, 1032)))
+    assert not torch.allclose(rot.rotate(q, torch.arange(32)), rot.rotate(q, torch.arange(1024, 1056)))
 
 
 def test_rotary_is_a_rotation_with_relative_inner_products():
@@ -136,64 +146,123 @@ def test_rotary_is_a_rotation_with_relative_inner_products():
         RotaryEmbedding(7)
 
 
-def _run_cached(mha, x, chunks):
+def _run_cached(mha, x, chunks, offset=None):
+    """Feed ``x`` through ``mha`` chunk by chunk with a KV cache; check after every
+    step that the cache keeps exactly the keys the next queries can reach."""
     cache = mha.new_cache()
     outs, t = [], 0
-    for n in chunks:
-        outs.append(mha(x[:, t:t + n], cache=cache))
-        # Keys before the period block of the chunk's first query are dropped.
-        assert cache.start == (t // cache.period) * cache.period
+    base = 0 if offset is None else offset
+    for i, n in enumerate(chunks):
+        outs.append(mha(x[:, t:t + n], cache=cache,
+                        position_offset=offset if i == 0 else None))
+        p = base + t  # absolute position of this chunk's first query
+        # Keys before min_i floor(p / w_i) * w_i are unreachable and dropped (never
+        # before the first token); catches a cache that keeps whole lcm blocks.
+        want_start = max(base, min((p // w) * w for w in mha.segment_lengths))
+        assert cache.start == want_start, (t, cache)
+        assert len(cache) <= max(mha.segment_lengths) - 1 + n
         t += n
-        assert cache.end == t
+        assert cache.end == base + t
     assert t == x.shape[1]
     return torch.cat(outs, dim=1), cache
 
 
+CACHE_PATTERNS = {
+    "geometric": ([4, 8, 16], [1, 2, 4]),
+    # lcm(3, 4) = 12 is large against max(w) = 4: a cache trimming in lcm blocks
+    # would hold up to 11 old keys instead of at most 3.
+    "non_dividing": ([3, 4], [1, 2]),
+}
+
+
+@pytest.mark.parametrize("pattern", list(CACHE_PATTERNS))
 @pytest.mark.parametrize("pe", ["rotary", "xpos", None])
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
-def test_cached_decoding_equals_full_forward(pe, num_kv_heads):
-    """Prefill, single-token and multi-token steps against the cache give the same
-    output as one full forward, far past the largest segment (16) and the period."""
-    mha = _mha(position_encoding=pe, num_kv_heads=num_kv_heads)
+def test_cached_decoding_equals_full_forward(pattern, pe, num_kv_heads):
+    """Prefill, single-token and multi-token steps against the cache give the output
+    of one full forward at every step, far past the largest segment and the lcm,
+    while the cache holds at most max(w) - 1 old keys."""
+    ws, rs = CACHE_PATTERNS[pattern]
+    mha = _mha(position_encoding=pe, num_kv_heads=num_kv_heads, segment_lengths=ws,
+               dilation_rates=rs)
     n = 75
     x = torch.randn(2, n, 32, dtype=torch.float64)
     full = mha(x)
     chunks = [5] + [1] * 30 + [3, 7, 2] + [1] * 28
     inc, cache = _run_cached(mha, x, chunks)
     torch.testing.assert_close(inc, full, rtol=1e-10, atol=1e-12)
-    # Keys older than the current period block were dropped, start stays aligned.
-    assert cache.start == 64 and cache.end == 75 and len(cache) == 11
+    assert cache.end == 75 and cache.start == min((74 // w) * w for w in ws)
 
 
-def test_cache_with_unaligned_periods():
-    """lcm(6, 4) = 12: the cache trims in multiples of 12, keeping every pattern's
-    segment boundaries."""
-    mha = _mha(segment_lengths=[6, 4], dilation_rates=[2, 1])
-    assert pattern_period([6, 4]) == 12
-    x = torch.randn(1, 41, 32, dtype=torch.float64)
-    inc, cache = _run_cached(mha, x, [1] * 41)
-    torch.testing.assert_close(inc, mha(x), rtol=1e-10, atol=1e-12)
-    assert cache.start == 36
+@pytest.mark.parametrize("pe", ["rotary", "xpos"])
+def test_cache_starting_at_position_offset(pe):
+    """position_offset with an empty cache starts it there: the steps equal a full
+    forward with the same offset (5 is on no segment boundary, so segments counted
+    from the cache's first key would differ)."""
+    mha = _mha(position_encoding=pe, num_kv_heads=2, segment_lengths=[3, 4],
+               dilation_rates=[1, 2])
+    x = torch.randn(1, 40, 32, dtype=torch.float64)
+    full = mha(x, position_offset=5)
+    inc, cache = _run_cached(mha, x, [4] + [1] * 36, offset=5)
+    torch.testing.assert_close(inc, full, rtol=1e-10, atol=1e-12)
+    assert (full - mha(x)).abs().max() > 1e-3  # the offset matters here
+
+
+def test_cache_rejects_a_conflicting_position_offset():
+    """An offset that contradicts the cache used to be ignored silently."""
+    mha = _mha()
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    cache = mha.new_cache()
+    mha(x[:, :4], cache=cache)
+    with pytest.raises(ValueError, match=r"position_offset \(7\) must equal .* \(4\)"):
+        mha(x[:, 4:5], cache=cache, position_offset=7)
+    assert cache.end == 4  # nothing was appended
+    mha(x[:, 4:5], cache=cache, position_offset=4)  # restating the position is fine
+    assert cache.end == 5
+    with pytest.raises(ValueError, match="position_offset must be >= 0"):
+        mha(x, position_offset=-1)
+
+
+def test_cache_trimmed_one_key_too_far_is_caught(monkeypatch):
+    """The equality check above is sharp: a cache that drops the first reachable key
+    too gives a different output."""
+    mha = _mha(segment_lengths=[3, 4], dilation_rates=[1, 2])
+    x = torch.randn(1, 30, 32, dtype=torch.float64)
+    full = mha(x)
+    original = KVCache.reachable_from
+    monkeypatch.setattr(KVCache, "reachable_from",
+                        lambda self, p: min(original(self, p) + 1, p))
+    cache = mha.new_cache()
+    inc = torch.cat([mha(x[:, t:t + 1], cache=cache) for t in range(30)], dim=1)
+    assert (inc - full).abs().max() > 1e-3
 
 
 def test_kv_cache_bookkeeping():
-    cache = KVCache(8)
+    cache = KVCache([3, 4])
     k = torch.randn(1, 10, 2, 4)
     ck, cv = cache.update(k, k)
     assert ck.shape[1] == 10 and (cache.start, cache.end) == (0, 10)
     ck, _ = cache.update(k[:, :3], k[:, :3])
-    # The next queries start at position 10, in the block [8, 16): keys 8.. are kept.
+    # The next queries start at position 10: segments [9, 12) (w = 3) and [8, 12)
+    # (w = 4); keys from 8 on are kept, although lcm(3, 4) = 12 > 10.
     assert (cache.start, cache.end) == (8, 13) and ck.shape[1] == 5
     torch.testing.assert_close(ck[:, :2], k[:, 8:10])
+    assert cache.reachable_from(13) == 12 and cache.reachable_from(24) == 24
     cache.reorder(torch.tensor([0, 0]))
     assert cache.k.shape[0] == 2
-    no_trim = KVCache(8, trim=False)
+    no_trim = KVCache([3, 4], trim=False)
     no_trim.update(k, k)
     no_trim.update(k, k)
     assert no_trim.start == 0 and len(no_trim) == 20
-    assert "period=8" in repr(cache)
-    with pytest.raises(ValueError, match="period"):
+    assert KVCache(8).segment_lengths == (8,)  # an int is one segment length
+    late = KVCache([4], start=6)
+    late.update(k[:, :1], k[:, :1])
+    assert (late.start, late.end) == (6, 7)
+    assert "segment_lengths=[3, 4]" in repr(cache)
+    with pytest.raises(ValueError, match="segment_lengths"):
         KVCache(0)
+    with pytest.raises(ValueError, match="start"):
+        KVCache([4], start=-1)
 
 
 def test_mha_errors_and_repr():
@@ -219,7 +288,23 @@ def test_sub_ln_and_dropout():
     assert isinstance(mha.inner_norm, torch.nn.LayerNorm)
     x = torch.randn(1, 16, 32, dtype=torch.float64)
     mha.eval()
-    torch.testing.assert_close(mha(x), mha(x))
+    # Sub-LN sits between the operator and the output projection: check against
+    # the reference on the module's projections and a LayerNorm written out by hand
+    # (catches a missing or misplaced norm, or dropout applied in eval mode).
+    with torch.no_grad():
+        mha.inner_norm.weight.uniform_(0.5, 1.5)
+        mha.inner_norm.bias.uniform_(-0.5, 0.5)
+    rot = mha.rotary
+    pos = torch.arange(16)
+    q = rot.rotate(mha.q_proj(x).view(1, 16, 4, 8), pos)
+    k = rot.rotate(mha.k_proj(x).view(1, 16, 4, 8), pos)
+    v = mha.v_proj(x).view(1, 16, 4, 8)
+    h, _ = dilated_attention_reference(q, k, v, WS, RS, is_causal=True)
+    h = h.reshape(1, 16, 32)
+    mean = h.mean(-1, keepdim=True)
+    var = h.var(-1, unbiased=False, keepdim=True)
+    normed = (h - mean) / torch.sqrt(var + 1e-5) * mha.inner_norm.weight + mha.inner_norm.bias
+    torch.testing.assert_close(mha(x), mha.out_proj(normed), rtol=1e-10, atol=1e-12)
     mha.train()
     torch.manual_seed(1)
     a = mha(x)
@@ -237,4 +322,4 @@ def test_exports():
     for name in ("DilatedAttention", "MultiheadDilatedAttention", "KVCache", "LongNetLM",
                  "LongNetConfig", "ByteTokenizer"):
         assert hasattr(longnet, name) and name in longnet.__all__
-    assert math.lcm(*WS) == pattern_period(WS)
+    assert math.lcm(*WS) == pattern_period(WS) and pattern_period([3, 4]) == 12

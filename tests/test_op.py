@@ -1,5 +1,6 @@
-"""The dilated-attention operator against the float64 reference (SPEC.md)."""
+"""The dilated-attention operator against the float64 reference (docs/operator.md)."""
 
+import json
 import math
 import os
 import re
@@ -118,9 +119,32 @@ def test_rows_without_keys():
     assert_matches(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_query_rows_before_key_start_are_exactly_empty(dtype):
+    # Rows whose query falls before key_start[b] reach no key: under the poison of
+    # tests/conftest.py they must come out as exactly 0 and -inf (catches a final
+    # pass that skips them, leaving NaN, or that normalises by a zero sum), and every
+    # other row must match the reference with the same ranges.
+    q, k, v = [t.detach().to(dtype) for t in make_inputs(2, 6, 10, 2, 1, 8)]
+    key_start = torch.tensor([7, 0])
+    key_end = torch.tensor([10, 8])
+    out, lse = longnet.dilated_attention(q, k, v, [4], [1], is_causal=True, return_lse=True,
+                                         key_start=key_start, key_end=key_end)
+    # Row 0: queries sit at keys 4..9, so queries 0..2 (keys 4..6) precede key 7.
+    assert torch.equal(out[0, :3], torch.zeros_like(out[0, :3]))
+    assert torch.isneginf(lse[0, :, :3]).all()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    ref_out, ref_lse = dilated_attention_reference(
+        *(t.double() for t in (q, k, v)), [4], [1], is_causal=True,
+        key_start=key_start, key_end=key_end)
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_reference_counts_follow_spec_rule(causal):
-    # The reference's count matrix, checked element by element against SPEC.md's
+    # The reference's count matrix, checked element by element against docs/operator.md's
     # membership rule, with bottom-right aligned queries.
     nq, nk, h, ws, rs = 7, 23, 5, [4, 9, 30], [1, 3, 4]
     counts = pattern_counts(nq, nk, h, ws, rs, is_causal=causal)
@@ -161,29 +185,99 @@ def test_gradcheck_rows_without_keys():
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_low_precision(dtype, causal):
-    b, nq, nk, h, hk, d, ws, rs = 2, 150, 300, 4, 2, 64, [64, 128, 300], [1, 2, 4]
+# Tolerances of test_low_precision, as relative errors in the Frobenius norm
+# ||got - want|| / ||want|| against the float64 reference on the same rounded inputs.
+# u is the unit roundoff of the format (half its machine epsilon): rounding one exact
+# value to it changes it by at most u relatively, so one rounding of a whole tensor
+# has a relative norm error of at most u.
+#
+# * out: the kernels accumulate in float32 and round once to the output format:
+#   at most u (bf16 2**-8 = 3.9e-3, fp16 2**-11 = 4.9e-4) plus the float32 part.
+# * lse is float32 for every input format: its error is float32 accumulation only.
+#   With float32's u = 6e-8 and n = D + keys per row ~ 360 terms the worst case is
+#   n * u ~ 2e-5, the usual random-walk growth sqrt(n) * u ~ 1e-6: 1e-5.
+# * dv = P^T dout is one rounded float32 result: u, like out. dq and dk also go through
+#   Delta = rowsum(dout * out) - dlse, which the kernels take from the rounded out
+#   (relative error <= u again, entering them linearly): 2 u.
+# * float32 everything: 1e-5, the float32 accumulation bound above.
+# Measured (this case, 2026-11-29): bf16 out 1.7e-3, dq 1.9e-3; fp16 out 2.1e-4,
+# dq 2.4e-4; lse 4e-8 in every format; float32 <= 3.6e-7. A 1% error in the softmax
+# scale moves out by >= 8e-3, lse by 2e-3 and every gradient by >= 8e-3: above every
+# bound, which test_low_precision_bounds_catch_a_one_percent_scale_error checks.
+_F32_ACCUMULATION = 1e-5
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def low_precision_tolerances(dtype):
+    """{"out", "lse", "dq", "dk", "dv"} -> relative-norm bound (see above)."""
+    if dtype == torch.float32:
+        return dict.fromkeys(("out", "lse", "dq", "dk", "dv"), _F32_ACCUMULATION)
+    u = _UNIT_ROUNDOFF[dtype]
+    return {"out": u + _F32_ACCUMULATION, "lse": _F32_ACCUMULATION,
+            "dq": 2 * u + _F32_ACCUMULATION, "dk": 2 * u + _F32_ACCUMULATION,
+            "dv": u + _F32_ACCUMULATION}
+
+
+LOW_PRECISION_CASE = (2, 150, 300, 4, 2, 64, [64, 128, 300], [1, 2, 4])
+
+
+def _low_precision_run(dtype, causal, ref_scale=None):
+    """Kernel results in ``dtype`` and the float64 reference on the same rounded
+    inputs and the same incoming gradients (``ref_scale`` perturbs the reference)."""
+    b, nq, nk, h, hk, d, ws, rs = LOW_PRECISION_CASE
     q64, k64, v64 = make_inputs(b, nq, nk, h, hk, d)
     # Round the inputs to the low-precision type first so both sides see the same data.
     q, k, v = [t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64)]
     qr, kr, vr = [t.detach().to(torch.float64).requires_grad_() for t in (q, k, v)]
+    # Loss weights representable in dtype (out's gradient) and float32 (lse's), so
+    # the kernel's backward receives exactly the incoming gradients of the reference.
+    gen = torch.Generator().manual_seed(1)
+    w_out = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(dtype).double()
+    w_lse = torch.randn((b, h, nq), generator=gen, dtype=torch.float64).float().double()
+
+    def loss(out, lse):
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        return (out.double() * w_out).sum() + (lse.double() * w_lse).sum()
+
     out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, return_lse=True)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    grads = torch.autograd.grad(loss_on_both(out.float(), lse), (q, k, v))
-    ref_out, ref_lse = dilated_attention_reference(qr, kr, vr, ws, rs, is_causal=causal)
-    ref_grads = torch.autograd.grad(loss_on_both(ref_out, ref_lse), (qr, kr, vr))
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+    ref_out, ref_lse = dilated_attention_reference(qr, kr, vr, ws, rs, is_causal=causal,
+                                                   scale=ref_scale)
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), (qr, kr, vr))
+    got = dict(out=out, lse=lse, dq=grads[0], dk=grads[1], dv=grads[2])
+    want = dict(out=ref_out, lse=ref_lse, dq=ref_grads[0], dk=ref_grads[1], dv=ref_grads[2])
+    return got, want
 
-    def rel(a, b):
-        return ((a.double() - b).norm() / b.norm()).item()
 
-    assert rel(out, ref_out) < tol
-    assert rel(lse, ref_lse) < tol
-    for g, rg in zip(grads, ref_grads):
-        assert g.dtype == dtype
-        assert rel(g, rg) < tol
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_low_precision(dtype, causal):
+    # Catches any error above one rounding to the format (see the derivation of
+    # low_precision_tolerances): a wrong scale, a dropped pattern or key block, lse
+    # kept in the input format, gradients accumulated in bf16/fp16.
+    got, want = _low_precision_run(dtype, causal)
+    assert got["out"].dtype == dtype and got["lse"].dtype == torch.float32
+    for name in ("dq", "dk", "dv"):
+        assert got[name].dtype == dtype
+    tol = low_precision_tolerances(dtype)
+    errors = {name: _rel(got[name], want[name]) for name in got}
+    assert all(errors[name] < tol[name] for name in got), (errors, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_bounds_catch_a_one_percent_scale_error(dtype):
+    """The bounds are tight enough to matter: the float64 reference itself, with a
+    softmax scale 1% off, fails every one of them."""
+    d = LOW_PRECISION_CASE[5]
+    _, exact_ref = _low_precision_run(dtype, True)
+    _, off = _low_precision_run(dtype, True, ref_scale=1.01 / math.sqrt(d))
+    tol = low_precision_tolerances(dtype)
+    for name in tol:
+        assert _rel(off[name], exact_ref[name]) > tol[name], name
 
 
 def test_opcheck():
@@ -259,11 +353,83 @@ def test_double_backward_raises_clear_error():
         gq.sum().backward()
 
 
-def test_empty_sequence():
+@pytest.mark.parametrize("nk", [0, 5])
+def test_empty_sequence(nk):
+    # Nq = 0 (with no keys or with some): empty outputs and a backward that runs and
+    # returns gradients of the inputs' shapes, zero for keys no query reads (catches
+    # a backward that crashes on empty tensors or leaves dk/dv unwritten: NaN).
     q = torch.randn(2, 0, 4, 8, requires_grad=True)
-    k = torch.randn(2, 0, 4, 8, requires_grad=True)
-    out, lse = longnet.dilated_attention(q, k, k, [4], [1], return_lse=True)
+    k = torch.randn(2, nk, 2, 8, requires_grad=True)
+    v = torch.randn(2, nk, 2, 8, requires_grad=True)
+    out, lse = longnet.dilated_attention(q, k, v, [4], [1], is_causal=True, return_lse=True)
     assert out.shape == (2, 0, 4, 8) and lse.shape == (2, 4, 0)
+    dq, dk, dv = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(v))
+
+
+_SKIP_ROW_SCRIPT = """
+import json, sys, torch, longnet
+from longnet.reference import dilated_attention_reference
+dtype = getattr(torch, sys.argv[1])
+torch.manual_seed(0)
+ws, rs = [4, 8], [1, 2]
+q64 = torch.randn(2, 9, 4, 8, dtype=torch.float64)
+k64 = torch.randn(2, 12, 2, 8, dtype=torch.float64)
+v64 = torch.randn(2, 12, 2, 8, dtype=torch.float64)
+q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True, return_lse=True)
+qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+ref_out, ref_lse = dilated_attention_reference(qr, kr, vr, ws, rs, is_causal=True)
+dout = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+dlse = torch.randn(lse.shape, dtype=torch.float64).float()
+ref_grads = torch.autograd.grad((ref_out * dout.double()).sum() + (ref_lse * dlse.double()).sum(),
+                                (qr, kr, vr))
+# The backward operator on the reference's out and lse, so that a NaN row of the
+# forward cannot spread into the gradients.
+grads = torch.ops.longnet.dilated_attention_bwd(
+    dout, dlse, q, k, v, ref_out.detach().to(dtype), ref_lse.detach().to(lse.dtype),
+    ws, rs, True, 8 ** -0.5)
+report = {}
+for name, got, want in [("out", out, ref_out), ("lse", lse, ref_lse)] + [
+        ("d" + n, g, rg) for n, g, rg in zip("qkv", grads, ref_grads)]:
+    nan = torch.isnan(got)
+    err = (got.double() - want.detach()).abs()[~nan]
+    report[name] = {"nan": nan.nonzero().tolist(), "err": err.max().item(),
+                    "scale": want.detach().abs().max().item()}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+@pytest.mark.parametrize("skip", ["1", "0"], ids=["skip_row", "no_skip"])
+def test_poison_catches_an_unwritten_row(dtype, skip):
+    # LONGNET_DEBUG_SKIP_ROW=1 makes the kernels skip row (b=0, q=0, head=0) of every
+    # output. Under LONGNET_POISON_OUTPUTS=1 exactly that row must come out NaN in
+    # out (D values), lse (1 value) and dq/dk/dv (row (0, 0, 0) of each), every other
+    # element must match the reference; without the skip switch nothing is NaN. This
+    # catches a poison that does not fire (the other tests would then pass on a
+    # kernel that forgets rows) and a kernel final pass that writes an element twice
+    # or not at all.
+    env = dict(os.environ, LONGNET_POISON_OUTPUTS="1", LONGNET_DEBUG_SKIP_ROW=skip)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _SKIP_ROW_SCRIPT, dtype], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    d = 8
+    expected_nan = {
+        "out": [[0, 0, 0, j] for j in range(d)], "lse": [[0, 0, 0]],
+        "dq": [[0, 0, 0, j] for j in range(d)], "dk": [[0, 0, 0, j] for j in range(d)],
+        "dv": [[0, 0, 0, j] for j in range(d)],
+    }
+    # float64: the kernels agree with the reference to rounding; bfloat16: to one
+    # rounding of the result (relative 2**-8) and a few float32-accumulated terms.
+    rel = 1e-10 if dtype == "float64" else 2e-2
+    for name, r in report.items():
+        assert r["nan"] == (expected_nan[name] if skip == "1" else []), name
+        assert r["err"] <= rel * r["scale"], (name, r)
 
 
 @pytest.mark.parametrize("threads", [1, 4])

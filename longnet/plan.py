@@ -1,0 +1,905 @@
+"""Plan a long sequence-parallel run: per-rank memory, traffic and time for N tokens
+on P devices, without running anything.
+
+:func:`plan_run` answers, for a model's attention configuration (heads, key/value
+heads, head dim, dtype, patterns, layers, causal, position offset) and a sequence of
+``N`` tokens on ``P`` ranks, per rank and per layer:
+
+* the key/value bytes sent and received by
+  :func:`longnet.distributed.sequence_parallel_dilated_attention`, forward and
+  backward (the numbers :func:`longnet.distributed.comm_stats` counts in a real run);
+* the attention's activation memory: what one layer's attention keeps from forward
+  to backward (q, k, v, outputs, log-sum-exps, the gathered dilated key/value rows,
+  the per-pattern partial results and their merge);
+* the FLOPs the patterns need (``4 * D`` per attended query/key pair forward, 2.5x
+  that backward);
+* with a device speed and a link speed, the estimated compute and communication
+  time and their ratio.
+
+It follows the sequence-parallel planner itself (``longnet.distributed``'s head
+groups of every rank-crossing segment) but visits each crossing segment once for all
+of its ranks and counts rows instead of building index tensors, so its work grows
+with the number of ranks and patterns, not with the sequence's length: a billion
+tokens on 1024 ranks plan in about a second.
+
+Command line (``python -m longnet.plan --help``)::
+
+    python -m longnet.plan --tokens 1G --ranks 1024 --heads 12 --head-dim 64 \\
+        --dtype bfloat16 --first-w 2048 --first-r 1 --factor 2 --layers 12 --causal \\
+        --tflops 400 --link-gbs 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "RankCost",
+    "RunPlan",
+    "plan_run",
+    "geometric_patterns",
+    "parse_count",
+    "scaling_sweep",
+    "main",
+]
+
+DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+_BWD_FLOP_FACTOR = 2.5  # backward: QK^T again, dP, dV, dQ, dK = 5 products vs 2
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def parse_count(text) -> int:
+    """``"1048576"``, ``"1M"``, ``"1G"`` / ``"1B"``, ``"64K"``, ``"2^30"`` -> int.
+
+    Suffixes are binary: K = 2**10, M = 2**20, G = B = 2**30, T = 2**40.
+    """
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().replace("_", "").replace(",", "")
+    m = re.fullmatch(r"(\d+)\s*\^\s*(\d+)", s)
+    if m:
+        return int(m.group(1)) ** int(m.group(2))
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KkMmGgBbTt]?)", s)
+    if not m:
+        raise ValueError(f"not a count: {text!r} (use e.g. 1048576, 1M, 1G, 2^30)")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "b": 2**30, "t": 2**40}[m.group(2).lower()]
+    value = float(m.group(1)) * scale
+    if value != int(value):
+        raise ValueError(f"not a whole count: {text!r}")
+    return int(value)
+
+
+def geometric_patterns(tokens: int, first_w: int, first_r: int = 1, w_factor: int = 2,
+                       r_factor: Optional[int] = None) -> Tuple[List[int], List[int]]:
+    """LongNet's geometric patterns: ``w_i = first_w * w_factor**i``,
+    ``r_i = first_r * r_factor**i`` (``r_factor`` defaults to ``w_factor``, which keeps
+    ``w / r`` fixed), from ``i = 0`` up to the first ``w_i >= tokens`` (so the last
+    pattern's segment covers the whole sequence)."""
+    r_factor = w_factor if r_factor is None else r_factor
+    for name, value in (("tokens", tokens), ("first_w", first_w), ("first_r", first_r)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(w_factor, int) or w_factor < 2:
+        raise ValueError(f"w_factor must be an int >= 2, got {w_factor!r}")
+    if not isinstance(r_factor, int) or r_factor < 1:
+        raise ValueError(f"r_factor must be an int >= 1, got {r_factor!r}")
+    if first_r > first_w:
+        raise ValueError(f"first_r ({first_r}) must not exceed first_w ({first_w})")
+    ws, rs = [first_w], [first_r]
+    while ws[-1] < tokens:
+        ws.append(ws[-1] * w_factor)
+        rs.append(min(rs[-1] * r_factor, ws[-1]))
+    return ws, rs
+
+
+# -------------------------------------------------------------------- results
+
+
+@dataclass
+class RankCost:
+    """One rank's cost for one layer's attention (batch included)."""
+
+    rank: int
+    kv_rows_sent: int           # (position, kv head) rows of k and of v sent, forward
+    kv_rows_received: int
+    bytes_sent_fwd: int         # k and v rows sent in the forward all-to-all
+    bytes_received_fwd: int
+    bytes_sent_bwd: int         # their gradients, sent back in the backward all-to-all
+    bytes_received_bwd: int
+    collectives: int            # all-to-alls per layer, forward + backward
+    pairs: int                  # attended (query, key) pairs over all heads and patterns
+    local_pairs: int            # of those, computed while the exchange is in flight
+    flops_fwd: float
+    flops_bwd: float
+    activation_bytes: int       # kept from forward to backward
+    peak_bytes: int             # the forward's peak (activations and short-lived buffers)
+    index_bytes: int            # the plan's index tensors (once for all layers)
+    compute_s: Optional[float] = None   # forward + backward, at the given TFLOP/s
+    comm_s: Optional[float] = None      # forward + backward, at the given GB/s
+    overlap_s: Optional[float] = None   # compute the forward exchange runs behind
+
+    @property
+    def bytes_sent(self) -> int:
+        """Forward + backward: what ``comm_stats().bytes_sent`` counts per layer."""
+        return self.bytes_sent_fwd + self.bytes_sent_bwd
+
+    @property
+    def bytes_received(self) -> int:
+        return self.bytes_received_fwd + self.bytes_received_bwd
+
+    @property
+    def comm_to_compute(self) -> Optional[float]:
+        if self.comm_s is None or self.compute_s is None:
+            return None
+        return self.comm_s / self.compute_s if self.compute_s > 0 else math.inf
+
+
+@dataclass
+class RunPlan:
+    """The plan of one configuration: its inputs, patterns and per-rank costs."""
+
+    tokens: int
+    ranks: int
+    tokens_per_rank: int
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    layers: int
+    causal: bool
+    segment_lengths: List[int]
+    dilation_rates: List[int]
+    crossing_patterns: List[int]    # indices of patterns with a segment over two ranks
+    tflops: Optional[float]
+    link_gbs: Optional[float]
+    per_rank: List[RankCost] = field(repr=False)
+    position_offset: int = 0        # absolute position of the sequence's first token
+
+    # -- summaries over ranks
+    def worst(self, name: str):
+        """The largest value of a :class:`RankCost` field over the ranks."""
+        values = [getattr(c, name) for c in self.per_rank]
+        values = [v for v in values if v is not None]
+        return max(values) if values else None
+
+    def mean(self, name: str):
+        values = [getattr(c, name) for c in self.per_rank]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    @property
+    def memory_per_rank_bytes(self) -> int:
+        """Attention memory of a training step on the busiest rank: every layer's
+        activations held for backward, plus one layer's short-lived forward buffers."""
+        return max(self.layers * c.activation_bytes + c.peak_bytes - c.activation_bytes
+                   for c in self.per_rank)
+
+    def summary(self) -> Dict[str, object]:
+        """Worst-rank (and mean) numbers per layer, as plain values."""
+        out = {
+            "tokens": self.tokens, "ranks": self.ranks, "tokens_per_rank": self.tokens_per_rank,
+            "patterns": len(self.segment_lengths),
+            "crossing_patterns": len(self.crossing_patterns),
+        }
+        for name in ("bytes_sent_fwd", "bytes_received_fwd", "bytes_sent_bwd",
+                     "bytes_received_bwd", "flops_fwd", "flops_bwd", "activation_bytes",
+                     "peak_bytes", "compute_s", "comm_s", "overlap_s", "comm_to_compute"):
+            out[f"max_{name}"] = self.worst(name)
+            out[f"mean_{name}"] = self.mean(name)
+        out["memory_per_rank_bytes"] = self.memory_per_rank_bytes
+        return out
+
+    def to_dict(self) -> Dict[str, object]:
+        d = {k: v for k, v in asdict(self).items() if k != "per_rank"}
+        d["summary"] = self.summary()
+        d["per_rank"] = []
+        for c in self.per_rank:
+            row = asdict(c)
+            row["bytes_sent"], row["bytes_received"] = c.bytes_sent, c.bytes_received
+            row["comm_to_compute"] = c.comm_to_compute
+            d["per_rank"].append(row)
+        return d
+
+    def __repr__(self) -> str:
+        return (f"RunPlan(N={self.tokens}, P={self.ranks}, L={self.tokens_per_rank}, "
+                f"B={self.batch}, H={self.heads}, Hk={self.kv_heads}, D={self.head_dim}, "
+                f"{self.dtype}, causal={self.causal}, {len(self.segment_lengths)} patterns "
+                f"({len(self.crossing_patterns)} cross ranks), per layer on the worst rank: "
+                f"sent {_fmt_bytes(self.worst('bytes_sent_fwd'))} fwd / "
+                f"{_fmt_bytes(self.worst('bytes_sent_bwd'))} bwd, "
+                f"{self.worst('flops_fwd') / 1e12:.3g} TFLOP fwd, activations "
+                f"{_fmt_bytes(self.worst('activation_bytes'))})")
+
+    def table(self, every_rank: Optional[bool] = None) -> str:
+        """A text table: the configuration, then one line per rank (or, for more than
+        16 ranks unless ``every_rank``, the ranks that are worst in some column)."""
+        pats = ", ".join(f"({w}, {r})" for w, r in zip(self.segment_lengths,
+                                                       self.dilation_rates))
+        lines = [
+            f"N = {self.tokens:,} tokens on P = {self.ranks} ranks (L = "
+            f"{self.tokens_per_rank:,} per rank), B = {self.batch}, H = {self.heads}, "
+            f"Hk = {self.kv_heads}, D = {self.head_dim}, {self.dtype}, "
+            f"{'causal' if self.causal else 'not causal'}, {self.layers} layers"
+            + (f", first position {self.position_offset:,}" if self.position_offset else ""),
+            f"patterns (w, r): {pats}",
+            f"rank-crossing patterns: {len(self.crossing_patterns)} of "
+            f"{len(self.segment_lengths)}"
+            + (f" (w = {[self.segment_lengths[i] for i in self.crossing_patterns]})"
+               if self.crossing_patterns else ""),
+            "per layer, per rank (bytes: k and v rows forward, their gradients backward):",
+        ]
+        timed = self.tflops is not None and self.link_gbs is not None
+        head = (f"{'rank':>5} {'sent fwd':>10} {'recv fwd':>10} {'sent bwd':>10} "
+                f"{'recv bwd':>10} {'GFLOP fwd':>10} {'GFLOP bwd':>10} {'act. mem':>10}")
+        if timed:
+            head += f" {'compute ms':>10} {'comm ms':>8} {'comm/comp':>9}"
+        lines.append(head)
+        rows = self.per_rank
+        if every_rank is None:
+            every_rank = self.ranks <= 16
+        if not every_rank:
+            keep = {0, self.ranks - 1}
+            for name in ("bytes_sent_fwd", "bytes_received_fwd", "flops_fwd",
+                         "activation_bytes"):
+                keep.add(max(rows, key=lambda c: getattr(c, name)).rank)
+            rows = [rows[p] for p in sorted(keep)]
+        for c in rows:
+            line = (f"{c.rank:>5} {_fmt_bytes(c.bytes_sent_fwd):>10} "
+                    f"{_fmt_bytes(c.bytes_received_fwd):>10} {_fmt_bytes(c.bytes_sent_bwd):>10} "
+                    f"{_fmt_bytes(c.bytes_received_bwd):>10} {c.flops_fwd / 1e9:>10.4g} "
+                    f"{c.flops_bwd / 1e9:>10.4g} {_fmt_bytes(c.activation_bytes):>10}")
+            if timed:
+                line += (f" {1e3 * c.compute_s:>10.4g} {1e3 * c.comm_s:>8.4g} "
+                         f"{c.comm_to_compute:>9.3g}")
+            lines.append(line)
+        if not every_rank:
+            lines.append(f"(ranks shown: first, last and the worst in some column; "
+                         f"--per-rank or --json for all {self.ranks})")
+        lines.append(
+            f"worst rank per layer: sent {_fmt_bytes(self.worst('bytes_sent_fwd'))} fwd + "
+            f"{_fmt_bytes(self.worst('bytes_sent_bwd'))} bwd, received "
+            f"{_fmt_bytes(self.worst('bytes_received_fwd'))} fwd + "
+            f"{_fmt_bytes(self.worst('bytes_received_bwd'))} bwd, "
+            f"{self.worst('flops_fwd') / 1e12:.4g} + {self.worst('flops_bwd') / 1e12:.4g} "
+            f"TFLOP, activations {_fmt_bytes(self.worst('activation_bytes'))} (forward "
+            f"peak {_fmt_bytes(self.worst('peak_bytes'))}; "
+            f"{_fmt_bytes(self.memory_per_rank_bytes)} for {self.layers} layers)")
+        if timed:
+            lines.append(
+                f"at {self.tflops:g} TFLOP/s and {self.link_gbs:g} GB/s per device: compute "
+                f"{1e3 * self.worst('compute_s'):.4g} ms, communication "
+                f"{1e3 * self.worst('comm_s'):.4g} ms per layer (worst ranks), "
+                f"comm/compute up to {self.worst('comm_to_compute'):.3g}; the forward "
+                f"exchange runs behind the local patterns "
+                f"({1e3 * min(c.overlap_s for c in self.per_rank):.4g} ms on the rank "
+                f"with the least), the backward exchange is not overlapped")
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.4g} {unit}"
+        n /= 1024
+    return f"{n:.4g} TiB"  # pragma: no cover
+
+
+# ------------------------------------------------------------- the counting
+
+
+def _heads_with_offset(num_heads: int, r: int, o: int) -> int:
+    """How many heads j < num_heads have j % r == o."""
+    return max(0, _ceil(num_heads - o, r))
+
+
+def _ceil(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+def _part_pairs(seg_start: int, lo: int, hi: int, r: int, num_heads: int,
+                causal: bool) -> int:
+    """Attended pairs, all heads, of the positions ``[lo, hi)`` of the segment that
+    starts at ``seg_start`` (head j's rows: ``seg_start + j % r + t*r``)."""
+    total = 0
+    for o in range(min(num_heads, r)):
+        n = max(0, _ceil(hi - seg_start - o, r)) - max(0, _ceil(lo - seg_start - o, r))
+        if n > 0:
+            total += _heads_with_offset(num_heads, r, o) * (n * (n + 1) // 2 if causal
+                                                            else n * n)
+    return total
+
+
+def _region_pairs(a: int, b: int, w: int, r: int, num_heads: int, causal: bool) -> int:
+    """Pairs of the absolute positions ``[a, b)`` computed alone (segments clipped at
+    both ends): a first and a last partial segment and full ones between."""
+    if a >= b:
+        return 0
+    s0, s1 = a // w, (b - 1) // w
+    if s0 == s1:
+        return _part_pairs(s0 * w, a, b, r, num_heads, causal)
+    return (_part_pairs(s0 * w, a, (s0 + 1) * w, r, num_heads, causal)
+            + (s1 - s0 - 1) * _part_pairs(0, 0, w, r, num_heads, causal)
+            + _part_pairs(s1 * w, s1 * w, b, r, num_heads, causal))
+
+
+@dataclass
+class _Call:
+    """One operator call of a rank for the cross-rank rows of a head group."""
+
+    pattern: int
+    n_q: int        # query rows per head on this rank
+    n_heads: int
+    n_pairs: int    # exchanged (kv head, offset) pairs
+    n_keys: int     # key rows per pair (own and received)
+    pieces: int     # key pieces (own rows, each sending rank)
+    head_map: bool  # whether the heads are mapped to pairs by an index
+
+
+@dataclass
+class _RankCount:
+    send: int = 0          # kv entries (row, kv head) sent
+    recv: int = 0
+    own: int = 0           # kv entries this rank selects for itself
+    calls: List[_Call] = field(default_factory=list)
+    cross: List[int] = field(default_factory=list)            # crossing pattern indices
+    partial: Dict[int, int] = field(default_factory=dict)     # pattern -> local positions
+    local_pairs: int = 0
+    cross_pairs: int = 0
+
+
+def _crossing_segments(w: int, chunk: int, world: int, offset: int) -> List[int]:
+    """Segments of a pattern that span more than one rank, in order: those with a rank
+    boundary strictly inside."""
+    segs = set()
+    for p in range(1, world):
+        b = offset + p * chunk
+        if b % w:
+            segs.add(b // w)
+    return sorted(segs)
+
+
+def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[int],
+           rs: Sequence[int], causal: bool, offset: int = 0) -> List[_RankCount]:
+    """Per-rank rows, calls and pairs, as ``longnet.distributed._plan`` would plan them
+    on every rank, visiting each crossing segment once. The sequence occupies the
+    absolute positions ``[offset, offset + world * chunk)``."""
+    from longnet.distributed import _segment, _segment_ranks
+
+    segment = getattr(_segment, "__wrapped__", _segment)  # leave the op's cache alone
+    n = world * chunk
+    kv_group = num_heads // kv_heads
+    ranks = [_RankCount() for _ in range(world)]
+    for i, (w, r) in enumerate(zip(ws, rs)):
+        crossing = _crossing_segments(w, chunk, world, offset)
+        touched = set()
+        for s in crossing:
+            seg = segment(i, s, w, r, n, chunk, num_heads, kv_group, offset)
+            m = seg.last_rank - seg.first_rank + 1
+            for q in range(seg.first_rank, seg.last_rank + 1):
+                touched.add(q)
+            for g in seg.groups:
+                c = g.counts
+                npairs, nheads = len(g.pairs), len(g.heads)
+                ratio = nheads // npairs
+                uniform = nheads % npairs == 0 and all(
+                    mm == jj // ratio for jj, mm in enumerate(g.head_to_pair))
+                pos = [1 if x > 0 else 0 for x in c]
+                pre_rows, pre_pos = [0], [0]
+                for x, y in zip(c, pos):
+                    pre_rows.append(pre_rows[-1] + x)
+                    pre_pos.append(pre_pos[-1] + y)
+                for a in range(m):
+                    if c[a] == 0:
+                        continue
+                    rc = ranks[seg.first_rank + a]
+                    own = c[a] * npairs
+                    if causal:
+                        dsts = pre_pos[m] - pre_pos[a + 1]
+                        keys = pre_rows[a + 1]
+                        pieces = pre_pos[a + 1]
+                    else:
+                        dsts = pre_pos[m] - 1
+                        keys = pre_rows[m]
+                        pieces = pre_pos[m]
+                    rc.send += own * dsts
+                    rc.recv += (keys - c[a]) * npairs
+                    rc.own += own
+                    rc.calls.append(_Call(i, c[a], nheads, npairs, keys, pieces, not uniform))
+                    pairs = c[a] * keys if not causal else \
+                        c[a] * (keys - c[a]) + c[a] * (c[a] + 1) // 2
+                    rc.cross_pairs += nheads * pairs
+        def spans(s):
+            ranks_of = _segment_ranks(s, w, n, chunk, offset)
+            return ranks_of[3] > ranks_of[2]
+
+        for p in range(world):
+            rc = ranks[p]
+            first = offset + p * chunk
+            if p not in touched:
+                # Every segment touching p lies inside it: one local call.
+                rc.local_pairs += _region_pairs(first, first + chunk, w, r, num_heads,
+                                                causal)
+                continue
+            rc.cross.append(i)
+            s_a, s_b = first // w, (first + chunk - 1) // w
+            lo = s_a + 1 if spans(s_a) else s_a
+            hi = s_b - 1 if spans(s_b) else s_b
+            if lo <= hi:
+                a, b = max(lo * w, first), min((hi + 1) * w, offset + n)
+                rc.partial[i] = b - a
+                rc.local_pairs += _region_pairs(a, b, w, r, num_heads, causal)
+    # Calls in the planner's order: by pattern (segment, group order is kept).
+    for rc in ranks:
+        rc.calls.sort(key=lambda c: c.pattern)
+    return ranks
+
+
+# ----------------------------------------------------------------- memory
+
+
+def _memory(rc: _RankCount, world: int, chunk: int, batch: int, num_heads: int,
+            kv_heads: int, head_dim: int, item: int, has_local: bool) -> Tuple[int, int]:
+    """``(held, peak)``: the bytes one layer's attention keeps from forward to backward
+    on one rank, storage by storage as ``sequence_parallel_dilated_attention`` builds
+    them, and those plus what is alive only until the forward returns (exchange
+    buffers, per-pattern lists, the output before the last add). The plan's index
+    tensors, held once per configuration for all layers, are :func:`_index_bytes`."""
+    b, d, h = batch, head_dim, num_heads
+    lse_item = 8 if item == 8 else 4
+    acc_item = lse_item                      # the merge runs in the lse dtype
+    total = b * chunk * (h + 2 * kv_heads) * d * item      # q, k, v
+    total += b * chunk * h * (d * item + lse_item)          # out and lse returned
+    if world == 1:
+        return total, total
+    if has_local:                                           # the local call's out, lse
+        total += b * chunk * h * (d * item + lse_item)
+    if not rc.cross:
+        return total, total
+    temp = 2 * b * (rc.send + rc.recv) * d * item           # rows sent, rows received
+    kv_len = rc.send + rc.own
+    q_len = sum(c.n_q * c.n_heads for c in rc.calls)
+    if q_len:
+        total += b * q_len * d * item                       # q_sel
+    keeps_k_sel = False
+    by_pattern: Dict[int, List[_Call]] = {}
+    for c in rc.calls:
+        by_pattern.setdefault(c.pattern, []).append(c)
+        rows_q = c.n_q * c.n_heads
+        total += b * rows_q * (d * item + lse_item)         # the call's out, lse
+        if c.head_map:
+            total += 2 * b * c.n_keys * c.n_heads * d * item   # k, v per head
+        elif c.pieces > 1:
+            total += 2 * b * c.n_keys * c.n_pairs * d * item   # gathered k, v
+        else:
+            keeps_k_sel = True                              # views of k_sel, v_sel
+    if keeps_k_sel:
+        total += 2 * b * kv_len * d * item
+    else:
+        temp += 2 * b * kv_len * d * item                   # k_sel, v_sel
+    merged = False
+    for i in rc.cross:
+        calls = by_pattern.get(i, [])
+        part_rows = rc.partial.get(i, 0) * h
+        rows = part_rows + sum(c.n_q * c.n_heads for c in calls)
+        if rows == 0:
+            continue                                        # nothing to merge here
+        merged = True
+        temp += b * rows * lse_item                         # lse rows, transposed
+        if part_rows:                                       # the partial call's out, lse
+            total += b * part_rows * (d * item + lse_item)
+        pieces = len(calls) + (1 if part_rows else 0)
+        # the merge: exp(a), exp(b), total, a/total, b/total (lse dtype), where mask
+        total += b * rows * (5 * lse_item + 1)
+        total += b * rows * d * acc_item                    # o_a (in the lse dtype)
+        total += b * rows * (d * item + lse_item)           # merged rows (index_copy)
+        if item != acc_item:
+            total += b * rows * d * acc_item                # o_b in the lse dtype
+        elif pieces > 1:
+            total += b * rows * d * item                    # o_b, concatenated
+        if pieces > 1:
+            temp += b * rows * lse_item + (b * rows * d * item if item != acc_item else 0)
+    if merged:
+        temp += b * chunk * h * (d * item + lse_item)       # out, lse before the tie
+    return total, total + temp
+
+
+def _index_bytes(rc: _RankCount, chunk: int, num_heads: int) -> int:
+    """Bytes of the int64 index tensors of a rank's plan (kv, q, output and lse rows,
+    head maps), cached with the plan and shared by every layer."""
+    if not rc.cross:
+        return 0
+    q_len = sum(c.n_q * c.n_heads for c in rc.calls)
+    rows = sum(rc.partial.get(i, 0) * num_heads for i in rc.cross) + q_len
+    maps = sum(c.n_heads for c in rc.calls if c.head_map)
+    return 8 * (rc.send + rc.own + q_len + 2 * rows + maps)
+
+
+# ------------------------------------------------------------------- the plan
+
+
+def _validate(tokens, ranks, batch, heads, kv_heads, head_dim, dtype, layers,
+              segment_lengths, dilation_rates, tflops, link_gbs):
+    for name, value in (("tokens", tokens), ("ranks", ranks), ("batch", batch),
+                        ("heads", heads), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                        ("layers", layers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if tokens % ranks:
+        raise ValueError(f"tokens ({tokens}) must be a multiple of ranks ({ranks}): every "
+                         "rank holds the same number of positions")
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    for name, value in (("tflops", tflops), ("link_gbs", link_gbs)):
+        if value is not None and not (isinstance(value, (int, float)) and value > 0
+                                      and math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    from longnet.ops import validate_patterns
+
+    return validate_patterns(segment_lengths, dilation_rates)
+
+
+def plan_run(tokens: int, ranks: int, *, heads: int, head_dim: int,
+             segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+             kv_heads: Optional[int] = None, dtype: str = "bfloat16", batch: int = 1,
+             layers: int = 1, causal: bool = False, tflops: Optional[float] = None,
+             link_gbs: Optional[float] = None, position_offset: int = 0) -> RunPlan:
+    """Per-rank traffic, FLOPs, activation memory (and time) of one attention layer
+    of :func:`longnet.distributed.sequence_parallel_dilated_attention` for ``tokens``
+    positions split over ``ranks`` ranks.
+
+    Args:
+        tokens: sequence length ``N`` (a multiple of ``ranks``).
+        ranks: sequence-parallel ranks ``P``; each holds ``N / P`` positions.
+        heads, kv_heads, head_dim: ``H``, ``Hk`` (default ``H``), ``D``.
+        segment_lengths, dilation_rates: the patterns (see :func:`geometric_patterns`).
+        dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` or ``"float64"``.
+        batch: sequences per step (every number scales with it).
+        layers: layers of the model (only :attr:`RunPlan.memory_per_rank_bytes` uses it).
+        causal: causal attention.
+        tflops: the attention FLOP/s a device sustains, in TFLOP/s (for times).
+        link_gbs: a device's link bandwidth, in GB/s (1e9 bytes/s, for times).
+        position_offset: absolute position of the sequence's first token, as in
+            :func:`longnet.distributed.sequence_parallel_dilated_attention`.
+
+    Returns:
+        A :class:`RunPlan`; ``per_rank[p]`` holds rank ``p``'s :class:`RankCost`.
+        Bytes are those :func:`longnet.distributed.comm_stats` counts (forward plus
+        backward sums to its ``bytes_sent`` / ``bytes_received`` per layer).
+
+    Raises:
+        ValueError: naming the argument that is out of range.
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    ws, rs = _validate(tokens, ranks, batch, heads, kv_heads, head_dim, dtype, layers,
+                       segment_lengths, dilation_rates, tflops, link_gbs)
+    if isinstance(position_offset, bool) or not isinstance(position_offset, int) \
+            or position_offset < 0:
+        raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
+    chunk = tokens // ranks
+    item = DTYPE_BYTES[dtype]
+    counts = _count(ranks, chunk, heads, kv_heads, ws, rs, bool(causal), position_offset)
+    crossing = sorted({i for rc in counts for i in rc.cross})
+    exchange = bool(crossing)
+    unit = 2 * batch * head_dim * item                # one row of k and one of v
+    per_rank = []
+    for p, rc in enumerate(counts):
+        has_local = len(rc.cross) < len(ws)
+        held, peak = _memory(rc, ranks, chunk, batch, heads, kv_heads, head_dim, item,
+                             has_local)
+        pairs = rc.local_pairs + rc.cross_pairs
+        fwd = 4.0 * batch * head_dim * pairs
+        cost = RankCost(
+            rank=p, kv_rows_sent=rc.send, kv_rows_received=rc.recv,
+            bytes_sent_fwd=unit * rc.send, bytes_received_fwd=unit * rc.recv,
+            bytes_sent_bwd=unit * rc.recv, bytes_received_bwd=unit * rc.send,
+            collectives=2 if exchange else 0, pairs=pairs, local_pairs=rc.local_pairs,
+            flops_fwd=fwd, flops_bwd=_BWD_FLOP_FACTOR * fwd,
+            activation_bytes=held, peak_bytes=peak,
+            index_bytes=_index_bytes(rc, chunk, heads))
+        if tflops is not None and link_gbs is not None:
+            rate, link = tflops * 1e12, link_gbs * 1e9
+            cost.compute_s = (cost.flops_fwd + cost.flops_bwd) / rate
+            cost.comm_s = (max(cost.bytes_sent_fwd, cost.bytes_received_fwd)
+                           + max(cost.bytes_sent_bwd, cost.bytes_received_bwd)) / link
+            cost.overlap_s = 4.0 * batch * head_dim * rc.local_pairs / rate
+        per_rank.append(cost)
+    return RunPlan(tokens, ranks, chunk, batch, heads, kv_heads, head_dim, dtype, layers,
+                   bool(causal), list(ws), list(rs), crossing,
+                   tflops if link_gbs is not None else None,
+                   link_gbs if tflops is not None else None, per_rank,
+                   position_offset=position_offset)
+
+
+# ------------------------------------------------------- sweeps and fitting
+
+
+def _patterns_for(tokens, segment_lengths, dilation_rates, first_w, first_r, w_factor,
+                  r_factor):
+    if segment_lengths is not None or dilation_rates is not None:
+        if first_w is not None:
+            raise ValueError("give either segment_lengths/dilation_rates or first_w "
+                             "(the geometric rule), not both")
+        if segment_lengths is None or dilation_rates is None:
+            raise ValueError("segment_lengths and dilation_rates go together")
+        return list(segment_lengths), list(dilation_rates)
+    if first_w is None:
+        raise ValueError("give the patterns: segment_lengths and dilation_rates, or "
+                         "first_w (with first_r, w_factor) for geometric ones")
+    return geometric_patterns(tokens, first_w, first_r, w_factor, r_factor)
+
+
+def scaling_sweep(tokens_per_rank: int, ranks: Sequence[int], *, heads: int, head_dim: int,
+                  segment_lengths: Optional[Sequence[int]] = None,
+                  dilation_rates: Optional[Sequence[int]] = None,
+                  first_w: Optional[int] = None, first_r: int = 1, w_factor: int = 2,
+                  r_factor: Optional[int] = None, **kwargs) -> List[Dict[str, object]]:
+    """:meth:`RunPlan.summary` for every rank count in ``ranks`` with ``N = P *
+    tokens_per_rank``: N and P grow together. With ``first_w`` the patterns follow the
+    geometric rule for each N; otherwise they stay fixed. ``kwargs`` go to
+    :func:`plan_run` (kv_heads, dtype, batch, layers, causal, tflops, link_gbs)."""
+    rows = []
+    for p in ranks:
+        n = p * tokens_per_rank
+        ws, rs = _patterns_for(n, segment_lengths, dilation_rates, first_w, first_r,
+                               w_factor, r_factor)
+        plan = plan_run(n, p, heads=heads, head_dim=head_dim, segment_lengths=ws,
+                        dilation_rates=rs, **kwargs)
+        row = plan.summary()
+        row["crossing_segment_lengths"] = [ws[i] for i in plan.crossing_patterns]
+        rows.append(row)
+    return rows
+
+
+def fit_ranks(tokens: int, fit_memory: float, *, heads: int, head_dim: int,
+              max_ranks: int = 65536, **kwargs) -> int:
+    """The fewest ranks (a divisor of ``tokens``, at most ``max_ranks``) whose busiest
+    rank needs at most ``fit_memory`` bytes of attention memory in a training step
+    (:attr:`RunPlan.memory_per_rank_bytes`: every layer's activations plus one layer's
+    forward buffers; weights, optimizer state and the rest of the model are not
+    counted). ``kwargs`` go to :func:`plan_run`."""
+    if not (isinstance(fit_memory, (int, float)) and fit_memory > 0):
+        raise ValueError(f"fit_memory must be a positive number of bytes, got {fit_memory!r}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive int, got {tokens!r}")
+    item = DTYPE_BYTES.get(kwargs.get("dtype", "bfloat16"), 2)
+    kv = kwargs.get("kv_heads") or heads
+    floor_per_token = (kwargs.get("layers", 1) * kwargs.get("batch", 1)
+                       * (2 * heads + 2 * kv) * head_dim * item)  # q, k, v, out
+    small, large = [], []
+    d = 1
+    while d * d <= tokens:
+        if tokens % d == 0:
+            small.append(d)
+            if d * d != tokens:
+                large.append(tokens // d)
+        d += 1
+    for p in small + large[::-1]:
+        if p > max_ranks:
+            break
+        if floor_per_token * (tokens // p) > fit_memory:
+            continue
+        if plan_run(tokens, p, heads=heads, head_dim=head_dim,
+                    **kwargs).memory_per_rank_bytes <= fit_memory:
+            return p
+    raise ValueError(f"fit_memory: no rank count up to {max_ranks} that divides {tokens} "
+                     f"keeps the attention memory within {fit_memory:.4g} bytes per rank")
+
+
+# --------------------------------------------------------------------- CLI
+
+
+def _sweep_table(rows: List[Dict[str, object]], timed: bool) -> str:
+    head = (f"{'N':>14} {'P':>5} {'patterns':>8} {'crossing':>8} {'sent MiB':>9} "
+            f"{'recv MiB':>9} {'TFLOP':>8} {'act. GiB':>8}")
+    if timed:
+        head += f" {'compute ms':>10} {'comm ms':>8} {'comm/comp':>9}"
+    lines = [head]
+    for r in rows:
+        line = (f"{r['tokens']:>14,} {r['ranks']:>5} {r['patterns']:>8} "
+                f"{r['crossing_patterns']:>8} {r['max_bytes_sent_fwd'] / 2**20:>9.2f} "
+                f"{r['max_bytes_received_fwd'] / 2**20:>9.2f} "
+                f"{(r['max_flops_fwd'] + r['max_flops_bwd']) / 1e12:>8.2f} "
+                f"{r['max_activation_bytes'] / 2**30:>8.3f}")
+        if timed:
+            line += (f" {1e3 * r['max_compute_s']:>10.2f} {1e3 * r['max_comm_s']:>8.3f} "
+                     f"{r['max_comm_to_compute']:>9.4f}")
+        lines.append(line)
+    lines.append("per layer, worst rank: k/v MiB sent and received forward (backward swaps "
+                 "them), TFLOP forward+backward, attention activations kept for backward"
+                 + ("; times forward+backward" if timed else ""))
+    return "\n".join(lines)
+
+
+def _plot(rows: List[Dict[str, object]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["tokens"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    ax = axes[0]
+    ax.plot(ns, [(r["max_bytes_sent_fwd"] + r["max_bytes_sent_bwd"]) / 2**20 for r in rows],
+            "o-", label="sent, worst rank")
+    ax.plot(ns, [(r["mean_bytes_sent_fwd"] + r["mean_bytes_sent_bwd"]) / 2**20 for r in rows],
+            "s--", label="sent, mean over ranks")
+    ax.set_ylabel("k/v MiB per rank per layer (fwd + bwd)")
+    ax2 = ax.twinx()
+    ax2.step(ns, [r["crossing_patterns"] for r in rows], where="mid", color="gray",
+             alpha=0.5, label="rank-crossing patterns")
+    ax2.set_ylabel("rank-crossing patterns", color="gray")
+    ax.legend(fontsize=8, loc="upper left")
+    ax = axes[1]
+    ax.plot(ns, [(r["max_flops_fwd"] + r["max_flops_bwd"]) / 1e12 for r in rows], "o-",
+            label="fwd + bwd, worst rank")
+    ax.plot(ns, [r["max_flops_fwd"] / 1e12 for r in rows], "s--", label="fwd, worst rank")
+    ax.set_ylabel("TFLOP per rank per layer")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="lower right")
+    ax = axes[2]
+    ax.plot(ns, [r["max_activation_bytes"] / 2**30 for r in rows], "o-",
+            label="attention activations, worst rank")
+    ax.set_ylabel("GiB per rank per layer")
+    if rows[0].get("max_compute_s") is not None:
+        ax3 = ax.twinx()
+        ax3.plot(ns, [r["max_comm_to_compute"] for r in rows], "^:", color="C3",
+                 label="comm / compute")
+        ax3.set_ylabel("comm / compute time", color="C3")
+        ax3.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="lower right")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (P = N / %d ranks)" % rows[0]["tokens_per_rank"])
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m longnet.plan",
+        description="Plan a sequence-parallel LongNet run: per rank and per layer, the "
+                    "key/value bytes sent and received (forward and backward), the "
+                    "attention's activation memory, its FLOPs and, with --tflops and "
+                    "--link-gbs, compute and communication time. Nothing is run: it "
+                    "counts what longnet.distributed's planner would do.",
+        epilog="Counts take binary suffixes: 64K, 1M, 1G (= 1B = 2^30). Example, the paper's "
+               "setting on 1024 ranks: python -m longnet.plan --tokens 1G --ranks 1024 "
+               "--heads 12 --head-dim 64 --first-w 2048 --factor 2 --layers 12 --causal "
+               "--tflops 400 --link-gbs 50 --sweep")
+    p.add_argument("--tokens", required=True, help="sequence length N")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--ranks", help="sequence-parallel ranks P (default 1)")
+    how.add_argument("--tokens-per-rank", help="tokens per rank L (P = N / L)")
+    how.add_argument("--fit-memory", type=float, metavar="GIB",
+                     help="pick the fewest ranks whose attention memory in a training "
+                          "step (all layers' activations and one layer's forward "
+                          "buffers) fits in this many GiB per device")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--heads", type=int, required=True, help="query heads H")
+    p.add_argument("--kv-heads", type=int, help="key/value heads Hk (default H)")
+    p.add_argument("--head-dim", type=int, required=True, help="head dim D")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
+    p.add_argument("--layers", type=int, default=1, help="layers (for the memory total)")
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--position-offset", type=int, default=0,
+                   help="absolute position of the sequence's first token (default 0)")
+    g = p.add_argument_group("patterns: a list, or the geometric rule")
+    g.add_argument("--segment-lengths", nargs="+", help="w_1 .. w_m")
+    g.add_argument("--dilation-rates", nargs="+", help="r_1 .. r_m")
+    g.add_argument("--first-w", help="geometric: first segment length")
+    g.add_argument("--first-r", type=int, default=1, help="geometric: first rate (1)")
+    g.add_argument("--factor", type=int, default=2,
+                   help="geometric: w_{i+1} = factor * w_i up to the first w >= N (2)")
+    g.add_argument("--r-factor", type=int,
+                   help="geometric: r_{i+1} = r-factor * r_i (default --factor: w/r fixed)")
+    t = p.add_argument_group("time (both needed)")
+    t.add_argument("--tflops", type=float, help="TFLOP/s the attention sustains per device")
+    t.add_argument("--link-gbs", type=float, help="GB/s per device for the all-to-alls")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print the plan as JSON")
+    o.add_argument("--per-rank", action="store_true", help="print every rank")
+    o.add_argument("--sweep", action="store_true",
+                   help="also plan P = 1, 2, 4, ... up to P with L fixed (N and P grow "
+                        "together; geometric patterns follow N)")
+    o.add_argument("--plot", metavar="PATH",
+                   help="plot the sweep (per-rank traffic, FLOPs, memory) to PATH, its "
+                        "numbers to PATH with .json")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        tokens = parse_count(args.tokens)
+        ws = [parse_count(x) for x in args.segment_lengths] if args.segment_lengths else None
+        rs = [parse_count(x) for x in args.dilation_rates] if args.dilation_rates else None
+        first_w = parse_count(args.first_w) if args.first_w else None
+        if first_w is None and ws is None:
+            raise ValueError("give the patterns: --segment-lengths with --dilation-rates, "
+                             "or --first-w (with --first-r, --factor) for geometric ones")
+        if (args.tflops is None) != (args.link_gbs is None):
+            raise ValueError("--tflops and --link-gbs go together")
+        pattern_kw = dict(segment_lengths=ws, dilation_rates=rs, first_w=first_w,
+                          first_r=args.first_r, w_factor=args.factor, r_factor=args.r_factor)
+        ws, rs = _patterns_for(tokens, **pattern_kw)
+        kw = dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                  dtype=args.dtype, batch=args.batch, layers=args.layers,
+                  causal=args.causal, position_offset=args.position_offset)
+        if args.fit_memory is not None:
+            ranks = fit_ranks(tokens, args.fit_memory * 2**30, segment_lengths=ws,
+                              dilation_rates=rs, **kw)
+        elif args.tokens_per_rank is not None:
+            per = parse_count(args.tokens_per_rank)
+            if per < 1 or tokens % per:
+                raise ValueError(f"--tokens-per-rank ({per}) must divide --tokens ({tokens})")
+            ranks = tokens // per
+        else:
+            ranks = parse_count(args.ranks) if args.ranks is not None else 1
+        plan = plan_run(tokens, ranks, segment_lengths=ws, dilation_rates=rs,
+                        tflops=args.tflops, link_gbs=args.link_gbs, **kw)
+        rows = None
+        if args.sweep or args.plot:
+            counts = [1 << e for e in range(ranks.bit_length()) if (1 << e) < ranks] + [ranks]
+            counts = [c for c in counts if tokens // ranks * c > 0]
+            sweep_kw = dict(kw)
+            del sweep_kw["heads"], sweep_kw["head_dim"]
+            rows = scaling_sweep(tokens // ranks, counts, heads=args.heads,
+                                 head_dim=args.head_dim, tflops=args.tflops,
+                                 link_gbs=args.link_gbs, **pattern_kw, **sweep_kw)
+    except ValueError as exc:
+        parser.error(str(exc))
+    timed = args.tflops is not None
+    if args.json:
+        out = plan.to_dict()
+        if rows is not None:
+            out["sweep"] = rows
+        json.dump(out, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        if args.fit_memory is not None:
+            print(f"fewest ranks within {args.fit_memory:g} GiB of attention memory per "
+                  f"device: {ranks}")
+        print(plan.table(every_rank=True if args.per_rank else None))
+        if rows is not None:
+            print(f"\nN and P grow together (L = {tokens // ranks:,} tokens per rank"
+                  + (", patterns geometric in N" if args.first_w else ", patterns fixed")
+                  + "):")
+            print(_sweep_table(rows, timed))
+    if args.plot:
+        title = (f"longnet.plan: L = {tokens // ranks:,} tokens per rank, H = {args.heads}, "
+                 f"Hk = {args.kv_heads or args.heads}, D = {args.head_dim}, {args.dtype}, "
+                 f"{'causal' if args.causal else 'not causal'}, "
+                 + (f"w_0 = {first_w}, r_0 = {args.first_r}, factor {args.factor}"
+                    if first_w else f"w = {ws}, r = {rs}"))
+        _plot(rows, args.plot, title)
+        stem = os.path.splitext(args.plot)[0]
+        with open(stem + ".json", "w") as f:
+            json.dump({"command": "python -m longnet.plan " + " ".join(
+                argv if argv is not None else sys.argv[1:]), "rows": rows}, f, indent=1)
+        if not args.json:
+            print(f"saved {args.plot} and {stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""longnet.plan against the sequence-parallel planner and against real gloo runs.
+
+The gloo runs reuse tests/test_distributed.py's spawning (``_spawn`` with
+``"test_plan:<function>"`` scenarios): every rank runs each configuration forward and
+backward and reports what ``comm_stats()`` counted and the bytes of the tensors
+autograd keeps for backward (distinct storages, read after the forward).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+
+from longnet.plan import geometric_patterns, parse_count, plan_run, scaling_sweep
+from test_distributed import _spawn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, batch, L, H, Hk, D, segment_lengths, dilation_rates, causal, dtype)
+CASES = [
+    ("cross", 1, 16, 4, 4, 8, [8, 16, 32], [1, 2, 4], False, "float32"),
+    ("cross-causal", 1, 16, 4, 4, 8, [8, 16, 32], [1, 2, 4], True, "float32"),
+    ("gqa-partial", 2, 12, 6, 2, 8, [5, 24], [2, 3], False, "float32"),
+    ("gqa-partial-causal-bf16", 2, 12, 6, 2, 8, [5, 24], [2, 3], True, "bfloat16"),
+    ("mqa-partial-local", 1, 12, 4, 1, 8, [5, 9], [1, 2], True, "float32"),
+    ("longer-than-sequence", 1, 8, 4, 2, 8, [4, 64], [1, 8], False, "float32"),
+    ("all-local", 1, 16, 2, 2, 8, [4, 8], [1, 2], True, "float32"),
+    ("offset-gqa-causal", 1, 12, 6, 2, 8, [5, 24], [2, 3], True, "float32"),
+    # Large enough that activations dominate everything else a process holds.
+    ("memory", 1, 2048, 4, 2, 32, [512, 1536, 8192], [1, 2, 4], True, "float32"),
+]
+# position_offset of the whole sequence (0 for the others)
+OFFSETS = {"offset-gqa-causal": 7}
+
+
+class _Held:
+    __slots__ = ("t", "__weakref__")
+
+
+def _held_bytes(fn, extra):
+    """Run ``fn()`` with every tensor autograd saves wrapped; return its result and
+    the bytes of the distinct storages still saved after it (the plan's int64 index
+    tensors, held once per configuration, left out) and of ``extra`` tensors."""
+    holders = []
+
+    def pack(t):
+        h = _Held()
+        h.t = t
+        holders.append(weakref.ref(h))
+        return h
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
+        result = fn()
+    gc.collect()
+    storages = {}
+    tensors = [h.t for h in (ref() for ref in holders) if h is not None]
+    for t in tensors + list(extra) + list(result):
+        if t.dtype == torch.int64:
+            continue
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+    return result, sum(storages.values())
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _run_cases(group, sp_rank):
+    from longnet.distributed import (comm_stats, reset_comm_stats,
+                                     sequence_parallel_dilated_attention)
+
+    out = {}
+    for name, b, chunk, h, hk, d, ws, rs, causal, dtype in CASES:
+        g = torch.Generator().manual_seed(sp_rank)
+        dt = getattr(torch, dtype)
+        q = torch.randn(b, chunk, h, d, generator=g).to(dt).requires_grad_()
+        k, v = (torch.randn(b, chunk, hk, d, generator=g).to(dt).requires_grad_()
+                for _ in range(2))
+
+        def call():
+            return sequence_parallel_dilated_attention(
+                q, k, v, ws, rs, group=group, is_causal=causal, return_lse=True,
+                position_offset=OFFSETS.get(name, 0))
+
+        reset_comm_stats()
+        (o, lse), held = _held_bytes(call, (q, k, v))
+        (o.float().sum() + lse.masked_fill(torch.isinf(lse), 0).sum()).backward()
+        st = comm_stats()
+        out[name] = {"sent": st.bytes_sent, "received": st.bytes_received,
+                     "calls": st.calls, "held": held}
+        if name == "memory":
+            # The resident set's peak over a forward (warm: the call above ran first;
+            # the test sets MALLOC_MMAP_THRESHOLD_ so freed tensors leave the set).
+            gc.collect()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = _status_kib("VmRSS")
+            o, lse = call()
+            out[name]["rss_peak"] = 1024 * (_status_kib("VmHWM") - base)
+            o.float().sum().backward()
+    return out
+
+
+def _scenario_plan(rank, world, report):
+    """Every case on all 4 ranks, then on two groups of 2 side by side."""
+    import torch.distributed as dist
+
+    report["plan"] = {str(world): _run_cases(None, rank)}
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    report["plan"]["2"] = _run_cases(pairs[rank // 2], rank % 2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{world size: [(rank in its group, that rank's results)]} from one 4-process run."""
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        reports = _spawn(4, ["test_plan:_scenario_plan"], tmp_path_factory.mktemp("plan"))
+    finally:
+        if old is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    for rep in reports:
+        assert rep is not None and "exception" not in rep, rep and rep.get("exception")
+    return {world: [(rep["rank"] % world, rep["plan"][str(world)]) for rep in reports]
+            for world in (2, 4)}
+
+
+def _plan_case(case, world):
+    name, b, chunk, h, hk, d, ws, rs, causal, dtype = case
+    return plan_run(world * chunk, world, heads=h, kv_heads=hk, head_dim=d, batch=b,
+                    segment_lengths=ws, dilation_rates=rs, causal=causal, dtype=dtype,
+                    position_offset=OFFSETS.get(name, 0))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_planned_bytes_equal_counted_bytes(runs, world, case):
+    plan = _plan_case(case, world)
+    for rank, rep in runs[world]:
+        got = rep[case[0]]
+        cost = plan.per_rank[rank]
+        assert (cost.bytes_sent, cost.bytes_received) == (got["sent"], got["received"]), \
+            (rank, cost, got)
+        assert cost.collectives == got["calls"], (rank, cost.collectives, got)
+
+
+def test_some_case_crosses_ranks_and_some_does_not(runs):
+    sent = {c[0]: max(rep[c[0]]["sent"] for _, rep in runs[4]) for c in CASES}
+    assert sent["all-local"] == 0 and all(v > 0 for k, v in sent.items() if k != "all-local")
+    assert _plan_case(CASES[1], 4).crossing_patterns == [2]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_planned_memory_within_20_percent_of_measured(runs, world, case):
+    plan = _plan_case(case, world)
+    for rank, rep in runs[world]:
+        held = rep[case[0]]["held"]
+        planned = plan.per_rank[rank].activation_bytes
+        assert abs(planned - held) <= 0.2 * held, (rank, planned, held)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_planned_peak_within_20_percent_of_resident_set_peak(runs, world):
+    """The forward's peak, measured as the growth of the resident set over one call,
+    against the planned peak less the inputs (which were resident before)."""
+    case = next(c for c in CASES if c[0] == "memory")
+    _, b, chunk, h, hk, d, *_ = case
+    plan = _plan_case(case, world)
+    for rank, rep in runs[world]:
+        measured = rep["memory"]["rss_peak"]
+        planned = plan.per_rank[rank].peak_bytes - b * chunk * (h + 2 * hk) * d * 4
+        assert abs(planned - measured) <= 0.2 * measured, (rank, planned, measured)
+
+
+def test_plan_matches_the_planner_and_the_reference_pair_counts():
+    """Rows per rank equal longnet.distributed._plan's, attended pairs equal the
+    reference's count matrix, on random small configurations (half of them with a
+    position_offset)."""
+    from longnet.distributed import _plan
+    from longnet.reference import pattern_counts
+
+    rnd = random.Random(12)
+    for _ in range(150):
+        world = rnd.choice([1, 2, 3, 4, 5, 8])
+        chunk = rnd.randint(1, 10)
+        n = world * chunk
+        hk = rnd.choice([1, 2, 3])
+        h = hk * rnd.choice([1, 2, 3])
+        ws, rs = [], []
+        for _ in range(rnd.randint(1, 3)):
+            w = rnd.randint(1, 2 * n + 2)
+            ws.append(w)
+            rs.append(rnd.randint(1, min(w, n + 2)))
+        causal = rnd.random() < 0.5
+        offset = 0 if rnd.random() < 0.5 else rnd.randint(1, 2 * max(ws))
+        plan = plan_run(n, world, heads=h, kv_heads=hk, head_dim=4, segment_lengths=ws,
+                        dilation_rates=rs, causal=causal, dtype="float32",
+                        position_offset=offset)
+        counts = pattern_counts(n, n, h, ws, rs, causal, position_offset=offset)
+        cfg = (world, chunk, h, hk, ws, rs, causal, offset)
+        for p, cost in enumerate(plan.per_rank):
+            assert cost.pairs == int(counts[:, p * chunk:(p + 1) * chunk].sum()), (cfg, p)
+            assert cost.flops_fwd == 4 * 4 * cost.pairs
+            if world == 1:
+                assert cost.kv_rows_sent == cost.kv_rows_received == 0
+                continue
+            rp = _plan(world, p, chunk, h, hk, tuple(ws), tuple(rs), causal, offset)
+            assert cost.kv_rows_sent == sum(rp.send_rows), (cfg, p)
+            assert cost.kv_rows_received == sum(rp.recv_rows), (cfg, p)
+            assert cost.collectives == (2 if rp.exchange else 0), (cfg, p)
+        if world > 1:  # every row sent is received
+            assert sum(c.kv_rows_sent for c in plan.per_rank) == \
+                sum(c.kv_rows_received for c in plan.per_rank)
+
+
+def test_billion_tokens_on_1024_ranks():
+    n, p = 2**30, 1024
+    ws, rs = geometric_patterns(n, 2048, 1, 2)
+    assert ws[-1] == n and len(ws) == 20 and all(w // r == 2048 for w, r in zip(ws, rs))
+    plan = plan_run(n, p, heads=12, head_dim=64, segment_lengths=ws, dilation_rates=rs,
+                    causal=True, dtype="bfloat16", tflops=400, link_gbs=50)
+    assert len(plan.per_rank) == p
+    # The patterns with w > L = 2^20 cross ranks: 10 of 20.
+    assert [ws[i] for i in plan.crossing_patterns] == [2**e for e in range(21, 31)]
+    # Every row sent is received; causal: rank 0 receives nothing, the last sends nothing.
+    assert sum(c.bytes_sent_fwd for c in plan.per_rank) == \
+        sum(c.bytes_received_fwd for c in plan.per_rank)
+    assert plan.per_rank[0].bytes_received_fwd == 0 and plan.per_rank[-1].bytes_sent_fwd == 0
+    # Causal, per crossing pattern a rank holds L/r rows per head of a sparse segment of
+    # w/r = 2048 rows: it receives at most the 2048 - L/r rows before its own.
+    unit = 2 * 64 * 2
+    bound = sum(12 * (2048 - 2**20 // rs[i]) * unit for i in plan.crossing_patterns)
+    assert plan.per_rank[-1].bytes_received_fwd == bound
+    # Pairs over all ranks: the closed form sum over patterns of H * N/w * n(n+1)/2.
+    pairs = sum(12 * (n // w) * (w // r) * (w // r + 1) // 2 for w, r in zip(ws, rs))
+    assert sum(c.pairs for c in plan.per_rank) == pairs
+    assert plan.per_rank[5].compute_s == pytest.approx(
+        3.5 * plan.per_rank[5].flops_fwd / 400e12)
+
+
+def test_traffic_constant_per_rank_for_fixed_patterns():
+    """Fixed patterns, fixed tokens per rank: per-rank bytes stay flat as N and P grow
+    (the interior ranks), while geometric patterns add one crossing pattern per
+    doubling."""
+    fixed = [plan_run(2**14 * p, p, heads=8, head_dim=64, segment_lengths=[2**13, 2**15],
+                      dilation_rates=[1, 4]) for p in (4, 8, 64)]
+    assert len({pl.worst("bytes_sent_fwd") for pl in fixed}) == 1
+    rows = scaling_sweep(2**14, [1, 2, 4, 8, 16], heads=8, head_dim=64, first_w=2**10,
+                         first_r=1, w_factor=2)
+    assert [r["crossing_patterns"] for r in rows] == [0, 1, 2, 3, 4]
+
+
+def test_fit_memory_picks_the_fewest_ranks():
+    from longnet.plan import fit_ranks
+
+    kw = dict(heads=8, head_dim=64, segment_lengths=[2048, 8192], dilation_rates=[1, 4],
+              layers=4, dtype="bfloat16")
+    n = 2**20
+    budget = 3 * 2**30
+    p = fit_ranks(n, budget, **kw)
+    assert plan_run(n, p, **kw).memory_per_rank_bytes <= budget
+    assert plan_run(n, p // 2, **kw).memory_per_rank_bytes > budget
+    with pytest.raises(ValueError, match="fit_memory"):
+        fit_ranks(n, 1, **kw)
+
+
+def test_bad_input_names_the_argument():
+    kw = dict(heads=4, head_dim=8, segment_lengths=[4], dilation_rates=[1])
+    with pytest.raises(ValueError, match="multiple of ranks"):
+        plan_run(10, 3, **kw)
+    with pytest.raises(ValueError, match="kv_heads"):
+        plan_run(8, 2, kv_heads=3, **kw)
+    with pytest.raises(ValueError, match="dtype"):
+        plan_run(8, 2, dtype="int8", **kw)
+    with pytest.raises(ValueError, match="ranks"):
+        plan_run(8, 0, **kw)
+    with pytest.raises(ValueError, match="position_offset"):
+        plan_run(8, 2, position_offset=-1, **kw)
+    with pytest.raises(ValueError, match="tflops"):
+        plan_run(8, 2, tflops=-1, link_gbs=10, **kw)
+    with pytest.raises(ValueError, match="dilation_rates"):
+        plan_run(8, 2, heads=4, head_dim=8, segment_lengths=[4], dilation_rates=[8])
+    with pytest.raises(ValueError, match="w_factor"):
+        geometric_patterns(1024, 16, 1, 1)
+    with pytest.raises(ValueError, match="not a count"):
+        parse_count("lots")
+    assert parse_count("1G") == parse_count("1B") == parse_count("2^30") == 2**30
+    assert parse_count("64K") == 65536 and parse_count("1048576") == 2**20
+
+
+def test_cli_json(capsys):
+    res = subprocess.run(
+        [sys.executable, "-m", "longnet.plan", "--tokens", "64K", "--ranks", "4", "--heads",
+         "4", "--kv-heads", "2", "--head-dim", "32", "--first-w", "2048", "--factor", "2",
+         "--causal", "--tflops", "100", "--link-gbs", "25", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["ranks"] == 4 and len(data["per_rank"]) == 4
+    assert data["segment_lengths"][-1] == 65536 and data["kv_heads"] == 2
+    direct = plan_run(65536, 4, heads=4, kv_heads=2, head_dim=32, causal=True,
+                      segment_lengths=data["segment_lengths"],
+                      dilation_rates=data["dilation_rates"])
+    assert [r["bytes_sent"] for r in data["per_rank"]] == \
+        [c.bytes_sent for c in direct.per_rank]
+    assert data["summary"]["max_comm_to_compute"] > 0
+
+
+def test_cli_table_sweep_plot_fit_and_errors(tmp_path, capsys):
+    from longnet.plan import main
+
+    main(["--tokens", "64K", "--ranks", "4", "--heads", "4", "--head-dim", "32",
+          "--segment-lengths", "2048", "32768", "--dilation-rates", "1", "8",
+          "--sweep", "--plot", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    assert "rank-crossing patterns: 1 of 2" in out and os.path.getsize(tmp_path / "p.png") > 0
+    sweep = json.loads((tmp_path / "p.json").read_text())
+    assert [r["ranks"] for r in sweep["rows"]] == [1, 2, 4]
+    assert [r["crossing_patterns"] for r in sweep["rows"]] == [0, 1, 1]
+
+    main(["--tokens", "1M", "--fit-memory", "0.5", "--heads", "8", "--head-dim", "64",
+          "--first-w", "2048", "--layers", "4"])
+    out = capsys.readouterr().out
+    p = int(out.split("per device: ")[1].split()[0])
+    assert "P = %d ranks" % p in out and p > 1
+
+    for args, message in (
+            (["--tokens", "100", "--ranks", "3", "--first-w", "16"], "multiple of ranks"),
+            (["--tokens", "1024", "--ranks", "2"], "--segment-lengths"),
+            (["--tokens", "1024", "--first-w", "16", "--tflops", "5"], "--link-gbs"),
+            (["--tokens", "1024", "--tokens-per-rank", "300", "--first-w", "16"],
+             "--tokens-per-rank")):
+        with pytest.raises(SystemExit):
+            main(args + ["--heads", "4", "--head-dim", "32"])
+        assert message in capsys.readouterr().err
