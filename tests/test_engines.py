@@ -214,6 +214,31 @@ def test_use_engine_nests_and_restores():
     assert longnet.last_engine() == "fused"
 
 
+def test_backward_on_another_thread_keeps_engine_and_reports_it():
+    # Autograd runs CUDA backwards on its own threads: the backward must run on the
+    # engine forced at forward time and count as this thread's last call.
+    import threading
+
+    q, k, v = make_inputs(1, 16, 16, 2, 2, 8)
+    with longnet.use_engine("math"):
+        out = longnet.dilated_attention(q, k, v, [8], [1])
+    longnet.dilated_attention(q.detach(), k.detach(), v.detach(), [8], [1])
+    assert longnet.last_engine() == "fused"
+    seen = []
+
+    def backward():
+        out.sum().backward()
+        seen.append(longnet.last_engine())
+
+    thread = threading.Thread(target=backward)
+    thread.start()
+    thread.join()
+    assert seen == ["math"]
+    assert longnet.last_engine() == "math"
+    want = torch.autograd.grad(dilated_attention_reference(q, k, v, [8], [1])[0].sum(), (q,))[0]
+    torch.testing.assert_close(q.grad, want)
+
+
 def test_engine_names():
     assert set(longnet.engines.ENGINES) == {"auto", "fused", "cpu_flash", "math", "cuda_flash",
                                             "cuda_cudnn", "cuda_efficient"}
