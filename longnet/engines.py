@@ -13,9 +13,10 @@ An engine changes how the operator is computed, never what:
 The environment variable ``LONGNET_ENGINE`` forces an engine for the process;
 ``use_engine`` forces one for a block of code in the current thread (it wins over
 the variable). A forced engine that cannot run a call raises an error that says why.
-``last_engine()`` names the engine that ran the most recent forward or backward call
-of this thread (an autograd backward that runs on another thread counts for the
-thread that ran the forward).
+An autograd backward runs on the engine forced when its forward ran, even outside
+the ``use_engine`` block or on another thread. ``last_engine()`` names the engine that
+ran the most recent forward or backward call of this thread (an autograd backward that
+runs on another thread counts for the thread that ran the forward).
 """
 
 from __future__ import annotations
@@ -85,19 +86,22 @@ def _capture() -> Tuple[str, int]:
 
 @contextlib.contextmanager
 def _backward_scope(captured: Optional[Tuple[str, int]]) -> Iterator[None]:
-    """Run a backward with the engine forced at forward time; when it runs on another
-    thread, report its engine to the forward's thread."""
-    if captured is None or captured[1] == threading.get_ident():
+    """Run a backward on the engine forced when its forward ran (when one was; else
+    on the choice in force now); when it runs on another thread, report its engine to
+    the forward's thread."""
+    if captured is None:
         yield
         return
     forced, thread = captured
     previous = _C._forced_engine()
-    _C._set_engine(forced)
+    if forced:
+        _C._set_engine(forced)
     try:
         yield
     finally:
         _C._set_engine(previous)
-    seq, name = _C._last_engine()
-    if seq > 0:
-        with _reported_lock:
-            _reported[thread] = (seq, name)
+    if thread != threading.get_ident():
+        seq, name = _C._last_engine()
+        if seq > 0:
+            with _reported_lock:
+                _reported[thread] = (seq, name)

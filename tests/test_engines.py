@@ -239,6 +239,16 @@ def test_backward_on_another_thread_keeps_engine_and_reports_it():
     torch.testing.assert_close(q.grad, want)
 
 
+def test_backward_runs_on_the_forward_engine():
+    q, k, v = make_inputs(1, 16, 16, 2, 2, 8)
+    with longnet.use_engine("cpu_flash"):
+        out = longnet.dilated_attention(q, k, v, [8], [1])
+    longnet.dilated_attention(q.detach(), k.detach(), v.detach(), [8], [1])
+    assert longnet.last_engine() == "fused"
+    out.sum().backward()
+    assert longnet.last_engine() == "cpu_flash"
+
+
 def test_engine_names():
     assert set(longnet.engines.ENGINES) == {"auto", "fused", "cpu_flash", "math", "cuda_flash",
                                             "cuda_cudnn", "cuda_efficient"}
