@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU check for a fresh CUDA machine: build the extension with its CUDA kernels, run
-# the CUDA tests, then the GPU benchmark. Whole run under about 8 minutes.
+# GPU check for a fresh CUDA machine: build the extension with its CUDA kernels and
+# engines, run the CUDA tests (per engine: cuda_flash, cuda_cudnn, cuda_efficient, math,
+# fused), then the GPU benchmark (every engine against dense SDPA on the same kernel,
+# gather+SDPA, FlexAttention; largest N). Whole run under about 8 minutes.
 #
 # Usage: benchmarks/gpu_check.sh [--quick]   (LONGNET_CUDA_ARCHS defaults to 9.0;
 # LONGNET_WHEELS=<dir> installs a missing pytest from local wheels, offline)
@@ -27,7 +29,7 @@ if ! LONGNET_FORCE_CUDA=1 LONGNET_CUDA_ARCHS="${LONGNET_CUDA_ARCHS:-9.0}" MAX_JO
   exit 1
 fi
 echo "built in $((SECONDS - start)) s"
-python3 -c "import longnet; print('HAS_CUDA', longnet.HAS_CUDA)"
+python3 -c "import longnet; print('HAS_CUDA', longnet.HAS_CUDA, 'engines', [e for e in longnet.engines.ENGINES if longnet.engines.engine_built(e)])"
 
 step "tests/test_cuda.py"
 rc_tests=0

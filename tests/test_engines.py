@@ -305,3 +305,15 @@ def test_env_var_errors():
     res = _run_env("cuda_efficient", ENV_CODE)
     assert res.returncode != 0
     assert "engine 'cuda_efficient' (forced by LONGNET_ENGINE) cannot run this call" in res.stderr
+
+
+def test_gpu_benchmark_imports_and_counts_flops():
+    # benchmarks/bench_gpu.py needs a GPU to run; its CPU-side parts are checked here.
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_gpu
+
+    assert set(bench_gpu.ENGINE_BACKEND) == {"cuda_flash", "cuda_cudnn", "cuda_efficient"}
+    # One pattern w = N, r = 1: dense attention, 4 N^2 H D FLOPs, half of it causal.
+    assert bench_gpu.needed_flops(1024, 2, 64, [1024], [1], False) == 4.0 * 1024**2 * 2 * 64
+    assert bench_gpu.needed_flops(1024, 2, 64, [1024, 2048], [1, 2], True) == (
+        2.0 * 1024**2 * 2 * 64 * (1 + 1 / 4))
