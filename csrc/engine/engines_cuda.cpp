@@ -5,8 +5,17 @@
 //
 // The calls below have the same signatures in torch 2.13 and 2.14 (checked against
 // both versions' ATen/ops headers); torch 2.14 adds trailing defaulted arguments to
-// _cudnn_attention_forward, which these calls leave at their defaults.
+// _cudnn_attention_forward, which these calls leave at their defaults. Older torch
+// versions are not checked: there only `math` and `fused` run on CUDA.
 #ifdef LONGNET_WITH_CUDA
+
+#include <torch/version.h>
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+#define LONGNET_ATEN_ATTENTION_ENGINES 1
+#endif
+
+#ifdef LONGNET_ATEN_ATTENTION_ENGINES
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -176,4 +185,5 @@ const CudaCudnnEngine cuda_cudnn_engine;
 }  // namespace
 }  // namespace longnet::engine
 
+#endif  // LONGNET_ATEN_ATTENTION_ENGINES
 #endif  // LONGNET_WITH_CUDA
