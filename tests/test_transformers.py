@@ -346,3 +346,41 @@ def test_missing_or_bad_patterns_raise():
         lt.enable(_tiny("llama"), [[4, 8]] * 3, [[1, 2]] * 3)
     with pytest.raises(ValueError, match="both"):
         lt.enable(_tiny("llama"), [[4, 8], [4, 8]], [1, 2])
+
+
+# ---------------------------------------------------------------------------------
+# The example
+# ---------------------------------------------------------------------------------
+
+def test_finetune_example_runs(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "finetune_transformers", os.path.join(root, "examples", "finetune_transformers.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    try:
+        metrics = example.main([
+            "--out-dir", str(tmp_path), "--seq-len", "128", "--segment-lengths", "32,64,128",
+            "--dilation-rates", "1,2,4", "--context", "32", "--pretrain-steps", "3",
+            "--steps", "3", "--eval-interval", "2", "--eval-windows", "2", "--layers", "1",
+            "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--batch-size", "2",
+            "--pretrain-batch-size", "2", "--max-train-bytes", "100000", "--threads", "1",
+            "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("val_sdpa_context", "val_sdpa_long", "val_dilated_before", "val_dilated_after"):
+        assert 0 < metrics[key] < 6.0, (key, metrics[key])
+    assert metrics["context"] == 32 and metrics["seq_len"] == 128
+    with open(tmp_path / "metrics.json") as f:
+        assert json.load(f)["val_dilated_after"] == metrics["val_dilated_after"]
+    with open(tmp_path / "model" / "config.json") as f:
+        saved = json.load(f)
+    assert saved["longnet_segment_lengths"] == [32, 64, 128]
+    assert saved["longnet_dilation_rates"] == [1, 2, 4]
+    with open(tmp_path / "finetune_loss.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
