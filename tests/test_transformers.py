@@ -14,6 +14,8 @@ import longnet  # noqa: E402
 import longnet.integrations.transformers as lt  # noqa: E402
 from transformers import (  # noqa: E402
     AttentionInterface,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -37,9 +39,15 @@ def _tiny(family="llama", **overrides):
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
               pad_token_id=PAD, bos_token_id=1, eos_token_id=None)
+    if family == "gpt_neox":  # multi-head attention, partial rotary
+        del kw["num_key_value_heads"]
+    if family == "mistral":
+        kw["sliding_window"] = None  # full attention (a window is refused, see below)
     kw.update(overrides)
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "mistral": (MistralConfig, MistralForCausalLM),
+                             "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM)}[family]
     torch.manual_seed(0)
     model = model_cls(config_cls(**kw)).eval()
     model.set_attn_implementation("sdpa")
@@ -47,7 +55,7 @@ def _tiny(family="llama", **overrides):
     # attention pattern matter, so differences between patterns show in the logits.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
+            if name.endswith(("q_proj.weight", "k_proj.weight", "query_key_value.weight")):
                 p.normal_(0.0, 0.3)
     return model
 
@@ -90,7 +98,7 @@ def _logits_and_grads(model, ids, mask):
     return out.logits.detach(), grads
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt_neox"])
 def test_full_pattern_matches_sdpa_logits_and_gradients(family):
     sdpa = _tiny(family)
     ours = _dilated(sdpa, [64], [1])
@@ -251,6 +259,9 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone():
         ids[b, width - len(p):] = p
         mask[b, width - len(p):] = 1
     batch = _generate(model, ids, mask)
+    # The same with a static cache (left padding and empty slots at the end).
+    torch.testing.assert_close(_generate(model, ids, mask, cache_implementation="static"), batch,
+                               rtol=0, atol=0)
     for b, p in enumerate(prompts):
         alone = _generate(model, p[None])
         torch.testing.assert_close(batch[b, width:], alone[0, len(p):], rtol=0, atol=0)
