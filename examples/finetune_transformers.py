@@ -222,6 +222,10 @@ def save_plot(history: Dict[str, Any], path: str, title: str, unit: str) -> bool
     if history["val"]:
         steps, losses = zip(*history["val"])
         ax.plot(steps, losses, "o-", lw=2, label="validation, dilated at the long context")
+    for key, marker, label in (("sdpa_context", "s", "validation, sdpa at the original context"),
+                               ("sdpa_long", "x", "validation, sdpa at the long context")):
+        if history.get(key) is not None:
+            ax.plot([history["switch"]], [history[key]], marker, ms=8, label=label)
     if history["switch"] is not None:
         ax.axvline(history["switch"], color="gray", ls="--", lw=1)
         ax.text(history["switch"], ax.get_ylim()[1], " switch to dilated attention",
@@ -254,7 +258,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     log(f"model: {type(model).__name__}, {n_params / 1e6:.2f} M parameters, "
         f"max_position_embeddings = {context}")
     gen = torch.Generator().manual_seed(args.seed)
-    history: Dict[str, Any] = {"pretrain": [], "finetune": [], "val": [], "switch": None}
+    history: Dict[str, Any] = {"pretrain": [], "finetune": [], "val": [], "switch": None,
+                               "sdpa_context": None, "sdpa_long": None}
     metrics: Dict[str, Any] = {"model": args.model or "tiny random-init Llama",
                                "parameters": n_params, "context": context,
                                "seq_len": args.seq_len, "segment_lengths": args.segment_lengths,
@@ -278,6 +283,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     metrics["val_sdpa_long"] = evaluate(model, long_val, args.device)
     log(f"validation, sdpa: {metrics['val_sdpa_context']:.4f} at {context} tokens, "
         f"{metrics['val_sdpa_long']:.4f} at {args.seq_len} (past its context)")
+
+    history["sdpa_context"], history["sdpa_long"] = (metrics["val_sdpa_context"],
+                                                     metrics["val_sdpa_long"])
 
     longnet_hf.enable(model, args.segment_lengths, args.dilation_rates)
     history["switch"] = step0
