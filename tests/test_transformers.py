@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5.0")
 
 import longnet  # noqa: E402
 import longnet.integrations.transformers as lt  # noqa: E402

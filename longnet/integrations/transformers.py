@@ -42,6 +42,13 @@ import torch
 from torch import Tensor
 
 import transformers  # noqa: F401  (a clear ImportError when the extra is missing)
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(
+        "longnet.integrations.transformers needs transformers >= 5 (its AttentionInterface "
+        f"and mask interface), found {transformers.__version__}: "
+        'pip install -e ".[transformers]"'
+    )
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
@@ -218,8 +225,8 @@ def _check_one_run(padding: Tensor) -> None:
 
 def longnet_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: Optional[int] = None,
+    kv_length: Optional[int] = None,
     q_offset: Any = 0,
     kv_offset: int = 0,
     mask_function: Any = causal_mask_function,
@@ -244,6 +251,12 @@ def longnet_mask(
             "sliding-window, chunked or custom (or_/and_mask_function) masks cannot be "
             "expressed by dilated attention"
         )
+    if q_length is None:  # early 5.x releases pass the queries' cache positions instead
+        cache_position = kwargs.get("cache_position")
+        if cache_position is None or kv_length is None:
+            raise ValueError("internal: the mask function got neither q_length nor cache_position")
+        q_length = int(cache_position.shape[0])
+        q_offset = int(cache_position[0]) if q_length > 0 else 0
     if int(kv_offset) != 0:
         raise ValueError(
             f'attn_implementation="{ATTN_IMPLEMENTATION}" needs a cache that keeps every '
