@@ -85,6 +85,35 @@ def test_registered_on_import():
     assert AttentionMaskInterface._global_mapping["longnet"] is lt.longnet_mask
 
 
+def test_mask_function_gives_key_ranges():
+    from transformers.masking_utils import causal_mask_function
+
+    pad = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    # No left padding, keys end at the last query: plain causal (right padding is
+    # never attended by the real tokens before it).
+    assert lt.longnet_mask(2, 6, 6, attention_mask=pad[[0, 2]]) is None
+    assert lt.longnet_mask(3, 6, 6) is None
+    # Left padding: the 2-D mask, whose first True is each row's key_start.
+    m = lt.longnet_mask(3, 6, 6, attention_mask=pad, mask_function=causal_mask_function)
+    assert m.dtype == torch.bool and torch.equal(m, pad.bool())
+    start, end = lt.key_ranges_from_mask(m, 3, 6, 6, "cpu")
+    assert start.tolist() == [0, 2, 0] and end.tolist() == [6, 6, 6]
+    # Decoding one token into a static cache of 10 slots after 5 tokens: the
+    # sequence is keys [key_start, 6), queries bottom-right aligned to key 6.
+    m = lt.longnet_mask(3, 1, 10, q_offset=5, attention_mask=pad)
+    assert m.shape == (3, 6)
+    start, end = lt.key_ranges_from_mask(m, 3, 1, 10, "cpu")
+    assert start.tolist() == [0, 2, 0] and end.tolist() == [6, 6, 6]
+    # Early transformers 5.x pass the queries' cache positions instead.
+    m2 = lt.longnet_mask(3, kv_length=10, attention_mask=pad, cache_position=torch.tensor([5]))
+    assert torch.equal(m2, m)
+    # A fully padded row has no keys: key_start = key_end.
+    m = lt.longnet_mask(1, 3, 3, attention_mask=torch.zeros(1, 3, dtype=torch.long))
+    assert lt.key_ranges_from_mask(m, 1, 3, 3, "cpu")[0].tolist() == [3]
+    with pytest.raises(ValueError, match="contiguous run"):
+        lt.longnet_mask(1, 4, 4, attention_mask=torch.tensor([[1, 0, 1, 1]]))
+
+
 # ---------------------------------------------------------------------------------
 # One pattern with w >= N and r = 1 is causal attention: same logits and gradients
 # as attn_implementation="sdpa", padded batches included.
