@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="parameter dtype of a --model checkpoint")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -134,7 +136,8 @@ def load_model_and_data(args: argparse.Namespace, log):
         encode = lambda fs, mb: encode_files(fs, max_bytes=mb)  # noqa: E731
         unit = "byte"
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=getattr(torch, args.dtype))
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
             encode = lambda fs, mb: encode_with_tokenizer(fs, tokenizer, mb)  # noqa: E731
