@@ -349,6 +349,10 @@ def test_packed_sequences_raise():
     position_ids = torch.cat([torch.arange(10), torch.arange(14)])[None].expand(3, -1)
     with pytest.raises(ValueError, match="packed sequences"):
         model(ids, position_ids=position_ids, use_cache=False)
+    # Flash-attention style boundaries (what DataCollatorWithFlattening can pass).
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(ids[:1], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14, max_length_k=14)
 
 
 def test_sliding_window_configs_raise():

@@ -375,6 +375,8 @@ _UNSUPPORTED_KWARGS = {
     "position_bias": "a position bias",
     "s_aux": "attention sinks",
     "sinks": "attention sinks",
+    "cu_seq_lens_q": "packed sequences",
+    "cu_seq_lens_k": "packed sequences",
 }
 
 
