@@ -45,7 +45,6 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import longnet  # noqa: E402,F811
 from longnet.data import (encode_files, eval_batches, random_batch,  # noqa: E402
                           split_by_file, stdlib_source_files)
 from longnet.tokenizer import ByteTokenizer  # noqa: E402

@@ -19,11 +19,12 @@ How a call maps onto ``longnet.dilated_attention``:
   ``transpose(1, 2)`` views (no copies); grouped-query heads are read natively (no
   repeat of k/v); ``scale`` is the module's ``scaling``; attention is causal.
 * A padding mask becomes per-row key ranges: row ``b``'s real tokens must be one
-  contiguous run ``[key_start[b], key_end[b])`` (left padding, right padding or
-  both). Dilated segments then count from each row's first real token, so a padded
-  row computes what the same sequence computes alone. Outputs at padding positions
-  are unspecified (as they are for every attention implementation); real positions
-  are exact.
+  contiguous run (left padding, right padding or both); ``key_start[b]`` is its
+  first real token and ``key_end`` the key of the last query (trailing padding is
+  never attended by the real tokens before it under the causal rule). Dilated
+  segments count from each row's first real token, so a padded row computes what
+  the same sequence computes alone. Outputs at padding positions are unspecified
+  (as they are for every attention implementation); real positions are exact.
 * Decoding against transformers' cache is the operator's ``Nq < Nk`` path (queries
   bottom-right aligned to the last token seen so far, also for static caches).
 
@@ -36,7 +37,7 @@ chunked layers, attention dropout > 0, soft-capping, attention sinks.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
