@@ -195,11 +195,14 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
                    (256, "dilated"), (256, "local")]
     for r in summary["results"]:
         assert len(r["history"]) == 3
-        assert len(r["buckets"]) == len(summary["lengths"][str(r["seq_len"])]["task"]
-                                         and lr.TaskSpec(**summary["lengths"][str(r["seq_len"])]
-                                                         ["task"]).bucket_edges()) - 1
+        spec = lr.TaskSpec(**summary["lengths"][str(r["seq_len"])]["task"])
+        assert spec.stride == r["dilation_rates"][-1] or r["variant"] != "dilated"
+        assert len(r["buckets"]) == len(spec.bucket_edges()) - 1
         assert sum(c for c, _ in r["buckets"]) == 3 * 3
         assert 0.0 <= r["accuracy"] <= 1.0
     assert summary["chance"] == 0.25
+    [skip] = summary["skipped"]
+    assert skip["variant"] == "dense" and skip["seq_len"] == 256 and skip["s_per_step"] > 0
+    assert "dense: not trained at N = 256 (measured" in proc.stdout
     with open(out / "long_range.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
