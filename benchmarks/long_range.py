@@ -106,8 +106,10 @@ class TaskSpec:
     def __post_init__(self) -> None:
         if self.fact not in ("joint", "pair"):
             raise ValueError(f"fact must be 'joint' or 'pair', got {self.fact!r}")
-        if self.stride < 2:
-            raise ValueError(f"stride must be >= 2 (room for the answer), got {self.stride}")
+        min_stride = 2 if self.fact == "joint" else 4  # room for the answer (and K(k))
+        if self.stride < min_stride:
+            raise ValueError(f"stride must be >= {min_stride} for fact={self.fact!r}, "
+                             f"got {self.stride}")
         if self.pairs > self.keys:
             raise ValueError(f"pairs ({self.pairs}) must be <= keys ({self.keys})")
         slots = (self.seq_len - 1) // self.stride  # aligned positions >= stride, < seq_len - 1

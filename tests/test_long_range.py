@@ -124,10 +124,10 @@ def test_exact_match_and_buckets_on_hand_made_logits():
     targets = torch.tensor([1, 2, 2, 0])
     correct = lr.exact_match(logits, targets)
     assert correct.tolist() == [True, False, True, True]
-    dist = torch.tensor([10, 10, 40, 300])
+    dist = torch.tensor([10, 32, 40, 300])   # 32 opens the second bucket [32, 64)
     buckets = lr.accuracy_by_bucket(correct, dist, [0, 32, 64, 256, 512])
-    assert [c for c, _ in buckets] == [2, 1, 0, 1]
-    assert buckets[0][1] == 0.5 and buckets[1][1] == 1.0 and buckets[3][1] == 1.0
+    assert [c for c, _ in buckets] == [1, 2, 0, 1]
+    assert buckets[0][1] == 1.0 and buckets[1][1] == 0.5 and buckets[3][1] == 1.0
     assert math.isnan(buckets[2][1])
     with pytest.raises(ValueError):
         lr.exact_match(logits, targets[:3])
