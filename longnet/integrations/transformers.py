@@ -1,0 +1,439 @@
+"""Dilated attention inside Hugging Face ``transformers`` models.
+
+Importing this module registers ``"longnet"`` with transformers'
+``AttentionInterface`` (the attention function) and ``AttentionMaskInterface``
+(the mask function that turns padding masks into per-row key ranges)::
+
+    import longnet.integrations.transformers as lt
+    model = AutoModelForCausalLM.from_pretrained(path)
+    lt.enable(model, segment_lengths=[2048, 4096, 8192], dilation_rates=[1, 2, 4])
+
+``enable`` stores the patterns in ``model.config`` (``longnet_segment_lengths``,
+``longnet_dilation_rates``; one list for every layer, or one list per layer), so a
+saved model comes back with ``from_pretrained(path, attn_implementation="longnet")``
+after this module has been imported.
+
+How a call maps onto ``longnet.dilated_attention``:
+
+* query ``(B, H, Nq, D)`` and key/value ``(B, Hk, Nk, D)`` are passed as
+  ``transpose(1, 2)`` views (no copies); grouped-query heads are read natively (no
+  repeat of k/v); ``scale`` is the module's ``scaling``; attention is causal.
+* A padding mask becomes per-row key ranges: row ``b``'s real tokens must be one
+  contiguous run (left padding, right padding or both); ``key_start[b]`` is its
+  first real token and ``key_end`` the key of the last query (trailing padding is
+  never attended by the real tokens before it under the causal rule). Dilated
+  segments count from each row's first real token, so a padded row computes what
+  the same sequence computes alone. Outputs at padding positions are unspecified
+  (as they are for every attention implementation); real positions are exact.
+* Decoding against transformers' cache is the operator's ``Nq < Nk`` path (queries
+  bottom-right aligned to the last token seen so far, also for static caches).
+
+What dilated attention cannot express raises ``ValueError`` instead of silently
+computing something else: masks that are not causal + padding (holes, packed
+sequences, custom mask functions, biases), bidirectional attention, sliding-window or
+chunked layers, attention dropout > 0, soft-capping, attention sinks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+import transformers  # noqa: F401  (a clear ImportError when the extra is missing)
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(
+        "longnet.integrations.transformers needs transformers >= 5 (its AttentionInterface "
+        f"and mask interface), found {transformers.__version__}: "
+        'pip install -e ".[transformers]"'
+    )
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
+
+import longnet
+from longnet.ops import validate_patterns
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "enable",
+    "layer_patterns",
+    "longnet_attention_forward",
+    "longnet_mask",
+    "key_ranges_from_mask",
+]
+
+ATTN_IMPLEMENTATION = "longnet"
+"""The name to pass as ``attn_implementation``."""
+
+SEGMENT_LENGTHS_KEY = "longnet_segment_lengths"
+DILATION_RATES_KEY = "longnet_dilation_rates"
+
+Patterns = Union[List[int], List[List[int]]]
+
+
+# ----------------------------------------------------------------------------------
+# Patterns in the config
+# ----------------------------------------------------------------------------------
+
+def _is_per_layer(values: Any) -> bool:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        return False
+    values = list(values)
+    return len(values) > 0 and all(
+        hasattr(x, "__iter__") and not isinstance(x, (str, bytes)) for x in values
+    )
+
+
+def _normalize_patterns(
+    segment_lengths: Any, dilation_rates: Any, num_layers: Optional[int]
+) -> Tuple[Patterns, Patterns]:
+    """Validate the patterns: one ``(w, r)`` list pair for every layer, or one pair per
+    layer (lists of lists, as many as the model has layers). Returns plain lists (what
+    the config stores as JSON)."""
+    per_layer_w, per_layer_r = _is_per_layer(segment_lengths), _is_per_layer(dilation_rates)
+    if per_layer_w != per_layer_r:
+        raise ValueError(
+            "segment_lengths and dilation_rates must both be one list of ints (every "
+            "layer) or both be one list per layer, got "
+            f"{segment_lengths!r} and {dilation_rates!r}"
+        )
+    if not per_layer_w:
+        ws, rs = validate_patterns(segment_lengths, dilation_rates)
+        return list(ws), list(rs)
+    segment_lengths, dilation_rates = list(segment_lengths), list(dilation_rates)
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            f"per-layer patterns need as many segment_lengths lists ({len(segment_lengths)}) "
+            f"as dilation_rates lists ({len(dilation_rates)})"
+        )
+    if num_layers is not None and len(segment_lengths) != num_layers:
+        raise ValueError(
+            f"per-layer patterns need one list per layer: the model has {num_layers} "
+            f"layers, got {len(segment_lengths)} lists"
+        )
+    out_w, out_r = [], []
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        try:
+            ws, rs = validate_patterns(w, r)
+        except ValueError as exc:
+            raise ValueError(f"layer {i}: {exc}") from None
+        out_w.append(list(ws))
+        out_r.append(list(rs))
+    return out_w, out_r
+
+
+def layer_patterns(config: Any, layer_idx: Optional[int]) -> Tuple[List[int], List[int]]:
+    """The ``(segment_lengths, dilation_rates)`` of layer ``layer_idx`` stored in
+    ``config`` by :func:`enable`."""
+    ws = getattr(config, SEGMENT_LENGTHS_KEY, None)
+    rs = getattr(config, DILATION_RATES_KEY, None)
+    if ws is None or rs is None:
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" needs dilated attention patterns '
+            f"in the model config ({SEGMENT_LENGTHS_KEY}, {DILATION_RATES_KEY}); call "
+            "longnet.integrations.transformers.enable(model, segment_lengths, "
+            "dilation_rates) first"
+        )
+    if _is_per_layer(ws):
+        if layer_idx is None or not 0 <= int(layer_idx) < len(ws):
+            raise ValueError(
+                f"per-layer dilated attention patterns ({len(ws)} layers) need the "
+                f"attention module's layer_idx, got {layer_idx!r}"
+            )
+        return list(ws[layer_idx]), list(rs[layer_idx])
+    return list(ws), list(rs)
+
+
+def _check_config(config: Any) -> None:
+    """Raise for configs whose attention dilated attention cannot replace."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if other:
+            raise ValueError(
+                f'attn_implementation="{ATTN_IMPLEMENTATION}" replaces full causal '
+                f"attention only; this config has layers of type {other} "
+                f"(layer_types={list(layer_types)}). For sliding-window layers, turn the "
+                "window off (e.g. use_sliding_window=False / sliding_window=None) if "
+                "dilated attention should replace them."
+            )
+    if getattr(config, "sliding_window", None) is not None and layer_types is None:
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" cannot express a sliding '
+            f"window (config.sliding_window={config.sliding_window}); set "
+            "config.sliding_window = None if dilated attention should replace it"
+        )
+    if getattr(config, "attention_chunk_size", None) is not None:
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" cannot express chunked attention '
+            f"(config.attention_chunk_size={config.attention_chunk_size})"
+        )
+    if not getattr(config, "is_causal", True) or getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" supports causal decoder-only '
+            "models only"
+        )
+
+
+def enable(model: Any, segment_lengths: Any, dilation_rates: Any) -> Any:
+    """Switch a loaded transformers model to dilated attention.
+
+    Args:
+        model: a ``PreTrainedModel`` whose attention goes through transformers'
+            ``AttentionInterface`` (Llama, Mistral, Qwen2, GPT-NeoX, ...).
+        segment_lengths, dilation_rates: one list of ints for every layer, or one
+            list per layer (lists of lists).
+
+    The patterns are stored in ``model.config`` (saved by ``save_pretrained``) and
+    ``model.config._attn_implementation`` becomes ``"longnet"``. Returns the model.
+    """
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    _check_config(text_config)
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    ws, rs = _normalize_patterns(segment_lengths, dilation_rates, num_layers)
+    for cfg in {id(config): config, id(text_config): text_config}.values():
+        setattr(cfg, SEGMENT_LENGTHS_KEY, ws)
+        setattr(cfg, DILATION_RATES_KEY, rs)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+# ----------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------
+
+def _check_one_run(padding: Tensor) -> None:
+    """``padding`` (B, W) bool, True = real token: each row's real tokens must be one
+    contiguous run."""
+    if padding.shape[1] == 0:
+        return
+    runs = padding[:, 0].to(torch.int64) + (padding[:, 1:] & ~padding[:, :-1]).sum(1)
+    bad = runs > 1
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" accepts padding masks only: '
+            "each row's real tokens must be one contiguous run (left and/or right "
+            f"padding), but row {b} of the attention mask has {int(runs[b])} separate runs "
+            "of real tokens (a hole in the middle). Dilated attention cannot skip "
+            "tokens inside a sequence."
+        )
+
+
+def longnet_mask(
+    batch_size: int,
+    q_length: Optional[int] = None,
+    kv_length: Optional[int] = None,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Any = causal_mask_function,
+    attention_mask: Optional[Tensor] = None,
+    device: Any = "cpu",
+    **kwargs: Any,
+) -> Optional[Tensor]:
+    """transformers mask function for ``"longnet"`` (``AttentionMaskInterface``).
+
+    Instead of a dense 4-D mask it returns the 2-D padding mask ``(B, key_end)``
+    (True = real token) over the keys that hold the sequence up to the last query,
+    after checking that the requested mask is exactly causal + padding, or ``None``
+    when no row is left-padded and the keys end at the last query. Memory stays
+    O(B * N).
+    """
+    if mask_function is not causal_mask_function:
+        name = getattr(mask_function, "__qualname__", repr(mask_function))
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" supports a causal mask plus '
+            f"padding only, but the model asked for another mask ({name}): packed "
+            "sequences (position_ids restarting inside a row), bidirectional, "
+            "sliding-window, chunked or custom (or_/and_mask_function) masks cannot be "
+            "expressed by dilated attention"
+        )
+    if q_length is None:  # early 5.x releases pass the queries' cache positions instead
+        cache_position = kwargs.get("cache_position")
+        if cache_position is None or kv_length is None:
+            raise ValueError("internal: the mask function got neither q_length nor cache_position")
+        q_length = int(cache_position.shape[0])
+        q_offset = int(cache_position[0]) if q_length > 0 else 0
+    if int(kv_offset) != 0:
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" needs a cache that keeps every '
+            f"key (got a key/value offset of {int(kv_offset)})"
+        )
+    key_end = int(q_offset) + int(q_length)
+    if key_end > kv_length:
+        raise ValueError(
+            f"internal: queries end at key {key_end}, past the {kv_length} keys available"
+        )
+    if attention_mask is None:
+        if key_end == kv_length:
+            return None
+        return torch.ones(batch_size, key_end, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"expected a 2-D padding mask (batch, keys), got shape {tuple(attention_mask.shape)}"
+        )
+    padding = attention_mask.to(device=device, dtype=torch.bool)
+    if padding.shape[0] != batch_size:
+        padding = padding.expand(batch_size, -1)
+    width = padding.shape[1]
+    if width < key_end:  # as transformers does: keys past the mask are padding
+        padding = torch.nn.functional.pad(padding, (0, key_end - width), value=False)
+    padding = padding[:, :key_end]
+    _check_one_run(padding)
+    if key_end == kv_length and (key_end == 0 or bool(padding[:, 0].all())):
+        # No left padding: causal attention alone is exact for every real token
+        # (right padding comes after them and is never attended by them).
+        return None
+    return padding.contiguous()
+
+
+def _causal_allowed(nq: int, nk: int, device: Any) -> Tensor:
+    q_pos = torch.arange(nk - nq, nk, device=device)
+    return torch.arange(nk, device=device)[None, :] <= q_pos[:, None]
+
+
+def _padding_from_4d(mask: Tensor, nq: int, nk: int) -> Tensor:
+    """A dense 4-D mask (bool: True = attend; float: additive 0 / -inf or dtype min)
+    that is exactly causal + padding, as its 2-D padding mask; raise otherwise."""
+    if mask.dim() != 4 or mask.shape[-2:] != (nq, nk):
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" expected a (B, 1, {nq}, {nk}) '
+            f"mask, got shape {tuple(mask.shape)}"
+        )
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.is_floating_point():
+        blocked = (mask == -math.inf) | (mask == torch.finfo(mask.dtype).min)
+        if not bool(((mask == 0) | blocked).all()):
+            raise ValueError(
+                f'attn_implementation="{ATTN_IMPLEMENTATION}" cannot add an attention bias: '
+                "the float mask holds values other than 0 and -inf"
+            )
+        allowed = ~blocked
+    else:
+        raise ValueError(f"attention mask must be bool or float, got {mask.dtype}")
+    if not bool((allowed == allowed[:, :1]).all()):
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" cannot use a different mask per head'
+        )
+    allowed = allowed[:, 0]
+    padding = allowed[:, -1, :]  # the last query sees every real key
+    expected = padding[:, None, :] & _causal_allowed(nq, nk, mask.device)[None]
+    if not bool((allowed == expected).all()):
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" accepts causal + padding masks '
+            "only; this 4-D attention mask is something else (a custom mask cannot be "
+            "expressed by dilated attention)"
+        )
+    _check_one_run(padding)
+    return padding
+
+
+def key_ranges_from_mask(
+    attention_mask: Optional[Tensor], batch_size: int, nq: int, nk: int, device: Any
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(key_start, key_end)`` for ``longnet.dilated_attention`` from the mask the
+    model passes to its attention function (``None``, the 2-D padding mask made by
+    :func:`longnet_mask`, or a dense causal + padding 4-D mask)."""
+    if attention_mask is None:
+        return None, None
+    if attention_mask.dim() == 4:
+        padding = _padding_from_4d(attention_mask, nq, nk)
+    elif attention_mask.dim() == 2 and attention_mask.dtype == torch.bool:
+        padding = attention_mask
+    else:
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" got an attention mask of shape '
+            f"{tuple(attention_mask.shape)} and dtype {attention_mask.dtype}; expected the "
+            "2-D padding mask made by its mask function or a 4-D causal + padding mask"
+        )
+    if padding.shape[0] != batch_size:
+        padding = padding.expand(batch_size, -1)
+    width = padding.shape[1]
+    if width > nk or width < nq:
+        raise ValueError(
+            f"padding mask covers {width} keys; expected between {nq} (queries) and {nk} (keys)"
+        )
+    padding = padding.to(device)
+    has_real = padding.any(dim=1)
+    first = padding.to(torch.uint8).argmax(dim=1)
+    key_start = torch.where(has_real, first, torch.full_like(first, width))
+    key_end = torch.full_like(key_start, width)
+    return key_start, key_end
+
+
+# ----------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------
+
+_UNSUPPORTED_KWARGS = {
+    "sliding_window": "a sliding window",
+    "softcap": "logit soft-capping",
+    "position_bias": "a position bias",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "cu_seq_lens_q": "packed sequences",
+    "cu_seq_lens_k": "packed sequences",
+}
+
+
+def longnet_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs: Any,
+) -> Tuple[Tensor, None]:
+    """transformers attention function for ``"longnet"`` (``AttentionInterface``).
+
+    ``query`` is ``(B, H, Nq, D)``, ``key``/``value`` ``(B, Hk, Nk, D)``; returns
+    ``(out, None)`` with ``out`` of shape ``(B, Nq, H, D)``.
+    """
+    if dropout:
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" does not implement attention '
+            f"dropout (got dropout={dropout} in training); set the config's "
+            "attention_dropout to 0"
+        )
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f'attn_implementation="{ATTN_IMPLEMENTATION}" cannot express {what} '
+                f"({name}={kwargs[name]!r})"
+            )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal:
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" supports causal (decoder) '
+            "attention only"
+        )
+    config = getattr(module, "config", None)
+    ws, rs = layer_patterns(config, getattr(module, "layer_idx", None))
+
+    b, _, nq, _ = query.shape
+    nk = key.shape[2]
+    key_start, key_end = key_ranges_from_mask(attention_mask, b, nq, nk, query.device)
+    out = longnet.dilated_attention(
+        query.transpose(1, 2),  # (B, Nq, H, D) views: no copies
+        key.transpose(1, 2),  # (B, Nk, Hk, D): grouped-query heads read natively
+        value.transpose(1, 2),
+        ws,
+        rs,
+        is_causal=True,
+        scale=scaling,
+        key_start=key_start,
+        key_end=key_end,
+    )
+    return out, None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, longnet_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, longnet_mask)
