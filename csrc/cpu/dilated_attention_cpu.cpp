@@ -20,7 +20,7 @@
 #include "checks.h"
 #include "op_common.h"
 #include "cpu/blas.h"
-#include "cpu/fused.h"
+#include "fused.h"
 #include "cpu/vec_math.h"
 #include "pattern.h"
 
@@ -519,15 +519,14 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
 }  // namespace
 
 // ------------------------------------------------------------- operators ----
+// The fused engine's entry points (fused.h): engine/dispatch.cpp has checked the
+// arguments; the key ranges are checked again where they are read.
 
 std::tuple<at::Tensor, at::Tensor> fused_forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
     double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
     const std::optional<at::Tensor>& key_end) {
-  check_qkv(q_in, k_in, v_in, scale);
-  check_patterns(segment_lengths, dilation_rates);
-  check_position_offset(position_offset);
   TORCH_CHECK(q_in.device().is_cpu(), "longnet: expected CPU tensors, got ", q_in.device());
   const KeyRanges ranges(key_start, key_end, q_in, k_in.size(1));
   at::Tensor out, lse;
@@ -552,11 +551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const at::Tensor& lse_in, at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
     bool is_causal, double scale, int64_t position_offset,
     const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
-  check_qkv(q_in, k_in, v_in, scale);
-  check_patterns(segment_lengths, dilation_rates);
-  check_position_offset(position_offset);
   TORCH_CHECK(q_in.device().is_cpu(), "longnet: expected CPU tensors, got ", q_in.device());
-  check_backward_args(grad_out, grad_lse, q_in, out_in, lse_in);
   const KeyRanges ranges(key_start, key_end, q_in, k_in.size(1));
   at::Tensor dq, dk, dv;
   std::tie(dq, dk, dv) = allocate_backward_outputs(q_in, k_in, v_in);

@@ -18,6 +18,7 @@
 #include "cuda/common.cuh"
 #include "cuda/generic_kernels.cuh"
 #include "cuda/tensor_core.cuh"
+#include "fused.h"
 #include "op_common.h"
 #include "pattern.h"
 
@@ -217,16 +218,17 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
   write_gradient<T, A>(dv_acc, dv, stream);
 }
 
-// ------------------------------------------------------------- operators ----
+}  // namespace
 
-std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cuda(
+// ------------------------------------------------------------- operators ----
+// The fused engine on CUDA (fused.h): engine/dispatch.cpp registers the operators,
+// checks their arguments and calls these when the fused engine is chosen.
+
+std::tuple<at::Tensor, at::Tensor> fused_forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
     double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
     const std::optional<at::Tensor>& key_end) {
-  check_qkv(q_in, k_in, v_in, scale);
-  check_patterns(segment_lengths, dilation_rates);
-  check_position_offset(position_offset);
   TORCH_CHECK(q_in.is_cuda(), "longnet: expected CUDA tensors, got ", q_in.device());
   check_launch_dims(q_in, k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -249,17 +251,13 @@ std::tuple<at::Tensor, at::Tensor> dilated_attention_fwd_cuda(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
     const at::Tensor& lse_in, at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
     bool is_causal, double scale, int64_t position_offset,
     const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
-  check_qkv(q_in, k_in, v_in, scale);
-  check_patterns(segment_lengths, dilation_rates);
-  check_position_offset(position_offset);
   TORCH_CHECK(q_in.is_cuda(), "longnet: expected CUDA tensors, got ", q_in.device());
-  check_backward_args(grad_out, grad_lse, q_in, out_in, lse_in);
   check_launch_dims(q_in, k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const KeyRanges ranges(key_start, key_end, q_in, k_in.size(1));
@@ -279,30 +277,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_attention_bwd_cuda(
                                         scale, Rows{position_offset, ranges}, dq, dk, dv);
                                   });
   return {dq, dk, dv};
-}
-
-}  // namespace
-
-// The `fused` engine on CUDA (cuda/fused.h); csrc/engine/dispatch.cpp registers the
-// operators and calls these when the fused engine is chosen.
-std::tuple<at::Tensor, at::Tensor> fused_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
-    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
-    const std::optional<at::Tensor>& key_end) {
-  return dilated_attention_fwd_cuda(q, k, v, segment_lengths, dilation_rates, is_causal, scale,
-                                    position_offset, key_start, key_end);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
-    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
-    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
-    const std::optional<at::Tensor>& key_end) {
-  return dilated_attention_bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
-                                    dilation_rates, is_causal, scale, position_offset, key_start,
-                                    key_end);
 }
 
 }  // namespace longnet::cuda

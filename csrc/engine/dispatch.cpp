@@ -5,13 +5,9 @@
 #include <torch/library.h>
 
 #include "checks.h"
-#include "cpu/fused.h"
 #include "engine/engine.h"
+#include "fused.h"
 #include "op_common.h"
-
-#ifdef LONGNET_WITH_CUDA
-#include "cuda/fused.h"
-#endif
 
 namespace longnet::engine {
 namespace {

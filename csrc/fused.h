@@ -1,5 +1,7 @@
-// The project's own CUDA kernels (the `fused` engine on CUDA, opt-in), called by
-// csrc/engine/dispatch.cpp. Arguments as the operator schemas in csrc/longnet.cpp.
+// The project's own kernels, the `fused` engine: CPU (csrc/cpu) and, in a CUDA build,
+// CUDA (csrc/cuda). csrc/engine/dispatch.cpp registers the operators, checks their
+// arguments and calls these when the fused engine is chosen; arguments as the
+// operator schemas in csrc/longnet.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,19 +9,29 @@
 #include <optional>
 #include <tuple>
 
-namespace longnet::cuda {
+namespace longnet {
 
-std::tuple<at::Tensor, at::Tensor> fused_forward(
+using FusedForward = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
     double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
     const std::optional<at::Tensor>& key_end);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
+using FusedBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
     double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
     const std::optional<at::Tensor>& key_end);
 
-}  // namespace longnet::cuda
+namespace cpu {
+FusedForward fused_forward;
+FusedBackward fused_backward;
+}  // namespace cpu
+
+namespace cuda {  // defined in the CUDA build only
+FusedForward fused_forward;
+FusedBackward fused_backward;
+}  // namespace cuda
+
+}  // namespace longnet
