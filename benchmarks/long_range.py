@@ -69,6 +69,7 @@ try:
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from longnet.cli import int_list  # noqa: E402
 from longnet.model import LongNetConfig, LongNetLM  # noqa: E402
 
 VARIANTS = ("dilated", "local", "dense")
@@ -517,17 +518,10 @@ def save_plot(results: List[Dict[str, Any]], edges_by_len: Dict[int, List[int]],
 # --------------------------------------------------------------------------- main
 
 
-def _int_list(text: str) -> List[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=_int_list, default=[2048, 8192],
+    p.add_argument("--seq-lens", type=int_list, default=[2048, 8192],
                    help="sequence lengths to test (default: 2048,8192)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {VARIANTS}")
@@ -543,10 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--values", type=int, default=8,
                    help="distinct values per key; chance is 1/values (default: 8)")
     p.add_argument("--fillers", type=int, default=1, help="distinct filler tokens (default: 1)")
-    p.add_argument("--steps", type=_int_list, default=None,
+    p.add_argument("--steps", type=int_list, default=None,
                    help="training steps, one number or one per sequence length "
                         "(default: 300 at every length)")
-    p.add_argument("--batch-size", type=_int_list, default=None,
+    p.add_argument("--batch-size", type=int_list, default=None,
                    help="sequences per step, one or one per length (default: 16384 tokens "
                         "per step, i.e. 8 x 2K, 2 x 8K)")
     p.add_argument("--probe-steps", type=int, default=2,

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_lm  # noqa: E402
 
+from longnet.cli import int_list  # noqa: E402
 from longnet.data import eval_batches  # noqa: E402
 from longnet.model import LongNetLM  # noqa: E402
 
@@ -41,11 +42,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {VARIANTS}")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--segment-lengths", type=train_lm._int_list, default=[64, 128, 256, 512])
-    p.add_argument("--dilation-rates", type=train_lm._int_list, default=[1, 2, 4, 8])
+    p.add_argument("--segment-lengths", type=int_list, default=[64, 128, 256, 512])
+    p.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4, 8])
     p.add_argument("--window", type=int, default=None,
                    help="sliding block size (default: first segment length)")
-    p.add_argument("--eval-lengths", type=train_lm._int_list, default=None,
+    p.add_argument("--eval-lengths", type=int_list, default=None,
                    help="context lengths to evaluate (default: seq_len/4, /2, 1)")
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--steps", type=int, default=400)

@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 # Idle OpenMP threads sleep instead of spinning (shared CPUs). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -45,6 +45,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from longnet.cli import int_list  # noqa: E402
 from longnet.data import (encode_files, eval_batches, random_batch,  # noqa: E402
                           split_by_file, stdlib_source_files)
 from longnet.tokenizer import ByteTokenizer  # noqa: E402
@@ -57,10 +58,6 @@ except ImportError:  # pragma: no cover
 import longnet.integrations.transformers as longnet_hf  # noqa: E402
 
 
-def _int_list(text: str) -> List[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -68,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local transformers checkpoint (default: a tiny random-init Llama)")
     p.add_argument("--out-dir", default="runs/finetune_transformers")
     p.add_argument("--seq-len", type=int, default=1024, help="fine-tuning length")
-    p.add_argument("--segment-lengths", type=_int_list, default=[128, 256, 512, 1024])
-    p.add_argument("--dilation-rates", type=_int_list, default=[1, 2, 4, 8])
+    p.add_argument("--segment-lengths", type=int_list, default=[128, 256, 512, 1024])
+    p.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)

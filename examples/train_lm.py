@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 # Idle OpenMP threads sleep instead of spinning: on a busy or shared CPU spinning
 # threads slow every parallel region down several times. Set before torch loads.
@@ -47,18 +47,12 @@ except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import longnet  # noqa: E402
+from longnet.cli import int_list  # noqa: E402
 from longnet.data import (encode_files, eval_batches, list_text_files,  # noqa: E402
                           random_batch, split_by_file, stdlib_source_files)
 from longnet.model import LongNetConfig, LongNetLM  # noqa: E402
 
 TRAINER_STATE = "trainer_state.pt"
-
-
-def _int_list(text: str) -> List[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--seq-len", type=int, default=512)
     g.add_argument("--attention", choices=("dilated", "dense", "sliding"), default="dilated")
-    g.add_argument("--segment-lengths", type=_int_list, default=[64, 128, 256, 512])
-    g.add_argument("--dilation-rates", type=_int_list, default=[1, 2, 4, 8])
+    g.add_argument("--segment-lengths", type=int_list, default=[64, 128, 256, 512])
+    g.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4, 8])
     g.add_argument("--window", type=int, default=None,
                    help="block size of --attention sliding (default: first segment length)")
     g.add_argument("--layers", type=int, default=4)
