@@ -267,6 +267,35 @@ struct PatternBackward {
   A* dq_p;  // accumulators, contiguous (B, N, H or Hk, D)
   A* dk_p;
   A* dv_p;
+  // Rows of dq (B, Nq, H) and of dk/dv (B, Nk, Hk) that hold a contribution: the first
+  // one is stored, later ones added, so nothing is zero-filled beforehand.
+  uint8_t* dq_seen;
+  uint8_t* kv_seen;
+  bool skip_first_row;  // LONGNET_DEBUG_SKIP_ROW: row 0 is only ever added to
+
+  // Whether row `flag` of `seen` already holds a contribution (then add to it); marks
+  // it as holding one. The debug-skipped row 0 always counts as started.
+  bool started(int64_t flag, uint8_t* seen) const {
+    if (seen[flag] || (skip_first_row && flag == 0)) return true;
+    seen[flag] = 1;
+    return false;
+  }
+  // dst = src on a row's first contribution, dst += src after.
+  void add_row(A* dst, const A* src, bool add) const {
+    if (add) {
+      for (int64_t j = 0; j < pb.dim; ++j) dst[j] += src[j];
+    } else {
+      std::copy(src, src + pb.dim, dst);
+    }
+  }
+  // Zeroes the rows of dq a product is about to add into, where nothing is stored yet.
+  void start_dq_rows(int64_t b, int64_t h, int64_t qi0, int64_t qn, A* first) const {
+    for (int64_t i = 0; i < qn; ++i) {
+      if (!started((b * pb.nq + qi0 + i * r) * pb.heads + h, dq_seen)) {
+        fill_row<A>(first + i * r * pb.heads * pb.dim, A(0), pb.dim);
+      }
+    }
+  }
 
   // Per-thread scratch: S/P and dP/dS tiles, dk/dv (or dq) tiles, converted rows.
   static int64_t scratch_size(int64_t D) {
@@ -347,6 +376,7 @@ struct PatternBackward {
       gemm_tn<A>(kn, D, qn, scale, sc.dP, kn, Q, ldq, A(1), dk_loc, D);
       if (with_dq) {
         A* dq_rows = dq_p + ((b * pb.nq + qi0) * pb.heads + h) * D;
+        start_dq_rows(b, h, qi0, qn, dq_rows);
         gemm_nn<A>(qn, D, kn, scale, sc.dP, kn, K, ldk, A(1), dq_rows, r * pb.heads * D);
       }
     }
@@ -355,14 +385,9 @@ struct PatternBackward {
     A* dk_rows = dk_p + ((b * pb.nk + key0) * pb.kv_heads + g) * D;
     A* dv_rows = dv_p + ((b * pb.nk + key0) * pb.kv_heads + g) * D;
     for (int64_t i = 0; i < kn; ++i) {
-      A* dk_dst = dk_rows + i * r * kv_row;
-      A* dv_dst = dv_rows + i * r * kv_row;
-      const A* dk_src = dk_loc + i * D;
-      const A* dv_src = dv_loc + i * D;
-      for (int64_t j = 0; j < D; ++j) {
-        dk_dst[j] += dk_src[j];
-        dv_dst[j] += dv_src[j];
-      }
+      const bool add = started((b * pb.nk + key0 + i * r) * pb.kv_heads + g, kv_seen);
+      add_row(dk_rows + i * r * kv_row, dk_loc + i * D, add);
+      add_row(dv_rows + i * r * kv_row, dv_loc + i * D, add);
     }
   }
 
@@ -394,24 +419,32 @@ struct PatternBackward {
     }
     A* dq_rows = dq_p + ((b * pb.nq + qi0) * pb.heads + h) * D;
     for (int64_t i = 0; i < qn; ++i) {
-      A* dst = dq_rows + i * r * pb.heads * D;
-      const A* src = dq_loc + i * D;
-      for (int64_t j = 0; j < D; ++j) dst[j] += src[j];
+      const bool add = started((b * pb.nq + qi0 + i * r) * pb.heads + h, dq_seen);
+      add_row(dq_rows + i * r * pb.heads * D, dq_loc + i * D, add);
     }
   }
 };
 
-// Writes every element of `dst` (contiguous (B, N, H, D)) once from `acc`, row by
-// row; the debug switch skips row (0, 0, 0).
+// Finishes `dst` (contiguous (B, N, H, D)) row by row: rows no pattern reached are
+// written as 0; reached rows are converted from `acc` (when `acc` is not `dst`
+// itself). The debug switch skips row (0, 0, 0).
 template <typename T, typename A>
-void write_gradients(const at::Tensor& acc, at::Tensor& dst) {
+void finish_gradients(const at::Tensor& acc, at::Tensor& dst, const uint8_t* seen) {
   const int64_t D = dst.size(3);
   const int64_t rows = dst.numel() / std::max<int64_t>(D, 1);
   const int64_t first = debug_skip_first_row() ? 1 : 0;
   const A* src_p = acc.data_ptr<A>();
   T* dst_p = dst.data_ptr<T>();
   at::parallel_for(first, rows, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * D; i < end * D; ++i) dst_p[i] = static_cast<T>(src_p[i]);
+    for (int64_t row = begin; row < end; ++row) {
+      T* out = dst_p + row * D;
+      if (!seen[row]) {
+        std::fill(out, out + D, T(0));
+      } else if constexpr (!std::is_same_v<T, A>) {
+        const A* in = src_p + row * D;
+        for (int64_t j = 0; j < D; ++j) out[j] = static_cast<T>(in[j]);
+      }
+    }
   });
 }
 
@@ -445,11 +478,16 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
     }
   });
 
-  // Patterns add into zeroed accumulators; write_gradients is the only writer of
-  // the outputs.
-  at::Tensor dq_acc = at::zeros(dq.sizes(), acc_opts);
-  at::Tensor dk_acc = at::zeros(dk.sizes(), acc_opts);
-  at::Tensor dv_acc = at::zeros(dv.sizes(), acc_opts);
+  // Patterns accumulate in dq, dk, dv themselves (float32/float64) or in float32
+  // accumulators (bfloat16/float16); a row's first contribution is stored, so nothing
+  // is zero-filled and finish_gradients writes the rows no pattern reached.
+  constexpr bool kConvert = Pattern::kConvert;
+  at::Tensor dq_acc = kConvert ? at::empty(dq.sizes(), acc_opts) : dq;
+  at::Tensor dk_acc = kConvert ? at::empty(dk.sizes(), acc_opts) : dk;
+  at::Tensor dv_acc = kConvert ? at::empty(dv.sizes(), acc_opts) : dv;
+  const auto flag_opts = q.options().dtype(at::kByte);
+  at::Tensor dq_seen = at::zeros({pb.batch * pb.nq * pb.heads}, flag_opts);
+  at::Tensor kv_seen = at::zeros({pb.batch * pb.nk * pb.kv_heads}, flag_opts);
 
   const int64_t nthreads = at::get_num_threads();
   const int64_t per_thread = Pattern::scratch_size(D);
@@ -460,7 +498,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
     const Pattern pat{pb, segment_lengths[pi], dilation_rates[pi], is_causal,
                       static_cast<A>(scale_d), RowView<const T>(q), RowView<const T>(k),
                       RowView<const T>(v), dov, lse.data_ptr<A>(), delta_p,
-                      dq_acc.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>()};
+                      dq_acc.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>(),
+                      dq_seen.data_ptr<uint8_t>(), kv_seen.data_ptr<uint8_t>(),
+                      debug_skip_first_row()};
     const int64_t nseg = pb.segments(pat.w);
     const int64_t max_count = (std::min(pat.w, pb.nk) + pat.r - 1) / pat.r;
     const int64_t segment_tasks = pb.batch * pb.kv_heads * nseg;
@@ -511,9 +551,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
     }
   }
 
-  write_gradients<T, A>(dq_acc, dq);
-  write_gradients<T, A>(dk_acc, dk);
-  write_gradients<T, A>(dv_acc, dv);
+  finish_gradients<T, A>(dq_acc, dq, dq_seen.data_ptr<uint8_t>());
+  finish_gradients<T, A>(dk_acc, dk, kv_seen.data_ptr<uint8_t>());
+  finish_gradients<T, A>(dv_acc, dv, kv_seen.data_ptr<uint8_t>());
 }
 
 }  // namespace
