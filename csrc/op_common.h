@@ -25,9 +25,10 @@ inline void maybe_poison(std::initializer_list<at::Tensor> outputs) {
   for (const at::Tensor& t : outputs) t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
-// LONGNET_DEBUG_SKIP_ROW=1 makes the kernels skip every write of row (b=0, q=0,
-// head=0) of their outputs, so tests can show that the poison above catches an
-// unwritten element (read once).
+// LONGNET_DEBUG_SKIP_ROW=1 makes the kernels never initialise row (b=0, q=0, head=0)
+// of their outputs (no store, zeroing or final write; in-place accumulation only adds
+// to it), so tests can show that the poison above catches an element the kernels
+// never set (read once).
 inline bool debug_skip_first_row() {
   static const bool skip = [] {
     const char* env = std::getenv("LONGNET_DEBUG_SKIP_ROW");
