@@ -90,19 +90,22 @@ struct BackwardRows {
         grad_lse(grad_lse_in.to(accumulate_dtype(q)).contiguous()) {}
 };
 
-// Per-row key ranges as contiguous int64 tensors on the device of q (undefined
-// when absent), checked: shape (B,), integer dtype, device of q, and
+// Per-row key ranges as contiguous int64 tensors on the device of q and on the host
+// (undefined when absent), checked: shape (B,), integer dtype, device of q, and
 // 0 <= key_start <= key_end <= Nk (read on the host: a synchronisation on CUDA).
 struct KeyRanges {
-  at::Tensor start, end;
+  at::Tensor start, end;            // on the device of q
+  at::Tensor start_host, end_host;  // the same values on the host
   KeyRanges(const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end,
             const at::Tensor& q, int64_t nk) {
     start = prepare(key_start, "key_start", q);
     end = prepare(key_end, "key_end", q);
     if (!start.defined() && !end.defined()) return;
     const int64_t batch = q.size(0);
-    const at::Tensor s_host = start.defined() ? start.cpu() : at::zeros({batch}, at::kLong);
-    const at::Tensor e_host = end.defined() ? end.cpu() : at::full({batch}, nk, at::kLong);
+    if (start.defined()) start_host = start.cpu();
+    if (end.defined()) end_host = end.cpu();
+    const at::Tensor s_host = start.defined() ? start_host : at::zeros({batch}, at::kLong);
+    const at::Tensor e_host = end.defined() ? end_host : at::full({batch}, nk, at::kLong);
     const int64_t* s = s_host.data_ptr<int64_t>();
     const int64_t* e = e_host.data_ptr<int64_t>();
     for (int64_t b = 0; b < batch; ++b) {
@@ -113,6 +116,12 @@ struct KeyRanges {
   }
   const int64_t* start_ptr() const { return start.defined() ? start.data_ptr<int64_t>() : nullptr; }
   const int64_t* end_ptr() const { return end.defined() ? end.data_ptr<int64_t>() : nullptr; }
+  const int64_t* host_start_ptr() const {
+    return start_host.defined() ? start_host.data_ptr<int64_t>() : nullptr;
+  }
+  const int64_t* host_end_ptr() const {
+    return end_host.defined() ? end_host.data_ptr<int64_t>() : nullptr;
+  }
 
  private:
   static at::Tensor prepare(const std::optional<at::Tensor>& t, const char* name,

@@ -12,14 +12,18 @@
 namespace longnet::engine {
 namespace {
 
-// Host copies of checked key ranges, for the planner.
-struct HostRanges {
-  at::Tensor start, end;
-  HostRanges(const KeyRanges& ranges)
-      : start(ranges.start.defined() ? ranges.start.cpu() : at::Tensor()),
-        end(ranges.end.defined() ? ranges.end.cpu() : at::Tensor()) {}
-  const int64_t* start_ptr() const { return start.defined() ? start.data_ptr<int64_t>() : nullptr; }
-  const int64_t* end_ptr() const { return end.defined() ? end.data_ptr<int64_t>() : nullptr; }
+// A call as the composition plans it: the checked key ranges (kept alive here) read
+// from their host copies.
+struct ComposedCall {
+  KeyRanges ranges;
+  Call call;
+  ComposedCall(const at::Tensor& q, const at::Tensor& k, at::IntArrayRef segment_lengths,
+               at::IntArrayRef dilation_rates, bool is_causal, double scale,
+               int64_t position_offset, const std::optional<at::Tensor>& key_start,
+               const std::optional<at::Tensor>& key_end)
+      : ranges(key_start, key_end, q, k.size(1)),
+        call{segment_lengths, dilation_rates, is_causal, scale, position_offset,
+             ranges.host_start_ptr(), ranges.host_end_ptr()} {}
 };
 
 std::tuple<at::Tensor, at::Tensor> forward(
@@ -44,11 +48,9 @@ std::tuple<at::Tensor, at::Tensor> forward(
                                   position_offset, key_start, key_end);
     }
   } else {
-    const KeyRanges ranges(key_start, key_end, q, k.size(1));
-    const HostRanges host(ranges);
-    const Call call{segment_lengths, dilation_rates, is_causal, scale,
-                    position_offset, host.start_ptr(), host.end_ptr()};
-    result = composed_forward(*find_engine(name), q, k, v, call);
+    const ComposedCall composed(q, k, segment_lengths, dilation_rates, is_causal, scale,
+                                position_offset, key_start, key_end);
+    result = composed_forward(*find_engine(name), q, k, v, composed.call);
   }
   record_engine(name);
   return result;
@@ -80,11 +82,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                    key_end);
     }
   } else {
-    const KeyRanges ranges(key_start, key_end, q, k.size(1));
-    const HostRanges host(ranges);
-    const Call call{segment_lengths, dilation_rates, is_causal, scale,
-                    position_offset, host.start_ptr(), host.end_ptr()};
-    result = composed_backward(*find_engine(name), grad_out, grad_lse, q, k, v, out, lse, call);
+    const ComposedCall composed(q, k, segment_lengths, dilation_rates, is_causal, scale,
+                                position_offset, key_start, key_end);
+    result = composed_backward(*find_engine(name), grad_out, grad_lse, q, k, v, out, lse,
+                               composed.call);
   }
   record_engine(name);
   return result;
