@@ -10,13 +10,20 @@ import torch
 
 import longnet
 from longnet.reference import dilated_attention_reference, pattern_counts
-from tests.test_op import loss_on_both, make_inputs
+from tests.test_op import loss_on_both, low_precision_tolerances, make_inputs
+
+ENGINES = ["fused", "cpu_flash", "math"]  # every engine that runs on CPU tensors
 
 
-def run(q, k, v, ws, rs, causal, **kw):
-    """(out, lse, grads of loss_on_both) of the operator."""
-    out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, return_lse=True, **kw)
-    grads = torch.autograd.grad(loss_on_both(out, lse), (q, k, v))
+def run(q, k, v, ws, rs, causal, engine="fused", **kw):
+    """(out, lse, grads of loss_on_both) of the operator, forward and backward on
+    ``engine`` (checked after each)."""
+    with longnet.use_engine(engine):
+        out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal,
+                                             return_lse=True, **kw)
+        assert longnet.last_engine() == engine
+        grads = torch.autograd.grad(loss_on_both(out, lse), (q, k, v))
+        assert longnet.last_engine() == engine
     return out, lse, grads
 
 
@@ -78,9 +85,11 @@ def _random_config(rng):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_offsets_and_ranges_match_reference(seed):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_random_offsets_and_ranges_match_reference(engine, seed):
     # Random shapes, patterns, offsets and key ranges (empty, full, partial rows),
-    # causal and not: out, lse and all three gradients of a loss on both.
+    # causal and not: out, lse and all three gradients of a loss on both, on every
+    # engine (the composition plans its dense problems from the same ranges).
     rng = random.Random(seed)
     for trial in range(12):
         b, nq, nk, h, hk, d, ws, rs = _random_config(rng)
@@ -91,8 +100,33 @@ def test_random_offsets_and_ranges_match_reference(seed):
         kw = dict(position_offset=offset, key_start=torch.tensor(starts),
                   key_end=torch.tensor(ends))
         q, k, v = make_inputs(b, nq, nk, h, hk, d, seed=seed * 100 + trial)
-        assert_close_all(run(q, k, v, ws, rs, causal, **kw),
+        assert_close_all(run(q, k, v, ws, rs, causal, engine, **kw),
                          run_reference(q, k, v, ws, rs, causal, **kw))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_key_ranges_and_offset_on_long_blocks(engine, causal):
+    # The random matrix's Nk <= 70 never spans the fused kernels' 128-query and
+    # 256-key blocks: rows [37, 640) and [0, 500) at position_offset 517 (partial first
+    # segments, a range that starts and one that ends inside a block), GQA, Nq < Nk.
+    q, k, v = make_inputs(2, 300, 640, 4, 2, 16, seed=7)
+    kw = dict(position_offset=517, key_start=torch.tensor([37, 0]),
+              key_end=torch.tensor([640, 500]))
+    assert_close_all(run(q, k, v, [300, 600], [1, 2], causal, engine, **kw),
+                     run_reference(q, k, v, [300, 600], [1, 2], causal, **kw))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_key_start_alone(engine, causal):
+    # key_start without key_end: every row ends at Nk; row 2's first query rows
+    # (keys 20..21) fall before its key_start and reach no key.
+    q, k, v = make_inputs(3, 20, 40, 4, 2, 8, seed=8)
+    kw = dict(key_start=torch.tensor([0, 9, 22]), position_offset=2)
+    got = run(q, k, v, [6, 12, 24], [1, 2, 3], causal, engine, **kw)
+    assert torch.isneginf(got[1][2, :, :2]).all() and torch.isfinite(got[1][:2]).all()
+    assert_close_all(got, run_reference(q, k, v, [6, 12, 24], [1, 2, 3], causal, **kw))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -216,26 +250,52 @@ def test_int32_key_ranges_and_one_sided_ranges():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_padded_batch(dtype):
-    # bf16/fp16 with key ranges against the float64 reference on the same rounded
-    # inputs. Tolerances: out is float32-accurate, then rounded once to the output
-    # format, whose unit roundoff is 2^-9 (bf16) and 2^-12 (fp16) relative: its
-    # relative norm error stays below 2^-8 = 3.9e-3 -> 4e-3 (bf16) and 2^-10 = 9.8e-4
-    # -> 1e-3 (fp16), four units of roundoff (measured 1.5e-3 and 1.8e-4). lse never
-    # leaves float32: |lse| < 5 and D = 32 products plus at most 64 exp terms give
-    # < 100 roundings of 2^-24 relative each, under 1e-5 absolute (measured 1e-6).
-    q, k, v = [t.detach().to(dtype) for t in make_inputs(2, 40, 64, 4, 2, 32)]
-    kw = dict(key_start=torch.tensor([0, 10]), key_end=torch.tensor([50, 64]),
+@pytest.mark.parametrize("engine", ENGINES)
+def test_low_precision_padded_batch(engine, dtype):
+    # bf16/fp16 with key ranges and an offset against the float64 reference on the
+    # same rounded inputs, forward and backward, with tests/test_op.py's format-derived
+    # relative-norm bounds (fused: out u, dq and dk 2 u; composed: one more u; lse
+    # 1e-5, float32 only; u = 2^-8 bf16, 2^-11 fp16). Rows 0 and 2 share key_start
+    # but not key_end; row 1's first 6 query rows fall before its key_start.
+    # Measured (2026-12-02), bf16: fused out 1.4e-3, dq 2.2e-3; cpu_flash out 1.8e-3,
+    # dq 3.5e-3; lse <= 8e-8 everywhere.
+    b, nq, nk, h, hk, d = 3, 40, 64, 4, 2, 32
+    ws, rs = [8, 16, 32], [1, 2, 4]
+    q, k, v = [t.detach().to(dtype).requires_grad_()
+               for t in make_inputs(b, nq, nk, h, hk, d)]
+    qr, kr, vr = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    kw = dict(key_start=torch.tensor([0, 30, 0]), key_end=torch.tensor([50, 64, 64]),
               position_offset=3)
-    out, lse = longnet.dilated_attention(q, k, v, [8, 16, 32], [1, 2, 4], is_causal=True,
-                                         return_lse=True, **kw)
-    ref_out, ref_lse = dilated_attention_reference(*(t.double() for t in (q, k, v)), [8, 16, 32],
-                                                   [1, 2, 4], is_causal=True, **kw)
-    tol = 4e-3 if dtype == torch.bfloat16 else 1e-3
-    assert ((out.double() - ref_out).norm() / ref_out.norm()).item() < tol
+    # Loss weights exact in the output format (out) and in float32 (lse), so both
+    # backwards receive the same incoming gradients.
+    gen = torch.Generator().manual_seed(2)
+    w_out = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(dtype).double()
+    w_lse = torch.randn((b, h, nq), generator=gen, dtype=torch.float64).float().double()
+
+    def loss(out, lse):
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        return (out.double() * w_out).sum() + (lse.double() * w_lse).sum()
+
+    with longnet.use_engine(engine):
+        out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True,
+                                             return_lse=True, **kw)
+        assert longnet.last_engine() == engine
+        grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+        assert longnet.last_engine() == engine
+    ref_out, ref_lse = dilated_attention_reference(qr, kr, vr, ws, rs, is_causal=True, **kw)
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), (qr, kr, vr))
     finite = torch.isfinite(ref_lse)
+    assert not finite[1, :, :6].any() and finite[1, :, 6:].all()
     assert torch.equal(finite, torch.isfinite(lse))
-    assert ((lse.double() - ref_lse)[finite].abs().max()).item() < 1e-5
+    assert torch.equal(out[1, :6], torch.zeros_like(out[1, :6]))
+    tol = low_precision_tolerances(dtype, composed=engine != "fused")
+    errors = {"lse": ((lse.double() - ref_lse)[finite].abs().max()
+                      / ref_lse[finite].abs().max()).item()}
+    for name, got, want in [("out", out, ref_out)] + list(zip(("dq", "dk", "dv"), grads,
+                                                               ref_grads)):
+        assert got.dtype == dtype
+        errors[name] = ((got.double() - want).norm() / want.norm()).item()
+    assert all(errors[name] < tol[name] for name in errors), (errors, tol)
 
 
 # ------------------------------------------------- autograd, compile, opcheck ----
