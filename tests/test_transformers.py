@@ -5,11 +5,19 @@ downloaded.
 """
 
 import copy
+import os
 
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", minversion="5.0")
+if os.environ.get("CI"):
+    # CI installs the `test` extra, which includes transformers: a missing or too old
+    # transformers fails the run instead of skipping these tests quietly.
+    import transformers
+
+    assert int(transformers.__version__.split(".")[0]) >= 5, transformers.__version__
+else:
+    transformers = pytest.importorskip("transformers", minversion="5.0")
 
 import longnet  # noqa: E402
 import longnet.integrations.transformers as lt  # noqa: E402
@@ -24,7 +32,9 @@ from transformers import (  # noqa: E402
     Qwen2Config,
     Qwen2ForCausalLM,
 )
-from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+from longnet.reference import dilated_attention_reference  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 try:  # the loading/saving progress bars
@@ -188,16 +198,27 @@ def test_call_uses_views_and_native_gqa(monkeypatch):
         seen.append((q, k, v, kwargs))
         return real_op(q, k, v, *args, **kwargs)
 
+    handed = []
+    real_forward = lt.longnet_attention_forward
+
+    def attention(module, query, key, value, *args, **kwargs):
+        handed.append((query, key, value))
+        return real_forward(module, query, key, value, *args, **kwargs)
+
     monkeypatch.setattr(longnet, "dilated_attention", spy)
+    monkeypatch.setitem(AttentionInterface._global_mapping, lt.ATTN_IMPLEMENTATION, attention)
     ids, mask = _padded_batch()
     model(ids, attention_mask=mask)
-    assert len(seen) == cfg.num_hidden_layers
+    assert len(seen) == len(handed) == cfg.num_hidden_layers
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    for q, k, v, kwargs in seen:
+    for (q, k, v, kwargs), module_qkv in zip(seen, handed):
         assert q.shape == (3, 24, cfg.num_attention_heads, head_dim)
         assert k.shape == v.shape == (3, 24, cfg.num_key_value_heads, head_dim)
-        for t in (q, k, v):  # views of the module's (B, H, N, D) tensors, not copies
-            assert t._base is not None
+        # Views of the (B, H, N, D) tensors the attention module handed over, not
+        # copies: the same storage (a view of a copy has a storage of its own).
+        for t, m in zip((q, k, v), module_qkv):
+            assert t.untyped_storage().data_ptr() == m.untyped_storage().data_ptr()
+            assert torch.equal(t, m.transpose(1, 2))
         assert kwargs["is_causal"] is True
         assert kwargs["scale"] == pytest.approx(head_dim ** -0.5)
         assert kwargs["key_start"].tolist() == [0, 5, 0]
@@ -208,25 +229,59 @@ def test_call_uses_views_and_native_gqa(monkeypatch):
 # Dilated patterns
 # ---------------------------------------------------------------------------------
 
-def test_dilated_logits_differ_from_sdpa_and_training_lowers_loss():
-    sdpa = _tiny("llama")
-    ours = _dilated(sdpa, [4, 8], [1, 2])
+REFERENCE_IMPLEMENTATION = "longnet_reference_test"
+
+
+def _reference_attention(key_start, key_end, per_layer_ws, per_layer_rs):
+    """A transformers attention function that evaluates ``longnet.reference`` (dense,
+    float64-exact) with the given key ranges and each layer's patterns; it ignores
+    the mask the model passes, so nothing of longnet.integrations is involved."""
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                  **kwargs):
+        i = module.layer_idx
+        out, _ = dilated_attention_reference(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            per_layer_ws[i], per_layer_rs[i], is_causal=True, scale=scaling,
+            key_start=key_start, key_end=key_end)
+        return out, None
+
+    return attention
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dilated_pattern_matches_the_reference_inside_the_model(family):
+    """Dilated patterns (one per layer) inside a padded batch: logits and gradients of
+    every parameter equal those of the same model whose attention is the float64
+    reference with the key ranges read off the padding mask by hand."""
+    ws, rs = [[4, 8], [8, 16]], [[1, 2], [1, 4]]
+    sdpa = _tiny(family).double()
+    ours = _dilated(sdpa, ws, rs)
     ids, mask = _padded_batch()
     real = mask.bool()
-    with torch.no_grad():
-        diff = (ours(ids, attention_mask=mask).logits - sdpa(ids, attention_mask=mask).logits)
-    assert diff[real].abs().max().item() > 1e-2
-
-    ours.train()
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = ours(ids, attention_mask=mask, labels=_labels(ids, mask)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.1, losses
+    n = ids.shape[1]
+    # Row b's real tokens start at its first 1 (left padding); keys end at the last
+    # query: right padding comes after every real token.
+    key_start = torch.tensor([int(row.nonzero()[0]) for row in mask])
+    key_end = torch.full_like(key_start, n)
+    assert key_start.tolist() == [0, 5, 0]
+    ref = copy.deepcopy(sdpa)
+    AttentionInterface.register(REFERENCE_IMPLEMENTATION,
+                                _reference_attention(key_start, key_end, ws, rs))
+    AttentionMaskInterface.register(REFERENCE_IMPLEMENTATION, sdpa_mask)
+    try:
+        ref.set_attn_implementation(REFERENCE_IMPLEMENTATION)
+        want, gwant = _logits_and_grads(ref, ids, mask)
+    finally:
+        del AttentionInterface._global_mapping[REFERENCE_IMPLEMENTATION]
+        del AttentionMaskInterface._global_mapping[REFERENCE_IMPLEMENTATION]
+    got, ggot = _logits_and_grads(ours, ids, mask)
+    # float64 on both sides: the same function, summed in another order.
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-12)
+    torch.testing.assert_close(ggot, gwant, rtol=0, atol=1e-12)
+    # The patterns matter here: dense causal attention gives other logits.
+    dense, _ = _logits_and_grads(sdpa, ids, mask)
+    assert (dense - want)[real].abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -258,25 +313,41 @@ def test_dense_causal_padding_mask_is_accepted():
 
 
 def _generate(model, ids, mask=None, n=14, **kw):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                          pad_token_id=PAD, eos_token_id=None, **kw)
+    """Greedy decoding: (token ids, logits of every step, shape (steps, B, V))."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                         pad_token_id=PAD, eos_token_id=None, output_logits=True,
+                         return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.logits)
+
+
+# Decoding recomputes in another order what the full forward computes: in float64 the
+# logits of every step agree to ~1e-14. generate hands the logits back rounded to
+# float32, so two correct runs give the same float32 value or neighbours one float32
+# spacing apart (at most 2^-23 relative): rtol 2^-22. That catches any error in one
+# step's attention above ~1e-6 that greedy token ids would hide.
+DECODE_TOL = dict(rtol=2.0 ** -22, atol=1e-10)  # atol: logits within 1e-10 of 0
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_generate_with_cache_equals_without_past_largest_segment(family):
-    # float64 so that greedy decoding cannot flip on a near tie between two
-    # equally-correct float32 summation orders.
     model = _dilated(_tiny(family), [4, 8], [1, 2]).double()
     ids = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
-    with_cache = _generate(model, ids)
+    with_cache, logits = _generate(model, ids)
     assert with_cache.shape[1] == 20 > 2 * 8  # well past the largest segment
-    torch.testing.assert_close(with_cache, _generate(model, ids, use_cache=False), rtol=0, atol=0)
+    no_cache, no_cache_logits = _generate(model, ids, use_cache=False)
+    torch.testing.assert_close(with_cache, no_cache, rtol=0, atol=0)
+    torch.testing.assert_close(logits, no_cache_logits, **DECODE_TOL)
     # A static cache (keys past the current token are empty slots) decodes the same.
-    torch.testing.assert_close(with_cache, _generate(model, ids, cache_implementation="static"),
-                               rtol=0, atol=0)
+    static, static_logits = _generate(model, ids, cache_implementation="static")
+    torch.testing.assert_close(with_cache, static, rtol=0, atol=0)
+    torch.testing.assert_close(logits, static_logits, **DECODE_TOL)
+    # Every step's logits are those of a full forward over the tokens so far.
+    with torch.no_grad():
+        full = model(with_cache[:, :-1]).logits[0, ids.shape[1] - 1:].float()
+    torch.testing.assert_close(logits[:, 0], full, **DECODE_TOL)
     # The dilated model generates something else than the dense one.
     dense = _dilated(_tiny(family), [64], [1]).double()
-    assert not torch.equal(with_cache, _generate(dense, ids))
+    assert not torch.equal(with_cache, _generate(dense, ids)[0])
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone():
@@ -289,13 +360,15 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone():
     for b, p in enumerate(prompts):
         ids[b, width - len(p):] = p
         mask[b, width - len(p):] = 1
-    batch = _generate(model, ids, mask)
+    batch, logits = _generate(model, ids, mask)
     # The same with a static cache (left padding and empty slots at the end).
-    torch.testing.assert_close(_generate(model, ids, mask, cache_implementation="static"), batch,
-                               rtol=0, atol=0)
+    static, static_logits = _generate(model, ids, mask, cache_implementation="static")
+    torch.testing.assert_close(static, batch, rtol=0, atol=0)
+    torch.testing.assert_close(static_logits, logits, **DECODE_TOL)
     for b, p in enumerate(prompts):
-        alone = _generate(model, p[None])
+        alone, alone_logits = _generate(model, p[None])
         torch.testing.assert_close(batch[b, width:], alone[0, len(p):], rtol=0, atol=0)
+        torch.testing.assert_close(logits[:, b], alone_logits[:, 0], **DECODE_TOL)
 
 
 def test_save_and_load_keep_per_layer_patterns(tmp_path):
@@ -398,10 +471,12 @@ def test_missing_or_bad_patterns_raise():
 # The example
 # ---------------------------------------------------------------------------------
 
-def test_finetune_example_runs(tmp_path):
+def test_finetune_example_runs_and_lowers_the_validation_loss(tmp_path):
     import importlib.util
     import json
-    import os
+    import math
+
+    from longnet.tokenizer import ByteTokenizer
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location(
@@ -419,8 +494,16 @@ def test_finetune_example_runs(tmp_path):
             "--quiet"])
     finally:
         torch.set_num_threads(threads)
+    # A smoke run (3 + 3 steps) that still checks the example's claims: the brief
+    # pretraining leaves every validation loss below the uniform prediction's
+    # ln(259) = 5.557 nats (measured 5.36 to 5.40), and fine-tuning with dilated
+    # attention lowers the long-context validation loss (measured 5.362 -> 5.349;
+    # seeded, one thread: reproducible), which fine-tuning steps that change nothing
+    # do not.
+    uniform = math.log(ByteTokenizer.vocab_size)
     for key in ("val_sdpa_context", "val_sdpa_long", "val_dilated_before", "val_dilated_after"):
-        assert 0 < metrics[key] < 6.0, (key, metrics[key])
+        assert 0 < metrics[key] < uniform, (key, metrics[key])
+    assert metrics["val_dilated_after"] < metrics["val_dilated_before"], metrics["history"]["val"]
     assert metrics["context"] == 32 and metrics["seq_len"] == 128
     with open(tmp_path / "metrics.json") as f:
         assert json.load(f)["val_dilated_after"] == metrics["val_dilated_after"]
