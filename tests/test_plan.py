@@ -41,6 +41,28 @@ CASES = [
 OFFSETS = {"offset-gqa-causal": 7}
 
 
+def _minimal_kv_rows(world, chunk, h, hk, ws, rs, causal, offset=0):
+    """(received, sent) key/value rows per rank, from the reference's count matrix
+    alone: for every pattern, the distinct (key, kv head) pairs held by another rank
+    that some query of this rank attends through one of that kv head's query heads
+    (the exchange runs pattern by pattern, so a key two patterns need counts twice)."""
+    from longnet.reference import pattern_counts
+
+    n = world * chunk
+    recv, sent = [0] * world, [0] * world
+    for w, r in zip(ws, rs):
+        linked = pattern_counts(n, n, h, [w], [r], causal, position_offset=offset) > 0
+        linked = linked.view(hk, h // hk, n, n).any(1)  # (kv head, query, key)
+        for p in range(world):
+            queries = linked[:, p * chunk:(p + 1) * chunk].any(1)  # (kv head, key)
+            for src in range(world):
+                if src != p:
+                    rows = int(queries[:, src * chunk:(src + 1) * chunk].sum())
+                    recv[p] += rows
+                    sent[src] += rows
+    return recv, sent
+
+
 class _Held:
     __slots__ = ("t", "__weakref__")
 
@@ -160,24 +182,55 @@ def test_planned_bytes_equal_counted_bytes(runs, world, case):
         assert cost.collectives == got["calls"], (rank, cost.collectives, got)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] != "memory"],
+                         ids=[c[0] for c in CASES if c[0] != "memory"])
+def test_counted_bytes_are_the_minimal_rows(runs, world, case):
+    """What the gloo runs sent and received is exactly the minimal rows of the
+    reference's count matrix (k and v forward, their gradients back), not just what
+    the planner says: the planner and the run share longnet.distributed._segment, so
+    a redundant row there would be counted by both. (The memory case's count matrix
+    would take GiBs; the random configurations below check the planner's rows.)"""
+    name, b, chunk, h, hk, d, ws, rs, causal, dtype = case
+    recv, sent = _minimal_kv_rows(world, chunk, h, hk, ws, rs, causal, OFFSETS.get(name, 0))
+    unit = 2 * b * d * torch.finfo(getattr(torch, dtype)).bits // 8  # a k row and a v row
+    plan = _plan_case(case, world)
+    for rank, rep in runs[world]:
+        got = rep[name]
+        # Forward: rows received and sent; backward: their gradients the other way.
+        minimal = unit * (recv[rank] + sent[rank])
+        assert got["received"] == got["sent"] == minimal, (rank, got, recv, sent)
+        cost = plan.per_rank[rank]
+        assert (cost.kv_rows_received, cost.kv_rows_sent) == (recv[rank], sent[rank])
+
+
 def test_some_case_crosses_ranks_and_some_does_not(runs):
     sent = {c[0]: max(rep[c[0]]["sent"] for _, rep in runs[4]) for c in CASES}
     assert sent["all-local"] == 0 and all(v > 0 for k, v in sent.items() if k != "all-local")
     assert _plan_case(CASES[1], 4).crossing_patterns == [2]
 
 
+# The README says the planned activation memory lands within 2% of the bytes autograd
+# keeps (measured 2026-12-02: at most 1.6%, gqa-partial-causal-bf16; 0 for the memory
+# case) and the forward peak within 8% of the resident set's (measured 2.6% to 6.5%).
+# 3% and 10% leave room for allocator noise only: one forgotten or extra buffer of
+# the output's size is 8% to 14% of the memory case.
+HELD_TOLERANCE = 0.03
+RSS_TOLERANCE = 0.10
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_planned_memory_within_20_percent_of_measured(runs, world, case):
+def test_planned_memory_within_3_percent_of_measured(runs, world, case):
     plan = _plan_case(case, world)
     for rank, rep in runs[world]:
         held = rep[case[0]]["held"]
         planned = plan.per_rank[rank].activation_bytes
-        assert abs(planned - held) <= 0.2 * held, (rank, planned, held)
+        assert abs(planned - held) <= HELD_TOLERANCE * held, (rank, planned, held)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_planned_peak_within_20_percent_of_resident_set_peak(runs, world):
+def test_planned_peak_within_10_percent_of_resident_set_peak(runs, world):
     """The forward's peak, measured as the growth of the resident set over one call,
     against the planned peak less the inputs (which were resident before)."""
     case = next(c for c in CASES if c[0] == "memory")
@@ -186,13 +239,13 @@ def test_planned_peak_within_20_percent_of_resident_set_peak(runs, world):
     for rank, rep in runs[world]:
         measured = rep["memory"]["rss_peak"]
         planned = plan.per_rank[rank].peak_bytes - b * chunk * (h + 2 * hk) * d * 4
-        assert abs(planned - measured) <= 0.2 * measured, (rank, planned, measured)
+        assert abs(planned - measured) <= RSS_TOLERANCE * measured, (rank, planned, measured)
 
 
 def test_plan_matches_the_planner_and_the_reference_pair_counts():
-    """Rows per rank equal longnet.distributed._plan's, attended pairs equal the
-    reference's count matrix, on random small configurations (half of them with a
-    position_offset)."""
+    """Rows per rank equal longnet.distributed._plan's and the minimal rows of the
+    reference's count matrix (_minimal_kv_rows), attended pairs equal its sum, on
+    random small configurations (half of them with a position_offset)."""
     from longnet.distributed import _plan
     from longnet.reference import pattern_counts
 
@@ -214,6 +267,7 @@ def test_plan_matches_the_planner_and_the_reference_pair_counts():
                         dilation_rates=rs, causal=causal, dtype="float32",
                         position_offset=offset)
         counts = pattern_counts(n, n, h, ws, rs, causal, position_offset=offset)
+        minimal = _minimal_kv_rows(world, chunk, h, hk, ws, rs, causal, offset)
         cfg = (world, chunk, h, hk, ws, rs, causal, offset)
         for p, cost in enumerate(plan.per_rank):
             assert cost.pairs == int(counts[:, p * chunk:(p + 1) * chunk].sum()), (cfg, p)
@@ -222,8 +276,8 @@ def test_plan_matches_the_planner_and_the_reference_pair_counts():
                 assert cost.kv_rows_sent == cost.kv_rows_received == 0
                 continue
             rp = _plan(world, p, chunk, h, hk, tuple(ws), tuple(rs), causal, offset)
-            assert cost.kv_rows_sent == sum(rp.send_rows), (cfg, p)
-            assert cost.kv_rows_received == sum(rp.recv_rows), (cfg, p)
+            assert cost.kv_rows_sent == sum(rp.send_rows) == minimal[1][p], (cfg, p)
+            assert cost.kv_rows_received == sum(rp.recv_rows) == minimal[0][p], (cfg, p)
             assert cost.collectives == (2 if rp.exchange else 0), (cfg, p)
         if world > 1:  # every row sent is received
             assert sum(c.kv_rows_sent for c in plan.per_rank) == \
