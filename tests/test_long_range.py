@@ -175,6 +175,10 @@ def test_patterns_and_cost_matched_window():
 
 
 def test_smoke_run_writes_table_json_and_plot(tmp_path):
+    """A smoke test: the benchmark runs end to end (3 steps teach nothing, so no
+    accuracy is judged) and its outputs agree with each other: each overall accuracy
+    is the count-weighted mean of its buckets' over the 3 x 3 evaluated queries, each
+    step's training accuracy a multiple of 1 / (2 x 3) queries."""
     out = tmp_path / "res"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
@@ -194,12 +198,16 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
     assert got == [(128, "dilated"), (128, "local"), (128, "dense"),
                    (256, "dilated"), (256, "local")]
     for r in summary["results"]:
-        assert len(r["history"]) == 3
+        assert [step for step, _, _ in r["history"]] == [1, 2, 3]
+        for _, loss, acc in r["history"]:
+            assert loss > 0 and abs(acc * 6 - round(acc * 6)) < 1e-3, r["history"]
         spec = lr.TaskSpec(**summary["lengths"][str(r["seq_len"])]["task"])
         assert spec.stride == r["dilation_rates"][-1] or r["variant"] != "dilated"
         assert len(r["buckets"]) == len(spec.bucket_edges()) - 1
         assert sum(c for c, _ in r["buckets"]) == 3 * 3
-        assert 0.0 <= r["accuracy"] <= 1.0
+        correct = sum(c * a for c, a in r["buckets"] if c > 0)
+        assert abs(correct - round(correct)) < 1e-9, r["buckets"]
+        assert r["accuracy"] == pytest.approx(round(correct) / 9, abs=1e-12), r
     assert summary["chance"] == 0.25
     [skip] = summary["skipped"]
     assert skip["variant"] == "dense" and skip["seq_len"] == 256 and skip["s_per_step"] > 0
