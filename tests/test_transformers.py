@@ -134,7 +134,9 @@ def _logits_and_grads(model, ids, mask):
     model.zero_grad()
     out = model(ids, attention_mask=mask, labels=_labels(ids, mask))
     out.loss.backward()
-    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    # A parameter the loss does not reach (no grad) counts as a zero gradient.
+    grads = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+                       for p in model.parameters()])
     return out.logits.detach(), grads
 
 
