@@ -165,11 +165,12 @@ def test_low_precision(engine, dtype):
 
 
 # Above the math engine's score budget (2**22 elements of batch x heads x queries x
-# keys per step, csrc/engine/engines_cpu.cpp): one segment of N = 1500 with H = 2
-# query heads on one kv head is one dense problem of 2 x 1500 x 1500 = 4.5e6 scores,
-# so math runs it in query chunks of 2**22 // 3000 = 1398 rows, one batch row at a
-# time, causal chunks reading keys [0, q1).
-MATH_CHUNK_CASE = (2, 1500, 1500, 2, 1, 8, [1500], [1])
+# keys per step, csrc/engine/engines_cpu.cpp): one segment of N = 1500 with H = Hk = 2
+# (the composition puts both heads in one problem; GQA would split them) is one dense
+# problem of 2 x 1500 x 1500 = 4.5e6 scores, so math runs it in query chunks of
+# 2**22 // 3000 = 1398 rows, one batch row at a time, causal chunks reading keys
+# [0, q1).
+MATH_CHUNK_CASE = (2, 1500, 1500, 2, 2, 8, [1500], [1])
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
