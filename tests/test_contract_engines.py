@@ -89,10 +89,10 @@ def run(engine, case, causal, dtype, layout="contiguous", scale=None, strided_gr
     gen = torch.Generator().manual_seed(1)
     w_out = torch.randn(q64.shape, generator=gen, dtype=torch.float64).to(dtype).double()
     w_lse = torch.randn((b, h, nq), generator=gen, dtype=torch.float64).float().double()
+    if strided_grad:  # stored (B, H, N, D): out's incoming gradient arrives with those strides
+        w_out = w_out.transpose(1, 2).contiguous().transpose(1, 2)
 
     def loss(out, lse):
-        if strided_grad:  # out's incoming gradient arrives with (B, N, H, D) transposed
-            out = out.transpose(1, 2).contiguous().transpose(1, 2)
         lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         return (out.double() * w_out).sum() + (lse.double() * w_lse).sum()
 
@@ -100,8 +100,11 @@ def run(engine, case, causal, dtype, layout="contiguous", scale=None, strided_gr
         out, lse = longnet.dilated_attention(*inputs, ws, rs, is_causal=causal, scale=scale,
                                              return_lse=True, **kw)
         assert longnet.last_engine() == engine
+        grad_layouts = []
+        out.register_hook(lambda g: grad_layouts.append(g.is_contiguous()))
         grads = torch.autograd.grad(loss(out, lse), inputs)
         assert longnet.last_engine() == engine
+        assert grad_layouts == [not strided_grad]
     ref_out, ref_lse = dilated_attention_reference(*refs, ws, rs, is_causal=causal, scale=scale,
                                                    **kw)
     ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), refs)
