@@ -59,7 +59,7 @@ std::optional<std::string> check_device(const at::Tensor& q, int min_major) {
 // The philox seed/offset arguments of the backward calls, never read without dropout:
 // one int64 (2,) tensor per device, allocated once and kept for the process (never
 // freed, so no CUDA call runs at exit).
-const at::Tensor& unused_rng(const at::Tensor& q) {
+at::Tensor unused_rng(const at::Tensor& q) {
   static std::mutex mutex;
   static auto* cache = new std::vector<at::Tensor>();
   const std::lock_guard<std::mutex> lock(mutex);
@@ -67,7 +67,7 @@ const at::Tensor& unused_rng(const at::Tensor& q) {
   if (cache->size() <= index) cache->resize(index + 1);
   at::Tensor& t = (*cache)[index];
   if (!t.defined()) t = at::zeros({2}, q.options().dtype(at::kLong));
-  return t;
+  return t;  // a reference count, not a copy of the data
 }
 
 class CudaFlashEngine final : public KernelEngine {
@@ -95,7 +95,7 @@ class CudaFlashEngine final : public KernelEngine {
       const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const override {
     const c10::cuda::CUDAGuard guard(q.device());
     // grad_out, out aligned; lse contiguous (Bt, H, Lq) float32 (mha_bwd reads it so).
-    const at::Tensor& rng = unused_rng(q);
+    const at::Tensor rng = unused_rng(q);
     return at::_flash_attention_backward(grad_out, q, k, v, out, lse, at::Tensor(), at::Tensor(),
                                          q.size(1), k.size(1), 0.0, causal, rng, rng,
                                          std::optional<double>(scale));
@@ -129,7 +129,7 @@ class CudaEfficientEngine final : public KernelEngine {
     const c10::cuda::CUDAGuard guard(q.device());
     // out compact (row stride H * D, Params::o_strideM), grad_out aligned, lse padded
     // to a multiple of 32 with +inf (KernelEngine::backward).
-    const at::Tensor& rng = unused_rng(q);
+    const at::Tensor rng = unused_rng(q);
     auto r = at::_efficient_attention_backward(
         grad_out, q, k, v, std::nullopt, out, std::nullopt, std::nullopt, q.size(1), k.size(1),
         lse, 0.0, rng, rng, causal ? 1 : 0, false, std::optional<double>(scale));
@@ -165,7 +165,7 @@ class CudaCudnnEngine final : public KernelEngine {
     const c10::cuda::CUDAGuard guard(q.device());
     // out and grad_out compact with equal strides, lse (Bt, H, Lq, 1) contiguous
     // (KernelEngine::backward).
-    const at::Tensor& rng = unused_rng(q);
+    const at::Tensor rng = unused_rng(q);
     auto r = at::_cudnn_attention_backward(
         grad_out.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         out.transpose(1, 2), lse_dims(q) == 3 ? lse.squeeze(-1) : lse, rng, rng, at::Tensor(),
@@ -176,12 +176,15 @@ class CudaCudnnEngine final : public KernelEngine {
   }
 
  private:
-  static auto run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          bool causal, double scale) {
-    return at::_cudnn_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                        std::nullopt, std::nullopt, std::nullopt, q.size(1),
-                                        k.size(1), true, 0.0, causal, false,
-                                        std::optional<double>(scale));
+  // (out (B, H, L, D), softmax statistics) of (Bt, L, H, D) views.
+  static std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, bool causal,
+                                                        double scale) {
+    auto r = at::_cudnn_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          std::nullopt, std::nullopt, std::nullopt, q.size(1),
+                                          k.size(1), true, 0.0, causal, false,
+                                          std::optional<double>(scale));
+    return {std::get<0>(r), std::get<1>(r)};
   }
   // The backward takes the softmax statistics as the forward returns them: (B, H, L)
   // in some ATen versions (whose _cudnn_attention_backward unsqueezes them), (B, H, L,
