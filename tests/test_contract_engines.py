@@ -253,3 +253,124 @@ def test_contract_engines_refuse_cuda_tensors(engine):
     with longnet.use_engine(engine):
         with pytest.raises(RuntimeError, match="needs CPU tensors"):
             longnet.dilated_attention(q, q, q, [8], [1])
+
+
+# ------------------------------------------ the kernel calls themselves ----
+# torch.ops.longnet._contract_kernel_forward/_backward run one contract engine's
+# kernel call on (Bt, L, H, D) tensors exactly as given (no argument preparation):
+# what the CUDA kernel would do with these arguments.
+
+def kernel_forward(engine, q, k, v, causal, scale):
+    return torch.ops.longnet._contract_kernel_forward(engine, q, k, v, causal, scale)
+
+
+def kernel_backward(engine, grad_out, q, k, v, out, lse, causal, scale):
+    return torch.ops.longnet._contract_kernel_backward(engine, grad_out, q, k, v, out, lse,
+                                                       causal, scale)
+
+
+def dense(q, k, v, causal, scale, bottom_right):
+    """float64 (out (Bt, Lq, H, D), lse (Bt, H, Lq)) of one dense problem."""
+    qh, kh, vh = [t.double().transpose(1, 2) for t in (q, k, v)]
+    s = qh @ kh.transpose(-1, -2) * scale
+    if causal:
+        lq, lk = q.shape[1], k.shape[1]
+        shift = lk - lq if bottom_right else 0
+        s = s.masked_fill(torch.arange(lk)[None] > torch.arange(lq)[:, None] + shift, -torch.inf)
+    lse = s.logsumexp(-1)
+    return ((s - lse[..., None]).exp() @ vh).transpose(1, 2), lse
+
+
+def problem(b, lq, lk, h, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, h, d, generator=gen).to(dtype) for n in (lq, lk, lk)]
+
+
+@pytest.mark.parametrize("engine,bottom_right", [("contract_cuda_flash", True),
+                                                 ("contract_cuda_efficient", False),
+                                                 ("contract_cuda_cudnn", False)])
+def test_kernel_causal_alignment_and_lse_layout(engine, bottom_right):
+    """Lq < Lk: flash aligns the causal mask bottom-right, the efficient kernel
+    (custom_mask_type 1) and cuDNN top-left; lse comes in each kernel's layout."""
+    q, k, v = problem(2, 5, 9, 2, 16, torch.bfloat16)
+    out, lse = kernel_forward(engine, q, k, v, True, 0.25)
+    want_out, want_lse = dense(q, k, v, True, 0.25, bottom_right)
+    other_out, _ = dense(q, k, v, True, 0.25, not bottom_right)
+    u = U[torch.bfloat16]
+    assert rel(out, want_out) < u + F32  # one rounding of the float32 result
+    assert rel(out, other_out) > 10 * u  # the two alignments differ
+    if engine == "contract_cuda_flash":
+        assert lse.shape == (2, 2, 5) and lse.is_contiguous()
+    elif engine == "contract_cuda_efficient":
+        assert lse.shape == (2, 2, 32)  # rows padded to a multiple of 32, unspecified
+        assert torch.isnan(lse[..., 5:]).all()
+        lse = lse[..., :5]
+    else:
+        assert lse.shape == (2, 2, 5, 1)
+        lse = lse[..., 0]
+    assert rel(lse, want_lse) < F32
+
+
+@pytest.mark.parametrize("engine", CONTRACT)
+def test_kernel_raises_where_a_gpu_reads_misaligned_memory(engine):
+    q, k, v = problem(1, 8, 8, 2, 16, torch.bfloat16)
+    buf = torch.zeros(1, 8, 2, 17, dtype=torch.bfloat16)
+    buf[..., 1:] = q
+    with pytest.raises(RuntimeError, match="misaligned address: the kernel reads query"):
+        kernel_forward(engine, buf[..., 1:], k, v, False, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_efficient_kernel_reads_out_with_row_stride_h_times_d(dtype):
+    """The 16-bit efficient backward computes Delta from out read with row stride
+    H * D: out given as a view with another row stride gives wrong dq, dk (float32
+    computes Delta from the tensors and is right), which is why the engine gives it a
+    compact out."""
+    q, k, v = problem(1, 8, 8, 2, 16, dtype)
+    engine = "contract_cuda_efficient"
+    out, lse = kernel_forward(engine, q, k, v, False, 0.25)
+    buf = torch.zeros(1, 8, 4, 16, dtype=dtype)
+    buf[:, :, ::2] = out
+    strided = buf[:, :, ::2]  # row stride 4 * 16, not H * D = 32
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = dense(*leaves, False, 0.25, False)
+    want = torch.autograd.grad((ref_out * g.double()).sum(), leaves)
+    tol = F32 if dtype == torch.float32 else 4 * U[dtype] + F32
+    compact_grads = kernel_backward(engine, g, q, k, v, out, lse, False, 0.25)
+    strided_grads = kernel_backward(engine, g, q, k, v, strided, lse, False, 0.25)
+    for got, w in zip(compact_grads, want):
+        assert rel(got, w) < tol
+    errors = [rel(got, w) for got, w in zip(strided_grads, want)]
+    if dtype == torch.float32:
+        assert max(errors) < tol
+    else:
+        assert errors[0] > 10 * tol and errors[1] > 10 * tol  # dq, dk; dv needs no Delta
+
+
+def test_flash_kernel_reads_lse_contiguous():
+    """mha_bwd reads softmax_lse as a contiguous (Bt, H, Lq) tensor whatever its strides,
+    which is why the engine gives it lse.contiguous()."""
+    q, k, v = problem(1, 8, 8, 2, 16, torch.bfloat16)
+    engine = "contract_cuda_flash"
+    out, lse = kernel_forward(engine, q, k, v, False, 0.25)
+    transposed = lse.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (16, 1, 2)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    right = kernel_backward(engine, g, q, k, v, out, lse, False, 0.25)
+    wrong = kernel_backward(engine, g, q, k, v, out, transposed, False, 0.25)
+    assert rel(wrong[0], right[0]) > 0.1
+
+
+def test_cudnn_kernel_refuses_one_query_and_unequal_grad_strides():
+    """cuDNN fails for one-query problems (some versions) and, before 9.5.1, for a
+    grad_out whose strides differ from out's: the engine runs the former on `math` and
+    gives cuDNN compact out and grad_out."""
+    engine = "contract_cuda_cudnn"
+    q, k, v = problem(1, 1, 8, 2, 16, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="one query"):
+        kernel_forward(engine, q, k, v, False, 0.25)
+    q, k, v = problem(1, 8, 8, 2, 16, torch.bfloat16, seed=1)
+    out, lse = kernel_forward(engine, q, k, v, False, 0.25)
+    g = torch.randn(out.shape).to(torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(RuntimeError, match=r"grad_output.strides\(\) == output.strides\(\)"):
+        kernel_backward(engine, g, q, k, v, out, lse, False, 0.25)

@@ -20,6 +20,7 @@
 //
 // Never chosen by `auto`; only forced (longnet.use_engine, LONGNET_ENGINE).
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <limits>
 #include <map>
@@ -155,6 +156,20 @@ class ContractEngine final : public KernelEngine {
     const at::Tensor dqh = at::matmul(ds, kh);
     const at::Tensor dkh = at::matmul(ds.transpose(-1, -2), qh);
     return {to_input(dqh, q, 1), to_input(dkh, k, group), to_input(dvh, v, group)};
+  }
+
+ public:
+  // The kernel calls alone, without KernelEngine's argument preparation (the test
+  // operators below).
+  std::tuple<at::Tensor, at::Tensor> raw_forward(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, bool causal,
+                                                 double scale) const {
+    return kernel_forward(q, k, v, causal, scale);
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> raw_backward(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const {
+    return kernel_backward(grad_out, q, k, v, out, lse, causal, scale);
   }
 
  private:
@@ -295,5 +310,44 @@ const ContractEngine contract_flash(Kernel::kFlash, "contract_cuda_flash");
 const ContractEngine contract_efficient(Kernel::kEfficient, "contract_cuda_efficient");
 const ContractEngine contract_cudnn(Kernel::kCudnn, "contract_cuda_cudnn");
 
+const ContractEngine& contract_engine(const std::string& name) {
+  const ContractEngine* found = nullptr;
+  for (const ContractEngine* e : {&contract_flash, &contract_efficient, &contract_cudnn}) {
+    if (name == e->name()) found = e;
+  }
+  TORCH_CHECK(found != nullptr, "longnet: no contract engine named '", name, "'");
+  return *found;
+}
+
+// Test operators (tests/test_contract_engines.py): one contract engine's kernel call on
+// (Bt, L, H, D) tensors exactly as given, lse in the kernel's layout.
+std::tuple<at::Tensor, at::Tensor> contract_kernel_forward(const std::string& engine,
+                                                           const at::Tensor& q,
+                                                           const at::Tensor& k,
+                                                           const at::Tensor& v, bool causal,
+                                                           double scale) {
+  return contract_engine(engine).raw_forward(q, k, v, causal, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contract_kernel_backward(
+    const std::string& engine, const at::Tensor& grad_out, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    bool causal, double scale) {
+  return contract_engine(engine).raw_backward(grad_out, q, k, v, out, lse, causal, scale);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(longnet, m) {
+  m.def("_contract_kernel_forward(str engine, Tensor q, Tensor k, Tensor v, bool causal, "
+        "float scale) -> (Tensor, Tensor)");
+  m.def("_contract_kernel_backward(str engine, Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+        "Tensor out, Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(longnet, CPU, m) {
+  m.impl("_contract_kernel_forward", &contract_kernel_forward);
+  m.impl("_contract_kernel_backward", &contract_kernel_backward);
+}
+
 }  // namespace longnet::engine
