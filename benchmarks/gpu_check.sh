@@ -5,7 +5,7 @@
 # CPU contract engines (a lean subset; CI runs them all), then the GPU benchmark (every
 # engine against dense SDPA on the same kernel, gather+SDPA, FlexAttention; largest N).
 # Every step has a time limit; the whole run stays under 8 minutes (build about 1.5,
-# CUDA tests at most 2.5, contract tests at most 0.5, benchmark at most 3.5).
+# CUDA tests at most 2.5, contract tests at most 1, benchmark at most 3).
 #
 # Usage: benchmarks/gpu_check.sh [--quick]   (LONGNET_CUDA_ARCHS defaults to 9.0;
 # LONGNET_WHEELS=<dir> installs a missing pytest from local wheels, offline)
@@ -48,8 +48,8 @@ if python3 -c "import pytest" 2>/dev/null; then
   grep -E "^(FAILED|ERROR)|Timeout|timed out" /tmp/longnet_gpu_tests.log | head -25
   tail -2 /tmp/longnet_gpu_tests.log
   step "tests/test_contract_engines.py (contract engines on CPU, subset)"
-  timeout 30 python3 -m pytest -q -rf -p no:cacheprovider tests/test_contract_engines.py \
-    -k "odd_offsets or strided_grad_out or custom_scale or refusals or d64" 2>&1 | tail -8
+  timeout 60 python3 -m pytest -q -rf -p no:cacheprovider tests/test_contract_engines.py \
+    -k "kernel or odd_offsets or strided_grad_out or custom_scale or d64" 2>&1 | tail -8
   rc_contract=${PIPESTATUS[0]}
   [ "$rc_tests" -eq 0 ] && rc_tests=$rc_contract
 else
@@ -59,7 +59,7 @@ fi
 echo "tests exit code: $rc_tests"
 
 step "benchmarks/bench_gpu.py $QUICK"
-timeout 210 python3 benchmarks/bench_gpu.py $QUICK
+timeout 180 python3 benchmarks/bench_gpu.py $QUICK
 echo "benchmark exit code: $?"
 step "done"
 exit "$rc_tests"
