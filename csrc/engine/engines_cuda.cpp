@@ -169,8 +169,8 @@ class CudaCudnnEngine final : public KernelEngine {
     auto r = at::_cudnn_attention_backward(
         grad_out.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         out.transpose(1, 2), lse_dims(q) == 3 ? lse.squeeze(-1) : lse, rng, rng, at::Tensor(),
-        at::Tensor(), at::Tensor(),
-        q.size(1), k.size(1), 0.0, causal, std::optional<double>(scale));
+        at::Tensor(), at::Tensor(), q.size(1), k.size(1), 0.0, causal,
+        std::optional<double>(scale));
     return {std::get<0>(r).transpose(1, 2), std::get<1>(r).transpose(1, 2),
             std::get<2>(r).transpose(1, 2)};
   }
