@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # GPU check for a fresh CUDA machine: build the extension with its CUDA kernels and
-# engines, run the CUDA tests (per engine: cuda_flash, cuda_cudnn, cuda_efficient, math,
-# fused), then the GPU benchmark (every engine against dense SDPA on the same kernel,
-# gather+SDPA, FlexAttention; largest N). Whole run under about 8 minutes.
+# engines, run the CUDA tests and print the correctness result per engine (cuda_flash,
+# cuda_cudnn, cuda_efficient, math, fused), then the contract tests of the same kernels'
+# CPU contract engines (a lean subset; CI runs them all), then the GPU benchmark (every
+# engine against dense SDPA on the same kernel, gather+SDPA, FlexAttention; largest N).
+# Every step has a time limit; the whole run stays under 8 minutes (build about 1.5,
+# CUDA tests at most 2.5, contract tests at most 1, benchmark at most 3).
 #
 # Usage: benchmarks/gpu_check.sh [--quick]   (LONGNET_CUDA_ARCHS defaults to 9.0;
 # LONGNET_WHEELS=<dir> installs a missing pytest from local wheels, offline)
@@ -31,12 +34,24 @@ fi
 echo "built in $((SECONDS - start)) s"
 python3 -c "import longnet; print('HAS_CUDA', longnet.HAS_CUDA, 'engines', [e for e in longnet.engines.ENGINES if longnet.engines.engine_built(e)])"
 
-step "tests/test_cuda.py"
+step "tests/test_cuda.py (per engine)"
 rc_tests=0
 if python3 -c "import pytest" 2>/dev/null; then
-  LONGNET_POISON_OUTPUTS=1 timeout 240 python3 -m pytest -q -rf --maxfail=25 -p no:cacheprovider \
-    tests/test_cuda.py 2>&1 | tail -40
-  rc_tests=${PIPESTATUS[0]}
+  # -v streams one line per test, so a summary per engine survives the time limit.
+  LONGNET_POISON_OUTPUTS=1 timeout 150 python3 -m pytest -v -rf --maxfail=25 -p no:cacheprovider \
+    tests/test_cuda.py > /tmp/longnet_gpu_tests.log 2>&1
+  rc_tests=$?
+  for engine in cuda_flash cuda_cudnn cuda_efficient math fused; do
+    grep -E "^tests/test_cuda.py::([^ ]*[[-]${engine}[]-]|test_${engine}_)" /tmp/longnet_gpu_tests.log |
+      awk -v e="$engine" '{n[$2]++} END {printf "  %-15s passed %4d  failed %3d  skipped %3d  errors %3d\n", e, n["PASSED"], n["FAILED"], n["SKIPPED"], n["ERROR"]}'
+  done
+  grep -E "^(FAILED|ERROR)|Timeout|timed out" /tmp/longnet_gpu_tests.log | head -25
+  tail -2 /tmp/longnet_gpu_tests.log
+  step "tests/test_contract_engines.py (contract engines on CPU, subset)"
+  timeout 60 python3 -m pytest -q -rf -p no:cacheprovider tests/test_contract_engines.py \
+    -k "kernel or odd_offsets or strided_grad_out or custom_scale or d64" 2>&1 | tail -8
+  rc_contract=${PIPESTATUS[0]}
+  [ "$rc_tests" -eq 0 ] && rc_tests=$rc_contract
 else
   echo "pytest is not installed: tests skipped"
   rc_tests=2
@@ -44,7 +59,7 @@ fi
 echo "tests exit code: $rc_tests"
 
 step "benchmarks/bench_gpu.py $QUICK"
-timeout 300 python3 benchmarks/bench_gpu.py $QUICK
+timeout 180 python3 benchmarks/bench_gpu.py $QUICK
 echo "benchmark exit code: $?"
 step "done"
 exit "$rc_tests"

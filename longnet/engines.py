@@ -7,6 +7,10 @@ An engine changes how the operator is computed, never what:
   composition of dense attention problems over strided views, each run on that dense
   kernel (ATen's CPU flash attention; plain matmul/softmax on any device; ATen's
   FlashAttention-2, cuDNN and memory-efficient CUDA kernels);
+* ``contract_cuda_flash``, ``contract_cuda_efficient``, ``contract_cuda_cudnn``: CPU
+  engines for tests, the composition and argument preparation of the CUDA engine of
+  that kernel with the kernel's input contract enforced on CPU (docs/operator.md,
+  "Engines"); never chosen by ``auto``;
 * ``auto``: ``fused`` on CPU; on CUDA ``cuda_flash`` or ``cuda_cudnn`` where they
   apply (bfloat16/float16), ``cuda_efficient`` for float32, ``math`` otherwise.
 

@@ -261,6 +261,64 @@ def test_non_contiguous_inputs(engine, name, dtype, causal):
     compare(got, want, dtype, engine)
 
 
+def odd_views(tensors, dtype):
+    """Leaf CUDA views at odd storage offsets with odd strides (buffers one element
+    wider, starting one element in): pointers and strides that are not 16-byte
+    multiples, where the ATen kernels' 16-byte loads would fault."""
+    views = []
+    for t in tensors:
+        buf = torch.zeros(*t.shape[:-1], t.shape[-1] + 1, device="cuda", dtype=dtype)
+        buf[..., 1:] = t.detach().to(dtype)
+        views.append(buf[..., 1:].detach().requires_grad_())
+    assert views[0].data_ptr() % 16 != 0 and views[0].stride(2) % 8 != 0
+    return views
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_odd_offsets_and_strides(engine, dtype):
+    # The engines copy such inputs to aligned storage (docs/operator.md, "Engines"):
+    # the reference's results, no misaligned-address fault.
+    b, nq, nk, h, hk, d, ws, rs = CASES["batch_gqa"]
+    require_engine(engine, dtype, d)
+    rounded = [t.detach().to(dtype).double().requires_grad_()
+               for t in make_inputs(b, nq, nk, h, hk, d)]
+    want = evaluate(reference, *rounded, ws, rs, True)
+    with longnet.use_engine(engine):
+        got = evaluate(op, *odd_views(rounded, dtype), ws, rs, True)
+        assert longnet.last_engine() == engine
+    compare(got, want, dtype, engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_strided_grad_out(engine):
+    # grad_out with strides unlike out's (cuDNN < 9.5.1 needs them equal; the engine
+    # gives cuDNN compact copies of both), in a case whose dense problems see out as a
+    # strided view (the efficient backward reads out with row stride H * D; the engine
+    # gives it a compact out).
+    dtype = torch.bfloat16 if torch.bfloat16 in ENGINE_DTYPES[engine] else ENGINE_DTYPES[engine][0]
+    b, nq, nk, h, hk, d, ws, rs = CASES["batch_gqa"]
+    require_engine(engine, dtype, d)
+    rounded = [t.detach().to(dtype).double().requires_grad_()
+               for t in make_inputs(b, nq, nk, h, hk, d)]
+    w = torch.randn(rounded[0].shape, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64).to(dtype).double()
+    w = w.transpose(1, 2).contiguous().transpose(1, 2)  # stored (B, H, N, D)
+    ref_out, _ = reference(*rounded, ws, rs, True, None)
+    want = torch.autograd.grad((ref_out * w).sum(), rounded)
+    inputs = to_device(rounded, dtype)
+    with longnet.use_engine(engine):
+        out, _ = op(*inputs, ws, rs, True, None)
+        layouts = []
+        out.register_hook(lambda g: layouts.append(g.is_contiguous()))
+        got = torch.autograd.grad((out.double() * w.cuda()).sum(), inputs)
+        assert longnet.last_engine() == engine
+    assert layouts == [False]
+    tol = 3e-2 if engine == "fused" else LOW_PRECISION_TOL.get(dtype, (0, 0, 2e-4))[2]
+    for name, g, rg in zip("qkv", got, want):
+        assert rel_err(g, rg) < tol, f"d{name}: relative error {rel_err(g, rg)}"
+
+
 RANGE_CASES = {
     # name: (case, position_offset, key_start, key_end)
     "offset_mid_segment": ((2, 30, 30, 4, 2, 16, [8, 16], [1, 2]), 5, None, None),

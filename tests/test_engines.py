@@ -280,7 +280,8 @@ def test_backward_runs_on_the_forward_engine():
 
 def test_engine_names():
     assert set(longnet.engines.ENGINES) == {"auto", "fused", "cpu_flash", "math", "cuda_flash",
-                                            "cuda_cudnn", "cuda_efficient"}
+                                            "cuda_cudnn", "cuda_efficient", "contract_cuda_flash",
+                                            "contract_cuda_cudnn", "contract_cuda_efficient"}
     assert longnet.engines.engine_built("math") and longnet.engines.engine_built("cpu_flash")
     assert longnet.engines.engine_built("cuda_flash") == longnet.HAS_CUDA
 

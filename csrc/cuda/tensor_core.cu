@@ -509,6 +509,17 @@ bool tc_supported(std::initializer_list<at::Tensor> tensors) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
                                         q.device().index()));
   if (major < 8) return false;
+  // The kernels ask for FwdSmem<D>::kBytes / BwdSmem<D>::kBytes of dynamic shared
+  // memory (set_smem); a device that cannot grant it takes the generic kernels
+  // instead of failing in cudaFuncSetAttribute.
+  int smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        q.device().index()));
+  size_t needed = 0;
+  dispatch_head_dim(d, [&]<int D>() {
+    needed = FwdSmem<D>::kBytes > BwdSmem<D>::kBytes ? FwdSmem<D>::kBytes : BwdSmem<D>::kBytes;
+  });
+  if (needed > static_cast<size_t>(smem_optin)) return false;
   for (const at::Tensor& t : tensors) {
     if (!aligned_rows(t)) return false;
   }

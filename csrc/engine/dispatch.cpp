@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
   check_qkv(q, k, v, scale);
   check_patterns(segment_lengths, dilation_rates);
   check_position_offset(position_offset);
-  const std::string name = choose_engine(q);
+  const std::string name = choose_engine(q, k, v);
   std::tuple<at::Tensor, at::Tensor> result;
   if (name == "fused") {
 #ifdef LONGNET_WITH_CUDA
@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   check_patterns(segment_lengths, dilation_rates);
   check_position_offset(position_offset);
   check_backward_args(grad_out, grad_lse, q, out, lse);
-  const std::string name = choose_engine(q);
+  const std::string name = choose_engine(q, k, v);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   if (name == "fused") {
 #ifdef LONGNET_WITH_CUDA

@@ -26,9 +26,10 @@ class DenseEngine {
  public:
   virtual ~DenseEngine() = default;
   virtual const char* name() const = 0;
-  // Why this engine cannot run the dense problems of a call with these inputs, or
-  // nullopt when it can.
-  virtual std::optional<std::string> cannot_run(const at::Tensor& q) const = 0;
+  // Why this engine cannot run the dense problems of a call on these (B, N, H, D)
+  // inputs, or nullopt when it can.
+  virtual std::optional<std::string> cannot_run(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v) const = 0;
   // Largest batch (Bt) of one call.
   virtual int64_t max_batch() const { return INT64_MAX; }
   // (out (Bt, Lq, Hh, D), lse (Bt, Hh, Lq)); lse in float32 (float64 for float64).
@@ -60,10 +61,10 @@ const std::string& forced_engine();
 void record_engine(const std::string& name);
 std::pair<uint64_t, std::string> last_engine();
 
-// The engine a call on q runs: the forced one (thread, then LONGNET_ENGINE) after
-// checking it can run, else the automatic choice. Raises naming why a forced engine
-// cannot run.
-std::string choose_engine(const at::Tensor& q);
+// The engine a call on q, k, v runs: the forced one (thread, then LONGNET_ENGINE)
+// after checking it can run, else the automatic choice. Raises naming why a forced
+// engine cannot run.
+std::string choose_engine(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
 // --------------------------------------------------------- composition ----
 

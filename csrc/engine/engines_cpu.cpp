@@ -20,7 +20,10 @@ class MathEngine final : public DenseEngine {
  public:
   MathEngine() { register_engine(this); }
   const char* name() const override { return "math"; }
-  std::optional<std::string> cannot_run(const at::Tensor&) const override { return std::nullopt; }
+  std::optional<std::string> cannot_run(const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&) const override {
+    return std::nullopt;
+  }
 
   std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
                                              const at::Tensor& v, bool causal,
@@ -105,7 +108,8 @@ class CpuFlashEngine final : public DenseEngine {
  public:
   CpuFlashEngine() { register_engine(this); }
   const char* name() const override { return "cpu_flash"; }
-  std::optional<std::string> cannot_run(const at::Tensor& q) const override {
+  std::optional<std::string> cannot_run(const at::Tensor& q, const at::Tensor&,
+                                        const at::Tensor&) const override {
     if (!q.device().is_cpu()) return "it needs CPU tensors, got " + q.device().str();
     return std::nullopt;
   }

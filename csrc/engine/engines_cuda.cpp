@@ -3,10 +3,14 @@
 // (_efficient_attention_forward/_backward, memory-efficient attention) and
 // `cuda_cudnn` (_cudnn_attention_forward/_backward). Compiled in CUDA builds only.
 //
-// The calls below have the same signatures in torch 2.13 and 2.14 (checked against
-// both versions' ATen/ops headers); torch 2.14 adds trailing defaulted arguments to
-// _cudnn_attention_forward, which these calls leave at their defaults. Older torch
-// versions are not checked: there only `math` and `fused` run on CUDA.
+// The arguments reach these calls prepared by KernelEngine (kernel_contract.cpp:
+// aligned copies, a compact `out` for the efficient kernel, the lse layout of each
+// kernel, cuDNN's one-query problems on `math`), the code the CPU contract engines
+// run too (engines_contract.cpp). The calls below have the same signatures in torch
+// 2.13 and 2.14 (checked against both versions' ATen/ops headers); torch 2.14 adds
+// trailing defaulted arguments to _cudnn_attention_forward, which these calls leave
+// at their defaults. Older torch versions are not checked: there only `math` and
+// `fused` run on CUDA.
 #ifdef LONGNET_WITH_CUDA
 
 #include <torch/version.h>
@@ -22,160 +26,177 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <limits>
+#include <atomic>
+#include <mutex>
 #include <sstream>
+#include <vector>
 
-#include "engine/engine.h"
+#include "engine/kernel_contract.h"
 
 namespace longnet::engine {
 namespace {
 
-// Grid dimensions y and z of a CUDA launch hold at most 65535 blocks; the ATen
-// kernels put the batch there.
-constexpr int64_t kMaxGridBatch = 65535;
-
-struct Requirements {
-  bool float32;        // float32 inputs allowed (bfloat16 and float16 always are)
-  int64_t dim_multiple;
-  int64_t max_dim;
-  int min_major;       // lowest compute capability major version
-};
-
-std::optional<std::string> check(const at::Tensor& q, const Requirements& req) {
+// Why the kernels cannot run on q's device: not CUDA, or an older architecture than
+// min_major (bfloat16 needs sm80).
+std::optional<std::string> check_device(const at::Tensor& q, int min_major) {
   std::ostringstream why;
   if (!q.is_cuda()) {
     why << "it needs CUDA tensors, got " << q.device();
     return why.str();
   }
-  const at::ScalarType t = q.scalar_type();
-  if (!(t == at::kBFloat16 || t == at::kHalf || (req.float32 && t == at::kFloat))) {
-    why << "it takes " << (req.float32 ? "float32, " : "") << "bfloat16 or float16 inputs, got "
-        << t;
-    return why.str();
-  }
-  const int64_t d = q.size(3);
-  if (d % req.dim_multiple != 0 || d > req.max_dim || d == 0) {
-    why << "it needs a head dim that is a multiple of " << req.dim_multiple << " and at most "
-        << req.max_dim << ", got " << d;
-    return why.str();
-  }
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index()));
-  const int min_major = (t == at::kBFloat16) ? std::max(req.min_major, 8) : req.min_major;
+  if (q.scalar_type() == at::kBFloat16) min_major = std::max(min_major, 8);
   if (major < min_major) {
-    why << "it needs compute capability " << min_major << ".0 or newer for " << t << ", got "
-        << major << "." << minor;
+    why << "it needs compute capability " << min_major << ".0 or newer for " << q.scalar_type()
+        << ", got " << major << "." << minor;
     return why.str();
   }
   return std::nullopt;
 }
 
+// The philox seed/offset arguments of the backward calls, never read without dropout:
+// one int64 (2,) tensor per device, allocated once and kept for the process (never
+// freed, so no CUDA call runs at exit).
 at::Tensor unused_rng(const at::Tensor& q) {
-  return at::zeros({2}, q.options().dtype(at::kLong));
+  static std::mutex mutex;
+  static auto* cache = new std::vector<at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto index = static_cast<size_t>(q.device().index());
+  if (cache->size() <= index) cache->resize(index + 1);
+  at::Tensor& t = (*cache)[index];
+  if (!t.defined()) t = at::zeros({2}, q.options().dtype(at::kLong));
+  return t;  // a reference count, not a copy of the data
 }
 
-class CudaFlashEngine final : public DenseEngine {
+class CudaFlashEngine final : public KernelEngine {
  public:
-  CudaFlashEngine() { register_engine(this); }
+  CudaFlashEngine() : KernelEngine(Kernel::kFlash) { register_engine(this); }
   const char* name() const override { return "cuda_flash"; }
-  int64_t max_batch() const override { return kMaxGridBatch; }
-  std::optional<std::string> cannot_run(const at::Tensor& q) const override {
-    return check(q, {false, 8, 256, 8});
+
+ protected:
+  std::optional<std::string> device_cannot_run(const at::Tensor& q) const override {
+    // flash_api.cpp mha_fwd: "FlashAttention only supports Ampere GPUs or newer."
+    return check_device(q, 8);
   }
-  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
-                                             const at::Tensor& v, bool causal,
-                                             double scale) const override {
+  std::tuple<at::Tensor, at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v, bool causal,
+                                                    double scale) const override {
     const c10::cuda::CUDAGuard guard(q.device());
+    // Arguments aligned (kernel_contract.cpp, prepare_input); lse (Bt, H, Lq).
     auto r = at::_flash_attention_forward(q, k, v, std::nullopt, std::nullopt, q.size(1),
                                           k.size(1), 0.0, causal, false,
                                           std::optional<double>(scale));
     return {std::get<0>(r), std::get<1>(r)};
   }
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
       const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const override {
     const c10::cuda::CUDAGuard guard(q.device());
-    return at::_flash_attention_backward(grad_out, q, k, v, out, lse.to(at::kFloat).contiguous(),
-                                         at::Tensor(), at::Tensor(), q.size(1), k.size(1), 0.0,
-                                         causal, unused_rng(q), unused_rng(q),
+    // grad_out, out aligned; lse contiguous (Bt, H, Lq) float32 (mha_bwd reads it so).
+    const at::Tensor rng = unused_rng(q);
+    return at::_flash_attention_backward(grad_out, q, k, v, out, lse, at::Tensor(), at::Tensor(),
+                                         q.size(1), k.size(1), 0.0, causal, rng, rng,
                                          std::optional<double>(scale));
   }
 };
 
-// Memory-efficient attention keeps its lse padded to a multiple of 32 queries.
-constexpr int64_t kEfficientLseAlign = 32;
-
-class CudaEfficientEngine final : public DenseEngine {
+class CudaEfficientEngine final : public KernelEngine {
  public:
-  CudaEfficientEngine() { register_engine(this); }
+  CudaEfficientEngine() : KernelEngine(Kernel::kEfficient) { register_engine(this); }
   const char* name() const override { return "cuda_efficient"; }
-  int64_t max_batch() const override { return kMaxGridBatch; }
-  std::optional<std::string> cannot_run(const at::Tensor& q) const override {
-    return check(q, {true, q.scalar_type() == at::kFloat ? 4 : 8, 256, 5});
+
+ protected:
+  std::optional<std::string> device_cannot_run(const at::Tensor& q) const override {
+    // sdp_utils.cpp check_mem_efficient_hardware_support: sm50 and newer.
+    return check_device(q, 5);
   }
-  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
-                                             const at::Tensor& v, bool causal,
-                                             double scale) const override {
+  std::tuple<at::Tensor, at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v, bool causal,
+                                                    double scale) const override {
     const c10::cuda::CUDAGuard guard(q.device());
-    // custom_mask_type 1: causal from the top left (problems are square when causal).
+    // custom_mask_type 1: causal from the top left (causal problems are square).
+    // Arguments aligned, row and head strides int32 (prepare_input); lse padded to 32.
     auto r = at::_efficient_attention_forward(q, k, v, std::nullopt, std::nullopt, std::nullopt,
                                               std::nullopt, std::nullopt, 0.0, causal ? 1 : 0,
                                               true, std::optional<double>(scale));
-    return {std::get<0>(r), std::get<1>(r).narrow(2, 0, q.size(1))};
+    return {std::get<0>(r), std::get<1>(r)};
   }
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
       const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const override {
     const c10::cuda::CUDAGuard guard(q.device());
-    const int64_t lq = q.size(1);
-    const int64_t padded = (lq + kEfficientLseAlign - 1) / kEfficientLseAlign * kEfficientLseAlign;
-    // Padding rows hold +inf, so any probability read there is 0.
-    at::Tensor lse_padded = at::full({lse.size(0), lse.size(1), padded},
-                                     std::numeric_limits<float>::infinity(),
-                                     lse.options().dtype(at::kFloat));
-    lse_padded.narrow(2, 0, lq).copy_(lse);
+    // out compact (row stride H * D, Params::o_strideM), grad_out aligned, lse padded
+    // to a multiple of 32 with +inf (KernelEngine::backward).
+    const at::Tensor rng = unused_rng(q);
     auto r = at::_efficient_attention_backward(
-        grad_out, q, k, v, std::nullopt, out, std::nullopt, std::nullopt, lq, k.size(1),
-        lse_padded, 0.0, unused_rng(q), unused_rng(q), causal ? 1 : 0, false,
-        std::optional<double>(scale));
+        grad_out, q, k, v, std::nullopt, out, std::nullopt, std::nullopt, q.size(1), k.size(1),
+        lse, 0.0, rng, rng, causal ? 1 : 0, false, std::optional<double>(scale));
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
   }
 };
 
-// cuDNN takes (B, H, L, D) views: the (Bt, L, Hh, D) views transposed. Its lse
-// (softmax statistics) is (B, H, L, 1).
-class CudaCudnnEngine final : public DenseEngine {
+// cuDNN takes (B, H, L, D) views: the (Bt, L, Hh, D) views transposed.
+class CudaCudnnEngine final : public KernelEngine {
  public:
-  CudaCudnnEngine() { register_engine(this); }
+  CudaCudnnEngine() : KernelEngine(Kernel::kCudnn) { register_engine(this); }
   const char* name() const override { return "cuda_cudnn"; }
-  int64_t max_batch() const override { return kMaxGridBatch; }
-  std::optional<std::string> cannot_run(const at::Tensor& q) const override {
-    return check(q, {false, 8, 128, 8});
+
+ protected:
+  std::optional<std::string> device_cannot_run(const at::Tensor& q) const override {
+    // sdp_utils.cpp check_cudnn_hardware_support: sm80 to sm121.
+    return check_device(q, 8);
   }
-  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
-                                             const at::Tensor& v, bool causal,
-                                             double scale) const override {
+  std::tuple<at::Tensor, at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v, bool causal,
+                                                    double scale) const override {
     const c10::cuda::CUDAGuard guard(q.device());
-    auto r = at::_cudnn_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          std::nullopt, std::nullopt, std::nullopt, q.size(1),
-                                          k.size(1), true, 0.0, causal, false,
-                                          std::optional<double>(scale));
-    return {std::get<0>(r).transpose(1, 2),
-            std::get<1>(r).reshape({q.size(0), q.size(2), q.size(1)})};
+    // Arguments aligned, strides below 2^31 (cannot_run, prepare_input); no problem
+    // with one query or one key (they run on `math`). Causal: top left, square.
+    auto r = run_forward(q, k, v, causal, scale);
+    const at::Tensor& lse = std::get<1>(r);
+    lse_dims_.store(lse.dim());
+    return {std::get<0>(r).transpose(1, 2), lse.reshape({q.size(0), q.size(2), q.size(1), 1})};
   }
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
       const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const override {
     const c10::cuda::CUDAGuard guard(q.device());
+    // out and grad_out compact with equal strides, lse (Bt, H, Lq, 1) contiguous
+    // (KernelEngine::backward).
+    const at::Tensor rng = unused_rng(q);
     auto r = at::_cudnn_attention_backward(
         grad_out.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        out.transpose(1, 2), lse.to(at::kFloat).contiguous().unsqueeze(-1), unused_rng(q),
-        unused_rng(q), at::Tensor(), at::Tensor(), at::Tensor(), q.size(1), k.size(1), 0.0, causal,
+        out.transpose(1, 2), lse_dims(q) == 3 ? lse.squeeze(-1) : lse, rng, rng, at::Tensor(),
+        at::Tensor(), at::Tensor(), q.size(1), k.size(1), 0.0, causal,
         std::optional<double>(scale));
     return {std::get<0>(r).transpose(1, 2), std::get<1>(r).transpose(1, 2),
             std::get<2>(r).transpose(1, 2)};
   }
+
+ private:
+  // (out (B, H, L, D), softmax statistics) of (Bt, L, H, D) views.
+  static std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, bool causal,
+                                                        double scale) {
+    auto r = at::_cudnn_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          std::nullopt, std::nullopt, std::nullopt, q.size(1),
+                                          k.size(1), true, 0.0, causal, false,
+                                          std::optional<double>(scale));
+    return {std::get<0>(r), std::get<1>(r)};
+  }
+  // The backward takes the softmax statistics as the forward returns them: (B, H, L)
+  // in some ATen versions (whose _cudnn_attention_backward unsqueezes them), (B, H, L,
+  // 1) in others. Learnt from a forward, running a small one first when needed.
+  int64_t lse_dims(const at::Tensor& q) const {
+    if (lse_dims_.load() == 0) {
+      const at::Tensor t = at::zeros({1, 2, 1, 8}, q.options());
+      lse_dims_.store(std::get<1>(run_forward(t, t, t, false, 1.0)).dim());
+    }
+    return lse_dims_.load();
+  }
+  mutable std::atomic<int64_t> lse_dims_{0};
 };
 
 const CudaFlashEngine cuda_flash_engine;

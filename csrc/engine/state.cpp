@@ -50,22 +50,23 @@ std::optional<std::string> fused_cannot_run(const at::Tensor& q) {
   return s.str();
 }
 
-std::optional<std::string> cannot_run(const std::string& name, const at::Tensor& q) {
+std::optional<std::string> cannot_run(const std::string& name, const at::Tensor& q,
+                                      const at::Tensor& k, const at::Tensor& v) {
   if (name == "fused") return fused_cannot_run(q);
   const DenseEngine* engine = find_engine(name);
   if (engine == nullptr) {
     return "it is not built into this installation of longnet (the CUDA engines need a "
            "CUDA build)";
   }
-  return engine->cannot_run(q);
+  return engine->cannot_run(q, k, v);
 }
 
-std::string automatic(const at::Tensor& q) {
+std::string automatic(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   if (q.device().is_cpu()) return "fused";
   if (q.is_cuda()) {
     static const char* const preference[] = {"cuda_flash", "cuda_cudnn", "cuda_efficient"};
     for (const char* name : preference) {
-      if (!cannot_run(name, q)) return name;
+      if (!cannot_run(name, q, k, v)) return name;
     }
   }
   return "math";
@@ -87,8 +88,12 @@ const DenseEngine* find_engine(const std::string& name) {
 }
 
 const std::vector<std::string>& engine_names() {
-  static const std::vector<std::string> names{"fused",      "cpu_flash",  "math",
-                                              "cuda_flash", "cuda_cudnn", "cuda_efficient"};
+  // The contract_* engines run on CPU what the CUDA engines run, under the CUDA
+  // kernels' input contracts (engines_contract.cpp); only ever forced.
+  static const std::vector<std::string> names{
+      "fused",          "cpu_flash",           "math",
+      "cuda_flash",     "cuda_cudnn",          "cuda_efficient",
+      "contract_cuda_flash", "contract_cuda_cudnn", "contract_cuda_efficient"};
   return names;
 }
 
@@ -98,7 +103,7 @@ const std::string& forced_engine() { return t_forced; }
 void record_engine(const std::string& name) { t_last = {++g_sequence, name}; }
 std::pair<uint64_t, std::string> last_engine() { return t_last; }
 
-std::string choose_engine(const at::Tensor& q) {
+std::string choose_engine(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   std::string name = t_forced;
   const char* source = "longnet.use_engine";
   if (name.empty()) {
@@ -106,10 +111,10 @@ std::string choose_engine(const at::Tensor& q) {
     if (env != nullptr) name = env;
     source = "LONGNET_ENGINE";
   }
-  if (name.empty() || name == "auto") return automatic(q);
+  if (name.empty() || name == "auto") return automatic(q, k, v);
   TORCH_CHECK(is_known(name), "longnet: unknown engine '", name, "' (from ", source,
               "); expected one of ", known_list());
-  const std::optional<std::string> reason = cannot_run(name, q);
+  const std::optional<std::string> reason = cannot_run(name, q, k, v);
   TORCH_CHECK(!reason.has_value(), "longnet: engine '", name, "' (forced by ", source,
               ") cannot run this call: ", reason.value_or(""));
   return name;
