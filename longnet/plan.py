@@ -421,7 +421,7 @@ def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[i
                     pairs = c[a] * keys if not causal else \
                         c[a] * (keys - c[a]) + c[a] * (c[a] + 1) // 2
                     rc.cross_pairs += nheads * pairs
-        def spans(s):
+        def spans(s: int, w: int) -> bool:
             ranks_of = _segment_ranks(s, w, n, chunk, offset)
             return ranks_of[3] > ranks_of[2]
 
@@ -435,8 +435,8 @@ def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[i
                 continue
             rc.cross.append(i)
             s_a, s_b = first // w, (first + chunk - 1) // w
-            lo = s_a + 1 if spans(s_a) else s_a
-            hi = s_b - 1 if spans(s_b) else s_b
+            lo = s_a + 1 if spans(s_a, w) else s_a
+            hi = s_b - 1 if spans(s_b, w) else s_b
             if lo <= hi:
                 a, b = max(lo * w, first), min((hi + 1) * w, offset + n)
                 rc.partial[i] = b - a
@@ -765,7 +765,7 @@ def _plot(rows: List[Dict[str, object]], path: str, title: str) -> None:
     ax.legend(fontsize=8, loc="lower right")
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("N (P = N / %d ranks)" % rows[0]["tokens_per_rank"])
+        ax.set_xlabel(f"N (P = N / {rows[0]['tokens_per_rank']} ranks)")
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
