@@ -8,6 +8,8 @@ CPU-only by default on machines without CUDA. Environment variables:
 * ``LONGNET_CUDA_ARCHS``: semicolon-separated compute capabilities, default
   ``"8.0;9.0"`` (A100, H100/H200); PTX is embedded for the newest one.
 * ``LONGNET_DEBUG=1``: ``-O0 -g`` build.
+* ``LONGNET_WERROR=1``: compiler warnings are errors (``-Wall -Wextra`` always warn, in
+  C++ and in the host code of the CUDA files; nvcc's own warnings too). CI sets it.
 * ``MAX_JOBS``: parallel compile jobs (ninja).
 """
 
@@ -17,7 +19,13 @@ import os
 from setuptools import find_packages, setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import (
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+    include_paths,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,10 +58,21 @@ def _gencode_flags() -> list:
     return flags
 
 
+def _system_includes(cuda: bool) -> list:
+    """torch's (and CUDA's) headers as system headers, so that -Wall -Wextra report this
+    project's code only (torch's headers have unused parameters, for one)."""
+    dirs = include_paths() + ([os.path.join(CUDA_HOME, "include")] if cuda else [])
+    return [flag for d in dirs for flag in ("-isystem", d)]
+
+
 def make_extension():
     debug = _env_flag("LONGNET_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"]
+    werror = _env_flag("LONGNET_WERROR")
+    warnings = ["-Wall", "-Wextra"] + (["-Werror"] if werror else [])
+    cuda = _want_cuda()
+    cxx_flags = (opt + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"] + warnings
+                 + _system_includes(cuda))
     sources = [os.path.relpath(p, HERE) for p in
                sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
@@ -63,11 +82,15 @@ def make_extension():
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_link_args=["-fopenmp"],
     )
-    if _want_cuda():
+    if cuda:
         sources += [os.path.relpath(p, HERE) for p in
                     sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))]
         nvcc_flags = opt + ["-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr",
-                            "-lineinfo"] + _gencode_flags()
+                            "-lineinfo"] + _gencode_flags() + _system_includes(cuda)
+        # Host code: the C++ warnings; nvcc's own (device code included) as errors too.
+        nvcc_flags += ["-Xcompiler", ",".join(warnings)]
+        if werror:
+            nvcc_flags += ["-Werror", "all-warnings"]
         return CUDAExtension(
             sources=sources,
             extra_compile_args={"cxx": cxx_flags + ["-DLONGNET_WITH_CUDA"],

@@ -7,7 +7,8 @@
 # Environment: LONGNET_CUDA_VENV (virtual environment with a CUDA build of torch,
 # created when missing; default ~/.cache/longnet-venv-cuda), LONGNET_CUDA_TORCH (its
 # torch version, default 2.14.1), CUDA_HOME (default /usr/local/cuda),
-# LONGNET_CUDA_ARCHS (default "9.0": one arch keeps CI fast), MAX_JOBS (default 2).
+# LONGNET_CUDA_ARCHS (default "9.0": one arch keeps CI fast), MAX_JOBS (default 2),
+# LONGNET_WERROR (default 1: warnings of nvcc and of the host compiler are errors).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,8 @@ BUILD="$(mktemp -d "${TMPDIR:-/tmp}/longnet-cuda-build.XXXXXX")"
 trap 'rm -rf "$BUILD"' EXIT
 
 start=$SECONDS
-LONGNET_FORCE_CUDA=1 LONGNET_CUDA_ARCHS="${LONGNET_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
+LONGNET_FORCE_CUDA=1 LONGNET_WERROR="${LONGNET_WERROR:-1}" \
+  LONGNET_CUDA_ARCHS="${LONGNET_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
   "$VENV/bin/python" setup.py -q build_ext --build-lib "$BUILD/lib" --build-temp "$BUILD/tmp"
 echo "compile_cuda: built in $((SECONDS - start)) s"
 

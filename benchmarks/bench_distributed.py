@@ -266,7 +266,7 @@ def main() -> None:
     axes[2].legend(fontsize=8)
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("total sequence length N (ranks x %d)" % args.tokens_per_rank)
+        ax.set_xlabel(f"total sequence length N (ranks x {args.tokens_per_rank})")
         ax.grid(alpha=0.3)
     fig.suptitle("Sequence-parallel dilated attention, gloo on CPU "
                  f"(w={args.segment_lengths}, r={args.dilation_rates})", fontsize=10)

@@ -29,6 +29,7 @@ Usage: python3 benchmarks/bench_gpu.py [--quick] [--skip-flex] [--max-tokens N]
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -102,9 +103,9 @@ def gather_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ws: Sequence[
         for o in range(min(r, h)):
             qs, ks, vs = (x[:, :, o::r, o::r] for x in views)  # (b, nseg, w/r, h/r, d)
             rows, ho = qs.shape[2], qs.shape[3]
-            pack = lambda x: x.reshape(b * nseg, rows, ho, d).transpose(1, 2)  # noqa: E731
-            oc, lc = _flash_with_lse(pack(qs).contiguous(), pack(ks).contiguous(),
-                                     pack(vs).contiguous(), causal, scale)
+            qc, kc, vc = (x.reshape(b * nseg, rows, ho, d).transpose(1, 2).contiguous()
+                          for x in (qs, ks, vs))
+            oc, lc = _flash_with_lse(qc, kc, vc, causal, scale)
             out_i[:, :, o::r, o::r] = oc.transpose(1, 2).reshape(b, nseg, rows, ho, d)
             lse_i[:, :, o::r, o::r] = lc.transpose(1, 2).reshape(b, nseg, rows, ho)
         outs.append(out_i.view(b, n, h, d))
@@ -273,6 +274,15 @@ def compare_problem(n: int, heads: int, dim: int, ws: List[int], rs: List[int], 
     torch.cuda.empty_cache()
 
 
+def _attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ws: List[int],
+                    rs: List[int], backward: bool) -> None:
+    """One causal dilated attention call (and its backward when ``backward``)."""
+    with torch.set_grad_enabled(backward):
+        out = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True)
+        if backward:
+            torch.autograd.grad(out, (q, k, v), out)
+
+
 def largest(max_tokens: int, ws: List[int], rs: List[int], backward: bool) -> None:
     """Longest N (halving from max_tokens) whose forward (or forward+backward) fits,
     H = 1, D = 128, bf16, causal, on the automatic engine choice."""
@@ -288,13 +298,10 @@ def largest(max_tokens: int, ws: List[int], rs: List[int], backward: bool) -> No
             q, k, v = (torch.empty(1, n, heads, dim, device="cuda", dtype=torch.bfloat16)
                        .normal_().requires_grad_(backward) for _ in range(3))
 
-            def step():
-                with torch.set_grad_enabled(backward):
-                    out = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True)
-                    if backward:
-                        torch.autograd.grad(out, (q, k, v), out)
-
-            ms, peak = time_cuda(step, warmup=1, reps=1)
+            # The partial lives only as long as time_cuda's call (an out-of-memory
+            # error included), so the finally clause below frees q, k and v.
+            ms, peak = time_cuda(functools.partial(_attention_step, q, k, v, ws, rs, backward),
+                                 warmup=1, reps=1)
             flops = needed_flops(n, heads, dim, ws, rs, True) * (3.5 if backward else 1.0)
             total = torch.cuda.max_memory_allocated() / 2**30
             print(f"\nlargest {what}: N = {n:,} tokens (H=1, D=128, causal, w={ws}, r={rs}, "

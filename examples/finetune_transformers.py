@@ -53,7 +53,7 @@ from longnet.tokenizer import ByteTokenizer  # noqa: E402
 try:
     import transformers  # noqa: E402
 except ImportError:  # pragma: no cover
-    raise SystemExit('this example needs transformers: pip install -e ".[transformers]"')
+    raise SystemExit('this example needs transformers: pip install -e ".[transformers]"') from None
 
 import longnet.integrations.transformers as longnet_hf  # noqa: E402
 
@@ -141,7 +141,7 @@ def load_model_and_data(args: argparse.Namespace, log):
         except Exception as exc:  # no tokenizer files: bytes, if the vocabulary allows
             if model.config.vocab_size < ByteTokenizer.vocab_size:
                 raise SystemExit(f"{args.model}: no tokenizer ({exc}) and a vocabulary too "
-                                 "small for the byte tokenizer")
+                                 "small for the byte tokenizer") from exc
             encode = lambda fs, mb: encode_files(fs, max_bytes=mb)  # noqa: E731
             unit = "byte"
     train = encode(train_files, args.max_train_bytes)

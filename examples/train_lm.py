@@ -187,7 +187,7 @@ class SequenceParallel:
             import longnet.distributed  # noqa: F401
         except ImportError as exc:
             raise SystemExit("--sequence-parallel needs longnet.distributed "
-                             f"(sequence_parallel_dilated_attention), which failed to import: {exc}")
+                             f"(sequence_parallel_dilated_attention), which failed to import: {exc}") from exc
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -62,7 +62,8 @@ def split_by_file(files: Sequence[str], root: str, val_fraction: float = 0.05
     ``root``: deterministic on every machine, and a file is in exactly one split."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    train, val = [], []
+    train: List[str] = []
+    val: List[str] = []
     threshold = int(val_fraction * 10_000)
     for path in files:
         rel = os.path.relpath(path, root) if os.path.isdir(root) else os.path.basename(path)

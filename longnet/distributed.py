@@ -132,15 +132,15 @@ def _segment(pattern: int, s: int, w: int, r: int, n: int, chunk: int,
     firsts: Dict[int, List[int]] = {}
     sig: Dict[int, Tuple[int, ...]] = {}
     for o in offsets:
-        counts, ts = [], []
+        per_rank, ts = [], []
         for q in range(r0, r1 + 1):
             a = max(lo, offset + q * chunk) - start
             e = min(stop, offset + (q + 1) * chunk) - start
             t_lo = max(0, _cdiv(a - o, r))
             t_hi = max(0, _cdiv(e - o, r))
-            counts.append(max(0, t_hi - t_lo))
+            per_rank.append(max(0, t_hi - t_lo))
             ts.append(t_lo)
-        sig[o] = tuple(counts)
+        sig[o] = tuple(per_rank)
         firsts[o] = ts
     groups = []
     for counts in sorted(set(sig.values()), key=lambda c: min(o for o in offsets if sig[o] == c)):
@@ -289,9 +289,9 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
     out_parts: Dict[int, list] = {i: [] for i in cross}
     lse_parts: Dict[int, list] = {i: [] for i in cross}
     for i, (a, b) in partial.items():  # the locally computed segments come first
-        rows = torch.arange(a, b)
-        out_parts[i].append(rows.unsqueeze(1) * num_heads + torch.arange(num_heads))
-        lse_parts[i].append(rows.unsqueeze(1) + torch.arange(num_heads) * chunk)
+        local_rows = torch.arange(a, b)
+        out_parts[i].append(local_rows.unsqueeze(1) * num_heads + torch.arange(num_heads))
+        lse_parts[i].append(local_rows.unsqueeze(1) + torch.arange(num_heads) * chunk)
     own_pos = sum(send_rows)
     q_pos = 0
     for key, seg, g, ranks, flat_kv in jobs:
@@ -497,6 +497,7 @@ def sequence_parallel_dilated_attention(
         lses[i].append(l_i.transpose(1, 2).reshape(b, -1))
     if pending is not None:
         pending.wait()
+    if got is not None:
         got = got.view(-1, 2, b, d).permute(1, 2, 0, 3)  # (2, B, received rows, D)
 
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -506,6 +507,7 @@ def sequence_parallel_dilated_attention(
         for received, start, rows in call.pieces:
             size = rows * call.n_pairs
             if received:
+                assert got is not None  # received pieces exist only after an exchange
                 kk, vv = got[0, :, start:start + size], got[1, :, start:start + size]
             else:
                 kk, vv = k_sel[:, start:start + size], v_sel[:, start:start + size]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 from longnet import _C
 
@@ -38,7 +38,7 @@ ENGINES: Tuple[str, ...] = ("auto",) + tuple(_C._engine_names())
 
 # Engines of backward calls that autograd ran on another thread, per forward thread:
 # thread id -> (sequence number, engine).
-_reported = {}
+_reported: Dict[int, Tuple[int, str]] = {}
 _reported_lock = threading.Lock()
 
 

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +152,7 @@ class LongNetDecoderLayer(nn.Module):
             rope_base=config.rope_base, xpos_scale_base=config.xpos_scale_base,
             layer_norm_eps=config.layer_norm_eps, **factory)
         self.ffn_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps, **factory)
+        assert config.ffn_dim is not None  # LongNetConfig.__post_init__ sets it
         self.ffn = FeedForward(config.embed_dim, config.ffn_dim, dropout=config.dropout,
                                sub_ln=sub_ln, bias=config.bias,
                                layer_norm_eps=config.layer_norm_eps, **factory)
@@ -180,7 +181,8 @@ class LongNetDecoder(nn.Module):
 
     def new_cache(self) -> List[KVCache]:
         """One empty :class:`KVCache` per layer."""
-        return [layer.self_attn.new_cache() for layer in self.layers]
+        layers = cast(Iterable[LongNetDecoderLayer], self.layers)  # ModuleList: Modules
+        return [layer.self_attn.new_cache() for layer in layers]
 
     def forward(self, x: Tensor, *, cache: Optional[List[KVCache]] = None,
                 position_offset: Optional[int] = None) -> Tensor:
@@ -232,18 +234,18 @@ class LongNetLM(nn.Module):
             # MAGNETO: scale v/out projections and the FFN by sqrt(log(2L)).
             gain = math.sqrt(math.log(2 * self.config.num_layers))
             with torch.no_grad():
-                for layer in self.decoder.layers:
+                for layer in cast(Iterable[LongNetDecoderLayer], self.decoder.layers):
                     for lin in (layer.self_attn.v_proj, layer.self_attn.out_proj,
                                 layer.ffn.fc1, layer.ffn.fc2):
                         lin.weight.mul_(gain)
 
     @property
     def sequence_parallel_group(self) -> Any:
-        return self.decoder.layers[0].self_attn.sequence_parallel_group
+        return cast(LongNetDecoderLayer, self.decoder.layers[0]).self_attn.sequence_parallel_group
 
     def set_sequence_parallel_group(self, group: Any) -> None:
         """Switch every attention layer to (``group``) or from (``None``) sequence parallelism."""
-        for layer in self.decoder.layers:
+        for layer in cast(Iterable[LongNetDecoderLayer], self.decoder.layers):
             layer.self_attn.sequence_parallel_group = group
 
     def num_parameters(self) -> int:

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +179,9 @@ class KVCache:
 
     def __init__(self, segment_lengths: Union[int, Sequence[int]], *, trim: bool = True,
                  start: int = 0) -> None:
-        if isinstance(segment_lengths, int) and not isinstance(segment_lengths, bool):
+        if isinstance(segment_lengths, bool):
+            raise ValueError(f"segment_lengths must be ints >= 1, got {segment_lengths!r}")
+        if isinstance(segment_lengths, int):
             segment_lengths = (segment_lengths,)
         ws = tuple(int(w) for w in segment_lengths)
         if len(ws) == 0 or min(ws) < 1:
@@ -208,7 +210,7 @@ class KVCache:
         of them sits at absolute position ``start`` (the operator's
         ``position_offset``).
         """
-        if self.k is None:
+        if self.k is None or self.v is None:
             self.k, self.v = k, v
         else:
             if self.trim:
@@ -224,7 +226,7 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep only batch rows ``index`` (e.g. for beam search or finished rows)."""
-        if self.k is not None:
+        if self.k is not None and self.v is not None:
             self.k, self.v = self.k[index], self.v[index]
 
     def __repr__(self) -> str:
@@ -273,7 +275,7 @@ class MultiheadDilatedAttention(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory: Dict[str, Any] = {"device": device, "dtype": dtype}
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads != 0:
             raise ValueError(
                 f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")

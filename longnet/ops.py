@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Optional, Sequence, Tuple, Union
+from typing import Literal, Optional, Sequence, Tuple, Union, overload
 
 import torch
 from torch import Tensor
@@ -118,10 +118,15 @@ def validate_key_ranges(
             raise ValueError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
-    if torch.compiler.is_compiling() or (key_start is None and key_end is None):
+    if torch.compiler.is_compiling():
         return
-    start = key_start if key_start is not None else torch.zeros_like(key_end)
-    end = key_end if key_end is not None else torch.full_like(key_start, nk)
+    if key_start is not None:
+        start = key_start
+        end = key_end if key_end is not None else torch.full_like(key_start, nk)
+    elif key_end is not None:
+        start, end = torch.zeros_like(key_end), key_end
+    else:
+        return
     bad = (start < 0) | (start > end) | (end > nk)
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
@@ -171,6 +176,30 @@ def validate_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> 
     if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale}")
     return scale
+
+
+# The return type follows return_lse: out alone, or (out, lse).
+@overload
+def dilated_attention(
+    q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int], *, is_causal: bool = ..., scale: Optional[float] = ...,
+    return_lse: Literal[False] = ..., position_offset: int = ...,
+    key_start: Optional[Tensor] = ..., key_end: Optional[Tensor] = ...,
+) -> Tensor: ...
+@overload
+def dilated_attention(
+    q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int], *, is_causal: bool = ..., scale: Optional[float] = ...,
+    return_lse: Literal[True], position_offset: int = ...,
+    key_start: Optional[Tensor] = ..., key_end: Optional[Tensor] = ...,
+) -> Tuple[Tensor, Tensor]: ...
+@overload
+def dilated_attention(
+    q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int], *, is_causal: bool = ..., scale: Optional[float] = ...,
+    return_lse: bool = ..., position_offset: int = ...,
+    key_start: Optional[Tensor] = ..., key_end: Optional[Tensor] = ...,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]: ...
 
 
 def dilated_attention(

@@ -38,7 +38,7 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "RankCost",
@@ -184,7 +184,7 @@ class RunPlan:
         return max(self.layers * c.activation_bytes + c.peak_bytes - c.activation_bytes
                    for c in self.per_rank)
 
-    def summary(self) -> Dict[str, object]:
+    def summary(self) -> Dict[str, Any]:
         """Worst-rank (and mean) numbers per layer, as plain values."""
         out = {
             "tokens": self.tokens, "ranks": self.ranks, "tokens_per_rank": self.tokens_per_rank,
@@ -199,7 +199,7 @@ class RunPlan:
         out["memory_per_rank_bytes"] = self.memory_per_rank_bytes
         return out
 
-    def to_dict(self) -> Dict[str, object]:
+    def to_dict(self) -> Dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "per_rank"}
         d["summary"] = self.summary()
         d["per_rank"] = []
@@ -258,7 +258,7 @@ class RunPlan:
                     f"{_fmt_bytes(c.bytes_received_fwd):>10} {_fmt_bytes(c.bytes_sent_bwd):>10} "
                     f"{_fmt_bytes(c.bytes_received_bwd):>10} {c.flops_fwd / 1e9:>10.4g} "
                     f"{c.flops_bwd / 1e9:>10.4g} {_fmt_bytes(c.activation_bytes):>10}")
-            if timed:
+            if c.compute_s is not None and c.comm_s is not None:  # timed
                 line += (f" {1e3 * c.compute_s:>10.4g} {1e3 * c.comm_s:>8.4g} "
                          f"{c.comm_to_compute:>9.3g}")
             lines.append(line)
@@ -281,7 +281,7 @@ class RunPlan:
                 f"{1e3 * self.worst('comm_s'):.4g} ms per layer (worst ranks), "
                 f"comm/compute up to {self.worst('comm_to_compute'):.3g}; the forward "
                 f"exchange runs behind the local patterns "
-                f"({1e3 * min(c.overlap_s for c in self.per_rank):.4g} ms on the rank "
+                f"({1e3 * min(c.overlap_s or 0.0 for c in self.per_rank):.4g} ms on the rank "
                 f"with the least), the backward exchange is not overlapped")
         return "\n".join(lines)
 
@@ -421,7 +421,7 @@ def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[i
                     pairs = c[a] * keys if not causal else \
                         c[a] * (keys - c[a]) + c[a] * (c[a] + 1) // 2
                     rc.cross_pairs += nheads * pairs
-        def spans(s):
+        def spans(s: int, w: int) -> bool:
             ranks_of = _segment_ranks(s, w, n, chunk, offset)
             return ranks_of[3] > ranks_of[2]
 
@@ -435,8 +435,8 @@ def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[i
                 continue
             rc.cross.append(i)
             s_a, s_b = first // w, (first + chunk - 1) // w
-            lo = s_a + 1 if spans(s_a) else s_a
-            hi = s_b - 1 if spans(s_b) else s_b
+            lo = s_a + 1 if spans(s_a, w) else s_a
+            hi = s_b - 1 if spans(s_b, w) else s_b
             if lo <= hi:
                 a, b = max(lo * w, first), min((hi + 1) * w, offset + n)
                 rc.partial[i] = b - a
@@ -647,7 +647,7 @@ def scaling_sweep(tokens_per_rank: int, ranks: Sequence[int], *, heads: int, hea
                   segment_lengths: Optional[Sequence[int]] = None,
                   dilation_rates: Optional[Sequence[int]] = None,
                   first_w: Optional[int] = None, first_r: int = 1, w_factor: int = 2,
-                  r_factor: Optional[int] = None, **kwargs) -> List[Dict[str, object]]:
+                  r_factor: Optional[int] = None, **kwargs) -> List[Dict[str, Any]]:
     """:meth:`RunPlan.summary` for every rank count in ``ranks`` with ``N = P *
     tokens_per_rank``: N and P grow together. With ``first_w`` the patterns follow the
     geometric rule for each N; otherwise they stay fixed. ``kwargs`` go to
@@ -703,7 +703,7 @@ def fit_ranks(tokens: int, fit_memory: float, *, heads: int, head_dim: int,
 # --------------------------------------------------------------------- CLI
 
 
-def _sweep_table(rows: List[Dict[str, object]], timed: bool) -> str:
+def _sweep_table(rows: List[Dict[str, Any]], timed: bool) -> str:
     head = (f"{'N':>14} {'P':>5} {'patterns':>8} {'crossing':>8} {'sent MiB':>9} "
             f"{'recv MiB':>9} {'TFLOP':>8} {'act. GiB':>8}")
     if timed:
@@ -725,7 +725,7 @@ def _sweep_table(rows: List[Dict[str, object]], timed: bool) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: List[Dict[str, object]], path: str, title: str) -> None:
+def _plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -765,7 +765,7 @@ def _plot(rows: List[Dict[str, object]], path: str, title: str) -> None:
     ax.legend(fontsize=8, loc="lower right")
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("N (P = N / %d ranks)" % rows[0]["tokens_per_rank"])
+        ax.set_xlabel(f"N (P = N / {rows[0]['tokens_per_rank']} ranks)")
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -885,7 +885,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   + (", patterns geometric in N" if args.first_w else ", patterns fixed")
                   + "):")
             print(_sweep_table(rows, timed))
-    if args.plot:
+    if args.plot and rows is not None:  # --plot always runs the sweep
         title = (f"longnet.plan: L = {tokens // ranks:,} tokens per rank, H = {args.heads}, "
                  f"Hk = {args.kv_heads or args.heads}, D = {args.head_dim}, {args.dtype}, "
                  f"{'causal' if args.causal else 'not causal'}, "

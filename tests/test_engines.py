@@ -121,7 +121,10 @@ RANGE_CASES = {
 @pytest.mark.parametrize("engine", COMPOSED + ["fused"])
 def test_position_offset_and_key_ranges(engine, name, causal):
     case, offset, start, end = RANGE_CASES[name]
-    as_tensor = (lambda x: None if x is None else torch.tensor(x))
+
+    def as_tensor(x):
+        return None if x is None else torch.tensor(x)
+
     got, want = run_on(engine, run_ranges, case, causal, offset, as_tensor(start),
                        as_tensor(end), packed=name == "ranges_offset")
     assert not torch.isnan(got[0]).any()

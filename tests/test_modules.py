@@ -261,6 +261,8 @@ def test_kv_cache_bookkeeping():
     assert "segment_lengths=[3, 4]" in repr(cache)
     with pytest.raises(ValueError, match="segment_lengths"):
         KVCache(0)
+    with pytest.raises(ValueError, match="segment_lengths"):
+        KVCache(True)  # a bool is not a segment length (it used to fail as not iterable)
     with pytest.raises(ValueError, match="start"):
         KVCache([4], start=-1)
 

@@ -8,6 +8,7 @@ autograd keeps for backward (distinct storages, read after the forward).
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -112,10 +113,9 @@ def _run_cases(group, sp_rank):
         k, v = (torch.randn(b, chunk, hk, d, generator=g).to(dt).requires_grad_()
                 for _ in range(2))
 
-        def call():
-            return sequence_parallel_dilated_attention(
-                q, k, v, ws, rs, group=group, is_causal=causal, return_lse=True,
-                position_offset=OFFSETS.get(name, 0))
+        call = functools.partial(
+            sequence_parallel_dilated_attention, q, k, v, ws, rs, group=group,
+            is_causal=causal, return_lse=True, position_offset=OFFSETS.get(name, 0))
 
         reset_comm_stats()
         (o, lse), held = _held_bytes(call, (q, k, v))
@@ -393,7 +393,7 @@ def test_cli_table_sweep_plot_fit_and_errors(tmp_path, capsys):
           "--first-w", "2048", "--layers", "4"])
     out = capsys.readouterr().out
     p = int(out.split("per device: ")[1].split()[0])
-    assert "P = %d ranks" % p in out and p > 1
+    assert f"P = {p} ranks" in out and p > 1
 
     for args, message in (
             (["--tokens", "100", "--ranks", "3", "--first-w", "16"], "multiple of ranks"),

@@ -1,7 +1,6 @@
 """Absolute positions (``position_offset``) and padded batches (``key_start``,
 ``key_end``) in the operator, against the float64 reference (docs/operator.md)."""
 
-import math
 import random
 import re
 

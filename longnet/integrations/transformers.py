@@ -254,7 +254,7 @@ def longnet_mask(
         )
     if q_length is None:  # early 5.x releases pass the queries' cache positions instead
         cache_position = kwargs.get("cache_position")
-        if cache_position is None or kv_length is None:
+        if cache_position is None:
             raise ValueError("internal: the mask function got neither q_length nor cache_position")
         q_length = int(cache_position.shape[0])
         q_offset = int(cache_position[0]) if q_length > 0 else 0
@@ -263,6 +263,8 @@ def longnet_mask(
             f'attn_implementation="{ATTN_IMPLEMENTATION}" needs a cache that keeps every '
             f"key (got a key/value offset of {int(kv_offset)})"
         )
+    if kv_length is None:
+        raise ValueError("internal: the mask function got no kv_length")
     key_end = int(q_offset) + int(q_length)
     if key_end > kv_length:
         raise ValueError(
