@@ -126,13 +126,13 @@ inline void prepare_b_transposed(const E* src, int64_t ld, int64_t n, int64_t k,
   }
 }
 
-// dst (cols x ld_dst) = src^T for src of `rows` rows of `cols` values (ld apart),
-// columns rows..ld_dst-1 zero: the transposed A operands (Q^T, dO^T).
+// dst (cols rows, ld_dst apart) = src^T for src of `rows` rows of `cols` values (ld
+// apart), columns rows..pad_to-1 zero: the transposed A operands (Q^T, dO^T).
 template <typename E>
 inline void transpose_a(const E* src, int64_t ld, int64_t rows, int64_t cols, E* dst,
-                        int64_t ld_dst) {
+                        int64_t ld_dst, int64_t pad_to) {
   for (int64_t c = 0; c < cols; ++c) {
-    for (int64_t r = rows; r < ld_dst; ++r) dst[c * ld_dst + r] = E(0.f);
+    for (int64_t r = rows; r < pad_to; ++r) dst[c * ld_dst + r] = E(0.f);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const E* in = src + r * ld;

@@ -272,8 +272,25 @@ constexpr int64_t kMaxPreparedBytes = int64_t(32) << 20;
 // p[j] = T(s[j]) for j < n, zeros up to n_pad.
 template <typename T>
 void round_row(const float* s, int64_t n, int64_t n_pad, T* p) {
-  for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(s[j]);
-  for (int64_t j = n; j < n_pad; ++j) p[j] = T(0.f);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    round_to_bf16(s, n, n_pad, reinterpret_cast<uint16_t*>(p));
+  } else {
+    for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(s[j]);
+    for (int64_t j = n; j < n_pad; ++j) p[j] = T(0.f);
+  }
+}
+
+// prepare_b<T, float> with the vectorised rounding for bfloat16.
+template <typename T>
+void prepare_b_rounded(const float* src, int64_t ld, int64_t k, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int64_t p = 0; p < k; p += 2) {
+      interleave_to_bf16(src + p * ld, p + 1 < k ? src + (p + 1) * ld : nullptr, n,
+                         reinterpret_cast<uint16_t*>(dst + p * n));
+    }
+  } else {
+    prepare_b<T, float>(src, ld, k, n, dst);
+  }
 }
 
 template <typename T>
@@ -495,12 +512,12 @@ struct PatternBackward {
   }
 
   // Per-thread scratch: S/P and dP/dS tiles, dk/dv (or dq) tiles, converted rows.
-  static int64_t scratch_size(int64_t D) {
+  static int64_t scratch_size(int64_t D, int64_t /*max_count*/) {
     return 2 * QB * KB + 2 * KB * D + (kConvert ? 2 * QB * D + 2 * KB * D : 0);
   }
   struct Scratch {
     A *S, *dP, *tile0, *tile1, *q_buf, *do_buf, *k_buf, *v_buf;
-    Scratch(A* buf, int64_t D) {
+    Scratch(A* buf, int64_t D, int64_t /*max_count*/) {
       S = buf;
       dP = S + QB * KB;
       tile0 = dP + QB * KB;
@@ -640,14 +657,25 @@ struct TileBackward : PatternBackward<T> {
 
   // Per-thread scratch, in floats: S, dP, dk^T, dv^T, dq tiles; then T buffers
   // (one float slot each): K^T, V^T, K, Q^T, dO^T, P, dS (B form), dS (A form).
-  static int64_t scratch_size(int64_t D) {
+  // Q^T and dO^T of a whole sparse segment (D x seg_ld) are kept when they fit.
+  static int64_t segment_ld(int64_t D, int64_t max_count) {
+    const int64_t ld = max_count + 2;
+    return 2 * D * ld * int64_t(sizeof(T)) <= kMaxPreparedBytes / 4 ? ld : 0;
+  }
+  static int64_t scratch_size(int64_t D, int64_t max_count) {
     return 2 * QB * KB + 2 * D * KB + QB * D + 3 * KB * D + 2 * D * (QB + 2) +
-           3 * (QB + 2) * (KB + 2);
+           3 * (QB + 2) * (KB + 2) + 2 * D * segment_ld(D, max_count) + 16;
   }
   struct Scratch {
     A *S, *dP, *dkT, *dvT, *dq;
-    T *kt, *vt, *kp, *qt, *dot, *p_b, *ds_b, *ds_a;
-    Scratch(A* buf, int64_t D) {
+    T *kt, *vt, *kp, *qt, *dot, *p_b, *ds_b, *ds_a, *qt_seg, *dot_seg;
+    int64_t seg_ld;
+    int64_t* tag;  // (b, h, s, pattern) whose Q^T, dO^T qt_seg/dot_seg hold
+    Scratch(A* buf, int64_t D, int64_t max_count) {
+      seg_ld = segment_ld(D, max_count);
+      tag = reinterpret_cast<int64_t*>(buf);  // 5 values in 16 floats
+      std::fill(tag, tag + 5, int64_t(-1));
+      buf += 16;
       S = buf;
       dP = S + QB * KB;
       dkT = dP + QB * KB;
@@ -662,8 +690,29 @@ struct TileBackward : PatternBackward<T> {
       p_b = dot + D * (QB + 2);
       ds_b = p_b + (QB + 2) * (KB + 2);
       ds_a = ds_b + (QB + 2) * (KB + 2);
+      qt_seg = ds_a + (QB + 2) * (KB + 2);
+      dot_seg = qt_seg + D * seg_ld;
     }
   };
+
+  // Q^T and dO^T of the queries of sparse segment `seg` (head h), prepared once per
+  // (b, h, s) into the segment buffers (columns past the last query zero).
+  void prepare_segment_queries(int64_t b, int64_t h, int64_t s, const RowSpan& row,
+                               const SparseSegment& seg, const Scratch& sc) const {
+    if (sc.tag[0] == b && sc.tag[1] == h && sc.tag[2] == s && sc.tag[3] == this->w &&
+        sc.tag[4] == this->r) {
+      return;
+    }
+    const int64_t D = this->pb.dim, r = this->r;
+    const int64_t t0 = seg.first_query, n = seg.count - seg.first_query;
+    const int64_t qi0 = this->query_index(row, seg, t0);
+    // Column t of the buffers is query element t (t < first_query unused).
+    transpose_a<T>(this->qv.at(b, qi0, h), r * this->qv.sn, n, D, sc.qt_seg + t0,
+                   sc.seg_ld, n + 2);
+    transpose_a<T>(this->dov.at(b, qi0, h), r * this->dov.sn, n, D, sc.dot_seg + t0,
+                   sc.seg_ld, n + 2);
+    sc.tag[0] = b, sc.tag[1] = h, sc.tag[2] = s, sc.tag[3] = this->w, sc.tag[4] = this->r;
+  }
 
   // Prepares the B operands of key block kb0 (kn keys from key0): K^T, V^T and,
   // with with_k, K itself (16-bit formats; float32 reads K in place).
@@ -729,6 +778,7 @@ struct TileBackward : PatternBackward<T> {
     const int64_t kn = std::min(KB, seg.count - kb0);
     const int64_t key0 = seg.base + kb0 * r;
     prepare_keys(b, g, key0, kn, with_dq, sc);
+    if (sc.seg_ld > 0) prepare_segment_queries(b, h, s, row, seg, sc);
     fill_row<A>(sc.dkT, A(0), D * kn);
     fill_row<A>(sc.dvT, A(0), D * kn);
 
@@ -740,16 +790,25 @@ struct TileBackward : PatternBackward<T> {
       const T* dO = pt.dov.at(b, qi0, h);
       tile_probs(b, h, row, seg, tq0, qn, kb0, kn, Q, dO, sc);
       const int64_t qp = padded_k<T>(qn);
-      transpose_a<T>(Q, r * pt.qv.sn, qn, D, sc.qt, qp);
-      transpose_a<T>(dO, r * pt.dov.sn, qn, D, sc.dot, qp);
-      if constexpr (kConvert) {
-        prepare_b<T, A>(sc.S, kn, qn, kn, sc.p_b);
-        prepare_b<T, A>(sc.dP, kn, qn, kn, sc.ds_b);
-        tile_gemm(D, kn, qp, sc.dot, qp, sc.p_b, kn, sc.dvT, kn, true);
-        tile_gemm(D, kn, qp, sc.qt, qp, sc.ds_b, kn, sc.dkT, kn, true);
+      // A = Q^T, dO^T columns tq0..: from the segment buffers, else transposed here.
+      const T *qt = sc.qt, *dot = sc.dot;
+      int64_t ld_t = qp;
+      if (sc.seg_ld > 0) {
+        qt = sc.qt_seg + tq0;
+        dot = sc.dot_seg + tq0;
+        ld_t = sc.seg_ld;
       } else {
-        tile_gemm(D, kn, qn, sc.dot, qn, sc.S, kn, sc.dvT, kn, true);
-        tile_gemm(D, kn, qn, sc.qt, qn, sc.dP, kn, sc.dkT, kn, true);
+        transpose_a<T>(Q, r * pt.qv.sn, qn, D, sc.qt, qp, qp);
+        transpose_a<T>(dO, r * pt.dov.sn, qn, D, sc.dot, qp, qp);
+      }
+      if constexpr (kConvert) {
+        prepare_b_rounded<T>(sc.S, kn, qn, kn, sc.p_b);
+        prepare_b_rounded<T>(sc.dP, kn, qn, kn, sc.ds_b);
+        tile_gemm(D, kn, qp, dot, ld_t, sc.p_b, kn, sc.dvT, kn, true);
+        tile_gemm(D, kn, qp, qt, ld_t, sc.ds_b, kn, sc.dkT, kn, true);
+      } else {
+        tile_gemm(D, kn, qn, dot, ld_t, sc.S, kn, sc.dvT, kn, true);
+        tile_gemm(D, kn, qn, qt, ld_t, sc.dP, kn, sc.dkT, kn, true);
       }
       if (with_dq) {
         A* dq_rows = pt.dq_p + ((b * pt.pb.nq + qi0) * pt.pb.heads + h) * D;
@@ -877,7 +936,12 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
   at::Tensor kv_seen = at::zeros({pb.batch * pb.nk * pb.kv_heads}, flag_opts);
 
   const int64_t nthreads = at::get_num_threads();
-  const int64_t per_thread = Pattern::scratch_size(D);
+  int64_t max_count_all = 1;
+  for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
+    max_count_all = std::max(max_count_all, (std::min(segment_lengths[pi], pb.nk) +
+                                             dilation_rates[pi] - 1) / dilation_rates[pi]);
+  }
+  const int64_t per_thread = Pattern::scratch_size(D, max_count_all);
   at::Tensor scratch = at::empty({nthreads, per_thread}, acc_opts);
   A* scratch_p = scratch.data_ptr<A>();
 
@@ -895,7 +959,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
       // Fused: a task owns one (batch, kv head, segment), i.e. all dk/dv rows of
       // that kv head in the segment and all dq rows of its query heads there.
       at::parallel_for(0, segment_tasks, 1, [&](int64_t begin, int64_t end) {
-        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D);
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D, max_count_all);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t s = task % nseg;
           const int64_t g = (task / nseg) % pb.kv_heads;
@@ -913,7 +977,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
       // dk/dv, then query blocks for dq (recomputing P once more).
       const int64_t nkb = (max_count + Pattern::KB - 1) / Pattern::KB;
       at::parallel_for(0, segment_tasks * nkb, 1, [&](int64_t begin, int64_t end) {
-        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D);
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D, max_count_all);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t kb = task % nkb;
           const int64_t s = (task / nkb) % nseg;
@@ -927,7 +991,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
       });
       const int64_t nqb = (max_count + Pattern::QB - 1) / Pattern::QB;
       at::parallel_for(0, pb.batch * pb.heads * nseg * nqb, 1, [&](int64_t begin, int64_t end) {
-        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D);
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D, max_count_all);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t qb = task % nqb;
           const int64_t s = (task / nqb) % nseg;
