@@ -406,9 +406,8 @@ void forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                 fill_row<A>(srow, A(0), kn);
                 continue;
               }
-              scale_row(srow, scale, valid);
               const A m_old = m_loc[i];
-              const A m_new = std::max(m_old, row_max(srow, valid));
+              const A m_new = std::max(m_old, scale_and_max(srow, scale, valid));
               const A sum = exp_shift_sum(srow, m_new, srow, valid);
               fill_row<A>(srow + valid, A(0), kn - valid);
               if (m_old != m_new) {
@@ -747,9 +746,7 @@ struct TileBackward : PatternBackward<T> {
         fill_row<A>(dp_row, A(0), kn);
         continue;
       }
-      scale_row(s_row, this->scale, valid);
-      softmax_grad_row(s_row, dp_row, row_lse, delta_row[qi], valid);
-      scale_row(dp_row, this->scale, valid);
+      softmax_grad_row_scaled(s_row, dp_row, this->scale, row_lse, delta_row[qi], valid);
       fill_row<A>(s_row + valid, A(0), kn - valid);
       fill_row<A>(dp_row + valid, A(0), kn - valid);
     }
