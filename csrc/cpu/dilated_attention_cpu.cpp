@@ -654,22 +654,29 @@ struct TileBackward : PatternBackward<T> {
   static constexpr int64_t QB = kTileQuery, KB = kTileKey;
   explicit TileBackward(const Base& base) : Base(base) {}
 
-  // Per-thread scratch, in floats: S, dP, dk^T, dv^T, dq tiles; then T buffers
-  // (one float slot each): K^T, V^T, K, Q^T, dO^T, P, dS (B form), dS (A form).
-  // Q^T and dO^T of a whole sparse segment (D x seg_ld) are kept when they fit.
+  // Per-thread scratch: float S, dP, dk^T, dv^T, dq tiles; then T buffers: K^T, V^T,
+  // for 16-bit formats K, P and dS (B form) and dS (A form); Q^T and dO^T of one pair,
+  // or (16-bit formats, when they fit) of a whole sparse segment, which saves their
+  // transposition per pair. float32 keeps no more than the BLAS path's scratch.
+  static constexpr int64_t k16 = kConvert ? 1 : 0;
   static int64_t segment_ld(int64_t D, int64_t max_count) {
     const int64_t ld = max_count + 2;
-    return 2 * D * ld * int64_t(sizeof(T)) <= kMaxPreparedBytes / 4 ? ld : 0;
+    return kConvert && 2 * D * ld * int64_t(sizeof(T)) <= kMaxPreparedBytes / 4 ? ld : 0;
+  }
+  static int64_t t_elems(int64_t D, int64_t max_count) {
+    const int64_t seg_ld = segment_ld(D, max_count);
+    return (2 + k16) * KB * D + (seg_ld > 0 ? 2 * D * seg_ld : 2 * D * (QB + 2)) +
+           3 * k16 * (QB + 2) * (KB + 2);
   }
   static int64_t scratch_size(int64_t D, int64_t max_count) {
-    return 2 * QB * KB + 2 * D * KB + QB * D + 3 * KB * D + 2 * D * (QB + 2) +
-           3 * (QB + 2) * (KB + 2) + 2 * D * segment_ld(D, max_count) + 16;
+    const int64_t t_floats = (t_elems(D, max_count) * int64_t(sizeof(T)) + 3) / 4;
+    return 16 + 2 * QB * KB + 2 * D * KB + QB * D + t_floats;
   }
   struct Scratch {
     A *S, *dP, *dkT, *dvT, *dq;
     T *kt, *vt, *kp, *qt, *dot, *p_b, *ds_b, *ds_a, *qt_seg, *dot_seg;
     int64_t seg_ld;
-    int64_t* tag;  // (b, h, s, pattern) whose Q^T, dO^T qt_seg/dot_seg hold
+    int64_t* tag;  // (b, h, s, w, r) whose Q^T, dO^T qt_seg/dot_seg hold
     Scratch(A* buf, int64_t D, int64_t max_count) {
       seg_ld = segment_ld(D, max_count);
       tag = reinterpret_cast<int64_t*>(buf);  // 5 values in 16 floats
@@ -683,14 +690,21 @@ struct TileBackward : PatternBackward<T> {
       T* t = reinterpret_cast<T*>(dq + QB * D);
       kt = t;
       vt = kt + KB * D;
-      kp = vt + KB * D;
-      qt = kp + KB * D;
-      dot = qt + D * (QB + 2);
-      p_b = dot + D * (QB + 2);
-      ds_b = p_b + (QB + 2) * (KB + 2);
-      ds_a = ds_b + (QB + 2) * (KB + 2);
-      qt_seg = ds_a + (QB + 2) * (KB + 2);
-      dot_seg = qt_seg + D * seg_ld;
+      kp = vt + KB * D;  // 16-bit formats only
+      t = kp + k16 * KB * D;
+      qt_seg = dot_seg = qt = dot = nullptr;
+      if (seg_ld > 0) {
+        qt_seg = t;
+        dot_seg = qt_seg + D * seg_ld;
+        t = dot_seg + D * seg_ld;
+      } else {
+        qt = t;
+        dot = qt + D * (QB + 2);
+        t = dot + D * (QB + 2);
+      }
+      p_b = t;  // 16-bit formats only
+      ds_b = p_b + k16 * (QB + 2) * (KB + 2);
+      ds_a = ds_b + k16 * (QB + 2) * (KB + 2);
     }
   };
 
