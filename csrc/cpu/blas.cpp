@@ -180,11 +180,24 @@ bool env_is_zero(const char* name) {
   return env != nullptr && std::strcmp(env, "0") == 0;
 }
 
+// ATen headers that declare the float32/bfloat16/float16 -> float32 block products
+// (torch >= 2.4); older ones build the portable and BLAS paths only.
+#if defined(CPUBLAS_BRGEMM_F32F32F32) && defined(CPUBLAS_BRGEMM_BF16BF16F32) && \
+    defined(CPUBLAS_BRGEMM_F16F16F32)
+#define LONGNET_HAVE_BRGEMM 1
+#else
+#define LONGNET_HAVE_BRGEMM 0
+#endif
+
 template <typename E>
 void brgemm_call(int64_t m, int64_t n, int64_t k, const E* a, int64_t lda, const E* b,
                  int64_t ldb, float* c, int64_t ldc, bool add) {
+#if LONGNET_HAVE_BRGEMM
   // float B is plain row-major; 16-bit B is pair-interleaved (is_vnni).
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, kPairInterleaved<E>);
+#else
+  TORCH_CHECK(false, "longnet: this build of torch has no cpublas::brgemm");
+#endif
 }
 
 // Runs C = A B for A = [[1, 2], [3, 4]], B = [[5, 6], [7, 8]] (and C += A B) through
@@ -197,10 +210,11 @@ bool probe_brgemm() {
   const E b_rows[4] = {E(5.f), E(6.f), E(7.f), E(8.f)};
   prepare_b<E, E>(b_rows, 2, 2, 2, b);
   float c[4] = {0, 0, 0, 0};
+  if (!LONGNET_HAVE_BRGEMM) return false;
   try {
     brgemm_call<E>(2, 2, 2, a, 2, b, 2, c, 2, false);
     brgemm_call<E>(2, 2, 2, a, 2, b, 2, c, 2, true);
-    at::native::cpublas::brgemm_release(kPairInterleaved<E>);
+    tile_gemm_release<E>();
   } catch (const c10::Error&) {
     return false;
   }
@@ -235,7 +249,9 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const c10::Half* a, int64_t lda,
 
 template <typename E>
 void tile_gemm_release() {
+#if LONGNET_HAVE_BRGEMM
   at::native::cpublas::brgemm_release(kPairInterleaved<E>);
+#endif
 }
 template void tile_gemm_release<float>();
 template void tile_gemm_release<c10::BFloat16>();
