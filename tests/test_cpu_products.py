@@ -111,6 +111,21 @@ def test_products_match_reference(name, causal, dtype):
     assert all(errors[n] < tol[n] for n in errors), (used, errors, tol)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_turned_off_runs_blas_products(dtype):
+    # torch.backends.mkldnn.enabled = False makes ATen's 16-bit micro-kernels raise:
+    # the kernels must take the BLAS path instead (catches a call that crashes or
+    # still reports brgemm), within the format's bounds.
+    shape = SHAPES["gqa_d40"]
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not torch.ops.longnet._cpu_products_for(dtype, 40).startswith("brgemm")
+        errors, used = _errors(shape, dtype, True)
+    assert not used.startswith("brgemm"), used
+    tol = low_precision_tolerances(dtype)
+    assert all(errors[n] < tol[n] for n in errors), (used, errors, tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_products_with_positions_and_key_ranges(dtype):
     # Rows whose keys start inside a segment and a row with no keys at all.

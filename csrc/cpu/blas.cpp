@@ -1,5 +1,6 @@
 #include "cpu/blas.h"
 
+#include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
@@ -227,6 +228,10 @@ thread_local const char* t_last_products = "";
 
 template <typename E>
 bool tile_gemm_available() {
+  // ATen's micro-kernels also stand down when oneDNN is turned off
+  // (torch.backends.mkldnn.enabled = False): 16-bit ones then raise, float32 ones fall
+  // back to a plain GEMM; the BLAS path runs instead.
+  if (!at::globalContext().userEnabledMkldnn()) return false;
   static const bool probed = probe_brgemm<E>();
   return probed && !env_is_zero("LONGNET_CPU_BLAS") && !env_is_zero("LONGNET_CPU_BRGEMM");
 }

@@ -45,8 +45,9 @@ bool blas_available();
 
 // Whether tile_gemm runs oneDNN's micro-kernel for inputs of type E (float,
 // c10::BFloat16, c10::Half): checked once on a small known product, so a build or a
-// processor without them reports false. LONGNET_CPU_BLAS=0 (portable loops) and
-// LONGNET_CPU_BRGEMM=0 (the Fortran BLAS path) turn it off; both are read per call.
+// processor without them reports false. LONGNET_CPU_BLAS=0 (portable loops),
+// LONGNET_CPU_BRGEMM=0 (the Fortran BLAS path) and torch.backends.mkldnn.enabled =
+// False turn it off; all are read per call.
 template <typename E>
 bool tile_gemm_available();
 
