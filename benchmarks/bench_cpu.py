@@ -29,8 +29,13 @@ they would exceed ``--budget`` seconds, at least one). GFLOP/s counts only the F
 the implementation's pattern needs: per pattern ``4 * B * N * H * D * min(w, N) / r**2``,
 halved when causal, backward 2.5x forward (dense SDPA: one pattern ``w = N``).
 
-Cases (``--case``): ``scaling``, ``target1``, ``target2``, ``gflops``, ``engines`` or
-``all``.
+Cases (``--case``): ``scaling``, ``target1``, ``target2``, ``gflops``, ``engines``,
+``peak`` or ``all``. ``peak`` sets the fused kernels' GFLOP/s (needed FLOPs) at the target1
+shape, float32 and bfloat16, against the large-GEMM rate of the libraries on this machine
+(``gemm``: ``torch.mm`` float32 on MKL, ``mkldnn_linear`` float32 on oneDNN, ``torch.mm``
+bfloat16 on oneDNN, 2048^3) and dense causal SDPA of about the same FLOPs, with the
+kernels' products on oneDNN's micro-kernels (``brgemm``) and, measured in turn beside
+them, on the Fortran BLAS path (``blas``, ``LONGNET_CPU_BRGEMM=0``).
 Results are printed as markdown tables, saved as JSON (``<out>/cpu_<case>.json``) and
 plotted (``<out>/cpu_<case>.png``). ``--quick`` runs tiny sizes as a smoke test.
 
@@ -65,7 +70,8 @@ from benchmarks.common import (  # noqa: E402
     time_calls,
 )
 
-CASES = ("scaling", "target1", "target2", "gflops", "engines")
+CASES = ("scaling", "target1", "target2", "gflops", "engines", "peak")
+GEMMS = ("mkl_float32", "onednn_float32", "onednn_bfloat16")
 MODES = ("fwd", "fwdbwd")
 ALL_IMPLS = ("longnet", "gather_sdpa", "dense_sdpa")
 ENGINE_IMPLS = ("longnet", "longnet_cpu_flash", "longnet_math")
@@ -110,12 +116,21 @@ def case_configs(case: str, quick: bool) -> Dict[str, object]:
                     problems=[("long_w", [2048, 4096, 8192], [1, 2, 4]),
                               ("short_w", [64, 128, 256, 512], [1, 2, 4, 8]),
                               ("one_pattern", [2048], [1])])
+    if case == "peak":
+        if quick:
+            return dict(B=1, H=2, D=32, causal=True, ws=[256, 512, 1024], rs=[1, 2, 4],
+                        N=4096, sdpa_n=1024, gemm_n=256, dtypes=["float32", "bfloat16"],
+                        modes=list(MODES))
+        # dense causal SDPA at N = 16K needs 1.14x the FLOPs of the target1 shape
+        return dict(B=1, H=8, D=64, causal=True, ws=[2048, 4096, 8192], rs=[1, 2, 4],
+                    N=65536, sdpa_n=16384, gemm_n=2048, dtypes=["float32", "bfloat16"],
+                    modes=list(MODES))
     raise ValueError(f"--case must be one of {CASES + ('all',)}, got {case!r}")
 
 
 def bytes_estimate(impl: str, spec: Dict[str, object]) -> float:
     """Rough peak bytes of one measurement, to skip what cannot fit in memory."""
-    if impl == "mm":
+    if impl in ("mm", "gemm"):
         return 3 * 4 * spec["n"] ** 2
     t = 4.0 * spec["B"] * spec["N"] * spec["H"] * spec["D"]
     bwd = spec["mode"] == "fwdbwd"
@@ -180,10 +195,11 @@ def _attention_call(spec: Dict[str, object], n: int, gen):
     bsz, h, d = (int(spec[x]) for x in ("B", "H", "D"))
     hk = int(spec.get("Hk", h))
     grad = spec["mode"] == "fwdbwd"
-    q = torch.randn(bsz, n, h, d, generator=gen).requires_grad_(grad)
-    k = torch.randn(bsz, n, hk, d, generator=gen).requires_grad_(grad)
-    v = torch.randn(bsz, n, hk, d, generator=gen).requires_grad_(grad)
-    gout = torch.randn(bsz, n, h, d, generator=gen) if grad else None
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    q = torch.randn(bsz, n, h, d, generator=gen).to(dtype).requires_grad_(grad)
+    k = torch.randn(bsz, n, hk, d, generator=gen).to(dtype).requires_grad_(grad)
+    v = torch.randn(bsz, n, hk, d, generator=gen).to(dtype).requires_grad_(grad)
+    gout = torch.randn(bsz, n, h, d, generator=gen).to(dtype) if grad else None
     fn = _impl_fn(spec)
 
     def call() -> None:
@@ -216,6 +232,19 @@ def run_worker(spec: Dict[str, object]) -> Dict[str, object]:
 
         mm_call(64)()
         call = mm_call(int(spec["n"]))
+    elif spec["impl"] == "gemm":
+        def gemm_call(n):
+            a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+            if spec["gemm"] == "onednn_float32":
+                am, bm = a.to_mkldnn(), b.to_mkldnn()
+                return lambda: torch._C._nn.mkldnn_linear(am, bm)
+            if spec["gemm"] == "onednn_bfloat16":
+                a, b = a.bfloat16(), b.bfloat16()
+            c = torch.empty(n, n, dtype=a.dtype)
+            return lambda: torch.mm(a, b, out=c)
+
+        gemm_call(64)()
+        call = gemm_call(int(spec["n"]))
     else:
         tiny = spec["ws"][0] if spec["impl"] == "segment_sdpa" else 256
         _attention_call(spec, min(tiny, int(spec["N"])), gen)()
@@ -228,8 +257,11 @@ def run_worker(spec: Dict[str, object]) -> Dict[str, object]:
     cold = time.perf_counter() - t0
     peak = probe.stop()
     times = time_calls(call, int(spec["repeats"]), float(spec["budget"]), cold)
-    return {"cold_s": cold, "times_s": times, "time_s": median(times),
-            "peak_bytes": peak, "memory_method": probe.method}
+    rec = {"cold_s": cold, "times_s": times, "time_s": median(times),
+           "peak_bytes": peak, "memory_method": probe.method}
+    if spec["impl"] == "longnet":
+        rec["products_used"] = torch.ops.longnet._cpu_products()
+    return rec
 
 
 # ------------------------------------------------------------------- orchestration
@@ -260,12 +292,17 @@ class Runner:
         a = self.args
         spec = dict(spec, impl=impl, threads=a.threads, repeats=a.repeats, budget=a.budget)
         label = (f"{spec.get('case', '')}: {impl:12s} {spec.get('problem', '')} "
-                 + (f"n={spec['n']}" if impl == "mm" else f"N={spec['N']:>8d} {spec['mode']:6s}"))
+                 + (f"{spec.get('gemm', '')} n={spec['n']}" if impl in ("mm", "gemm")
+                    else f"N={spec['N']:>8d} {spec['mode']:6s}")
+                 + (f" {spec['dtype']}" if "dtype" in spec else "")
+                 + (f" products={spec['products']}" if "products" in spec else ""))
         reason = self.skip_reason(impl, spec)
         if reason:
             print(f"  {label}  skipped ({reason})", flush=True)
             return dict(spec, skipped=reason)
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+        if spec.get("products") == "blas":
+            env["LONGNET_CPU_BRGEMM"] = "0"
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
         t0 = time.time()
         try:
@@ -280,7 +317,7 @@ class Runner:
             print(f"  {label}  failed (exit {proc.returncode}): {err}", flush=True)
             return dict(spec, skipped=f"failed: {err}")
         rec = dict(spec, **json.loads(lines[-1][len("RESULT "):]))
-        if impl == "mm":
+        if impl in ("mm", "gemm"):
             rec["gflops"] = 2.0 * spec["n"] ** 3 / rec["time_s"] / 1e9
         else:
             rec["gflops"] = rec["flops"] / rec["time_s"] / 1e9
@@ -322,8 +359,22 @@ def run_case(case: str, runner: Runner) -> Dict[str, object]:
     if "Ns" in cfg:
         cfg["Ns"] = [n for n in cfg["Ns"] if n <= runner.args.max_n] or cfg["Ns"][:1]
     print(f"\n## {case}: {json.dumps({k: v for k, v in cfg.items()})}", flush=True)
+    load_before = os.getloadavg()
     records: List[Dict[str, object]] = []
-    if case == "gflops":
+    if case == "peak":
+        for g in GEMMS:
+            records.append(runner.measure("gemm", dict(case=case, gemm=g, n=cfg["gemm_n"],
+                                                       flops=0.0)))
+        for dtype in cfg["dtypes"]:
+            for mode in cfg["modes"]:
+                spec = dict(_spec(case, cfg, cfg["N"], mode, cfg["ws"], cfg["rs"]), dtype=dtype)
+                # old and new products measured one after the other, for each shape
+                for products in ("blas", "brgemm"):
+                    records.append(runner.measure("longnet", dict(
+                        spec, products=products, flops=_flops(spec, "longnet"))))
+                sd = dict(spec, N=cfg["sdpa_n"])
+                records.append(runner.measure("dense_sdpa", dict(sd, flops=_flops(sd, "dense_sdpa"))))
+    elif case == "gflops":
         records.append(runner.measure("mm", dict(case=case, n=cfg["mm_n"], flops=0.0)))
         for w in cfg["seg"]:
             n = max(cfg["n_tokens"], w)
@@ -344,7 +395,8 @@ def run_case(case: str, runner: Runner) -> Dict[str, object]:
                 for impl in cfg["impls"]:
                     records.append(runner.measure(impl, dict(spec, flops=_flops(spec, impl))))
     return {"case": case, "quick": runner.args.quick, "config": cfg,
-            "machine": machine_info(runner.args.threads), "records": records}
+            "machine": machine_info(runner.args.threads), "records": records,
+            "loadavg": {"before": load_before, "after": os.getloadavg()}}
 
 
 # ------------------------------------------------------------------------ reporting
@@ -372,10 +424,11 @@ def summarize(result: Dict[str, object]) -> str:
     case, recs, cfg = result["case"], result["records"], result["config"]
     rows, summary, lines = [], {}, []
     for r in recs:
-        if r["impl"] == "mm":
+        if r["impl"] in ("mm", "gemm"):
             continue
         shape = (f"N={r['N']}" + (f" w={r['ws'][0]}" if case == "gflops" else "")
-                 + (f" {r['problem']}" if case == "engines" else ""))
+                 + (f" {r['problem']}" if case == "engines" else "")
+                 + (f" {r['dtype']} {r.get('products', '')}" if case == "peak" else ""))
         if "time_s" in r:
             rows.append([r["impl"], shape, r["mode"], f"{r['time_s']:.4f}",
                          f"{1e6 * r['time_s'] / (r['B'] * r['N']):.2f}",
@@ -445,6 +498,11 @@ def summarize(result: Dict[str, object]) -> str:
             lines.append("\n" + markdown_table(
                 ["w", "mode", "longnet GFLOP/s", "vs segment SDPA", ">= 0.8",
                  "vs torch.mm", ">= 0.5"], rows))
+    elif case == "peak":
+        lines.append("\n" + _peak_table(recs, cfg, summary))
+        if "loadavg" in result:
+            lines.append("load average (1, 5, 15 min) before %s, after %s" % tuple(
+                ", ".join(f"{x:.1f}" for x in result["loadavg"][k]) for k in ("before", "after")))
     elif case == "engines":
         rows = []
         for label, ws, rs in cfg["problems"]:
@@ -470,6 +528,95 @@ def summarize(result: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _peak_find(recs, impl, dtype, mode, products=None):
+    for r in recs:
+        if (r.get("impl") == impl and r.get("dtype") == dtype and r.get("mode") == mode
+                and "time_s" in r and (products is None or r.get("products") == products)):
+            return r
+    return None
+
+
+def _peak_table(recs, cfg, summary) -> str:
+    """The peak case's table (GFLOP/s and ratios) and its target lines."""
+    gemm = {r["gemm"]: r["gflops"] for r in recs if r.get("impl") == "gemm" and "gflops" in r}
+    summary["gemm_gflops"] = gemm
+    out = ["large GEMM (%d^3): " % cfg["gemm_n"]
+           + ", ".join(f"{g} {gemm[g]:.1f} GFLOP/s" for g in GEMMS if g in gemm), ""]
+    rows = []
+    for dtype in cfg["dtypes"]:
+        limit = gemm.get(f"onednn_{dtype}")
+        for mode in cfg["modes"]:
+            old = _peak_find(recs, "longnet", dtype, mode, "blas")
+            new = _peak_find(recs, "longnet", dtype, mode, "brgemm")
+            sd = _peak_find(recs, "dense_sdpa", dtype, mode)
+            if not new:
+                continue
+            ent = {"new_gflops": new["gflops"], "new_time_s": new["time_s"],
+                   "new_peak_mib": new["peak_bytes"] / 2**20,
+                   "products_used": new.get("products_used")}
+            if old:
+                ent.update(old_gflops=old["gflops"], old_time_s=old["time_s"],
+                           old_peak_mib=old["peak_bytes"] / 2**20,
+                           speedup=old["time_s"] / new["time_s"])
+            if sd:
+                ent.update(sdpa_gflops=sd["gflops"], vs_sdpa=new["gflops"] / sd["gflops"])
+            if limit:
+                ent.update(gemm_gflops=limit, vs_gemm=new["gflops"] / limit)
+            summary[f"{dtype}_{mode}"] = ent
+            f = lambda key, fmt: fmt % ent[key] if key in ent else "-"  # noqa: E731
+            rows.append([dtype, mode, f("old_gflops", "%.1f"), f("new_gflops", "%.1f"),
+                         f("speedup", "%.2fx"), f("sdpa_gflops", "%.1f"), f("vs_sdpa", "%.2fx"),
+                         f("gemm_gflops", "%.1f"), f("vs_gemm", "%.2f"),
+                         f("old_peak_mib", "%.0f"), f("new_peak_mib", "%.0f"),
+                         ent.get("products_used") or "-"])
+    out.append(markdown_table(
+        ["dtype", "mode", "blas GFLOP/s", "brgemm GFLOP/s", "speedup", "SDPA GFLOP/s",
+         "vs SDPA", "oneDNN GEMM", "vs GEMM", "blas MiB", "brgemm MiB", "products"], rows))
+
+    def target(name, value, need):
+        if value is None:
+            return
+        ok = value >= need
+        summary.setdefault("targets", {})[name] = {"value": value, "need": need, "pass": ok}
+        out.append(f"target {name} >= {need}: {'PASS' if ok else 'FAIL'} ({value:.2f})")
+
+    g = lambda dt, md, key: summary.get(f"{dt}_{md}", {}).get(key)  # noqa: E731
+    out.append("")
+    target("float32 fwd+bwd speedup over blas", g("float32", "fwdbwd", "speedup"), 2.0)
+    t32, t16 = g("float32", "fwdbwd", "new_time_s"), g("bfloat16", "fwdbwd", "new_time_s")
+    target("bfloat16 fwd+bwd speed / float32", t32 / t16 if t32 and t16 else None, 2.0)
+    for dt in cfg["dtypes"]:
+        target(f"{dt} fwd+bwd GFLOP/s vs SDPA", g(dt, "fwdbwd", "vs_sdpa"), 1.5)
+    target("float32 fwd vs oneDNN GEMM", g("float32", "fwd", "vs_gemm"), 0.5)
+    target("bfloat16 fwd vs oneDNN GEMM", g("bfloat16", "fwd", "vs_gemm"), 0.35)
+    return "\n".join(out)
+
+
+def _plot_peak(result, path, plt) -> None:
+    recs, cfg = result["records"], result["config"]
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    groups = [(dt, md) for dt in cfg["dtypes"] for md in cfg["modes"]]
+    series = [("longnet blas products", "longnet", "blas"),
+              ("longnet brgemm products", "longnet", "brgemm"),
+              ("dense causal SDPA", "dense_sdpa", None)]
+    width = 0.8 / len(series)
+    for i, (label, impl, products) in enumerate(series):
+        ys = [(_peak_find(recs, impl, dt, md, products) or {}).get("gflops", 0.0)
+              for dt, md in groups]
+        ax.bar([j + i * width for j in range(len(groups))], ys, width, label=label)
+    colors = {"mkl_float32": "tab:gray", "onednn_float32": "k", "onednn_bfloat16": "tab:red"}
+    for r in recs:
+        if r.get("impl") == "gemm" and "gflops" in r:
+            ax.axhline(r["gflops"], ls="--", color=colors[r["gemm"]],
+                       label=f"GEMM {r['gemm']} {r['n']}^3")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{dt}\n{md}" for dt, md in groups])
+    ax.set_ylabel("GFLOP/s (needed FLOPs)")
+    ax.set_title(f"N={cfg['N']} H={cfg['H']} D={cfg['D']} w={cfg['ws']} r={cfg['rs']} causal")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot(result: Dict[str, object], path: str) -> bool:
     """Save a PNG of one case; False when matplotlib is missing."""
     try:
@@ -482,6 +629,13 @@ def plot(result: Dict[str, object], path: str) -> bool:
     case, recs, cfg = result["case"], result["records"], result["config"]
     if case == "engines":
         return False  # the table is the result
+    if case == "peak":
+        _plot_peak(result, path, plt)
+        plt.gcf().suptitle(f"longnet CPU benchmark: peak ({result['machine']['threads']} threads)")
+        plt.gcf().tight_layout()
+        plt.gcf().savefig(path, dpi=110)
+        plt.close(plt.gcf())
+        return True
     impls = [i for i in ("longnet", "gather_sdpa", "dense_sdpa", "segment_sdpa")
              if any(r["impl"] == i and "time_s" in r for r in recs)]
     if case == "scaling":

@@ -200,8 +200,18 @@ def test_gradcheck_rows_without_keys():
 #   Delta = rowsum(dout * out) - dlse, which the kernels take from the rounded out
 #   (relative error <= u again, entering them linearly): 2 u.
 # * float32 everything: 1e-5, the float32 accumulation bound above.
-# Measured (this case, 2026-11-29): bf16 out 1.7e-3, dq 1.9e-3; fp16 out 2.1e-4,
-# dq 2.4e-4; lse 4e-8 in every format; float32 <= 3.6e-7. A 1% error in the softmax
+# * Where the micro-kernel products run (bf16 on AVX-512/AMX, fp16 on AVX-512-FP16/AMX),
+#   P and dS are also rounded to the format before P.V, P^T.dout, dS.K and dS^T.q (as
+#   ATen's CPU flash kernel does; q, k, v, dout are in the format already and their
+#   products are exact in float32): a second rounding, <= u relatively per term. Its
+#   errors are independent across the terms of each sum and add in quadrature to the
+#   output rounding, about sqrt(2) times the single-rounding error in the norm, which
+#   stays inside u for out/dv and 2 u for dq/dk. The bounds are unchanged; like the
+#   float32 part they are typical, not worst-case, bounds for these products.
+# Measured (this case, 2026-11-29, float32 tiles): bf16 out 1.7e-3, dq 1.9e-3; fp16 out
+# 2.1e-4, dq 2.4e-4; lse 4e-8 in every format; float32 <= 3.6e-7. With the bf16
+# micro-kernel products (2026-12-02): out 2.1e-3, dv 2.4e-3, dq/dk 2.6e-3 (0.53 u,
+# 0.61 u, 0.66 u); float32 on them <= 3.6e-7. A 1% error in the softmax
 # scale moves out by >= 8e-3, lse by 2e-3 and every gradient by >= 8e-3: above every
 # bound, which test_low_precision_bounds_catch_a_one_percent_scale_error checks.
 #

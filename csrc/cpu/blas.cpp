@@ -1,5 +1,9 @@
 #include "cpu/blas.h"
 
+#include <ATen/Context.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/Exception.h>
+
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -167,6 +171,99 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, 
 }
 
 bool blas_available() { return checked_fortran_gemm<float>() != nullptr; }
+
+// ------------------------------------------------- micro-kernel products ----
+
+namespace {
+
+bool env_is_zero(const char* name) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, "0") == 0;
+}
+
+// ATen headers that declare the float32/bfloat16/float16 -> float32 block products
+// (torch >= 2.4); older ones build the portable and BLAS paths only.
+#if defined(CPUBLAS_BRGEMM_F32F32F32) && defined(CPUBLAS_BRGEMM_BF16BF16F32) && \
+    defined(CPUBLAS_BRGEMM_F16F16F32)
+#define LONGNET_HAVE_BRGEMM 1
+#else
+#define LONGNET_HAVE_BRGEMM 0
+#endif
+
+template <typename E>
+void brgemm_call(int64_t m, int64_t n, int64_t k, const E* a, int64_t lda, const E* b,
+                 int64_t ldb, float* c, int64_t ldc, bool add) {
+#if LONGNET_HAVE_BRGEMM
+  // float B is plain row-major; 16-bit B is pair-interleaved (is_vnni).
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, kPairInterleaved<E>);
+#else
+  TORCH_CHECK(false, "longnet: this build of torch has no cpublas::brgemm");
+#endif
+}
+
+// Runs C = A B for A = [[1, 2], [3, 4]], B = [[5, 6], [7, 8]] (and C += A B) through
+// the micro-kernel; true when it exists for E and answers right. A missing kernel
+// (no oneDNN micro-kernels in this ATen, or a 16-bit format the ISA lacks) throws.
+template <typename E>
+bool probe_brgemm() {
+  const E a[4] = {E(1.f), E(2.f), E(3.f), E(4.f)};
+  E b[4];
+  const E b_rows[4] = {E(5.f), E(6.f), E(7.f), E(8.f)};
+  prepare_b<E, E>(b_rows, 2, 2, 2, b);
+  float c[4] = {0, 0, 0, 0};
+  if (!LONGNET_HAVE_BRGEMM) return false;
+  try {
+    brgemm_call<E>(2, 2, 2, a, 2, b, 2, c, 2, false);
+    brgemm_call<E>(2, 2, 2, a, 2, b, 2, c, 2, true);
+    tile_gemm_release<E>();
+  } catch (const c10::Error&) {
+    return false;
+  }
+  return c[0] == 38.f && c[1] == 44.f && c[2] == 86.f && c[3] == 100.f;
+}
+
+thread_local const char* t_last_products = "";
+
+}  // namespace
+
+template <typename E>
+bool tile_gemm_available() {
+  // ATen's micro-kernels also stand down when oneDNN is turned off
+  // (torch.backends.mkldnn.enabled = False): 16-bit ones then raise, float32 ones fall
+  // back to a plain GEMM; the BLAS path runs instead.
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  static const bool probed = probe_brgemm<E>();
+  return probed && !env_is_zero("LONGNET_CPU_BLAS") && !env_is_zero("LONGNET_CPU_BRGEMM");
+}
+template bool tile_gemm_available<float>();
+template bool tile_gemm_available<c10::BFloat16>();
+template bool tile_gemm_available<c10::Half>();
+
+void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+               int64_t ldb, float* c, int64_t ldc, bool add) {
+  brgemm_call<float>(m, n, k, a, lda, b, ldb, c, ldc, add);
+}
+void tile_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda,
+               const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc, bool add) {
+  brgemm_call<c10::BFloat16>(m, n, k, a, lda, b, ldb, c, ldc, add);
+}
+void tile_gemm(int64_t m, int64_t n, int64_t k, const c10::Half* a, int64_t lda,
+               const c10::Half* b, int64_t ldb, float* c, int64_t ldc, bool add) {
+  brgemm_call<c10::Half>(m, n, k, a, lda, b, ldb, c, ldc, add);
+}
+
+template <typename E>
+void tile_gemm_release() {
+#if LONGNET_HAVE_BRGEMM
+  at::native::cpublas::brgemm_release(kPairInterleaved<E>);
+#endif
+}
+template void tile_gemm_release<float>();
+template void tile_gemm_release<c10::BFloat16>();
+template void tile_gemm_release<c10::Half>();
+
+const char* last_products() { return t_last_products; }
+void set_last_products(const char* name) { t_last_products = name; }
 
 #define LONGNET_INSTANTIATE_GEMM(T)                                                         \
   template void gemm_nt<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*,      \

@@ -10,12 +10,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "checks.h"
 #include "op_common.h"
@@ -89,6 +92,39 @@ struct Problem {
 };
 
 // ---------------------------------------------------------------- forward ----
+
+// The only write of every output element: out = acc / l, lse = m + log l; rows
+// that reached no key (l = 0, acc never written) get out = 0, lse = -inf.
+template <typename T, typename A>
+void finish_forward(at::Tensor& out, at::Tensor& lse, const A* acc_p, const A* m_p,
+                    const A* l_p, const Problem& pb) {
+  const int64_t D = pb.dim;
+  const int64_t skipped_state = debug_skip_first_row() ? 0 : -1;
+  T* out_p = out.data_ptr<T>();
+  A* lse_p = lse.data_ptr<A>();
+  const int64_t rows = pb.batch * pb.nq * pb.heads;
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t h = row % pb.heads;
+      const int64_t qi = (row / pb.heads) % pb.nq;
+      const int64_t b = row / (pb.heads * pb.nq);
+      const int64_t state = (b * pb.heads + h) * pb.nq + qi;
+      if (state == skipped_state) continue;
+      const A denom = l_p[state];
+      const A* src = acc_p + row * D;
+      T* dst = out_p + row * D;
+      if (denom > A(0)) {
+        const A inv = A(1) / denom;
+        for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<T>(src[j] * inv);
+        lse_p[state] = m_p[state] + std::log(denom);
+      } else {
+        for (int64_t j = 0; j < D; ++j) dst[j] = T(0);
+        lse_p[state] = neg_inf<A>();
+      }
+    }
+  });
+}
+
 
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -218,31 +254,208 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     });
   }
 
-  // The only write of every output element: out = acc / l, lse = m + log l; rows
-  // that reached no key (l = 0, acc never written) get out = 0, lse = -inf.
-  T* out_p = out.data_ptr<T>();
-  A* lse_p = lse.data_ptr<A>();
-  const int64_t rows = pb.batch * pb.nq * pb.heads;
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t h = row % pb.heads;
-      const int64_t qi = (row / pb.heads) % pb.nq;
-      const int64_t b = row / (pb.heads * pb.nq);
-      const int64_t state = (b * pb.heads + h) * pb.nq + qi;
-      if (state == skipped_state) continue;
-      const A denom = l_p[state];
-      const A* src = acc_p + row * D;
-      T* dst = out_p + row * D;
-      if (denom > A(0)) {
-        const A inv = A(1) / denom;
-        for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<T>(src[j] * inv);
-        lse_p[state] = m_p[state] + std::log(denom);
-      } else {
-        for (int64_t j = 0; j < D; ++j) dst[j] = T(0);
-        lse_p[state] = neg_inf<A>();
-      }
+  finish_forward<T, A>(out, lse, acc_p, m_p, l_p, pb);
+}
+
+// ------------------------------------------------ micro-kernel forward ----
+// The same online softmax with the products on oneDNN's micro-kernels (tile_gemm),
+// inputs of type T (float32, bfloat16 or float16) multiplied in their own format,
+// sums in float32. A task is one (batch, head, sparse segment, range of query
+// blocks); the key blocks it reads are prepared once (K^T, and V for 16-bit formats)
+// and reused by all its query blocks. For 16-bit formats P is rounded to T for P V.
+
+constexpr int64_t kTileQuery = 64;
+constexpr int64_t kTileKey = 256;
+// Prepared key blocks kept per thread at most (larger segments prepare per block pair).
+constexpr int64_t kMaxPreparedBytes = int64_t(32) << 20;
+
+// p[j] = T(s[j]) for j < n, zeros up to n_pad.
+template <typename T>
+void round_row(const float* s, int64_t n, int64_t n_pad, T* p) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    round_to_bf16(s, n, n_pad, reinterpret_cast<uint16_t*>(p));
+  } else {
+    for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(s[j]);
+    for (int64_t j = n; j < n_pad; ++j) p[j] = T(0.f);
+  }
+}
+
+// prepare_b<T, float> with the vectorised rounding for bfloat16.
+template <typename T>
+void prepare_b_rounded(const float* src, int64_t ld, int64_t k, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int64_t p = 0; p < k; p += 2) {
+      interleave_to_bf16(src + p * ld, p + 1 < k ? src + (p + 1) * ld : nullptr, n,
+                         reinterpret_cast<uint16_t*>(dst + p * n));
     }
-  });
+  } else {
+    prepare_b<T, float>(src, ld, k, n, dst);
+  }
+}
+
+template <typename T>
+void forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
+                   bool is_causal, double scale_d, const Problem& pb, at::Tensor& out,
+                   at::Tensor& lse) {
+  using A = float;
+  constexpr bool kConvert = !std::is_same_v<T, A>;
+  const int64_t D = pb.dim;
+  const A scale = static_cast<A>(scale_d);
+  const auto acc_opts = q.options().dtype(at::kFloat);
+
+  at::Tensor acc = kConvert ? at::empty(q.sizes(), acc_opts) : out;
+  at::Tensor m = at::full({pb.batch, pb.heads, pb.nq}, neg_inf<A>(), acc_opts);
+  at::Tensor l = at::zeros({pb.batch, pb.heads, pb.nq}, acc_opts);
+  A* acc_p = acc.data_ptr<A>();
+  A* m_p = m.data_ptr<A>();
+  A* l_p = l.data_ptr<A>();
+  const int64_t skipped_state = debug_skip_first_row() ? 0 : -1;
+
+  const RowView<const T> qv(q), kv(k), vv(v);
+  constexpr int64_t QB = kTileQuery, KB = kTileKey;
+  const int64_t nthreads = at::get_num_threads();
+  int64_t max_blocks = 1;
+  for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
+    const int64_t count = (std::min(segment_lengths[pi], pb.nk) + dilation_rates[pi] - 1) /
+                          dilation_rates[pi];
+    max_blocks = std::max(max_blocks, (count + KB - 1) / KB);
+  }
+  const int64_t block_elems = (kConvert ? 2 : 1) * KB * D;  // K^T (and V) of one key block
+  const int64_t kept_blocks =
+      std::max<int64_t>(1, std::min(max_blocks, kMaxPreparedBytes /
+                                                    (block_elems * int64_t(sizeof(T)))));
+  const int64_t per_thread_acc = QB * KB + QB * D + 2 * QB;
+  const int64_t per_thread_in = kept_blocks * block_elems + QB * (KB + 2);
+  at::Tensor scratch = at::empty({nthreads, per_thread_acc}, acc_opts);
+  at::Tensor scratch_in = at::empty({nthreads, per_thread_in}, q.options());
+  A* scratch_p = scratch.data_ptr<A>();
+  T* scratch_in_p = scratch_in.data_ptr<T>();
+
+  for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
+    const int64_t w = segment_lengths[pi], r = dilation_rates[pi];
+    const int64_t nseg = pb.segments(w);
+    const int64_t max_count = (std::min(w, pb.nk) + r - 1) / r;
+    const int64_t nqb = (max_count + QB - 1) / QB;
+    const int64_t nkb = (max_count + KB - 1) / KB;
+    // Whole segments per task when there are enough of them; else ranges of query
+    // blocks, so that every thread has work.
+    const int64_t segment_tasks = pb.batch * pb.heads * nseg;
+    const int64_t chunks = std::clamp<int64_t>((4 * nthreads + segment_tasks - 1) /
+                                                   std::max<int64_t>(segment_tasks, 1),
+                                               1, nqb);
+    const int64_t per_chunk = (nqb + chunks - 1) / chunks;
+    const bool keep = nkb <= kept_blocks;
+
+    at::parallel_for(0, segment_tasks * chunks, 1, [&](int64_t begin, int64_t end) {
+      const int64_t tid = at::get_thread_num();
+      A* S = scratch_p + tid * per_thread_acc;
+      A* acc_loc = S + QB * KB;
+      A* m_loc = acc_loc + QB * D;
+      A* l_loc = m_loc + QB;
+      T* prepared = scratch_in_p + tid * per_thread_in;
+      T* P = prepared + kept_blocks * block_elems;  // QB x padded KB
+      std::vector<int64_t> ready(keep ? nkb : 1);
+
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t chunk = task % chunks;
+        int64_t rest = task / chunks;
+        const int64_t s = rest % nseg;
+        rest /= nseg;
+        const int64_t h = rest % pb.heads;
+        const int64_t b = rest / pb.heads;
+        const int64_t g = h / pb.group();
+        const RowSpan row = pb.row(b);
+        const SparseSegment seg = sparse_segment(row, w, r, s, head_offset(h, r));
+        std::fill(ready.begin(), ready.end(), int64_t(-1));
+
+        for (int64_t qb = chunk * per_chunk; qb < std::min(nqb, (chunk + 1) * per_chunk); ++qb) {
+          const int64_t tq0 = seg.first_query + qb * QB;
+          if (tq0 >= seg.count) break;
+          const int64_t tq1 = std::min(tq0 + QB, seg.count);
+          const int64_t qn = tq1 - tq0;
+          const int64_t kend = is_causal ? tq1 : seg.count;
+          const int64_t qi0 = seg.base + tq0 * r - row.q_start;
+          const T* Q = qv.at(b, qi0, h);
+          const int64_t ldq = r * qv.sn;
+          fill_row<A>(m_loc, neg_inf<A>(), qn);
+          fill_row<A>(l_loc, A(0), qn);
+          fill_row<A>(acc_loc, A(0), qn * D);
+
+          for (int64_t kb0 = 0; kb0 < kend; kb0 += KB) {
+            const int64_t kn = std::min(KB, kend - kb0);
+            const int64_t kn_full = std::min(KB, seg.count - kb0);  // the block's extent
+            const int64_t kbi = kb0 / KB;
+            T* kt = prepared + (keep ? kbi : 0) * block_elems;
+            T* vp = kt + KB * D;
+            const T* k_first = kv.at(b, seg.base + kb0 * r, g);
+            const T* v_first = vv.at(b, seg.base + kb0 * r, g);
+            // Prepared blocks cover the block's full extent, so that a later query
+            // block of the segment (seeing more keys when causal) reuses them.
+            const int64_t slot = keep ? kbi : 0;
+            if (ready[slot] != (keep ? 0 : kb0 + 1)) {
+              prepare_b_transposed<T>(k_first, r * kv.sn, kn_full, D, kt);
+              if constexpr (kConvert) prepare_b<T, T>(v_first, r * vv.sn, kn_full, D, vp);
+              ready[slot] = keep ? 0 : kb0 + 1;
+            }
+            tile_gemm(qn, kn, D, Q, ldq, kt, kn_full, S, kn, false);
+            for (int64_t i = 0; i < qn; ++i) {
+              A* srow = S + i * kn;
+              const int64_t valid = is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
+              if (valid == 0) {
+                fill_row<A>(srow, A(0), kn);
+                continue;
+              }
+              const A m_old = m_loc[i];
+              const A m_new = std::max(m_old, scale_and_max(srow, scale, valid));
+              const A sum = exp_shift_sum(srow, m_new, srow, valid);
+              fill_row<A>(srow + valid, A(0), kn - valid);
+              if (m_old != m_new) {
+                const A alpha = m_old == neg_inf<A>() ? A(0) : std::exp(m_old - m_new);
+                l_loc[i] *= alpha;
+                scale_row(acc_loc + i * D, alpha, D);
+              }
+              l_loc[i] += sum;
+              m_loc[i] = m_new;
+            }
+            if constexpr (kConvert) {
+              // P in T; V prepared over kn_full rows: the product reads its first
+              // padded_k(kn) rows (pairs), and a padding column of P is zero.
+              const int64_t kp = padded_k<T>(kn);
+              for (int64_t i = 0; i < qn; ++i) round_row<T>(S + i * kn, kn, kp, P + i * kp);
+              tile_gemm(qn, D, kp, P, kp, vp, D, acc_loc, D, true);
+            } else {
+              tile_gemm(qn, D, kn, S, kn, v_first, r * vv.sn, acc_loc, D, true);
+            }
+          }
+
+          for (int64_t i = 0; i < qn; ++i) {
+            if (l_loc[i] == A(0)) continue;
+            const int64_t qi = qi0 + i * r;
+            const int64_t state = (b * pb.heads + h) * pb.nq + qi;
+            if (state == skipped_state) continue;
+            A* acc_row = acc_p + ((b * pb.nq + qi) * pb.heads + h) * D;
+            const A* src = acc_loc + i * D;
+            const A m_old = m_p[state];
+            if (m_old == neg_inf<A>()) {
+              std::copy(src, src + D, acc_row);
+              l_p[state] = l_loc[i];
+              m_p[state] = m_loc[i];
+              continue;
+            }
+            const A m_new = std::max(m_old, m_loc[i]);
+            const A a_old = std::exp(m_old - m_new);
+            const A a_new = std::exp(m_loc[i] - m_new);
+            for (int64_t j = 0; j < D; ++j) acc_row[j] = acc_row[j] * a_old + src[j] * a_new;
+            l_p[state] = l_p[state] * a_old + l_loc[i] * a_new;
+            m_p[state] = m_new;
+          }
+        }
+      }
+      tile_gemm_release<T>();
+    });
+  }
+  finish_forward<T, A>(out, lse, acc_p, m_p, l_p, pb);
 }
 
 // --------------------------------------------------------------- backward ----
@@ -298,12 +511,12 @@ struct PatternBackward {
   }
 
   // Per-thread scratch: S/P and dP/dS tiles, dk/dv (or dq) tiles, converted rows.
-  static int64_t scratch_size(int64_t D) {
+  static int64_t scratch_size(int64_t D, int64_t /*max_count*/) {
     return 2 * QB * KB + 2 * KB * D + (kConvert ? 2 * QB * D + 2 * KB * D : 0);
   }
   struct Scratch {
     A *S, *dP, *tile0, *tile1, *q_buf, *do_buf, *k_buf, *v_buf;
-    Scratch(A* buf, int64_t D) {
+    Scratch(A* buf, int64_t D, int64_t /*max_count*/) {
       S = buf;
       dP = S + QB * KB;
       tile0 = dP + QB * KB;
@@ -425,6 +638,245 @@ struct PatternBackward {
   }
 };
 
+// ----------------------------------------------- micro-kernel backward ----
+// PatternBackward's schedule with the products on tile_gemm, inputs multiplied in
+// T, sums in float32. Per (query block, key block) pair, with the key block's K^T,
+// V^T and (16-bit formats) K prepared once per key block:
+//   S = Q K^T, dP = dO V^T (A = Q, dO in place); P, dS = scale * P * (dP - Delta);
+//   dv^T += dO^T P, dk^T += Q^T dS (dv, dk of the key block kept transposed,
+//   D x keys, so that P and dS are B operands: in place for float32, rounded to T
+//   and pair-interleaved for 16-bit formats); dq += dS K.
+template <typename T>
+struct TileBackward : PatternBackward<T> {
+  using Base = PatternBackward<T>;
+  using A = float;
+  static constexpr bool kConvert = !std::is_same_v<T, A>;
+  static constexpr int64_t QB = kTileQuery, KB = kTileKey;
+  explicit TileBackward(const Base& base) : Base(base) {}
+
+  // Per-thread scratch: float S, dP, dk^T, dv^T, dq tiles; then T buffers: K^T, V^T,
+  // for 16-bit formats K, P and dS (B form) and dS (A form); Q^T and dO^T of one pair,
+  // or (16-bit formats, when they fit) of a whole sparse segment, which saves their
+  // transposition per pair. float32 keeps no more than the BLAS path's scratch.
+  static constexpr int64_t k16 = kConvert ? 1 : 0;
+  static int64_t segment_ld(int64_t D, int64_t max_count) {
+    const int64_t ld = max_count + 2;
+    return kConvert && 2 * D * ld * int64_t(sizeof(T)) <= kMaxPreparedBytes / 4 ? ld : 0;
+  }
+  static int64_t t_elems(int64_t D, int64_t max_count) {
+    const int64_t seg_ld = segment_ld(D, max_count);
+    return (2 + k16) * KB * D + (seg_ld > 0 ? 2 * D * seg_ld : 2 * D * (QB + 2)) +
+           3 * k16 * (QB + 2) * (KB + 2);
+  }
+  static int64_t scratch_size(int64_t D, int64_t max_count) {
+    const int64_t t_floats = (t_elems(D, max_count) * int64_t(sizeof(T)) + 3) / 4;
+    return 16 + 2 * QB * KB + 2 * D * KB + QB * D + t_floats;
+  }
+  struct Scratch {
+    A *S, *dP, *dkT, *dvT, *dq;
+    T *kt, *vt, *kp, *qt, *dot, *p_b, *ds_b, *ds_a, *qt_seg, *dot_seg;
+    int64_t seg_ld;
+    int64_t* tag;  // (b, h, s, w, r) whose Q^T, dO^T qt_seg/dot_seg hold
+    Scratch(A* buf, int64_t D, int64_t max_count) {
+      seg_ld = segment_ld(D, max_count);
+      tag = reinterpret_cast<int64_t*>(buf);  // 5 values in 16 floats
+      std::fill(tag, tag + 5, int64_t(-1));
+      buf += 16;
+      S = buf;
+      dP = S + QB * KB;
+      dkT = dP + QB * KB;
+      dvT = dkT + D * KB;
+      dq = dvT + D * KB;
+      T* t = reinterpret_cast<T*>(dq + QB * D);
+      kt = t;
+      vt = kt + KB * D;
+      kp = vt + KB * D;  // 16-bit formats only
+      t = kp + k16 * KB * D;
+      qt_seg = dot_seg = qt = dot = nullptr;
+      if (seg_ld > 0) {
+        qt_seg = t;
+        dot_seg = qt_seg + D * seg_ld;
+        t = dot_seg + D * seg_ld;
+      } else {
+        qt = t;
+        dot = qt + D * (QB + 2);
+        t = dot + D * (QB + 2);
+      }
+      p_b = t;  // 16-bit formats only
+      ds_b = p_b + k16 * (QB + 2) * (KB + 2);
+      ds_a = ds_b + k16 * (QB + 2) * (KB + 2);
+    }
+  };
+
+  // Q^T and dO^T of the queries of sparse segment `seg` (head h), prepared once per
+  // (b, h, s) into the segment buffers (columns past the last query zero).
+  void prepare_segment_queries(int64_t b, int64_t h, int64_t s, const RowSpan& row,
+                               const SparseSegment& seg, const Scratch& sc) const {
+    if (sc.tag[0] == b && sc.tag[1] == h && sc.tag[2] == s && sc.tag[3] == this->w &&
+        sc.tag[4] == this->r) {
+      return;
+    }
+    const int64_t D = this->pb.dim, r = this->r;
+    const int64_t t0 = seg.first_query, n = seg.count - seg.first_query;
+    const int64_t qi0 = this->query_index(row, seg, t0);
+    // Column t of the buffers is query element t (t < first_query unused).
+    transpose_a<T>(this->qv.at(b, qi0, h), r * this->qv.sn, n, D, sc.qt_seg + t0,
+                   sc.seg_ld, n + 2);
+    transpose_a<T>(this->dov.at(b, qi0, h), r * this->dov.sn, n, D, sc.dot_seg + t0,
+                   sc.seg_ld, n + 2);
+    sc.tag[0] = b, sc.tag[1] = h, sc.tag[2] = s, sc.tag[3] = this->w, sc.tag[4] = this->r;
+  }
+
+  // Prepares the B operands of key block kb0 (kn keys from key0): K^T, V^T and,
+  // with with_k, K itself (16-bit formats; float32 reads K in place).
+  void prepare_keys(int64_t b, int64_t g, int64_t key0, int64_t kn, bool with_k,
+                    const Scratch& sc) const {
+    const int64_t D = this->pb.dim, r = this->r;
+    prepare_b_transposed<T>(this->kv.at(b, key0, g), r * this->kv.sn, kn, D, sc.kt);
+    prepare_b_transposed<T>(this->vv.at(b, key0, g), r * this->vv.sn, kn, D, sc.vt);
+    if constexpr (kConvert) {
+      if (with_k) prepare_b<T, T>(this->kv.at(b, key0, g), r * this->kv.sn, kn, D, sc.kp);
+    }
+  }
+
+  // S, dP of rows tq0.. against the prepared key block, turned into P and scale * dS.
+  void tile_probs(int64_t b, int64_t h, const RowSpan& row, const SparseSegment& seg,
+                  int64_t tq0, int64_t qn, int64_t kb0, int64_t kn, const T* Q,
+                  const T* dO, const Scratch& sc) const {
+    const int64_t D = this->pb.dim, r = this->r;
+    tile_gemm(qn, kn, D, Q, r * this->qv.sn, sc.kt, kn, sc.S, kn, false);
+    tile_gemm(qn, kn, D, dO, r * this->dov.sn, sc.vt, kn, sc.dP, kn, false);
+    const A* lse_row = this->lse_p + (b * this->pb.heads + h) * this->pb.nq;
+    const A* delta_row = this->delta_p + (b * this->pb.heads + h) * this->pb.nq;
+    for (int64_t i = 0; i < qn; ++i) {
+      A* s_row = sc.S + i * kn;
+      A* dp_row = sc.dP + i * kn;
+      const int64_t qi = this->query_index(row, seg, tq0 + i);
+      const int64_t valid =
+          this->is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
+      const A row_lse = lse_row[qi];
+      if (valid == 0 || row_lse == neg_inf<A>()) {
+        fill_row<A>(s_row, A(0), kn);
+        fill_row<A>(dp_row, A(0), kn);
+        continue;
+      }
+      softmax_grad_row_scaled(s_row, dp_row, this->scale, row_lse, delta_row[qi], valid);
+      fill_row<A>(s_row + valid, A(0), kn - valid);
+      fill_row<A>(dp_row + valid, A(0), kn - valid);
+    }
+  }
+
+  // dq rows (ld_c apart) += scale dS K for the current pair.
+  void add_dq(int64_t qn, int64_t kn, const T* k_rows, int64_t ldk, A* dq_rows, int64_t ld_c,
+              const Scratch& sc) const {
+    const int64_t D = this->pb.dim;
+    if constexpr (kConvert) {
+      const int64_t kp = padded_k<T>(kn);
+      for (int64_t i = 0; i < qn; ++i) round_row<T>(sc.dP + i * kn, kn, kp, sc.ds_a + i * kp);
+      tile_gemm(qn, D, kp, sc.ds_a, kp, sc.kp, D, dq_rows, ld_c, true);
+    } else {
+      tile_gemm(qn, D, kn, sc.dP, kn, k_rows, ldk, dq_rows, ld_c, true);
+    }
+  }
+
+  void key_block(int64_t b, int64_t h, int64_t s, int64_t kb0, bool with_dq,
+                 const Scratch& sc) const {
+    const Base& pt = *this;
+    const int64_t D = pt.pb.dim, g = h / pt.pb.group(), r = pt.r;
+    const RowSpan row = pt.pb.row(b);
+    const SparseSegment seg = pt.segment(row, s, h);
+    if (seg.first_query >= seg.count || kb0 >= seg.count) return;
+    const int64_t kn = std::min(KB, seg.count - kb0);
+    const int64_t key0 = seg.base + kb0 * r;
+    prepare_keys(b, g, key0, kn, with_dq, sc);
+    if (sc.seg_ld > 0) prepare_segment_queries(b, h, s, row, seg, sc);
+    fill_row<A>(sc.dkT, A(0), D * kn);
+    fill_row<A>(sc.dvT, A(0), D * kn);
+
+    const int64_t q_first = pt.is_causal ? std::max(seg.first_query, kb0) : seg.first_query;
+    for (int64_t tq0 = q_first; tq0 < seg.count; tq0 += QB) {
+      const int64_t qn = std::min(QB, seg.count - tq0);
+      const int64_t qi0 = pt.query_index(row, seg, tq0);
+      const T* Q = pt.qv.at(b, qi0, h);
+      const T* dO = pt.dov.at(b, qi0, h);
+      tile_probs(b, h, row, seg, tq0, qn, kb0, kn, Q, dO, sc);
+      const int64_t qp = padded_k<T>(qn);
+      // A = Q^T, dO^T columns tq0..: from the segment buffers, else transposed here.
+      const T *qt = sc.qt, *dot = sc.dot;
+      int64_t ld_t = qp;
+      if (sc.seg_ld > 0) {
+        qt = sc.qt_seg + tq0;
+        dot = sc.dot_seg + tq0;
+        ld_t = sc.seg_ld;
+      } else {
+        transpose_a<T>(Q, r * pt.qv.sn, qn, D, sc.qt, qp, qp);
+        transpose_a<T>(dO, r * pt.dov.sn, qn, D, sc.dot, qp, qp);
+      }
+      if constexpr (kConvert) {
+        prepare_b_rounded<T>(sc.S, kn, qn, kn, sc.p_b);
+        prepare_b_rounded<T>(sc.dP, kn, qn, kn, sc.ds_b);
+        tile_gemm(D, kn, qp, dot, ld_t, sc.p_b, kn, sc.dvT, kn, true);
+        tile_gemm(D, kn, qp, qt, ld_t, sc.ds_b, kn, sc.dkT, kn, true);
+      } else {
+        tile_gemm(D, kn, qn, dot, ld_t, sc.S, kn, sc.dvT, kn, true);
+        tile_gemm(D, kn, qn, qt, ld_t, sc.dP, kn, sc.dkT, kn, true);
+      }
+      if (with_dq) {
+        A* dq_rows = pt.dq_p + ((b * pt.pb.nq + qi0) * pt.pb.heads + h) * D;
+        pt.start_dq_rows(b, h, qi0, qn, dq_rows);
+        add_dq(qn, kn, pt.kv.at(b, key0, g), r * pt.kv.sn, dq_rows, r * pt.pb.heads * D, sc);
+      }
+    }
+
+    const int64_t kv_row = pt.pb.kv_heads * D;
+    A* dk_rows = pt.dk_p + ((b * pt.pb.nk + key0) * pt.pb.kv_heads + g) * D;
+    A* dv_rows = pt.dv_p + ((b * pt.pb.nk + key0) * pt.pb.kv_heads + g) * D;
+    for (int64_t i = 0; i < kn; ++i) {
+      const bool add = pt.started((b * pt.pb.nk + key0 + i * r) * pt.pb.kv_heads + g, pt.kv_seen);
+      A* dk_row = dk_rows + i * r * kv_row;
+      A* dv_row = dv_rows + i * r * kv_row;
+      if (add) {
+        for (int64_t j = 0; j < D; ++j) {
+          dk_row[j] += sc.dkT[j * kn + i];
+          dv_row[j] += sc.dvT[j * kn + i];
+        }
+      } else {
+        for (int64_t j = 0; j < D; ++j) {
+          dk_row[j] = sc.dkT[j * kn + i];
+          dv_row[j] = sc.dvT[j * kn + i];
+        }
+      }
+    }
+  }
+
+  void query_block(int64_t b, int64_t h, int64_t s, int64_t qb, const Scratch& sc) const {
+    const Base& pt = *this;
+    const int64_t D = pt.pb.dim, g = h / pt.pb.group(), r = pt.r;
+    const RowSpan row = pt.pb.row(b);
+    const SparseSegment seg = pt.segment(row, s, h);
+    const int64_t tq0 = seg.first_query + qb * QB;
+    if (tq0 >= seg.count) return;
+    const int64_t qn = std::min(QB, seg.count - tq0);
+    const int64_t kend = pt.is_causal ? tq0 + qn : seg.count;
+    const int64_t qi0 = pt.query_index(row, seg, tq0);
+    const T* Q = pt.qv.at(b, qi0, h);
+    const T* dO = pt.dov.at(b, qi0, h);
+    fill_row<A>(sc.dq, A(0), qn * D);
+    for (int64_t kb0 = 0; kb0 < kend; kb0 += KB) {
+      const int64_t kn = std::min(KB, kend - kb0);
+      const int64_t key0 = seg.base + kb0 * r;
+      prepare_keys(b, g, key0, kn, true, sc);
+      tile_probs(b, h, row, seg, tq0, qn, kb0, kn, Q, dO, sc);
+      add_dq(qn, kn, pt.kv.at(b, key0, g), r * pt.kv.sn, sc.dq, D, sc);
+    }
+    A* dq_rows = pt.dq_p + ((b * pt.pb.nq + qi0) * pt.pb.heads + h) * D;
+    for (int64_t i = 0; i < qn; ++i) {
+      const bool add = pt.started((b * pt.pb.nq + qi0 + i * r) * pt.pb.heads + h, pt.dq_seen);
+      pt.add_row(dq_rows + i * r * pt.pb.heads * D, sc.dq + i * D, add);
+    }
+  }
+};
+
 // Finishes `dst` (contiguous (B, N, H, D)) row by row: rows no pattern reached are
 // written as 0; reached rows are converted from `acc` (when `acc` is not `dst`
 // itself). The debug switch skips row (0, 0, 0).
@@ -448,14 +900,19 @@ void finish_gradients(const at::Tensor& acc, at::Tensor& dst, const uint8_t* see
   });
 }
 
-template <typename T>
+// Ends a thread's run of micro-kernel products (TileBackward only).
+template <typename T, typename Pattern>
+void release_products() {
+  if constexpr (!std::is_same_v<Pattern, PatternBackward<T>>) tile_gemm_release<T>();
+}
+
+template <typename T, typename Pattern>
 void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q,
                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                    const at::Tensor& lse, at::IntArrayRef segment_lengths,
                    at::IntArrayRef dilation_rates, bool is_causal, double scale_d,
                    const Problem& pb, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using A = acc_t<T>;
-  using Pattern = PatternBackward<T>;
   const int64_t D = pb.dim;
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
 
@@ -481,7 +938,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
   // Patterns accumulate in dq, dk, dv themselves (float32/float64) or in float32
   // accumulators (bfloat16/float16); a row's first contribution is stored, so nothing
   // is zero-filled and finish_gradients writes the rows no pattern reached.
-  constexpr bool kConvert = Pattern::kConvert;
+  constexpr bool kConvert = !std::is_same_v<T, A>;
   at::Tensor dq_acc = kConvert ? at::empty(dq.sizes(), acc_opts) : dq;
   at::Tensor dk_acc = kConvert ? at::empty(dk.sizes(), acc_opts) : dk;
   at::Tensor dv_acc = kConvert ? at::empty(dv.sizes(), acc_opts) : dv;
@@ -490,17 +947,21 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
   at::Tensor kv_seen = at::zeros({pb.batch * pb.nk * pb.kv_heads}, flag_opts);
 
   const int64_t nthreads = at::get_num_threads();
-  const int64_t per_thread = Pattern::scratch_size(D);
+  int64_t max_count_all = 1;
+  for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
+    max_count_all = std::max(max_count_all, (std::min(segment_lengths[pi], pb.nk) +
+                                             dilation_rates[pi] - 1) / dilation_rates[pi]);
+  }
+  const int64_t per_thread = Pattern::scratch_size(D, max_count_all);
   at::Tensor scratch = at::empty({nthreads, per_thread}, acc_opts);
   A* scratch_p = scratch.data_ptr<A>();
 
   for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
-    const Pattern pat{pb, segment_lengths[pi], dilation_rates[pi], is_causal,
-                      static_cast<A>(scale_d), RowView<const T>(q), RowView<const T>(k),
-                      RowView<const T>(v), dov, lse.data_ptr<A>(), delta_p,
-                      dq_acc.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>(),
-                      dq_seen.data_ptr<uint8_t>(), kv_seen.data_ptr<uint8_t>(),
-                      debug_skip_first_row()};
+    const Pattern pat(PatternBackward<T>{
+        pb, segment_lengths[pi], dilation_rates[pi], is_causal, static_cast<A>(scale_d),
+        RowView<const T>(q), RowView<const T>(k), RowView<const T>(v), dov, lse.data_ptr<A>(),
+        delta_p, dq_acc.data_ptr<A>(), dk_acc.data_ptr<A>(), dv_acc.data_ptr<A>(),
+        dq_seen.data_ptr<uint8_t>(), kv_seen.data_ptr<uint8_t>(), debug_skip_first_row()});
     const int64_t nseg = pb.segments(pat.w);
     const int64_t max_count = (std::min(pat.w, pb.nk) + pat.r - 1) / pat.r;
     const int64_t segment_tasks = pb.batch * pb.kv_heads * nseg;
@@ -509,7 +970,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
       // Fused: a task owns one (batch, kv head, segment), i.e. all dk/dv rows of
       // that kv head in the segment and all dq rows of its query heads there.
       at::parallel_for(0, segment_tasks, 1, [&](int64_t begin, int64_t end) {
-        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D);
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D, max_count_all);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t s = task % nseg;
           const int64_t g = (task / nseg) % pb.kv_heads;
@@ -520,13 +981,14 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
             }
           }
         }
+        release_products<T, Pattern>();
       });
     } else {
       // Too few segments to keep every thread busy: split into key blocks for
       // dk/dv, then query blocks for dq (recomputing P once more).
       const int64_t nkb = (max_count + Pattern::KB - 1) / Pattern::KB;
       at::parallel_for(0, segment_tasks * nkb, 1, [&](int64_t begin, int64_t end) {
-        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D);
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D, max_count_all);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t kb = task % nkb;
           const int64_t s = (task / nkb) % nseg;
@@ -536,10 +998,11 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
             pat.key_block(b, h, s, kb * Pattern::KB, /*with_dq=*/false, sc);
           }
         }
+        release_products<T, Pattern>();
       });
       const int64_t nqb = (max_count + Pattern::QB - 1) / Pattern::QB;
       at::parallel_for(0, pb.batch * pb.heads * nseg * nqb, 1, [&](int64_t begin, int64_t end) {
-        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D);
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D, max_count_all);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t qb = task % nqb;
           const int64_t s = (task / nqb) % nseg;
@@ -547,6 +1010,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
           const int64_t b = task / (nqb * nseg * pb.heads);
           pat.query_block(b, h, s, qb, sc);
         }
+        release_products<T, Pattern>();
       });
     }
   }
@@ -556,11 +1020,43 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
   finish_gradients<T, A>(dv_acc, dv, kv_seen.data_ptr<uint8_t>());
 }
 
+// Whether the micro-kernel kernels run for T and head dim D: float32, bfloat16 and
+// float16 where tile_gemm has a kernel for them; 16-bit formats need D even (their
+// products pair up the columns of Q and dO in place).
+template <typename T>
+bool use_tiles(int64_t D) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;
+  } else {
+    return tile_gemm_available<T>() && (std::is_same_v<T, float> || D % 2 == 0);
+  }
+}
+
+template <typename T>
+const char* products_name(int64_t D) {
+  if (use_tiles<T>(D)) {
+    if constexpr (std::is_same_v<T, float>) return "brgemm-float32";
+    if constexpr (std::is_same_v<T, c10::BFloat16>) return "brgemm-bfloat16";
+    return "brgemm-float16";
+  }
+  const bool blas = blas_available();
+  if constexpr (std::is_same_v<T, double>) return blas ? "blas-float64" : "portable-float64";
+  return blas ? "blas-float32" : "portable-float32";
+}
+
 }  // namespace
 
 // ------------------------------------------------------------- operators ----
 // The fused engine's entry points (fused.h): engine/dispatch.cpp has checked the
 // arguments; the key ranges are checked again where they are read.
+
+std::string planned_products(at::ScalarType dtype, int64_t head_dim) {
+  std::string name;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "longnet_products", [&] {
+    name = products_name<scalar_t>(head_dim);
+  });
+  return name;
+}
 
 std::tuple<at::Tensor, at::Tensor> fused_forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -579,8 +1075,19 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(
   const Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
                    position_offset, ranges.start_ptr(), ranges.end_ptr()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_fwd_cpu", [&] {
-    forward_impl<scalar_t>(q, k, v, segment_lengths, dilation_rates, is_causal, scale, pb, out,
-                           lse);
+    bool tiles = false;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      tiles = use_tiles<scalar_t>(pb.dim);
+      if (tiles) {
+        forward_tiles<scalar_t>(q, k, v, segment_lengths, dilation_rates, is_causal, scale, pb,
+                                out, lse);
+      }
+    }
+    if (!tiles) {
+      forward_impl<scalar_t>(q, k, v, segment_lengths, dilation_rates, is_causal, scale, pb,
+                             out, lse);
+    }
+    set_last_products(products_name<scalar_t>(pb.dim));
   });
   return {out, lse};
 }
@@ -603,10 +1110,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   const Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
                    position_offset, ranges.start_ptr(), ranges.end_ptr()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_bwd_cpu", [&] {
-    backward_impl<scalar_t>(rows.grad_out, rows.grad_lse, q, k, v, rows.out, rows.lse,
-                            segment_lengths, dilation_rates, is_causal, scale, pb, dq, dk, dv);
+    bool tiles = false;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      tiles = use_tiles<scalar_t>(pb.dim);
+      if (tiles) {
+        backward_impl<scalar_t, TileBackward<scalar_t>>(
+            rows.grad_out, rows.grad_lse, q, k, v, rows.out, rows.lse, segment_lengths,
+            dilation_rates, is_causal, scale, pb, dq, dk, dv);
+      }
+    }
+    if (!tiles) {
+      backward_impl<scalar_t, PatternBackward<scalar_t>>(
+          rows.grad_out, rows.grad_lse, q, k, v, rows.out, rows.lse, segment_lengths,
+          dilation_rates, is_causal, scale, pb, dq, dk, dv);
+    }
+    set_last_products(products_name<scalar_t>(pb.dim));
   });
   return {dq, dk, dv};
 }
 
 }  // namespace longnet::cpu
+
+// Which products the fused CPU kernels use: _cpu_products() for this thread's last
+// call, _cpu_products_for(dtype, head_dim) for a call that would run now.
+TORCH_LIBRARY_FRAGMENT(longnet, m) {
+  m.def("_cpu_products() -> str", []() { return std::string(longnet::cpu::last_products()); });
+  m.def("_cpu_products_for(ScalarType dtype, int head_dim) -> str",
+        [](at::ScalarType dtype, int64_t head_dim) {
+          return longnet::cpu::planned_products(dtype, head_dim);
+        });
+}

@@ -56,4 +56,58 @@ LONGNET_TARGET_CLONES void softmax_grad_row(float* s, float* dp, float lse, floa
   }
 }
 
+// s[j] *= scale for j < n; returns the largest s[j] afterwards.
+LONGNET_TARGET_CLONES float scale_and_max(float* s, float scale, int64_t n) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = s[j] * scale;
+    s[j] = x;
+    m = m > x ? m : x;
+  }
+  return m;
+}
+
+// p[j] = exp(scale * s[j] - lse); ds[j] = scale * p[j] * (dp[j] - delta), in place.
+LONGNET_TARGET_CLONES void softmax_grad_row_scaled(float* s, float* dp, float scale,
+                                                   float lse, float delta, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = exp_approx(s[j] * scale - lse);
+    s[j] = p;
+    dp[j] = scale * p * (dp[j] - delta);
+  }
+}
+
+// float -> bfloat16 bits, rounding to nearest even; NaN stays a (quiet) NaN.
+static inline uint16_t bf16_bits(float x) {
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return x != x ? uint16_t(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+
+LONGNET_TARGET_CLONES void round_to_bf16(const float* s, int64_t n, int64_t n_pad,
+                                         uint16_t* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = bf16_bits(s[j]);
+  for (int64_t j = n; j < n_pad; ++j) out[j] = 0;
+}
+
+LONGNET_TARGET_CLONES void interleave_to_bf16(const float* s0, const float* s1, int64_t n,
+                                              uint16_t* out) {
+  if (s1 == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      out[2 * j] = bf16_bits(s0[j]);
+      out[2 * j + 1] = 0;
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    out[2 * j] = bf16_bits(s0[j]);
+    out[2 * j + 1] = bf16_bits(s1[j]);
+  }
+}
+
 }  // namespace longnet::cpu

@@ -34,6 +34,18 @@ inline void softmax_grad_row(double* s, double* dp, double lse, double delta, in
   }
 }
 
+// s[j] *= scale for j < n; returns max_j s[j] (after scaling).
+float scale_and_max(float* s, float scale, int64_t n);
+// Backward with the logits' scale: p[j] = exp(scale s[j] - lse); ds[j] = scale p[j]
+// (dp[j] - delta), in place.
+void softmax_grad_row_scaled(float* s, float* dp, float scale, float lse, float delta,
+                             int64_t n);
+
+// out[j] = bfloat16(s[j]) (bits, round to nearest even) for j < n, 0 up to n_pad.
+void round_to_bf16(const float* s, int64_t n, int64_t n_pad, uint16_t* out);
+// out[2 j] = bfloat16(s0[j]), out[2 j + 1] = bfloat16(s1[j]) (0 when s1 is null).
+void interleave_to_bf16(const float* s0, const float* s1, int64_t n, uint16_t* out);
+
 template <typename T>
 inline T row_max(const T* s, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();

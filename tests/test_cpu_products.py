@@ -1,0 +1,178 @@
+"""The fused CPU kernels' products: oneDNN micro-kernels (``brgemm``), the Fortran BLAS
+path and portable loops, each against the float64 reference.
+
+``torch.ops.longnet._cpu_products()`` names the products of this thread's last fused CPU
+call, ``_cpu_products_for(dtype, head_dim)`` those a call would use now. Shapes here put
+the micro-kernel tiles (64 queries x 256 keys) at their edges: odd query and key tails
+(16-bit formats pad the product's inner extent to even with a zero column and row),
+several key and query blocks per sparse segment (prepared key blocks reused across
+query blocks, a segment's Q^T / dO^T kept across key blocks), grouped heads, dilation
+(head offsets), both backward schedules and key ranges.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import longnet
+from longnet.reference import dilated_attention_reference
+from test_op import _rel, low_precision_tolerances
+
+PRODUCTS = {"brgemm-float32", "brgemm-bfloat16", "brgemm-float16", "blas-float32",
+            "blas-float64", "portable-float32", "portable-float64"}
+
+# (B, Nq, Nk, H, Hk, D, segment_lengths, dilation_rates)
+SHAPES = {
+    # one segment of 601 keys: 3 key blocks (the last of 89, odd), 10 query blocks
+    # (the last of 25, odd); r = 3 gives head offsets 0, 1, 2 and segments of 200/201
+    "long_segment": (1, 601, 601, 3, 3, 64, [601, 601], [1, 3]),
+    # several segments and heads per task range, grouped heads, D = 40 (not a
+    # multiple of the micro-kernel's 16 columns), Nq < Nk (queries at the end)
+    "gqa_d40": (2, 250, 333, 4, 2, 40, [64, 128, 333], [1, 2, 4]),
+    # one kv head and few segments: with 4 threads the split backward schedule
+    "split_schedule": (1, 520, 600, 3, 1, 16, [300, 600], [1, 2]),
+}
+
+
+def _inputs(shape, dtype, seed=0):
+    b, nq, nk, h, hk, d, _, _ = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, nq, h, d, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, nk, hk, d, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, nk, hk, d, generator=gen, dtype=torch.float64).to(dtype)
+    w_out = torch.randn(b, nq, h, d, generator=gen, dtype=torch.float64).to(dtype).double()
+    w_lse = torch.randn(b, h, nq, generator=gen, dtype=torch.float64).float().double()
+    return q, k, v, w_out, w_lse
+
+
+def _errors(shape, dtype, causal, **kw):
+    """Relative-norm errors of out, lse, dq, dk, dv against the float64 reference on
+    the same rounded inputs and the same incoming gradients; and the products used."""
+    ws, rs = shape[6], shape[7]
+    q, k, v, w_out, w_lse = _inputs(shape, dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    refs = [t.double().requires_grad_() for t in (q, k, v)]
+
+    def loss(out, lse):
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        return (out.double() * w_out).sum() + (lse.double() * w_lse).sum()
+
+    out, lse = longnet.dilated_attention(*leaves, ws, rs, is_causal=causal, return_lse=True,
+                                         **kw)
+    grads = torch.autograd.grad(loss(out, lse), leaves)
+    used = torch.ops.longnet._cpu_products()
+    ref_out, ref_lse = dilated_attention_reference(*refs, ws, rs, is_causal=causal, **kw)
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), refs)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    got = dict(out=out, lse=torch.where(finite, lse.double(), 0.0), dq=grads[0], dk=grads[1],
+               dv=grads[2])
+    want = dict(out=ref_out, lse=torch.where(finite, ref_lse, 0.0), dq=ref_grads[0],
+                dk=ref_grads[1], dv=ref_grads[2])
+    return {n: _rel(got[n], want[n]) for n in got}, used
+
+
+def test_products_are_named():
+    # The accessor answers for every dtype; a call reports what it planned.
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        for d in (3, 64):
+            assert torch.ops.longnet._cpu_products_for(dtype, d) in PRODUCTS
+    assert torch.ops.longnet._cpu_products_for(torch.float64, 64).endswith("float64")
+    # 16-bit formats pair up the columns of q and dout in place: odd D never reaches
+    # their micro-kernel.
+    assert not torch.ops.longnet._cpu_products_for(torch.bfloat16, 3).startswith("brgemm")
+    q = torch.randn(1, 16, 2, 8)
+    longnet.dilated_attention(q, q, q, [8], [1])
+    assert torch.ops.longnet._cpu_products() == torch.ops.longnet._cpu_products_for(
+        torch.float32, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_products_match_reference(name, causal, dtype):
+    # The bounds of test_op.low_precision_tolerances (derived there from each format's
+    # unit roundoff; float32: 1e-5). They catch a nonzero padding column or row of a
+    # 16-bit product (out/dv off by a key's weight), a prepared key block or a kept
+    # Q^T reused for the wrong segment or head (errors of order 1), a missing scale.
+    shape = SHAPES[name]
+    threads = 4 if name == "split_schedule" else torch.get_num_threads()
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        errors, used = _errors(shape, dtype, causal)
+    finally:
+        torch.set_num_threads(old)
+    assert used == torch.ops.longnet._cpu_products_for(dtype, shape[5])
+    tol = low_precision_tolerances(dtype)
+    assert all(errors[n] < tol[n] for n in errors), (used, errors, tol)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_turned_off_runs_blas_products(dtype):
+    # torch.backends.mkldnn.enabled = False makes ATen's 16-bit micro-kernels raise:
+    # the kernels must take the BLAS path instead (catches a call that crashes or
+    # still reports brgemm), within the format's bounds.
+    shape = SHAPES["gqa_d40"]
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not torch.ops.longnet._cpu_products_for(dtype, 40).startswith("brgemm")
+        errors, used = _errors(shape, dtype, True)
+    assert not used.startswith("brgemm"), used
+    tol = low_precision_tolerances(dtype)
+    assert all(errors[n] < tol[n] for n in errors), (used, errors, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_with_positions_and_key_ranges(dtype):
+    # Rows whose keys start inside a segment and a row with no keys at all.
+    shape = (3, 200, 300, 2, 2, 32, [96, 300], [1, 2])
+    kw = dict(position_offset=37, key_start=torch.tensor([0, 45, 300]),
+              key_end=torch.tensor([300, 290, 300]))
+    errors, used = _errors(shape, dtype, True, **kw)
+    tol = low_precision_tolerances(dtype)
+    assert all(errors[n] < tol[n] for n in errors), (used, errors, tol)
+
+
+_SUBPROCESS = """
+import torch, longnet
+from longnet.reference import dilated_attention_reference as ref
+gen = torch.Generator().manual_seed(0)
+q, k, v = [torch.randn(1, 300, 2, 32, generator=gen, dtype=torch.float64) for _ in range(3)]
+qs, ks, vs = [t.float().requires_grad_() for t in (q, k, v)]
+o = longnet.dilated_attention(qs, ks, vs, [64, 300], [1, 3], is_causal=True)
+g = torch.autograd.grad((o.double() * q).sum(), (qs, ks, vs))
+used = torch.ops.longnet._cpu_products()
+qd, kd, vd = [t.float().double().requires_grad_() for t in (q, k, v)]
+o2, _ = ref(qd, kd, vd, [64, 300], [1, 3], is_causal=True)
+g2 = torch.autograd.grad((o2 * q).sum(), (qd, kd, vd))
+rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+err = max([rel(o, o2)] + [rel(a, b) for a, b in zip(g, g2)])
+print("RESULT", used, err)
+"""
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"LONGNET_CPU_BRGEMM": "0"}, "blas-float32"),
+    ({"LONGNET_CPU_BLAS": "0"}, "portable-float32"),
+])
+def test_switches_select_the_products(env, expected):
+    # The switches still work and are visible: LONGNET_CPU_BRGEMM=0 runs float32 on the
+    # Fortran BLAS path, LONGNET_CPU_BLAS=0 on portable loops; both within the float32
+    # bound (1e-5) of the reference. Catches a switch that is ignored (the name says
+    # brgemm) or a fallback that computes something else.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full_env = dict(os.environ, **env)
+    full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=full_env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")][-1].split()
+    if expected == "blas-float32" and not line[1].startswith("blas"):
+        assert line[1] == "portable-float32"  # a torch without a Fortran BLAS
+    else:
+        assert line[1] == expected
+    assert float(line[2]) < 1e-5
