@@ -32,7 +32,7 @@ Example (under ``torchrun --nproc_per_node 4``)::
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -113,7 +113,7 @@ def flat_mesh(mesh):
 
 
 def parallelize(model: nn.Module, mesh, *, activation_checkpointing: bool = False,
-                mp_policy=None, compile: bool = False,
+                mp_policy=None, compile: Union[bool, str] = False,
                 reshard_after_forward: bool = True) -> nn.Module:
     """Parallelize a :class:`~longnet.model.LongNetLM` in place over a ``("dp", "sp")``
     mesh and return it.
@@ -124,8 +124,9 @@ def parallelize(model: nn.Module, mesh, *, activation_checkpointing: bool = Fals
     2. ``activation_checkpointing``: every decoder layer recomputes its forward in
        backward (see :class:`~longnet.model.LongNetDecoderLayer` for how this meets
        sequence parallelism).
-    3. ``compile``: ``torch.compile`` of every decoder layer (the sequence-parallel
-       exchange runs eagerly between graphs).
+    3. ``compile``: ``torch.compile`` of every decoder layer (``True``, or the name
+       of a backend such as ``"aot_eager"``); the sequence-parallel exchange runs
+       eagerly between graphs, a checkpointed layer is traced as one region.
     4. FSDP2: ``fully_shard`` of every decoder layer, then of the root, over the
        flattened ``dp x sp`` mesh; ``mp_policy`` is a
        ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bfloat16 parameters,
@@ -143,8 +144,9 @@ def parallelize(model: nn.Module, mesh, *, activation_checkpointing: bool = Fals
     model.set_activation_checkpointing(activation_checkpointing)
     layers = model.decoder.layers
     if compile:
+        backend = {} if compile is True else {"backend": str(compile)}
         for layer in layers:
-            layer.compile()
+            layer.compile(**backend)
     fsdp = {"mesh": flat_mesh(mesh),
             "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy()}
     for layer in layers:

@@ -156,7 +156,10 @@ def _scenario_resume(rank, world, report):
     from longnet.parallel import build_mesh, parallelize
 
     mesh = build_mesh(1, 2, seq_len=SEQ_LEN)
-    model = parallelize(_model(torch.float64, seed=123), mesh)  # other init: all loaded
+    # Another init (everything must come from the checkpoint); checkpointing and
+    # torch.compile (aot_eager: no code generation, seconds) under sequence parallelism.
+    model = parallelize(_model(torch.float64, seed=123), mesh, activation_checkpointing=True,
+                        compile="aot_eager")
     opt = _optimizer(model)
     root = os.path.join(report["dir"], "ckpt")
     state = load_checkpoint(latest_checkpoint(root), model, opt[0], scheduler=opt[1])
@@ -334,7 +337,8 @@ def resumed(tmp_path_factory):
 def test_checkpoint_resumes_on_another_mesh_with_the_same_losses(resumed, reference):
     """Model, optimizer and scheduler state (and the data position) come back on a
     mesh of another shape and world size: the resumed run continues the
-    uninterrupted single-process losses to 1e-9. Catches a missing optimizer or
+    uninterrupted single-process losses to 1e-9; the resumed run also checkpoints
+    activations and compiles its layers. Catches a missing optimizer or
     scheduler state (the warm-up lr of step HALF differs), unsharded loading that
     keeps the new model's random init, and a data position that restarts at 0."""
     ref = reference[torch.float64]
@@ -382,3 +386,58 @@ def test_resuming_another_model_fails_with_a_clear_message(resumed):
         load_checkpoint(ckpt, other)
     with pytest.raises(FileNotFoundError, match="not a finished longnet checkpoint"):
         load_checkpoint(str(resumed[0]), other)
+
+
+def _saved_in_layers(model, x, y):
+    """Bytes autograd's saved-tensor hooks see stored from inside the decoder layers'
+    forwards (parameters excluded); then runs the backward."""
+    params = {p.data_ptr() for p in model.parameters()}
+    total, inside = [0], [0]
+    hooks = []
+    for layer in model.decoder.layers:
+        hooks.append(layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, 1)))
+        hooks.append(layer.register_forward_hook(lambda *a: inside.__setitem__(0, 0)))
+
+    def pack(t):
+        if inside[0] and t.data_ptr() not in params:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, y)
+    for h in hooks:
+        h.remove()
+    loss.backward()
+    return total[0]
+
+
+def test_activation_checkpointing_keeps_less_and_compiles():
+    """One process: a checkpointed layer keeps only its input (the recomputation's
+    own saves happen in backward), so the forward keeps far less; gradients equal
+    the plain ones, also through torch.compile(fullgraph=True) of every layer
+    (aot_eager). Catches a flag that keeps everything and a recomputation that
+    changes the result."""
+    torch.set_num_threads(1)
+    x, y = _batches(1)[0]
+    model = _model(torch.float64)
+    plain = _saved_in_layers(model, x, y)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_activation_checkpointing(True)
+    assert model.activation_checkpointing
+    ac = _saved_in_layers(model, x, y)
+    # A plain layer keeps about ten (B, N, E) tensors (and FFN-wide ones); a
+    # checkpointed one keeps exactly its input, one (B, N, E) float64 tensor.
+    b, n, e = x.shape[0], x.shape[1], _config().embed_dim
+    layers = _config().num_layers
+    assert plain >= 10 * layers * b * n * e * 8, plain
+    assert ac == layers * b * n * e * 8, ac
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-12, atol=1e-14)
+    model.zero_grad()
+    for layer in model.decoder.layers:
+        layer.compile(backend="aot_eager", fullgraph=True)
+    _, loss = model(x, y)
+    loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-9, atol=1e-12)
