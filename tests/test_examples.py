@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -96,17 +97,59 @@ def test_compare_runs_all_variants(tmp_path):
     assert configs["dilated"] == configs["dense"] == configs["sliding"]
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
-def test_train_lm_sequence_parallel_under_torchrun(tmp_path):
-    import longnet.distributed  # noqa: F401  (an ImportError here is a failure, not a skip)
-    out = str(tmp_path / "sp")
+def _torchrun(nproc, *args, timeout=300):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node=2", os.path.join(EXAMPLES, "train_lm.py"), *TINY,
-           "--steps", "3", "--eval-interval", "3", "--out-dir", out, "--quiet", "--no-plot",
-           "--sequence-parallel", "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+           f"--nproc_per_node={nproc}", os.path.join(EXAMPLES, "train_lm.py"), *TINY,
+           "--quiet", "--no-plot", "--device", "cpu", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_train_lm_mesh_under_torchrun_resumes_on_another_mesh(tmp_path):
+    """--sequence-parallel (= --sp 2) with activation checkpointing for 2 steps,
+    resumed from its sharded checkpoint at --dp 2 for 2 more: the losses of one
+    process running the same command line for 4 steps, and an exported model for
+    generate.py. (The exact float64 equality of every mesh is tests/test_parallel.py's;
+    here float32 runs that sum in another order: 16 float32 ulps of the loss, about
+    7.6e-6, where these runs measured at most 1 ulp; a rank training on the wrong
+    block of the batch or without the sp exchange is off by > 1e-3.)"""
+    import longnet.distributed  # noqa: F401  (an ImportError here is a failure, not a skip)
+    common = ["--eval-interval", "2", "--save-interval", "2"]
+    single = str(tmp_path / "single")
+    _run("train_lm.py", *TINY, *common, "--steps", "4", "--out-dir", single, "--quiet",
+         "--no-plot")
+    out = str(tmp_path / "mesh")
+    proc = _torchrun(2, *common, "--steps", "2", "--out-dir", out, "--sequence-parallel",
+                     "--activation-checkpointing")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "mesh dp 1 x sp 2" in proc.stdout and "activation checkpointing" in proc.stdout
+    proc = _torchrun(2, *common, "--steps", "4", "--out-dir", out, "--dp", "2", "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout and "at step 2" in proc.stdout
+    assert sorted(os.listdir(os.path.join(out, "dcp"))) == ["step_00000002", "step_00000004"]
+    with open(os.path.join(single, "metrics.json")) as f:
+        want = json.load(f)["history"]
     with open(os.path.join(out, "metrics.json")) as f:
-        metrics = json.load(f)
-    assert metrics["steps"] == 3 and metrics["val_loss_end"] < metrics["val_loss_start"]
+        got = json.load(f)
+    assert got["mesh"] == {"dp": 2, "sp": 1} and got["steps"] == 4
+    bound = 16 * float(torch.finfo(torch.float32).eps) * 8  # 16 ulps of losses < 8
+    for key in ("train", "val"):
+        assert [s for s, _ in got["history"][key]] == [s for s, _ in want[key]]
+        for (_, a), (_, b) in zip(got["history"][key], want[key]):
+            assert abs(a - b) <= bound, (key, got["history"][key], want[key])
+    proc = _run("generate.py", out, "--prompt", "import ", "--max-new-tokens", "4",
+                "--greedy")
+    assert proc.stdout.startswith("import ")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_train_lm_mesh_errors_name_the_fix(tmp_path):
+    proc = _torchrun(2, "--steps", "1", "--out-dir", str(tmp_path / "x"), "--dp", "2",
+                     "--sp", "2", timeout=120)
+    assert proc.returncode != 0 and "dp * sp = 2" in proc.stdout + proc.stderr
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "train_lm.py"), *TINY,
+                           "--out-dir", str(tmp_path / "y"), "--sp", "2"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0 and "run under torchrun" in proc.stderr
