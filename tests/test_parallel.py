@@ -110,8 +110,15 @@ def _scenario_exchanges(rank, world, report):
     for ac in (False, True):
         model = parallelize(_model(torch.float64), mesh, activation_checkpointing=ac)
         lnd.reset_comm_stats()
-        _train(model, _optimizer(model), _batches(1), mesh)
-        report[f"exchange-calls-ac{int(ac)}"] = lnd.comm_stats().calls
+        opt = _optimizer(model)
+        _train(model, opt, _batches(1), mesh)
+        stats = lnd.comm_stats()
+        report[f"exchange-calls-ac{int(ac)}"] = stats.calls
+        report[f"exchange-sent-ac{int(ac)}"] = stats.bytes_sent
+    # What FSDP2 keeps on this rank: parameter shards and AdamW's two moments.
+    report["param_elements"] = sum(p.to_local().numel() for p in model.parameters())
+    report["adam_elements"] = sum(st[k].to_local().numel() for st in opt[0].state.values()
+                                  for k in ("exp_avg", "exp_avg_sq"))
 
 
 def _scenario_errors(rank, world, report):
@@ -441,3 +448,87 @@ def test_activation_checkpointing_keeps_less_and_compiles():
     loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------- longnet.plan
+
+
+def _saved_storage_bytes(model, x, y):
+    """Bytes of the distinct storages autograd saves inside the decoder layers'
+    forwards (parameters excluded): what the layers keep for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, inside = {}, [0]
+    hooks = []
+    for layer in model.decoder.layers:
+        hooks.append(layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, 1)))
+        hooks.append(layer.register_forward_hook(lambda *a: inside.__setitem__(0, 0)))
+
+    def pack(t):
+        st = t.untyped_storage()
+        if inside[0] and st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, y)
+    for h in hooks:
+        h.remove()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kw", [
+    dict(dtype=torch.float64),
+    dict(dtype=torch.float32, num_heads=4, num_kv_heads=2, ffn_dim=48),
+    dict(dtype=torch.float32, norm_style="subln", position_encoding=None),
+], ids=["float64", "float32-gqa", "subln-no-rope"])
+@pytest.mark.parametrize("ac", [False, True], ids=["no-ac", "ac"])
+def test_plan_layer_activation_bytes_equal_what_autograd_keeps(kw, ac):
+    """longnet.plan's per-layer activation memory is exactly the storages autograd
+    keeps inside the layers (one process, dropout off). Catches a formula that
+    misses a tensor (the FFN's, the norms' statistics, rotary tables, GQA's smaller
+    k/v) and checkpointing that keeps more than the layer input."""
+    from longnet.plan import layer_activation_bytes
+
+    kw = dict(kw)
+    dtype = kw.pop("dtype")
+    torch.set_num_threads(1)
+    model = _model(dtype, **kw)
+    model.set_activation_checkpointing(ac)
+    x, y = _batches(1)[0]
+    got = _saved_storage_bytes(model, x, y)
+    want = model.config.num_layers * layer_activation_bytes(
+        model.config, GLOBAL_BATCH, SEQ_LEN, dtype=str(dtype)[6:], activation_checkpointing=ac)
+    assert got == want, (got, want)
+
+
+def test_plan_training_matches_fsdp_shards_and_exchange_bytes(mesh_reports):
+    """At dp=1 x sp=4: every rank's FSDP2 parameter shard and AdamW state have the
+    sizes longnet.plan computes for that rank, the busiest rank's shard is the
+    plan's per-rank memory, and the dilated exchange sends what the plan says in a
+    training step, with checkpointing one forward exchange more. Catches a plan that
+    shards over dp alone, ignores dim-0 padding, or misses the repeated exchange."""
+    from longnet.plan import fsdp_shard_elements, plan_training
+
+    cfg = _config()
+    for rep in mesh_reports:
+        assert rep["param_elements"] == fsdp_shard_elements(cfg, 4, rep["rank"])
+        assert rep["adam_elements"] == 2 * rep["param_elements"]
+    for ac in (False, True):
+        plan = plan_training(cfg, batch=GLOBAL_BATCH, seq_len=SEQ_LEN, dp=1, sp=4,
+                             dtype="float64", activation_checkpointing=ac)
+        assert plan.param_bytes_per_rank == 8 * max(r["param_elements"] for r in mesh_reports)
+        assert plan.optimizer_bytes_per_rank == 2 * plan.param_bytes_per_rank
+        sent = max(r[f"exchange-sent-ac{int(ac)}"] for r in mesh_reports)
+        assert plan.sp_bytes_per_step == sent, (ac, plan.sp_bytes_per_step, sent)
+        # Ring attention passes every chunk's k and v to all other ranks: more than
+        # the dilated exchange, which sends only the rows of rank-crossing segments.
+        assert plan.ring_bytes_per_step > plan.sp_bytes_per_step > 0
+
+
+def test_plan_training_rejects_bad_meshes():
+    from longnet.plan import plan_training
+
+    with pytest.raises(ValueError, match="batch .* divisible by dp"):
+        plan_training(_config(), batch=3, seq_len=32, dp=2)
+    with pytest.raises(ValueError, match="seq_len .* divisible by sp"):
+        plan_training(_config(), batch=4, seq_len=30, sp=4)
