@@ -1027,6 +1027,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="geometric: w_{i+1} = factor * w_i up to the first w >= N (2)")
     g.add_argument("--r-factor", type=int,
                    help="geometric: r_{i+1} = r-factor * r_i (default --factor: w/r fixed)")
+    m = p.add_argument_group(
+        "training on a (dp, sp) mesh (with --embed-dim: --ranks is sp, --batch the global "
+        "batch, --layers the model's; adds FSDP2 memory, all activations and traffic)")
+    m.add_argument("--embed-dim", type=int, help="model width E (turns the training plan on)")
+    m.add_argument("--ffn-dim", type=int, help="feed-forward width (default 4 E)")
+    m.add_argument("--vocab-size", type=int, default=259, help="vocabulary (259)")
+    m.add_argument("--dp", type=int, default=1, help="data-parallel degree (1)")
+    m.add_argument("--activation-checkpointing", action="store_true")
     t = p.add_argument_group("time (both needed)")
     t.add_argument("--tflops", type=float, help="TFLOP/s the attention sustains per device")
     t.add_argument("--link-gbs", type=float, help="GB/s per device for the all-to-alls")
@@ -1082,6 +1090,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows = scaling_sweep(tokens // ranks, counts, heads=args.heads,
                                  head_dim=args.head_dim, tflops=args.tflops,
                                  link_gbs=args.link_gbs, **pattern_kw, **sweep_kw)
+        training = None
+        if args.embed_dim is not None:
+            from longnet.model import LongNetConfig
+
+            cfg = LongNetConfig(
+                vocab_size=args.vocab_size, num_layers=args.layers, embed_dim=args.embed_dim,
+                num_heads=args.heads, num_kv_heads=args.kv_heads, ffn_dim=args.ffn_dim,
+                segment_lengths=ws, dilation_rates=rs)
+            if cfg.head_dim != args.head_dim:
+                raise ValueError(f"--embed-dim / --heads = {cfg.head_dim} but --head-dim is "
+                                 f"{args.head_dim}")
+            training = plan_training(cfg, batch=args.batch * args.dp, seq_len=tokens,
+                                     dp=args.dp, sp=ranks, dtype=args.dtype,
+                                     activation_checkpointing=args.activation_checkpointing,
+                                     position_offset=args.position_offset)
     except ValueError as exc:
         parser.error(str(exc))
     timed = args.tflops is not None
@@ -1089,6 +1112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = plan.to_dict()
         if rows is not None:
             out["sweep"] = rows
+        if training is not None:
+            out["training"] = training.to_dict()
         json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
@@ -1101,6 +1126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   + (", patterns geometric in N" if args.first_w else ", patterns fixed")
                   + "):")
             print(_sweep_table(rows, timed))
+        if training is not None:
+            print("\ntraining step:")
+            print(training.table())
     if args.plot:
         title = (f"longnet.plan: L = {tokens // ranks:,} tokens per rank, H = {args.heads}, "
                  f"Hk = {args.kv_heads or args.heads}, D = {args.head_dim}, {args.dtype}, "

@@ -532,3 +532,20 @@ def test_plan_training_rejects_bad_meshes():
         plan_training(_config(), batch=3, seq_len=32, dp=2)
     with pytest.raises(ValueError, match="seq_len .* divisible by sp"):
         plan_training(_config(), batch=4, seq_len=30, sp=4)
+
+
+def test_plan_cli_prints_the_training_plan(capsys):
+    """python -m longnet.plan --embed-dim ... --dp adds the training plan (JSON)."""
+    from longnet.plan import main, plan_training
+
+    cfg = _config()
+    main(["--tokens", str(SEQ_LEN), "--ranks", "2", "--heads", "2", "--head-dim", "8",
+          "--embed-dim", "16", "--ffn-dim", "32", "--layers", "2", "--dtype", "float64",
+          "--segment-lengths", *map(str, cfg.segment_lengths), "--dilation-rates",
+          *map(str, cfg.dilation_rates), "--causal", "--batch", "2", "--dp", "2",
+          "--activation-checkpointing", "--json"])
+    got = json.loads(capsys.readouterr().out)["training"]
+    want = plan_training(cfg, batch=4, seq_len=SEQ_LEN, dp=2, sp=2, dtype="float64",
+                         activation_checkpointing=True).to_dict()
+    assert got == json.loads(json.dumps(want))
+    assert got["dp"] == 2 and got["sp"] == 2 and got["sp_bytes_per_step"] > 0
