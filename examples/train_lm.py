@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute every decoder layer in backward (keeps one (B, N, E) "
                         "tensor per layer instead of about ten; one more forward)")
+    g.add_argument("--timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a rank waits for any collective before it "
+                        "fails, naming the collective (a dead or hung rank)")
     g.add_argument("--keep-checkpoints", type=int, default=2,
                    help="under torchrun: sharded checkpoints kept under OUT_DIR/dcp")
     g.add_argument("--no-plot", action="store_true", help="skip loss_curve.png")
@@ -230,7 +233,24 @@ class Parallel:
         cuda = args.device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        import datetime
+
+        import longnet.distributed as lnd
+
+        timeout = datetime.timedelta(seconds=args.timeout)
+        store = {}
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart:
+            # After a torchrun restart the store still holds the previous attempt's
+            # addresses under the same keys: give this attempt its own key prefix.
+            rank = int(os.environ["RANK"])
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                 world, is_master=not agent and rank == 0, timeout=timeout)
+            store = {"store": dist.PrefixStore(f"longnet-restart-{restart}", base),
+                     "rank": rank, "world_size": world}
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout, **store)
+        lnd.set_timeout(args.timeout)
         self.dist = dist
         self.rank, self.world = dist.get_rank(), world
         self.dp, self.sp = dp, sp
@@ -260,7 +280,8 @@ class Parallel:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64,
                          device="cpu" if self.mesh.device_type == "cpu" else "cuda")
-        self.dist.all_reduce(t)
+        with _phase("an all-reduce of the loss over the ranks", self):
+            self.dist.all_reduce(t)
         return t.tolist()
 
     def mean(self, value: float) -> float:
@@ -287,6 +308,17 @@ def evaluate(model: torch.nn.Module, batches, device: str, par: Parallel,
     model.train()
     total, count = par.sum(total, count)
     return total / count
+
+
+def _phase(name: str, par: Parallel):
+    """``longnet.parallel.phase(name)`` under the mesh (names a failed collective)."""
+    if not par.enabled:
+        import contextlib
+
+        return contextlib.nullcontext()
+    from longnet.parallel import phase
+
+    return phase(name)
 
 
 def _autocast(device: str, dtype: Optional[torch.dtype]):
@@ -339,6 +371,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
     dcp_dir = os.path.join(args.out_dir, "dcp")
     state = dcp_path = None
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if par.enabled and restarts > 0 and not args.resume:
+        from longnet.checkpoint import latest_checkpoint
+
+        # torchrun --max-restarts restarted the job after a rank failed: continue
+        # from the last checkpoint of this run, if it wrote one.
+        args.resume = latest_checkpoint(dcp_dir) is not None
+        log(f"restart {restarts}: " + ("resuming from the last checkpoint" if args.resume
+                                       else "no checkpoint yet, starting over"))
     if args.resume and par.enabled:
         from longnet.checkpoint import latest_checkpoint
 
@@ -440,7 +481,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     model.train()
     tokens_per_step = args.batch_size * args.seq_len
     window_t, window_tokens = time.time(), 0
-    while step < args.steps:
+    def train_step(step: int) -> float:
+        """One optimizer step on the next global batch; the mean loss over the ranks."""
         x, y = random_batch(train_tokens, args.batch_size, args.seq_len, gen)
         x, y = par.chunk(x).to(device), par.chunk(y).to(device)
         for group in optimizer.param_groups:
@@ -450,10 +492,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under the mesh FSDP2 reduce-scatters the gradients
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            with _phase("the all-reduce of the gradient norm (clipping)", par):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
+        return par.mean(float(loss.detach()))
+
+    def one_step() -> None:
+        """A training step, then the evaluation and checkpoint it is due for."""
+        nonlocal step, window_t, window_tokens
+        loss_value = train_step(step)
         step += 1
-        loss_value = par.mean(float(loss.detach()))
         if not math.isfinite(loss_value):
             raise SystemExit(f"training diverged at step {step} (loss {loss_value})")
         history["train"].append((step, loss_value))
@@ -463,7 +511,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
             bar.update(1)
         if step % args.eval_interval == 0 or step == args.steps:
-            val = evaluate(fwd_model, val_batches, device, par, autocast_dtype)
+            with _phase("the evaluation's forward", par):
+                val = evaluate(fwd_model, val_batches, device, par, autocast_dtype)
             history["val"].append((step, val))
             msg = f"step {step}: validation loss {val:.4f}"
             if bar is not None:
@@ -472,7 +521,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 log(msg)
             window_t, window_tokens = time.time(), 0
         if step % args.save_interval == 0 or step == args.steps:
-            save_checkpoint()
+            with _phase("the sharded checkpoint's collectives (DCP save)", par):
+                save_checkpoint()
+
+    while step < args.steps:
+        try:
+            one_step()
+        except RuntimeError as exc:
+            if not par.enabled:
+                raise
+            from longnet.parallel import current_phase
+
+            raise RuntimeError(
+                f"rank {par.rank} of {par.world}, step {step + 1}: a collective failed or "
+                f"timed out (--timeout {args.timeout:g} s) in {current_phase()}; another "
+                f"rank probably died or hangs. {type(exc).__name__}: {exc}") from exc
     if bar is not None:
         bar.close()
     elapsed = elapsed0 + time.time() - t0

@@ -32,14 +32,15 @@ Example (under ``torchrun --nproc_per_node 4``)::
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import contextlib
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["MESH_DIMS", "build_mesh", "mesh_shape", "parallelize", "local_batch",
-           "mean_over_mesh", "flat_mesh"]
+           "mean_over_mesh", "flat_mesh", "current_phase", "phase", "track_collectives"]
 
 MESH_DIMS = ("dp", "sp")
 _FLAT = "dp_sp"
@@ -152,7 +153,51 @@ def parallelize(model: nn.Module, mesh, *, activation_checkpointing: bool = Fals
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **fsdp)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **fsdp)
+    track_collectives(model)
     return model
+
+
+# Where a training step is, so that a collective that fails or times out (a dead or
+# hung rank) can be named: gloo and NCCL report only "timed out waiting for recv".
+_phase = ["outside a training step"]
+
+
+def current_phase() -> str:
+    """The collective a rank is in or about to enter (see :func:`track_collectives`)."""
+    return _phase[0]
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Name the collectives run inside the block (restored afterwards)."""
+    old, _phase[0] = _phase[0], name
+    try:
+        yield
+    finally:
+        _phase[0] = old
+
+
+def track_collectives(model: nn.Module) -> None:
+    """Record, in :func:`current_phase`, which FSDP2 unit a rank is running: before
+    each decoder layer's and the root's forward (its parameters' all-gather, then the
+    layer's sequence-parallel exchange) and before its backward (the all-gather
+    again, the exchange's backward, its gradients' reduce-scatter)."""
+    units = [(f"decoder.layers.{i}", layer) for i, layer in enumerate(model.decoder.layers)]
+    units.append(("the root (embedding, final norm)", model))
+    for name, unit in units:
+        def before(module, args, kwargs, name=name):
+            _phase[0] = (f"forward of {name} (FSDP2 all-gather of its parameters, "
+                         "sequence-parallel key/value exchange)")
+
+        def after(module, args, kwargs, out, name=name):
+            t = out[-1] if isinstance(out, tuple) else out
+            if isinstance(t, Tensor) and t.requires_grad:
+                t.register_hook(lambda g: _phase.__setitem__(0, (
+                    f"backward of {name} (FSDP2 all-gather of its parameters, the key/value "
+                    "exchange's backward, reduce-scatter of its gradients)")))
+
+        unit.register_forward_pre_hook(before, prepend=True, with_kwargs=True)
+        unit.register_forward_hook(after, with_kwargs=True)
 
 
 def local_batch(t: Tensor, mesh) -> Tensor:
@@ -179,5 +224,6 @@ def mean_over_mesh(value, mesh) -> float:
         mesh.device_type, torch.accelerator.current_device_index())
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     group = flat_mesh(mesh).get_group()
-    dist.all_reduce(t, group=group)
+    with phase("the all-reduce of the loss over the mesh"):
+        dist.all_reduce(t, group=group)
     return float(t.item()) / dist.get_world_size(group)

@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -153,3 +156,122 @@ def test_train_lm_mesh_errors_name_the_fix(tmp_path):
                            "--out-dir", str(tmp_path / "y"), "--sp", "2"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode != 0 and "run under torchrun" in proc.stderr
+
+
+def _worker_pid(parent: int, rank: int, timeout: float = 60.0) -> int:
+    """The pid of torchrun's worker process with ``RANK=rank``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                if ppid != parent:
+                    continue
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank} under torchrun pid {parent}")
+
+
+def _wait_for(path: str, proc, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, "torchrun ended before the checkpoint appeared"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def _torchrun_background(nproc, log_path, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", *args[0], os.path.join(EXAMPLES, "train_lm.py"),
+           *TINY, "--quiet", "--no-plot", "--device", "cpu", *args[1]]
+    log = open(log_path, "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_rank_restarts_from_the_last_checkpoint(tmp_path):
+    """SIGKILL of a rank once the step-5 checkpoint exists, under torchrun
+    --max-restarts 1: the restarted job resumes from the last checkpoint by itself
+    and ends with the losses of an uninterrupted run (one process, same command
+    line; float32 bound as in the test above). Catches a restart that starts over
+    (the history would restart at step 1 and the rank-0 losses repeat) or that
+    loses the data position (other batches: losses differ by > 1e-3)."""
+    common = ["--steps", "40", "--eval-interval", "40", "--save-interval", "5"]
+    single = str(tmp_path / "single")
+    _run("train_lm.py", *TINY, *common, "--out-dir", single, "--quiet", "--no-plot")
+    out = str(tmp_path / "killed")
+    proc, log = _torchrun_background(2, str(tmp_path / "log.txt"), ["--max-restarts", "1"],
+                                     [*common, "--out-dir", out, "--dp", "2"])
+    try:
+        _wait_for(os.path.join(out, "dcp", "step_00000005", "longnet_checkpoint.json"), proc)
+        os.kill(_worker_pid(proc.pid, 1), signal.SIGKILL)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    with open(str(tmp_path / "log.txt")) as f:
+        text = f.read()
+    assert rc == 0, text[-3000:]
+    assert "restart 1: resuming from the last checkpoint" in text, text[-3000:]
+    resumed_at = int(re.search(r"resuming from \S+ at step (\d+)", text).group(1))
+    assert 5 <= resumed_at < 40
+    with open(os.path.join(single, "metrics.json")) as f:
+        want = json.load(f)["history"]["train"]
+    with open(os.path.join(out, "metrics.json")) as f:
+        got = json.load(f)["history"]["train"]
+    assert [s for s, _ in got] == list(range(1, 41))
+    bound = 16 * float(torch.finfo(torch.float32).eps) * 8
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) <= bound, (got, want)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_hung_rank_makes_the_others_fail_naming_the_collective(tmp_path):
+    """SIGSTOP of a rank (it hangs): the other rank fails within --timeout with an
+    error that names the collective it was waiting in, instead of waiting forever."""
+    out = str(tmp_path / "hung")
+    log_path = str(tmp_path / "log.txt")
+    proc, log = _torchrun_background(
+        2, log_path, ["--max-restarts", "0"],
+        ["--steps", "400", "--eval-interval", "400", "--save-interval", "5", "--out-dir", out,
+         "--sp", "2", "--timeout", "5"])
+    stopped = None
+    try:
+        _wait_for(os.path.join(out, "dcp", "step_00000005", "longnet_checkpoint.json"), proc)
+        stopped = _worker_pid(proc.pid, 1)
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.time()
+        deadline = t0 + 120
+        text = ""
+        while "a collective failed or timed out" not in text and time.time() < deadline:
+            time.sleep(0.2)
+            with open(log_path) as f:
+                text = f.read()
+        waited = time.time() - t0
+    finally:
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    assert "a collective failed or timed out (--timeout 5 s) in " in text, text[-3000:]
+    named = re.search(r"timed out \(--timeout 5 s\) in (.+?); another rank", text).group(1)
+    assert any(k in named for k in ("forward of", "backward of", "all-reduce", "DCP save",
+                                    "evaluation")), named
+    assert waited < 60, waited  # the 5 s timeout, plus a loaded machine's slack
+    assert proc.returncode != 0
