@@ -143,6 +143,30 @@ def _scenario_errors(rank, world, report):
     assert mesh_shape(mesh) == (2, 2)
     report["errors"] = errors
 
+    # Mixed precision through FSDP2's policy: bfloat16 compute, float32 shards.
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model = parallelize(_model(torch.float32), mesh, mp_policy=MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    x, y = (local_batch_of(t, mesh) for t in _batches(1)[0])
+    logits, loss = model(x, y)
+    loss.backward()
+    report["mp"] = {"logits": str(logits.dtype), "loss": mean_of(loss, mesh),
+                    "shards": sorted({str(p.dtype) for p in model.parameters()}),
+                    "grads": sorted({str(p.grad.dtype) for p in model.parameters()})}
+
+
+def local_batch_of(t, mesh):
+    from longnet.parallel import local_batch
+
+    return local_batch(t, mesh)
+
+
+def mean_of(loss, mesh):
+    from longnet.parallel import mean_over_mesh
+
+    return mean_over_mesh(float(loss.detach()), mesh)
+
 
 def _scenario_save(rank, world, report):
     """dp=2 x sp=2: train the first half of the run and write a checkpoint."""
@@ -330,6 +354,19 @@ def test_bad_setups_fail_with_the_fix(mesh_reports):
     assert errors["seq_len"] and "31 must be divisible by sp = 2" in errors["seq_len"]
     assert errors["dims"] and "missing ['dp', 'sp']" in errors["dims"]
     assert errors["dp_value"] and "dp must be an int >= 1" in errors["dp_value"]
+
+
+def test_mixed_precision_policy_computes_in_bfloat16(mesh_reports, reference):
+    """bfloat16 parameters in forward and backward, float32 shards and gradients
+    (catches a policy that is not applied). The loss is computed in float32 from
+    bfloat16 logits; 0.05 is under two bfloat16 ulps at 5.6 (0.031 each), far above
+    the ~1e-3 that rounding the small initial weights moves it, and catches a
+    policy that casts the wrong tensors (garbage logits)."""
+    for rep in mesh_reports:
+        mp = rep["mp"]
+        assert mp["logits"] == "torch.bfloat16"
+        assert mp["shards"] == ["torch.float32"] and mp["grads"] == ["torch.float32"]
+        assert abs(mp["loss"] - reference[torch.float64][0]) < 0.05
 
 
 @pytest.fixture(scope="module")
