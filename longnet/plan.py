@@ -286,7 +286,8 @@ class RunPlan:
                 f"comm/compute up to {self.worst('comm_to_compute'):.3g}; the forward "
                 f"exchange runs behind the local patterns "
                 f"({1e3 * min(c.overlap_s for c in self.per_rank):.4g} ms on the rank "
-                f"with the least), the backward exchange is not overlapped")
+                f"with the least); the backward exchange starts once the received rows' "
+                f"gradients are complete, before the local patterns' backward")
         return "\n".join(lines)
 
 

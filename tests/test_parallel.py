@@ -115,6 +115,13 @@ def _scenario_exchanges(rank, world, report):
         stats = lnd.comm_stats()
         report[f"exchange-calls-ac{int(ac)}"] = stats.calls
         report[f"exchange-sent-ac{int(ac)}"] = stats.bytes_sent
+    # The backward exchange started where its output arrived (overlapping the local
+    # patterns' backward) or where it began: the same arithmetic, bit for bit.
+    for overlap in (True, False):
+        lnd.set_backward_overlap(overlap)
+        m = parallelize(_model(torch.float64), mesh)
+        report[f"overlap{int(overlap)}-losses"] = _train(m, _optimizer(m), _batches(2), mesh)
+    lnd.set_backward_overlap(True)
     # What FSDP2 keeps on this rank: parameter shards and AdamW's two moments.
     report["param_elements"] = sum(p.to_local().numel() for p in model.parameters())
     report["adam_elements"] = sum(st[k].to_local().numel() for st in opt[0].state.values()
@@ -586,3 +593,14 @@ def test_plan_cli_prints_the_training_plan(capsys):
                          activation_checkpointing=True).to_dict()
     assert got == json.loads(json.dumps(want))
     assert got["dp"] == 2 and got["sp"] == 2 and got["sp_bytes_per_step"] > 0
+
+
+def test_backward_overlap_changes_no_result(mesh_reports, reference):
+    """longnet.distributed.set_backward_overlap(False) restores the exchange's
+    backward at the place it began; both orders give identical losses, equal to the
+    one-process ones (catches a reverse exchange launched with the wrong sizes or
+    gradient, or waited on twice)."""
+    for rep in mesh_reports:
+        assert rep["overlap1-losses"] == rep["overlap0-losses"]
+        assert max(abs(a - b) for a, b in zip(rep["overlap1-losses"],
+                                              reference[torch.float64][:2])) < 1e-9
