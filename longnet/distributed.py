@@ -38,7 +38,8 @@ makes the others raise a ``RuntimeError`` instead of hanging.
 
 Training: the attention backward returns the gradients of the sum of all ranks'
 losses. Parameters replicated over the sequence-parallel ranks need their gradients
-summed over ``group`` (e.g. ``torch.distributed.all_reduce``, or DDP over it).
+summed over ``group`` (e.g. ``torch.distributed.all_reduce``, or DDP over it);
+``longnet.parallel.parallelize`` does it with FSDP2 over a ``(dp, sp)`` mesh.
 """
 
 from __future__ import annotations
