@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
             _, val_tokens = train_lm.load_data(targs, log=lambda *a: None)
         model = LongNetLM.from_pretrained(os.path.join(out_dir, "checkpoint"),
                                           map_location=args.device)
-        sp = train_lm.SequenceParallel(False, args.device)
+        sp = train_lm.Parallel(None)
         results[variant] = {}
         for n in lengths:
             batches = eval_batches(val_tokens, n, args.eval_windows, args.batch_size)

@@ -11,7 +11,16 @@ to 1.51 nats per byte.
     python examples/train_lm.py --steps 2000 --seq-len 2048 \
         --segment-lengths 256,512,1024,2048 --dilation-rates 1,2,4,8 --device cuda
     python examples/train_lm.py --resume                # continue out-dir's checkpoint
-    torchrun --nproc_per_node=2 examples/train_lm.py --sequence-parallel
+    torchrun --nproc_per_node=4 examples/train_lm.py --dp 2 --sp 2 --activation-checkpointing
+    torchrun --nproc_per_node=2 examples/train_lm.py --sequence-parallel   # = --sp 2
+
+Under torchrun the ranks form a ``(dp, sp)`` device mesh (``longnet.parallel``):
+every sequence is split over ``sp`` ranks, the ``--batch-size`` sequences of a step
+(the global batch, so one command line is the same run at any mesh) over ``dp``, and
+FSDP2 shards parameters, gradients and optimizer state over all ``dp * sp`` ranks.
+Checkpoints are then sharded (``torch.distributed.checkpoint``, under
+``OUT_DIR/dcp``), resume on any mesh, and the final model is also exported to
+``OUT_DIR/checkpoint`` for ``generate.py``.
 
 Attention variants (``--attention``), all through the same dilated-attention operator:
 
@@ -22,7 +31,8 @@ Attention variants (``--attention``), all through the same dilated-attention ope
   keys; a segment pattern, not a per-query sliding mask).
 
 Outputs under ``--out-dir``: ``checkpoint/`` (``config.json``, weights, trainer
-state), ``metrics.json`` and ``loss_curve.png``.
+state; under torchrun the exported model), ``dcp/step_*`` (torchrun: the sharded
+checkpoints), ``metrics.json`` and ``loss_curve.png``.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 # Idle OpenMP threads sleep instead of spinning: on a busy or shared CPU spinning
 # threads slow every parallel region down several times. Set before torch loads.
@@ -105,8 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out-dir", default="runs/longnet_lm")
     g.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/checkpoint up to --steps total")
+    g.add_argument("--dp", type=int, default=None,
+                   help="under torchrun: data-parallel degree (the global --batch-size is "
+                        "split over it); default WORLD / sp")
+    g.add_argument("--sp", type=int, default=None,
+                   help="under torchrun: sequence-parallel degree (every sequence is split "
+                        "over it); default 1")
     g.add_argument("--sequence-parallel", action="store_true",
-                   help="under torchrun: split every sequence across the ranks")
+                   help="under torchrun: split every sequence across all ranks (--sp WORLD)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute every decoder layer in backward (keeps one (B, N, E) "
+                        "tensor per layer instead of about ten; one more forward)")
+    g.add_argument("--timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a rank waits for any collective before it "
+                        "fails, naming the collective (a dead or hung rank)")
+    g.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="under torchrun: sharded checkpoints kept under OUT_DIR/dcp")
     g.add_argument("--no-plot", action="store_true", help="skip loss_curve.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -170,31 +194,68 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * ratio
 
 
-class SequenceParallel:
-    """Rank bookkeeping for ``--sequence-parallel`` (a no-op on one process)."""
+class Parallel:
+    """The ``(dp, sp)`` mesh under torchrun (``longnet.parallel``); a no-op on one
+    process (and with ``args=None``)."""
 
-    def __init__(self, enabled: bool, device: str):
-        self.enabled = enabled
-        self.rank, self.world, self.group = 0, 1, None
-        if not enabled:
+    def __init__(self, args: Optional[argparse.Namespace]):
+        self.rank, self.world, self.mesh = 0, 1, None
+        self.dp = self.sp = 1
+        self.enabled = False
+        if args is None:
             return
+        under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        world = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun else 1
+        if args.sequence_parallel and (args.sp not in (None, world) or args.dp not in (None, 1)):
+            raise SystemExit(f"--sequence-parallel means --dp 1 --sp {world} (all ranks); "
+                             f"got --dp {args.dp} --sp {args.sp}")
+        sp = world if args.sequence_parallel else (args.sp or 1)
+        dp = args.dp or (world // sp if world % sp == 0 else 0)
+        self.enabled = under_torchrun and (world > 1 or dp * sp > 1)
+        if not self.enabled:
+            if (args.dp or 1) * sp > 1 or args.sequence_parallel:
+                raise SystemExit("--dp/--sp/--sequence-parallel run under torchrun, e.g. "
+                                 "torchrun --nproc_per_node=4 examples/train_lm.py --dp 2 --sp 2")
+            return
+        if dp < 1 or dp * sp != world:
+            raise SystemExit(f"torchrun started {world} processes but --dp {args.dp or dp} x "
+                             f"--sp {sp} = {(args.dp or dp) * sp}: choose --dp and --sp with "
+                             f"dp * sp = {world}")
+        if args.seq_len % sp:
+            raise SystemExit(f"--seq-len {args.seq_len} must be divisible by --sp {sp}")
+        if args.batch_size % dp:
+            raise SystemExit(f"--batch-size {args.batch_size} (the global batch) must be "
+                             f"divisible by --dp {dp}")
         import torch.distributed as dist
 
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise SystemExit("--sequence-parallel runs under torchrun, e.g. "
-                             "torchrun --nproc_per_node=2 examples/train_lm.py --sequence-parallel")
-        try:
-            import longnet.distributed  # noqa: F401
-        except ImportError as exc:
-            raise SystemExit("--sequence-parallel needs longnet.distributed "
-                             f"(sequence_parallel_dilated_attention), which failed to import: {exc}") from exc
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if device.startswith("cuda"):
+        from longnet.parallel import build_mesh
+
+        cuda = args.device.startswith("cuda")
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        import datetime
+
+        import longnet.distributed as lnd
+
+        timeout = datetime.timedelta(seconds=args.timeout)
+        store = {}
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart:
+            # After a torchrun restart the store still holds the previous attempt's
+            # addresses under the same keys: give this attempt its own key prefix.
+            rank = int(os.environ["RANK"])
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                 world, is_master=not agent and rank == 0, timeout=timeout)
+            store = {"store": dist.PrefixStore(f"longnet-restart-{restart}", base),
+                     "rank": rank, "world_size": world}
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout, **store)
+        lnd.set_timeout(args.timeout)
         self.dist = dist
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.group = dist.group.WORLD
+        self.rank, self.world = dist.get_rank(), world
+        self.dp, self.sp = dp, sp
+        self.mesh = build_mesh(dp, sp, device_type="cuda" if cuda else "cpu",
+                               seq_len=args.seq_len)
 
     def device(self, device: str) -> str:
         if self.enabled and device == "cuda":
@@ -202,37 +263,29 @@ class SequenceParallel:
         return device
 
     def chunk(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous chunk of the sequence dimension."""
+        """This rank's block of a global batch (rows over dp, positions over sp);
+        a batch whose rows do not split over dp is computed whole by every dp rank."""
         if not self.enabled:
             return t
-        n = t.shape[1] // self.world
-        return t[:, self.rank * n:(self.rank + 1) * n]
+        from longnet.parallel import local_batch
+
+        if t.shape[0] % self.dp:
+            n = t.shape[1] // self.sp
+            s = self.mesh.get_local_rank("sp")
+            return t[:, s * n:(s + 1) * n]
+        return local_batch(t, self.mesh)
+
+    def sum(self, *values: float) -> List[float]:
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64,
+                         device="cpu" if self.mesh.device_type == "cpu" else "cuda")
+        with _phase("an all-reduce of the loss over the ranks", self):
+            self.dist.all_reduce(t)
+        return t.tolist()
 
     def mean(self, value: float) -> float:
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        self.dist.all_reduce(t)
-        return float(t.item()) / self.world
-
-    def sync_params(self, model: torch.nn.Module) -> None:
-        if self.enabled:
-            for p in model.parameters():
-                self.dist.broadcast(p.data, src=0)
-
-    def reduce_grads(self, model: torch.nn.Module) -> None:
-        """Sum each parameter's gradient over the ranks and divide by their number:
-        the gradient of the mean of the per-rank losses."""
-        if not self.enabled:
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        return self.sum(value)[0] / self.world
 
     def close(self) -> None:
         if self.enabled:
@@ -241,19 +294,31 @@ class SequenceParallel:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: str, sp: SequenceParallel,
+def evaluate(model: torch.nn.Module, batches, device: str, par: Parallel,
              autocast_dtype: Optional[torch.dtype]) -> float:
     """Mean next-token loss (nats per token) over fixed validation batches."""
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
-        x, y = sp.chunk(x).to(device), sp.chunk(y).to(device)
+        x, y = par.chunk(x).to(device), par.chunk(y).to(device)
         with _autocast(device, autocast_dtype):
             _, loss = model(x, y)
         total += float(loss) * y.numel()
         count += y.numel()
     model.train()
-    return sp.mean(total / count)
+    total, count = par.sum(total, count)
+    return total / count
+
+
+def _phase(name: str, par: Parallel):
+    """``longnet.parallel.phase(name)`` under the mesh (names a failed collective)."""
+    if not par.enabled:
+        import contextlib
+
+        return contextlib.nullcontext()
+    from longnet.parallel import phase
+
+    return phase(name)
 
 
 def _autocast(device: str, dtype: Optional[torch.dtype]):
@@ -294,43 +359,70 @@ def save_plot(history: Dict[str, list], path: str, title: str) -> bool:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Train as ``args`` says; return the metrics (also written to metrics.json)."""
-    sp = SequenceParallel(args.sequence_parallel, args.device)
-    is_main = sp.rank == 0
+    par = Parallel(args)
+    is_main = par.rank == 0
     log = print if is_main else (lambda *a, **k: None)
-    device = sp.device(args.device)
+    device = par.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.seq_len % sp.world != 0:
-        raise SystemExit(f"--seq-len {args.seq_len} must be divisible by the "
-                         f"{sp.world} sequence-parallel ranks")
     autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16,
                       "float16": torch.float16}[args.dtype]
 
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
-    state = None
-    if args.resume:
+    dcp_dir = os.path.join(args.out_dir, "dcp")
+    state = dcp_path = None
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if par.enabled and restarts > 0 and not args.resume:
+        from longnet.checkpoint import latest_checkpoint
+
+        # torchrun --max-restarts restarted the job after a rank failed: continue
+        # from the last checkpoint of this run, if it wrote one.
+        args.resume = latest_checkpoint(dcp_dir) is not None
+        log(f"restart {restarts}: " + ("resuming from the last checkpoint" if args.resume
+                                       else "no checkpoint yet, starting over"))
+    if args.resume and par.enabled:
+        from longnet.checkpoint import latest_checkpoint
+
+        dcp_path = latest_checkpoint(dcp_dir)
+        if dcp_path is None:
+            raise SystemExit(f"--resume: no checkpoint at {dcp_dir}")
+        with open(os.path.join(dcp_path, "longnet_checkpoint.json")) as f:
+            cfg = LongNetConfig.from_dict(json.load(f)["config"])
+        model = LongNetLM(cfg, device=device)
+    elif args.resume:
         state_path = os.path.join(ckpt_dir, TRAINER_STATE)
         if not os.path.isfile(state_path):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_dir}")
         model = LongNetLM.from_pretrained(ckpt_dir, map_location=device)
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        saved = state["args"]
-        for name in ("seq_len", "batch_size", "seed"):
-            if getattr(args, name) != saved[name]:
-                log(f"note: --{name.replace('_', '-')} {getattr(args, name)} differs from "
-                    f"the checkpoint's {saved[name]}")
         log(f"resuming from {ckpt_dir} at step {state['step']}")
     else:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same initial parameters on every rank
         model = LongNetLM(model_config(args), device=device)
-    sp.sync_params(model)
-    if sp.enabled:
-        model.set_sequence_parallel_group(sp.group)
     cfg = model.config
-    log(f"model: {model.num_parameters():,} parameters, {cfg.num_layers} layers, "
+    n_params = model.num_parameters()
+    fwd_model = model
+    if par.enabled:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from longnet.parallel import parallelize
+
+        # Under the mesh --dtype is FSDP2's parameter dtype (gradients reduce in float32).
+        policy = MixedPrecisionPolicy(param_dtype=autocast_dtype,
+                                      reduce_dtype=torch.float32 if autocast_dtype else None)
+        parallelize(model, par.mesh, activation_checkpointing=args.activation_checkpointing,
+                    mp_policy=policy, compile=args.compile)
+        autocast_dtype = None
+    else:
+        model.set_activation_checkpointing(args.activation_checkpointing)
+        if args.compile:
+            fwd_model = torch.compile(model)
+    log(f"model: {n_params:,} parameters, {cfg.num_layers} layers, "
         f"width {cfg.embed_dim}, {cfg.num_heads} heads; attention {args.attention} "
         f"w={cfg.segment_lengths} r={cfg.dilation_rates}; seq_len {args.seq_len}"
-        + (f", sequence parallel over {sp.world} ranks" if sp.enabled else ""))
+        + (f"; mesh dp {par.dp} x sp {par.sp} (FSDP2 over {par.world} ranks)"
+           if par.enabled else "")
+        + ("; activation checkpointing" if args.activation_checkpointing else ""))
 
     train_tokens, val_tokens = load_data(args, log)
     val_batches = eval_batches(val_tokens, args.seq_len, args.eval_windows, args.batch_size)
@@ -343,28 +435,42 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     gen = torch.Generator().manual_seed(args.seed + 1)
     history: Dict[str, list] = {"train": [], "val": []}
     step, elapsed0 = 0, 0.0
+    if dcp_path is not None:
+        from longnet.checkpoint import load_checkpoint
+
+        state = load_checkpoint(dcp_path, model, optimizer)["extra"]
+        log(f"resuming from {dcp_path} at step {state['step']}")
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        saved = state["args"]
+        for name in ("seq_len", "batch_size", "seed"):
+            if getattr(args, name) != saved[name]:
+                log(f"note: --{name.replace('_', '-')} {getattr(args, name)} differs from "
+                    f"the checkpoint's {saved[name]}")
+        if dcp_path is None:
+            optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         history = state["history"]
         step, elapsed0 = state["step"], state.get("elapsed_s", 0.0)
 
-    fwd_model = torch.compile(model) if args.compile else model
-
     def save_checkpoint() -> None:
-        if not is_main:
+        trainer = {"step": step, "generator": gen.get_state(), "history": history,
+                   "elapsed_s": elapsed0 + time.time() - t0, "args": vars(args)}
+        if par.enabled:
+            from longnet.checkpoint import save_checkpoint as save_sharded
+
+            save_sharded(dcp_dir, step, model, optimizer, extra=trainer,
+                         mesh_shape=(par.dp, par.sp), keep=args.keep_checkpoints)
             return
         model.save_pretrained(ckpt_dir)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                    "generator": gen.get_state(), "history": history,
-                    "elapsed_s": elapsed0 + time.time() - t0, "args": vars(args)},
+        torch.save({**trainer, "optimizer": optimizer.state_dict()},
                    os.path.join(ckpt_dir, TRAINER_STATE))
 
     if is_main:
         os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
     if step == 0 and not history["val"]:
-        history["val"].append((0, evaluate(fwd_model, val_batches, device, sp, autocast_dtype)))
+        history["val"].append((0, evaluate(fwd_model, val_batches, device, par,
+                                           autocast_dtype)))
         log(f"step 0: validation loss {history['val'][-1][1]:.4f}")
 
     bar = None
@@ -375,21 +481,27 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     model.train()
     tokens_per_step = args.batch_size * args.seq_len
     window_t, window_tokens = time.time(), 0
-    while step < args.steps:
+    def train_step(step: int) -> float:
+        """One optimizer step on the next global batch; the mean loss over the ranks."""
         x, y = random_batch(train_tokens, args.batch_size, args.seq_len, gen)
-        x, y = sp.chunk(x).to(device), sp.chunk(y).to(device)
+        x, y = par.chunk(x).to(device), par.chunk(y).to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         with _autocast(device, autocast_dtype):
             _, loss = fwd_model(x, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sp.reduce_grads(model)
+        loss.backward()  # under the mesh FSDP2 reduce-scatters the gradients
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            with _phase("the all-reduce of the gradient norm (clipping)", par):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
+        return par.mean(float(loss.detach()))
+
+    def one_step() -> None:
+        """A training step, then the evaluation and checkpoint it is due for."""
+        nonlocal step, window_t, window_tokens
+        loss_value = train_step(step)
         step += 1
-        loss_value = sp.mean(float(loss.detach()))
         if not math.isfinite(loss_value):
             raise SystemExit(f"training diverged at step {step} (loss {loss_value})")
         history["train"].append((step, loss_value))
@@ -399,7 +511,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
             bar.update(1)
         if step % args.eval_interval == 0 or step == args.steps:
-            val = evaluate(fwd_model, val_batches, device, sp, autocast_dtype)
+            with _phase("the evaluation's forward", par):
+                val = evaluate(fwd_model, val_batches, device, par, autocast_dtype)
             history["val"].append((step, val))
             msg = f"step {step}: validation loss {val:.4f}"
             if bar is not None:
@@ -408,15 +521,38 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 log(msg)
             window_t, window_tokens = time.time(), 0
         if step % args.save_interval == 0 or step == args.steps:
-            save_checkpoint()
+            with _phase("the sharded checkpoint's collectives (DCP save)", par):
+                save_checkpoint()
+
+    while step < args.steps:
+        try:
+            one_step()
+        except RuntimeError as exc:
+            if not par.enabled:
+                raise
+            from longnet.parallel import current_phase
+
+            raise RuntimeError(
+                f"rank {par.rank} of {par.world}, step {step + 1}: a collective failed or "
+                f"timed out (--timeout {args.timeout:g} s) in {current_phase()}; another "
+                f"rank probably died or hangs. {type(exc).__name__}: {exc}") from exc
     if bar is not None:
         bar.close()
     elapsed = elapsed0 + time.time() - t0
+    if par.enabled:
+        # One process turns the last sharded checkpoint into a save_pretrained
+        # directory (for generate.py) while the others wait.
+        from longnet.checkpoint import export_pretrained, latest_checkpoint
+
+        par.dist.barrier()
+        if is_main:
+            export_pretrained(latest_checkpoint(dcp_dir), ckpt_dir)
 
     metrics = {
         "steps": step, "elapsed_s": round(elapsed, 1), "attention": args.attention,
         "segment_lengths": cfg.segment_lengths, "dilation_rates": cfg.dilation_rates,
-        "seq_len": args.seq_len, "parameters": model.num_parameters(),
+        "seq_len": args.seq_len, "parameters": n_params,
+        "mesh": {"dp": par.dp, "sp": par.sp},
         "val_loss_start": history["val"][0][1] if history["val"] else None,
         "val_loss_end": history["val"][-1][1] if history["val"] else None,
         "history": history,
@@ -435,7 +571,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         log(f"done: {step} steps in {elapsed:.0f} s; validation loss "
             f"{metrics['val_loss_start']:.4f} -> {metrics['val_loss_end']:.4f}; "
             f"checkpoint: {ckpt_dir}")
-    sp.close()
+    par.close()
     return metrics
 
 

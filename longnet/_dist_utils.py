@@ -30,6 +30,7 @@ __all__ = [
     "Pending",
     "all_gather_small",
     "group_rank_and_size",
+    "set_backward_overlap",
 ]
 
 _DEFAULT_TIMEOUT_S = float(os.environ.get("LONGNET_DIST_TIMEOUT", "600"))
@@ -128,17 +129,40 @@ def _launch(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int], gro
     return out, (work, x)
 
 
-class Pending:
-    """An all-to-all in flight: call :meth:`wait` before reading its output."""
+_overlap_backward = True
 
-    def __init__(self, work, what: str, group):
+
+def set_backward_overlap(enabled: bool) -> None:
+    """Whether the backward of an exchange starts as soon as the gradient of what it
+    received is complete, so that the autograd work created before the exchange's
+    arrival (the local patterns) runs while it is in flight (default on), or waits
+    where the exchange began (off, for comparison)."""
+    global _overlap_backward
+    _overlap_backward = bool(enabled)
+
+
+class Pending:
+    """An all-to-all in flight: call :meth:`wait` before reading its output, then
+    read it through :meth:`arrived`."""
+
+    def __init__(self, work, what: str, group, link=None, sizes=None):
         # work is (collective handle, send buffer): the buffer must live until done.
         self._work, self._what, self._group = work, what, group
+        self._link, self._sizes = link, sizes
 
     def wait(self) -> None:
         if self._work is not None:
             (work, _), self._work = self._work, None
             _wait(work, self._what, self._group)
+
+    def arrived(self, out: Tensor) -> Tensor:
+        """``out`` (the exchange's output, after :meth:`wait`) marked as arrived: in
+        backward the reverse exchange starts at this point of the graph and the
+        exchange's own backward only waits for it; work between the two (what ran
+        while the forward exchange was in flight) overlaps it."""
+        if self._link is None or not out.requires_grad:
+            return out
+        return _Arrive.apply(out, self._link, self._sizes, self._group, self._what)
 
     def __repr__(self) -> str:
         return f"Pending({self._what!r}, done={self._work is None})"
@@ -157,15 +181,36 @@ class _AllToAll(torch.autograd.Function):
         ctx.group = group
         ctx.what = what
         out, work = _launch(x, send_sizes, recv_sizes, group)
-        box.append(Pending(work, what, group))
+        ctx.link = {}
+        box.append(Pending(work, what, group, ctx.link, ctx.sizes))
         return out
 
     @staticmethod
     def backward(ctx, grad):
         send_sizes, recv_sizes = ctx.sizes
-        g, (work, _buf) = _launch(grad, recv_sizes, send_sizes, ctx.group)
+        started = ctx.link.pop("backward", None)  # launched by _Arrive's backward
+        if started is None:
+            started = _launch(grad, recv_sizes, send_sizes, ctx.group)
+        g, (work, _buf) = started
         _wait(work, ctx.what + " (backward)", ctx.group)
         return g, None, None, None, None, None
+
+
+class _Arrive(torch.autograd.Function):
+    """Identity on an exchange's output whose backward starts the reverse exchange
+    (see :meth:`Pending.arrived`)."""
+
+    @staticmethod
+    def forward(ctx, out, link, sizes, group, what):
+        ctx.link, ctx.sizes, ctx.group = link, sizes, group
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if _overlap_backward:
+            send_sizes, recv_sizes = ctx.sizes
+            ctx.link["backward"] = _launch(grad, recv_sizes, send_sizes, ctx.group)
+        return grad, None, None, None, None
 
 
 def all_to_all_start(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int],

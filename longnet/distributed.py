@@ -38,7 +38,8 @@ makes the others raise a ``RuntimeError`` instead of hanging.
 
 Training: the attention backward returns the gradients of the sum of all ranks'
 losses. Parameters replicated over the sequence-parallel ranks need their gradients
-summed over ``group`` (e.g. ``torch.distributed.all_reduce``, or DDP over it).
+summed over ``group`` (e.g. ``torch.distributed.all_reduce``, or DDP over it);
+``longnet.parallel.parallelize`` does it with FSDP2 over a ``(dp, sp)`` mesh.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from longnet._dist_utils import (
     get_timeout,
     group_rank_and_size,
     reset_comm_stats,
+    set_backward_overlap,
     set_timeout,
 )
 from longnet.ops import validate_inputs, validate_patterns, validate_position_offset
@@ -77,6 +79,7 @@ __all__ = [
     "CommStats",
     "set_timeout",
     "get_timeout",
+    "set_backward_overlap",
 ]
 
 
@@ -497,8 +500,9 @@ def sequence_parallel_dilated_attention(
         lses[i].append(l_i.transpose(1, 2).reshape(b, -1))
     if pending is not None:
         pending.wait()
-    if got is not None:
-        got = got.view(-1, 2, b, d).permute(1, 2, 0, 3)  # (2, B, received rows, D)
+        # From here on the backward can start the reverse exchange: the local
+        # patterns' backward (created above) then runs while it is in flight.
+        got = pending.arrived(got).view(-1, 2, b, d).permute(1, 2, 0, 3)  # (2, B, rows, D)
 
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_sel = q.reshape(b, chunk * h, d).index_select(1, _on(plan, plan.q_index, dev))

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from longnet.modules import KVCache, MultiheadDilatedAttention
@@ -136,7 +137,19 @@ class FeedForward(nn.Module):
 
 
 class LongNetDecoderLayer(nn.Module):
-    """One decoder block: ``x + attn(LN(x))`` then ``x + ffn(LN(x))``."""
+    """One decoder block: ``x + attn(LN(x))`` then ``x + ffn(LN(x))``.
+
+    With :attr:`activation_checkpointing` set, a training forward (grad enabled, no
+    cache) keeps only the block's input for backward and runs the block again there
+    (``torch.utils.checkpoint``, non-reentrant, RNG state restored so dropout draws
+    the same masks). Under sequence parallelism the recomputed forward repeats its
+    key/value exchange: the exchange is deterministic, so the recomputation gets the
+    rows it got the first time, and the exchanged rows are few (``w / r`` per
+    crossing segment, constant in the sequence length), so repeating it costs one
+    more forward exchange per layer instead of holding received rows across the
+    step. Every rank of the group recomputes its layers in the same (backward)
+    order, so the repeated collectives line up.
+    """
 
     def __init__(self, config: LongNetConfig, *, sequence_parallel_group: Any = None,
                  device=None, dtype=None) -> None:
@@ -157,9 +170,19 @@ class LongNetDecoderLayer(nn.Module):
                                sub_ln=sub_ln, bias=config.bias,
                                layer_norm_eps=config.layer_norm_eps, **factory)
         self.dropout = config.dropout
+        self.activation_checkpointing = False
 
     def forward(self, x: Tensor, *, cache: Optional[KVCache] = None,
                 position_offset: Optional[int] = None) -> Tensor:
+        if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+            # The hooks of the module call (FSDP's unshard, for one) stay outside the
+            # recomputed function: the backward re-runs _block alone.
+            return torch.utils.checkpoint.checkpoint(
+                self._block, x, None, position_offset, use_reentrant=False)
+        return self._block(x, cache, position_offset)
+
+    def _block(self, x: Tensor, cache: Optional[KVCache],
+               position_offset: Optional[int]) -> Tensor:
         h = self.self_attn(self.attn_norm(x), cache=cache, position_offset=position_offset)
         x = x + F.dropout(h, p=self.dropout, training=self.training)
         h = self.ffn(self.ffn_norm(x))
@@ -248,6 +271,17 @@ class LongNetLM(nn.Module):
         for layer in cast(Iterable[LongNetDecoderLayer], self.decoder.layers):
             layer.self_attn.sequence_parallel_group = group
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute every decoder layer in backward instead of keeping its
+        activations (see :class:`LongNetDecoderLayer`); a training setting, not saved
+        with the model. Off by default."""
+        for layer in self.decoder.layers:
+            layer.activation_checkpointing = bool(enabled)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return any(layer.activation_checkpointing for layer in self.decoder.layers)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -295,7 +329,9 @@ class LongNetLM(nn.Module):
         if self.config.pad_token_id is not None:
             # Padding is not text: predicting it must not count in the loss.
             targets = targets.masked_fill(targets == self.config.pad_token_id, -100)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+        # float32 at least (float64 models keep float64).
+        wide = logits if logits.dtype == torch.float64 else logits.float()
+        loss = F.cross_entropy(wide.reshape(-1, logits.shape[-1]),
                                targets.reshape(-1), ignore_index=-100)
         return logits, loss
 

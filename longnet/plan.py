@@ -43,6 +43,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 __all__ = [
     "RankCost",
     "RunPlan",
+    "TrainingPlan",
+    "plan_training",
+    "layer_activation_bytes",
+    "fsdp_shard_elements",
     "plan_run",
     "geometric_patterns",
     "parse_count",
@@ -282,7 +286,8 @@ class RunPlan:
                 f"comm/compute up to {self.worst('comm_to_compute'):.3g}; the forward "
                 f"exchange runs behind the local patterns "
                 f"({1e3 * min(c.overlap_s or 0.0 for c in self.per_rank):.4g} ms on the rank "
-                f"with the least), the backward exchange is not overlapped")
+                f"with the least); the backward exchange starts once the received rows' "
+                f"gradients are complete, before the local patterns' backward")
         return "\n".join(lines)
 
 
@@ -625,6 +630,218 @@ def plan_run(tokens: int, ranks: int, *, heads: int, head_dim: int,
                    position_offset=position_offset)
 
 
+# ------------------------------------------------------ training on a mesh
+
+
+@dataclass
+class TrainingPlan:
+    """Per-rank memory and traffic of a LongNetLM training step on a ``(dp, sp)`` mesh
+    with FSDP2 over all ``dp * sp`` ranks (:func:`plan_training`)."""
+
+    dp: int
+    sp: int
+    batch: int                      # global batch (sequences per step)
+    seq_len: int
+    dtype: str
+    activation_checkpointing: bool
+    parameters: int
+    param_bytes_per_rank: int       # FSDP2 shards (dim 0 split over dp * sp), busiest rank
+    grad_bytes_per_rank: int
+    optimizer_bytes_per_rank: int   # AdamW exp_avg and exp_avg_sq
+    unsharded_bytes: int            # full parameters alive at once: root + 2 layers (0 on 1 rank)
+    layer_activation_bytes: int     # one decoder layer, kept from forward to backward
+    layer_activation_bytes_plain: int  # the same without checkpointing
+    other_activation_bytes: int     # embedding, final norm, logits and log-softmax
+    activation_bytes: int           # everything kept for backward on a rank
+    peak_bytes: int                 # states + activations + backward's transient peak
+    fsdp_bytes_per_step: int        # sent per rank: all-gathers (fwd, bwd) + reduce-scatter
+    sp_bytes_per_step: int          # sent per rank: dilated key/value exchange, all layers
+    ring_bytes_per_step: int        # ring attention would send for the same run
+    ulysses_bytes_per_step: int     # all-to-all head parallelism would send
+    attention: RunPlan = field(repr=False)
+
+    def to_dict(self) -> Dict[str, object]:
+        d = {k: v for k, v in asdict(self).items() if k != "attention"}
+        d["attention_summary"] = self.attention.summary()
+        return d
+
+    def table(self) -> str:
+        w = self.dp * self.sp
+        f = _fmt_bytes
+        rows = [
+            f"mesh dp {self.dp} x sp {self.sp} ({w} ranks, FSDP2 over all), global batch "
+            f"{self.batch} x {self.seq_len:,} tokens ({self.batch // self.dp} x "
+            f"{self.seq_len // self.sp:,} per rank), {self.parameters:,} parameters "
+            f"({self.dtype}), activation checkpointing "
+            f"{'on' if self.activation_checkpointing else 'off'}",
+            "per rank:",
+            f"  parameters {f(self.param_bytes_per_rank)}, gradients "
+            f"{f(self.grad_bytes_per_rank)}, AdamW state {f(self.optimizer_bytes_per_rank)}"
+            f" (sharded); full parameters in use {f(self.unsharded_bytes)}",
+            f"  activations {f(self.activation_bytes)} (per layer "
+            f"{f(self.layer_activation_bytes)}; without checkpointing "
+            f"{f(self.layer_activation_bytes_plain)}; outside the layers "
+            f"{f(self.other_activation_bytes)})",
+            f"  peak about {f(self.peak_bytes)}",
+            "traffic sent per rank and step:",
+            f"  FSDP2 all-gathers + reduce-scatter {f(self.fsdp_bytes_per_step)}",
+            f"  dilated sequence-parallel exchange {f(self.sp_bytes_per_step)}"
+            + (" (with the repeated forward exchange)" if self.activation_checkpointing
+               and self.sp > 1 else ""),
+            f"  for comparison, same run: ring attention {f(self.ring_bytes_per_step)}, "
+            f"all-to-all head parallelism (Ulysses) {f(self.ulysses_bytes_per_step)}",
+        ]
+        return "\n".join(rows)
+
+
+def _param_shapes(cfg) -> Tuple[List[Tuple[int, ...]], List[List[Tuple[int, ...]]]]:
+    """Shapes of the root's own parameters and of each decoder layer's (LongNetLM)."""
+    e, f, h = cfg.embed_dim, cfg.ffn_dim, cfg.num_heads
+    kv = (cfg.num_kv_heads or h) * (e // h)
+    bias = cfg.bias
+
+    def lin(i, o):
+        return [(o, i)] + ([(o,)] if bias else [])
+
+    def ln(n):
+        return [(n,), (n,)]
+
+    layer = ln(e) + lin(e, e) + lin(e, kv) + lin(e, kv) + lin(e, e) + ln(e) + lin(e, f) \
+        + lin(f, e)
+    if cfg.norm_style == "subln":
+        layer += ln(e) + ln(f)
+    root = [(cfg.vocab_size, e)] + ln(e)
+    if not cfg.tie_embeddings:
+        root.append((cfg.vocab_size, e))
+    return root, [layer] * cfg.num_layers
+
+
+def _numel(shape: Tuple[int, ...]) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
+
+
+def _shard_elements(shape: Tuple[int, ...], world: int, rank: int) -> int:
+    """Elements of ``rank``'s FSDP2 shard (dim 0 split in ceil-sized chunks)."""
+    rows = _ceil(shape[0], world)
+    mine = max(0, min(rows, shape[0] - rank * rows))
+    return mine * (_numel(shape) // shape[0])
+
+
+def fsdp_shard_elements(config, world: int, rank: int) -> int:
+    """Parameter elements FSDP2 keeps on ``rank`` of ``world`` for a LongNetLM config."""
+    root, layers = _param_shapes(config)
+    return sum(_shard_elements(s, world, rank) for s in root + [x for l in layers for x in l])
+
+
+def layer_activation_bytes(config, batch: int, tokens: int, *, dtype: str = "float32",
+                           attention: Optional[RankCost] = None,
+                           activation_checkpointing: bool = False) -> int:
+    """Bytes one LongNetDecoderLayer keeps from forward to backward on a rank holding
+    ``batch x tokens`` positions (dropout off), storage by storage: its input, the two
+    LayerNorm outputs and the residual sum (4 ``(B, T, E)``), the LayerNorms' mean and
+    rstd (4 ``(B, T)``), the FFN's ``fc1`` and GELU outputs (2 ``(B, T, F)``), the
+    rotary cos/sin of q and k (``2 T D``), plus the attention's own (q, k, v, output,
+    lse and, under sequence parallelism, what its exchange keeps: ``attention``'s
+    ``activation_bytes``, default the one-process operator). Sub-LN adds its two
+    LayerNorms' inputs. With checkpointing only the input stays."""
+    item = DTYPE_BYTES[dtype]
+    e, f, d = config.embed_dim, config.ffn_dim, config.embed_dim // config.num_heads
+    bt = batch * tokens
+    if activation_checkpointing:
+        return bt * e * item
+    total = item * (4 * bt * e + 4 * bt + 2 * bt * f)
+    if config.position_encoding is not None:
+        total += item * 2 * tokens * d
+    if config.norm_style == "subln":
+        total += item * (bt * e + bt * f + 4 * bt)
+    if attention is None:
+        h, hk = config.num_heads, config.num_kv_heads or config.num_heads
+        lse_item = 8 if item == 8 else 4
+        attn = bt * (h + 2 * hk) * d * item + bt * h * (d * item + lse_item)
+    else:
+        attn = attention.activation_bytes
+    return total + attn
+
+
+def plan_training(config, *, batch: int, seq_len: int, dp: int = 1, sp: int = 1,
+                  dtype: str = "float32", activation_checkpointing: bool = False,
+                  position_offset: int = 0) -> TrainingPlan:
+    """Per-rank memory and traffic of one training step of a LongNetLM ``config``
+    (a :class:`~longnet.model.LongNetConfig`) on a ``(dp, sp)`` mesh as
+    ``longnet.parallel.parallelize`` sets it up, with AdamW in ``dtype``.
+
+    ``batch`` is the global batch (split over ``dp``), ``seq_len`` the sequence length
+    (split over ``sp``). Memory: FSDP2 shards of parameters, gradients and AdamW state
+    (busiest rank), the full parameters in use (root plus the running and the
+    prefetched layer), activations kept for backward with or without checkpointing
+    (:func:`layer_activation_bytes`; the attention part from :func:`plan_run`), and a
+    peak that adds backward's largest transient (a recomputed layer's activations
+    with checkpointing, the logits' gradient). Traffic (bytes sent per rank and step):
+    FSDP2's two all-gathers and reduce-scatter; the dilated exchange of every layer
+    (again in the recomputed forward with checkpointing); and, for the same run, ring
+    attention (every rank passes all keys/values of its group on: ``(sp - 1)`` chunks
+    of k and v forward, twice that backward for k, v and their gradients) and
+    DeepSpeed-Ulysses all-to-all head parallelism (q, k, v in and the output back,
+    ``(sp - 1) / sp`` of each rank's chunk, the same backward).
+    """
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("dp", dp), ("sp", sp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if batch % dp:
+        raise ValueError(f"batch ({batch}) must be divisible by dp ({dp})")
+    if seq_len % sp:
+        raise ValueError(f"seq_len ({seq_len}) must be divisible by sp ({sp})")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    item = DTYPE_BYTES[dtype]
+    world, b, t = dp * sp, batch // dp, seq_len // sp
+    h, hk, d = config.num_heads, config.num_kv_heads or config.num_heads, config.head_dim
+    e, layers = config.embed_dim, config.num_layers
+    attn = plan_run(seq_len, sp, heads=h, kv_heads=hk, head_dim=d,
+                    segment_lengths=config.segment_lengths,
+                    dilation_rates=config.dilation_rates, dtype=dtype, batch=b,
+                    layers=layers, causal=True, position_offset=position_offset)
+    root, layer_shapes = _param_shapes(config)
+    params = sum(_numel(s) for s in root + [x for l in layer_shapes for x in l])
+    shard = max(fsdp_shard_elements(config, world, r) for r in range(world)) * item
+    full_layer = sum(_numel(s) for s in layer_shapes[0]) * item
+    # One process trains without FSDP2: no gathered copies.
+    unsharded = 0 if world == 1 else (
+        sum(_numel(s) for s in root) * item + min(2, layers) * full_layer)
+    worst = max(attn.per_rank, key=lambda c: c.activation_bytes)
+    plain = layer_activation_bytes(config, b, t, dtype=dtype, attention=worst)
+    per_layer = layer_activation_bytes(config, b, t, dtype=dtype, attention=worst,
+                                       activation_checkpointing=activation_checkpointing)
+    bt = b * t
+    lse_item = 8 if item == 8 else 4
+    # final norm input + stats, the LM head's input, float32 logits and log-softmax.
+    other = item * (2 * bt * e + 2 * bt) + 2 * bt * config.vocab_size * lse_item
+    activations = layers * per_layer + other
+    transient = bt * config.vocab_size * lse_item + 3 * bt * e * item
+    if activation_checkpointing:
+        transient += plain
+    peak = 4 * shard + unsharded + activations + transient  # params, grads, 2 AdamW
+    fsdp = 3 * params * item * (world - 1) // world if world > 1 else 0
+    # The busiest rank (forward and backward peak on different ranks when causal).
+    sp_layer = max(c.bytes_sent_fwd * (2 if activation_checkpointing else 1)
+                   + c.bytes_sent_bwd for c in attn.per_rank)
+    kv_chunk = b * t * hk * d * item
+    ring = layers * 3 * 2 * kv_chunk * (sp - 1)
+    ulysses = layers * 2 * b * t * (2 * h + 2 * hk) * d * item * (sp - 1) // sp
+    return TrainingPlan(
+        dp=dp, sp=sp, batch=batch, seq_len=seq_len, dtype=dtype,
+        activation_checkpointing=bool(activation_checkpointing), parameters=params,
+        param_bytes_per_rank=shard, grad_bytes_per_rank=shard,
+        optimizer_bytes_per_rank=2 * shard, unsharded_bytes=unsharded,
+        layer_activation_bytes=per_layer, layer_activation_bytes_plain=plain,
+        other_activation_bytes=other, activation_bytes=activations, peak_bytes=peak,
+        fsdp_bytes_per_step=fsdp, sp_bytes_per_step=layers * sp_layer,
+        ring_bytes_per_step=ring, ulysses_bytes_per_step=ulysses, attention=attn)
+
+
 # ------------------------------------------------------- sweeps and fitting
 
 
@@ -811,6 +1028,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="geometric: w_{i+1} = factor * w_i up to the first w >= N (2)")
     g.add_argument("--r-factor", type=int,
                    help="geometric: r_{i+1} = r-factor * r_i (default --factor: w/r fixed)")
+    m = p.add_argument_group(
+        "training on a (dp, sp) mesh (with --embed-dim: --ranks is sp, --batch the global "
+        "batch, --layers the model's; adds FSDP2 memory, all activations and traffic)")
+    m.add_argument("--embed-dim", type=int, help="model width E (turns the training plan on)")
+    m.add_argument("--ffn-dim", type=int, help="feed-forward width (default 4 E)")
+    m.add_argument("--vocab-size", type=int, default=259, help="vocabulary (259)")
+    m.add_argument("--dp", type=int, default=1, help="data-parallel degree (1)")
+    m.add_argument("--activation-checkpointing", action="store_true")
     t = p.add_argument_group("time (both needed)")
     t.add_argument("--tflops", type=float, help="TFLOP/s the attention sustains per device")
     t.add_argument("--link-gbs", type=float, help="GB/s per device for the all-to-alls")
@@ -866,6 +1091,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows = scaling_sweep(tokens // ranks, counts, heads=args.heads,
                                  head_dim=args.head_dim, tflops=args.tflops,
                                  link_gbs=args.link_gbs, **pattern_kw, **sweep_kw)
+        training = None
+        if args.embed_dim is not None:
+            from longnet.model import LongNetConfig
+
+            cfg = LongNetConfig(
+                vocab_size=args.vocab_size, num_layers=args.layers, embed_dim=args.embed_dim,
+                num_heads=args.heads, num_kv_heads=args.kv_heads, ffn_dim=args.ffn_dim,
+                segment_lengths=ws, dilation_rates=rs)
+            if cfg.head_dim != args.head_dim:
+                raise ValueError(f"--embed-dim / --heads = {cfg.head_dim} but --head-dim is "
+                                 f"{args.head_dim}")
+            training = plan_training(cfg, batch=args.batch * args.dp, seq_len=tokens,
+                                     dp=args.dp, sp=ranks, dtype=args.dtype,
+                                     activation_checkpointing=args.activation_checkpointing,
+                                     position_offset=args.position_offset)
     except ValueError as exc:
         parser.error(str(exc))
     timed = args.tflops is not None
@@ -873,6 +1113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = plan.to_dict()
         if rows is not None:
             out["sweep"] = rows
+        if training is not None:
+            out["training"] = training.to_dict()
         json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
@@ -885,6 +1127,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   + (", patterns geometric in N" if args.first_w else ", patterns fixed")
                   + "):")
             print(_sweep_table(rows, timed))
+        if training is not None:
+            print("\ntraining step:")
+            print(training.table())
     if args.plot and rows is not None:  # --plot always runs the sweep
         title = (f"longnet.plan: L = {tokens // ranks:,} tokens per rank, H = {args.heads}, "
                  f"Hk = {args.kv_heads or args.heads}, D = {args.head_dim}, {args.dtype}, "

@@ -1,0 +1,239 @@
+"""Sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+A checkpoint is a directory ``ROOT/step_NNNNNNNN`` holding
+
+* the DCP files of the model and optimizer state (every rank writes its own shards;
+  ``get_state_dict`` / ``set_state_dict`` of ``torch.distributed.checkpoint.state_dict``
+  turn FSDP2's DTensors into plain names, so a checkpoint loads on any mesh shape or
+  world size and DCP reshards it);
+* ``trainer_state.pt`` (rank 0): the scheduler, the caller's ``extra`` (the data
+  position, e.g. a ``torch.Generator`` state and the loss history) and the RNG state;
+* ``longnet_checkpoint.json`` (rank 0, written last): the model config, the step,
+  the mesh it was written on. A directory without it is an unfinished write and is
+  ignored by :func:`latest_checkpoint`.
+
+Functions: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`latest_checkpoint`
+(collective on every rank of a job, or plain single-process calls without a process
+group) and :func:`export_pretrained` (one process, no process group: a
+:meth:`~longnet.model.LongNetLM.save_pretrained` directory from a sharded
+checkpoint), also ``python -m longnet.checkpoint export CKPT OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "export_pretrained",
+           "checkpoint_step"]
+
+META_NAME = "longnet_checkpoint.json"
+TRAINER_NAME = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_FORMAT = 1
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _param_dtype(model: nn.Module) -> str:
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
+def checkpoint_step(path: str) -> int:
+    """The step a checkpoint directory was written at (from its metadata)."""
+    return int(_read_meta(path)["step"])
+
+
+def _read_meta(path: str) -> Dict[str, Any]:
+    meta_path = os.path.join(path, META_NAME)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(
+            f"{path!r} is not a finished longnet checkpoint (no {META_NAME}); pass a "
+            "directory written by longnet.checkpoint.save_checkpoint, or its root to "
+            "latest_checkpoint()")
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The finished checkpoint with the highest step under ``root`` (None if none)."""
+    if not os.path.isdir(root):
+        return None
+    best = None
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, META_NAME)):
+            if best is None or int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), os.path.join(root, name))
+    return None if best is None else best[1]
+
+
+def _state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save_checkpoint(root: str, step: int, model: nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer] = None, *,
+                    scheduler: Any = None, extra: Optional[Dict[str, Any]] = None,
+                    mesh_shape: Optional[Sequence[int]] = None,
+                    keep: Optional[int] = None) -> str:
+    """Write ``ROOT/step_<step>`` and return its path. Collective: every rank calls it.
+
+    Args:
+        root: directory of the run's checkpoints.
+        step: optimizer steps done (names the directory).
+        model, optimizer: the (possibly FSDP2-sharded) model and its optimizer.
+        scheduler: anything with ``state_dict()`` / ``load_state_dict()``.
+        extra: picklable values to restore on resume (rank 0's are saved): the data
+            position, loss history, ...
+        mesh_shape: recorded for information (e.g. ``(dp, sp)``).
+        keep: keep only the newest ``keep`` finished checkpoints under ``root``.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    if not hasattr(model, "config"):
+        raise TypeError(f"save_checkpoint expects a LongNetLM, got {type(model).__name__}")
+    path = os.path.join(root, f"step_{int(step):08d}")
+    if _rank() == 0:
+        os.makedirs(path, exist_ok=True)
+        stale = os.path.join(path, META_NAME)
+        if os.path.exists(stale):
+            os.remove(stale)  # rewritten below once the new state is complete
+    _barrier()
+    dcp.save(_state(model, optimizer), checkpoint_id=path, no_dist=not _distributed())
+    if _rank() == 0:
+        torch.save({"scheduler": None if scheduler is None else scheduler.state_dict(),
+                    "extra": extra or {}, "rng": torch.get_rng_state()},
+                   os.path.join(path, TRAINER_NAME))
+        meta = {"format": _FORMAT, "step": int(step), "config": model.config.to_dict(),
+                "dtype": _param_dtype(model), "has_optimizer": optimizer is not None,
+                "world_size": dist.get_world_size() if _distributed() else 1,
+                "mesh_shape": None if mesh_shape is None else list(mesh_shape)}
+        tmp = os.path.join(path, META_NAME + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(path, META_NAME))
+        if keep is not None:
+            _prune(root, int(keep))
+    _barrier()
+    return path
+
+
+def _prune(root: str, keep: int) -> None:
+    import shutil
+
+    done = sorted((int(m.group(1)), n) for n in os.listdir(root)
+                  if (m := _STEP_DIR.match(n)) and os.path.isfile(os.path.join(root, n, META_NAME)))
+    for _, name in done[:max(0, len(done) - max(1, keep))]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _check_config(path: str, meta: Dict[str, Any], model: nn.Module) -> None:
+    saved, mine = meta["config"], model.config.to_dict()
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, model {mine.get(k)!r}"
+            for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+    if diff:
+        raise ValueError(
+            f"the checkpoint {path!r} was written for another model ("
+            + "; ".join(diff) + "). Build the model from the checkpoint's config "
+            f"(LongNetConfig.from_dict of {META_NAME}'s 'config') or start a new run "
+            "in another directory.")
+
+
+def load_checkpoint(path: str, model: nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer] = None, *,
+                    scheduler: Any = None, restore_rng: bool = True) -> Dict[str, Any]:
+    """Load ``path`` (a ``step_*`` directory) into ``model`` / ``optimizer`` /
+    ``scheduler`` in place, on any mesh; collective. Returns ``{"step", "extra",
+    "meta"}``.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a finished checkpoint.
+        ValueError: the checkpoint holds another model (the differing config fields
+            are named) or no optimizer state while ``optimizer`` is given.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    meta = _read_meta(path)
+    _check_config(path, meta, model)
+    if optimizer is not None and not meta.get("has_optimizer", False):
+        raise ValueError(f"the checkpoint {path!r} holds no optimizer state; pass "
+                         "optimizer=None to load the model alone")
+    state = _state(model, optimizer)
+    dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+    trainer = torch.load(os.path.join(path, TRAINER_NAME), map_location="cpu",
+                         weights_only=False)
+    if scheduler is not None and trainer["scheduler"] is not None:
+        scheduler.load_state_dict(trainer["scheduler"])
+    if restore_rng:
+        torch.set_rng_state(trainer["rng"])
+    return {"step": int(meta["step"]), "extra": trainer["extra"], "meta": meta}
+
+
+def export_pretrained(path: str, out_dir: str, *, dtype: Optional[torch.dtype] = None):
+    """Write the model of checkpoint ``path`` as a ``save_pretrained`` directory
+    (one process, no process group needed) and return the :class:`LongNetLM`."""
+    import torch.distributed.checkpoint as dcp
+
+    from longnet.model import LongNetConfig, LongNetLM
+
+    meta = _read_meta(path)
+    model = LongNetLM(LongNetConfig.from_dict(meta["config"]))
+    model.to(getattr(torch, meta.get("dtype", "float32")))
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(state["model"])
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m longnet.checkpoint",
+                                description="Inspect or export longnet DCP checkpoints.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="write a save_pretrained directory from a checkpoint")
+    e.add_argument("checkpoint", help="a step_* directory, or a run's checkpoint root")
+    e.add_argument("out_dir")
+    args = p.parse_args(argv)
+    path = args.checkpoint
+    if not os.path.isfile(os.path.join(path, META_NAME)):
+        found = latest_checkpoint(path)
+        path = found if found is not None else path
+    export_pretrained(path, args.out_dir)
+    print(f"exported {path} (step {checkpoint_step(path)}) to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""Data x sequence parallel training of a :class:`~longnet.model.LongNetLM` on a
+``DeviceMesh`` with dimensions ``("dp", "sp")``, with PyTorch's own tools.
+
+* :func:`build_mesh`: the 2-D mesh from ``(dp, sp)``, with clear errors.
+* :func:`parallelize`: applies every parallelism to a plain model, in torchtitan's
+  order: sequence parallelism (every attention layer's group is ``mesh["sp"]``),
+  per-layer activation checkpointing, per-layer ``torch.compile``, then FSDP2
+  ``fully_shard`` of every decoder layer and of the root over the flattened
+  ``dp x sp`` mesh (mixed precision through FSDP2's ``MixedPrecisionPolicy``).
+* :func:`local_batch`, :func:`mean_over_mesh`: this rank's block of a global batch
+  and the mean of a per-rank number.
+
+Why the parameters are sharded over ``dp x sp`` and not over ``dp`` alone: the
+sequence-parallel ranks of one ``dp`` row hold the same parameters and each computes
+a part of their gradient (the attention backward sends every rank the gradient of
+the rows it sent), so gradients must be reduced over both dimensions; one
+reduce-scatter over the flattened mesh does that and leaves each rank ``1 / (dp *
+sp)`` of the parameters, gradients and optimizer state. FSDP2 averages the
+gradients over the ``dp * sp`` ranks; each rank's loss is the mean over its own
+``(B / dp) x (N / sp)`` tokens, so the average is the gradient of the global mean
+loss when every rank holds the same number of counted targets (no padding).
+
+Example (under ``torchrun --nproc_per_node 4``)::
+
+    dist.init_process_group("gloo")
+    mesh = build_mesh(dp=2, sp=2, seq_len=4096)
+    model = parallelize(LongNetLM(config), mesh, activation_checkpointing=True)
+    x, y = local_batch(x_global, mesh), local_batch(y_global, mesh)
+    _, loss = model(x, y)
+    loss.backward()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["MESH_DIMS", "build_mesh", "mesh_shape", "parallelize", "local_batch",
+           "mean_over_mesh", "flat_mesh", "current_phase", "phase", "track_collectives"]
+
+MESH_DIMS = ("dp", "sp")
+_FLAT = "dp_sp"
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def build_mesh(dp: int, sp: int, *, device_type: Optional[str] = None,
+               seq_len: Optional[int] = None):
+    """A ``DeviceMesh`` of shape ``(dp, sp)`` named ``("dp", "sp")`` over the world.
+
+    Rank ``r`` sits at ``(r // sp, r % sp)``: the ``sp`` ranks of one sequence are
+    consecutive (on one machine when ``sp`` divides the GPUs per machine).
+
+    Args:
+        dp: data-parallel degree (sequences of the global batch are split over it).
+        sp: sequence-parallel degree (every sequence is split over it).
+        device_type: ``"cpu"`` or ``"cuda"``; default ``"cuda"`` if the default
+            process group's backend is NCCL, else ``"cpu"``.
+        seq_len: when given, checked to be divisible by ``sp``.
+
+    Raises:
+        RuntimeError: no process group, or world size != ``dp * sp``.
+        ValueError: ``dp``/``sp`` not ints >= 1, or ``seq_len % sp != 0``.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp, sp = _positive_int("dp", dp), _positive_int("sp", sp)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("build_mesh needs an initialized default process group: run under "
+                           "torchrun and call torch.distributed.init_process_group() first")
+    world = dist.get_world_size()
+    if world != dp * sp:
+        raise RuntimeError(
+            f"the world has {world} ranks but dp x sp = {dp} x {sp} = {dp * sp}: choose dp "
+            f"and sp with dp * sp == {world} (e.g. --dp {world // sp if world % sp == 0 else 1}"
+            f" --sp {sp if world % sp == 0 else world}), or start {dp * sp} processes")
+    if seq_len is not None and seq_len % sp != 0:
+        raise ValueError(f"the sequence length {seq_len} must be divisible by sp = {sp} (every "
+                         f"sequence-parallel rank holds seq_len / sp positions)")
+    if device_type is None:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device_type, (dp, sp), mesh_dim_names=MESH_DIMS)
+
+
+def mesh_shape(mesh) -> Tuple[int, int]:
+    """``(dp, sp)`` of a mesh with dimensions named ``("dp", "sp")``; raises a
+    ``ValueError`` naming the missing dimensions otherwise."""
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    missing = [d for d in MESH_DIMS if d not in names]
+    if missing or len(names) != 2:
+        raise ValueError(
+            f"the mesh must have exactly the dimensions {MESH_DIMS} (either may have size 1), "
+            f"got {names or 'unnamed dimensions'}{f'; missing {missing}' if missing else ''}: "
+            "build it with longnet.parallel.build_mesh(dp, sp) or "
+            "init_device_mesh(device, (dp, sp), mesh_dim_names=('dp', 'sp'))")
+    return mesh["dp"].size(), mesh["sp"].size()
+
+
+def flat_mesh(mesh):
+    """The 1-D ``dp x sp`` mesh that FSDP2 shards over (created once, then reused)."""
+    mesh_shape(mesh)
+    known = getattr(mesh._get_root_mesh(), "_flatten_mapping", {})
+    if _FLAT in known:
+        return known[_FLAT]
+    return mesh["dp", "sp"]._flatten(_FLAT)
+
+
+def parallelize(model: nn.Module, mesh, *, activation_checkpointing: bool = False,
+                mp_policy=None, compile: Union[bool, str] = False,
+                reshard_after_forward: bool = True) -> nn.Module:
+    """Parallelize a :class:`~longnet.model.LongNetLM` in place over a ``("dp", "sp")``
+    mesh and return it.
+
+    1. Sequence parallelism: every attention layer's group is
+       ``mesh["sp"].get_group()`` (none when ``sp == 1``); feed each rank
+       :func:`local_batch` of the global batch.
+    2. ``activation_checkpointing``: every decoder layer recomputes its forward in
+       backward (see :class:`~longnet.model.LongNetDecoderLayer` for how this meets
+       sequence parallelism).
+    3. ``compile``: ``torch.compile`` of every decoder layer (``True``, or the name
+       of a backend such as ``"aot_eager"``); the sequence-parallel exchange runs
+       eagerly between graphs, a checkpointed layer is traced as one region.
+    4. FSDP2: ``fully_shard`` of every decoder layer, then of the root, over the
+       flattened ``dp x sp`` mesh; ``mp_policy`` is a
+       ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bfloat16 parameters,
+       float32 gradient reduction), default full precision.
+
+    Call it on every rank with identically initialized models (same seed); FSDP2
+    keeps each rank's shard of the parameters. Build the optimizer afterwards.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not hasattr(model, "decoder") or not hasattr(model, "set_sequence_parallel_group"):
+        raise TypeError(f"parallelize expects a longnet LongNetLM, got {type(model).__name__}")
+    dp, sp = mesh_shape(mesh)
+    model.set_sequence_parallel_group(mesh["sp"].get_group() if sp > 1 else None)
+    model.set_activation_checkpointing(activation_checkpointing)
+    layers = model.decoder.layers
+    if compile:
+        backend = {} if compile is True else {"backend": str(compile)}
+        for layer in layers:
+            layer.compile(**backend)
+    fsdp = {"mesh": flat_mesh(mesh),
+            "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy()}
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **fsdp)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **fsdp)
+    track_collectives(model)
+    return model
+
+
+# Where a training step is, so that a collective that fails or times out (a dead or
+# hung rank) can be named: gloo and NCCL report only "timed out waiting for recv".
+_phase = ["outside a training step"]
+
+
+def current_phase() -> str:
+    """The collective a rank is in or about to enter (see :func:`track_collectives`)."""
+    return _phase[0]
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Name the collectives run inside the block (restored afterwards)."""
+    old, _phase[0] = _phase[0], name
+    try:
+        yield
+    finally:
+        _phase[0] = old
+
+
+def track_collectives(model: nn.Module) -> None:
+    """Record, in :func:`current_phase`, which FSDP2 unit a rank is running: before
+    each decoder layer's and the root's forward (its parameters' all-gather, then the
+    layer's sequence-parallel exchange) and before its backward (the all-gather
+    again, the exchange's backward, its gradients' reduce-scatter)."""
+    units = [(f"decoder.layers.{i}", layer) for i, layer in enumerate(model.decoder.layers)]
+    units.append(("the root (embedding, final norm)", model))
+    for name, unit in units:
+        def before(module, args, kwargs, name=name):
+            _phase[0] = (f"forward of {name} (FSDP2 all-gather of its parameters, "
+                         "sequence-parallel key/value exchange)")
+
+        def after(module, args, kwargs, out, name=name):
+            t = out[-1] if isinstance(out, tuple) else out
+            if isinstance(t, Tensor) and t.requires_grad:
+                t.register_hook(lambda g: _phase.__setitem__(0, (
+                    f"backward of {name} (FSDP2 all-gather of its parameters, the key/value "
+                    "exchange's backward, reduce-scatter of its gradients)")))
+
+        unit.register_forward_pre_hook(before, prepend=True, with_kwargs=True)
+        unit.register_forward_hook(after, with_kwargs=True)
+
+
+def local_batch(t: Tensor, mesh) -> Tensor:
+    """This rank's block of a global ``(B, N, ...)`` batch: rows ``[d*B/dp,
+    (d+1)*B/dp)`` and positions ``[s*N/sp, (s+1)*N/sp)`` for mesh coordinates ``(d,
+    s)`` (a view, no communication)."""
+    dp, sp = mesh_shape(mesh)
+    if t.dim() < 2:
+        raise ValueError(f"the batch must have shape (B, N, ...), got {tuple(t.shape)}")
+    b, n = t.shape[0], t.shape[1]
+    if b % dp:
+        raise ValueError(f"the global batch size {b} must be divisible by dp = {dp}")
+    if n % sp:
+        raise ValueError(f"the sequence length {n} must be divisible by sp = {sp}")
+    d, s = mesh.get_local_rank("dp"), mesh.get_local_rank("sp")
+    rows, cols = b // dp, n // sp
+    return t[d * rows:(d + 1) * rows, s * cols:(s + 1) * cols]
+
+
+def mean_over_mesh(value, mesh) -> float:
+    """The mean over all ranks of the mesh of a per-rank number (e.g. the local loss:
+    with equal token counts per rank, the global mean loss)."""
+    device = "cpu" if mesh.device_type == "cpu" else torch.device(
+        mesh.device_type, torch.accelerator.current_device_index())
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    group = flat_mesh(mesh).get_group()
+    with phase("the all-reduce of the loss over the mesh"):
+        dist.all_reduce(t, group=group)
+    return float(t.item()) / dist.get_world_size(group)

@@ -1,0 +1,606 @@
+"""Data x sequence parallel training (longnet.parallel: DeviceMesh, FSDP2, activation
+checkpointing) against one process training on the same global batches.
+
+Each scenario spawns gloo processes on 127.0.0.1 with a bounded join; the workers
+write a JSON report that the tests read. The single-process reference runs in the
+test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPAWN_TIMEOUT_S = 240
+STEPS = 20
+GLOBAL_BATCH, SEQ_LEN = 4, 32
+MESHES = [(2, 2), (1, 4), (4, 1)]
+HALF = 3  # the checkpoint test trains 2 * HALF steps, interrupted after HALF
+
+
+def _config(**kw):
+    from longnet.model import LongNetConfig
+
+    # Segments of 16 and 32 cross the chunks of 8 positions at sp = 4, those of 32
+    # the chunks of 16 at sp = 2: every sp > 1 mesh exchanges rows.
+    base = dict(num_layers=2, embed_dim=16, num_heads=2, ffn_dim=32,
+                segment_lengths=[4, 8, 16, 32], dilation_rates=[1, 2, 4, 4])
+    base.update(kw)
+    return LongNetConfig(**base)
+
+
+def _model(dtype, seed=0, **kw):
+    from longnet.model import LongNetLM
+
+    torch.manual_seed(seed)
+    return LongNetLM(_config(**kw)).to(dtype)
+
+
+def _batches(steps, seed=1, start=0):
+    """The global batches of steps [start, start + steps): (x, y) pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(start + steps):
+        ids = torch.randint(0, 256, (GLOBAL_BATCH, SEQ_LEN + 1), generator=gen)
+        if i >= start:
+            out.append((ids[:, :-1], ids[:, 1:]))
+    return out
+
+
+def _optimizer(model):
+    """AdamW and a linear warm-up (so a resumed run needs the scheduler's state)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+
+
+def _train(model, opt, batches, mesh=None):
+    """Train on ``batches``; the losses are global means (over the mesh)."""
+    opt, sched = opt
+    from longnet.parallel import local_batch, mean_over_mesh
+
+    losses = []
+    for x, y in batches:
+        if mesh is not None:
+            x, y = local_batch(x, mesh), local_batch(y, mesh)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        losses.append(value if mesh is None else mean_over_mesh(value, mesh))
+    return losses
+
+
+# ------------------------------------------------------------------ scenarios
+
+
+def _scenario_meshes(rank, world, report):
+    """20 steps at every mesh shape, float64 with and without activation
+    checkpointing, float32 without."""
+    from longnet.parallel import build_mesh, parallelize
+
+    batches = _batches(STEPS)
+    for dp, sp in MESHES:
+        mesh = build_mesh(dp, sp, seq_len=SEQ_LEN)
+        for dtype, ac in ((torch.float64, False), (torch.float64, True),
+                          (torch.float32, False)):
+            model = parallelize(_model(dtype), mesh, activation_checkpointing=ac)
+            losses = _train(model, _optimizer(model), batches, mesh)
+            report[f"{dp}x{sp}-{str(dtype)[6:]}-ac{int(ac)}"] = losses
+
+
+def _scenario_exchanges(rank, world, report):
+    """Collectives of the sequence-parallel path in one training step, without and
+    with activation checkpointing (which repeats each layer's forward exchange)."""
+    import longnet.distributed as lnd
+    from longnet.parallel import build_mesh, parallelize
+
+    mesh = build_mesh(1, 4, seq_len=SEQ_LEN)
+    for ac in (False, True):
+        model = parallelize(_model(torch.float64), mesh, activation_checkpointing=ac)
+        lnd.reset_comm_stats()
+        opt = _optimizer(model)
+        _train(model, opt, _batches(1), mesh)
+        stats = lnd.comm_stats()
+        report[f"exchange-calls-ac{int(ac)}"] = stats.calls
+        report[f"exchange-sent-ac{int(ac)}"] = stats.bytes_sent
+    # The backward exchange started where its output arrived (overlapping the local
+    # patterns' backward) or where it began: the same arithmetic, bit for bit.
+    for overlap in (True, False):
+        lnd.set_backward_overlap(overlap)
+        m = parallelize(_model(torch.float64), mesh)
+        report[f"overlap{int(overlap)}-losses"] = _train(m, _optimizer(m), _batches(2), mesh)
+    lnd.set_backward_overlap(True)
+    # What FSDP2 keeps on this rank: parameter shards and AdamW's two moments.
+    report["param_elements"] = sum(p.to_local().numel() for p in model.parameters())
+    report["adam_elements"] = sum(st[k].to_local().numel() for st in opt[0].state.values()
+                                  for k in ("exp_avg", "exp_avg_sq"))
+
+
+def _scenario_errors(rank, world, report):
+    """Bad setups raise at the start with a message naming the fix."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from longnet.parallel import build_mesh, mesh_shape, parallelize
+
+    errors = {}
+    for name, call in (
+            ("world", lambda: build_mesh(3, 1)),
+            ("seq_len", lambda: build_mesh(2, 2, seq_len=31)),
+            ("dims", lambda: parallelize(
+                _model(torch.float64), init_device_mesh("cpu", (4,), mesh_dim_names=("x",)))),
+            ("dp_value", lambda: build_mesh(0, 4))):
+        try:
+            call()
+            errors[name] = None
+        except (ValueError, RuntimeError) as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    mesh = build_mesh(2, 2)
+    assert mesh_shape(mesh) == (2, 2)
+    report["errors"] = errors
+
+    # Mixed precision through FSDP2's policy: bfloat16 compute, float32 shards.
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model = parallelize(_model(torch.float32), mesh, mp_policy=MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    x, y = (local_batch_of(t, mesh) for t in _batches(1)[0])
+    logits, loss = model(x, y)
+    loss.backward()
+    report["mp"] = {"logits": str(logits.dtype), "loss": mean_of(loss, mesh),
+                    "shards": sorted({str(p.dtype) for p in model.parameters()}),
+                    "grads": sorted({str(p.grad.dtype) for p in model.parameters()})}
+
+
+def local_batch_of(t, mesh):
+    from longnet.parallel import local_batch
+
+    return local_batch(t, mesh)
+
+
+def mean_of(loss, mesh):
+    from longnet.parallel import mean_over_mesh
+
+    return mean_over_mesh(float(loss.detach()), mesh)
+
+
+def _scenario_save(rank, world, report):
+    """dp=2 x sp=2: train the first half of the run and write a checkpoint."""
+    from longnet.checkpoint import save_checkpoint
+    from longnet.parallel import build_mesh, parallelize
+
+    mesh = build_mesh(2, 2, seq_len=SEQ_LEN)
+    model = parallelize(_model(torch.float64), mesh, activation_checkpointing=True)
+    opt = _optimizer(model)
+    report["losses"] = _train(model, opt, _batches(HALF), mesh)
+    save_checkpoint(os.path.join(report["dir"], "ckpt"), HALF, model, opt[0],
+                    scheduler=opt[1], extra={"next_batch": HALF}, mesh_shape=(2, 2))
+
+
+def _scenario_resume(rank, world, report):
+    """dp=1 x sp=2: resume the latest checkpoint and train the second half."""
+    from longnet.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from longnet.parallel import build_mesh, parallelize
+
+    mesh = build_mesh(1, 2, seq_len=SEQ_LEN)
+    # Another init (everything must come from the checkpoint); checkpointing and
+    # torch.compile (aot_eager: no code generation, seconds) under sequence parallelism.
+    model = parallelize(_model(torch.float64, seed=123), mesh, activation_checkpointing=True,
+                        compile="aot_eager")
+    opt = _optimizer(model)
+    root = os.path.join(report["dir"], "ckpt")
+    state = load_checkpoint(latest_checkpoint(root), model, opt[0], scheduler=opt[1])
+    start = state["extra"]["next_batch"]
+    report["step"] = state["step"]
+    report["losses"] = _train(model, opt, _batches(2 * HALF - start, start=start), mesh)
+    save_checkpoint(root, 2 * HALF, model, opt[0], scheduler=opt[1],
+                    extra={"next_batch": 2 * HALF}, mesh_shape=(1, 2))
+
+
+def _scenario(name):
+    return globals()[f"_scenario_{name}"]
+
+
+def _worker(rank, world, port, scenarios, path):
+    import datetime
+
+    sys.path.insert(0, ROOT)
+    torch.set_num_threads(1)
+    report = {"rank": rank, "dir": os.path.dirname(path)}
+    try:
+        import torch.distributed as dist
+
+        import longnet.distributed as lnd
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=60))
+        lnd.set_timeout(30)
+        for name in scenarios:
+            _scenario(name)(rank, world, report)
+    except Exception:  # reported to the test, which fails with it
+        report["exception"] = traceback.format_exc()
+    with open(path, "w") as f:
+        json.dump(report, f)
+    # Skip the process group's shutdown handshake: a peer may be gone on purpose.
+    os._exit(0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_RENDEZVOUS_ERRORS = ("DistNetworkError", "Address already in use", "Connection reset")
+
+
+def _spawn(world, scenarios, tmp_path):
+    """Run ``scenarios`` on ``world`` gloo ranks; the reports. A rendezvous that
+    fails because another process took the free port is retried once."""
+    try:
+        return _spawn_once(world, scenarios, tmp_path)
+    except _Rendezvous:
+        return _spawn_once(world, scenarios, tmp_path)
+
+
+class _Rendezvous(Exception):
+    pass
+
+
+def _spawn_once(world, scenarios, tmp_path):
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    paths = [str(tmp_path / f"rank{r}-{'-'.join(scenarios)}.json") for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, scenarios, paths[r]))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + SPAWN_TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    if hung:
+        pytest.fail(f"ranks {hung} still running after {SPAWN_TIMEOUT_S} s")
+    reports = []
+    for path in paths:
+        assert os.path.exists(path), f"{path} missing: a rank died"
+        with open(path) as f:
+            rep = json.load(f)
+        reports.append(rep)
+    failed = [rep["exception"] for rep in reports if "exception" in rep]
+    if failed and any(e in failed[0] for e in _RENDEZVOUS_ERRORS) \
+            and "init_process_group" in failed[0]:
+        raise _Rendezvous(failed[0])
+    assert not failed, failed[0]
+    return reports
+
+
+# ---------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def mesh_reports(tmp_path_factory):
+    return _spawn(4, ["meshes", "exchanges", "errors"], tmp_path_factory.mktemp("meshes"))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single-process losses on the same global batches (float64 and float32)."""
+    torch.set_num_threads(1)
+    batches = _batches(STEPS)
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        model = _model(dtype)
+        out[dtype] = _train(model, _optimizer(model), batches)
+    return out
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"dp{m[0]}xsp{m[1]}")
+@pytest.mark.parametrize("ac", [False, True], ids=["no-ac", "ac"])
+def test_float64_mesh_training_matches_one_process(mesh_reports, reference, mesh, ac):
+    """Same losses to 1e-9 for 20 steps. Catches: attention not given the sp group
+    (each rank would see only its chunk), gradients not reduced over sp or over dp,
+    a wrong block of the batch, the mean of the loss taken over the wrong ranks, and
+    a recomputed forward that differs from the first one."""
+    ref = reference[torch.float64]
+    for rep in mesh_reports:
+        got = rep[f"{mesh[0]}x{mesh[1]}-float64-ac{int(ac)}"]
+        assert len(got) == STEPS
+        err = max(abs(a - b) for a, b in zip(got, ref))
+        assert err < 1e-9, (rep["rank"], err, got, ref)
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"dp{m[0]}xsp{m[1]}")
+def test_float32_mesh_training_within_reduction_order_error(mesh_reports, reference, mesh):
+    """float32: a run that sums in another order is another float32 evaluation of the
+    same exact training run; its distance to the exact (float64) losses is of the
+    size of the single-process float32 run's own distance delta_t to them. So the
+    distributed float32 losses must lie within 2 * max_t delta_t of the float64
+    losses, plus 8 float32 ulps of the loss as a floor for steps where delta_t
+    happens to vanish. (A run missing the sp exchange is off by ~1e-2.)"""
+    ref64, ref32 = reference[torch.float64], reference[torch.float32]
+    delta = max(abs(a - b) for a, b in zip(ref32, ref64))
+    eps = torch.finfo(torch.float32).eps
+    bound = 2 * delta + 8 * eps * max(ref64)
+    for rep in mesh_reports:
+        got = rep[f"{mesh[0]}x{mesh[1]}-float32-ac0"]
+        err = max(abs(a - b) for a, b in zip(got, ref64))
+        assert err <= bound, (rep["rank"], err, bound, delta)
+
+
+def test_activation_checkpointing_repeats_the_forward_exchange(mesh_reports):
+    """With checkpointing each layer's forward exchange runs again in backward: one
+    more collective per layer (2 layers), nothing else changes. Catches a flag that
+    does not recompute (same count) and a recompute that skips the exchange."""
+    layers = _config().num_layers
+    for rep in mesh_reports:
+        plain, ac = rep["exchange-calls-ac0"], rep["exchange-calls-ac1"]
+        assert plain == 2 * layers  # forward + backward exchange per layer
+        assert ac == plain + layers, (plain, ac)
+
+
+def test_bad_setups_fail_with_the_fix(mesh_reports):
+    errors = mesh_reports[0]["errors"]
+    assert errors["world"] and "dp x sp = 3 x 1 = 3" in errors["world"]
+    assert "world has 4 ranks" in errors["world"]
+    assert errors["seq_len"] and "31 must be divisible by sp = 2" in errors["seq_len"]
+    assert errors["dims"] and "missing ['dp', 'sp']" in errors["dims"]
+    assert errors["dp_value"] and "dp must be an int >= 1" in errors["dp_value"]
+
+
+def test_mixed_precision_policy_computes_in_bfloat16(mesh_reports, reference):
+    """bfloat16 parameters in forward and backward, float32 shards and gradients
+    (catches a policy that is not applied). The loss is computed in float32 from
+    bfloat16 logits; 0.05 is under two bfloat16 ulps at 5.6 (0.031 each), far above
+    the ~1e-3 that rounding the small initial weights moves it, and catches a
+    policy that casts the wrong tensors (garbage logits)."""
+    for rep in mesh_reports:
+        mp = rep["mp"]
+        assert mp["logits"] == "torch.bfloat16"
+        assert mp["shards"] == ["torch.float32"] and mp["grads"] == ["torch.float32"]
+        assert abs(mp["loss"] - reference[torch.float64][0]) < 0.05
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """A run written at dp=2 x sp=2 after HALF steps and resumed at dp=1 x sp=2."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    first = _spawn(4, ["save"], tmp)
+    second = _spawn(2, ["resume"], tmp)
+    return tmp, first, second
+
+
+def test_checkpoint_resumes_on_another_mesh_with_the_same_losses(resumed, reference):
+    """Model, optimizer and scheduler state (and the data position) come back on a
+    mesh of another shape and world size: the resumed run continues the
+    uninterrupted single-process losses to 1e-9; the resumed run also checkpoints
+    activations and compiles its layers. Catches a missing optimizer or
+    scheduler state (the warm-up lr of step HALF differs), unsharded loading that
+    keeps the new model's random init, and a data position that restarts at 0."""
+    ref = reference[torch.float64]
+    _, first, second = resumed
+    for rep in first:
+        assert max(abs(a - b) for a, b in zip(rep["losses"], ref[:HALF])) < 1e-9
+    for rep in second:
+        assert rep["step"] == HALF
+        got = rep["losses"]
+        assert len(got) == HALF
+        assert max(abs(a - b) for a, b in zip(got, ref[HALF:2 * HALF])) < 1e-9, (got, ref)
+
+
+def test_export_pretrained_from_sharded_checkpoint(resumed, tmp_path):
+    """One process, no process group: the sharded checkpoint of the resumed run
+    becomes a save_pretrained directory whose model is the one-process model after
+    the same 2 * HALF steps (logits to 1e-9; a wrong or partial shard is off by the
+    size of an update, ~1e-3)."""
+    from longnet.checkpoint import checkpoint_step, export_pretrained, latest_checkpoint
+    from longnet.model import LongNetLM
+
+    ckpt = latest_checkpoint(os.path.join(str(resumed[0]), "ckpt"))
+    assert checkpoint_step(ckpt) == 2 * HALF
+    exported = export_pretrained(ckpt, str(tmp_path / "hf"))
+    loaded = LongNetLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float64)
+    # What was written is the exported model's state (float64 kept in the file;
+    # from_pretrained builds a float32 model first, so compare at float32).
+    for name, t in exported.state_dict().items():
+        assert t.dtype == torch.float64
+        torch.testing.assert_close(loaded.state_dict()[name], t, rtol=2e-7, atol=1e-7)
+    torch.set_num_threads(1)
+    model = _model(torch.float64)
+    _train(model, _optimizer(model), _batches(2 * HALF))
+    x = _batches(1, seed=5)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x), rtol=0, atol=1e-9)
+
+
+def test_resuming_another_model_fails_with_a_clear_message(resumed):
+    from longnet.checkpoint import latest_checkpoint, load_checkpoint
+
+    ckpt = latest_checkpoint(os.path.join(str(resumed[0]), "ckpt"))
+    other = _model(torch.float64, embed_dim=32)
+    with pytest.raises(ValueError, match=r"another model \(embed_dim: checkpoint 16, model 32"):
+        load_checkpoint(ckpt, other)
+    with pytest.raises(FileNotFoundError, match="not a finished longnet checkpoint"):
+        load_checkpoint(str(resumed[0]), other)
+
+
+def _saved_in_layers(model, x, y):
+    """Bytes autograd's saved-tensor hooks see stored from inside the decoder layers'
+    forwards (parameters excluded); then runs the backward."""
+    params = {p.data_ptr() for p in model.parameters()}
+    total, inside = [0], [0]
+    hooks = []
+    for layer in model.decoder.layers:
+        hooks.append(layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, 1)))
+        hooks.append(layer.register_forward_hook(lambda *a: inside.__setitem__(0, 0)))
+
+    def pack(t):
+        if inside[0] and t.data_ptr() not in params:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, y)
+    for h in hooks:
+        h.remove()
+    loss.backward()
+    return total[0]
+
+
+def test_activation_checkpointing_keeps_less_and_compiles():
+    """One process: a checkpointed layer keeps only its input (the recomputation's
+    own saves happen in backward), so the forward keeps far less; gradients equal
+    the plain ones, also through torch.compile(fullgraph=True) of every layer
+    (aot_eager). Catches a flag that keeps everything and a recomputation that
+    changes the result."""
+    torch.set_num_threads(1)
+    x, y = _batches(1)[0]
+    model = _model(torch.float64)
+    plain = _saved_in_layers(model, x, y)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_activation_checkpointing(True)
+    assert model.activation_checkpointing
+    ac = _saved_in_layers(model, x, y)
+    # A plain layer keeps about ten (B, N, E) tensors (and FFN-wide ones); a
+    # checkpointed one keeps exactly its input, one (B, N, E) float64 tensor.
+    b, n, e = x.shape[0], x.shape[1], _config().embed_dim
+    layers = _config().num_layers
+    assert plain >= 10 * layers * b * n * e * 8, plain
+    assert ac == layers * b * n * e * 8, ac
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-12, atol=1e-14)
+    model.zero_grad()
+    for layer in model.decoder.layers:
+        layer.compile(backend="aot_eager", fullgraph=True)
+    _, loss = model(x, y)
+    loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------- longnet.plan
+
+
+def _saved_storage_bytes(model, x, y):
+    """Bytes of the distinct storages autograd saves inside the decoder layers'
+    forwards (parameters excluded): what the layers keep for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, inside = {}, [0]
+    hooks = []
+    for layer in model.decoder.layers:
+        hooks.append(layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, 1)))
+        hooks.append(layer.register_forward_hook(lambda *a: inside.__setitem__(0, 0)))
+
+    def pack(t):
+        st = t.untyped_storage()
+        if inside[0] and st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, y)
+    for h in hooks:
+        h.remove()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kw", [
+    dict(dtype=torch.float64),
+    dict(dtype=torch.float32, num_heads=4, num_kv_heads=2, ffn_dim=48),
+    dict(dtype=torch.float32, norm_style="subln", position_encoding=None),
+], ids=["float64", "float32-gqa", "subln-no-rope"])
+@pytest.mark.parametrize("ac", [False, True], ids=["no-ac", "ac"])
+def test_plan_layer_activation_bytes_equal_what_autograd_keeps(kw, ac):
+    """longnet.plan's per-layer activation memory is exactly the storages autograd
+    keeps inside the layers (one process, dropout off). Catches a formula that
+    misses a tensor (the FFN's, the norms' statistics, rotary tables, GQA's smaller
+    k/v) and checkpointing that keeps more than the layer input."""
+    from longnet.plan import layer_activation_bytes
+
+    kw = dict(kw)
+    dtype = kw.pop("dtype")
+    torch.set_num_threads(1)
+    model = _model(dtype, **kw)
+    model.set_activation_checkpointing(ac)
+    x, y = _batches(1)[0]
+    got = _saved_storage_bytes(model, x, y)
+    want = model.config.num_layers * layer_activation_bytes(
+        model.config, GLOBAL_BATCH, SEQ_LEN, dtype=str(dtype)[6:], activation_checkpointing=ac)
+    assert got == want, (got, want)
+
+
+def test_plan_training_matches_fsdp_shards_and_exchange_bytes(mesh_reports):
+    """At dp=1 x sp=4: every rank's FSDP2 parameter shard and AdamW state have the
+    sizes longnet.plan computes for that rank, the busiest rank's shard is the
+    plan's per-rank memory, and the dilated exchange sends what the plan says in a
+    training step, with checkpointing one forward exchange more. Catches a plan that
+    shards over dp alone, ignores dim-0 padding, or misses the repeated exchange."""
+    from longnet.plan import fsdp_shard_elements, plan_training
+
+    cfg = _config()
+    for rep in mesh_reports:
+        assert rep["param_elements"] == fsdp_shard_elements(cfg, 4, rep["rank"])
+        assert rep["adam_elements"] == 2 * rep["param_elements"]
+    for ac in (False, True):
+        plan = plan_training(cfg, batch=GLOBAL_BATCH, seq_len=SEQ_LEN, dp=1, sp=4,
+                             dtype="float64", activation_checkpointing=ac)
+        assert plan.param_bytes_per_rank == 8 * max(r["param_elements"] for r in mesh_reports)
+        assert plan.optimizer_bytes_per_rank == 2 * plan.param_bytes_per_rank
+        sent = max(r[f"exchange-sent-ac{int(ac)}"] for r in mesh_reports)
+        assert plan.sp_bytes_per_step == sent, (ac, plan.sp_bytes_per_step, sent)
+        # Ring attention passes every chunk's k and v to all other ranks: more than
+        # the dilated exchange, which sends only the rows of rank-crossing segments.
+        assert plan.ring_bytes_per_step > plan.sp_bytes_per_step > 0
+
+
+def test_plan_training_rejects_bad_meshes():
+    from longnet.plan import plan_training
+
+    with pytest.raises(ValueError, match="batch .* divisible by dp"):
+        plan_training(_config(), batch=3, seq_len=32, dp=2)
+    with pytest.raises(ValueError, match="seq_len .* divisible by sp"):
+        plan_training(_config(), batch=4, seq_len=30, sp=4)
+
+
+def test_plan_cli_prints_the_training_plan(capsys):
+    """python -m longnet.plan --embed-dim ... --dp adds the training plan (JSON)."""
+    from longnet.plan import main, plan_training
+
+    cfg = _config()
+    main(["--tokens", str(SEQ_LEN), "--ranks", "2", "--heads", "2", "--head-dim", "8",
+          "--embed-dim", "16", "--ffn-dim", "32", "--layers", "2", "--dtype", "float64",
+          "--segment-lengths", *map(str, cfg.segment_lengths), "--dilation-rates",
+          *map(str, cfg.dilation_rates), "--causal", "--batch", "2", "--dp", "2",
+          "--activation-checkpointing", "--json"])
+    got = json.loads(capsys.readouterr().out)["training"]
+    want = plan_training(cfg, batch=4, seq_len=SEQ_LEN, dp=2, sp=2, dtype="float64",
+                         activation_checkpointing=True).to_dict()
+    assert got == json.loads(json.dumps(want))
+    assert got["dp"] == 2 and got["sp"] == 2 and got["sp_bytes_per_step"] > 0
+
+
+def test_backward_overlap_changes_no_result(mesh_reports, reference):
+    """longnet.distributed.set_backward_overlap(False) restores the exchange's
+    backward at the place it began; both orders give identical losses, equal to the
+    one-process ones (catches a reverse exchange launched with the wrong sizes or
+    gradient, or waited on twice)."""
+    for rep in mesh_reports:
+        assert rep["overlap1-losses"] == rep["overlap0-losses"]
+        assert max(abs(a - b) for a, b in zip(rep["overlap1-losses"],
+                                              reference[torch.float64][:2])) < 1e-9
