@@ -178,10 +178,31 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def trainable_parameters(model, which: str = "all"):
+    """The parameters to fine-tune: ``"all"``, or ``"attention"`` (the q/k/v/o
+    projections of every attention module; the rest is frozen)."""
+    if which == "all":
+        return [p for p in model.parameters() if p.requires_grad]
+    if which != "attention":
+        raise ValueError(f'which must be "all" or "attention", got {which!r}')
+    params = []
+    for name, p in model.named_parameters():
+        keep = ".self_attn." in name or ".attention." in name
+        p.requires_grad_(keep)
+        if keep:
+            params.append(p)
+    if not params:
+        raise ValueError("no attention parameters found (expected names containing "
+                         "'.self_attn.' or '.attention.')")
+    return params
+
+
 def train(model, tokens, *, steps, seq_len, batch_size, lr, warmup, device, gen, desc,
-          quiet, history, step0=0, on_eval=None, eval_interval=0):
-    """AdamW with warm-up and cosine decay; appends (global step, loss) to history."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+          quiet, history, step0=0, on_eval=None, eval_interval=0, params=None):
+    """AdamW with warm-up and cosine decay on ``params`` (default: all parameters);
+    appends (global step, loss) to history."""
+    params = list(model.parameters()) if params is None else list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     from tqdm import tqdm
     bar = tqdm(range(steps), desc=desc, unit="step", disable=quiet, dynamic_ncols=True)
     for step in bar:
@@ -192,7 +213,7 @@ def train(model, tokens, *, steps, seq_len, batch_size, lr, warmup, device, gen,
         loss = lm_loss(model, x.to(device), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         value = float(loss.detach())
         history.append((step0 + step + 1, value))
