@@ -228,6 +228,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"--variants: unknown {bad}; choose from {VARIANTS}")
+    variants = [v for v in VARIANTS if v in variants]  # the fine-tuned model comes last
     windows = args.windows if len(args.windows) > 1 else args.windows * len(args.lengths)
     if len(windows) != len(args.lengths):
         raise SystemExit(f"--windows: one number or one per length ({len(args.lengths)}), "
