@@ -5,8 +5,11 @@ context well past the one it was trained for.
 1. The model: by default a tiny randomly initialised Llama (byte vocabulary, context
    ``--context`` = ``max_position_embeddings`` = 256), first trained briefly at that
    context with ordinary attention (``sdpa``) so that it stands in for a pretrained
-   checkpoint; or any local checkpoint with ``--model PATH`` (its own tokenizer is
-   used when it has one; no download happens).
+   checkpoint; ``--model smollm2`` for SmolLM2-135M-Instruct (trained to 8,192
+   tokens; offline through ``longnet.integrations.transformers.load_smollm2``, the
+   short fine-tune of ``benchmarks/context_extension.py`` by default: 16 steps of
+   2,048 tokens on the attention projections); or any local checkpoint with
+   ``--model PATH`` (its own tokenizer is used when it has one; no download happens).
 2. ``longnet.integrations.transformers.enable`` switches it to dilated attention with
    patterns reaching ``--seq-len`` (default 1024 = 4x the original context).
 3. It is fine-tuned at ``--seq-len`` on the project's built-in corpus (the Python
@@ -19,6 +22,7 @@ fine-tuning; saves the model with ``save_pretrained`` and checks that
 ``metrics.json`` and ``finetune_loss.png`` under ``--out-dir``.
 
     python examples/finetune_transformers.py                   # tiny model, CPU, minutes
+    python examples/finetune_transformers.py --model smollm2    # SmolLM2-135M, 2K tokens
     python examples/finetune_transformers.py --model /path/to/checkpoint --seq-len 16384 \
         --segment-lengths 2048,4096,8192,16384 --dilation-rates 1,2,4,8 --device cuda
 """
@@ -62,18 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="local transformers checkpoint (default: a tiny random-init Llama)")
+                   help='local transformers checkpoint, or "smollm2" (SmolLM2-135M-Instruct '
+                        "through longnet.integrations.transformers.load_smollm2, offline); "
+                        "default: a tiny random-init Llama")
     p.add_argument("--out-dir", default="runs/finetune_transformers")
-    p.add_argument("--seq-len", type=int, default=1024, help="fine-tuning length")
-    p.add_argument("--segment-lengths", type=int_list, default=[128, 256, 512, 1024])
-    p.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4, 8])
-    p.add_argument("--steps", type=int, default=150, help="fine-tuning steps")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=15)
-    p.add_argument("--eval-interval", type=int, default=50)
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--max-train-bytes", type=int, default=4_000_000)
+    # Defaults that depend on the model (tiny / smollm2) are filled in by apply_defaults.
+    p.add_argument("--seq-len", type=int, default=None, help="fine-tuning length")
+    p.add_argument("--segment-lengths", type=int_list, default=None)
+    p.add_argument("--dilation-rates", type=int_list, default=None)
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--train-params", default=None, choices=["all", "attention"],
+                   help="fine-tune every parameter, or only the attention projections")
+    p.add_argument("--eval-interval", type=int, default=None, help="0: no evaluation in between")
+    p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument("--max-train-bytes", type=int, default=None)
     # The tiny stand-in for a pretrained model (ignored with --model).
     p.add_argument("--context", type=int, default=256,
                    help="max_position_embeddings of the tiny model, its training length")
@@ -91,6 +100,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+# Fine-tuning defaults per model. For SmolLM2 (trained to 8,192 tokens) they are the
+# short fine-tune of benchmarks/context_extension.py: the patterns of that benchmark's
+# dilated rows, 2,048-token steps of the attention projections (a CPU budget).
+DEFAULTS = {
+    "tiny": dict(seq_len=1024, segment_lengths=[128, 256, 512, 1024],
+                 dilation_rates=[1, 2, 4, 8], steps=150, batch_size=4, lr=1e-3,
+                 warmup_steps=15, train_params="all", eval_interval=50, eval_windows=16,
+                 max_train_bytes=4_000_000),
+    "smollm2": dict(seq_len=2048, segment_lengths=[2048, 4096, 8192], dilation_rates=[1, 2, 4],
+                    steps=16, batch_size=1, lr=1e-4, warmup_steps=2, train_params="attention",
+                    eval_interval=0, eval_windows=1, max_train_bytes=2_000_000),
+    "checkpoint": dict(seq_len=1024, segment_lengths=[128, 256, 512, 1024],
+                       dilation_rates=[1, 2, 4, 8], steps=150, batch_size=4, lr=1e-4,
+                       warmup_steps=15, train_params="all", eval_interval=50, eval_windows=16,
+                       max_train_bytes=4_000_000),
+}
+
+
+def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    kind = "tiny" if args.model is None else "smollm2" if args.model == "smollm2" else "checkpoint"
+    for key, value in DEFAULTS[kind].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 # ---------------------------------------------------------------------------------
@@ -131,6 +166,10 @@ def load_model_and_data(args: argparse.Namespace, log):
         model = tiny_llama(args)
         encode = lambda fs, mb: encode_files(fs, max_bytes=mb)  # noqa: E731
         unit = "byte"
+    elif args.model == "smollm2":
+        model, tokenizer = longnet_hf.load_smollm2(getattr(torch, args.dtype))
+        encode = lambda fs, mb: encode_with_tokenizer(fs, tokenizer, mb)  # noqa: E731
+        unit = "token"
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             args.model, dtype=getattr(torch, args.dtype))
@@ -178,10 +217,31 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def trainable_parameters(model, which: str = "all"):
+    """The parameters to fine-tune: ``"all"``, or ``"attention"`` (the q/k/v/o
+    projections of every attention module; the rest is frozen)."""
+    if which == "all":
+        return [p for p in model.parameters() if p.requires_grad]
+    if which != "attention":
+        raise ValueError(f'which must be "all" or "attention", got {which!r}')
+    params = []
+    for name, p in model.named_parameters():
+        keep = ".self_attn." in name or ".attention." in name
+        p.requires_grad_(keep)
+        if keep:
+            params.append(p)
+    if not params:
+        raise ValueError("no attention parameters found (expected names containing "
+                         "'.self_attn.' or '.attention.')")
+    return params
+
+
 def train(model, tokens, *, steps, seq_len, batch_size, lr, warmup, device, gen, desc,
-          quiet, history, step0=0, on_eval=None, eval_interval=0):
-    """AdamW with warm-up and cosine decay; appends (global step, loss) to history."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+          quiet, history, step0=0, on_eval=None, eval_interval=0, params=None):
+    """AdamW with warm-up and cosine decay on ``params`` (default: all parameters);
+    appends (global step, loss) to history."""
+    params = list(model.parameters()) if params is None else list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     from tqdm import tqdm
     bar = tqdm(range(steps), desc=desc, unit="step", disable=quiet, dynamic_ncols=True)
     for step in bar:
@@ -192,7 +252,7 @@ def train(model, tokens, *, steps, seq_len, batch_size, lr, warmup, device, gen,
         loss = lm_loss(model, x.to(device), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         value = float(loss.detach())
         history.append((step0 + step + 1, value))
@@ -265,7 +325,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                "dilation_rates": args.dilation_rates, "unit": unit,
                                "transformers": transformers.__version__}
 
-    short_val = eval_batches(val_tokens, context, args.eval_windows, args.batch_size)
+    # At the original context only when fine-tuning goes past it.
+    short_val = (eval_batches(val_tokens, context, args.eval_windows, args.batch_size)
+                 if args.seq_len > context else None)
     long_val = eval_batches(val_tokens, args.seq_len, args.eval_windows, args.batch_size)
 
     step0 = 0
@@ -278,10 +340,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         metrics["pretrain_seconds"] = time.time() - t0
         step0 = args.pretrain_steps
 
-    metrics["val_sdpa_context"] = evaluate(model, short_val, args.device)
+    metrics["val_sdpa_context"] = (evaluate(model, short_val, args.device)
+                                   if short_val is not None else None)
     metrics["val_sdpa_long"] = evaluate(model, long_val, args.device)
-    log(f"validation, sdpa: {metrics['val_sdpa_context']:.4f} at {context} tokens, "
-        f"{metrics['val_sdpa_long']:.4f} at {args.seq_len} (past its context)")
+    if short_val is not None:
+        log(f"validation, sdpa: {metrics['val_sdpa_context']:.4f} at {context} tokens, "
+            f"{metrics['val_sdpa_long']:.4f} at {args.seq_len} (past its context)")
+    else:
+        log(f"validation, sdpa: {metrics['val_sdpa_long']:.4f} at {args.seq_len} tokens "
+            f"(within its context of {context})")
 
     history["sdpa_context"], history["sdpa_long"] = (metrics["val_sdpa_context"],
                                                      metrics["val_sdpa_long"])
@@ -297,11 +364,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         history["val"].append((step, evaluate(model, long_val, args.device)))
 
     t0 = time.time()
+    params = trainable_parameters(model, args.train_params)
+    metrics["trainable_parameters"] = sum(p.numel() for p in params)
     train(model, train_tokens, steps=args.steps, seq_len=args.seq_len,
           batch_size=args.batch_size, lr=args.lr, warmup=args.warmup_steps,
           device=args.device, gen=gen, desc=f"fine-tune (longnet, {args.seq_len})",
           quiet=args.quiet, history=history["finetune"], step0=step0, on_eval=on_eval,
-          eval_interval=args.eval_interval)
+          eval_interval=args.eval_interval, params=params)
     metrics["finetune_seconds"] = time.time() - t0
     metrics["val_dilated_after"] = evaluate(model, long_val, args.device)
     history["val"].append((step0 + args.steps, metrics["val_dilated_after"]))
@@ -311,7 +380,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     # Save, and load back with the patterns from the config.
     model_dir = os.path.join(args.out_dir, "model")
     model.save_pretrained(model_dir)
-    loaded = type(model).from_pretrained(model_dir, attn_implementation="longnet").to(args.device)
+    loaded = type(model).from_pretrained(model_dir, attn_implementation="longnet",
+                                         dtype=next(model.parameters()).dtype).to(args.device)
     x, _ = long_val[0]
     with torch.no_grad():
         same = torch.equal(loaded.eval()(input_ids=x.to(args.device)).logits,
@@ -335,7 +405,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    return run(build_parser().parse_args(argv))
+    return run(apply_defaults(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":
