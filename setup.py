@@ -16,9 +16,8 @@ CPU-only by default on machines without CUDA. Environment variables:
 import glob
 import os
 
-from setuptools import find_packages, setup
-
 import torch
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import (
     CUDA_HOME,
     BuildExtension,
@@ -48,7 +47,9 @@ def _want_cuda() -> bool:
 
 
 def _gencode_flags() -> list:
-    archs = [a.strip() for a in os.environ.get("LONGNET_CUDA_ARCHS", "8.0;9.0").split(";") if a.strip()]
+    archs = [
+        a.strip() for a in os.environ.get("LONGNET_CUDA_ARCHS", "8.0;9.0").split(";") if a.strip()
+    ]
     flags = []
     for arch in archs:
         num = arch.replace(".", "")
@@ -71,30 +72,41 @@ def make_extension():
     werror = _env_flag("LONGNET_WERROR")
     warnings = ["-Wall", "-Wextra"] + (["-Werror"] if werror else [])
     cuda = _want_cuda()
-    cxx_flags = (opt + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"] + warnings
-                 + _system_includes(cuda))
-    sources = [os.path.relpath(p, HERE) for p in
-               sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
-               + sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-               + sorted(glob.glob(os.path.join(HERE, "csrc", "engine", "*.cpp")))]
+    cxx_flags = (
+        opt + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"] + warnings + _system_includes(cuda)
+    )
+    sources = [
+        os.path.relpath(p, HERE)
+        for p in sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+        + sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+        + sorted(glob.glob(os.path.join(HERE, "csrc", "engine", "*.cpp")))
+    ]
     common = dict(
         name="longnet._C",
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_link_args=["-fopenmp"],
     )
     if cuda:
-        sources += [os.path.relpath(p, HERE) for p in
-                    sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))]
-        nvcc_flags = opt + ["-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr",
-                            "-lineinfo"] + _gencode_flags() + _system_includes(cuda)
+        sources += [
+            os.path.relpath(p, HERE)
+            for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+        ]
+        nvcc_flags = (
+            opt
+            + ["-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+            + _gencode_flags()
+            + _system_includes(cuda)
+        )
         # Host code: the C++ warnings; nvcc's own (device code included) as errors too.
         nvcc_flags += ["-Xcompiler", ",".join(warnings)]
         if werror:
             nvcc_flags += ["-Werror", "all-warnings"]
         return CUDAExtension(
             sources=sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DLONGNET_WITH_CUDA"],
-                                "nvcc": nvcc_flags + ["-DLONGNET_WITH_CUDA"]},
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DLONGNET_WITH_CUDA"],
+                "nvcc": nvcc_flags + ["-DLONGNET_WITH_CUDA"],
+            },
             **common,
         )
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)

@@ -53,7 +53,6 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -64,8 +63,8 @@ from benchmarks.common import (  # noqa: E402
     dense_flops,
     machine_info,
     markdown_table,
-    mem_available_bytes,
     median,
+    mem_available_bytes,
     pattern_flops,
     time_calls,
 )
@@ -79,56 +78,142 @@ ENGINE_IMPLS = ("longnet", "longnet_cpu_flash", "longnet_math")
 
 # --------------------------------------------------------------------------- cases
 
-def case_configs(case: str, quick: bool) -> Dict[str, object]:
+
+def case_configs(case: str, quick: bool) -> dict[str, object]:
     """Shapes and patterns of one case (tiny ones with ``quick``)."""
     # dense SDPA cannot run at the targets' full N; --quick leaves it out there too
     target_impls = ALL_IMPLS[:2] if quick else ALL_IMPLS
     if case == "scaling":
         if quick:
-            return dict(B=1, H=2, D=32, causal=True, ws=[256, 512, 1024], rs=[1, 2, 4],
-                        Ns=[2048, 4096], ref_n=2048, modes=["fwdbwd"], impls=ALL_IMPLS)
-        return dict(B=1, H=4, D=64, causal=True, ws=[2048, 4096, 8192, 16384, 32768],
-                    rs=[1, 2, 4, 8, 16], Ns=[4096 * 2 ** i for i in range(9)],
-                    ref_n=16384, modes=["fwdbwd"], impls=ALL_IMPLS)
+            return dict(
+                B=1,
+                H=2,
+                D=32,
+                causal=True,
+                ws=[256, 512, 1024],
+                rs=[1, 2, 4],
+                Ns=[2048, 4096],
+                ref_n=2048,
+                modes=["fwdbwd"],
+                impls=ALL_IMPLS,
+            )
+        return dict(
+            B=1,
+            H=4,
+            D=64,
+            causal=True,
+            ws=[2048, 4096, 8192, 16384, 32768],
+            rs=[1, 2, 4, 8, 16],
+            Ns=[4096 * 2**i for i in range(9)],
+            ref_n=16384,
+            modes=["fwdbwd"],
+            impls=ALL_IMPLS,
+        )
     if case == "target1":
         n, h, d = (4096, 2, 32) if quick else (65536, 8, 64)
         ws = [256, 512, 1024] if quick else [2048, 4096, 8192]
-        return dict(B=1, H=h, D=d, causal=True, ws=ws, rs=[1, 2, 4], Ns=[n], modes=list(MODES),
-                    impls=target_impls)
+        return dict(
+            B=1,
+            H=h,
+            D=d,
+            causal=True,
+            ws=ws,
+            rs=[1, 2, 4],
+            Ns=[n],
+            modes=list(MODES),
+            impls=target_impls,
+        )
     if case == "target2":
         n, h, d = (4096, 2, 32) if quick else (65536, 8, 64)
-        return dict(B=1, H=h, D=d, causal=True, ws=[64, 128, 256, 512], rs=[1, 2, 4, 8],
-                    Ns=[n], modes=list(MODES), impls=target_impls)
+        return dict(
+            B=1,
+            H=h,
+            D=d,
+            causal=True,
+            ws=[64, 128, 256, 512],
+            rs=[1, 2, 4, 8],
+            Ns=[n],
+            modes=list(MODES),
+            impls=target_impls,
+        )
     if case == "gflops":
         if quick:
-            return dict(B=1, H=2, D=32, causal=False, seg=[512], n_tokens=2048,
-                        mm_n=512, modes=list(MODES))
-        return dict(B=1, H=8, D=64, causal=False, seg=[128, 256, 512, 1024, 2048, 4096],
-                    n_tokens=16384, mm_n=2048, modes=list(MODES))
+            return dict(
+                B=1, H=2, D=32, causal=False, seg=[512], n_tokens=2048, mm_n=512, modes=list(MODES)
+            )
+        return dict(
+            B=1,
+            H=8,
+            D=64,
+            causal=False,
+            seg=[128, 256, 512, 1024, 2048, 4096],
+            n_tokens=16384,
+            mm_n=2048,
+            modes=list(MODES),
+        )
     if case == "engines":
         # (label, ws, rs): long segments (w/r up to 2048), short segments, one dense pattern
         if quick:
-            return dict(B=1, H=2, D=32, causal=True, N=4096, modes=list(MODES),
-                        impls=ENGINE_IMPLS,
-                        problems=[("long_w", [256, 512, 1024], [1, 2, 4]),
-                                  ("short_w", [64, 128, 256, 512], [1, 2, 4, 8])])
-        return dict(B=1, H=8, D=64, causal=True, N=16384, modes=list(MODES), impls=ENGINE_IMPLS,
-                    problems=[("long_w", [2048, 4096, 8192], [1, 2, 4]),
-                              ("short_w", [64, 128, 256, 512], [1, 2, 4, 8]),
-                              ("one_pattern", [2048], [1])])
+            return dict(
+                B=1,
+                H=2,
+                D=32,
+                causal=True,
+                N=4096,
+                modes=list(MODES),
+                impls=ENGINE_IMPLS,
+                problems=[
+                    ("long_w", [256, 512, 1024], [1, 2, 4]),
+                    ("short_w", [64, 128, 256, 512], [1, 2, 4, 8]),
+                ],
+            )
+        return dict(
+            B=1,
+            H=8,
+            D=64,
+            causal=True,
+            N=16384,
+            modes=list(MODES),
+            impls=ENGINE_IMPLS,
+            problems=[
+                ("long_w", [2048, 4096, 8192], [1, 2, 4]),
+                ("short_w", [64, 128, 256, 512], [1, 2, 4, 8]),
+                ("one_pattern", [2048], [1]),
+            ],
+        )
     if case == "peak":
         if quick:
-            return dict(B=1, H=2, D=32, causal=True, ws=[256, 512, 1024], rs=[1, 2, 4],
-                        N=4096, sdpa_n=1024, gemm_n=256, dtypes=["float32", "bfloat16"],
-                        modes=list(MODES))
+            return dict(
+                B=1,
+                H=2,
+                D=32,
+                causal=True,
+                ws=[256, 512, 1024],
+                rs=[1, 2, 4],
+                N=4096,
+                sdpa_n=1024,
+                gemm_n=256,
+                dtypes=["float32", "bfloat16"],
+                modes=list(MODES),
+            )
         # dense causal SDPA at N = 16K needs 1.14x the FLOPs of the target1 shape
-        return dict(B=1, H=8, D=64, causal=True, ws=[2048, 4096, 8192], rs=[1, 2, 4],
-                    N=65536, sdpa_n=16384, gemm_n=2048, dtypes=["float32", "bfloat16"],
-                    modes=list(MODES))
+        return dict(
+            B=1,
+            H=8,
+            D=64,
+            causal=True,
+            ws=[2048, 4096, 8192],
+            rs=[1, 2, 4],
+            N=65536,
+            sdpa_n=16384,
+            gemm_n=2048,
+            dtypes=["float32", "bfloat16"],
+            modes=list(MODES),
+        )
     raise ValueError(f"--case must be one of {CASES + ('all',)}, got {case!r}")
 
 
-def bytes_estimate(impl: str, spec: Dict[str, object]) -> float:
+def bytes_estimate(impl: str, spec: dict[str, object]) -> float:
     """Rough peak bytes of one measurement, to skip what cannot fit in memory."""
     if impl in ("mm", "gemm"):
         return 3 * 4 * spec["n"] ** 2
@@ -142,7 +227,8 @@ def bytes_estimate(impl: str, spec: Dict[str, object]) -> float:
 
 # -------------------------------------------------------------------------- worker
 
-def _impl_fn(spec: Dict[str, object]):
+
+def _impl_fn(spec: dict[str, object]):
     """The callable ``(q, k, v) -> out`` of one implementation."""
     import torch.nn.functional as F
 
@@ -151,16 +237,16 @@ def _impl_fn(spec: Dict[str, object]):
         import longnet
 
         return lambda q, k, v: longnet.dilated_attention(
-            q, k, v, spec["ws"], spec["rs"], is_causal=causal)
+            q, k, v, spec["ws"], spec["rs"], is_causal=causal
+        )
     if impl.startswith("longnet_"):
         import longnet
 
-        engine = impl[len("longnet_"):]
+        engine = impl[len("longnet_") :]
 
         def on_engine(q, k, v):
             with longnet.use_engine(engine):
-                out = longnet.dilated_attention(q, k, v, spec["ws"], spec["rs"],
-                                                is_causal=causal)
+                out = longnet.dilated_attention(q, k, v, spec["ws"], spec["rs"], is_causal=causal)
             assert longnet.last_engine() == engine, longnet.last_engine()
             return out
 
@@ -169,10 +255,14 @@ def _impl_fn(spec: Dict[str, object]):
         from benchmarks.gather_sdpa import gather_sdpa_dilated_attention
 
         return lambda q, k, v: gather_sdpa_dilated_attention(
-            q, k, v, spec["ws"], spec["rs"], is_causal=causal)
+            q, k, v, spec["ws"], spec["rs"], is_causal=causal
+        )
     if impl == "dense_sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=causal,
         ).transpose(1, 2)
     if impl == "segment_sdpa":
         w = spec["ws"][0]
@@ -180,15 +270,14 @@ def _impl_fn(spec: Dict[str, object]):
         def segments(q, k, v):
             b, n, h, d = q.shape
             split = lambda t: t.reshape(b * n // w, w, h, d).transpose(1, 2)  # noqa: E731
-            out = F.scaled_dot_product_attention(split(q), split(k), split(v),
-                                                 is_causal=causal)
+            out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=causal)
             return out.transpose(1, 2).reshape(b, n, h, d)
 
         return segments
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def _attention_call(spec: Dict[str, object], n: int, gen):
+def _attention_call(spec: dict[str, object], n: int, gen):
     """A no-argument callable running one forward (and backward) on fresh inputs."""
     import torch
 
@@ -213,7 +302,7 @@ def _attention_call(spec: Dict[str, object], n: int, gen):
     return call
 
 
-def run_worker(spec: Dict[str, object]) -> Dict[str, object]:
+def run_worker(spec: dict[str, object]) -> dict[str, object]:
     """One measurement, in this process.
 
     A call on tiny inputs first starts thread pools and lazy library state; then the
@@ -225,6 +314,7 @@ def run_worker(spec: Dict[str, object]) -> Dict[str, object]:
     torch.set_num_threads(int(spec["threads"]))
     gen = torch.Generator().manual_seed(0)
     if spec["impl"] == "mm":
+
         def mm_call(n):
             a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
             c = torch.empty(n, n)
@@ -233,6 +323,7 @@ def run_worker(spec: Dict[str, object]) -> Dict[str, object]:
         mm_call(64)()
         call = mm_call(int(spec["n"]))
     elif spec["impl"] == "gemm":
+
         def gemm_call(n):
             a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
             if spec["gemm"] == "onednn_float32":
@@ -257,14 +348,20 @@ def run_worker(spec: Dict[str, object]) -> Dict[str, object]:
     cold = time.perf_counter() - t0
     peak = probe.stop()
     times = time_calls(call, int(spec["repeats"]), float(spec["budget"]), cold)
-    rec = {"cold_s": cold, "times_s": times, "time_s": median(times),
-           "peak_bytes": peak, "memory_method": probe.method}
+    rec = {
+        "cold_s": cold,
+        "times_s": times,
+        "time_s": median(times),
+        "peak_bytes": peak,
+        "memory_method": probe.method,
+    }
     if spec["impl"] == "longnet":
         rec["products_used"] = torch.ops.longnet._cpu_products()
     return rec
 
 
 # ------------------------------------------------------------------- orchestration
+
 
 class Runner:
     """Runs measurements in subprocesses, prints progress, keeps the records."""
@@ -273,7 +370,7 @@ class Runner:
         self.args = args
         self.longnet_reason = _longnet_unavailable()
 
-    def skip_reason(self, impl: str, spec: Dict[str, object]) -> Optional[str]:
+    def skip_reason(self, impl: str, spec: dict[str, object]) -> str | None:
         a = self.args
         if impl.startswith("longnet") and self.longnet_reason:
             return self.longnet_reason
@@ -287,15 +384,20 @@ class Runner:
             return f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
         return None
 
-    def measure(self, impl: str, spec: Dict[str, object]) -> Dict[str, object]:
+    def measure(self, impl: str, spec: dict[str, object]) -> dict[str, object]:
         """Run one measurement (or record why it was skipped) and print a progress line."""
         a = self.args
         spec = dict(spec, impl=impl, threads=a.threads, repeats=a.repeats, budget=a.budget)
-        label = (f"{spec.get('case', '')}: {impl:12s} {spec.get('problem', '')} "
-                 + (f"{spec.get('gemm', '')} n={spec['n']}" if impl in ("mm", "gemm")
-                    else f"N={spec['N']:>8d} {spec['mode']:6s}")
-                 + (f" {spec['dtype']}" if "dtype" in spec else "")
-                 + (f" products={spec['products']}" if "products" in spec else ""))
+        label = (
+            f"{spec.get('case', '')}: {impl:12s} {spec.get('problem', '')} "
+            + (
+                f"{spec.get('gemm', '')} n={spec['n']}"
+                if impl in ("mm", "gemm")
+                else f"N={spec['N']:>8d} {spec['mode']:6s}"
+            )
+            + (f" {spec['dtype']}" if "dtype" in spec else "")
+            + (f" products={spec['products']}" if "products" in spec else "")
+        )
         reason = self.skip_reason(impl, spec)
         if reason:
             print(f"  {label}  skipped ({reason})", flush=True)
@@ -306,8 +408,9 @@ class Runner:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
         t0 = time.time()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout,
-                                  env=env, cwd=ROOT)
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=a.timeout, env=env, cwd=ROOT
+            )
         except subprocess.TimeoutExpired:
             print(f"  {label}  timed out after {a.timeout:.0f} s", flush=True)
             return dict(spec, skipped=f"timed out after {a.timeout:.0f} s")
@@ -316,21 +419,25 @@ class Runner:
             err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             print(f"  {label}  failed (exit {proc.returncode}): {err}", flush=True)
             return dict(spec, skipped=f"failed: {err}")
-        rec = dict(spec, **json.loads(lines[-1][len("RESULT "):]))
+        rec = dict(spec, **json.loads(lines[-1][len("RESULT ") :]))
         if impl in ("mm", "gemm"):
             rec["gflops"] = 2.0 * spec["n"] ** 3 / rec["time_s"] / 1e9
         else:
             rec["gflops"] = rec["flops"] / rec["time_s"] / 1e9
-        print(f"  {label}  {rec['time_s']:9.4f} s  {rec['gflops']:8.1f} GFLOP/s  "
-              f"peak +{rec.get('peak_bytes', 0) / 2**20:9.1f} MiB  "
-              f"({time.time() - t0:.1f} s)", flush=True)
+        print(
+            f"  {label}  {rec['time_s']:9.4f} s  {rec['gflops']:8.1f} GFLOP/s  "
+            f"peak +{rec.get('peak_bytes', 0) / 2**20:9.1f} MiB  "
+            f"({time.time() - t0:.1f} s)",
+            flush=True,
+        )
         return rec
 
 
-def _longnet_unavailable() -> Optional[str]:
+def _longnet_unavailable() -> str | None:
     """Why ``longnet`` cannot be timed on CPU here, or None when it can."""
     try:
         import torch
+
         import longnet  # noqa: F401
     except ImportError as exc:
         return f"longnet not importable: {exc}"
@@ -339,20 +446,31 @@ def _longnet_unavailable() -> Optional[str]:
     return None
 
 
-def _spec(case: str, cfg: Dict[str, object], n: int, mode: str, ws, rs) -> Dict[str, object]:
-    return dict(case=case, B=cfg["B"], N=n, H=cfg["H"], Hk=cfg["H"], D=cfg["D"],
-                causal=cfg["causal"], ws=list(ws), rs=list(rs), mode=mode)
+def _spec(case: str, cfg: dict[str, object], n: int, mode: str, ws, rs) -> dict[str, object]:
+    return dict(
+        case=case,
+        B=cfg["B"],
+        N=n,
+        H=cfg["H"],
+        Hk=cfg["H"],
+        D=cfg["D"],
+        causal=cfg["causal"],
+        ws=list(ws),
+        rs=list(rs),
+        mode=mode,
+    )
 
 
-def _flops(spec: Dict[str, object], impl: str) -> float:
+def _flops(spec: dict[str, object], impl: str) -> float:
     bwd = spec["mode"] == "fwdbwd"
     if impl == "dense_sdpa":
         return dense_flops(spec["N"], spec["H"], spec["D"], spec["causal"], spec["B"], bwd)
-    return pattern_flops(spec["N"], spec["H"], spec["D"], spec["ws"], spec["rs"],
-                         spec["causal"], spec["B"], bwd)
+    return pattern_flops(
+        spec["N"], spec["H"], spec["D"], spec["ws"], spec["rs"], spec["causal"], spec["B"], bwd
+    )
 
 
-def run_case(case: str, runner: Runner) -> Dict[str, object]:
+def run_case(case: str, runner: Runner) -> dict[str, object]:
     """Measure every implementation of one case; returns the records and a summary."""
     cfg = case_configs(case, runner.args.quick)
     cfg["modes"] = [m for m in cfg["modes"] if m in runner.args.modes]
@@ -360,20 +478,26 @@ def run_case(case: str, runner: Runner) -> Dict[str, object]:
         cfg["Ns"] = [n for n in cfg["Ns"] if n <= runner.args.max_n] or cfg["Ns"][:1]
     print(f"\n## {case}: {json.dumps({k: v for k, v in cfg.items()})}", flush=True)
     load_before = os.getloadavg()
-    records: List[Dict[str, object]] = []
+    records: list[dict[str, object]] = []
     if case == "peak":
         for g in GEMMS:
-            records.append(runner.measure("gemm", dict(case=case, gemm=g, n=cfg["gemm_n"],
-                                                       flops=0.0)))
+            records.append(
+                runner.measure("gemm", dict(case=case, gemm=g, n=cfg["gemm_n"], flops=0.0))
+            )
         for dtype in cfg["dtypes"]:
             for mode in cfg["modes"]:
                 spec = dict(_spec(case, cfg, cfg["N"], mode, cfg["ws"], cfg["rs"]), dtype=dtype)
                 # old and new products measured one after the other, for each shape
                 for products in ("blas", "brgemm"):
-                    records.append(runner.measure("longnet", dict(
-                        spec, products=products, flops=_flops(spec, "longnet"))))
+                    records.append(
+                        runner.measure(
+                            "longnet", dict(spec, products=products, flops=_flops(spec, "longnet"))
+                        )
+                    )
                 sd = dict(spec, N=cfg["sdpa_n"])
-                records.append(runner.measure("dense_sdpa", dict(sd, flops=_flops(sd, "dense_sdpa"))))
+                records.append(
+                    runner.measure("dense_sdpa", dict(sd, flops=_flops(sd, "dense_sdpa")))
+                )
     elif case == "gflops":
         records.append(runner.measure("mm", dict(case=case, n=cfg["mm_n"], flops=0.0)))
         for w in cfg["seg"]:
@@ -394,12 +518,18 @@ def run_case(case: str, runner: Runner) -> Dict[str, object]:
                 spec = _spec(case, cfg, n, mode, cfg["ws"], cfg["rs"])
                 for impl in cfg["impls"]:
                     records.append(runner.measure(impl, dict(spec, flops=_flops(spec, impl))))
-    return {"case": case, "quick": runner.args.quick, "config": cfg,
-            "machine": machine_info(runner.args.threads), "records": records,
-            "loadavg": {"before": load_before, "after": os.getloadavg()}}
+    return {
+        "case": case,
+        "quick": runner.args.quick,
+        "config": cfg,
+        "machine": machine_info(runner.args.threads),
+        "records": records,
+        "loadavg": {"before": load_before, "after": os.getloadavg()},
+    }
 
 
 # ------------------------------------------------------------------------ reporting
+
 
 def _find(records, impl, mode=None, n=None, w=None):
     for r in records:
@@ -419,20 +549,32 @@ def _mib(rec) -> str:
     return f"{rec['peak_bytes'] / 2**20:.1f}" if "peak_bytes" in rec else "-"
 
 
-def summarize(result: Dict[str, object]) -> str:
+def summarize(result: dict[str, object]) -> str:
     """Markdown table and target lines of one case; also stores ``result['summary']``."""
     case, recs, cfg = result["case"], result["records"], result["config"]
     rows, summary, lines = [], {}, []
     for r in recs:
         if r["impl"] in ("mm", "gemm"):
             continue
-        shape = (f"N={r['N']}" + (f" w={r['ws'][0]}" if case == "gflops" else "")
-                 + (f" {r['problem']}" if case == "engines" else "")
-                 + (f" {r['dtype']} {r.get('products', '')}" if case == "peak" else ""))
+        shape = (
+            f"N={r['N']}"
+            + (f" w={r['ws'][0]}" if case == "gflops" else "")
+            + (f" {r['problem']}" if case == "engines" else "")
+            + (f" {r['dtype']} {r.get('products', '')}" if case == "peak" else "")
+        )
         if "time_s" in r:
-            rows.append([r["impl"], shape, r["mode"], f"{r['time_s']:.4f}",
-                         f"{1e6 * r['time_s'] / (r['B'] * r['N']):.2f}",
-                         f"{r['gflops']:.1f}", _mib(r), ""])
+            rows.append(
+                [
+                    r["impl"],
+                    shape,
+                    r["mode"],
+                    f"{r['time_s']:.4f}",
+                    f"{1e6 * r['time_s'] / (r['B'] * r['N']):.2f}",
+                    f"{r['gflops']:.1f}",
+                    _mib(r),
+                    "",
+                ]
+            )
         else:
             rows.append([r["impl"], shape, r["mode"], "-", "-", "-", "-", r["skipped"]])
     headers = ["impl", "shape", "mode", "time (s)", "us/token", "GFLOP/s", "peak MiB", "note"]
@@ -448,10 +590,12 @@ def summarize(result: Dict[str, object]) -> str:
                     per_tok[n] = r["time_s"] / n
             big = [per_tok[n] / per_tok[cfg["ref_n"]] for n in per_tok if n >= cfg["ref_n"]]
             summary["time_per_token_ratio_to_ref"] = {
-                str(n): per_tok[n] / per_tok[cfg["ref_n"]] for n in per_tok}
-            lines.append(f"\nlongnet fwd+bwd time/token relative to N={cfg['ref_n']}: "
-                         + ", ".join(f"{n}: {per_tok[n] / per_tok[cfg['ref_n']]:.2f}"
-                                     for n in per_tok))
+                str(n): per_tok[n] / per_tok[cfg["ref_n"]] for n in per_tok
+            }
+            lines.append(
+                f"\nlongnet fwd+bwd time/token relative to N={cfg['ref_n']}: "
+                + ", ".join(f"{n}: {per_tok[n] / per_tok[cfg['ref_n']]:.2f}" for n in per_tok)
+            )
             lines.append(f"max ratio for N >= {cfg['ref_n']}: {max(big):.2f} (flat means ~1)")
     elif case in ("target1", "target2"):
         n = cfg["Ns"][0]
@@ -462,21 +606,29 @@ def summarize(result: Dict[str, object]) -> str:
                 mem = ln["peak_bytes"] / max(gs["peak_bytes"], 1)
                 summary[f"speedup_{mode}"] = speed
                 summary[f"memory_ratio_{mode}"] = mem
-                lines.append(f"\n{mode}: speedup (gather_sdpa time / longnet time) {speed:.2f}x; "
-                             f"peak memory longnet / gather_sdpa {mem:.2f}x")
+                lines.append(
+                    f"\n{mode}: speedup (gather_sdpa time / longnet time) {speed:.2f}x; "
+                    f"peak memory longnet / gather_sdpa {mem:.2f}x"
+                )
         need = 1.3 if case == "target1" else 2.0
         if "speedup_fwdbwd" in summary:
             ok = summary["speedup_fwdbwd"] >= need
-            lines.append(f"target fwd+bwd speedup >= {need}x: "
-                         f"{'PASS' if ok else 'FAIL'} ({summary['speedup_fwdbwd']:.2f}x)")
+            lines.append(
+                f"target fwd+bwd speedup >= {need}x: "
+                f"{'PASS' if ok else 'FAIL'} ({summary['speedup_fwdbwd']:.2f}x)"
+            )
         if case == "target2" and "speedup_fwd" in summary:
             ok = summary["speedup_fwd"] >= need
-            lines.append(f"target fwd speedup >= {need}x: "
-                         f"{'PASS' if ok else 'FAIL'} ({summary['speedup_fwd']:.2f}x)")
+            lines.append(
+                f"target fwd speedup >= {need}x: "
+                f"{'PASS' if ok else 'FAIL'} ({summary['speedup_fwd']:.2f}x)"
+            )
         if case == "target1" and "memory_ratio_fwdbwd" in summary:
             ok = summary["memory_ratio_fwdbwd"] <= 0.5
-            lines.append(f"target fwd+bwd peak memory <= 0.5x: "
-                         f"{'PASS' if ok else 'FAIL'} ({summary['memory_ratio_fwdbwd']:.2f}x)")
+            lines.append(
+                f"target fwd+bwd peak memory <= 0.5x: "
+                f"{'PASS' if ok else 'FAIL'} ({summary['memory_ratio_fwdbwd']:.2f}x)"
+            )
     elif case == "gflops":
         mm = _find(recs, "mm")
         if mm:
@@ -492,46 +644,93 @@ def summarize(result: Dict[str, object]) -> str:
                 vs_mm = ln["gflops"] / mm["gflops"] if mm else float("nan")
                 summary[f"w{w}_{mode}"] = {"vs_segment_sdpa": vs_sdpa, "vs_mm": vs_mm}
                 mm_ok = "n/a (w < 512)" if w < 512 else ("PASS" if vs_mm >= 0.5 else "FAIL")
-                rows.append([w, mode, f"{ln['gflops']:.1f}", f"{vs_sdpa:.2f}",
-                             "PASS" if vs_sdpa >= 0.8 else "FAIL", f"{vs_mm:.2f}", mm_ok])
+                rows.append(
+                    [
+                        w,
+                        mode,
+                        f"{ln['gflops']:.1f}",
+                        f"{vs_sdpa:.2f}",
+                        "PASS" if vs_sdpa >= 0.8 else "FAIL",
+                        f"{vs_mm:.2f}",
+                        mm_ok,
+                    ]
+                )
         if rows:
-            lines.append("\n" + markdown_table(
-                ["w", "mode", "longnet GFLOP/s", "vs segment SDPA", ">= 0.8",
-                 "vs torch.mm", ">= 0.5"], rows))
+            lines.append(
+                "\n"
+                + markdown_table(
+                    [
+                        "w",
+                        "mode",
+                        "longnet GFLOP/s",
+                        "vs segment SDPA",
+                        ">= 0.8",
+                        "vs torch.mm",
+                        ">= 0.5",
+                    ],
+                    rows,
+                )
+            )
     elif case == "peak":
         lines.append("\n" + _peak_table(recs, cfg, summary))
         if "loadavg" in result:
-            lines.append("load average (1, 5, 15 min) before %s, after %s" % tuple(
-                ", ".join(f"{x:.1f}" for x in result["loadavg"][k]) for k in ("before", "after")))
+            lines.append(
+                "load average (1, 5, 15 min) before %s, after %s"
+                % tuple(
+                    ", ".join(f"{x:.1f}" for x in result["loadavg"][k]) for k in ("before", "after")
+                )
+            )
     elif case == "engines":
         rows = []
         for label, ws, rs in cfg["problems"]:
             for mode in cfg["modes"]:
-                got = {r["impl"]: r for r in recs if r.get("problem") == label
-                       and r.get("mode") == mode and "time_s" in r}
+                got = {
+                    r["impl"]: r
+                    for r in recs
+                    if r.get("problem") == label and r.get("mode") == mode and "time_s" in r
+                }
                 if not got:
                     continue
                 winner = min(got, key=lambda i: got[i]["time_s"])
                 fused = got.get("longnet")
                 summary[f"{label}_{mode}"] = {i: got[i]["time_s"] for i in got}
-                rows.append([label, f"w={ws} r={rs}", mode]
-                            + [f"{got[i]['time_s']:.4f}" if i in got else "-"
-                               for i in cfg["impls"]]
-                            + [winner,
-                               ", ".join(f"{got[i]['time_s'] / fused['time_s']:.2f}x"
-                                         for i in cfg["impls"][1:] if i in got) if fused else "-"])
+                rows.append(
+                    [label, f"w={ws} r={rs}", mode]
+                    + [f"{got[i]['time_s']:.4f}" if i in got else "-" for i in cfg["impls"]]
+                    + [
+                        winner,
+                        ", ".join(
+                            f"{got[i]['time_s'] / fused['time_s']:.2f}x"
+                            for i in cfg["impls"][1:]
+                            if i in got
+                        )
+                        if fused
+                        else "-",
+                    ]
+                )
         if rows:
-            lines.append("\n" + markdown_table(
-                ["problem", "patterns", "mode"] + [f"{i} (s)" for i in cfg["impls"]]
-                + ["fastest", "time vs fused (cpu_flash, math)"], rows))
+            lines.append(
+                "\n"
+                + markdown_table(
+                    ["problem", "patterns", "mode"]
+                    + [f"{i} (s)" for i in cfg["impls"]]
+                    + ["fastest", "time vs fused (cpu_flash, math)"],
+                    rows,
+                )
+            )
     result["summary"] = summary
     return "\n".join(lines)
 
 
 def _peak_find(recs, impl, dtype, mode, products=None):
     for r in recs:
-        if (r.get("impl") == impl and r.get("dtype") == dtype and r.get("mode") == mode
-                and "time_s" in r and (products is None or r.get("products") == products)):
+        if (
+            r.get("impl") == impl
+            and r.get("dtype") == dtype
+            and r.get("mode") == mode
+            and "time_s" in r
+            and (products is None or r.get("products") == products)
+        ):
             return r
     return None
 
@@ -540,8 +739,11 @@ def _peak_table(recs, cfg, summary) -> str:
     """The peak case's table (GFLOP/s and ratios) and its target lines."""
     gemm = {r["gemm"]: r["gflops"] for r in recs if r.get("impl") == "gemm" and "gflops" in r}
     summary["gemm_gflops"] = gemm
-    out = ["large GEMM (%d^3): " % cfg["gemm_n"]
-           + ", ".join(f"{g} {gemm[g]:.1f} GFLOP/s" for g in GEMMS if g in gemm), ""]
+    out = [
+        "large GEMM (%d^3): " % cfg["gemm_n"]
+        + ", ".join(f"{g} {gemm[g]:.1f} GFLOP/s" for g in GEMMS if g in gemm),
+        "",
+    ]
     rows = []
     for dtype in cfg["dtypes"]:
         limit = gemm.get(f"onednn_{dtype}")
@@ -551,27 +753,60 @@ def _peak_table(recs, cfg, summary) -> str:
             sd = _peak_find(recs, "dense_sdpa", dtype, mode)
             if not new:
                 continue
-            ent = {"new_gflops": new["gflops"], "new_time_s": new["time_s"],
-                   "new_peak_mib": new["peak_bytes"] / 2**20,
-                   "products_used": new.get("products_used")}
+            ent = {
+                "new_gflops": new["gflops"],
+                "new_time_s": new["time_s"],
+                "new_peak_mib": new["peak_bytes"] / 2**20,
+                "products_used": new.get("products_used"),
+            }
             if old:
-                ent.update(old_gflops=old["gflops"], old_time_s=old["time_s"],
-                           old_peak_mib=old["peak_bytes"] / 2**20,
-                           speedup=old["time_s"] / new["time_s"])
+                ent.update(
+                    old_gflops=old["gflops"],
+                    old_time_s=old["time_s"],
+                    old_peak_mib=old["peak_bytes"] / 2**20,
+                    speedup=old["time_s"] / new["time_s"],
+                )
             if sd:
                 ent.update(sdpa_gflops=sd["gflops"], vs_sdpa=new["gflops"] / sd["gflops"])
             if limit:
                 ent.update(gemm_gflops=limit, vs_gemm=new["gflops"] / limit)
             summary[f"{dtype}_{mode}"] = ent
             f = lambda key, fmt: fmt % ent[key] if key in ent else "-"  # noqa: E731
-            rows.append([dtype, mode, f("old_gflops", "%.1f"), f("new_gflops", "%.1f"),
-                         f("speedup", "%.2fx"), f("sdpa_gflops", "%.1f"), f("vs_sdpa", "%.2fx"),
-                         f("gemm_gflops", "%.1f"), f("vs_gemm", "%.2f"),
-                         f("old_peak_mib", "%.0f"), f("new_peak_mib", "%.0f"),
-                         ent.get("products_used") or "-"])
-    out.append(markdown_table(
-        ["dtype", "mode", "blas GFLOP/s", "brgemm GFLOP/s", "speedup", "SDPA GFLOP/s",
-         "vs SDPA", "oneDNN GEMM", "vs GEMM", "blas MiB", "brgemm MiB", "products"], rows))
+            rows.append(
+                [
+                    dtype,
+                    mode,
+                    f("old_gflops", "%.1f"),
+                    f("new_gflops", "%.1f"),
+                    f("speedup", "%.2fx"),
+                    f("sdpa_gflops", "%.1f"),
+                    f("vs_sdpa", "%.2fx"),
+                    f("gemm_gflops", "%.1f"),
+                    f("vs_gemm", "%.2f"),
+                    f("old_peak_mib", "%.0f"),
+                    f("new_peak_mib", "%.0f"),
+                    ent.get("products_used") or "-",
+                ]
+            )
+    out.append(
+        markdown_table(
+            [
+                "dtype",
+                "mode",
+                "blas GFLOP/s",
+                "brgemm GFLOP/s",
+                "speedup",
+                "SDPA GFLOP/s",
+                "vs SDPA",
+                "oneDNN GEMM",
+                "vs GEMM",
+                "blas MiB",
+                "brgemm MiB",
+                "products",
+            ],
+            rows,
+        )
+    )
 
     def target(name, value, need):
         if value is None:
@@ -596,19 +831,23 @@ def _plot_peak(result, path, plt) -> None:
     recs, cfg = result["records"], result["config"]
     fig, ax = plt.subplots(figsize=(9, 4.8))
     groups = [(dt, md) for dt in cfg["dtypes"] for md in cfg["modes"]]
-    series = [("longnet blas products", "longnet", "blas"),
-              ("longnet brgemm products", "longnet", "brgemm"),
-              ("dense causal SDPA", "dense_sdpa", None)]
+    series = [
+        ("longnet blas products", "longnet", "blas"),
+        ("longnet brgemm products", "longnet", "brgemm"),
+        ("dense causal SDPA", "dense_sdpa", None),
+    ]
     width = 0.8 / len(series)
     for i, (label, impl, products) in enumerate(series):
-        ys = [(_peak_find(recs, impl, dt, md, products) or {}).get("gflops", 0.0)
-              for dt, md in groups]
+        ys = [
+            (_peak_find(recs, impl, dt, md, products) or {}).get("gflops", 0.0) for dt, md in groups
+        ]
         ax.bar([j + i * width for j in range(len(groups))], ys, width, label=label)
     colors = {"mkl_float32": "tab:gray", "onednn_float32": "k", "onednn_bfloat16": "tab:red"}
     for r in recs:
         if r.get("impl") == "gemm" and "gflops" in r:
-            ax.axhline(r["gflops"], ls="--", color=colors[r["gemm"]],
-                       label=f"GEMM {r['gemm']} {r['n']}^3")
+            ax.axhline(
+                r["gflops"], ls="--", color=colors[r["gemm"]], label=f"GEMM {r['gemm']} {r['n']}^3"
+            )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
     ax.set_xticklabels([f"{dt}\n{md}" for dt, md in groups])
     ax.set_ylabel("GFLOP/s (needed FLOPs)")
@@ -617,7 +856,7 @@ def _plot_peak(result, path, plt) -> None:
     ax.legend(fontsize=8)
 
 
-def plot(result: Dict[str, object], path: str) -> bool:
+def plot(result: dict[str, object], path: str) -> bool:
     """Save a PNG of one case; False when matplotlib is missing."""
     try:
         import matplotlib
@@ -636,19 +875,26 @@ def plot(result: Dict[str, object], path: str) -> bool:
         plt.gcf().savefig(path, dpi=110)
         plt.close(plt.gcf())
         return True
-    impls = [i for i in ("longnet", "gather_sdpa", "dense_sdpa", "segment_sdpa")
-             if any(r["impl"] == i and "time_s" in r for r in recs)]
+    impls = [
+        i
+        for i in ("longnet", "gather_sdpa", "dense_sdpa", "segment_sdpa")
+        if any(r["impl"] == i and "time_s" in r for r in recs)
+    ]
     if case == "scaling":
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
         for impl in impls:
-            pts = [(r["N"], r["time_s"], r["peak_bytes"]) for r in recs
-                   if r["impl"] == impl and "time_s" in r]
+            pts = [
+                (r["N"], r["time_s"], r["peak_bytes"])
+                for r in recs
+                if r["impl"] == impl and "time_s" in r
+            ]
             ns, ts, ms = zip(*pts)
             axes[0].loglog(ns, ts, "o-", label=impl)
             axes[1].semilogx(ns, [1e6 * t / n for n, t in zip(ns, ts)], "o-", label=impl)
             axes[2].loglog(ns, [m / 2**20 for m in ms], "o-", label=impl)
-        for ax, title in zip(axes, ("fwd+bwd time (s)", "fwd+bwd time per token (us)",
-                                    "peak RSS increase (MiB)")):
+        for ax, title in zip(
+            axes, ("fwd+bwd time (s)", "fwd+bwd time per token (us)", "peak RSS increase (MiB)")
+        ):
             ax.set_xlabel("sequence length N")
             ax.set_title(title)
             ax.grid(True, which="both", alpha=0.3)
@@ -691,27 +937,44 @@ def plot(result: Dict[str, object], path: str) -> bool:
 
 # ------------------------------------------------------------------------------ CLI
 
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--case", default="all", choices=CASES + ("all",))
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
-                   help="folder for the JSON results and PNG plots")
+    p.add_argument(
+        "--out",
+        default=os.path.join(ROOT, "benchmarks", "results"),
+        help="folder for the JSON results and PNG plots",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up")
-    p.add_argument("--budget", type=float, default=60.0,
-                   help="seconds of timed calls per measurement before repeats are cut")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=60.0,
+        help="seconds of timed calls per measurement before repeats are cut",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
-    p.add_argument("--dense-max-n", type=int, default=16384,
-                   help="largest N for dense SDPA on the whole sequence")
-    p.add_argument("--baseline-max-n", type=int, default=262144,
-                   help="largest N for gather_sdpa")
-    p.add_argument("--max-n", type=int, default=1 << 20,
-                   help="largest N of the scaling case (default 1048576)")
-    p.add_argument("--modes", default="fwd,fwdbwd",
-                   help="comma-separated subset of fwd,fwdbwd to run (default both)")
+    p.add_argument(
+        "--dense-max-n",
+        type=int,
+        default=16384,
+        help="largest N for dense SDPA on the whole sequence",
+    )
+    p.add_argument("--baseline-max-n", type=int, default=262144, help="largest N for gather_sdpa")
+    p.add_argument(
+        "--max-n", type=int, default=1 << 20, help="largest N of the scaling case (default 1048576)"
+    )
+    p.add_argument(
+        "--modes",
+        default="fwd,fwdbwd",
+        help="comma-separated subset of fwd,fwdbwd to run (default both)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -106,8 +106,13 @@ def _worker(rank, world, port, args, path, mode):
 
     import longnet.distributed as lnd
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
     q, k, v = _inputs(args, args.tokens_per_rank, seed=rank)
     ws, rs = args.segment_lengths, args.dilation_rates
 
@@ -125,13 +130,23 @@ def _worker(rank, world, port, args, path, mode):
         lnd.reset_comm_stats()
         fwd_bwd()
         stats = lnd.comm_stats()
-        result = {"fwd_s": t_fwd, "fwd_bwd_s": t_fb, "fwd_bwd_cpu_s": cpu_fb,
-                  "sent": stats.bytes_sent, "received": stats.bytes_received}
+        result = {
+            "fwd_s": t_fwd,
+            "fwd_bwd_s": t_fb,
+            "fwd_bwd_cpu_s": cpu_fb,
+            "sent": stats.bytes_sent,
+            "received": stats.bytes_received,
+        }
     else:
         fwd_bwd()  # warm-up
-        result = {"rss_growth_mib": _peak_rss_growth_mib(fwd_bwd), "saved": _saved_bytes(
-            lambda: lnd.sequence_parallel_dilated_attention(q, k, v, ws, rs,
-                                                            is_causal=args.causal))}
+        result = {
+            "rss_growth_mib": _peak_rss_growth_mib(fwd_bwd),
+            "saved": _saved_bytes(
+                lambda: lnd.sequence_parallel_dilated_attention(
+                    q, k, v, ws, rs, is_causal=args.causal
+                )
+            ),
+        }
     with open(path, "w") as f:
         json.dump(result, f)
     dist.barrier()
@@ -146,8 +161,9 @@ def _single_process(args, n: int) -> float:
     q, k, v = _inputs(args, n, seed=0)
 
     def fwd_bwd():
-        out = longnet.dilated_attention(q, k, v, args.segment_lengths, args.dilation_rates,
-                                        is_causal=args.causal)
+        out = longnet.dilated_attention(
+            q, k, v, args.segment_lengths, args.dilation_rates, is_causal=args.causal
+        )
         out.sum().backward()
 
     return _time(fwd_bwd, args.iters)[1]
@@ -158,8 +174,10 @@ def _launch(args, world: int, mode: str) -> list:
     ctx = mp.get_context("spawn")
     port = _free_port()
     paths = [os.path.join(RESULTS, f".dist_rank{r}.json") for r in range(world)]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, args, paths[r], mode))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, args, paths[r], mode))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -189,17 +207,20 @@ def run(args) -> list:
         finally:
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
         n = world * args.tokens_per_rank
-        rows.append({
-            "ranks": world, "N": n,
-            "fwd_ms": 1e3 * max(r["fwd_s"] for r in reps),
-            "fwd_bwd_ms": 1e3 * max(r["fwd_bwd_s"] for r in reps),
-            "fwd_bwd_cpu_ms": 1e3 * max(r["fwd_bwd_cpu_s"] for r in reps),
-            "sent_kib": max(r["sent"] for r in reps) / 1024,
-            "received_kib": max(r["received"] for r in reps) / 1024,
-            "saved_mib": max(r["saved"] for r in mem) / 2**20,
-            "rss_growth_mib": max(r["rss_growth_mib"] for r in mem),
-            "single_process_fwd_bwd_cpu_ms": 1e3 * _single_process(args, n),
-        })
+        rows.append(
+            {
+                "ranks": world,
+                "N": n,
+                "fwd_ms": 1e3 * max(r["fwd_s"] for r in reps),
+                "fwd_bwd_ms": 1e3 * max(r["fwd_bwd_s"] for r in reps),
+                "fwd_bwd_cpu_ms": 1e3 * max(r["fwd_bwd_cpu_s"] for r in reps),
+                "sent_kib": max(r["sent"] for r in reps) / 1024,
+                "received_kib": max(r["received"] for r in reps) / 1024,
+                "saved_mib": max(r["saved"] for r in mem) / 2**20,
+                "rss_growth_mib": max(r["rss_growth_mib"] for r in mem),
+                "single_process_fwd_bwd_cpu_ms": 1e3 * _single_process(args, n),
+            }
+        )
     return rows
 
 
@@ -211,8 +232,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--segment-lengths", type=int, nargs="+",
-                        default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument(
+        "--segment-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192]
+    )
     parser.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--iters", type=int, default=3)
@@ -223,21 +245,29 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
 
     rows = run(args)
-    print(f"sequence-parallel dilated attention, gloo on CPU: B={args.batch} "
-          f"H={args.heads} Hk={args.kv_heads} D={args.dim} tokens/rank="
-          f"{args.tokens_per_rank} w={args.segment_lengths} r={args.dilation_rates} "
-          f"causal={args.causal} threads/rank={args.threads} cores={os.cpu_count()}")
-    head = (f"{'ranks':>5} {'N':>7} {'fwd ms':>8} {'fwd+bwd ms':>10} {'CPU ms':>8} "
-            f"{'sent KiB':>9} {'recv KiB':>9} {'saved MiB':>9} {'RSS+ MiB':>8} "
-            f"{'1-proc CPU ms':>13}")
+    print(
+        f"sequence-parallel dilated attention, gloo on CPU: B={args.batch} "
+        f"H={args.heads} Hk={args.kv_heads} D={args.dim} tokens/rank="
+        f"{args.tokens_per_rank} w={args.segment_lengths} r={args.dilation_rates} "
+        f"causal={args.causal} threads/rank={args.threads} cores={os.cpu_count()}"
+    )
+    head = (
+        f"{'ranks':>5} {'N':>7} {'fwd ms':>8} {'fwd+bwd ms':>10} {'CPU ms':>8} "
+        f"{'sent KiB':>9} {'recv KiB':>9} {'saved MiB':>9} {'RSS+ MiB':>8} "
+        f"{'1-proc CPU ms':>13}"
+    )
     print(head)
     for r in rows:
-        print(f"{r['ranks']:>5} {r['N']:>7} {r['fwd_ms']:>8.1f} {r['fwd_bwd_ms']:>10.1f} "
-              f"{r['fwd_bwd_cpu_ms']:>8.1f} {r['sent_kib']:>9.1f} {r['received_kib']:>9.1f} "
-              f"{r['saved_mib']:>9.2f} {r['rss_growth_mib']:>8.1f} "
-              f"{r['single_process_fwd_bwd_cpu_ms']:>13.1f}")
-    print("ms: per rank, the slowest rank; CPU ms: process CPU time of forward+backward "
-          "(not inflated by ranks sharing cores); 1-proc: one process on the whole N")
+        print(
+            f"{r['ranks']:>5} {r['N']:>7} {r['fwd_ms']:>8.1f} {r['fwd_bwd_ms']:>10.1f} "
+            f"{r['fwd_bwd_cpu_ms']:>8.1f} {r['sent_kib']:>9.1f} {r['received_kib']:>9.1f} "
+            f"{r['saved_mib']:>9.2f} {r['rss_growth_mib']:>8.1f} "
+            f"{r['single_process_fwd_bwd_cpu_ms']:>13.1f}"
+        )
+    print(
+        "ms: per rank, the slowest rank; CPU ms: process CPU time of forward+backward "
+        "(not inflated by ranks sharing cores); 1-proc: one process on the whole N"
+    )
 
     with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
         json.dump({"args": vars(args), "rows": rows}, f, indent=2)
@@ -248,11 +278,19 @@ def main() -> None:
 
     ns = [r["N"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(ns, [r["fwd_bwd_cpu_ms"] for r in rows], "o-",
-                 label="per rank, CPU time (sequence parallel)")
+    axes[0].plot(
+        ns,
+        [r["fwd_bwd_cpu_ms"] for r in rows],
+        "o-",
+        label="per rank, CPU time (sequence parallel)",
+    )
     axes[0].plot(ns, [r["fwd_bwd_ms"] for r in rows], "^:", label="per rank, wall clock")
-    axes[0].plot(ns, [r["single_process_fwd_bwd_cpu_ms"] for r in rows], "s--",
-                 label="one process, whole N, CPU time")
+    axes[0].plot(
+        ns,
+        [r["single_process_fwd_bwd_cpu_ms"] for r in rows],
+        "s--",
+        label="one process, whole N, CPU time",
+    )
     axes[0].set_ylabel("forward + backward (ms)")
     axes[0].legend(fontsize=8)
     axes[1].plot(ns, [r["sent_kib"] for r in rows], "o-", label="sent")
@@ -260,16 +298,18 @@ def main() -> None:
     axes[1].set_ylabel("KiB per rank (fwd + bwd)")
     axes[1].legend(fontsize=8)
     axes[2].plot(ns, [r["saved_mib"] for r in rows], "o-", label="saved for backward")
-    axes[2].plot(ns, [r["rss_growth_mib"] for r in rows], "s--",
-                 label="peak RSS growth (fwd+bwd)")
+    axes[2].plot(ns, [r["rss_growth_mib"] for r in rows], "s--", label="peak RSS growth (fwd+bwd)")
     axes[2].set_ylabel("MiB per rank")
     axes[2].legend(fontsize=8)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"total sequence length N (ranks x {args.tokens_per_rank})")
         ax.grid(alpha=0.3)
-    fig.suptitle("Sequence-parallel dilated attention, gloo on CPU "
-                 f"(w={args.segment_lengths}, r={args.dilation_rates})", fontsize=10)
+    fig.suptitle(
+        "Sequence-parallel dilated attention, gloo on CPU "
+        f"(w={args.segment_lengths}, r={args.dilation_rates})",
+        fontsize=10,
+    )
     fig.tight_layout()
     png = os.path.join(RESULTS, f"{args.name}.png")
     fig.savefig(png, dpi=110)

@@ -33,7 +33,8 @@ import functools
 import math
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +46,15 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def needed_flops(n: int, heads: int, dim: int, ws: Sequence[int], rs: Sequence[int],
-                 causal: bool, batch: int = 1) -> float:
+def needed_flops(
+    n: int, heads: int, dim: int, ws: Sequence[int], rs: Sequence[int], causal: bool, batch: int = 1
+) -> float:
     """Forward FLOPs of dilated attention that the patterns need (docs/operator.md)."""
     total = sum(4.0 * batch * n * heads * dim * min(w, n) / r**2 for w, r in zip(ws, rs))
     return total / 2 if causal else total
 
 
-def time_cuda(fn: Callable[[], object], warmup: int = 1, reps: int = 3) -> Tuple[float, float]:
+def time_cuda(fn: Callable[[], object], warmup: int = 1, reps: int = 3) -> tuple[float, float]:
     """(median ms, peak GiB allocated during one timed call) of fn on the current stream."""
     for _ in range(warmup):
         fn()
@@ -75,16 +77,25 @@ def time_cuda(fn: Callable[[], object], warmup: int = 1, reps: int = 3) -> Tuple
 
 # ------------------------------------------------------------- baselines ----
 
-def _flash_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+
+def _flash_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of flash attention on (B, H, L, D) tensors; lse is not differentiable."""
     res = torch.ops.aten._scaled_dot_product_flash_attention(
-        q, k, v, 0.0, causal, False, scale=scale)
+        q, k, v, 0.0, causal, False, scale=scale
+    )
     return res[0], res[1]
 
 
-def gather_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ws: Sequence[int],
-                rs: Sequence[int], causal: bool) -> torch.Tensor:
+def gather_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ws: Sequence[int],
+    rs: Sequence[int],
+    causal: bool,
+) -> torch.Tensor:
     """Gather + flash attention + lse merge; needs N divisible by every w and H == Hk.
 
     Head j uses offset j mod r, so the heads of offset o are heads o::r and their
@@ -103,8 +114,9 @@ def gather_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ws: Sequence[
         for o in range(min(r, h)):
             qs, ks, vs = (x[:, :, o::r, o::r] for x in views)  # (b, nseg, w/r, h/r, d)
             rows, ho = qs.shape[2], qs.shape[3]
-            qc, kc, vc = (x.reshape(b * nseg, rows, ho, d).transpose(1, 2).contiguous()
-                          for x in (qs, ks, vs))
+            qc, kc, vc = (
+                x.reshape(b * nseg, rows, ho, d).transpose(1, 2).contiguous() for x in (qs, ks, vs)
+            )
             oc, lc = _flash_with_lse(qc, kc, vc, causal, scale)
             out_i[:, :, o::r, o::r] = oc.transpose(1, 2).reshape(b, nseg, rows, ho, d)
             lse_i[:, :, o::r, o::r] = lc.transpose(1, 2).reshape(b, nseg, rows, ho)
@@ -142,13 +154,17 @@ def make_flex(n: int, heads: int, ws: Sequence[int], rs: Sequence[int], causal: 
     try:  # the compiled builder never materialises the (H, N, N) mask
         block_mask = torch.compile(create_block_mask)(mask_mod, None, heads, n, n, "cuda")
     except Exception:
-        block_mask = create_block_mask(mask_mod, B=None, H=heads, Q_LEN=n, KV_LEN=n,
-                                       device="cuda")
+        block_mask = create_block_mask(mask_mod, B=None, H=heads, Q_LEN=n, KV_LEN=n, device="cuda")
     compiled = torch.compile(flex_attention)
 
     def run(q, k, v):  # (B, N, H, D) in and out
-        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                       score_mod=score_mod, block_mask=block_mask)
+        out = compiled(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            score_mod=score_mod,
+            block_mask=block_mask,
+        )
         return out.transpose(1, 2)
 
     return run
@@ -156,8 +172,10 @@ def make_flex(n: int, heads: int, ws: Sequence[int], rs: Sequence[int], causal: 
 
 # ------------------------------------------------------------ benchmark ----
 
-def bench_method(name: str, fwd: Callable, inputs: List[torch.Tensor], flops: float,
-                 rows: List[Dict], reps: int) -> Optional[torch.Tensor]:
+
+def bench_method(
+    name: str, fwd: Callable, inputs: list[torch.Tensor], flops: float, rows: list[dict], reps: int
+) -> torch.Tensor | None:
     """Times forward and forward+backward of fwd(*inputs); appends table rows."""
     try:
         with torch.no_grad():
@@ -169,9 +187,17 @@ def bench_method(name: str, fwd: Callable, inputs: List[torch.Tensor], flops: fl
             torch.autograd.grad(out, inputs, grad)
 
         ms_fb, mem_fb = time_cuda(step, reps=reps)
-        rows.append(dict(method=name, fwd_ms=ms_f, fwd_tflops=flops / ms_f / 1e9,
-                         bwd_ms=ms_fb - ms_f, bwd_tflops=2.5 * flops / max(ms_fb - ms_f, 1e-6) / 1e9,
-                         fwd_gib=mem_f, fb_gib=mem_fb))
+        rows.append(
+            dict(
+                method=name,
+                fwd_ms=ms_f,
+                fwd_tflops=flops / ms_f / 1e9,
+                bwd_ms=ms_fb - ms_f,
+                bwd_tflops=2.5 * flops / max(ms_fb - ms_f, 1e-6) / 1e9,
+                fwd_gib=mem_f,
+                fb_gib=mem_fb,
+            )
+        )
         log(f"  {name}: fwd {ms_f:.2f} ms, fwd+bwd {ms_fb:.2f} ms")
         with torch.no_grad():
             return fwd(*inputs)
@@ -184,79 +210,115 @@ def bench_method(name: str, fwd: Callable, inputs: List[torch.Tensor], flops: fl
 
 
 # The SDPA backend whose dense kernel each engine runs on.
-ENGINE_BACKEND = {"cuda_flash": "sdpa-flash", "cuda_cudnn": "sdpa-cudnn",
-                  "cuda_efficient": "sdpa-efficient"}
+ENGINE_BACKEND = {
+    "cuda_flash": "sdpa-flash",
+    "cuda_cudnn": "sdpa-cudnn",
+    "cuda_efficient": "sdpa-efficient",
+}
 
 
-def print_table(title: str, rows: List[Dict]) -> None:
+def print_table(title: str, rows: list[dict]) -> None:
     by_name = {row["method"]: row for row in rows}
     print(f"\n{title}")
-    print(f"{'method':<24}{'fwd ms':>10}{'fwd TF/s':>10}{'bwd ms':>10}{'bwd TF/s':>10}"
-          f"{'fwd GiB':>10}{'f+b GiB':>10}{'vs dense':>16}")
+    print(
+        f"{'method':<24}{'fwd ms':>10}{'fwd TF/s':>10}{'bwd ms':>10}{'bwd TF/s':>10}"
+        f"{'fwd GiB':>10}{'f+b GiB':>10}{'vs dense':>16}"
+    )
     for row in rows:
         if "error" in row:
             print(f"{row['method']:<24}{'n/a (' + row['error'] + ')':>86}")
             continue
         ratio = ""
-        engine = row["method"][len("longnet["):-1] if row["method"].startswith("longnet[") else ""
+        engine = row["method"][len("longnet[") : -1] if row["method"].startswith("longnet[") else ""
         dense = by_name.get(ENGINE_BACKEND.get(engine, ""))
         if dense is not None and "error" not in dense:
-            ratio = (f"{row['fwd_tflops'] / dense['fwd_tflops']:.2f}/"
-                     f"{row['bwd_tflops'] / dense['bwd_tflops']:.2f}")
-        print(f"{row['method']:<24}{row['fwd_ms']:>10.2f}{row['fwd_tflops']:>10.1f}"
-              f"{row['bwd_ms']:>10.2f}{row['bwd_tflops']:>10.1f}{row['fwd_gib']:>10.2f}"
-              f"{row['fb_gib']:>10.2f}{ratio:>16}")
+            ratio = (
+                f"{row['fwd_tflops'] / dense['fwd_tflops']:.2f}/"
+                f"{row['bwd_tflops'] / dense['bwd_tflops']:.2f}"
+            )
+        print(
+            f"{row['method']:<24}{row['fwd_ms']:>10.2f}{row['fwd_tflops']:>10.1f}"
+            f"{row['bwd_ms']:>10.2f}{row['bwd_tflops']:>10.1f}{row['fwd_gib']:>10.2f}"
+            f"{row['fb_gib']:>10.2f}{ratio:>16}"
+        )
     print("(vs dense: forward/backward TFLOP/s over the dense SDPA of the same kernel)")
     sys.stdout.flush()
 
 
 def on_engine(engine: str, ws: Sequence[int], rs: Sequence[int], causal: bool) -> Callable:
     """longnet.dilated_attention forced onto `engine`; raises if another engine ran."""
+
     def run(a, b, c):
         with longnet.use_engine(engine):
             out = longnet.dilated_attention(a, b, c, ws, rs, is_causal=causal)
         if longnet.last_engine() != engine:
             raise RuntimeError(f"ran on {longnet.last_engine()}, not {engine}")
         return out
+
     return run
 
 
-def compare_problem(n: int, heads: int, dim: int, ws: List[int], rs: List[int], causal: bool,
-                    skip_flex: bool, reps: int, engines: Sequence[str]) -> None:
+def compare_problem(
+    n: int,
+    heads: int,
+    dim: int,
+    ws: list[int],
+    rs: list[int],
+    causal: bool,
+    skip_flex: bool,
+    reps: int,
+    engines: Sequence[str],
+) -> None:
     dtype = torch.bfloat16
     flops = needed_flops(n, heads, dim, ws, rs, causal)
-    log(f"problem N={n} H={heads} D={dim} w={ws} r={rs} causal={causal}: "
-        f"{flops / 1e12:.2f} TFLOP forward")
+    log(
+        f"problem N={n} H={heads} D={dim} w={ws} r={rs} causal={causal}: "
+        f"{flops / 1e12:.2f} TFLOP forward"
+    )
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, n, heads, dim, device="cuda", dtype=dtype, generator=gen)
-               .requires_grad_() for _ in range(3))
-    rows: List[Dict] = []
+    q, k, v = (
+        torch.randn(1, n, heads, dim, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+        for _ in range(3)
+    )
+    rows: list[dict] = []
     ours = None
     for engine in engines:
-        out = bench_method(f"longnet[{engine}]", on_engine(engine, ws, rs, causal), [q, k, v],
-                           flops, rows, reps)
+        out = bench_method(
+            f"longnet[{engine}]", on_engine(engine, ws, rs, causal), [q, k, v], flops, rows, reps
+        )
         ours = out if ours is None else ours
 
     # Dense SDPA with the same needed FLOPs: segments of L = sum w / r^2 rows.
     seg = max(64, int(round(sum(min(w, n) / r**2 for w, r in zip(ws, rs)) / 64)) * 64)
     nb = max(1, n // seg)
-    dense = [torch.randn(nb, heads, seg, dim, device="cuda", dtype=dtype, generator=gen)
-             .requires_grad_() for _ in range(3)]
+    dense = [
+        torch.randn(nb, heads, seg, dim, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+        for _ in range(3)
+    ]
     dense_flops = 4.0 * nb * seg * seg * heads * dim / (2 if causal else 1)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    for label, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
-                           ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
-                           ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+    for label, backend in (
+        ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+        ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
+
         def sdpa(a, b, c, backend=backend):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
 
         bench_method(label, sdpa, dense, dense_flops, rows, reps)
     del dense
-    base = bench_method("gather-sdpa", lambda a, b, c: gather_sdpa(a, b, c, ws, rs, causal),
-                        [q, k, v], flops, rows, reps)
+    base = bench_method(
+        "gather-sdpa",
+        lambda a, b, c: gather_sdpa(a, b, c, ws, rs, causal),
+        [q, k, v],
+        flops,
+        rows,
+        reps,
+    )
     if ours is not None and base is not None:
         err = ((ours.float() - base.float()).norm() / base.float().norm()).item()
         log(f"  longnet[{engines[0]}] vs gather-sdpa forward: relative difference {err:.2e}")
@@ -268,14 +330,18 @@ def compare_problem(n: int, heads: int, dim: int, ws: List[int], rs: List[int], 
         except Exception as exc:
             log(f"  flex: unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:150]})")
             rows.append(dict(method="flex", error=type(exc).__name__))
-    print_table(f"bf16, N={n}, H={heads}, D={dim}, w={ws}, r={rs}, causal={causal} "
-                f"(needed {flops / 1e12:.2f} TFLOP forward)", rows)
+    print_table(
+        f"bf16, N={n}, H={heads}, D={dim}, w={ws}, r={rs}, causal={causal} "
+        f"(needed {flops / 1e12:.2f} TFLOP forward)",
+        rows,
+    )
     del q, k, v
     torch.cuda.empty_cache()
 
 
-def _attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ws: List[int],
-                    rs: List[int], backward: bool) -> None:
+def _attention_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ws: list[int], rs: list[int], backward: bool
+) -> None:
     """One causal dilated attention call (and its backward when ``backward``)."""
     with torch.set_grad_enabled(backward):
         out = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True)
@@ -283,7 +349,7 @@ def _attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ws: List[
             torch.autograd.grad(out, (q, k, v), out)
 
 
-def largest(max_tokens: int, ws: List[int], rs: List[int], backward: bool) -> None:
+def largest(max_tokens: int, ws: list[int], rs: list[int], backward: bool) -> None:
     """Longest N (halving from max_tokens) whose forward (or forward+backward) fits,
     H = 1, D = 128, bf16, causal, on the automatic engine choice."""
     heads, dim = 1, 128
@@ -295,18 +361,26 @@ def largest(max_tokens: int, ws: List[int], rs: List[int], backward: bool) -> No
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             log(f"largest {what}: trying N = {n:,} tokens (H*D = {heads * dim})")
-            q, k, v = (torch.empty(1, n, heads, dim, device="cuda", dtype=torch.bfloat16)
-                       .normal_().requires_grad_(backward) for _ in range(3))
+            q, k, v = (
+                torch.empty(1, n, heads, dim, device="cuda", dtype=torch.bfloat16)
+                .normal_()
+                .requires_grad_(backward)
+                for _ in range(3)
+            )
 
             # The partial lives only as long as time_cuda's call (an out-of-memory
             # error included), so the finally clause below frees q, k and v.
-            ms, peak = time_cuda(functools.partial(_attention_step, q, k, v, ws, rs, backward),
-                                 warmup=1, reps=1)
+            ms, peak = time_cuda(
+                functools.partial(_attention_step, q, k, v, ws, rs, backward), warmup=1, reps=1
+            )
             flops = needed_flops(n, heads, dim, ws, rs, True) * (3.5 if backward else 1.0)
             total = torch.cuda.max_memory_allocated() / 2**30
-            print(f"\nlargest {what}: N = {n:,} tokens (H=1, D=128, causal, w={ws}, r={rs}, "
-                  f"engine {longnet.last_engine()}): {ms:.1f} ms, {flops / ms / 1e9:.1f} TFLOP/s, "
-                  f"peak {total:.1f} GiB ({peak:.1f} GiB beyond q, k, v)", flush=True)
+            print(
+                f"\nlargest {what}: N = {n:,} tokens (H=1, D=128, causal, w={ws}, r={rs}, "
+                f"engine {longnet.last_engine()}): {ms:.1f} ms, {flops / ms / 1e9:.1f} TFLOP/s, "
+                f"peak {total:.1f} GiB ({peak:.1f} GiB beyond q, k, v)",
+                flush=True,
+            )
             return
         except torch.OutOfMemoryError:
             log(f"  N = {n:,} does not fit")
@@ -321,10 +395,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller problems, one rep")
     parser.add_argument("--skip-flex", action="store_true", help="do not run FlexAttention")
-    parser.add_argument("--max-tokens", type=int, default=64 * 2**20,
-                        help="first N tried by the largest-forward probe (default 64M)")
-    parser.add_argument("--engines", default="cuda_flash,cuda_cudnn,cuda_efficient,fused",
-                        help="comma-separated engines to time (default: all CUDA engines)")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=64 * 2**20,
+        help="first N tried by the largest-forward probe (default 64M)",
+    )
+    parser.add_argument(
+        "--engines",
+        default="cuda_flash,cuda_cudnn,cuda_efficient,fused",
+        help="comma-separated engines to time (default: all CUDA engines)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available() or not longnet.HAS_CUDA:
         sys.exit("bench_gpu: needs a CUDA device and longnet built with CUDA")

@@ -34,8 +34,13 @@ def _worker(rank, world, port, reps, out):
     import longnet.distributed as lnd
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
     result = {}
     for name, (n, h, d, ws, rs) in CONFIGS.items():
         g = torch.Generator().manual_seed(rank)
@@ -80,22 +85,34 @@ def main(argv=None) -> int:
         raw = json.load(f)
     os.remove(tmp)
     rows = {}
-    print(f"{'configuration':<34} {'overlap ms':>11} {'no overlap ms':>14} {'gain':>6} "
-          f"{'sent KiB':>9}")
+    print(
+        f"{'configuration':<34} {'overlap ms':>11} {'no overlap ms':>14} {'gain':>6} "
+        f"{'sent KiB':>9}"
+    )
     for name, r in raw.items():
         a = statistics.median(r["times_s"]["overlap"])
         b = statistics.median(r["times_s"]["no overlap"])
         rows[name] = {**r, "median_overlap_s": a, "median_no_overlap_s": b, "gain": 1 - a / b}
-        print(f"{name:<34} {1e3 * a:>11.1f} {1e3 * b:>14.1f} {100 * (1 - a / b):>5.1f}% "
-              f"{r['bytes_sent_fwd_bwd'] / 1024:>9.0f}")
+        print(
+            f"{name:<34} {1e3 * a:>11.1f} {1e3 * b:>14.1f} {100 * (1 - a / b):>5.1f}% "
+            f"{r['bytes_sent_fwd_bwd'] / 1024:>9.0f}"
+        )
     load = os.getloadavg()
     with open(args.out + ".json", "w") as f:
-        json.dump({"command": "python benchmarks/bench_sp_overlap.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]), "load_average": load,
-            "configs": {k: list(map(str, v)) for k, v in CONFIGS.items()}, "rows": rows},
-            f, indent=1)
+        json.dump(
+            {
+                "command": "python benchmarks/bench_sp_overlap.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+                "load_average": load,
+                "configs": {k: list(map(str, v)) for k, v in CONFIGS.items()},
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -103,10 +120,18 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(rows)
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [1e3 * rows[n]["median_overlap_s"] for n in names], 0.4,
-           label="backward exchange overlapped")
-    ax.bar([x + 0.2 for x in xs], [1e3 * rows[n]["median_no_overlap_s"] for n in names], 0.4,
-           label="not overlapped")
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [1e3 * rows[n]["median_overlap_s"] for n in names],
+        0.4,
+        label="backward exchange overlapped",
+    )
+    ax.bar(
+        [x + 0.2 for x in xs],
+        [1e3 * rows[n]["median_no_overlap_s"] for n in names],
+        0.4,
+        label="not overlapped",
+    )
     ax.set_xticks(list(xs), names, fontsize=8)
     ax.set_ylabel("backward ms (median, 2 gloo ranks)")
     ax.set_title(f"sequence-parallel backward, load {load[0]:.1f}", fontsize=9)

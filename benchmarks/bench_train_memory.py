@@ -24,7 +24,6 @@ import resource
 import subprocess
 import sys
 import time
-from typing import List
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +46,13 @@ def _config(args, n: int):
     from longnet.model import LongNetConfig
 
     ws, rs = _patterns(n)
-    return LongNetConfig(num_layers=args.layers, embed_dim=args.embed_dim,
-                         num_heads=args.heads, segment_lengths=ws, dilation_rates=rs)
+    return LongNetConfig(
+        num_layers=args.layers,
+        embed_dim=args.embed_dim,
+        num_heads=args.heads,
+        segment_lengths=ws,
+        dilation_rates=rs,
+    )
 
 
 def _rss_bytes() -> int:
@@ -86,12 +90,20 @@ def child(args) -> None:
     opt.zero_grad(set_to_none=True)
     step_s = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"base_bytes": base, "peak_rss_bytes": peak,
-                      "measured_bytes": peak - base, "step_s": step_s,
-                      "loss": float(loss)}))
+    print(
+        json.dumps(
+            {
+                "base_bytes": base,
+                "peak_rss_bytes": peak,
+                "measured_bytes": peak - base,
+                "step_s": step_s,
+                "loss": float(loss),
+            }
+        )
+    )
 
 
-def parse_lengths(text: str) -> List[int]:
+def parse_lengths(text: str) -> list[int]:
     from longnet.plan import parse_count
 
     return [parse_count(t) for t in text.split(",") if t]
@@ -99,14 +111,21 @@ def parse_lengths(text: str) -> List[int]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", default="4K,8K,16K,32K,64K",
-                   help="sequence lengths to try, in order (comma-separated, K/M suffixes)")
+    p.add_argument(
+        "--lengths",
+        default="4K,8K,16K,32K,64K",
+        help="sequence lengths to try, in order (comma-separated, K/M suffixes)",
+    )
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cap-gib", type=float, default=12.0,
-                   help="skip lengths the plan predicts above this many GiB")
+    p.add_argument(
+        "--cap-gib",
+        type=float,
+        default=12.0,
+        help="skip lengths the plan predicts above this many GiB",
+    )
     p.add_argument("--out", default=os.path.join(RESULTS, "train_memory_cpu"))
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ac", action="store_true", help=argparse.SUPPRESS)
@@ -124,56 +143,106 @@ def main(argv=None) -> int:
     todo = [(n, ac) for ac in (False, True) for n in lengths]
     for n, ac in tqdm(todo, desc="points", unit="run"):
         cfg = _config(args, n)
-        plan = plan_training(cfg, batch=1, seq_len=n, dtype="float32",
-                             activation_checkpointing=ac)
+        plan = plan_training(cfg, batch=1, seq_len=n, dtype="float32", activation_checkpointing=ac)
         if stopped[ac] is not None or plan.peak_bytes > args.cap_gib * 2**30:
             stopped[ac] = stopped[ac] or n
-            rows.append({"tokens": n, "activation_checkpointing": ac, "skipped": True,
-                         "plan_peak_bytes": plan.peak_bytes})
+            rows.append(
+                {
+                    "tokens": n,
+                    "activation_checkpointing": ac,
+                    "skipped": True,
+                    "plan_peak_bytes": plan.peak_bytes,
+                }
+            )
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n),
-               "--layers", str(args.layers), "--embed-dim", str(args.embed_dim),
-               "--heads", str(args.heads), "--threads", str(args.threads)] \
-            + (["--ac"] if ac else [])
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            str(n),
+            "--layers",
+            str(args.layers),
+            "--embed-dim",
+            str(args.embed_dim),
+            "--heads",
+            str(args.heads),
+            "--threads",
+            str(args.threads),
+        ] + (["--ac"] if ac else [])
         # A fixed mmap threshold: every large tensor gets its own mapping that goes back
         # to the system when freed, so the peak RSS is the peak of live tensors (glibc's
         # dynamic threshold would serve them from a heap that keeps freed memory).
-        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(args.threads),
-                   MALLOC_MMAP_THRESHOLD_="65536")
+        env = dict(
+            os.environ,
+            PYTHONPATH=ROOT,
+            OMP_NUM_THREADS=str(args.threads),
+            MALLOC_MMAP_THRESHOLD_="65536",
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            rows.append({"tokens": n, "activation_checkpointing": ac, "failed":
-                         proc.stderr[-500:], "plan_peak_bytes": plan.peak_bytes})
+            rows.append(
+                {
+                    "tokens": n,
+                    "activation_checkpointing": ac,
+                    "failed": proc.stderr[-500:],
+                    "plan_peak_bytes": plan.peak_bytes,
+                }
+            )
             stopped[ac] = n
             continue
         got = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append({"tokens": n, "activation_checkpointing": ac, **got,
-                     "tokens_per_s": n / got["step_s"], "plan_peak_bytes": plan.peak_bytes,
-                     "measured_over_plan": got["measured_bytes"] / plan.peak_bytes,
-                     "plan_activation_bytes": plan.activation_bytes})
-    print(f"{'tokens':>8} {'ckpt':>5} {'measured':>10} {'plan':>10} {'meas/plan':>9} "
-          f"{'step s':>8} {'tok/s':>8}")
+        rows.append(
+            {
+                "tokens": n,
+                "activation_checkpointing": ac,
+                **got,
+                "tokens_per_s": n / got["step_s"],
+                "plan_peak_bytes": plan.peak_bytes,
+                "measured_over_plan": got["measured_bytes"] / plan.peak_bytes,
+                "plan_activation_bytes": plan.activation_bytes,
+            }
+        )
+    print(
+        f"{'tokens':>8} {'ckpt':>5} {'measured':>10} {'plan':>10} {'meas/plan':>9} "
+        f"{'step s':>8} {'tok/s':>8}"
+    )
     for r in rows:
         if "measured_bytes" not in r:
             why = "failed" if "failed" in r else f"skipped (plan > {args.cap_gib:g} GiB)"
-            print(f"{r['tokens']:>8} {str(r['activation_checkpointing']):>5} "
-                  f"{'-':>10} {r['plan_peak_bytes'] / 2**30:>9.3g}G {why}")
+            print(
+                f"{r['tokens']:>8} {str(r['activation_checkpointing']):>5} "
+                f"{'-':>10} {r['plan_peak_bytes'] / 2**30:>9.3g}G {why}"
+            )
             continue
-        print(f"{r['tokens']:>8} {str(r['activation_checkpointing']):>5} "
-              f"{r['measured_bytes'] / 2**30:>9.3g}G {r['plan_peak_bytes'] / 2**30:>9.3g}G "
-              f"{r['measured_over_plan']:>9.3f} {r['step_s']:>8.1f} {r['tokens_per_s']:>8.0f}")
+        print(
+            f"{r['tokens']:>8} {str(r['activation_checkpointing']):>5} "
+            f"{r['measured_bytes'] / 2**30:>9.3g}G {r['plan_peak_bytes'] / 2**30:>9.3g}G "
+            f"{r['measured_over_plan']:>9.3f} {r['step_s']:>8.1f} {r['tokens_per_s']:>8.0f}"
+        )
     try:
         load = os.getloadavg()
     except OSError:
         load = None
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump({"command": "python benchmarks/bench_train_memory.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]), "load_average": load,
-            "layers": args.layers, "embed_dim": args.embed_dim, "heads": args.heads,
-            "threads": args.threads, "cap_gib": args.cap_gib, "rows": rows}, f, indent=1)
+        json.dump(
+            {
+                "command": "python benchmarks/bench_train_memory.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+                "load_average": load,
+                "layers": args.layers,
+                "embed_dim": args.embed_dim,
+                "heads": args.heads,
+                "threads": args.threads,
+                "cap_gib": args.cap_gib,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -184,12 +253,27 @@ def main(argv=None) -> int:
         pts = [r for r in rows if r["activation_checkpointing"] == ac]
         done = [r for r in pts if "measured_bytes" in r]
         label = "checkpointing" if ac else "no checkpointing"
-        ax.plot([r["tokens"] for r in pts], [r["plan_peak_bytes"] / 2**30 for r in pts],
-                "--", color=color, label=f"plan, {label}")
-        ax.plot([r["tokens"] for r in done], [r["measured_bytes"] / 2**30 for r in done],
-                "o-", color=color, label=f"measured, {label}")
-        bx.plot([r["tokens"] for r in done], [r["tokens_per_s"] for r in done], "o-",
-                color=color, label=label)
+        ax.plot(
+            [r["tokens"] for r in pts],
+            [r["plan_peak_bytes"] / 2**30 for r in pts],
+            "--",
+            color=color,
+            label=f"plan, {label}",
+        )
+        ax.plot(
+            [r["tokens"] for r in done],
+            [r["measured_bytes"] / 2**30 for r in done],
+            "o-",
+            color=color,
+            label=f"measured, {label}",
+        )
+        bx.plot(
+            [r["tokens"] for r in done],
+            [r["tokens_per_s"] for r in done],
+            "o-",
+            color=color,
+            label=label,
+        )
     ax.axhline(args.cap_gib, color="grey", lw=0.8)
     for a in (ax, bx):
         a.set_xscale("log", base=2)
@@ -199,8 +283,13 @@ def main(argv=None) -> int:
     ax.set_yscale("log", base=2)
     ax.set_ylabel("peak memory above baseline (GiB)")
     bx.set_ylabel("training tokens / s")
-    fig.suptitle(f"LongNetLM {args.layers} layers x {args.embed_dim}, one process, "
-                 f"{args.threads} threads (load {load[0]:.1f})" if load else "", fontsize=9)
+    fig.suptitle(
+        f"LongNetLM {args.layers} layers x {args.embed_dim}, one process, "
+        f"{args.threads} threads (load {load[0]:.1f})"
+        if load
+        else "",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(args.out + ".png", dpi=110)
     print(f"saved {args.out}.json and .png")

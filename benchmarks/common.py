@@ -8,7 +8,8 @@ import platform
 import resource
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
@@ -49,13 +50,14 @@ def pattern_flops(
     return total * (1.0 + BWD_FACTOR) if backward else total
 
 
-def dense_flops(n: int, heads: int, head_dim: int, is_causal: bool, batch: int = 1,
-                backward: bool = False) -> float:
+def dense_flops(
+    n: int, heads: int, head_dim: int, is_causal: bool, batch: int = 1, backward: bool = False
+) -> float:
     """FLOPs of full softmax attention over ``n`` positions (one pattern ``w = n, r = 1``)."""
     return pattern_flops(n, heads, head_dim, [n], [1], is_causal, batch, backward)
 
 
-def _status_kib(field: str) -> Optional[int]:
+def _status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -66,7 +68,7 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
-def mem_available_bytes() -> Optional[int]:
+def mem_available_bytes() -> int | None:
     """``MemAvailable`` of ``/proc/meminfo`` in bytes, or None where it is not readable."""
     try:
         with open("/proc/meminfo") as f:
@@ -100,9 +102,13 @@ class PeakRSS:
                 f.write("5")
             self.method = "VmHWM after clear_refs reset"
         except OSError:
-            self.method = "ru_maxrss (no peak reset: a lower bound only when an earlier peak was higher)"
+            self.method = (
+                "ru_maxrss (no peak reset: a lower bound only when an earlier peak was higher)"
+            )
         rss = _status_kib("VmRSS")
-        self.base_kib = rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.base_kib = (
+            rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        )
 
     def stop(self) -> int:
         peak = _status_kib("VmHWM")
@@ -114,8 +120,9 @@ class PeakRSS:
         return f"PeakRSS(base_kib={self.base_kib}, method={self.method!r})"
 
 
-def time_calls(fn: Callable[[], None], repeats: int, budget_s: float,
-               first_s: float) -> List[float]:
+def time_calls(
+    fn: Callable[[], None], repeats: int, budget_s: float, first_s: float
+) -> list[float]:
     """Time ``fn`` up to ``repeats`` times, fewer when ``first_s * n`` exceeds ``budget_s``.
 
     At least one timed call always runs. Returns the wall times in seconds.
@@ -129,7 +136,7 @@ def time_calls(fn: Callable[[], None], repeats: int, budget_s: float,
     return times
 
 
-def machine_info(threads: int) -> Dict[str, object]:
+def machine_info(threads: int) -> dict[str, object]:
     """CPU model, core count, torch version and thread setting, for the result files."""
     model = platform.processor() or "unknown"
     try:
@@ -146,7 +153,9 @@ def machine_info(threads: int) -> Dict[str, object]:
         "threads": threads,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "mem_total_gib": round((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2**30, 1),
+        "mem_total_gib": round(
+            (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2**30, 1
+        ),
     }
 
 
@@ -157,8 +166,9 @@ def median(values: Sequence[float]) -> float:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table."""
     cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
     line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
     out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in cells]

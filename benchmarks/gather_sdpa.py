@@ -28,7 +28,7 @@ the first segment that holds a query; their results are dropped.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -58,7 +58,11 @@ class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float):
         out, lse = _flash_fwd(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            0.0,
+            is_causal,
             scale=scale,
         )
         ctx.save_for_backward(q, k, v, out, lse)
@@ -72,19 +76,29 @@ class _SegmentAttention(torch.autograd.Function):
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gout = grad_out.transpose(1, 2)
         if not bool(grad_lse.ne(0).any()):
-            dq, dk, dv = _flash_bwd(gout, qt, kt, vt, out, lse, 0.0, ctx.is_causal,
-                                    scale=ctx.scale)
+            dq, dk, dv = _flash_bwd(gout, qt, kt, vt, out, lse, 0.0, ctx.is_causal, scale=ctx.scale)
             return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None
         zero = qt.new_zeros(qt.shape[:-1] + (1,))
         aug = lambda t, col: torch.cat([t, col], dim=-1)  # noqa: E731
         dq, dk, dv = _flash_bwd(
-            aug(gout, torch.ones_like(zero)), aug(qt, zero), aug(kt, zero), aug(vt, zero),
-            aug(out, -grad_lse.unsqueeze(-1).to(out.dtype)), lse, 0.0, ctx.is_causal,
+            aug(gout, torch.ones_like(zero)),
+            aug(qt, zero),
+            aug(kt, zero),
+            aug(vt, zero),
+            aug(out, -grad_lse.unsqueeze(-1).to(out.dtype)),
+            lse,
+            0.0,
+            ctx.is_causal,
             scale=ctx.scale,
         )
         d = q.shape[-1]
-        return (dq[..., :d].transpose(1, 2), dk[..., :d].transpose(1, 2),
-                dv[..., :d].transpose(1, 2), None, None)
+        return (
+            dq[..., :d].transpose(1, 2),
+            dk[..., :d].transpose(1, 2),
+            dv[..., :d].transpose(1, 2),
+            None,
+            None,
+        )
 
 
 class _GatherRows(torch.autograd.Function):
@@ -107,7 +121,7 @@ class _GatherRows(torch.autograd.Function):
         return full.index_copy_(0, index, grad), None
 
 
-def _pattern_chunks(n: int, w: int, r: int, h: int) -> List[Tuple[int, int, int, int]]:
+def _pattern_chunks(n: int, w: int, r: int, h: int) -> list[tuple[int, int, int, int]]:
     """Batches of one pattern: ``(first row, segments, row offset o, rows per segment)``.
 
     The full segments form one batch per head offset, a shorter last segment another.
@@ -116,12 +130,24 @@ def _pattern_chunks(n: int, w: int, r: int, h: int) -> List[Tuple[int, int, int,
     pieces = [(0, nfull, w)] if nfull else []
     if n > nfull * w:
         pieces.append((nfull * w, 1, n - nfull * w))
-    return [(row0, nseg, o, -(-(seg - o) // r))
-            for row0, nseg, seg in pieces for o in range(min(r, h, seg))]
+    return [
+        (row0, nseg, o, -(-(seg - o) // r))
+        for row0, nseg, seg in pieces
+        for o in range(min(r, h, seg))
+    ]
 
 
-def _gather_index(b: int, n: int, heads: int, chunk: Tuple[int, int, int, int], w: int,
-                  r: int, h: int, group: int, device: torch.device) -> Tensor:
+def _gather_index(
+    b: int,
+    n: int,
+    heads: int,
+    chunk: tuple[int, int, int, int],
+    w: int,
+    r: int,
+    h: int,
+    group: int,
+    device: torch.device,
+) -> Tensor:
     """Row indices into a ``(B * n * heads, D)`` view for one batch of sparse segments.
 
     Ordered ``(batch, segment, row, head)`` so the gathered rows reshape to
@@ -129,14 +155,16 @@ def _gather_index(b: int, n: int, heads: int, chunk: Tuple[int, int, int, int], 
     """
     row0, nseg, o, rows = chunk
     bi = torch.arange(b, device=device).view(b, 1, 1, 1)
-    pos = (row0 + torch.arange(nseg, device=device) * w).view(1, nseg, 1, 1) \
-        + (o + torch.arange(rows, device=device) * r).view(1, 1, rows, 1)
+    pos = (row0 + torch.arange(nseg, device=device) * w).view(1, nseg, 1, 1) + (
+        o + torch.arange(rows, device=device) * r
+    ).view(1, 1, rows, 1)
     head = (torch.arange(o, h, r, device=device) // group).view(1, 1, 1, -1)
     return ((bi * n + pos) * heads + head).reshape(-1)
 
 
-def _one_pattern(q: Tensor, k: Tensor, v: Tensor, w: int, r: int, is_causal: bool,
-                 scale: float) -> Tuple[Tensor, Tensor]:
+def _one_pattern(
+    q: Tensor, k: Tensor, v: Tensor, w: int, r: int, is_causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
     """Output ``(B, Nq, H, D)`` and lse ``(B, H, Nq)`` (-inf off-pattern) of one pattern.
 
     One ``index_select`` per tensor gathers every sparse segment of the pattern and one
@@ -170,8 +198,9 @@ def _one_pattern(q: Tensor, k: Tensor, v: Tensor, w: int, r: int, is_causal: boo
     outs, lses = [], []
     for (_, nseg, o, rows), qc, kc, vc in zip(chunks, gq, gk, gv):
         shape = (b * nseg, rows, len(range(o, h, r)), d)
-        oc, lc = _SegmentAttention.apply(qc.view(shape), kc.view(shape), vc.view(shape),
-                                         is_causal, scale)
+        oc, lc = _SegmentAttention.apply(
+            qc.view(shape), kc.view(shape), vc.view(shape), is_causal, scale
+        )
         outs.append(oc.reshape(-1, d))
         lses.append(lc.transpose(1, 2).reshape(-1))  # (B', H', L) -> rows in idx order
     out = q.new_zeros(b * n * h, d).index_copy(0, idx_q, torch.cat(outs))
@@ -182,7 +211,7 @@ def _one_pattern(q: Tensor, k: Tensor, v: Tensor, w: int, r: int, is_causal: boo
     return out, lse
 
 
-def _merge(outs: List[Tensor], lses: List[Tensor]) -> Tuple[Tensor, Tensor]:
+def _merge(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Combine per-pattern ``(out_i, lse_i)`` into one softmax; -inf rows give 0 / -inf."""
     if len(outs) == 1:
         return outs[0], lses[0]
@@ -193,8 +222,7 @@ def _merge(outs: List[Tensor], lses: List[Tensor]) -> Tuple[Tensor, Tensor]:
     total = weights.sum(dim=0)
     has_key = total > 0
     safe_total = torch.where(has_key, total, torch.ones_like(total))
-    lse = torch.where(has_key, top + torch.log(safe_total),
-                      torch.full_like(total, -math.inf))
+    lse = torch.where(has_key, top + torch.log(safe_total), torch.full_like(total, -math.inf))
     weights = (weights / safe_total).permute(0, 1, 3, 2).unsqueeze(-1)  # (m, B, Nq, H, 1)
     out = (weights * torch.stack(outs).to(weights.dtype)).sum(dim=0)
     return out.to(outs[0].dtype), lse
@@ -208,9 +236,9 @@ def gather_sdpa_dilated_attention(
     dilation_rates: Sequence[int],
     *,
     is_causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     return_lse: bool = False,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Dilated attention by gathering sparse segments and calling SDPA on them.
 
     Same arguments, results and gradients as ``longnet.dilated_attention`` (docs/operator.md),

@@ -55,8 +55,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 # Idle OpenMP threads sleep instead of spinning (see examples/train_lm.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -109,14 +110,17 @@ class TaskSpec:
             raise ValueError(f"fact must be 'joint' or 'pair', got {self.fact!r}")
         min_stride = 2 if self.fact == "joint" else 4  # room for the answer (and K(k))
         if self.stride < min_stride:
-            raise ValueError(f"stride must be >= {min_stride} for fact={self.fact!r}, "
-                             f"got {self.stride}")
+            raise ValueError(
+                f"stride must be >= {min_stride} for fact={self.fact!r}, got {self.stride}"
+            )
         if self.pairs > self.keys:
             raise ValueError(f"pairs ({self.pairs}) must be <= keys ({self.keys})")
         slots = (self.seq_len - 1) // self.stride  # aligned positions >= stride, < seq_len - 1
         if 2 * self.pairs > slots:
-            raise ValueError(f"{self.pairs} pairs need {2 * self.pairs} aligned positions, "
-                             f"seq_len {self.seq_len} / stride {self.stride} has {slots}")
+            raise ValueError(
+                f"{self.pairs} pairs need {2 * self.pairs} aligned positions, "
+                f"seq_len {self.seq_len} / stride {self.stride} has {slots}"
+            )
         if self.bucket_unit < self.stride or self.bucket_unit >= self.seq_len:
             raise ValueError(f"bucket_unit ({self.bucket_unit}) must be in [stride, seq_len)")
 
@@ -158,7 +162,7 @@ class TaskSpec:
         """The token that answers the query for ``key`` whose fact holds ``value``."""
         return self.fact_token(key, value) if self.fact == "joint" else self.value_token(value)
 
-    def bucket_edges(self) -> List[int]:
+    def bucket_edges(self) -> list[int]:
         """Distance bucket edges ``[0, u, 2u, 4u, ..., seq_len]`` (``u = bucket_unit``)."""
         edges, e = [0], self.bucket_unit
         while e < self.seq_len:
@@ -205,7 +209,7 @@ def make_batch(spec: TaskSpec, batch_size: int, gen: torch.Generator) -> Batch:
     fact_pos = torch.full((batch_size, n), -1, dtype=torch.long)
     last_slot = (n - 2) // s  # query at slot*s needs its answer at slot*s + 1 < n
     for b in range(batch_size):
-        keys = torch.randperm(spec.keys, generator=gen)[:spec.pairs].tolist()
+        keys = torch.randperm(spec.keys, generator=gen)[: spec.pairs].tolist()
         values = torch.randint(spec.values, (spec.pairs,), generator=gen).tolist()
         used = set()
         for key, value in zip(keys, values):
@@ -241,13 +245,16 @@ def make_batch(spec: TaskSpec, batch_size: int, gen: torch.Generator) -> Batch:
 def exact_match(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-query correctness: arg-max of ``logits`` ``(M, V)`` equals ``targets`` ``(M,)``."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"logits (M, V) and targets (M,) expected, got "
-                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"logits (M, V) and targets (M,) expected, got "
+            f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     return logits.argmax(dim=-1) == targets
 
 
-def accuracy_by_bucket(correct: torch.Tensor, distance: torch.Tensor,
-                       edges: Sequence[int]) -> List[Tuple[int, float]]:
+def accuracy_by_bucket(
+    correct: torch.Tensor, distance: torch.Tensor, edges: Sequence[int]
+) -> list[tuple[int, float]]:
     """``[(count, accuracy)]`` for each bucket ``edges[i] <= distance < edges[i + 1]``.
 
     An empty bucket has accuracy ``nan``.
@@ -273,8 +280,9 @@ def answer_logits(model: LongNetLM, ids: torch.Tensor, mask: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def evaluate(model: LongNetLM, batches: Sequence[Batch], edges: Sequence[int],
-             device: str) -> Dict[str, Any]:
+def evaluate(
+    model: LongNetLM, batches: Sequence[Batch], edges: Sequence[int], device: str
+) -> dict[str, Any]:
     """Exact-match accuracy of ``model`` overall and per distance bucket."""
     model.eval()
     corrects, dists = [], []
@@ -285,14 +293,16 @@ def evaluate(model: LongNetLM, batches: Sequence[Batch], edges: Sequence[int],
         dists.append(batch.distance[mask])
     model.train()
     correct, dist = torch.cat(corrects), torch.cat(dists)
-    return {"accuracy": float(correct.float().mean()),
-            "buckets": accuracy_by_bucket(correct, dist, edges)}
+    return {
+        "accuracy": float(correct.float().mean()),
+        "buckets": accuracy_by_bucket(correct, dist, edges),
+    }
 
 
 # ------------------------------------------------------------------------ models
 
 
-def dilated_patterns(seq_len: int, w0: int) -> Tuple[List[int], List[int]]:
+def dilated_patterns(seq_len: int, w0: int) -> tuple[list[int], list[int]]:
     """``w = w0 * 2^i``, ``r = 2^i`` for ``i = 0 ..`` while ``w <= seq_len``."""
     if w0 < 1 or w0 > seq_len:
         raise ValueError(f"w0 must be in [1, seq_len], got {w0}")
@@ -315,7 +325,7 @@ def local_window(seq_len: int, ws: Sequence[int], rs: Sequence[int]) -> int:
     return max(1, round(sum(min(w, seq_len) / (r * r) for w, r in zip(ws, rs))))
 
 
-def variant_patterns(variant: str, seq_len: int, w0: int) -> Tuple[List[int], List[int]]:
+def variant_patterns(variant: str, seq_len: int, w0: int) -> tuple[list[int], list[int]]:
     """``(segment_lengths, dilation_rates)`` of ``variant`` at ``seq_len``."""
     ws, rs = dilated_patterns(seq_len, w0)
     if variant == "dilated":
@@ -330,10 +340,18 @@ def variant_patterns(variant: str, seq_len: int, w0: int) -> Tuple[List[int], Li
 def build_model(args: argparse.Namespace, spec: TaskSpec, variant: str) -> LongNetLM:
     ws, rs = variant_patterns(variant, spec.seq_len, args.w0)
     cfg = LongNetConfig(
-        vocab_size=spec.vocab_size, num_layers=args.layers, embed_dim=args.embed_dim,
-        num_heads=args.heads, segment_lengths=ws, dilation_rates=rs,
+        vocab_size=spec.vocab_size,
+        num_layers=args.layers,
+        embed_dim=args.embed_dim,
+        num_heads=args.heads,
+        segment_lengths=ws,
+        dilation_rates=rs,
         position_encoding=None if args.position_encoding == "none" else args.position_encoding,
-        rope_base=args.rope_base, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+        rope_base=args.rope_base,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     return LongNetLM(cfg, device=args.device)
 
 
@@ -345,25 +363,37 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_and_evaluate(args: argparse.Namespace, spec: TaskSpec, variant: str,
-                       eval_set: Sequence[Batch]) -> Dict[str, Any]:
+def train_and_evaluate(
+    args: argparse.Namespace, spec: TaskSpec, variant: str, eval_set: Sequence[Batch]
+) -> dict[str, Any]:
     """Train one model on fresh batches of ``spec`` and evaluate it on ``eval_set``."""
     torch.manual_seed(args.seed)
     model = build_model(args, spec, variant)
     cfg = model.config
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     gen = torch.Generator().manual_seed(args.seed + 1)  # same training data for every variant
     edges = spec.bucket_edges()
     warmup = max(1, args.steps // 10)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
-        bar = tqdm(total=args.steps, desc=f"{variant} N={spec.seq_len}", unit="step",
-                   dynamic_ncols=True, file=sys.stdout)
+
+        bar = tqdm(
+            total=args.steps,
+            desc=f"{variant} N={spec.seq_len}",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout,
+        )
     t0 = time.time()
     history = []
     model.train()
@@ -388,10 +418,12 @@ def train_and_evaluate(args: argparse.Namespace, spec: TaskSpec, variant: str,
             bar.set_postfix(loss=f"{value:.3f}", acc=f"{acc:.2f}")
             bar.update(1)
         if args.log_every and (step + 1) % args.log_every == 0:
-            recent = history[-args.log_every:]
-            msg = (f"{variant} N={spec.seq_len} step {step + 1}: loss "
-                   f"{sum(h[1] for h in recent) / len(recent):.3f}, train accuracy "
-                   f"{sum(h[2] for h in recent) / len(recent):.3f}")
+            recent = history[-args.log_every :]
+            msg = (
+                f"{variant} N={spec.seq_len} step {step + 1}: loss "
+                f"{sum(h[1] for h in recent) / len(recent):.3f}, train accuracy "
+                f"{sum(h[2] for h in recent) / len(recent):.3f}"
+            )
             if bar is not None:
                 bar.write(msg)
             else:
@@ -402,17 +434,23 @@ def train_and_evaluate(args: argparse.Namespace, spec: TaskSpec, variant: str,
     t1 = time.time()
     result = evaluate(model, eval_set, edges, args.device)
     result.update(
-        variant=variant, seq_len=spec.seq_len, segment_lengths=cfg.segment_lengths,
-        dilation_rates=cfg.dilation_rates, parameters=model.num_parameters(),
-        attention_flops_per_head_dim=attention_cost(spec.seq_len, cfg.segment_lengths,
-                                                    cfg.dilation_rates),
-        train_s=round(train_s, 1), eval_s=round(time.time() - t1, 1),
-        s_per_step=round(train_s / max(1, args.steps), 3), history=history)
+        variant=variant,
+        seq_len=spec.seq_len,
+        segment_lengths=cfg.segment_lengths,
+        dilation_rates=cfg.dilation_rates,
+        parameters=model.num_parameters(),
+        attention_flops_per_head_dim=attention_cost(
+            spec.seq_len, cfg.segment_lengths, cfg.dilation_rates
+        ),
+        train_s=round(train_s, 1),
+        eval_s=round(time.time() - t1, 1),
+        s_per_step=round(train_s / max(1, args.steps), 3),
+        history=history,
+    )
     return result
 
 
-def time_steps(args: argparse.Namespace, spec: TaskSpec, variant: str,
-               steps: int) -> Optional[float]:
+def time_steps(args: argparse.Namespace, spec: TaskSpec, variant: str, steps: int) -> float | None:
     """Seconds per training step of ``variant``, timed over ``steps`` steps after one
     warm-up step (None when ``steps`` is 0). Used for models too slow to train here."""
     if steps <= 0:
@@ -423,8 +461,11 @@ def time_steps(args: argparse.Namespace, spec: TaskSpec, variant: str,
     gen = torch.Generator().manual_seed(args.seed + 1)
     batch = make_batch(spec, args.batch_size, gen)
     mask = batch.targets != IGNORE
-    ids, m, target = (batch.ids.to(args.device), mask.to(args.device),
-                      batch.targets[mask].to(args.device))
+    ids, m, target = (
+        batch.ids.to(args.device),
+        mask.to(args.device),
+        batch.targets[mask].to(args.device),
+    )
     t0 = 0.0
     for i in range(steps + 1):
         if i == 1:
@@ -442,11 +483,16 @@ def time_steps(args: argparse.Namespace, spec: TaskSpec, variant: str,
 def bucket_label(lo: int, hi: int) -> str:
     def k(x: int) -> str:
         return f"{x // 1024}K" if x >= 1024 and x % 1024 == 0 else str(x)
+
     return f"{k(lo)}-{k(hi)}"
 
 
-def format_table(results: List[Dict[str, Any]], edges_by_len: Dict[int, List[int]],
-                 chance: float, skipped: Sequence[Dict[str, Any]] = ()) -> str:
+def format_table(
+    results: list[dict[str, Any]],
+    edges_by_len: dict[int, list[int]],
+    chance: float,
+    skipped: Sequence[dict[str, Any]] = (),
+) -> str:
     """Markdown table: one row per (sequence length, variant), accuracy per bucket.
 
     Models in ``skipped`` (not trained) get a note under their length's table.
@@ -459,32 +505,47 @@ def format_table(results: List[Dict[str, Any]], edges_by_len: Dict[int, List[int
         labels = [bucket_label(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
         lines.append(f"N = {n} (accuracy by fact-to-query distance; chance {chance:.3f})")
         lines.append("")
-        lines.append("| attention | patterns (w / r) | " + " | ".join(labels)
-                     + " | all | train s |")
+        lines.append(
+            "| attention | patterns (w / r) | " + " | ".join(labels) + " | all | train s |"
+        )
         lines.append("|---|---|" + "---:|" * (len(labels) + 2))
         for r in rows:
-            pat = ",".join(map(str, r["segment_lengths"])) + " / " + ",".join(
-                map(str, r["dilation_rates"]))
+            pat = (
+                ",".join(map(str, r["segment_lengths"]))
+                + " / "
+                + ",".join(map(str, r["dilation_rates"]))
+            )
             cells = [f"{acc:.3f}" if count else "-" for count, acc in r["buckets"]]
-            lines.append(f"| {r['variant']} | {pat} | " + " | ".join(cells)
-                         + f" | {r['accuracy']:.3f} | {r['train_s']:.0f} |")
+            lines.append(
+                f"| {r['variant']} | {pat} | "
+                + " | ".join(cells)
+                + f" | {r['accuracy']:.3f} | {r['train_s']:.0f} |"
+            )
         for sk in skipped:
             if sk["seq_len"] == n:
                 note = f"{sk['variant']}: not trained at N = {n}"
                 if sk.get("s_per_step") is not None:
-                    note += (f" (measured {sk['s_per_step']:.2f} s per training step, "
-                             f"about {sk['projected_train_s']:.0f} s for the same budget)")
+                    note += (
+                        f" (measured {sk['s_per_step']:.2f} s per training step, "
+                        f"about {sk['projected_train_s']:.0f} s for the same budget)"
+                    )
                 lines.append("")
                 lines.append(note)
         lines.append("")
     return "\n".join(lines)
 
 
-def save_plot(results: List[Dict[str, Any]], edges_by_len: Dict[int, List[int]],
-              chance: float, w0: int, path: str) -> bool:
+def save_plot(
+    results: list[dict[str, Any]],
+    edges_by_len: dict[int, list[int]],
+    chance: float,
+    w0: int,
+    path: str,
+) -> bool:
     """Accuracy against distance, one panel per sequence length (False without matplotlib)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -494,8 +555,9 @@ def save_plot(results: List[Dict[str, Any]], edges_by_len: Dict[int, List[int]],
     styles = {"dilated": "o-", "local": "s--", "dense": "^:"}
     for ax, n in zip(axes[0], lens):
         edges = edges_by_len[n]
-        centers = [math.sqrt(max(lo, 1) * hi) if lo else hi / 2
-                   for lo, hi in zip(edges[:-1], edges[1:])]
+        centers = [
+            math.sqrt(max(lo, 1) * hi) if lo else hi / 2 for lo, hi in zip(edges[:-1], edges[1:])
+        ]
         for r in (r for r in results if r["seq_len"] == n):
             accs = [acc for _, acc in r["buckets"]]
             ax.plot(centers, accs, styles.get(r["variant"], "o-"), label=r["variant"])
@@ -519,62 +581,124 @@ def save_plot(results: List[Dict[str, Any]], edges_by_len: Dict[int, List[int]],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=int_list, default=[2048, 8192],
-                   help="sequence lengths to test (default: 2048,8192)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {VARIANTS}")
-    p.add_argument("--dense-max-len", type=int, default=8192,
-                   help="train dense attention only up to this length; longer ones only get "
-                        "their step time measured (default: 8192)")
-    p.add_argument("--w0", type=int, default=256,
-                   help="smallest segment length; also the first distance bucket (default: 256)")
-    p.add_argument("--fact", choices=("joint", "pair"), default="joint",
-                   help="one token per fact, or key token + value token (default: joint)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--seq-lens",
+        type=int_list,
+        default=[2048, 8192],
+        help="sequence lengths to test (default: 2048,8192)",
+    )
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}"
+    )
+    p.add_argument(
+        "--dense-max-len",
+        type=int,
+        default=8192,
+        help="train dense attention only up to this length; longer ones only get "
+        "their step time measured (default: 8192)",
+    )
+    p.add_argument(
+        "--w0",
+        type=int,
+        default=256,
+        help="smallest segment length; also the first distance bucket (default: 256)",
+    )
+    p.add_argument(
+        "--fact",
+        choices=("joint", "pair"),
+        default="joint",
+        help="one token per fact, or key token + value token (default: joint)",
+    )
     p.add_argument("--pairs", type=int, default=64, help="facts per sequence (default: 64)")
     p.add_argument("--keys", type=int, default=64, help="distinct keys (default: 64)")
-    p.add_argument("--values", type=int, default=8,
-                   help="distinct values per key; chance is 1/values (default: 8)")
+    p.add_argument(
+        "--values",
+        type=int,
+        default=8,
+        help="distinct values per key; chance is 1/values (default: 8)",
+    )
     p.add_argument("--fillers", type=int, default=1, help="distinct filler tokens (default: 1)")
-    p.add_argument("--steps", type=int_list, default=None,
-                   help="training steps, one number or one per sequence length "
-                        "(default: 300 at every length)")
-    p.add_argument("--batch-size", type=int_list, default=None,
-                   help="sequences per step, one or one per length (default: 16384 tokens "
-                        "per step, i.e. 8 x 2K, 2 x 8K)")
-    p.add_argument("--probe-steps", type=int, default=2,
-                   help="time this many training steps of a skipped dense model (0: none)")
-    p.add_argument("--tokens-per-step", type=int, default=16384,
-                   help="batch size in tokens when --batch-size is not given (default: 16384)")
-    p.add_argument("--eval-sequences", type=int, default=None,
-                   help="held-out sequences per length (default: 131072 tokens' worth)")
+    p.add_argument(
+        "--steps",
+        type=int_list,
+        default=None,
+        help="training steps, one number or one per sequence length (default: 300 at every length)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int_list,
+        default=None,
+        help="sequences per step, one or one per length (default: 16384 tokens "
+        "per step, i.e. 8 x 2K, 2 x 8K)",
+    )
+    p.add_argument(
+        "--probe-steps",
+        type=int,
+        default=2,
+        help="time this many training steps of a skipped dense model (0: none)",
+    )
+    p.add_argument(
+        "--tokens-per-step",
+        type=int,
+        default=16384,
+        help="batch size in tokens when --batch-size is not given (default: 16384)",
+    )
+    p.add_argument(
+        "--eval-sequences",
+        type=int,
+        default=None,
+        help="held-out sequences per length (default: 131072 tokens' worth)",
+    )
     p.add_argument("--layers", type=int, default=1, help="decoder layers (default: 1)")
     p.add_argument("--embed-dim", type=int, default=64, help="model width (default: 64)")
     p.add_argument("--heads", type=int, default=2, help="attention heads (default: 2)")
-    p.add_argument("--position-encoding", choices=("rotary", "xpos", "none"), default="none",
-                   help="none by default: retrieval matches content at any distance")
-    p.add_argument("--rope-base", type=float, default=10000.0,
-                   help="rotary base (a large base keeps slow rotary dimensions usable for "
-                        "content matching across the whole sequence)")
-    p.add_argument("--lr", type=float, default=1e-2,
-                   help="AdamW peak learning rate, warm-up then cosine (default: 0.01)")
+    p.add_argument(
+        "--position-encoding",
+        choices=("rotary", "xpos", "none"),
+        default="none",
+        help="none by default: retrieval matches content at any distance",
+    )
+    p.add_argument(
+        "--rope-base",
+        type=float,
+        default=10000.0,
+        help="rotary base (a large base keeps slow rotary dimensions usable for "
+        "content matching across the whole sequence)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-2,
+        help="AdamW peak learning rate, warm-up then cosine (default: 0.01)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="model, training-data and evaluation-data seed (default: 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="model, training-data and evaluation-data seed (default: 0)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                     "results"),
-                   help="where long_range.json and long_range.png go (default: "
-                        "benchmarks/results)")
+    p.add_argument(
+        "--out-dir",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+        help="where long_range.json and long_range.png go (default: benchmarks/results)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--log-every", type=int, default=0,
-                   help="print the mean training loss and accuracy every this many steps")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=0,
+        help="print the mean training loss and accuracy every this many steps",
+    )
     return p
 
 
-def _per_length(values: Optional[List[int]], lens: List[int], default) -> List[int]:
+def _per_length(values: list[int] | None, lens: list[int], default) -> list[int]:
     if values is None:
         return [default(n) for n in lens]
     if len(values) == 1:
@@ -584,7 +708,7 @@ def _per_length(values: Optional[List[int]], lens: List[int], default) -> List[i
     return values
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -594,40 +718,59 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             raise SystemExit(f"--variants: unknown variant {v!r}, expected some of {VARIANTS}")
     lens = args.seq_lens
     steps = _per_length(args.steps, lens, lambda n: 300)
-    batches = _per_length(args.batch_size, lens,
-                          lambda n: max(1, args.tokens_per_step // n))
+    batches = _per_length(args.batch_size, lens, lambda n: max(1, args.tokens_per_step // n))
     t_start = time.time()
-    results: List[Dict[str, Any]] = []
-    edges_by_len: Dict[int, List[int]] = {}
-    specs: Dict[int, Dict[str, Any]] = {}
-    skipped: List[Dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    edges_by_len: dict[int, list[int]] = {}
+    specs: dict[int, dict[str, Any]] = {}
+    skipped: list[dict[str, Any]] = []
     for n, n_steps, bs in zip(lens, steps, batches):
         _, rs = dilated_patterns(n, args.w0)
-        spec = TaskSpec(seq_len=n, stride=rs[-1], pairs=args.pairs, keys=args.keys,
-                        values=args.values, fillers=args.fillers, bucket_unit=args.w0,
-                        fact=args.fact)
+        spec = TaskSpec(
+            seq_len=n,
+            stride=rs[-1],
+            pairs=args.pairs,
+            keys=args.keys,
+            values=args.values,
+            fillers=args.fillers,
+            bucket_unit=args.w0,
+            fact=args.fact,
+        )
         edges_by_len[n] = spec.bucket_edges()
         specs[n] = {"task": asdict(spec), "steps": n_steps, "batch_size": bs}
         n_eval = args.eval_sequences or max(1, 131072 // n)
         eval_gen = torch.Generator().manual_seed(10_000 + args.seed)
-        eval_set = [make_batch(spec, min(bs, n_eval - i), eval_gen)
-                    for i in range(0, n_eval, bs)]
+        eval_set = [make_batch(spec, min(bs, n_eval - i), eval_gen) for i in range(0, n_eval, bs)]
         run_args = argparse.Namespace(**{**vars(args), "steps": n_steps, "batch_size": bs})
         for variant in variants:
             if variant == "dense" and n > args.dense_max_len:
                 probe = time_steps(run_args, spec, variant, args.probe_steps)
-                skipped.append({"variant": variant, "seq_len": n, "s_per_step": probe,
-                                "projected_train_s": None if probe is None
-                                else round(probe * n_steps, 1)})
-                print(f"dense N={n}: skipped (--dense-max-len {args.dense_max_len})"
-                      + ("" if probe is None else
-                         f"; measured {probe:.2f} s/step, {probe * n_steps:.0f} s for "
-                         f"{n_steps} steps"), flush=True)
+                skipped.append(
+                    {
+                        "variant": variant,
+                        "seq_len": n,
+                        "s_per_step": probe,
+                        "projected_train_s": None if probe is None else round(probe * n_steps, 1),
+                    }
+                )
+                print(
+                    f"dense N={n}: skipped (--dense-max-len {args.dense_max_len})"
+                    + (
+                        ""
+                        if probe is None
+                        else f"; measured {probe:.2f} s/step, {probe * n_steps:.0f} s for "
+                        f"{n_steps} steps"
+                    ),
+                    flush=True,
+                )
                 continue
             r = train_and_evaluate(run_args, spec, variant, eval_set)
             results.append(r)
-            print(f"{variant} N={n}: accuracy {r['accuracy']:.3f} "
-                  f"({r['train_s']:.0f} s train, {r['eval_s']:.0f} s eval)", flush=True)
+            print(
+                f"{variant} N={n}: accuracy {r['accuracy']:.3f} "
+                f"({r['train_s']:.0f} s train, {r['eval_s']:.0f} s eval)",
+                flush=True,
+            )
     total_s = time.time() - t_start
     chance = 1.0 / args.values
     table = format_table(results, edges_by_len, chance, skipped)
@@ -635,8 +778,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(table)
     print(f"total {total_s:.0f} s")
     os.makedirs(args.out_dir, exist_ok=True)
-    summary = {"args": vars(args), "lengths": specs, "chance": chance,
-               "total_s": round(total_s, 1), "results": results, "skipped": skipped}
+    summary = {
+        "args": vars(args),
+        "lengths": specs,
+        "chance": chance,
+        "total_s": round(total_s, 1),
+        "results": results,
+        "skipped": skipped,
+    }
     with open(os.path.join(args.out_dir, "long_range.json"), "w") as f:
         json.dump(summary, f, indent=1)
     png = os.path.join(args.out_dir, "long_range.png")

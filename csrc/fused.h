@@ -12,16 +12,15 @@
 namespace longnet {
 
 using FusedForward = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
-    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
-    const std::optional<at::Tensor>& key_end);
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef segment_lengths,
+    at::IntArrayRef dilation_rates, bool is_causal, double scale, int64_t position_offset,
+    const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end);
 
 using FusedBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
-    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
+    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal, double scale,
+    int64_t position_offset, const std::optional<at::Tensor>& key_start,
     const std::optional<at::Tensor>& key_end);
 
 namespace cpu {

@@ -49,7 +49,8 @@ inline at::Tensor empty_contiguous_like(const at::Tensor& t) {
 // (out, lse) of the forward, poisoned when asked.
 inline std::tuple<at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& q) {
   at::Tensor out = empty_contiguous_like(q);
-  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(accumulate_dtype(q)));
+  at::Tensor lse =
+      at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(accumulate_dtype(q)));
   maybe_poison({out, lse});
   return {out, lse};
 }
@@ -64,12 +65,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(
 }
 
 inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& grad_lse,
-                                const at::Tensor& q, const at::Tensor& out,
-                                const at::Tensor& lse) {
+                                const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
   for (const at::Tensor* t : {&grad_out, &grad_lse, &out, &lse}) {
     TORCH_CHECK(t->device() == q.device(),
-                "longnet: grad_out, grad_lse, out and lse must be on the device of q (",
-                q.device(), "), got ", t->device());
+                "longnet: grad_out, grad_lse, out and lse must be on the device of q (", q.device(),
+                "), got ", t->device());
   }
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "longnet: grad_out and out must have the shape of q ", q.sizes());
@@ -138,8 +138,7 @@ struct KeyRanges {
 };
 
 inline void check_position_offset(int64_t position_offset) {
-  TORCH_CHECK(position_offset >= 0, "longnet: position_offset must be >= 0, got ",
-              position_offset);
+  TORCH_CHECK(position_offset >= 0, "longnet: position_offset must be >= 0, got ", position_offset);
 }
 
 }  // namespace longnet

@@ -37,8 +37,7 @@ struct RowSpan {
 // Row b's span: the key range [key_start[b], key_end[b]) when given (nullptr: the
 // whole row), queries bottom-right aligned to its end.
 LONGNET_HOST_DEVICE RowSpan row_span(int64_t nk, int64_t nq, int64_t position_offset,
-                                     const int64_t* key_start, const int64_t* key_end,
-                                     int64_t b) {
+                                     const int64_t* key_start, const int64_t* key_end, int64_t b) {
   RowSpan row;
   // Clamped, so that a range the caller failed to check cannot reach outside [0, nk).
   int64_t begin = key_start != nullptr ? key_start[b] : 0;
@@ -53,8 +52,8 @@ LONGNET_HOST_DEVICE RowSpan row_span(int64_t nk, int64_t nq, int64_t position_of
 }
 
 struct SparseSegment {
-  int64_t base;   // key index of element t = 0
-  int64_t count;  // number of positions in the sparse segment (may be 0)
+  int64_t base;         // key index of element t = 0
+  int64_t count;        // number of positions in the sparse segment (may be 0)
   int64_t first_query;  // first t whose position holds a query (t >= count: none)
 };
 
@@ -70,16 +69,14 @@ LONGNET_HOST_DEVICE int64_t max_row_segments(int64_t nk, int64_t position_offset
 }
 
 // Offset of query head `head` inside each segment of a pattern with dilation r.
-LONGNET_HOST_DEVICE int64_t head_offset(int64_t head, int64_t r) {
-  return head % r;
-}
+LONGNET_HOST_DEVICE int64_t head_offset(int64_t head, int64_t r) { return head % r; }
 
 // The `local`-th segment that row `row` touches (local = 0 holds its first key),
 // of pattern (w, r), for head offset `offset`.
 LONGNET_HOST_DEVICE SparseSegment sparse_segment(const RowSpan& row, int64_t w, int64_t r,
                                                  int64_t local, int64_t offset) {
   SparseSegment seg;
-  const int64_t row_end = row.position + row.length();  // absolute, exclusive
+  const int64_t row_end = row.position + row.length();   // absolute, exclusive
   const int64_t start = (row.position / w + local) * w;  // absolute segment start
   const int64_t lo = start > row.position ? start : row.position;
   const int64_t hi = start + w < row_end ? start + w : row_end;
@@ -94,8 +91,8 @@ LONGNET_HOST_DEVICE SparseSegment sparse_segment(const RowSpan& row, int64_t w, 
 }
 
 // Number of keys (t_key < result) that query element t_query may attend to.
-LONGNET_HOST_DEVICE int64_t visible_keys(
-    const SparseSegment& seg, int64_t t_query, bool is_causal) {
+LONGNET_HOST_DEVICE int64_t visible_keys(const SparseSegment& seg, int64_t t_query,
+                                         bool is_causal) {
   return is_causal ? t_query + 1 : seg.count;
 }
 

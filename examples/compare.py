@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 # Idle OpenMP threads sleep instead of spinning: on a busy or shared CPU spinning
 # threads slow every parallel region down several times. Set before torch loads.
@@ -36,18 +36,28 @@ from longnet.model import LongNetLM  # noqa: E402
 VARIANTS = ("dilated", "dense", "sliding")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {VARIANTS}")
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}"
+    )
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--segment-lengths", type=int_list, default=[64, 128, 256, 512])
     p.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4, 8])
-    p.add_argument("--window", type=int, default=None,
-                   help="sliding block size (default: first segment length)")
-    p.add_argument("--eval-lengths", type=int_list, default=None,
-                   help="context lengths to evaluate (default: seq_len/4, /2, 1)")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="sliding block size (default: first segment length)",
+    )
+    p.add_argument(
+        "--eval-lengths",
+        type=int_list,
+        default=None,
+        help="context lengths to evaluate (default: seq_len/4, /2, 1)",
+    )
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
@@ -68,25 +78,41 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
             raise SystemExit(f"--variants: unknown variant {v!r}, expected some of {VARIANTS}")
     lengths = args.eval_lengths or [args.seq_len // 4, args.seq_len // 2, args.seq_len]
 
-    results: Dict[str, Dict[int, float]] = {}
+    results: dict[str, dict[int, float]] = {}
     val_tokens = None
     for variant in variants:
         out_dir = os.path.join(args.out_dir, variant)
         targs = train_lm.build_parser().parse_args([])
         targs.__dict__.update(
-            attention=variant, seq_len=args.seq_len, segment_lengths=args.segment_lengths,
-            dilation_rates=args.dilation_rates, window=args.window, steps=args.steps,
-            batch_size=args.batch_size, layers=args.layers, embed_dim=args.embed_dim,
-            heads=args.heads, lr=args.lr, warmup_steps=max(1, args.steps // 10),
-            eval_interval=max(1, args.steps // 3), save_interval=args.steps,
-            eval_windows=8, max_train_bytes=args.max_train_bytes, seed=args.seed,
-            device=args.device, out_dir=out_dir, no_plot=True, quiet=args.quiet)
+            attention=variant,
+            seq_len=args.seq_len,
+            segment_lengths=args.segment_lengths,
+            dilation_rates=args.dilation_rates,
+            window=args.window,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            layers=args.layers,
+            embed_dim=args.embed_dim,
+            heads=args.heads,
+            lr=args.lr,
+            warmup_steps=max(1, args.steps // 10),
+            eval_interval=max(1, args.steps // 3),
+            save_interval=args.steps,
+            eval_windows=8,
+            max_train_bytes=args.max_train_bytes,
+            seed=args.seed,
+            device=args.device,
+            out_dir=out_dir,
+            no_plot=True,
+            quiet=args.quiet,
+        )
         print(f"\n=== {variant} ===")
         metrics = train_lm.run(targs)
         if val_tokens is None:
             _, val_tokens = train_lm.load_data(targs, log=lambda *a: None)
-        model = LongNetLM.from_pretrained(os.path.join(out_dir, "checkpoint"),
-                                          map_location=args.device)
+        model = LongNetLM.from_pretrained(
+            os.path.join(out_dir, "checkpoint"), map_location=args.device
+        )
         sp = train_lm.Parallel(None)
         results[variant] = {}
         for n in lengths:
@@ -98,19 +124,29 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
     print("\nvalidation loss (nats / byte) by context length")
     print(header)
     for variant, row in results.items():
-        print(f"{variant:<10}" + "".join(f"{row[n]:>10.4f}" for n in lengths)
-              + f"{row['train_s']:>10.0f}")
+        print(
+            f"{variant:<10}"
+            + "".join(f"{row[n]:>10.4f}" for n in lengths)
+            + f"{row['train_s']:>10.0f}"
+        )
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "compare.json"), "w") as f:
-        json.dump({"args": vars(args), "results": {v: {str(k): x for k, x in r.items()}
-                                                   for v, r in results.items()}}, f, indent=1)
+        json.dump(
+            {
+                "args": vars(args),
+                "results": {v: {str(k): x for k, x in r.items()} for v, r in results.items()},
+            },
+            f,
+            indent=1,
+        )
     _plot(results, lengths, os.path.join(args.out_dir, "compare.png"), args)
     return results
 
 
-def _plot(results, lengths: List[int], path: str, args) -> None:
+def _plot(results, lengths: list[int], path: str, args) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

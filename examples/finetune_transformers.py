@@ -35,7 +35,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # Idle OpenMP threads sleep instead of spinning (shared CPUs). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -50,8 +51,13 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longnet.cli import int_list  # noqa: E402
-from longnet.data import (encode_files, eval_batches, random_batch,  # noqa: E402
-                          split_by_file, stdlib_source_files)
+from longnet.data import (  # noqa: E402
+    encode_files,
+    eval_batches,
+    random_batch,
+    split_by_file,
+    stdlib_source_files,
+)
 from longnet.tokenizer import ByteTokenizer  # noqa: E402
 
 try:
@@ -63,12 +69,16 @@ import longnet.integrations.transformers as longnet_hf  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help='local transformers checkpoint, or "smollm2" (SmolLM2-135M-Instruct '
-                        "through longnet.integrations.transformers.load_smollm2, offline); "
-                        "default: a tiny random-init Llama")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help='local transformers checkpoint, or "smollm2" (SmolLM2-135M-Instruct '
+        "through longnet.integrations.transformers.load_smollm2, offline); "
+        "default: a tiny random-init Llama",
+    )
     p.add_argument("--out-dir", default="runs/finetune_transformers")
     # Defaults that depend on the model (tiny / smollm2) are filled in by apply_defaults.
     p.add_argument("--seq-len", type=int, default=None, help="fine-tuning length")
@@ -78,14 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--train-params", default=None, choices=["all", "attention"],
-                   help="fine-tune every parameter, or only the attention projections")
+    p.add_argument(
+        "--train-params",
+        default=None,
+        choices=["all", "attention"],
+        help="fine-tune every parameter, or only the attention projections",
+    )
     p.add_argument("--eval-interval", type=int, default=None, help="0: no evaluation in between")
     p.add_argument("--eval-windows", type=int, default=None)
     p.add_argument("--max-train-bytes", type=int, default=None)
     # The tiny stand-in for a pretrained model (ignored with --model).
-    p.add_argument("--context", type=int, default=256,
-                   help="max_position_embeddings of the tiny model, its training length")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=256,
+        help="max_position_embeddings of the tiny model, its training length",
+    )
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--pretrain-batch-size", type=int, default=16)
@@ -94,8 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="parameter dtype of a --model checkpoint")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="parameter dtype of a --model checkpoint",
+    )
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -106,17 +128,45 @@ def build_parser() -> argparse.ArgumentParser:
 # short fine-tune of benchmarks/context_extension.py: the patterns of that benchmark's
 # dilated rows, 2,048-token steps of the attention projections (a CPU budget).
 DEFAULTS = {
-    "tiny": dict(seq_len=1024, segment_lengths=[128, 256, 512, 1024],
-                 dilation_rates=[1, 2, 4, 8], steps=150, batch_size=4, lr=1e-3,
-                 warmup_steps=15, train_params="all", eval_interval=50, eval_windows=16,
-                 max_train_bytes=4_000_000),
-    "smollm2": dict(seq_len=2048, segment_lengths=[2048, 4096, 8192], dilation_rates=[1, 2, 4],
-                    steps=16, batch_size=1, lr=1e-4, warmup_steps=2, train_params="attention",
-                    eval_interval=0, eval_windows=1, max_train_bytes=2_000_000),
-    "checkpoint": dict(seq_len=1024, segment_lengths=[128, 256, 512, 1024],
-                       dilation_rates=[1, 2, 4, 8], steps=150, batch_size=4, lr=1e-4,
-                       warmup_steps=15, train_params="all", eval_interval=50, eval_windows=16,
-                       max_train_bytes=4_000_000),
+    "tiny": dict(
+        seq_len=1024,
+        segment_lengths=[128, 256, 512, 1024],
+        dilation_rates=[1, 2, 4, 8],
+        steps=150,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=15,
+        train_params="all",
+        eval_interval=50,
+        eval_windows=16,
+        max_train_bytes=4_000_000,
+    ),
+    "smollm2": dict(
+        seq_len=2048,
+        segment_lengths=[2048, 4096, 8192],
+        dilation_rates=[1, 2, 4],
+        steps=16,
+        batch_size=1,
+        lr=1e-4,
+        warmup_steps=2,
+        train_params="attention",
+        eval_interval=0,
+        eval_windows=1,
+        max_train_bytes=2_000_000,
+    ),
+    "checkpoint": dict(
+        seq_len=1024,
+        segment_lengths=[128, 256, 512, 1024],
+        dilation_rates=[1, 2, 4, 8],
+        steps=150,
+        batch_size=4,
+        lr=1e-4,
+        warmup_steps=15,
+        train_params="all",
+        eval_interval=50,
+        eval_windows=16,
+        max_train_bytes=4_000_000,
+    ),
 }
 
 
@@ -132,26 +182,36 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
 # Model and data
 # ---------------------------------------------------------------------------------
 
+
 def tiny_llama(args: argparse.Namespace):
     tok = ByteTokenizer()
     config = transformers.LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, max_position_embeddings=args.context,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+        vocab_size=tok.vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.context,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(args.seed)
     return transformers.LlamaForCausalLM(config)
 
 
-def encode_with_tokenizer(files: Sequence[str], tokenizer, max_bytes: Optional[int]) -> np.ndarray:
+def encode_with_tokenizer(files: Sequence[str], tokenizer, max_bytes: int | None) -> np.ndarray:
     """One token stream (``file EOS`` per file) with a checkpoint's own tokenizer."""
     parts, total = [], 0
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     for path in files:
         with open(path, "rb") as f:
             data = f.read()
-        ids = tokenizer(data.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(data.decode("utf-8", errors="replace"), add_special_tokens=False)[
+            "input_ids"
+        ]
         parts.append(np.asarray(list(ids) + [eos], dtype=np.int64))
         total += len(data)
         if max_bytes is not None and total >= max_bytes:
@@ -172,21 +232,26 @@ def load_model_and_data(args: argparse.Namespace, log):
         unit = "token"
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            args.model, dtype=getattr(torch, args.dtype))
+            args.model, dtype=getattr(torch, args.dtype)
+        )
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
             encode = lambda fs, mb: encode_with_tokenizer(fs, tokenizer, mb)  # noqa: E731
             unit = "token"
         except Exception as exc:  # no tokenizer files: bytes, if the vocabulary allows
             if model.config.vocab_size < ByteTokenizer.vocab_size:
-                raise SystemExit(f"{args.model}: no tokenizer ({exc}) and a vocabulary too "
-                                 "small for the byte tokenizer") from exc
+                raise SystemExit(
+                    f"{args.model}: no tokenizer ({exc}) and a vocabulary too "
+                    "small for the byte tokenizer"
+                ) from exc
             encode = lambda fs, mb: encode_files(fs, max_bytes=mb)  # noqa: E731
             unit = "byte"
     train = encode(train_files, args.max_train_bytes)
     val = encode(val_files, None)
-    log(f"data: Python stdlib .py files under {root}; train {len(train_files)} files / "
-        f"{train.size:,} tokens, validation {len(val_files)} files / {val.size:,} tokens")
+    log(
+        f"data: Python stdlib .py files under {root}; train {len(train_files)} files / "
+        f"{train.size:,} tokens, validation {len(val_files)} files / {val.size:,} tokens"
+    )
     model.set_attn_implementation("sdpa")
     return model.to(args.device), train, val, unit
 
@@ -194,6 +259,7 @@ def load_model_and_data(args: argparse.Namespace, log):
 # ---------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------
+
 
 def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=x, use_cache=False).logits
@@ -231,18 +297,38 @@ def trainable_parameters(model, which: str = "all"):
         if keep:
             params.append(p)
     if not params:
-        raise ValueError("no attention parameters found (expected names containing "
-                         "'.self_attn.' or '.attention.')")
+        raise ValueError(
+            "no attention parameters found (expected names containing "
+            "'.self_attn.' or '.attention.')"
+        )
     return params
 
 
-def train(model, tokens, *, steps, seq_len, batch_size, lr, warmup, device, gen, desc,
-          quiet, history, step0=0, on_eval=None, eval_interval=0, params=None):
+def train(
+    model,
+    tokens,
+    *,
+    steps,
+    seq_len,
+    batch_size,
+    lr,
+    warmup,
+    device,
+    gen,
+    desc,
+    quiet,
+    history,
+    step0=0,
+    on_eval=None,
+    eval_interval=0,
+    params=None,
+):
     """AdamW with warm-up and cosine decay on ``params`` (default: all parameters);
     appends (global step, loss) to history."""
     params = list(model.parameters()) if params is None else list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     from tqdm import tqdm
+
     bar = tqdm(range(steps), desc=desc, unit="step", disable=quiet, dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
@@ -257,38 +343,53 @@ def train(model, tokens, *, steps, seq_len, batch_size, lr, warmup, device, gen,
         value = float(loss.detach())
         history.append((step0 + step + 1, value))
         bar.set_postfix(loss=f"{value:.3f}")
-        if on_eval is not None and eval_interval and (step + 1) % eval_interval == 0 \
-                and step + 1 < steps:
+        if (
+            on_eval is not None
+            and eval_interval
+            and (step + 1) % eval_interval == 0
+            and step + 1 < steps
+        ):
             on_eval(step0 + step + 1)
     bar.close()
 
 
-def save_plot(history: Dict[str, Any], path: str, title: str, unit: str) -> bool:
+def save_plot(history: dict[str, Any], path: str, title: str, unit: str) -> bool:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for key, label in (("pretrain", "train, sdpa at the original context"),
-                       ("finetune", "train, dilated at the long context")):
+    for key, label in (
+        ("pretrain", "train, sdpa at the original context"),
+        ("finetune", "train, dilated at the long context"),
+    ):
         if history[key]:
             steps, losses = zip(*history[key])
             k = max(1, len(losses) // 30)
-            smooth = [float(np.mean(losses[max(0, i - k + 1):i + 1])) for i in range(len(losses))]
+            smooth = [float(np.mean(losses[max(0, i - k + 1) : i + 1])) for i in range(len(losses))]
             ax.plot(steps, smooth, lw=1.5, label=f"{label} ({k}-step mean)")
     if history["val"]:
         steps, losses = zip(*history["val"])
         ax.plot(steps, losses, "o-", lw=2, label="validation, dilated at the long context")
-    for key, marker, label in (("sdpa_context", "s", "validation, sdpa at the original context"),
-                               ("sdpa_long", "x", "validation, sdpa at the long context")):
+    for key, marker, label in (
+        ("sdpa_context", "s", "validation, sdpa at the original context"),
+        ("sdpa_long", "x", "validation, sdpa at the long context"),
+    ):
         if history.get(key) is not None:
             ax.plot([history["switch"]], [history[key]], marker, ms=8, label=label)
     if history["switch"] is not None:
         ax.axvline(history["switch"], color="gray", ls="--", lw=1)
-        ax.text(history["switch"], ax.get_ylim()[1], " switch to dilated attention",
-                va="top", fontsize=8, color="gray")
+        ax.text(
+            history["switch"],
+            ax.get_ylim()[1],
+            " switch to dilated attention",
+            va="top",
+            fontsize=8,
+            color="gray",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel(f"loss (nats / {unit})")
     ax.set_title(title)
@@ -300,7 +401,7 @@ def save_plot(history: Dict[str, Any], path: str, title: str, unit: str) -> bool
     return True
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     log = (lambda *a, **k: None) if args.quiet else print
     t_start = time.time()
     torch.set_num_threads(max(1, args.threads))
@@ -308,57 +409,94 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # its save/load bars
     if max(args.segment_lengths) < args.seq_len:
-        log(f"note: the largest segment ({max(args.segment_lengths)}) is shorter than "
-            f"--seq-len ({args.seq_len}): tokens further apart only meet through the stack")
+        log(
+            f"note: the largest segment ({max(args.segment_lengths)}) is shorter than "
+            f"--seq-len ({args.seq_len}): tokens further apart only meet through the stack"
+        )
 
     model, train_tokens, val_tokens, unit = load_model_and_data(args, log)
     context = model.config.max_position_embeddings
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {type(model).__name__}, {n_params / 1e6:.2f} M parameters, "
-        f"max_position_embeddings = {context}")
+    log(
+        f"model: {type(model).__name__}, {n_params / 1e6:.2f} M parameters, "
+        f"max_position_embeddings = {context}"
+    )
     gen = torch.Generator().manual_seed(args.seed)
-    history: Dict[str, Any] = {"pretrain": [], "finetune": [], "val": [], "switch": None,
-                               "sdpa_context": None, "sdpa_long": None}
-    metrics: Dict[str, Any] = {"model": args.model or "tiny random-init Llama",
-                               "parameters": n_params, "context": context,
-                               "seq_len": args.seq_len, "segment_lengths": args.segment_lengths,
-                               "dilation_rates": args.dilation_rates, "unit": unit,
-                               "transformers": transformers.__version__}
+    history: dict[str, Any] = {
+        "pretrain": [],
+        "finetune": [],
+        "val": [],
+        "switch": None,
+        "sdpa_context": None,
+        "sdpa_long": None,
+    }
+    metrics: dict[str, Any] = {
+        "model": args.model or "tiny random-init Llama",
+        "parameters": n_params,
+        "context": context,
+        "seq_len": args.seq_len,
+        "segment_lengths": args.segment_lengths,
+        "dilation_rates": args.dilation_rates,
+        "unit": unit,
+        "transformers": transformers.__version__,
+    }
 
     # At the original context only when fine-tuning goes past it.
-    short_val = (eval_batches(val_tokens, context, args.eval_windows, args.batch_size)
-                 if args.seq_len > context else None)
+    short_val = (
+        eval_batches(val_tokens, context, args.eval_windows, args.batch_size)
+        if args.seq_len > context
+        else None
+    )
     long_val = eval_batches(val_tokens, args.seq_len, args.eval_windows, args.batch_size)
 
     step0 = 0
     if args.model is None and args.pretrain_steps > 0:
         t0 = time.time()
-        train(model, train_tokens, steps=args.pretrain_steps, seq_len=context,
-              batch_size=args.pretrain_batch_size, lr=args.pretrain_lr,
-              warmup=max(1, args.pretrain_steps // 10), device=args.device, gen=gen,
-              desc=f"pretrain (sdpa, {context})", quiet=args.quiet, history=history["pretrain"])
+        train(
+            model,
+            train_tokens,
+            steps=args.pretrain_steps,
+            seq_len=context,
+            batch_size=args.pretrain_batch_size,
+            lr=args.pretrain_lr,
+            warmup=max(1, args.pretrain_steps // 10),
+            device=args.device,
+            gen=gen,
+            desc=f"pretrain (sdpa, {context})",
+            quiet=args.quiet,
+            history=history["pretrain"],
+        )
         metrics["pretrain_seconds"] = time.time() - t0
         step0 = args.pretrain_steps
 
-    metrics["val_sdpa_context"] = (evaluate(model, short_val, args.device)
-                                   if short_val is not None else None)
+    metrics["val_sdpa_context"] = (
+        evaluate(model, short_val, args.device) if short_val is not None else None
+    )
     metrics["val_sdpa_long"] = evaluate(model, long_val, args.device)
     if short_val is not None:
-        log(f"validation, sdpa: {metrics['val_sdpa_context']:.4f} at {context} tokens, "
-            f"{metrics['val_sdpa_long']:.4f} at {args.seq_len} (past its context)")
+        log(
+            f"validation, sdpa: {metrics['val_sdpa_context']:.4f} at {context} tokens, "
+            f"{metrics['val_sdpa_long']:.4f} at {args.seq_len} (past its context)"
+        )
     else:
-        log(f"validation, sdpa: {metrics['val_sdpa_long']:.4f} at {args.seq_len} tokens "
-            f"(within its context of {context})")
+        log(
+            f"validation, sdpa: {metrics['val_sdpa_long']:.4f} at {args.seq_len} tokens "
+            f"(within its context of {context})"
+        )
 
-    history["sdpa_context"], history["sdpa_long"] = (metrics["val_sdpa_context"],
-                                                     metrics["val_sdpa_long"])
+    history["sdpa_context"], history["sdpa_long"] = (
+        metrics["val_sdpa_context"],
+        metrics["val_sdpa_long"],
+    )
 
     longnet_hf.enable(model, args.segment_lengths, args.dilation_rates)
     history["switch"] = step0
     metrics["val_dilated_before"] = evaluate(model, long_val, args.device)
     history["val"].append((step0, metrics["val_dilated_before"]))
-    log(f"validation, dilated at {args.seq_len} before fine-tuning: "
-        f"{metrics['val_dilated_before']:.4f}")
+    log(
+        f"validation, dilated at {args.seq_len} before fine-tuning: "
+        f"{metrics['val_dilated_before']:.4f}"
+    )
 
     def on_eval(step: int) -> None:
         history["val"].append((step, evaluate(model, long_val, args.device)))
@@ -366,45 +504,71 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     t0 = time.time()
     params = trainable_parameters(model, args.train_params)
     metrics["trainable_parameters"] = sum(p.numel() for p in params)
-    train(model, train_tokens, steps=args.steps, seq_len=args.seq_len,
-          batch_size=args.batch_size, lr=args.lr, warmup=args.warmup_steps,
-          device=args.device, gen=gen, desc=f"fine-tune (longnet, {args.seq_len})",
-          quiet=args.quiet, history=history["finetune"], step0=step0, on_eval=on_eval,
-          eval_interval=args.eval_interval, params=params)
+    train(
+        model,
+        train_tokens,
+        steps=args.steps,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup_steps,
+        device=args.device,
+        gen=gen,
+        desc=f"fine-tune (longnet, {args.seq_len})",
+        quiet=args.quiet,
+        history=history["finetune"],
+        step0=step0,
+        on_eval=on_eval,
+        eval_interval=args.eval_interval,
+        params=params,
+    )
     metrics["finetune_seconds"] = time.time() - t0
     metrics["val_dilated_after"] = evaluate(model, long_val, args.device)
     history["val"].append((step0 + args.steps, metrics["val_dilated_after"]))
-    log(f"validation, dilated at {args.seq_len} after {args.steps} steps: "
-        f"{metrics['val_dilated_after']:.4f}")
+    log(
+        f"validation, dilated at {args.seq_len} after {args.steps} steps: "
+        f"{metrics['val_dilated_after']:.4f}"
+    )
 
     # Save, and load back with the patterns from the config.
     model_dir = os.path.join(args.out_dir, "model")
     model.save_pretrained(model_dir)
-    loaded = type(model).from_pretrained(model_dir, attn_implementation="longnet",
-                                         dtype=next(model.parameters()).dtype).to(args.device)
+    loaded = (
+        type(model)
+        .from_pretrained(
+            model_dir, attn_implementation="longnet", dtype=next(model.parameters()).dtype
+        )
+        .to(args.device)
+    )
     x, _ = long_val[0]
     with torch.no_grad():
-        same = torch.equal(loaded.eval()(input_ids=x.to(args.device)).logits,
-                           model.eval()(input_ids=x.to(args.device)).logits)
+        same = torch.equal(
+            loaded.eval()(input_ids=x.to(args.device)).logits,
+            model.eval()(input_ids=x.to(args.device)).logits,
+        )
     if not same:
         raise SystemExit("the reloaded model computes something else")
-    log(f"saved to {model_dir}; from_pretrained(..., attn_implementation=\"longnet\") "
+    log(
+        f'saved to {model_dir}; from_pretrained(..., attn_implementation="longnet") '
         f"restores patterns {loaded.config.longnet_segment_lengths} / "
-        f"{loaded.config.longnet_dilation_rates}")
+        f"{loaded.config.longnet_dilation_rates}"
+    )
 
     metrics["total_seconds"] = time.time() - t_start
     metrics["history"] = history
     with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    title = (f"{metrics['model']}: context {context} -> {args.seq_len} "
-             f"(w={args.segment_lengths}, r={args.dilation_rates})")
+    title = (
+        f"{metrics['model']}: context {context} -> {args.seq_len} "
+        f"(w={args.segment_lengths}, r={args.dilation_rates})"
+    )
     if save_plot(history, os.path.join(args.out_dir, "finetune_loss.png"), title, unit):
         log(f"plot: {os.path.join(args.out_dir, 'finetune_loss.png')}")
     log(f"total {metrics['total_seconds']:.0f} s (fine-tuning {metrics['finetune_seconds']:.0f} s)")
     return metrics
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return run(apply_defaults(build_parser().parse_args(argv)))
 
 

@@ -1,6 +1,6 @@
 """A first look at longnet's dilated attention: run it, check it, differentiate it.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 import time
@@ -23,12 +23,15 @@ def main() -> None:
     segment_lengths, dilation_rates = [2048, 4096, 8192], [1, 2, 4]
 
     start = time.perf_counter()
-    out, lse = longnet.dilated_attention(q, k, v, segment_lengths, dilation_rates,
-                                         is_causal=True, return_lse=True)
+    out, lse = longnet.dilated_attention(
+        q, k, v, segment_lengths, dilation_rates, is_causal=True, return_lse=True
+    )
     out.square().mean().backward()
     elapsed = time.perf_counter() - start
-    print(f"forward+backward on {b}x{n} tokens: {elapsed:.2f} s "
-          f"(out {tuple(out.shape)}, lse {tuple(lse.shape)})")
+    print(
+        f"forward+backward on {b}x{n} tokens: {elapsed:.2f} s "
+        f"(out {tuple(out.shape)}, lse {tuple(lse.shape)})"
+    )
 
     # The same function, computed densely in float64 on a short sequence.
     n_small = 600

@@ -43,7 +43,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # Idle OpenMP threads sleep instead of spinning: on a busy or shared CPU spinning
 # threads slow every parallel region down several times. Set before torch loads.
@@ -58,32 +59,54 @@ except ImportError:  # running from a source checkout without installing
 
 import longnet  # noqa: E402
 from longnet.cli import int_list  # noqa: E402
-from longnet.data import (encode_files, eval_batches, list_text_files,  # noqa: E402
-                          random_batch, split_by_file, stdlib_source_files)
+from longnet.data import (  # noqa: E402
+    encode_files,
+    eval_batches,
+    list_text_files,
+    random_batch,
+    split_by_file,
+    stdlib_source_files,
+)
 from longnet.model import LongNetConfig, LongNetLM  # noqa: E402
 
 TRAINER_STATE = "trainer_state.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None,
-                   help="file or directory of text to train on (default: the Python stdlib)")
-    g.add_argument("--extensions", default=".py",
-                   help="comma-separated file suffixes read from a --data directory")
-    g.add_argument("--val-fraction", type=float, default=0.05,
-                   help="fraction of files held out for validation")
-    g.add_argument("--max-train-bytes", type=int, default=None,
-                   help="read at most about this many training bytes")
+    g.add_argument(
+        "--data",
+        default=None,
+        help="file or directory of text to train on (default: the Python stdlib)",
+    )
+    g.add_argument(
+        "--extensions",
+        default=".py",
+        help="comma-separated file suffixes read from a --data directory",
+    )
+    g.add_argument(
+        "--val-fraction", type=float, default=0.05, help="fraction of files held out for validation"
+    )
+    g.add_argument(
+        "--max-train-bytes",
+        type=int,
+        default=None,
+        help="read at most about this many training bytes",
+    )
     g = p.add_argument_group("model")
     g.add_argument("--seq-len", type=int, default=512)
     g.add_argument("--attention", choices=("dilated", "dense", "sliding"), default="dilated")
     g.add_argument("--segment-lengths", type=int_list, default=[64, 128, 256, 512])
     g.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4, 8])
-    g.add_argument("--window", type=int, default=None,
-                   help="block size of --attention sliding (default: first segment length)")
+    g.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="block size of --attention sliding (default: first segment length)",
+    )
     g.add_argument("--layers", type=int, default=4)
     g.add_argument("--embed-dim", type=int, default=128)
     g.add_argument("--heads", type=int, default=4)
@@ -96,41 +119,73 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=800, help="total optimizer steps")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1,
-                   help="final learning rate as a fraction of --lr (cosine decay)")
+    g.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=0.1,
+        help="final learning rate as a fraction of --lr (cosine decay)",
+    )
     g.add_argument("--warmup-steps", type=int, default=30)
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--eval-interval", type=int, default=50)
-    g.add_argument("--eval-windows", type=int, default=32,
-                   help="fixed validation windows of --seq-len tokens")
+    g.add_argument(
+        "--eval-windows", type=int, default=32, help="fixed validation windows of --seq-len tokens"
+    )
     g.add_argument("--save-interval", type=int, default=100)
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="autocast dtype for the forward (float32 = no autocast)")
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="autocast dtype for the forward (float32 = no autocast)",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--out-dir", default="runs/longnet_lm")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from OUT_DIR/checkpoint up to --steps total")
-    g.add_argument("--dp", type=int, default=None,
-                   help="under torchrun: data-parallel degree (the global --batch-size is "
-                        "split over it); default WORLD / sp")
-    g.add_argument("--sp", type=int, default=None,
-                   help="under torchrun: sequence-parallel degree (every sequence is split "
-                        "over it); default 1")
-    g.add_argument("--sequence-parallel", action="store_true",
-                   help="under torchrun: split every sequence across all ranks (--sp WORLD)")
-    g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute every decoder layer in backward (keeps one (B, N, E) "
-                        "tensor per layer instead of about ten; one more forward)")
-    g.add_argument("--timeout", type=float, default=600.0,
-                   help="under torchrun: seconds a rank waits for any collective before it "
-                        "fails, naming the collective (a dead or hung rank)")
-    g.add_argument("--keep-checkpoints", type=int, default=2,
-                   help="under torchrun: sharded checkpoints kept under OUT_DIR/dcp")
+    g.add_argument(
+        "--resume", action="store_true", help="continue from OUT_DIR/checkpoint up to --steps total"
+    )
+    g.add_argument(
+        "--dp",
+        type=int,
+        default=None,
+        help="under torchrun: data-parallel degree (the global --batch-size is "
+        "split over it); default WORLD / sp",
+    )
+    g.add_argument(
+        "--sp",
+        type=int,
+        default=None,
+        help="under torchrun: sequence-parallel degree (every sequence is split "
+        "over it); default 1",
+    )
+    g.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="under torchrun: split every sequence across all ranks (--sp WORLD)",
+    )
+    g.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute every decoder layer in backward (keeps one (B, N, E) "
+        "tensor per layer instead of about ten; one more forward)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="under torchrun: seconds a rank waits for any collective before it "
+        "fails, naming the collective (a dead or hung rank)",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        help="under torchrun: sharded checkpoints kept under OUT_DIR/dcp",
+    )
     g.add_argument("--no-plot", action="store_true", help="skip loss_curve.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -149,11 +204,18 @@ def attention_patterns(args: argparse.Namespace) -> tuple:
 def model_config(args: argparse.Namespace) -> LongNetConfig:
     ws, rs = attention_patterns(args)
     return LongNetConfig(
-        vocab_size=longnet.ByteTokenizer.vocab_size, num_layers=args.layers,
-        embed_dim=args.embed_dim, num_heads=args.heads, num_kv_heads=args.kv_heads,
-        ffn_dim=args.ffn_dim, segment_lengths=ws, dilation_rates=rs,
-        norm_style=args.norm_style, dropout=args.dropout,
-        position_encoding=None if args.position_encoding == "none" else args.position_encoding)
+        vocab_size=longnet.ByteTokenizer.vocab_size,
+        num_layers=args.layers,
+        embed_dim=args.embed_dim,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        ffn_dim=args.ffn_dim,
+        segment_lengths=ws,
+        dilation_rates=rs,
+        norm_style=args.norm_style,
+        dropout=args.dropout,
+        position_encoding=None if args.position_encoding == "none" else args.position_encoding,
+    )
 
 
 def load_data(args: argparse.Namespace, log=print):
@@ -163,8 +225,7 @@ def load_data(args: argparse.Namespace, log=print):
         source = f"Python stdlib .py files under {root}"
     else:
         root = args.data
-        exts = tuple(e if e.startswith(".") else "." + e
-                     for e in args.extensions.split(",") if e)
+        exts = tuple(e if e.startswith(".") else "." + e for e in args.extensions.split(",") if e)
         files = list_text_files(root, exts)
         if not files:
             raise SystemExit(f"--data {root!r}: no files ending in {exts}")
@@ -179,8 +240,10 @@ def load_data(args: argparse.Namespace, log=print):
     train_files, val_files = split_by_file(files, root, args.val_fraction)
     train = encode_files(train_files, max_bytes=args.max_train_bytes)
     val = encode_files(val_files)
-    log(f"data: {source}; train {len(train_files)} files / {train.size:,} tokens, "
-        f"validation {len(val_files)} files / {val.size:,} tokens")
+    log(
+        f"data: {source}; train {len(train_files)} files / {train.size:,} tokens, "
+        f"validation {len(val_files)} files / {val.size:,} tokens"
+    )
     return train, val
 
 
@@ -198,7 +261,7 @@ class Parallel:
     """The ``(dp, sp)`` mesh under torchrun (``longnet.parallel``); a no-op on one
     process (and with ``args=None``)."""
 
-    def __init__(self, args: Optional[argparse.Namespace]):
+    def __init__(self, args: argparse.Namespace | None):
         self.rank, self.world, self.mesh = 0, 1, None
         self.dp = self.sp = 1
         self.enabled = False
@@ -207,25 +270,32 @@ class Parallel:
         under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         world = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun else 1
         if args.sequence_parallel and (args.sp not in (None, world) or args.dp not in (None, 1)):
-            raise SystemExit(f"--sequence-parallel means --dp 1 --sp {world} (all ranks); "
-                             f"got --dp {args.dp} --sp {args.sp}")
+            raise SystemExit(
+                f"--sequence-parallel means --dp 1 --sp {world} (all ranks); "
+                f"got --dp {args.dp} --sp {args.sp}"
+            )
         sp = world if args.sequence_parallel else (args.sp or 1)
         dp = args.dp or (world // sp if world % sp == 0 else 0)
         self.enabled = under_torchrun and (world > 1 or dp * sp > 1)
         if not self.enabled:
             if (args.dp or 1) * sp > 1 or args.sequence_parallel:
-                raise SystemExit("--dp/--sp/--sequence-parallel run under torchrun, e.g. "
-                                 "torchrun --nproc_per_node=4 examples/train_lm.py --dp 2 --sp 2")
+                raise SystemExit(
+                    "--dp/--sp/--sequence-parallel run under torchrun, e.g. "
+                    "torchrun --nproc_per_node=4 examples/train_lm.py --dp 2 --sp 2"
+                )
             return
         if dp < 1 or dp * sp != world:
-            raise SystemExit(f"torchrun started {world} processes but --dp {args.dp or dp} x "
-                             f"--sp {sp} = {(args.dp or dp) * sp}: choose --dp and --sp with "
-                             f"dp * sp = {world}")
+            raise SystemExit(
+                f"torchrun started {world} processes but --dp {args.dp or dp} x "
+                f"--sp {sp} = {(args.dp or dp) * sp}: choose --dp and --sp with "
+                f"dp * sp = {world}"
+            )
         if args.seq_len % sp:
             raise SystemExit(f"--seq-len {args.seq_len} must be divisible by --sp {sp}")
         if args.batch_size % dp:
-            raise SystemExit(f"--batch-size {args.batch_size} (the global batch) must be "
-                             f"divisible by --dp {dp}")
+            raise SystemExit(
+                f"--batch-size {args.batch_size} (the global batch) must be divisible by --dp {dp}"
+            )
         import torch.distributed as dist
 
         from longnet.parallel import build_mesh
@@ -245,17 +315,24 @@ class Parallel:
             # addresses under the same keys: give this attempt its own key prefix.
             rank = int(os.environ["RANK"])
             agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                 world, is_master=not agent and rank == 0, timeout=timeout)
-            store = {"store": dist.PrefixStore(f"longnet-restart-{restart}", base),
-                     "rank": rank, "world_size": world}
+            base = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                world,
+                is_master=not agent and rank == 0,
+                timeout=timeout,
+            )
+            store = {
+                "store": dist.PrefixStore(f"longnet-restart-{restart}", base),
+                "rank": rank,
+                "world_size": world,
+            }
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout, **store)
         lnd.set_timeout(args.timeout)
         self.dist = dist
         self.rank, self.world = dist.get_rank(), world
         self.dp, self.sp = dp, sp
-        self.mesh = build_mesh(dp, sp, device_type="cuda" if cuda else "cpu",
-                               seq_len=args.seq_len)
+        self.mesh = build_mesh(dp, sp, device_type="cuda" if cuda else "cpu", seq_len=args.seq_len)
 
     def device(self, device: str) -> str:
         if self.enabled and device == "cuda":
@@ -272,14 +349,15 @@ class Parallel:
         if t.shape[0] % self.dp:
             n = t.shape[1] // self.sp
             s = self.mesh.get_local_rank("sp")
-            return t[:, s * n:(s + 1) * n]
+            return t[:, s * n : (s + 1) * n]
         return local_batch(t, self.mesh)
 
-    def sum(self, *values: float) -> List[float]:
+    def sum(self, *values: float) -> list[float]:
         if not self.enabled:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64,
-                         device="cpu" if self.mesh.device_type == "cpu" else "cuda")
+        t = torch.tensor(
+            values, dtype=torch.float64, device="cpu" if self.mesh.device_type == "cpu" else "cuda"
+        )
         with _phase("an all-reduce of the loss over the ranks", self):
             self.dist.all_reduce(t)
         return t.tolist()
@@ -294,8 +372,9 @@ class Parallel:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: str, par: Parallel,
-             autocast_dtype: Optional[torch.dtype]) -> float:
+def evaluate(
+    model: torch.nn.Module, batches, device: str, par: Parallel, autocast_dtype: torch.dtype | None
+) -> float:
     """Mean next-token loss (nats per token) over fixed validation batches."""
     model.eval()
     total, count = 0.0, 0
@@ -321,16 +400,17 @@ def _phase(name: str, par: Parallel):
     return phase(name)
 
 
-def _autocast(device: str, dtype: Optional[torch.dtype]):
+def _autocast(device: str, dtype: torch.dtype | None):
     if dtype is None:
         return torch.autocast(device_type=device.split(":")[0], enabled=False)
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-def save_plot(history: Dict[str, list], path: str, title: str) -> bool:
+def save_plot(history: dict[str, list], path: str, title: str) -> bool:
     """Write the train/validation loss curves to ``path`` (False without matplotlib)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -341,8 +421,8 @@ def save_plot(history: Dict[str, list], path: str, title: str) -> bool:
         ax.plot(steps, losses, alpha=0.35, lw=1, label="train (per step)")
         k = max(1, len(losses) // 25)
         if k > 1 and len(losses) > k:
-            smooth = [sum(losses[i - k + 1:i + 1]) / k for i in range(k - 1, len(losses))]
-            ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"train ({k}-step mean)")
+            smooth = [sum(losses[i - k + 1 : i + 1]) / k for i in range(k - 1, len(losses))]
+            ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"train ({k}-step mean)")
     if history["val"]:
         steps, losses = zip(*history["val"])
         ax.plot(steps, losses, "o-", lw=2, label="validation")
@@ -357,7 +437,7 @@ def save_plot(history: Dict[str, list], path: str, title: str) -> bool:
     return True
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; return the metrics (also written to metrics.json)."""
     par = Parallel(args)
     is_main = par.rank == 0
@@ -365,8 +445,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     device = par.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16,
-                      "float16": torch.float16}[args.dtype]
+    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype
+    ]
 
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
     dcp_dir = os.path.join(args.out_dir, "dcp")
@@ -378,8 +459,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         # torchrun --max-restarts restarted the job after a rank failed: continue
         # from the last checkpoint of this run, if it wrote one.
         args.resume = latest_checkpoint(dcp_dir) is not None
-        log(f"restart {restarts}: " + ("resuming from the last checkpoint" if args.resume
-                                       else "no checkpoint yet, starting over"))
+        log(
+            f"restart {restarts}: "
+            + (
+                "resuming from the last checkpoint"
+                if args.resume
+                else "no checkpoint yet, starting over"
+            )
+        )
     if args.resume and par.enabled:
         from longnet.checkpoint import latest_checkpoint
 
@@ -408,21 +495,32 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         from longnet.parallel import parallelize
 
         # Under the mesh --dtype is FSDP2's parameter dtype (gradients reduce in float32).
-        policy = MixedPrecisionPolicy(param_dtype=autocast_dtype,
-                                      reduce_dtype=torch.float32 if autocast_dtype else None)
-        parallelize(model, par.mesh, activation_checkpointing=args.activation_checkpointing,
-                    mp_policy=policy, compile=args.compile)
+        policy = MixedPrecisionPolicy(
+            param_dtype=autocast_dtype, reduce_dtype=torch.float32 if autocast_dtype else None
+        )
+        parallelize(
+            model,
+            par.mesh,
+            activation_checkpointing=args.activation_checkpointing,
+            mp_policy=policy,
+            compile=args.compile,
+        )
         autocast_dtype = None
     else:
         model.set_activation_checkpointing(args.activation_checkpointing)
         if args.compile:
             fwd_model = torch.compile(model)
-    log(f"model: {n_params:,} parameters, {cfg.num_layers} layers, "
+    log(
+        f"model: {n_params:,} parameters, {cfg.num_layers} layers, "
         f"width {cfg.embed_dim}, {cfg.num_heads} heads; attention {args.attention} "
         f"w={cfg.segment_lengths} r={cfg.dilation_rates}; seq_len {args.seq_len}"
-        + (f"; mesh dp {par.dp} x sp {par.sp} (FSDP2 over {par.world} ranks)"
-           if par.enabled else "")
-        + ("; activation checkpointing" if args.activation_checkpointing else ""))
+        + (
+            f"; mesh dp {par.dp} x sp {par.sp} (FSDP2 over {par.world} ranks)"
+            if par.enabled
+            else ""
+        )
+        + ("; activation checkpointing" if args.activation_checkpointing else "")
+    )
 
     train_tokens, val_tokens = load_data(args, log)
     val_batches = eval_batches(val_tokens, args.seq_len, args.eval_windows, args.batch_size)
@@ -430,10 +528,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     gen = torch.Generator().manual_seed(args.seed + 1)
-    history: Dict[str, list] = {"train": [], "val": []}
+    history: dict[str, list] = {"train": [], "val": []}
     step, elapsed0 = 0, 0.0
     if dcp_path is not None:
         from longnet.checkpoint import load_checkpoint
@@ -444,8 +547,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         saved = state["args"]
         for name in ("seq_len", "batch_size", "seed"):
             if getattr(args, name) != saved[name]:
-                log(f"note: --{name.replace('_', '-')} {getattr(args, name)} differs from "
-                    f"the checkpoint's {saved[name]}")
+                log(
+                    f"note: --{name.replace('_', '-')} {getattr(args, name)} differs from "
+                    f"the checkpoint's {saved[name]}"
+                )
         if dcp_path is None:
             optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
@@ -453,34 +558,54 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         step, elapsed0 = state["step"], state.get("elapsed_s", 0.0)
 
     def save_checkpoint() -> None:
-        trainer = {"step": step, "generator": gen.get_state(), "history": history,
-                   "elapsed_s": elapsed0 + time.time() - t0, "args": vars(args)}
+        trainer = {
+            "step": step,
+            "generator": gen.get_state(),
+            "history": history,
+            "elapsed_s": elapsed0 + time.time() - t0,
+            "args": vars(args),
+        }
         if par.enabled:
             from longnet.checkpoint import save_checkpoint as save_sharded
 
-            save_sharded(dcp_dir, step, model, optimizer, extra=trainer,
-                         mesh_shape=(par.dp, par.sp), keep=args.keep_checkpoints)
+            save_sharded(
+                dcp_dir,
+                step,
+                model,
+                optimizer,
+                extra=trainer,
+                mesh_shape=(par.dp, par.sp),
+                keep=args.keep_checkpoints,
+            )
             return
         model.save_pretrained(ckpt_dir)
-        torch.save({**trainer, "optimizer": optimizer.state_dict()},
-                   os.path.join(ckpt_dir, TRAINER_STATE))
+        torch.save(
+            {**trainer, "optimizer": optimizer.state_dict()}, os.path.join(ckpt_dir, TRAINER_STATE)
+        )
 
     if is_main:
         os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
     if step == 0 and not history["val"]:
-        history["val"].append((0, evaluate(fwd_model, val_batches, device, par,
-                                           autocast_dtype)))
+        history["val"].append((0, evaluate(fwd_model, val_batches, device, par, autocast_dtype)))
         log(f"step 0: validation loss {history['val'][-1][1]:.4f}")
 
     bar = None
     if is_main and not args.quiet:
         from tqdm import tqdm
-        bar = tqdm(total=args.steps, initial=step, desc="train", unit="step",
-                   dynamic_ncols=True, file=sys.stdout)
+
+        bar = tqdm(
+            total=args.steps,
+            initial=step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout,
+        )
     model.train()
     tokens_per_step = args.batch_size * args.seq_len
     window_t, window_tokens = time.time(), 0
+
     def train_step(step: int) -> float:
         """One optimizer step on the next global batch; the mean loss over the ranks."""
         x, y = random_batch(train_tokens, args.batch_size, args.seq_len, gen)
@@ -535,7 +660,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             raise RuntimeError(
                 f"rank {par.rank} of {par.world}, step {step + 1}: a collective failed or "
                 f"timed out (--timeout {args.timeout:g} s) in {current_phase()}; another "
-                f"rank probably died or hangs. {type(exc).__name__}: {exc}") from exc
+                f"rank probably died or hangs. {type(exc).__name__}: {exc}"
+            ) from exc
     if bar is not None:
         bar.close()
     elapsed = elapsed0 + time.time() - t0
@@ -549,9 +675,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             export_pretrained(latest_checkpoint(dcp_dir), ckpt_dir)
 
     metrics = {
-        "steps": step, "elapsed_s": round(elapsed, 1), "attention": args.attention,
-        "segment_lengths": cfg.segment_lengths, "dilation_rates": cfg.dilation_rates,
-        "seq_len": args.seq_len, "parameters": n_params,
+        "steps": step,
+        "elapsed_s": round(elapsed, 1),
+        "attention": args.attention,
+        "segment_lengths": cfg.segment_lengths,
+        "dilation_rates": cfg.dilation_rates,
+        "seq_len": args.seq_len,
+        "parameters": n_params,
         "mesh": {"dp": par.dp, "sp": par.sp},
         "val_loss_start": history["val"][0][1] if history["val"] else None,
         "val_loss_end": history["val"][-1][1] if history["val"] else None,
@@ -562,20 +692,24 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             json.dump(metrics, f, indent=1)
         if not args.no_plot:
             png = os.path.join(args.out_dir, "loss_curve.png")
-            title = (f"LongNet byte LM ({args.attention}, w={cfg.segment_lengths}, "
-                     f"r={cfg.dilation_rates})")
+            title = (
+                f"LongNet byte LM ({args.attention}, w={cfg.segment_lengths}, "
+                f"r={cfg.dilation_rates})"
+            )
             if save_plot(history, png, title):
                 log(f"loss curve: {png}")
             else:
                 log("matplotlib is not installed: no loss curve written")
-        log(f"done: {step} steps in {elapsed:.0f} s; validation loss "
+        log(
+            f"done: {step} steps in {elapsed:.0f} s; validation loss "
             f"{metrics['val_loss_start']:.4f} -> {metrics['val_loss_end']:.4f}; "
-            f"checkpoint: {ckpt_dir}")
+            f"checkpoint: {ckpt_dir}"
+        )
     par.close()
     return metrics
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     return run(args)
 

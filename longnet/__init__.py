@@ -27,13 +27,13 @@ __version__ = "0.1.0"
 
 __all__ = ["dilated_attention", "use_engine", "last_engine", "HAS_CUDA", "__version__"]
 
+from longnet.model import LongNetConfig, LongNetDecoder, LongNetDecoderLayer, LongNetLM  # noqa: E402
 from longnet.modules import (  # noqa: E402
     DilatedAttention,
     KVCache,
     MultiheadDilatedAttention,
     RotaryEmbedding,
 )
-from longnet.model import LongNetConfig, LongNetDecoder, LongNetDecoderLayer, LongNetLM  # noqa: E402
 from longnet.tokenizer import ByteTokenizer  # noqa: E402
 
 __all__ += [

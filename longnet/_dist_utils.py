@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -51,8 +51,10 @@ class CommStats:
     calls: int = 0
 
     def __repr__(self) -> str:
-        return (f"CommStats(bytes_sent={self.bytes_sent}, "
-                f"bytes_received={self.bytes_received}, calls={self.calls})")
+        return (
+            f"CommStats(bytes_sent={self.bytes_sent}, "
+            f"bytes_received={self.bytes_received}, calls={self.calls})"
+        )
 
 
 _stats = CommStats()
@@ -83,7 +85,7 @@ def get_timeout() -> float:
     return _timeout_s
 
 
-def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple:
+def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple:
     """``(rank, world_size)`` of this process inside ``group`` (default: WORLD)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
@@ -124,8 +126,9 @@ def _launch(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int], gro
     _stats.bytes_sent += item * sum(s for d, s in enumerate(send_sizes) if d != rank)
     _stats.bytes_received += item * sum(s for d, s in enumerate(recv_sizes) if d != rank)
     _stats.calls += 1
-    work = dist.all_to_all_single(out, x, list(map(int, recv_sizes)),
-                                  list(map(int, send_sizes)), group=group, async_op=True)
+    work = dist.all_to_all_single(
+        out, x, list(map(int, recv_sizes)), list(map(int, send_sizes)), group=group, async_op=True
+    )
     return out, (work, x)
 
 
@@ -213,8 +216,13 @@ class _Arrive(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def all_to_all_start(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int],
-                     group=None, what: str = "all_to_all") -> Tuple[Tensor, Pending]:
+def all_to_all_start(
+    x: Tensor,
+    send_sizes: Sequence[int],
+    recv_sizes: Sequence[int],
+    group=None,
+    what: str = "all_to_all",
+) -> tuple[Tensor, Pending]:
     """Start sending ``x[sum(send_sizes[:d]) : ...]`` to rank ``d`` of ``group``.
 
     Returns ``(out, pending)``: ``out`` becomes the concatenation of what every rank
@@ -225,20 +233,25 @@ def all_to_all_start(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[
         raise ValueError(f"all_to_all expects a 1-D tensor, got shape {tuple(x.shape)}")
     if sum(send_sizes) != x.numel():
         raise ValueError(f"send_sizes sum to {sum(send_sizes)} but x has {x.numel()} elements")
-    box: List[Pending] = []
+    box: list[Pending] = []
     out = _AllToAll.apply(x, tuple(send_sizes), tuple(recv_sizes), group, what, box)
     return out, box[0]
 
 
-def all_to_all(x: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int],
-               group=None, what: str = "all_to_all") -> Tensor:
+def all_to_all(
+    x: Tensor,
+    send_sizes: Sequence[int],
+    recv_sizes: Sequence[int],
+    group=None,
+    what: str = "all_to_all",
+) -> Tensor:
     """:func:`all_to_all_start` followed by the wait."""
     out, pending = all_to_all_start(x, send_sizes, recv_sizes, group, what)
     pending.wait()
     return out
 
 
-def all_gather_small(t: Tensor, group=None, what: str = "all_gather") -> List[Tensor]:
+def all_gather_small(t: Tensor, group=None, what: str = "all_gather") -> list[Tensor]:
     """All-gather of a small tensor (no autograd, not counted), with the timeout."""
     size = dist.get_world_size(group)
     out = [torch.empty_like(t) for _ in range(size)]

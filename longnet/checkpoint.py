@@ -25,14 +25,20 @@ import argparse
 import json
 import os
 import re
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "export_pretrained",
-           "checkpoint_step"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "export_pretrained",
+    "checkpoint_step",
+]
 
 META_NAME = "longnet_checkpoint.json"
 TRAINER_NAME = "trainer_state.pt"
@@ -62,18 +68,19 @@ def checkpoint_step(path: str) -> int:
     return int(_read_meta(path)["step"])
 
 
-def _read_meta(path: str) -> Dict[str, Any]:
+def _read_meta(path: str) -> dict[str, Any]:
     meta_path = os.path.join(path, META_NAME)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(
             f"{path!r} is not a finished longnet checkpoint (no {META_NAME}); pass a "
             "directory written by longnet.checkpoint.save_checkpoint, or its root to "
-            "latest_checkpoint()")
+            "latest_checkpoint()"
+        )
     with open(meta_path) as f:
         return json.load(f)
 
 
-def latest_checkpoint(root: str) -> Optional[str]:
+def latest_checkpoint(root: str) -> str | None:
     """The finished checkpoint with the highest step under ``root`` (None if none)."""
     if not os.path.isdir(root):
         return None
@@ -86,7 +93,7 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return None if best is None else best[1]
 
 
-def _state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
@@ -95,11 +102,17 @@ def _state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict
     return {"model": model_sd, "optim": optim_sd}
 
 
-def save_checkpoint(root: str, step: int, model: nn.Module,
-                    optimizer: Optional[torch.optim.Optimizer] = None, *,
-                    scheduler: Any = None, extra: Optional[Dict[str, Any]] = None,
-                    mesh_shape: Optional[Sequence[int]] = None,
-                    keep: Optional[int] = None) -> str:
+def save_checkpoint(
+    root: str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scheduler: Any = None,
+    extra: dict[str, Any] | None = None,
+    mesh_shape: Sequence[int] | None = None,
+    keep: int | None = None,
+) -> str:
     """Write ``ROOT/step_<step>`` and return its path. Collective: every rank calls it.
 
     Args:
@@ -125,13 +138,23 @@ def save_checkpoint(root: str, step: int, model: nn.Module,
     _barrier()
     dcp.save(_state(model, optimizer), checkpoint_id=path, no_dist=not _distributed())
     if _rank() == 0:
-        torch.save({"scheduler": None if scheduler is None else scheduler.state_dict(),
-                    "extra": extra or {}, "rng": torch.get_rng_state()},
-                   os.path.join(path, TRAINER_NAME))
-        meta = {"format": _FORMAT, "step": int(step), "config": model.config.to_dict(),
-                "dtype": _param_dtype(model), "has_optimizer": optimizer is not None,
-                "world_size": dist.get_world_size() if _distributed() else 1,
-                "mesh_shape": None if mesh_shape is None else list(mesh_shape)}
+        torch.save(
+            {
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "extra": extra or {},
+                "rng": torch.get_rng_state(),
+            },
+            os.path.join(path, TRAINER_NAME),
+        )
+        meta = {
+            "format": _FORMAT,
+            "step": int(step),
+            "config": model.config.to_dict(),
+            "dtype": _param_dtype(model),
+            "has_optimizer": optimizer is not None,
+            "world_size": dist.get_world_size() if _distributed() else 1,
+            "mesh_shape": None if mesh_shape is None else list(mesh_shape),
+        }
         tmp = os.path.join(path, META_NAME + ".tmp")
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
@@ -145,27 +168,40 @@ def save_checkpoint(root: str, step: int, model: nn.Module,
 def _prune(root: str, keep: int) -> None:
     import shutil
 
-    done = sorted((int(m.group(1)), n) for n in os.listdir(root)
-                  if (m := _STEP_DIR.match(n)) and os.path.isfile(os.path.join(root, n, META_NAME)))
-    for _, name in done[:max(0, len(done) - max(1, keep))]:
+    done = sorted(
+        (int(m.group(1)), n)
+        for n in os.listdir(root)
+        if (m := _STEP_DIR.match(n)) and os.path.isfile(os.path.join(root, n, META_NAME))
+    )
+    for _, name in done[: max(0, len(done) - max(1, keep))]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _check_config(path: str, meta: Dict[str, Any], model: nn.Module) -> None:
+def _check_config(path: str, meta: dict[str, Any], model: nn.Module) -> None:
     saved, mine = meta["config"], model.config.to_dict()
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, model {mine.get(k)!r}"
-            for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r}, model {mine.get(k)!r}"
+        for k in sorted(set(saved) | set(mine))
+        if saved.get(k) != mine.get(k)
+    ]
     if diff:
         raise ValueError(
             f"the checkpoint {path!r} was written for another model ("
-            + "; ".join(diff) + "). Build the model from the checkpoint's config "
+            + "; ".join(diff)
+            + "). Build the model from the checkpoint's config "
             f"(LongNetConfig.from_dict of {META_NAME}'s 'config') or start a new run "
-            "in another directory.")
+            "in another directory."
+        )
 
 
-def load_checkpoint(path: str, model: nn.Module,
-                    optimizer: Optional[torch.optim.Optimizer] = None, *,
-                    scheduler: Any = None, restore_rng: bool = True) -> Dict[str, Any]:
+def load_checkpoint(
+    path: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
     """Load ``path`` (a ``step_*`` directory) into ``model`` / ``optimizer`` /
     ``scheduler`` in place, on any mesh; collective. Returns ``{"step", "extra",
     "meta"}``.
@@ -181,17 +217,19 @@ def load_checkpoint(path: str, model: nn.Module,
     meta = _read_meta(path)
     _check_config(path, meta, model)
     if optimizer is not None and not meta.get("has_optimizer", False):
-        raise ValueError(f"the checkpoint {path!r} holds no optimizer state; pass "
-                         "optimizer=None to load the model alone")
+        raise ValueError(
+            f"the checkpoint {path!r} holds no optimizer state; pass "
+            "optimizer=None to load the model alone"
+        )
     state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-    trainer = torch.load(os.path.join(path, TRAINER_NAME), map_location="cpu",
-                         weights_only=False)
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+    trainer = torch.load(os.path.join(path, TRAINER_NAME), map_location="cpu", weights_only=False)
     if scheduler is not None and trainer["scheduler"] is not None:
         scheduler.load_state_dict(trainer["scheduler"])
     if restore_rng:
@@ -199,7 +237,7 @@ def load_checkpoint(path: str, model: nn.Module,
     return {"step": int(meta["step"]), "extra": trainer["extra"], "meta": meta}
 
 
-def export_pretrained(path: str, out_dir: str, *, dtype: Optional[torch.dtype] = None):
+def export_pretrained(path: str, out_dir: str, *, dtype: torch.dtype | None = None):
     """Write the model of checkpoint ``path`` as a ``save_pretrained`` directory
     (one process, no process group needed) and return the :class:`LongNetLM`."""
     import torch.distributed.checkpoint as dcp
@@ -218,9 +256,11 @@ def export_pretrained(path: str, out_dir: str, *, dtype: Optional[torch.dtype] =
     return model
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m longnet.checkpoint",
-                                description="Inspect or export longnet DCP checkpoints.")
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m longnet.checkpoint",
+        description="Inspect or export longnet DCP checkpoints.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="write a save_pretrained directory from a checkpoint")
     e.add_argument("checkpoint", help="a step_* directory, or a run's checkpoint root")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sysconfig
 import zlib
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ __all__ = [
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
-def list_text_files(root: str, extensions: Sequence[str] = (".py",)) -> List[str]:
+def list_text_files(root: str, extensions: Sequence[str] = (".py",)) -> list[str]:
     """Sorted paths of files under ``root`` (or ``[root]`` for a file) with ``extensions``."""
     if os.path.isfile(root):
         return [root]
@@ -47,7 +47,7 @@ def list_text_files(root: str, extensions: Sequence[str] = (".py",)) -> List[str
     return sorted(found)
 
 
-def stdlib_source_files() -> Tuple[str, List[str]]:
+def stdlib_source_files() -> tuple[str, list[str]]:
     """``(stdlib_dir, files)``: the standard library's ``.py`` files on this machine."""
     root = sysconfig.get_paths()["stdlib"]
     files = list_text_files(root, (".py",))
@@ -56,14 +56,15 @@ def stdlib_source_files() -> Tuple[str, List[str]]:
     return root, files
 
 
-def split_by_file(files: Sequence[str], root: str, val_fraction: float = 0.05
-                  ) -> Tuple[List[str], List[str]]:
+def split_by_file(
+    files: Sequence[str], root: str, val_fraction: float = 0.05
+) -> tuple[list[str], list[str]]:
     """Split ``files`` into ``(train, validation)`` by a CRC32 of each path relative to
     ``root``: deterministic on every machine, and a file is in exactly one split."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    train: List[str] = []
-    val: List[str] = []
+    train: list[str] = []
+    val: list[str] = []
     threshold = int(val_fraction * 10_000)
     for path in files:
         rel = os.path.relpath(path, root) if os.path.isdir(root) else os.path.basename(path)
@@ -78,14 +79,15 @@ def split_by_file(files: Sequence[str], root: str, val_fraction: float = 0.05
     return train, val
 
 
-def encode_files(files: Sequence[str], tokenizer: Optional[ByteTokenizer] = None,
-                 max_bytes: Optional[int] = None) -> np.ndarray:
+def encode_files(
+    files: Sequence[str], tokenizer: ByteTokenizer | None = None, max_bytes: int | None = None
+) -> np.ndarray:
     """One ``uint16`` token stream: ``BOS file EOS`` for each file, in order.
 
     ``max_bytes`` stops after about that many bytes (whole files).
     """
     tok = tokenizer or ByteTokenizer()
-    parts: List[np.ndarray] = []
+    parts: list[np.ndarray] = []
     total = 0
     for path in files:
         with open(path, "rb") as f:
@@ -103,8 +105,9 @@ def encode_files(files: Sequence[str], tokenizer: Optional[ByteTokenizer] = None
     return np.concatenate(parts)
 
 
-def random_batch(tokens: np.ndarray, batch_size: int, seq_len: int,
-                 generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+def random_batch(
+    tokens: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """``batch_size`` random windows: inputs and next-token targets, each ``(B, seq_len)``."""
     if tokens.size < seq_len + 2:
         raise ValueError(f"corpus of {tokens.size} tokens is too short for seq_len={seq_len}")
@@ -114,15 +117,19 @@ def random_batch(tokens: np.ndarray, batch_size: int, seq_len: int,
     return window[:, :-1], window[:, 1:]
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, num_windows: int, batch_size: int
-                 ) -> List[Tuple[Tensor, Tensor]]:
+def eval_batches(
+    tokens: np.ndarray, seq_len: int, num_windows: int, batch_size: int
+) -> list[tuple[Tensor, Tensor]]:
     """A fixed list of evenly spaced validation windows, batched."""
     if tokens.size < seq_len + 2:
-        raise ValueError(f"validation corpus of {tokens.size} tokens is too short for "
-                         f"seq_len={seq_len}")
+        raise ValueError(
+            f"validation corpus of {tokens.size} tokens is too short for seq_len={seq_len}"
+        )
     span = tokens.size - seq_len - 1
     starts = np.linspace(0, span, num=max(1, num_windows)).astype(np.int64)
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     window = torch.from_numpy(tokens[idx].astype(np.int64))
-    return [(window[i:i + batch_size, :-1], window[i:i + batch_size, 1:])
-            for i in range(0, window.shape[0], batch_size)]
+    return [
+        (window[i : i + batch_size, :-1], window[i : i + batch_size, 1:])
+        for i in range(0, window.shape[0], batch_size)
+    ]

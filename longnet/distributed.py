@@ -47,9 +47,9 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -96,28 +96,29 @@ class _HeadGroup:
     """Query heads of one cross-rank segment whose offsets give every rank of the
     segment the same number of rows (so one operator call serves them)."""
 
-    heads: Tuple[int, ...]                 # query heads J
-    pairs: Tuple[Tuple[int, int], ...]     # (kv head, offset) rows that are exchanged
-    head_to_pair: Tuple[int, ...]          # J index -> pairs index
-    counts: Tuple[int, ...]                # rows per rank of the segment
-    first_t: Tuple[Tuple[int, ...], ...]   # [rank in segment][offset] first sparse index
+    heads: tuple[int, ...]  # query heads J
+    pairs: tuple[tuple[int, int], ...]  # (kv head, offset) rows that are exchanged
+    head_to_pair: tuple[int, ...]  # J index -> pairs index
+    counts: tuple[int, ...]  # rows per rank of the segment
+    first_t: tuple[tuple[int, ...], ...]  # [rank in segment][offset] first sparse index
 
 
 @dataclass(frozen=True)
 class _Segment:
     pattern: int
     index: int
-    start: int          # S0 = index * w, absolute (sparse index t counts from here)
-    stop: int           # S1 (exclusive, clipped to the sequence's end)
+    start: int  # S0 = index * w, absolute (sparse index t counts from here)
+    stop: int  # S1 (exclusive, clipped to the sequence's end)
     first_rank: int
     last_rank: int
     w: int
     r: int
-    groups: Tuple[_HeadGroup, ...]
+    groups: tuple[_HeadGroup, ...]
 
 
-def _segment_ranks(s: int, w: int, n: int, chunk: int,
-                   offset: int = 0) -> Tuple[int, int, int, int]:
+def _segment_ranks(
+    s: int, w: int, n: int, chunk: int, offset: int = 0
+) -> tuple[int, int, int, int]:
     """Segment ``s`` of length ``w`` of the sequence at absolute positions
     ``[offset, offset + n)``: (start, stop) clipped to the sequence, and the first and
     last rank holding a position of it."""
@@ -126,14 +127,23 @@ def _segment_ranks(s: int, w: int, n: int, chunk: int,
 
 
 @lru_cache(maxsize=256)
-def _segment(pattern: int, s: int, w: int, r: int, n: int, chunk: int,
-             num_heads: int, kv_group: int, offset: int = 0) -> _Segment:
+def _segment(
+    pattern: int,
+    s: int,
+    w: int,
+    r: int,
+    n: int,
+    chunk: int,
+    num_heads: int,
+    kv_group: int,
+    offset: int = 0,
+) -> _Segment:
     """Head groups of cross-rank segment ``s`` of pattern ``(w, r)``."""
     lo, stop, r0, r1 = _segment_ranks(s, w, n, chunk, offset)
     start = s * w
     offsets = range(min(num_heads, r))
-    firsts: Dict[int, List[int]] = {}
-    sig: Dict[int, Tuple[int, ...]] = {}
+    firsts: dict[int, list[int]] = {}
+    sig: dict[int, tuple[int, ...]] = {}
     for o in offsets:
         per_rank, ts = [], []
         for q in range(r0, r1 + 1):
@@ -153,8 +163,10 @@ def _segment(pattern: int, s: int, w: int, r: int, n: int, chunk: int,
         heads = tuple(j for j in range(num_heads) if j % r in offs)
         pairs = tuple(sorted({(j // kv_group, j % r) for j in heads}))
         head_to_pair = tuple(pairs.index((j // kv_group, j % r)) for j in heads)
-        first_t = tuple(tuple(firsts[o][q] if o in offs else -1 for o in range(max(offs) + 1))
-                        for q in range(r1 - r0 + 1))
+        first_t = tuple(
+            tuple(firsts[o][q] if o in offs else -1 for o in range(max(offs) + 1))
+            for q in range(r1 - r0 + 1)
+        )
         groups.append(_HeadGroup(heads, pairs, head_to_pair, counts, first_t))
     return _Segment(pattern, s, start, stop, r0, r1, w, r, tuple(groups))
 
@@ -164,12 +176,12 @@ class _Call:
     """One operator call for the cross-rank rows of a segment on this rank."""
 
     pattern: int
-    n_q: int                          # this rank's query rows per head
-    n_heads: int                      # query heads |J|
-    n_pairs: int                      # exchanged (kv head, offset) pairs |U|
-    q_start: int                      # offset of its queries in the gathered queries
-    pieces: Tuple[Tuple[bool, int, int], ...]  # keys in position order: (received?, start, rows)
-    head_map: Optional[Tensor]        # (|J|,) pair index per head; None when GQA maps it
+    n_q: int  # this rank's query rows per head
+    n_heads: int  # query heads |J|
+    n_pairs: int  # exchanged (kv head, offset) pairs |U|
+    q_start: int  # offset of its queries in the gathered queries
+    pieces: tuple[tuple[bool, int, int], ...]  # keys in position order: (received?, start, rows)
+    head_map: Tensor | None  # (|J|,) pair index per head; None when GQA maps it
 
 
 @dataclass
@@ -181,29 +193,32 @@ class _RankPlan:
     ``head * L + row``.
     """
 
-    local_ws: Tuple[int, ...]
-    local_rs: Tuple[int, ...]
-    partial: Dict[int, Tuple[int, int]]      # pattern -> local [a, b) of own segments
-    cross_patterns: Tuple[int, ...]          # patterns that get a per-pattern result
-    calls: List[_Call]
-    kv_index: Tensor                         # rows sent (by destination), then own rows
-    send_rows: Tuple[int, ...]               # kv_index entries per destination
-    recv_rows: Tuple[int, ...]               # received entries per source
-    q_index: Tensor                          # query rows of all calls
-    out_index: Dict[int, Tensor]             # pattern -> output rows (partial, then calls)
-    lse_index: Dict[int, Tensor]             # pattern -> lse rows (same entries and order)
-    exchange: bool                           # whether the ranks exchange anything
-    _device_cache: Dict = field(default_factory=dict)
+    local_ws: tuple[int, ...]
+    local_rs: tuple[int, ...]
+    partial: dict[int, tuple[int, int]]  # pattern -> local [a, b) of own segments
+    cross_patterns: tuple[int, ...]  # patterns that get a per-pattern result
+    calls: list[_Call]
+    kv_index: Tensor  # rows sent (by destination), then own rows
+    send_rows: tuple[int, ...]  # kv_index entries per destination
+    recv_rows: tuple[int, ...]  # received entries per source
+    q_index: Tensor  # query rows of all calls
+    out_index: dict[int, Tensor]  # pattern -> output rows (partial, then calls)
+    lse_index: dict[int, Tensor]  # pattern -> lse rows (same entries and order)
+    exchange: bool  # whether the ranks exchange anything
+    _device_cache: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        return (f"_RankPlan(local patterns {list(zip(self.local_ws, self.local_rs))}, "
-                f"cross-rank patterns {list(self.cross_patterns)}, "
-                f"partly local {self.partial}, {len(self.calls)} calls, "
-                f"rows sent {list(self.send_rows)}, received {list(self.recv_rows)})")
+        return (
+            f"_RankPlan(local patterns {list(zip(self.local_ws, self.local_rs))}, "
+            f"cross-rank patterns {list(self.cross_patterns)}, "
+            f"partly local {self.partial}, {len(self.calls)} calls, "
+            f"rows sent {list(self.send_rows)}, received {list(self.recv_rows)})"
+        )
 
 
-def _rows(seg: _Segment, g: _HeadGroup, rank: int, chunk: int, offs: Sequence[int],
-          offset: int = 0) -> Tensor:
+def _rows(
+    seg: _Segment, g: _HeadGroup, rank: int, chunk: int, offs: Sequence[int], offset: int = 0
+) -> Tensor:
     """Local rows of ``rank`` for the given offsets: (count, len(offs))."""
     qi = rank - seg.first_rank
     n = g.counts[qi]
@@ -213,18 +228,26 @@ def _rows(seg: _Segment, g: _HeadGroup, rank: int, chunk: int, offs: Sequence[in
     return base.unsqueeze(0) + t * seg.r
 
 
-def _touching(p: int, w: int, chunk: int, offset: int = 0) -> Tuple[int, int]:
+def _touching(p: int, w: int, chunk: int, offset: int = 0) -> tuple[int, int]:
     return (offset + p * chunk) // w, (offset + (p + 1) * chunk - 1) // w
 
 
-def _cat(ts: List[Tensor]) -> Tensor:
+def _cat(ts: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in ts]) if ts else torch.zeros(0, dtype=torch.long)
 
 
 @lru_cache(maxsize=64)
-def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
-          ws: Tuple[int, ...], rs: Tuple[int, ...], is_causal: bool,
-          offset: int = 0) -> _RankPlan:
+def _plan(
+    world: int,
+    rank: int,
+    chunk: int,
+    num_heads: int,
+    kv_heads: int,
+    ws: tuple[int, ...],
+    rs: tuple[int, ...],
+    is_causal: bool,
+    offset: int = 0,
+) -> _RankPlan:
     """What ``rank`` computes, sends and receives; the sequence occupies absolute
     positions ``[offset, offset + world * chunk)``."""
     n = world * chunk
@@ -233,17 +256,19 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
     local_ws, local_rs, cross, partial = [], [], [], {}
     exchange = False
     # (key, ...) records; key = (pattern, segment, group) orders every exchange.
-    jobs = []                                  # receiving side
-    sends: List[list] = [[] for _ in range(world)]
-    recvs: List[list] = [[] for _ in range(world)]
+    jobs = []  # receiving side
+    sends: list[list] = [[] for _ in range(world)]
+    recvs: list[list] = [[] for _ in range(world)]
     for i, (w, r) in enumerate(zip(ws, rs)):
         # A rank boundary inside a segment makes that segment cross ranks.
         if any((offset + p * chunk) % w for p in range(1, world)):
             exchange = True
         s_a, s_b = _touching(rank, w, chunk, offset)
-        crossing = [s for s in sorted({s_a, s_b})
-                    if _segment_ranks(s, w, n, chunk, offset)[3]
-                    > _segment_ranks(s, w, n, chunk, offset)[2]]
+        crossing = [
+            s
+            for s in sorted({s_a, s_b})
+            if _segment_ranks(s, w, n, chunk, offset)[3] > _segment_ranks(s, w, n, chunk, offset)[2]
+        ]
         if not crossing:
             local_ws.append(w)
             local_rs.append(r)
@@ -263,8 +288,11 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
                 kv_rows = _rows(seg, g, rank, chunk, [o for _, o in g.pairs], offset)
                 kvh = torch.tensor([hh for hh, _ in g.pairs])
                 flat_kv = kv_rows * kv_heads + kvh
-                ranks = [q for q in range(seg.first_rank, seg.last_rank + 1)
-                         if not is_causal or q <= rank]
+                ranks = [
+                    q
+                    for q in range(seg.first_rank, seg.last_rank + 1)
+                    if not is_causal or q <= rank
+                ]
                 jobs.append((key, seg, g, ranks, flat_kv))
                 for q in ranks:
                     nq = g.counts[q - seg.first_rank]
@@ -273,8 +301,11 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
                 # This rank's rows go to every later (causal) or other rank of the
                 # segment that has queries in the group.
                 for dst in range(seg.first_rank, seg.last_rank + 1):
-                    if dst != rank and not (is_causal and dst < rank) \
-                            and g.counts[dst - seg.first_rank] > 0:
+                    if (
+                        dst != rank
+                        and not (is_causal and dst < rank)
+                        and g.counts[dst - seg.first_rank] > 0
+                    ):
                         sends[dst].append((key, flat_kv))
     jobs.sort(key=lambda x: x[0])
     for lst in sends + recvs:
@@ -289,8 +320,8 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
     send_rows = tuple(sum(t.numel() for _, t in sends[dst]) for dst in range(world))
 
     calls, own_parts, q_parts = [], [], []
-    out_parts: Dict[int, list] = {i: [] for i in cross}
-    lse_parts: Dict[int, list] = {i: [] for i in cross}
+    out_parts: dict[int, list] = {i: [] for i in cross}
+    lse_parts: dict[int, list] = {i: [] for i in cross}
     for i, (a, b) in partial.items():  # the locally computed segments come first
         local_rows = torch.arange(a, b)
         out_parts[i].append(local_rows.unsqueeze(1) * num_heads + torch.arange(num_heads))
@@ -311,23 +342,38 @@ def _plan(world: int, rank: int, chunk: int, num_heads: int, kv_heads: int,
                 pieces.append((True, recv_start[(key, src)], rows))
         ratio = len(g.heads) // len(g.pairs)
         uniform = len(g.heads) % len(g.pairs) == 0 and all(
-            m == jj // ratio for jj, m in enumerate(g.head_to_pair))
-        calls.append(_Call(seg.pattern, g.counts[rank - seg.first_rank], len(g.heads),
-                           len(g.pairs), q_pos, tuple(pieces),
-                           None if uniform else torch.tensor(g.head_to_pair)))
+            m == jj // ratio for jj, m in enumerate(g.head_to_pair)
+        )
+        calls.append(
+            _Call(
+                seg.pattern,
+                g.counts[rank - seg.first_rank],
+                len(g.heads),
+                len(g.pairs),
+                q_pos,
+                tuple(pieces),
+                None if uniform else torch.tensor(g.head_to_pair),
+            )
+        )
         q_flat = q_rows * num_heads + heads
         q_parts.append(q_flat)
         q_pos += q_flat.numel()
         out_parts[seg.pattern].append(q_flat)
         lse_parts[seg.pattern].append(heads * chunk + q_rows)
     return _RankPlan(
-        tuple(local_ws), tuple(local_rs), partial, tuple(cross), calls,
-        kv_index=_cat(send_parts + own_parts), send_rows=send_rows,
+        tuple(local_ws),
+        tuple(local_rs),
+        partial,
+        tuple(cross),
+        calls,
+        kv_index=_cat(send_parts + own_parts),
+        send_rows=send_rows,
         recv_rows=tuple(sum(sz for _, sz in recvs[src]) for src in range(world)),
         q_index=_cat(q_parts),
         out_index={i: _cat(v) for i, v in out_parts.items()},
         lse_index={i: _cat(v) for i, v in lse_parts.items()},
-        exchange=exchange)
+        exchange=exchange,
+    )
 
 
 def _on(plan: _RankPlan, t: Tensor, device: torch.device) -> Tensor:
@@ -342,9 +388,20 @@ def _on(plan: _RankPlan, t: Tensor, device: torch.device) -> Tensor:
 # --------------------------------------------------------------------- validation
 
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
-_FIELDS = ("batch size", "local sequence length L", "query heads H", "key/value heads Hk",
-           "head dim D", "dtype", "is_causal", "segment_lengths/dilation_rates",
-           "scale", "return_lse", "requires_grad of q/k/v", "position_offset")
+_FIELDS = (
+    "batch size",
+    "local sequence length L",
+    "query heads H",
+    "key/value heads Hk",
+    "head dim D",
+    "dtype",
+    "is_causal",
+    "segment_lengths/dilation_rates",
+    "scale",
+    "return_lse",
+    "requires_grad of q/k/v",
+    "position_offset",
+)
 _validated: set = set()
 
 
@@ -354,8 +411,9 @@ def _grad_flags(q: Tensor, k: Tensor, v: Tensor) -> int:
     return 4 * q.requires_grad + 2 * k.requires_grad + v.requires_grad
 
 
-def _check_config(group, rank: int, cfg: Tuple, device: torch.device,
-                  shown: Dict[str, object]) -> None:
+def _check_config(
+    group, rank: int, cfg: tuple, device: torch.device, shown: dict[str, object]
+) -> None:
     """All-gather ``cfg`` once per (group, configuration) and raise on a mismatch."""
     key = (id(group if group is not None else dist.group.WORLD), cfg)
     if key in _validated:
@@ -378,7 +436,7 @@ def _check_config(group, rank: int, cfg: Tuple, device: torch.device,
 # ------------------------------------------------------------------------ merging
 
 
-def _merge(o_a: Tensor, l_a: Tensor, o_b: Tensor, l_b: Tensor) -> Tuple[Tensor, Tensor]:
+def _merge(o_a: Tensor, l_a: Tensor, o_b: Tensor, l_b: Tensor) -> tuple[Tensor, Tensor]:
     """Exact merge of two attention results over disjoint key multisets.
 
     ``o``: ``(..., D)``, ``l``: ``(...)`` (the log-sum-exp). Returns
@@ -408,12 +466,12 @@ def sequence_parallel_dilated_attention(
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
     *,
-    group: Optional[dist.ProcessGroup] = None,
+    group: dist.ProcessGroup | None = None,
     is_causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     return_lse: bool = False,
     position_offset: int = 0,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Dilated attention over a sequence split across the ranks of ``group``.
 
     Args:
@@ -454,15 +512,42 @@ def sequence_parallel_dilated_attention(
     b, chunk, h, d = q.shape
     hk = k.shape[2]
     if world == 1:
-        return longnet.dilated_attention(q, k, v, ws, rs, is_causal=is_causal, scale=scale,
-                                         return_lse=return_lse, position_offset=offset)
-    cfg = (b, chunk, h, hk, d, _DTYPE_CODES[q.dtype], int(bool(is_causal)),
-           zlib.crc32(repr((ws, rs)).encode()) & 0x7FFFFFFF,
-           struct.unpack("<q", struct.pack("<d", scale))[0], int(bool(return_lse)),
-           _grad_flags(q, k, v), offset)
-    _check_config(group, rank, cfg, q.device, {
-        "segment_lengths/dilation_rates": f"{list(ws)}/{list(rs)}", "dtype": str(q.dtype),
-        "scale": scale})
+        return longnet.dilated_attention(
+            q,
+            k,
+            v,
+            ws,
+            rs,
+            is_causal=is_causal,
+            scale=scale,
+            return_lse=return_lse,
+            position_offset=offset,
+        )
+    cfg = (
+        b,
+        chunk,
+        h,
+        hk,
+        d,
+        _DTYPE_CODES[q.dtype],
+        int(bool(is_causal)),
+        zlib.crc32(repr((ws, rs)).encode()) & 0x7FFFFFFF,
+        struct.unpack("<q", struct.pack("<d", scale))[0],
+        int(bool(return_lse)),
+        _grad_flags(q, k, v),
+        offset,
+    )
+    _check_config(
+        group,
+        rank,
+        cfg,
+        q.device,
+        {
+            "segment_lengths/dilation_rates": f"{list(ws)}/{list(rs)}",
+            "dtype": str(q.dtype),
+            "scale": scale,
+        },
+    )
     if chunk == 0:
         raise ValueError("q must hold at least one position per rank, got L = 0")
 
@@ -482,20 +567,42 @@ def sequence_parallel_dilated_attention(
         flat = torch.stack([k_sel[:, :n_send], v_sel[:, :n_send]]).permute(2, 0, 1, 3)
         unit = 2 * b * d
         got, pending = all_to_all_start(
-            flat.reshape(-1), [unit * x for x in plan.send_rows],
-            [unit * x for x in plan.recv_rows], group, "key/value exchange")
+            flat.reshape(-1),
+            [unit * x for x in plan.send_rows],
+            [unit * x for x in plan.recv_rows],
+            group,
+            "key/value exchange",
+        )
 
-    parts: List[Tuple[Tensor, Tensor]] = []
+    parts: list[tuple[Tensor, Tensor]] = []
     if plan.local_ws:
-        parts.append(longnet.dilated_attention(
-            q, k, v, plan.local_ws, plan.local_rs, is_causal=is_causal, scale=scale,
-            return_lse=True, position_offset=first))
-    outs: Dict[int, List[Tensor]] = {i: [] for i in plan.cross_patterns}
-    lses: Dict[int, List[Tensor]] = {i: [] for i in plan.cross_patterns}
+        parts.append(
+            longnet.dilated_attention(
+                q,
+                k,
+                v,
+                plan.local_ws,
+                plan.local_rs,
+                is_causal=is_causal,
+                scale=scale,
+                return_lse=True,
+                position_offset=first,
+            )
+        )
+    outs: dict[int, list[Tensor]] = {i: [] for i in plan.cross_patterns}
+    lses: dict[int, list[Tensor]] = {i: [] for i in plan.cross_patterns}
     for i, (lo, hi) in plan.partial.items():
         o_i, l_i = longnet.dilated_attention(
-            q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], [ws[i]], [rs[i]], is_causal=is_causal,
-            scale=scale, return_lse=True, position_offset=first + lo)
+            q[:, lo:hi],
+            k[:, lo:hi],
+            v[:, lo:hi],
+            [ws[i]],
+            [rs[i]],
+            is_causal=is_causal,
+            scale=scale,
+            return_lse=True,
+            position_offset=first + lo,
+        )
         outs[i].append(o_i.reshape(b, -1, d))
         lses[i].append(l_i.transpose(1, 2).reshape(b, -1))
     if pending is not None:
@@ -512,9 +619,9 @@ def sequence_parallel_dilated_attention(
             size = rows * call.n_pairs
             if received:
                 assert got is not None  # received pieces exist only after an exchange
-                kk, vv = got[0, :, start:start + size], got[1, :, start:start + size]
+                kk, vv = got[0, :, start : start + size], got[1, :, start : start + size]
             else:
-                kk, vv = k_sel[:, start:start + size], v_sel[:, start:start + size]
+                kk, vv = k_sel[:, start : start + size], v_sel[:, start : start + size]
             ks.append(kk.reshape(b, rows, call.n_pairs, d))
             vs.append(vv.reshape(b, rows, call.n_pairs, d))
         kk = torch.cat(ks, dim=1) if len(ks) > 1 else ks[0]
@@ -522,10 +629,17 @@ def sequence_parallel_dilated_attention(
         if call.head_map is not None:
             hm = _on(plan, call.head_map, dev)
             kk, vv = kk.index_select(2, hm), vv.index_select(2, hm)
-        qq = q_sel[:, call.q_start:call.q_start + call.n_q * call.n_heads]
+        qq = q_sel[:, call.q_start : call.q_start + call.n_q * call.n_heads]
         o_c, l_c = longnet.dilated_attention(
-            qq.reshape(b, call.n_q, call.n_heads, d), kk, vv, [kk.shape[1]], [1],
-            is_causal=is_causal, scale=scale, return_lse=True)
+            qq.reshape(b, call.n_q, call.n_heads, d),
+            kk,
+            vv,
+            [kk.shape[1]],
+            [1],
+            is_causal=is_causal,
+            scale=scale,
+            return_lse=True,
+        )
         outs[call.pattern].append(o_c.reshape(b, -1, d))
         lses[call.pattern].append(l_c.transpose(1, 2).reshape(b, -1))
     # Merge each cross-rank pattern into the result at the entries it reaches only.
@@ -558,7 +672,7 @@ def sequence_parallel_dilated_attention(
 # ---------------------------------------------------------------------- helpers
 
 
-def split_sequence(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: int = 1) -> Tensor:
+def split_sequence(x: Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> Tensor:
     """This rank's contiguous chunk of ``x`` along ``dim`` (a view, no communication).
 
     ``x.shape[dim]`` must be a multiple of the group size; rank ``p`` gets
@@ -567,8 +681,7 @@ def split_sequence(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: in
     rank, world = group_rank_and_size(group)
     n = x.shape[dim]
     if n % world != 0:
-        raise ValueError(
-            f"x.shape[{dim}] = {n} must be a multiple of the group size {world}")
+        raise ValueError(f"x.shape[{dim}] = {n} must be a multiple of the group size {world}")
     chunk = n // world
     return x.narrow(dim, rank * chunk, chunk)
 
@@ -580,8 +693,9 @@ class _Gather(torch.autograd.Function):
         rank, world = group_rank_and_size(group)
         xt = x.movedim(dim, 0).contiguous()
         n = xt.numel()
-        got = all_to_all(xt.reshape(-1).repeat(world), [n] * world, [n] * world, group,
-                         "gather_sequence")
+        got = all_to_all(
+            xt.reshape(-1).repeat(world), [n] * world, [n] * world, group, "gather_sequence"
+        )
         got = got.view(world * xt.shape[0], *xt.shape[1:])
         return got.movedim(0, dim).contiguous()
 
@@ -592,13 +706,14 @@ class _Gather(torch.autograd.Function):
         gt = grad.movedim(ctx.dim, 0).contiguous()
         chunk = gt.shape[0] // world
         n = gt.numel() // world
-        got = all_to_all(gt.reshape(-1), [n] * world, [n] * world, ctx.group,
-                         "gather_sequence (backward)")
+        got = all_to_all(
+            gt.reshape(-1), [n] * world, [n] * world, ctx.group, "gather_sequence (backward)"
+        )
         summed = got.view(world, chunk, *gt.shape[1:]).sum(dim=0)
         return summed.movedim(0, ctx.dim), None, None
 
 
-def gather_sequence(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: int = 1) -> Tensor:
+def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> Tensor:
     """Concatenate every rank's chunk along ``dim`` (the inverse of :func:`split_sequence`).
 
     Differentiable: the gradient of this rank's chunk is the sum over ranks of the

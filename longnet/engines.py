@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Dict, Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 from longnet import _C
 
 __all__ = ["ENGINES", "use_engine", "last_engine", "engine_built"]
 
-ENGINES: Tuple[str, ...] = ("auto",) + tuple(_C._engine_names())
+ENGINES: tuple[str, ...] = ("auto",) + tuple(_C._engine_names())
 """Every engine name ``use_engine`` and ``LONGNET_ENGINE`` accept."""
 
 # Engines of backward calls that autograd ran on another thread, per forward thread:
 # thread id -> (sequence number, engine).
-_reported: Dict[int, Tuple[int, str]] = {}
+_reported: dict[int, tuple[int, str]] = {}
 _reported_lock = threading.Lock()
 
 
@@ -65,7 +65,7 @@ def use_engine(name: str) -> Iterator[None]:
         _C._set_engine(previous)
 
 
-def last_engine() -> Optional[str]:
+def last_engine() -> str | None:
     """The engine that ran the most recent operator call (forward or backward) of
     this thread, or None before any call."""
     seq, name = _C._last_engine()
@@ -82,14 +82,14 @@ def engine_built(name: str) -> bool:
     return _check_name(name) == "auto" or bool(_C._engine_built(name))
 
 
-def _capture() -> Tuple[str, int]:
+def _capture() -> tuple[str, int]:
     """State an autograd backward needs to run as its forward did: the forced engine
     and the forward's thread."""
     return _C._forced_engine(), threading.get_ident()
 
 
 @contextlib.contextmanager
-def _backward_scope(captured: Optional[Tuple[str, int]]) -> Iterator[None]:
+def _backward_scope(captured: tuple[str, int] | None) -> Iterator[None]:
     """Run a backward on the engine forced when its forward ran (when one was; else
     on the choice in force now); when it runs on another thread, report its engine to
     the forward's thread."""

@@ -13,8 +13,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,22 +60,22 @@ class LongNetConfig:
     num_layers: int = 4
     embed_dim: int = 256
     num_heads: int = 4
-    num_kv_heads: Optional[int] = None
-    ffn_dim: Optional[int] = None
-    segment_lengths: List[int] = field(default_factory=lambda: [128, 256, 512])
-    dilation_rates: List[int] = field(default_factory=lambda: [1, 2, 4])
+    num_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    segment_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    dilation_rates: list[int] = field(default_factory=lambda: [1, 2, 4])
     norm_style: str = "pre"
     dropout: float = 0.0
     attention_dropout: float = 0.0
     tie_embeddings: bool = True
-    position_encoding: Optional[str] = "rotary"
+    position_encoding: str | None = "rotary"
     rope_base: float = 10000.0
     xpos_scale_base: float = 512.0
     bias: bool = True
     layer_norm_eps: float = 1e-5
-    pad_token_id: Optional[int] = 256
-    bos_token_id: Optional[int] = 257
-    eos_token_id: Optional[int] = 258
+    pad_token_id: int | None = 256
+    bos_token_id: int | None = 257
+    eos_token_id: int | None = 258
 
     def __post_init__(self) -> None:
         ws, rs = validate_patterns(self.segment_lengths, self.dilation_rates)
@@ -83,31 +84,42 @@ class LongNetConfig:
             self.ffn_dim = 4 * self.embed_dim
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
-                     "ffn_dim"):
+        for name in (
+            "vocab_size",
+            "num_layers",
+            "embed_dim",
+            "num_heads",
+            "num_kv_heads",
+            "ffn_dim",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(
-                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
         if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
-                             f"num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
         if self.norm_style not in ("pre", "subln"):
             raise ValueError(f"norm_style must be 'pre' or 'subln', got {self.norm_style!r}")
         if self.position_encoding not in ("rotary", "xpos", None):
-            raise ValueError("position_encoding must be 'rotary', 'xpos' or None, got "
-                             f"{self.position_encoding!r}")
+            raise ValueError(
+                "position_encoding must be 'rotary', 'xpos' or None, got "
+                f"{self.position_encoding!r}"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "LongNetConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LongNetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -118,9 +130,18 @@ class LongNetConfig:
 class FeedForward(nn.Module):
     """``fc2(dropout(subln(gelu(fc1(x)))))``; Sub-LN only for MAGNETO."""
 
-    def __init__(self, embed_dim: int, ffn_dim: int, *, dropout: float = 0.0,
-                 sub_ln: bool = False, bias: bool = True, layer_norm_eps: float = 1e-5,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        ffn_dim: int,
+        *,
+        dropout: float = 0.0,
+        sub_ln: bool = False,
+        bias: bool = True,
+        layer_norm_eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=bias, **factory)
@@ -151,38 +172,56 @@ class LongNetDecoderLayer(nn.Module):
     order, so the repeated collectives line up.
     """
 
-    def __init__(self, config: LongNetConfig, *, sequence_parallel_group: Any = None,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self, config: LongNetConfig, *, sequence_parallel_group: Any = None, device=None, dtype=None
+    ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         sub_ln = config.norm_style == "subln"
         self.attn_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps, **factory)
         self.self_attn = MultiheadDilatedAttention(
-            config.embed_dim, config.num_heads, config.segment_lengths, config.dilation_rates,
-            num_kv_heads=config.num_kv_heads, dropout=config.attention_dropout,
-            bias=config.bias, is_causal=True, position_encoding=config.position_encoding,
-            sub_ln=sub_ln, sequence_parallel_group=sequence_parallel_group,
-            rope_base=config.rope_base, xpos_scale_base=config.xpos_scale_base,
-            layer_norm_eps=config.layer_norm_eps, **factory)
+            config.embed_dim,
+            config.num_heads,
+            config.segment_lengths,
+            config.dilation_rates,
+            num_kv_heads=config.num_kv_heads,
+            dropout=config.attention_dropout,
+            bias=config.bias,
+            is_causal=True,
+            position_encoding=config.position_encoding,
+            sub_ln=sub_ln,
+            sequence_parallel_group=sequence_parallel_group,
+            rope_base=config.rope_base,
+            xpos_scale_base=config.xpos_scale_base,
+            layer_norm_eps=config.layer_norm_eps,
+            **factory,
+        )
         self.ffn_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps, **factory)
         assert config.ffn_dim is not None  # LongNetConfig.__post_init__ sets it
-        self.ffn = FeedForward(config.embed_dim, config.ffn_dim, dropout=config.dropout,
-                               sub_ln=sub_ln, bias=config.bias,
-                               layer_norm_eps=config.layer_norm_eps, **factory)
+        self.ffn = FeedForward(
+            config.embed_dim,
+            config.ffn_dim,
+            dropout=config.dropout,
+            sub_ln=sub_ln,
+            bias=config.bias,
+            layer_norm_eps=config.layer_norm_eps,
+            **factory,
+        )
         self.dropout = config.dropout
         self.activation_checkpointing = False
 
-    def forward(self, x: Tensor, *, cache: Optional[KVCache] = None,
-                position_offset: Optional[int] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, *, cache: KVCache | None = None, position_offset: int | None = None
+    ) -> Tensor:
         if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
             # The hooks of the module call (FSDP's unshard, for one) stay outside the
             # recomputed function: the backward re-runs _block alone.
             return torch.utils.checkpoint.checkpoint(
-                self._block, x, None, position_offset, use_reentrant=False)
+                self._block, x, None, position_offset, use_reentrant=False
+            )
         return self._block(x, cache, position_offset)
 
-    def _block(self, x: Tensor, cache: Optional[KVCache],
-               position_offset: Optional[int]) -> Tensor:
+    def _block(self, x: Tensor, cache: KVCache | None, position_offset: int | None) -> Tensor:
         h = self.self_attn(self.attn_norm(x), cache=cache, position_offset=position_offset)
         x = x + F.dropout(h, p=self.dropout, training=self.training)
         h = self.ffn(self.ffn_norm(x))
@@ -192,28 +231,32 @@ class LongNetDecoderLayer(nn.Module):
 class LongNetDecoder(nn.Module):
     """Stack of :class:`LongNetDecoderLayer` with a final LayerNorm: ``(B, N, E)``."""
 
-    def __init__(self, config: LongNetConfig, *, sequence_parallel_group: Any = None,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self, config: LongNetConfig, *, sequence_parallel_group: Any = None, device=None, dtype=None
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            LongNetDecoderLayer(config, sequence_parallel_group=sequence_parallel_group,
-                                device=device, dtype=dtype)
-            for _ in range(config.num_layers))
-        self.final_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps,
-                                       device=device, dtype=dtype)
+            LongNetDecoderLayer(
+                config, sequence_parallel_group=sequence_parallel_group, device=device, dtype=dtype
+            )
+            for _ in range(config.num_layers)
+        )
+        self.final_norm = nn.LayerNorm(
+            config.embed_dim, eps=config.layer_norm_eps, device=device, dtype=dtype
+        )
 
-    def new_cache(self) -> List[KVCache]:
+    def new_cache(self) -> list[KVCache]:
         """One empty :class:`KVCache` per layer."""
         layers = cast(Iterable[LongNetDecoderLayer], self.layers)  # ModuleList: Modules
         return [layer.self_attn.new_cache() for layer in layers]
 
-    def forward(self, x: Tensor, *, cache: Optional[List[KVCache]] = None,
-                position_offset: Optional[int] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, *, cache: list[KVCache] | None = None, position_offset: int | None = None
+    ) -> Tensor:
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache must hold {len(self.layers)} layer caches, got {len(cache)}")
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache=None if cache is None else cache[i],
-                      position_offset=position_offset)
+            x = layer(x, cache=None if cache is None else cache[i], position_offset=position_offset)
         return self.final_norm(x)
 
 
@@ -233,15 +276,17 @@ class LongNetLM(nn.Module):
         out = model.generate(prompt_ids, max_new_tokens=100, top_k=20)
     """
 
-    def __init__(self, config: LongNetConfig, *, sequence_parallel_group: Any = None,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self, config: LongNetConfig, *, sequence_parallel_group: Any = None, device=None, dtype=None
+    ) -> None:
         super().__init__()
         self.config = config
         factory = {"device": device, "dtype": dtype}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim, **factory)
         self.dropout = config.dropout
-        self.decoder = LongNetDecoder(config, sequence_parallel_group=sequence_parallel_group,
-                                      **factory)
+        self.decoder = LongNetDecoder(
+            config, sequence_parallel_group=sequence_parallel_group, **factory
+        )
         if config.tie_embeddings:
             self.lm_head = None
         else:
@@ -258,8 +303,12 @@ class LongNetLM(nn.Module):
             gain = math.sqrt(math.log(2 * self.config.num_layers))
             with torch.no_grad():
                 for layer in cast(Iterable[LongNetDecoderLayer], self.decoder.layers):
-                    for lin in (layer.self_attn.v_proj, layer.self_attn.out_proj,
-                                layer.ffn.fc1, layer.ffn.fc2):
+                    for lin in (
+                        layer.self_attn.v_proj,
+                        layer.self_attn.out_proj,
+                        layer.ffn.fc1,
+                        layer.ffn.fc2,
+                    ):
                         lin.weight.mul_(gain)
 
     @property
@@ -285,18 +334,18 @@ class LongNetLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self) -> List[KVCache]:
+    def new_cache(self) -> list[KVCache]:
         """Empty per-layer KV caches for :meth:`forward` / :meth:`generate`."""
         return self.decoder.new_cache()
 
     def forward(
         self,
         input_ids: Tensor,
-        targets: Optional[Tensor] = None,
+        targets: Tensor | None = None,
         *,
-        cache: Optional[List[KVCache]] = None,
-        position_offset: Optional[int] = None,
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        cache: list[KVCache] | None = None,
+        position_offset: int | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits ``(B, N, vocab)``; with ``targets`` ``(B, N)`` also the mean loss.
 
         Args:
@@ -323,16 +372,19 @@ class LongNetLM(nn.Module):
         if targets is None:
             return logits
         if targets.shape != input_ids.shape:
-            raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}"
-                             f", got {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets must have the shape of input_ids {tuple(input_ids.shape)}"
+                f", got {tuple(targets.shape)}"
+            )
         targets = targets.long()
         if self.config.pad_token_id is not None:
             # Padding is not text: predicting it must not count in the loss.
             targets = targets.masked_fill(targets == self.config.pad_token_id, -100)
         # float32 at least (float64 models keep float64).
         wide = logits if logits.dtype == torch.float64 else logits.float()
-        loss = F.cross_entropy(wide.reshape(-1, logits.shape[-1]),
-                               targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(
+            wide.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+        )
         return logits, loss
 
     @torch.no_grad()
@@ -341,13 +393,13 @@ class LongNetLM(nn.Module):
         input_ids: Tensor,
         max_new_tokens: int,
         temperature: float = 1.0,
-        top_k: Optional[int] = None,
+        top_k: int | None = None,
         greedy: bool = False,
         *,
-        eos_token_id: Optional[int] = None,
+        eos_token_id: int | None = None,
         ignore_eos: bool = False,
         use_cache: bool = True,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """Continue ``input_ids`` ``(B, N)`` by up to ``max_new_tokens`` tokens.
 
@@ -367,8 +419,9 @@ class LongNetLM(nn.Module):
             ``(B, N + T)`` ids, prompt included, ``T <= max_new_tokens``.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must have shape (B, N) with N >= 1, "
-                             f"got {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must have shape (B, N) with N >= 1, got {tuple(input_ids.shape)}"
+            )
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if not greedy and not temperature > 0:
@@ -376,8 +429,10 @@ class LongNetLM(nn.Module):
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         if self.sequence_parallel_group is not None:
-            raise ValueError("generate() does not run under sequence parallelism; "
-                             "call set_sequence_parallel_group(None) first")
+            raise ValueError(
+                "generate() does not run under sequence parallelism; "
+                "call set_sequence_parallel_group(None) first"
+            )
         if ignore_eos:
             eos_token_id = None
         elif eos_token_id is None:
@@ -404,8 +459,13 @@ class LongNetLM(nn.Module):
             self.train(was_training)
 
     @staticmethod
-    def _pick(logits: Tensor, temperature: float, top_k: Optional[int], greedy: bool,
-              generator: Optional[torch.Generator]) -> Tensor:
+    def _pick(
+        logits: Tensor,
+        temperature: float,
+        top_k: int | None,
+        greedy: bool,
+        generator: torch.Generator | None,
+    ) -> Tensor:
         if greedy:
             return logits.argmax(dim=-1)
         logits = logits / temperature
@@ -417,7 +477,7 @@ class LongNetLM(nn.Module):
 
     # ---------------------------------------------------------------- persistence
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and the weights (safetensors when installed, else torch)."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
@@ -435,9 +495,13 @@ class LongNetLM(nn.Module):
             os.remove(stale)
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike], *,
-                        map_location: Union[str, torch.device] = "cpu",
-                        dtype: Optional[torch.dtype] = None) -> "LongNetLM":
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        map_location: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> LongNetLM:
         """Load a model written by :meth:`save_pretrained`."""
         cfg_path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(cfg_path):
@@ -450,14 +514,16 @@ class LongNetLM(nn.Module):
             try:
                 from safetensors.torch import load_file
             except ImportError as exc:
-                raise ImportError(f"{st_path} needs the safetensors package "
-                                  "(pip install safetensors)") from exc
+                raise ImportError(
+                    f"{st_path} needs the safetensors package (pip install safetensors)"
+                ) from exc
             state = load_file(st_path, device=str(map_location))
         elif os.path.isfile(pt_path):
             state = torch.load(pt_path, map_location=map_location, weights_only=True)
         else:
             raise FileNotFoundError(
-                f"no {SAFETENSORS_NAME} or {TORCH_WEIGHTS_NAME} in {directory!r}")
+                f"no {SAFETENSORS_NAME} or {TORCH_WEIGHTS_NAME} in {directory!r}"
+            )
         model = cls(config, device=map_location)
         model.load_state_dict(state)
         if dtype is not None:
@@ -466,6 +532,8 @@ class LongNetLM(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"vocab_size={c.vocab_size}, num_layers={c.num_layers}, "
-                f"embed_dim={c.embed_dim}, norm_style={c.norm_style!r}, "
-                f"tie_embeddings={c.tie_embeddings}")
+        return (
+            f"vocab_size={c.vocab_size}, num_layers={c.num_layers}, "
+            f"embed_dim={c.embed_dim}, norm_style={c.norm_style!r}, "
+            f"tie_embeddings={c.tie_embeddings}"
+        )

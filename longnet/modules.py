@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +61,12 @@ class DilatedAttention(nn.Module):
         dilation_rates: Sequence[int],
         *,
         is_causal: bool = False,
-        scale: Optional[float] = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         ws, rs = validate_patterns(segment_lengths, dilation_rates)
-        self.segment_lengths: Tuple[int, ...] = ws
-        self.dilation_rates: Tuple[int, ...] = rs
+        self.segment_lengths: tuple[int, ...] = ws
+        self.dilation_rates: tuple[int, ...] = rs
         self.is_causal = bool(is_causal)
         if scale is not None and not math.isfinite(float(scale)):
             raise ValueError(f"scale must be a finite number or None, got {scale}")
@@ -77,21 +78,29 @@ class DilatedAttention(nn.Module):
         k: Tensor,
         v: Tensor,
         *,
-        is_causal: Optional[bool] = None,
+        is_causal: bool | None = None,
         return_lse: bool = False,
         position_offset: int = 0,
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend ``q`` to ``k``/``v``; ``is_causal=None`` uses the module default.
         ``position_offset`` is the absolute position of ``k[:, 0]`` (docs/operator.md)."""
         return dilated_attention(
-            q, k, v, self.segment_lengths, self.dilation_rates,
+            q,
+            k,
+            v,
+            self.segment_lengths,
+            self.dilation_rates,
             is_causal=self.is_causal if is_causal is None else bool(is_causal),
-            scale=self.scale, return_lse=return_lse, position_offset=position_offset,
+            scale=self.scale,
+            return_lse=return_lse,
+            position_offset=position_offset,
         )
 
     def extra_repr(self) -> str:
-        s = (f"segment_lengths={list(self.segment_lengths)}, "
-             f"dilation_rates={list(self.dilation_rates)}, is_causal={self.is_causal}")
+        s = (
+            f"segment_lengths={list(self.segment_lengths)}, "
+            f"dilation_rates={list(self.dilation_rates)}, is_causal={self.is_causal}"
+        )
         if self.scale is not None:
             s += f", scale={self.scale:g}"
         return s
@@ -111,8 +120,15 @@ class RotaryEmbedding(nn.Module):
     rotary for very long sequences.
     """
 
-    def __init__(self, head_dim: int, *, base: float = 10000.0, xpos: bool = False,
-                 xpos_scale_base: float = 512.0, xpos_gamma: float = 0.4) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        *,
+        base: float = 10000.0,
+        xpos: bool = False,
+        xpos_scale_base: float = 512.0,
+        xpos_gamma: float = 0.4,
+    ) -> None:
         super().__init__()
         if head_dim < 2 or head_dim % 2 != 0:
             raise ValueError(f"rotary embeddings need an even head_dim >= 2, got {head_dim}")
@@ -122,7 +138,7 @@ class RotaryEmbedding(nn.Module):
         self.xpos_scale_base = float(xpos_scale_base)
         self.xpos_gamma = float(xpos_gamma)
 
-    def _freqs(self, device: torch.device) -> Tuple[Tensor, Tensor]:
+    def _freqs(self, device: torch.device) -> tuple[Tensor, Tensor]:
         # Built per call in float64 (tiny), so module dtype casts never round them.
         half = self.head_dim // 2
         idx = torch.arange(half, dtype=torch.float64, device=device) / half
@@ -130,7 +146,7 @@ class RotaryEmbedding(nn.Module):
         log_zeta = torch.log((idx + self.xpos_gamma) / (1.0 + self.xpos_gamma))
         return inv_freq, log_zeta
 
-    def _angles(self, positions: Tensor) -> Tuple[Tensor, Tensor]:
+    def _angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         inv_freq, _ = self._freqs(positions.device)
         ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]
         return ang.cos(), ang.sin()
@@ -143,8 +159,9 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
-    def xpos_scale(self, positions: Tensor, center: Union[int, Tensor], sign: float,
-                   dtype: torch.dtype) -> Tensor:
+    def xpos_scale(
+        self, positions: Tensor, center: int | Tensor, sign: float, dtype: torch.dtype
+    ) -> Tensor:
         """xPos factors ``(1, N, 1, D)``: ``zeta ** (sign * (n - center) / scale_base)``."""
         _, log_zeta = self._freqs(positions.device)
         rel = (positions.to(torch.float64) - center) * (sign / self.xpos_scale_base)
@@ -177,8 +194,9 @@ class KVCache:
         start: absolute position of the first token that will be appended.
     """
 
-    def __init__(self, segment_lengths: Union[int, Sequence[int]], *, trim: bool = True,
-                 start: int = 0) -> None:
+    def __init__(
+        self, segment_lengths: int | Sequence[int], *, trim: bool = True, start: int = 0
+    ) -> None:
         if isinstance(segment_lengths, bool):
             raise ValueError(f"segment_lengths must be ints >= 1, got {segment_lengths!r}")
         if isinstance(segment_lengths, int):
@@ -186,10 +204,10 @@ class KVCache:
         ws = tuple(int(w) for w in segment_lengths)
         if len(ws) == 0 or min(ws) < 1:
             raise ValueError(f"segment_lengths must be ints >= 1, got {list(ws)}")
-        self.segment_lengths: Tuple[int, ...] = ws
+        self.segment_lengths: tuple[int, ...] = ws
         self.trim = bool(trim)
-        self.k: Optional[Tensor] = None
-        self.v: Optional[Tensor] = None
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
         self.start = int(start)
         self.end = int(start)
         if self.start < 0:
@@ -203,7 +221,7 @@ class KVCache:
         ``min_i floor(position / w_i) * w_i``."""
         return min((position // w) * w for w in self.segment_lengths)
 
-    def update(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append keys/values ``(B, n, Hk, D)`` at positions ``[end, end + n)``.
 
         Returns the cached keys and values that the new queries may reach; the first
@@ -230,8 +248,10 @@ class KVCache:
             self.k, self.v = self.k[index], self.v[index]
 
     def __repr__(self) -> str:
-        return (f"KVCache(start={self.start}, end={self.end}, "
-                f"segment_lengths={list(self.segment_lengths)}, trim={self.trim})")
+        return (
+            f"KVCache(start={self.start}, end={self.end}, "
+            f"segment_lengths={list(self.segment_lengths)}, trim={self.trim})"
+        )
 
 
 class MultiheadDilatedAttention(nn.Module):
@@ -261,31 +281,34 @@ class MultiheadDilatedAttention(nn.Module):
         segment_lengths: Sequence[int],
         dilation_rates: Sequence[int],
         *,
-        num_kv_heads: Optional[int] = None,
+        num_kv_heads: int | None = None,
         dropout: float = 0.0,
         bias: bool = True,
         is_causal: bool = True,
-        position_encoding: Optional[str] = "rotary",
+        position_encoding: str | None = "rotary",
         sub_ln: bool = False,
         sequence_parallel_group: Any = None,
         rope_base: float = 10000.0,
         xpos_scale_base: float = 512.0,
         layer_norm_eps: float = 1e-5,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        factory: Dict[str, Any] = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads != 0:
             raise ValueError(
-                f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+                f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})"
+            )
         num_kv_heads = num_heads if num_kv_heads is None else int(num_kv_heads)
         if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
             raise ValueError(
-                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
         if position_encoding not in _POSITION_ENCODINGS:
             raise ValueError(
-                f"position_encoding must be 'rotary', 'xpos' or None, got {position_encoding!r}")
+                f"position_encoding must be 'rotary', 'xpos' or None, got {position_encoding!r}"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim = embed_dim
@@ -302,19 +325,25 @@ class MultiheadDilatedAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.inner_norm = (nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory)
-                           if sub_ln else None)
-        self.rotary = (None if position_encoding is None else RotaryEmbedding(
-            self.head_dim, base=rope_base, xpos=position_encoding == "xpos",
-            xpos_scale_base=xpos_scale_base))
+        self.inner_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if sub_ln else None
+        self.rotary = (
+            None
+            if position_encoding is None
+            else RotaryEmbedding(
+                self.head_dim,
+                base=rope_base,
+                xpos=position_encoding == "xpos",
+                xpos_scale_base=xpos_scale_base,
+            )
+        )
         self.reset_parameters()
 
     @property
-    def segment_lengths(self) -> Tuple[int, ...]:
+    def segment_lengths(self) -> tuple[int, ...]:
         return self.attention.segment_lengths
 
     @property
-    def dilation_rates(self) -> Tuple[int, ...]:
+    def dilation_rates(self) -> tuple[int, ...]:
         return self.attention.dilation_rates
 
     def reset_parameters(self) -> None:
@@ -329,7 +358,7 @@ class MultiheadDilatedAttention(nn.Module):
         sit at absolute position ``start``."""
         return KVCache(self.segment_lengths, trim=trim, start=start)
 
-    def _sp_rank_world(self) -> Tuple[int, int]:
+    def _sp_rank_world(self) -> tuple[int, int]:
         import torch.distributed as dist
 
         group = self.sequence_parallel_group
@@ -339,8 +368,8 @@ class MultiheadDilatedAttention(nn.Module):
         self,
         x: Tensor,
         *,
-        cache: Optional[KVCache] = None,
-        position_offset: Optional[int] = None,
+        cache: KVCache | None = None,
+        position_offset: int | None = None,
     ) -> Tensor:
         """Self-attention over ``x`` ``(B, N, E)``; returns ``(B, N, E)``.
 
@@ -357,8 +386,7 @@ class MultiheadDilatedAttention(nn.Module):
                 of rank 0's first token (each rank adds ``rank * N``).
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"x must have shape (B, N, {self.embed_dim}), got {tuple(x.shape)}")
+            raise ValueError(f"x must have shape (B, N, {self.embed_dim}), got {tuple(x.shape)}")
         b, n, _ = x.shape
         sp = self.sequence_parallel_group is not None
         if position_offset is not None:
@@ -372,7 +400,8 @@ class MultiheadDilatedAttention(nn.Module):
                 if len(cache) != 0 or cache.k is not None:
                     raise ValueError(
                         f"position_offset ({position_offset}) must equal the cache's next "
-                        f"position ({cache.end}) or be left out when a cache is given")
+                        f"position ({cache.end}) or be left out when a cache is given"
+                    )
                 cache.start = cache.end = position_offset  # an empty cache starts there
             first = cache.end
         elif sp:
@@ -410,11 +439,19 @@ class MultiheadDilatedAttention(nn.Module):
                 raise ImportError(
                     "sequence parallelism needs longnet.distributed."
                     "sequence_parallel_dilated_attention, which could not be imported: "
-                    f"{exc}") from exc
+                    f"{exc}"
+                ) from exc
             out = sequence_parallel_dilated_attention(
-                q, k, v, self.segment_lengths, self.dilation_rates,
-                group=self.sequence_parallel_group, is_causal=self.is_causal,
-                scale=self.attention.scale, position_offset=base)
+                q,
+                k,
+                v,
+                self.segment_lengths,
+                self.dilation_rates,
+                group=self.sequence_parallel_group,
+                is_causal=self.is_causal,
+                scale=self.attention.scale,
+                position_offset=base,
+            )
         else:
             # k[:, 0] sits at `first` without a cache, at cache.start with one.
             out = self.attention(q, k, v, position_offset=first + n - k.shape[1])
@@ -428,9 +465,11 @@ class MultiheadDilatedAttention(nn.Module):
         s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
         if self.num_kv_heads != self.num_heads:
             s += f", num_kv_heads={self.num_kv_heads}"
-        s += (f", segment_lengths={list(self.segment_lengths)}, "
-              f"dilation_rates={list(self.dilation_rates)}, is_causal={self.is_causal}, "
-              f"position_encoding={self.position_encoding!r}")
+        s += (
+            f", segment_lengths={list(self.segment_lengths)}, "
+            f"dilation_rates={list(self.dilation_rates)}, is_causal={self.is_causal}, "
+            f"position_encoding={self.position_encoding!r}"
+        )
         if self.dropout:
             s += f", dropout={self.dropout}"
         if self.sequence_parallel_group is not None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Literal, Optional, Sequence, Tuple, Union, overload
+from collections.abc import Sequence
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -45,7 +46,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def validate_patterns(
     segment_lengths: Sequence[int], dilation_rates: Sequence[int]
-) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Check the (w, r) pattern lists and return them as tuples of ints.
 
     Raises:
@@ -81,12 +82,10 @@ def _as_int(value, name: str) -> int:
     try:
         return operator.index(value)
     except TypeError:
-        raise ValueError(
-            f"{name} must be an int, got {value!r} ({type(value).__name__})"
-        ) from None
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
 
 
-def _int_tuple(values: Sequence[int], name: str) -> Tuple[int, ...]:
+def _int_tuple(values: Sequence[int], name: str) -> tuple[int, ...]:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise ValueError(f"{name} must be a sequence of ints, got {values!r}")
     return tuple(_as_int(x, f"{name}[{i}]") for i, x in enumerate(values))
@@ -101,7 +100,7 @@ def validate_position_offset(position_offset: int) -> int:
 
 
 def validate_key_ranges(
-    key_start: Optional[Tensor], key_end: Optional[Tensor], q: Tensor, nk: int
+    key_start: Tensor | None, key_end: Tensor | None, q: Tensor, nk: int
 ) -> None:
     """Check the per-row key ranges: int tensors of shape ``(B,)`` on q's device with
     ``0 <= key_start <= key_end <= Nk`` (the values are checked outside
@@ -110,8 +109,9 @@ def validate_key_ranges(
         if t is None:
             continue
         if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of shape (B,) or None, "
-                             f"got {type(t).__name__}")
+            raise ValueError(
+                f"{name} must be a torch.Tensor of shape (B,) or None, got {type(t).__name__}"
+            )
         if t.dim() != 1 or t.shape[0] != q.shape[0]:
             raise ValueError(f"{name} must have shape (B,) = ({q.shape[0]},), got {tuple(t.shape)}")
         if t.dtype not in (torch.int32, torch.int64):
@@ -136,7 +136,7 @@ def validate_key_ranges(
         )
 
 
-def validate_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> float:
+def validate_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float:
     """Check q, k, v against docs/operator.md and return the softmax scale to use.
 
     Raises:
@@ -149,9 +149,7 @@ def validate_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> 
             layout = "(B, Nq, H, D)" if name == "q" else "(B, Nk, Hk, D)"
             raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}"
-            )
+            raise ValueError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -181,25 +179,49 @@ def validate_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> 
 # The return type follows return_lse: out alone, or (out, lse).
 @overload
 def dilated_attention(
-    q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int], *, is_causal: bool = ..., scale: Optional[float] = ...,
-    return_lse: Literal[False] = ..., position_offset: int = ...,
-    key_start: Optional[Tensor] = ..., key_end: Optional[Tensor] = ...,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = ...,
+    scale: float | None = ...,
+    return_lse: Literal[False] = ...,
+    position_offset: int = ...,
+    key_start: Tensor | None = ...,
+    key_end: Tensor | None = ...,
 ) -> Tensor: ...
 @overload
 def dilated_attention(
-    q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int], *, is_causal: bool = ..., scale: Optional[float] = ...,
-    return_lse: Literal[True], position_offset: int = ...,
-    key_start: Optional[Tensor] = ..., key_end: Optional[Tensor] = ...,
-) -> Tuple[Tensor, Tensor]: ...
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = ...,
+    scale: float | None = ...,
+    return_lse: Literal[True],
+    position_offset: int = ...,
+    key_start: Tensor | None = ...,
+    key_end: Tensor | None = ...,
+) -> tuple[Tensor, Tensor]: ...
 @overload
 def dilated_attention(
-    q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int], *, is_causal: bool = ..., scale: Optional[float] = ...,
-    return_lse: bool = ..., position_offset: int = ...,
-    key_start: Optional[Tensor] = ..., key_end: Optional[Tensor] = ...,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]: ...
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = ...,
+    scale: float | None = ...,
+    return_lse: bool = ...,
+    position_offset: int = ...,
+    key_start: Tensor | None = ...,
+    key_end: Tensor | None = ...,
+) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 def dilated_attention(
@@ -210,12 +232,12 @@ def dilated_attention(
     dilation_rates: Sequence[int],
     *,
     is_causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     return_lse: bool = False,
     position_offset: int = 0,
-    key_start: Optional[Tensor] = None,
-    key_end: Optional[Tensor] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    key_start: Tensor | None = None,
+    key_end: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """LongNet dilated attention (Ding et al., 2023), exactly as ``docs/operator.md``
     defines it.
 
@@ -254,8 +276,18 @@ def dilated_attention(
 
 
 @torch.library.register_fake("longnet::dilated_attention_fwd")
-def _fwd_fake(q, k, v, segment_lengths, dilation_rates, is_causal, scale, position_offset=0,
-              key_start=None, key_end=None):
+def _fwd_fake(
+    q,
+    k,
+    v,
+    segment_lengths,
+    dilation_rates,
+    is_causal,
+    scale,
+    position_offset=0,
+    key_start=None,
+    key_end=None,
+):
     b, nq, h, _ = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((b, h, nq), dtype=_lse_dtype(q.dtype))
@@ -263,14 +295,28 @@ def _fwd_fake(q, k, v, segment_lengths, dilation_rates, is_causal, scale, positi
 
 
 @torch.library.register_fake("longnet::dilated_attention_bwd")
-def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, segment_lengths, dilation_rates,
-              is_causal, scale, position_offset=0, key_start=None, key_end=None):
+def _bwd_fake(
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    segment_lengths,
+    dilation_rates,
+    is_causal,
+    scale,
+    position_offset=0,
+    key_start=None,
+    key_end=None,
+):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, segment_lengths, dilation_rates, is_causal, scale = inputs[:7]
-    position_offset, key_start, key_end = (list(inputs[7:]) + [0, None, None][len(inputs) - 7:])
+    position_offset, key_start, key_end = list(inputs[7:]) + [0, None, None][len(inputs) - 7 :]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_start, key_end)
     ctx.patterns = (list(segment_lengths), list(dilation_rates))
@@ -288,8 +334,20 @@ def _backward(ctx, grad_out, grad_lse):
         grad_lse = torch.zeros_like(lse)
     with _engines._backward_scope(getattr(ctx, "engine", None)):
         dq, dk, dv = torch.ops.longnet.dilated_attention_bwd.default(
-            grad_out, grad_lse, q, k, v, out, lse, ctx.patterns[0], ctx.patterns[1],
-            ctx.is_causal, ctx.scale, ctx.position_offset, key_start, key_end,
+            grad_out,
+            grad_lse,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            ctx.patterns[0],
+            ctx.patterns[1],
+            ctx.is_causal,
+            ctx.scale,
+            ctx.position_offset,
+            key_start,
+            key_end,
         )
     return dq, dk, dv, None, None, None, None, None, None, None
 

@@ -33,14 +33,24 @@ Example (under ``torchrun --nproc_per_node 4``)::
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple, Union
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["MESH_DIMS", "build_mesh", "mesh_shape", "parallelize", "local_batch",
-           "mean_over_mesh", "flat_mesh", "current_phase", "phase", "track_collectives"]
+__all__ = [
+    "MESH_DIMS",
+    "build_mesh",
+    "mesh_shape",
+    "parallelize",
+    "local_batch",
+    "mean_over_mesh",
+    "flat_mesh",
+    "current_phase",
+    "phase",
+    "track_collectives",
+]
 
 MESH_DIMS = ("dp", "sp")
 _FLAT = "dp_sp"
@@ -52,8 +62,7 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-def build_mesh(dp: int, sp: int, *, device_type: Optional[str] = None,
-               seq_len: Optional[int] = None):
+def build_mesh(dp: int, sp: int, *, device_type: str | None = None, seq_len: int | None = None):
     """A ``DeviceMesh`` of shape ``(dp, sp)`` named ``("dp", "sp")`` over the world.
 
     Rank ``r`` sits at ``(r // sp, r % sp)``: the ``sp`` ranks of one sequence are
@@ -74,23 +83,28 @@ def build_mesh(dp: int, sp: int, *, device_type: Optional[str] = None,
 
     dp, sp = _positive_int("dp", dp), _positive_int("sp", sp)
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("build_mesh needs an initialized default process group: run under "
-                           "torchrun and call torch.distributed.init_process_group() first")
+        raise RuntimeError(
+            "build_mesh needs an initialized default process group: run under "
+            "torchrun and call torch.distributed.init_process_group() first"
+        )
     world = dist.get_world_size()
     if world != dp * sp:
         raise RuntimeError(
             f"the world has {world} ranks but dp x sp = {dp} x {sp} = {dp * sp}: choose dp "
             f"and sp with dp * sp == {world} (e.g. --dp {world // sp if world % sp == 0 else 1}"
-            f" --sp {sp if world % sp == 0 else world}), or start {dp * sp} processes")
+            f" --sp {sp if world % sp == 0 else world}), or start {dp * sp} processes"
+        )
     if seq_len is not None and seq_len % sp != 0:
-        raise ValueError(f"the sequence length {seq_len} must be divisible by sp = {sp} (every "
-                         f"sequence-parallel rank holds seq_len / sp positions)")
+        raise ValueError(
+            f"the sequence length {seq_len} must be divisible by sp = {sp} (every "
+            f"sequence-parallel rank holds seq_len / sp positions)"
+        )
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     return init_device_mesh(device_type, (dp, sp), mesh_dim_names=MESH_DIMS)
 
 
-def mesh_shape(mesh) -> Tuple[int, int]:
+def mesh_shape(mesh) -> tuple[int, int]:
     """``(dp, sp)`` of a mesh with dimensions named ``("dp", "sp")``; raises a
     ``ValueError`` naming the missing dimensions otherwise."""
     names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
@@ -100,7 +114,8 @@ def mesh_shape(mesh) -> Tuple[int, int]:
             f"the mesh must have exactly the dimensions {MESH_DIMS} (either may have size 1), "
             f"got {names or 'unnamed dimensions'}{f'; missing {missing}' if missing else ''}: "
             "build it with longnet.parallel.build_mesh(dp, sp) or "
-            "init_device_mesh(device, (dp, sp), mesh_dim_names=('dp', 'sp'))")
+            "init_device_mesh(device, (dp, sp), mesh_dim_names=('dp', 'sp'))"
+        )
     return mesh["dp"].size(), mesh["sp"].size()
 
 
@@ -113,9 +128,15 @@ def flat_mesh(mesh):
     return mesh["dp", "sp"]._flatten(_FLAT)
 
 
-def parallelize(model: nn.Module, mesh, *, activation_checkpointing: bool = False,
-                mp_policy=None, compile: Union[bool, str] = False,
-                reshard_after_forward: bool = True) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    mesh,
+    *,
+    activation_checkpointing: bool = False,
+    mp_policy=None,
+    compile: bool | str = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
     """Parallelize a :class:`~longnet.model.LongNetLM` in place over a ``("dp", "sp")``
     mesh and return it.
 
@@ -148,8 +169,10 @@ def parallelize(model: nn.Module, mesh, *, activation_checkpointing: bool = Fals
         backend = {} if compile is True else {"backend": str(compile)}
         for layer in layers:
             layer.compile(**backend)
-    fsdp = {"mesh": flat_mesh(mesh),
-            "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy()}
+    fsdp = {
+        "mesh": flat_mesh(mesh),
+        "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy(),
+    }
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **fsdp)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **fsdp)
@@ -185,16 +208,25 @@ def track_collectives(model: nn.Module) -> None:
     units = [(f"decoder.layers.{i}", layer) for i, layer in enumerate(model.decoder.layers)]
     units.append(("the root (embedding, final norm)", model))
     for name, unit in units:
+
         def before(module, args, kwargs, name=name):
-            _phase[0] = (f"forward of {name} (FSDP2 all-gather of its parameters, "
-                         "sequence-parallel key/value exchange)")
+            _phase[0] = (
+                f"forward of {name} (FSDP2 all-gather of its parameters, "
+                "sequence-parallel key/value exchange)"
+            )
 
         def after(module, args, kwargs, out, name=name):
             t = out[-1] if isinstance(out, tuple) else out
             if isinstance(t, Tensor) and t.requires_grad:
-                t.register_hook(lambda g: _phase.__setitem__(0, (
-                    f"backward of {name} (FSDP2 all-gather of its parameters, the key/value "
-                    "exchange's backward, reduce-scatter of its gradients)")))
+                t.register_hook(
+                    lambda g: _phase.__setitem__(
+                        0,
+                        (
+                            f"backward of {name} (FSDP2 all-gather of its parameters, the key/value "
+                            "exchange's backward, reduce-scatter of its gradients)"
+                        ),
+                    )
+                )
 
         unit.register_forward_pre_hook(before, prepend=True, with_kwargs=True)
         unit.register_forward_hook(after, with_kwargs=True)
@@ -214,14 +246,17 @@ def local_batch(t: Tensor, mesh) -> Tensor:
         raise ValueError(f"the sequence length {n} must be divisible by sp = {sp}")
     d, s = mesh.get_local_rank("dp"), mesh.get_local_rank("sp")
     rows, cols = b // dp, n // sp
-    return t[d * rows:(d + 1) * rows, s * cols:(s + 1) * cols]
+    return t[d * rows : (d + 1) * rows, s * cols : (s + 1) * cols]
 
 
 def mean_over_mesh(value, mesh) -> float:
     """The mean over all ranks of the mesh of a per-rank number (e.g. the local loss:
     with equal token counts per rank, the global mean loss)."""
-    device = "cpu" if mesh.device_type == "cpu" else torch.device(
-        mesh.device_type, torch.accelerator.current_device_index())
+    device = (
+        "cpu"
+        if mesh.device_type == "cpu"
+        else torch.device(mesh.device_type, torch.accelerator.current_device_index())
+    )
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     group = flat_mesh(mesh).get_group()
     with phase("the all-reduce of the loss over the mesh"):

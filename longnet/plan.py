@@ -37,8 +37,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 __all__ = [
     "RankCost",
@@ -82,8 +83,9 @@ def parse_count(text) -> int:
     return int(value)
 
 
-def geometric_patterns(tokens: int, first_w: int, first_r: int = 1, w_factor: int = 2,
-                       r_factor: Optional[int] = None) -> Tuple[List[int], List[int]]:
+def geometric_patterns(
+    tokens: int, first_w: int, first_r: int = 1, w_factor: int = 2, r_factor: int | None = None
+) -> tuple[list[int], list[int]]:
     """LongNet's geometric patterns: ``w_i = first_w * w_factor**i``,
     ``r_i = first_r * r_factor**i`` (``r_factor`` defaults to ``w_factor``, which keeps
     ``w / r`` fixed), from ``i = 0`` up to the first ``w_i >= tokens`` (so the last
@@ -113,23 +115,23 @@ class RankCost:
     """One rank's cost for one layer's attention (batch included)."""
 
     rank: int
-    kv_rows_sent: int           # (position, kv head) rows of k and of v sent, forward
+    kv_rows_sent: int  # (position, kv head) rows of k and of v sent, forward
     kv_rows_received: int
-    bytes_sent_fwd: int         # k and v rows sent in the forward all-to-all
+    bytes_sent_fwd: int  # k and v rows sent in the forward all-to-all
     bytes_received_fwd: int
-    bytes_sent_bwd: int         # their gradients, sent back in the backward all-to-all
+    bytes_sent_bwd: int  # their gradients, sent back in the backward all-to-all
     bytes_received_bwd: int
-    collectives: int            # all-to-alls per layer, forward + backward
-    pairs: int                  # attended (query, key) pairs over all heads and patterns
-    local_pairs: int            # of those, computed while the exchange is in flight
+    collectives: int  # all-to-alls per layer, forward + backward
+    pairs: int  # attended (query, key) pairs over all heads and patterns
+    local_pairs: int  # of those, computed while the exchange is in flight
     flops_fwd: float
     flops_bwd: float
-    activation_bytes: int       # kept from forward to backward
-    peak_bytes: int             # the forward's peak (activations and short-lived buffers)
-    index_bytes: int            # the plan's index tensors (once for all layers)
-    compute_s: Optional[float] = None   # forward + backward, at the given TFLOP/s
-    comm_s: Optional[float] = None      # forward + backward, at the given GB/s
-    overlap_s: Optional[float] = None   # compute the forward exchange runs behind
+    activation_bytes: int  # kept from forward to backward
+    peak_bytes: int  # the forward's peak (activations and short-lived buffers)
+    index_bytes: int  # the plan's index tensors (once for all layers)
+    compute_s: float | None = None  # forward + backward, at the given TFLOP/s
+    comm_s: float | None = None  # forward + backward, at the given GB/s
+    overlap_s: float | None = None  # compute the forward exchange runs behind
 
     @property
     def bytes_sent(self) -> int:
@@ -141,7 +143,7 @@ class RankCost:
         return self.bytes_received_fwd + self.bytes_received_bwd
 
     @property
-    def comm_to_compute(self) -> Optional[float]:
+    def comm_to_compute(self) -> float | None:
         if self.comm_s is None or self.compute_s is None:
             return None
         return self.comm_s / self.compute_s if self.compute_s > 0 else math.inf
@@ -161,13 +163,13 @@ class RunPlan:
     dtype: str
     layers: int
     causal: bool
-    segment_lengths: List[int]
-    dilation_rates: List[int]
-    crossing_patterns: List[int]    # indices of patterns with a segment over two ranks
-    tflops: Optional[float]
-    link_gbs: Optional[float]
-    per_rank: List[RankCost] = field(repr=False)
-    position_offset: int = 0        # absolute position of the sequence's first token
+    segment_lengths: list[int]
+    dilation_rates: list[int]
+    crossing_patterns: list[int]  # indices of patterns with a segment over two ranks
+    tflops: float | None
+    link_gbs: float | None
+    per_rank: list[RankCost] = field(repr=False)
+    position_offset: int = 0  # absolute position of the sequence's first token
 
     # -- summaries over ranks
     def worst(self, name: str):
@@ -185,25 +187,40 @@ class RunPlan:
     def memory_per_rank_bytes(self) -> int:
         """Attention memory of a training step on the busiest rank: every layer's
         activations held for backward, plus one layer's short-lived forward buffers."""
-        return max(self.layers * c.activation_bytes + c.peak_bytes - c.activation_bytes
-                   for c in self.per_rank)
+        return max(
+            self.layers * c.activation_bytes + c.peak_bytes - c.activation_bytes
+            for c in self.per_rank
+        )
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         """Worst-rank (and mean) numbers per layer, as plain values."""
         out = {
-            "tokens": self.tokens, "ranks": self.ranks, "tokens_per_rank": self.tokens_per_rank,
+            "tokens": self.tokens,
+            "ranks": self.ranks,
+            "tokens_per_rank": self.tokens_per_rank,
             "patterns": len(self.segment_lengths),
             "crossing_patterns": len(self.crossing_patterns),
         }
-        for name in ("bytes_sent_fwd", "bytes_received_fwd", "bytes_sent_bwd",
-                     "bytes_received_bwd", "flops_fwd", "flops_bwd", "activation_bytes",
-                     "peak_bytes", "compute_s", "comm_s", "overlap_s", "comm_to_compute"):
+        for name in (
+            "bytes_sent_fwd",
+            "bytes_received_fwd",
+            "bytes_sent_bwd",
+            "bytes_received_bwd",
+            "flops_fwd",
+            "flops_bwd",
+            "activation_bytes",
+            "peak_bytes",
+            "compute_s",
+            "comm_s",
+            "overlap_s",
+            "comm_to_compute",
+        ):
             out[f"max_{name}"] = self.worst(name)
             out[f"mean_{name}"] = self.mean(name)
         out["memory_per_rank_bytes"] = self.memory_per_rank_bytes
         return out
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "per_rank"}
         d["summary"] = self.summary()
         d["per_rank"] = []
@@ -215,20 +232,21 @@ class RunPlan:
         return d
 
     def __repr__(self) -> str:
-        return (f"RunPlan(N={self.tokens}, P={self.ranks}, L={self.tokens_per_rank}, "
-                f"B={self.batch}, H={self.heads}, Hk={self.kv_heads}, D={self.head_dim}, "
-                f"{self.dtype}, causal={self.causal}, {len(self.segment_lengths)} patterns "
-                f"({len(self.crossing_patterns)} cross ranks), per layer on the worst rank: "
-                f"sent {_fmt_bytes(self.worst('bytes_sent_fwd'))} fwd / "
-                f"{_fmt_bytes(self.worst('bytes_sent_bwd'))} bwd, "
-                f"{self.worst('flops_fwd') / 1e12:.3g} TFLOP fwd, activations "
-                f"{_fmt_bytes(self.worst('activation_bytes'))})")
+        return (
+            f"RunPlan(N={self.tokens}, P={self.ranks}, L={self.tokens_per_rank}, "
+            f"B={self.batch}, H={self.heads}, Hk={self.kv_heads}, D={self.head_dim}, "
+            f"{self.dtype}, causal={self.causal}, {len(self.segment_lengths)} patterns "
+            f"({len(self.crossing_patterns)} cross ranks), per layer on the worst rank: "
+            f"sent {_fmt_bytes(self.worst('bytes_sent_fwd'))} fwd / "
+            f"{_fmt_bytes(self.worst('bytes_sent_bwd'))} bwd, "
+            f"{self.worst('flops_fwd') / 1e12:.3g} TFLOP fwd, activations "
+            f"{_fmt_bytes(self.worst('activation_bytes'))})"
+        )
 
-    def table(self, every_rank: Optional[bool] = None) -> str:
+    def table(self, every_rank: bool | None = None) -> str:
         """A text table: the configuration, then one line per rank (or, for more than
         16 ranks unless ``every_rank``, the ranks that are worst in some column)."""
-        pats = ", ".join(f"({w}, {r})" for w, r in zip(self.segment_lengths,
-                                                       self.dilation_rates))
+        pats = ", ".join(f"({w}, {r})" for w, r in zip(self.segment_lengths, self.dilation_rates))
         lines = [
             f"N = {self.tokens:,} tokens on P = {self.ranks} ranks (L = "
             f"{self.tokens_per_rank:,} per rank), B = {self.batch}, H = {self.heads}, "
@@ -238,13 +256,18 @@ class RunPlan:
             f"patterns (w, r): {pats}",
             f"rank-crossing patterns: {len(self.crossing_patterns)} of "
             f"{len(self.segment_lengths)}"
-            + (f" (w = {[self.segment_lengths[i] for i in self.crossing_patterns]})"
-               if self.crossing_patterns else ""),
+            + (
+                f" (w = {[self.segment_lengths[i] for i in self.crossing_patterns]})"
+                if self.crossing_patterns
+                else ""
+            ),
             "per layer, per rank (bytes: k and v rows forward, their gradients backward):",
         ]
         timed = self.tflops is not None and self.link_gbs is not None
-        head = (f"{'rank':>5} {'sent fwd':>10} {'recv fwd':>10} {'sent bwd':>10} "
-                f"{'recv bwd':>10} {'GFLOP fwd':>10} {'GFLOP bwd':>10} {'act. mem':>10}")
+        head = (
+            f"{'rank':>5} {'sent fwd':>10} {'recv fwd':>10} {'sent bwd':>10} "
+            f"{'recv bwd':>10} {'GFLOP fwd':>10} {'GFLOP bwd':>10} {'act. mem':>10}"
+        )
         if timed:
             head += f" {'compute ms':>10} {'comm ms':>8} {'comm/comp':>9}"
         lines.append(head)
@@ -253,22 +276,26 @@ class RunPlan:
             every_rank = self.ranks <= 16
         if not every_rank:
             keep = {0, self.ranks - 1}
-            for name in ("bytes_sent_fwd", "bytes_received_fwd", "flops_fwd",
-                         "activation_bytes"):
+            for name in ("bytes_sent_fwd", "bytes_received_fwd", "flops_fwd", "activation_bytes"):
                 keep.add(max(rows, key=lambda c: getattr(c, name)).rank)
             rows = [rows[p] for p in sorted(keep)]
         for c in rows:
-            line = (f"{c.rank:>5} {_fmt_bytes(c.bytes_sent_fwd):>10} "
-                    f"{_fmt_bytes(c.bytes_received_fwd):>10} {_fmt_bytes(c.bytes_sent_bwd):>10} "
-                    f"{_fmt_bytes(c.bytes_received_bwd):>10} {c.flops_fwd / 1e9:>10.4g} "
-                    f"{c.flops_bwd / 1e9:>10.4g} {_fmt_bytes(c.activation_bytes):>10}")
+            line = (
+                f"{c.rank:>5} {_fmt_bytes(c.bytes_sent_fwd):>10} "
+                f"{_fmt_bytes(c.bytes_received_fwd):>10} {_fmt_bytes(c.bytes_sent_bwd):>10} "
+                f"{_fmt_bytes(c.bytes_received_bwd):>10} {c.flops_fwd / 1e9:>10.4g} "
+                f"{c.flops_bwd / 1e9:>10.4g} {_fmt_bytes(c.activation_bytes):>10}"
+            )
             if c.compute_s is not None and c.comm_s is not None:  # timed
-                line += (f" {1e3 * c.compute_s:>10.4g} {1e3 * c.comm_s:>8.4g} "
-                         f"{c.comm_to_compute:>9.3g}")
+                line += (
+                    f" {1e3 * c.compute_s:>10.4g} {1e3 * c.comm_s:>8.4g} {c.comm_to_compute:>9.3g}"
+                )
             lines.append(line)
         if not every_rank:
-            lines.append(f"(ranks shown: first, last and the worst in some column; "
-                         f"--per-rank or --json for all {self.ranks})")
+            lines.append(
+                f"(ranks shown: first, last and the worst in some column; "
+                f"--per-rank or --json for all {self.ranks})"
+            )
         lines.append(
             f"worst rank per layer: sent {_fmt_bytes(self.worst('bytes_sent_fwd'))} fwd + "
             f"{_fmt_bytes(self.worst('bytes_sent_bwd'))} bwd, received "
@@ -277,7 +304,8 @@ class RunPlan:
             f"{self.worst('flops_fwd') / 1e12:.4g} + {self.worst('flops_bwd') / 1e12:.4g} "
             f"TFLOP, activations {_fmt_bytes(self.worst('activation_bytes'))} (forward "
             f"peak {_fmt_bytes(self.worst('peak_bytes'))}; "
-            f"{_fmt_bytes(self.memory_per_rank_bytes)} for {self.layers} layers)")
+            f"{_fmt_bytes(self.memory_per_rank_bytes)} for {self.layers} layers)"
+        )
         if timed:
             lines.append(
                 f"at {self.tflops:g} TFLOP/s and {self.link_gbs:g} GB/s per device: compute "
@@ -287,7 +315,8 @@ class RunPlan:
                 f"exchange runs behind the local patterns "
                 f"({1e3 * min(c.overlap_s or 0.0 for c in self.per_rank):.4g} ms on the rank "
                 f"with the least); the backward exchange starts once the received rows' "
-                f"gradients are complete, before the local patterns' backward")
+                f"gradients are complete, before the local patterns' backward"
+            )
         return "\n".join(lines)
 
 
@@ -314,16 +343,14 @@ def _ceil(a: int, b: int) -> int:
     return -((-a) // b)
 
 
-def _part_pairs(seg_start: int, lo: int, hi: int, r: int, num_heads: int,
-                causal: bool) -> int:
+def _part_pairs(seg_start: int, lo: int, hi: int, r: int, num_heads: int, causal: bool) -> int:
     """Attended pairs, all heads, of the positions ``[lo, hi)`` of the segment that
     starts at ``seg_start`` (head j's rows: ``seg_start + j % r + t*r``)."""
     total = 0
     for o in range(min(num_heads, r)):
         n = max(0, _ceil(hi - seg_start - o, r)) - max(0, _ceil(lo - seg_start - o, r))
         if n > 0:
-            total += _heads_with_offset(num_heads, r, o) * (n * (n + 1) // 2 if causal
-                                                            else n * n)
+            total += _heads_with_offset(num_heads, r, o) * (n * (n + 1) // 2 if causal else n * n)
     return total
 
 
@@ -335,9 +362,11 @@ def _region_pairs(a: int, b: int, w: int, r: int, num_heads: int, causal: bool) 
     s0, s1 = a // w, (b - 1) // w
     if s0 == s1:
         return _part_pairs(s0 * w, a, b, r, num_heads, causal)
-    return (_part_pairs(s0 * w, a, (s0 + 1) * w, r, num_heads, causal)
-            + (s1 - s0 - 1) * _part_pairs(0, 0, w, r, num_heads, causal)
-            + _part_pairs(s1 * w, s1 * w, b, r, num_heads, causal))
+    return (
+        _part_pairs(s0 * w, a, (s0 + 1) * w, r, num_heads, causal)
+        + (s1 - s0 - 1) * _part_pairs(0, 0, w, r, num_heads, causal)
+        + _part_pairs(s1 * w, s1 * w, b, r, num_heads, causal)
+    )
 
 
 @dataclass
@@ -345,27 +374,27 @@ class _Call:
     """One operator call of a rank for the cross-rank rows of a head group."""
 
     pattern: int
-    n_q: int        # query rows per head on this rank
+    n_q: int  # query rows per head on this rank
     n_heads: int
-    n_pairs: int    # exchanged (kv head, offset) pairs
-    n_keys: int     # key rows per pair (own and received)
-    pieces: int     # key pieces (own rows, each sending rank)
+    n_pairs: int  # exchanged (kv head, offset) pairs
+    n_keys: int  # key rows per pair (own and received)
+    pieces: int  # key pieces (own rows, each sending rank)
     head_map: bool  # whether the heads are mapped to pairs by an index
 
 
 @dataclass
 class _RankCount:
-    send: int = 0          # kv entries (row, kv head) sent
+    send: int = 0  # kv entries (row, kv head) sent
     recv: int = 0
-    own: int = 0           # kv entries this rank selects for itself
-    calls: List[_Call] = field(default_factory=list)
-    cross: List[int] = field(default_factory=list)            # crossing pattern indices
-    partial: Dict[int, int] = field(default_factory=dict)     # pattern -> local positions
+    own: int = 0  # kv entries this rank selects for itself
+    calls: list[_Call] = field(default_factory=list)
+    cross: list[int] = field(default_factory=list)  # crossing pattern indices
+    partial: dict[int, int] = field(default_factory=dict)  # pattern -> local positions
     local_pairs: int = 0
     cross_pairs: int = 0
 
 
-def _crossing_segments(w: int, chunk: int, world: int, offset: int) -> List[int]:
+def _crossing_segments(w: int, chunk: int, world: int, offset: int) -> list[int]:
     """Segments of a pattern that span more than one rank, in order: those with a rank
     boundary strictly inside."""
     segs = set()
@@ -376,8 +405,16 @@ def _crossing_segments(w: int, chunk: int, world: int, offset: int) -> List[int]
     return sorted(segs)
 
 
-def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[int],
-           rs: Sequence[int], causal: bool, offset: int = 0) -> List[_RankCount]:
+def _count(
+    world: int,
+    chunk: int,
+    num_heads: int,
+    kv_heads: int,
+    ws: Sequence[int],
+    rs: Sequence[int],
+    causal: bool,
+    offset: int = 0,
+) -> list[_RankCount]:
     """Per-rank rows, calls and pairs, as ``longnet.distributed._plan`` would plan them
     on every rank, visiting each crossing segment once. The sequence occupies the
     absolute positions ``[offset, offset + world * chunk)``."""
@@ -400,7 +437,8 @@ def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[i
                 npairs, nheads = len(g.pairs), len(g.heads)
                 ratio = nheads // npairs
                 uniform = nheads % npairs == 0 and all(
-                    mm == jj // ratio for jj, mm in enumerate(g.head_to_pair))
+                    mm == jj // ratio for jj, mm in enumerate(g.head_to_pair)
+                )
                 pos = [1 if x > 0 else 0 for x in c]
                 pre_rows, pre_pos = [0], [0]
                 for x, y in zip(c, pos):
@@ -423,9 +461,11 @@ def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[i
                     rc.recv += (keys - c[a]) * npairs
                     rc.own += own
                     rc.calls.append(_Call(i, c[a], nheads, npairs, keys, pieces, not uniform))
-                    pairs = c[a] * keys if not causal else \
-                        c[a] * (keys - c[a]) + c[a] * (c[a] + 1) // 2
+                    pairs = (
+                        c[a] * keys if not causal else c[a] * (keys - c[a]) + c[a] * (c[a] + 1) // 2
+                    )
                     rc.cross_pairs += nheads * pairs
+
         def spans(s: int, w: int) -> bool:
             ranks_of = _segment_ranks(s, w, n, chunk, offset)
             return ranks_of[3] > ranks_of[2]
@@ -435,8 +475,7 @@ def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[i
             first = offset + p * chunk
             if p not in touched:
                 # Every segment touching p lies inside it: one local call.
-                rc.local_pairs += _region_pairs(first, first + chunk, w, r, num_heads,
-                                                causal)
+                rc.local_pairs += _region_pairs(first, first + chunk, w, r, num_heads, causal)
                 continue
             rc.cross.append(i)
             s_a, s_b = first // w, (first + chunk - 1) // w
@@ -455,8 +494,17 @@ def _count(world: int, chunk: int, num_heads: int, kv_heads: int, ws: Sequence[i
 # ----------------------------------------------------------------- memory
 
 
-def _memory(rc: _RankCount, world: int, chunk: int, batch: int, num_heads: int,
-            kv_heads: int, head_dim: int, item: int, has_local: bool) -> Tuple[int, int]:
+def _memory(
+    rc: _RankCount,
+    world: int,
+    chunk: int,
+    batch: int,
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    item: int,
+    has_local: bool,
+) -> tuple[int, int]:
     """``(held, peak)``: the bytes one layer's attention keeps from forward to backward
     on one rank, storage by storage as ``sequence_parallel_dilated_attention`` builds
     them, and those plus what is alive only until the forward returns (exchange
@@ -464,60 +512,60 @@ def _memory(rc: _RankCount, world: int, chunk: int, batch: int, num_heads: int,
     tensors, held once per configuration for all layers, are :func:`_index_bytes`."""
     b, d, h = batch, head_dim, num_heads
     lse_item = 8 if item == 8 else 4
-    acc_item = lse_item                      # the merge runs in the lse dtype
-    total = b * chunk * (h + 2 * kv_heads) * d * item      # q, k, v
-    total += b * chunk * h * (d * item + lse_item)          # out and lse returned
+    acc_item = lse_item  # the merge runs in the lse dtype
+    total = b * chunk * (h + 2 * kv_heads) * d * item  # q, k, v
+    total += b * chunk * h * (d * item + lse_item)  # out and lse returned
     if world == 1:
         return total, total
-    if has_local:                                           # the local call's out, lse
+    if has_local:  # the local call's out, lse
         total += b * chunk * h * (d * item + lse_item)
     if not rc.cross:
         return total, total
-    temp = 2 * b * (rc.send + rc.recv) * d * item           # rows sent, rows received
+    temp = 2 * b * (rc.send + rc.recv) * d * item  # rows sent, rows received
     kv_len = rc.send + rc.own
     q_len = sum(c.n_q * c.n_heads for c in rc.calls)
     if q_len:
-        total += b * q_len * d * item                       # q_sel
+        total += b * q_len * d * item  # q_sel
     keeps_k_sel = False
-    by_pattern: Dict[int, List[_Call]] = {}
+    by_pattern: dict[int, list[_Call]] = {}
     for c in rc.calls:
         by_pattern.setdefault(c.pattern, []).append(c)
         rows_q = c.n_q * c.n_heads
-        total += b * rows_q * (d * item + lse_item)         # the call's out, lse
+        total += b * rows_q * (d * item + lse_item)  # the call's out, lse
         if c.head_map:
-            total += 2 * b * c.n_keys * c.n_heads * d * item   # k, v per head
+            total += 2 * b * c.n_keys * c.n_heads * d * item  # k, v per head
         elif c.pieces > 1:
-            total += 2 * b * c.n_keys * c.n_pairs * d * item   # gathered k, v
+            total += 2 * b * c.n_keys * c.n_pairs * d * item  # gathered k, v
         else:
-            keeps_k_sel = True                              # views of k_sel, v_sel
+            keeps_k_sel = True  # views of k_sel, v_sel
     if keeps_k_sel:
         total += 2 * b * kv_len * d * item
     else:
-        temp += 2 * b * kv_len * d * item                   # k_sel, v_sel
+        temp += 2 * b * kv_len * d * item  # k_sel, v_sel
     merged = False
     for i in rc.cross:
         calls = by_pattern.get(i, [])
         part_rows = rc.partial.get(i, 0) * h
         rows = part_rows + sum(c.n_q * c.n_heads for c in calls)
         if rows == 0:
-            continue                                        # nothing to merge here
+            continue  # nothing to merge here
         merged = True
-        temp += b * rows * lse_item                         # lse rows, transposed
-        if part_rows:                                       # the partial call's out, lse
+        temp += b * rows * lse_item  # lse rows, transposed
+        if part_rows:  # the partial call's out, lse
             total += b * part_rows * (d * item + lse_item)
         pieces = len(calls) + (1 if part_rows else 0)
         # the merge: exp(a), exp(b), total, a/total, b/total (lse dtype), where mask
         total += b * rows * (5 * lse_item + 1)
-        total += b * rows * d * acc_item                    # o_a (in the lse dtype)
-        total += b * rows * (d * item + lse_item)           # merged rows (index_copy)
+        total += b * rows * d * acc_item  # o_a (in the lse dtype)
+        total += b * rows * (d * item + lse_item)  # merged rows (index_copy)
         if item != acc_item:
-            total += b * rows * d * acc_item                # o_b in the lse dtype
+            total += b * rows * d * acc_item  # o_b in the lse dtype
         elif pieces > 1:
-            total += b * rows * d * item                    # o_b, concatenated
+            total += b * rows * d * item  # o_b, concatenated
         if pieces > 1:
             temp += b * rows * lse_item + (b * rows * d * item if item != acc_item else 0)
     if merged:
-        temp += b * chunk * h * (d * item + lse_item)       # out, lse before the tie
+        temp += b * chunk * h * (d * item + lse_item)  # out, lse before the tie
     return total, total + temp
 
 
@@ -535,34 +583,67 @@ def _index_bytes(rc: _RankCount, chunk: int, num_heads: int) -> int:
 # ------------------------------------------------------------------- the plan
 
 
-def _validate(tokens, ranks, batch, heads, kv_heads, head_dim, dtype, layers,
-              segment_lengths, dilation_rates, tflops, link_gbs):
-    for name, value in (("tokens", tokens), ("ranks", ranks), ("batch", batch),
-                        ("heads", heads), ("kv_heads", kv_heads), ("head_dim", head_dim),
-                        ("layers", layers)):
+def _validate(
+    tokens,
+    ranks,
+    batch,
+    heads,
+    kv_heads,
+    head_dim,
+    dtype,
+    layers,
+    segment_lengths,
+    dilation_rates,
+    tflops,
+    link_gbs,
+):
+    for name, value in (
+        ("tokens", tokens),
+        ("ranks", ranks),
+        ("batch", batch),
+        ("heads", heads),
+        ("kv_heads", kv_heads),
+        ("head_dim", head_dim),
+        ("layers", layers),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if tokens % ranks:
-        raise ValueError(f"tokens ({tokens}) must be a multiple of ranks ({ranks}): every "
-                         "rank holds the same number of positions")
+        raise ValueError(
+            f"tokens ({tokens}) must be a multiple of ranks ({ranks}): every "
+            "rank holds the same number of positions"
+        )
     if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     for name, value in (("tflops", tflops), ("link_gbs", link_gbs)):
-        if value is not None and not (isinstance(value, (int, float)) and value > 0
-                                      and math.isfinite(value)):
+        if value is not None and not (
+            isinstance(value, (int, float)) and value > 0 and math.isfinite(value)
+        ):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
     from longnet.ops import validate_patterns
 
     return validate_patterns(segment_lengths, dilation_rates)
 
 
-def plan_run(tokens: int, ranks: int, *, heads: int, head_dim: int,
-             segment_lengths: Sequence[int], dilation_rates: Sequence[int],
-             kv_heads: Optional[int] = None, dtype: str = "bfloat16", batch: int = 1,
-             layers: int = 1, causal: bool = False, tflops: Optional[float] = None,
-             link_gbs: Optional[float] = None, position_offset: int = 0) -> RunPlan:
+def plan_run(
+    tokens: int,
+    ranks: int,
+    *,
+    heads: int,
+    head_dim: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    kv_heads: int | None = None,
+    dtype: str = "bfloat16",
+    batch: int = 1,
+    layers: int = 1,
+    causal: bool = False,
+    tflops: float | None = None,
+    link_gbs: float | None = None,
+    position_offset: int = 0,
+) -> RunPlan:
     """Per-rank traffic, FLOPs, activation memory (and time) of one attention layer
     of :func:`longnet.distributed.sequence_parallel_dilated_attention` for ``tokens``
     positions split over ``ranks`` ranks.
@@ -590,44 +671,83 @@ def plan_run(tokens: int, ranks: int, *, heads: int, head_dim: int,
         ValueError: naming the argument that is out of range.
     """
     kv_heads = heads if kv_heads is None else kv_heads
-    ws, rs = _validate(tokens, ranks, batch, heads, kv_heads, head_dim, dtype, layers,
-                       segment_lengths, dilation_rates, tflops, link_gbs)
-    if isinstance(position_offset, bool) or not isinstance(position_offset, int) \
-            or position_offset < 0:
+    ws, rs = _validate(
+        tokens,
+        ranks,
+        batch,
+        heads,
+        kv_heads,
+        head_dim,
+        dtype,
+        layers,
+        segment_lengths,
+        dilation_rates,
+        tflops,
+        link_gbs,
+    )
+    if (
+        isinstance(position_offset, bool)
+        or not isinstance(position_offset, int)
+        or position_offset < 0
+    ):
         raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
     chunk = tokens // ranks
     item = DTYPE_BYTES[dtype]
     counts = _count(ranks, chunk, heads, kv_heads, ws, rs, bool(causal), position_offset)
     crossing = sorted({i for rc in counts for i in rc.cross})
     exchange = bool(crossing)
-    unit = 2 * batch * head_dim * item                # one row of k and one of v
+    unit = 2 * batch * head_dim * item  # one row of k and one of v
     per_rank = []
     for p, rc in enumerate(counts):
         has_local = len(rc.cross) < len(ws)
-        held, peak = _memory(rc, ranks, chunk, batch, heads, kv_heads, head_dim, item,
-                             has_local)
+        held, peak = _memory(rc, ranks, chunk, batch, heads, kv_heads, head_dim, item, has_local)
         pairs = rc.local_pairs + rc.cross_pairs
         fwd = 4.0 * batch * head_dim * pairs
         cost = RankCost(
-            rank=p, kv_rows_sent=rc.send, kv_rows_received=rc.recv,
-            bytes_sent_fwd=unit * rc.send, bytes_received_fwd=unit * rc.recv,
-            bytes_sent_bwd=unit * rc.recv, bytes_received_bwd=unit * rc.send,
-            collectives=2 if exchange else 0, pairs=pairs, local_pairs=rc.local_pairs,
-            flops_fwd=fwd, flops_bwd=_BWD_FLOP_FACTOR * fwd,
-            activation_bytes=held, peak_bytes=peak,
-            index_bytes=_index_bytes(rc, chunk, heads))
+            rank=p,
+            kv_rows_sent=rc.send,
+            kv_rows_received=rc.recv,
+            bytes_sent_fwd=unit * rc.send,
+            bytes_received_fwd=unit * rc.recv,
+            bytes_sent_bwd=unit * rc.recv,
+            bytes_received_bwd=unit * rc.send,
+            collectives=2 if exchange else 0,
+            pairs=pairs,
+            local_pairs=rc.local_pairs,
+            flops_fwd=fwd,
+            flops_bwd=_BWD_FLOP_FACTOR * fwd,
+            activation_bytes=held,
+            peak_bytes=peak,
+            index_bytes=_index_bytes(rc, chunk, heads),
+        )
         if tflops is not None and link_gbs is not None:
             rate, link = tflops * 1e12, link_gbs * 1e9
             cost.compute_s = (cost.flops_fwd + cost.flops_bwd) / rate
-            cost.comm_s = (max(cost.bytes_sent_fwd, cost.bytes_received_fwd)
-                           + max(cost.bytes_sent_bwd, cost.bytes_received_bwd)) / link
+            cost.comm_s = (
+                max(cost.bytes_sent_fwd, cost.bytes_received_fwd)
+                + max(cost.bytes_sent_bwd, cost.bytes_received_bwd)
+            ) / link
             cost.overlap_s = 4.0 * batch * head_dim * rc.local_pairs / rate
         per_rank.append(cost)
-    return RunPlan(tokens, ranks, chunk, batch, heads, kv_heads, head_dim, dtype, layers,
-                   bool(causal), list(ws), list(rs), crossing,
-                   tflops if link_gbs is not None else None,
-                   link_gbs if tflops is not None else None, per_rank,
-                   position_offset=position_offset)
+    return RunPlan(
+        tokens,
+        ranks,
+        chunk,
+        batch,
+        heads,
+        kv_heads,
+        head_dim,
+        dtype,
+        layers,
+        bool(causal),
+        list(ws),
+        list(rs),
+        crossing,
+        tflops if link_gbs is not None else None,
+        link_gbs if tflops is not None else None,
+        per_rank,
+        position_offset=position_offset,
+    )
 
 
 # ------------------------------------------------------ training on a mesh
@@ -640,27 +760,27 @@ class TrainingPlan:
 
     dp: int
     sp: int
-    batch: int                      # global batch (sequences per step)
+    batch: int  # global batch (sequences per step)
     seq_len: int
     dtype: str
     activation_checkpointing: bool
     parameters: int
-    param_bytes_per_rank: int       # FSDP2 shards (dim 0 split over dp * sp), busiest rank
+    param_bytes_per_rank: int  # FSDP2 shards (dim 0 split over dp * sp), busiest rank
     grad_bytes_per_rank: int
-    optimizer_bytes_per_rank: int   # AdamW exp_avg and exp_avg_sq
-    unsharded_bytes: int            # full parameters alive at once: root + 2 layers (0 on 1 rank)
-    layer_activation_bytes: int     # one decoder layer, kept from forward to backward
+    optimizer_bytes_per_rank: int  # AdamW exp_avg and exp_avg_sq
+    unsharded_bytes: int  # full parameters alive at once: root + 2 layers (0 on 1 rank)
+    layer_activation_bytes: int  # one decoder layer, kept from forward to backward
     layer_activation_bytes_plain: int  # the same without checkpointing
-    other_activation_bytes: int     # embedding, final norm, logits and log-softmax
-    activation_bytes: int           # everything kept for backward on a rank
-    peak_bytes: int                 # states + activations + backward's transient peak
-    fsdp_bytes_per_step: int        # sent per rank: all-gathers (fwd, bwd) + reduce-scatter
-    sp_bytes_per_step: int          # sent per rank: dilated key/value exchange, all layers
-    ring_bytes_per_step: int        # ring attention would send for the same run
-    ulysses_bytes_per_step: int     # all-to-all head parallelism would send
+    other_activation_bytes: int  # embedding, final norm, logits and log-softmax
+    activation_bytes: int  # everything kept for backward on a rank
+    peak_bytes: int  # states + activations + backward's transient peak
+    fsdp_bytes_per_step: int  # sent per rank: all-gathers (fwd, bwd) + reduce-scatter
+    sp_bytes_per_step: int  # sent per rank: dilated key/value exchange, all layers
+    ring_bytes_per_step: int  # ring attention would send for the same run
+    ulysses_bytes_per_step: int  # all-to-all head parallelism would send
     attention: RunPlan = field(repr=False)
 
-    def to_dict(self) -> Dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         d = {k: v for k, v in asdict(self).items() if k != "attention"}
         d["attention_summary"] = self.attention.summary()
         return d
@@ -686,15 +806,18 @@ class TrainingPlan:
             "traffic sent per rank and step:",
             f"  FSDP2 all-gathers + reduce-scatter {f(self.fsdp_bytes_per_step)}",
             f"  dilated sequence-parallel exchange {f(self.sp_bytes_per_step)}"
-            + (" (with the repeated forward exchange)" if self.activation_checkpointing
-               and self.sp > 1 else ""),
+            + (
+                " (with the repeated forward exchange)"
+                if self.activation_checkpointing and self.sp > 1
+                else ""
+            ),
             f"  for comparison, same run: ring attention {f(self.ring_bytes_per_step)}, "
             f"all-to-all head parallelism (Ulysses) {f(self.ulysses_bytes_per_step)}",
         ]
         return "\n".join(rows)
 
 
-def _param_shapes(cfg) -> Tuple[List[Tuple[int, ...]], List[List[Tuple[int, ...]]]]:
+def _param_shapes(cfg) -> tuple[list[tuple[int, ...]], list[list[tuple[int, ...]]]]:
     """Shapes of the root's own parameters and of each decoder layer's (LongNetLM)."""
     e, f, h = cfg.embed_dim, cfg.ffn_dim, cfg.num_heads
     kv = (cfg.num_kv_heads or h) * (e // h)
@@ -706,8 +829,7 @@ def _param_shapes(cfg) -> Tuple[List[Tuple[int, ...]], List[List[Tuple[int, ...]
     def ln(n):
         return [(n,), (n,)]
 
-    layer = ln(e) + lin(e, e) + lin(e, kv) + lin(e, kv) + lin(e, e) + ln(e) + lin(e, f) \
-        + lin(f, e)
+    layer = ln(e) + lin(e, e) + lin(e, kv) + lin(e, kv) + lin(e, e) + ln(e) + lin(e, f) + lin(f, e)
     if cfg.norm_style == "subln":
         layer += ln(e) + ln(f)
     root = [(cfg.vocab_size, e)] + ln(e)
@@ -716,14 +838,14 @@ def _param_shapes(cfg) -> Tuple[List[Tuple[int, ...]], List[List[Tuple[int, ...]
     return root, [layer] * cfg.num_layers
 
 
-def _numel(shape: Tuple[int, ...]) -> int:
+def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for x in shape:
         n *= x
     return n
 
 
-def _shard_elements(shape: Tuple[int, ...], world: int, rank: int) -> int:
+def _shard_elements(shape: tuple[int, ...], world: int, rank: int) -> int:
     """Elements of ``rank``'s FSDP2 shard (dim 0 split in ceil-sized chunks)."""
     rows = _ceil(shape[0], world)
     mine = max(0, min(rows, shape[0] - rank * rows))
@@ -736,9 +858,15 @@ def fsdp_shard_elements(config, world: int, rank: int) -> int:
     return sum(_shard_elements(s, world, rank) for s in root + [x for l in layers for x in l])
 
 
-def layer_activation_bytes(config, batch: int, tokens: int, *, dtype: str = "float32",
-                           attention: Optional[RankCost] = None,
-                           activation_checkpointing: bool = False) -> int:
+def layer_activation_bytes(
+    config,
+    batch: int,
+    tokens: int,
+    *,
+    dtype: str = "float32",
+    attention: RankCost | None = None,
+    activation_checkpointing: bool = False,
+) -> int:
     """Bytes one LongNetDecoderLayer keeps from forward to backward on a rank holding
     ``batch x tokens`` positions (dropout off), storage by storage: its input, the two
     LayerNorm outputs and the residual sum (4 ``(B, T, E)``), the LayerNorms' mean and
@@ -766,9 +894,17 @@ def layer_activation_bytes(config, batch: int, tokens: int, *, dtype: str = "flo
     return total + attn
 
 
-def plan_training(config, *, batch: int, seq_len: int, dp: int = 1, sp: int = 1,
-                  dtype: str = "float32", activation_checkpointing: bool = False,
-                  position_offset: int = 0) -> TrainingPlan:
+def plan_training(
+    config,
+    *,
+    batch: int,
+    seq_len: int,
+    dp: int = 1,
+    sp: int = 1,
+    dtype: str = "float32",
+    activation_checkpointing: bool = False,
+    position_offset: int = 0,
+) -> TrainingPlan:
     """Per-rank memory and traffic of one training step of a LongNetLM ``config``
     (a :class:`~longnet.model.LongNetConfig`) on a ``(dp, sp)`` mesh as
     ``longnet.parallel.parallelize`` sets it up, with AdamW in ``dtype``.
@@ -800,21 +936,38 @@ def plan_training(config, *, batch: int, seq_len: int, dp: int = 1, sp: int = 1,
     world, b, t = dp * sp, batch // dp, seq_len // sp
     h, hk, d = config.num_heads, config.num_kv_heads or config.num_heads, config.head_dim
     e, layers = config.embed_dim, config.num_layers
-    attn = plan_run(seq_len, sp, heads=h, kv_heads=hk, head_dim=d,
-                    segment_lengths=config.segment_lengths,
-                    dilation_rates=config.dilation_rates, dtype=dtype, batch=b,
-                    layers=layers, causal=True, position_offset=position_offset)
+    attn = plan_run(
+        seq_len,
+        sp,
+        heads=h,
+        kv_heads=hk,
+        head_dim=d,
+        segment_lengths=config.segment_lengths,
+        dilation_rates=config.dilation_rates,
+        dtype=dtype,
+        batch=b,
+        layers=layers,
+        causal=True,
+        position_offset=position_offset,
+    )
     root, layer_shapes = _param_shapes(config)
     params = sum(_numel(s) for s in root + [x for l in layer_shapes for x in l])
     shard = max(fsdp_shard_elements(config, world, r) for r in range(world)) * item
     full_layer = sum(_numel(s) for s in layer_shapes[0]) * item
     # One process trains without FSDP2: no gathered copies.
-    unsharded = 0 if world == 1 else (
-        sum(_numel(s) for s in root) * item + min(2, layers) * full_layer)
+    unsharded = (
+        0 if world == 1 else (sum(_numel(s) for s in root) * item + min(2, layers) * full_layer)
+    )
     worst = max(attn.per_rank, key=lambda c: c.activation_bytes)
     plain = layer_activation_bytes(config, b, t, dtype=dtype, attention=worst)
-    per_layer = layer_activation_bytes(config, b, t, dtype=dtype, attention=worst,
-                                       activation_checkpointing=activation_checkpointing)
+    per_layer = layer_activation_bytes(
+        config,
+        b,
+        t,
+        dtype=dtype,
+        attention=worst,
+        activation_checkpointing=activation_checkpointing,
+    )
     bt = b * t
     lse_item = 8 if item == 8 else 4
     # final norm input + stats, the LM head's input, float32 logits and log-softmax.
@@ -826,45 +979,73 @@ def plan_training(config, *, batch: int, seq_len: int, dp: int = 1, sp: int = 1,
     peak = 4 * shard + unsharded + activations + transient  # params, grads, 2 AdamW
     fsdp = 3 * params * item * (world - 1) // world if world > 1 else 0
     # The busiest rank (forward and backward peak on different ranks when causal).
-    sp_layer = max(c.bytes_sent_fwd * (2 if activation_checkpointing else 1)
-                   + c.bytes_sent_bwd for c in attn.per_rank)
+    sp_layer = max(
+        c.bytes_sent_fwd * (2 if activation_checkpointing else 1) + c.bytes_sent_bwd
+        for c in attn.per_rank
+    )
     kv_chunk = b * t * hk * d * item
     ring = layers * 3 * 2 * kv_chunk * (sp - 1)
     ulysses = layers * 2 * b * t * (2 * h + 2 * hk) * d * item * (sp - 1) // sp
     return TrainingPlan(
-        dp=dp, sp=sp, batch=batch, seq_len=seq_len, dtype=dtype,
-        activation_checkpointing=bool(activation_checkpointing), parameters=params,
-        param_bytes_per_rank=shard, grad_bytes_per_rank=shard,
-        optimizer_bytes_per_rank=2 * shard, unsharded_bytes=unsharded,
-        layer_activation_bytes=per_layer, layer_activation_bytes_plain=plain,
-        other_activation_bytes=other, activation_bytes=activations, peak_bytes=peak,
-        fsdp_bytes_per_step=fsdp, sp_bytes_per_step=layers * sp_layer,
-        ring_bytes_per_step=ring, ulysses_bytes_per_step=ulysses, attention=attn)
+        dp=dp,
+        sp=sp,
+        batch=batch,
+        seq_len=seq_len,
+        dtype=dtype,
+        activation_checkpointing=bool(activation_checkpointing),
+        parameters=params,
+        param_bytes_per_rank=shard,
+        grad_bytes_per_rank=shard,
+        optimizer_bytes_per_rank=2 * shard,
+        unsharded_bytes=unsharded,
+        layer_activation_bytes=per_layer,
+        layer_activation_bytes_plain=plain,
+        other_activation_bytes=other,
+        activation_bytes=activations,
+        peak_bytes=peak,
+        fsdp_bytes_per_step=fsdp,
+        sp_bytes_per_step=layers * sp_layer,
+        ring_bytes_per_step=ring,
+        ulysses_bytes_per_step=ulysses,
+        attention=attn,
+    )
 
 
 # ------------------------------------------------------- sweeps and fitting
 
 
-def _patterns_for(tokens, segment_lengths, dilation_rates, first_w, first_r, w_factor,
-                  r_factor):
+def _patterns_for(tokens, segment_lengths, dilation_rates, first_w, first_r, w_factor, r_factor):
     if segment_lengths is not None or dilation_rates is not None:
         if first_w is not None:
-            raise ValueError("give either segment_lengths/dilation_rates or first_w "
-                             "(the geometric rule), not both")
+            raise ValueError(
+                "give either segment_lengths/dilation_rates or first_w "
+                "(the geometric rule), not both"
+            )
         if segment_lengths is None or dilation_rates is None:
             raise ValueError("segment_lengths and dilation_rates go together")
         return list(segment_lengths), list(dilation_rates)
     if first_w is None:
-        raise ValueError("give the patterns: segment_lengths and dilation_rates, or "
-                         "first_w (with first_r, w_factor) for geometric ones")
+        raise ValueError(
+            "give the patterns: segment_lengths and dilation_rates, or "
+            "first_w (with first_r, w_factor) for geometric ones"
+        )
     return geometric_patterns(tokens, first_w, first_r, w_factor, r_factor)
 
 
-def scaling_sweep(tokens_per_rank: int, ranks: Sequence[int], *, heads: int, head_dim: int,
-                  segment_lengths: Optional[Sequence[int]] = None,
-                  dilation_rates: Optional[Sequence[int]] = None,
-                  first_w: Optional[int] = None, first_r: int = 1, w_factor: int = 2,
-                  r_factor: Optional[int] = None, **kwargs) -> List[Dict[str, Any]]:
+def scaling_sweep(
+    tokens_per_rank: int,
+    ranks: Sequence[int],
+    *,
+    heads: int,
+    head_dim: int,
+    segment_lengths: Sequence[int] | None = None,
+    dilation_rates: Sequence[int] | None = None,
+    first_w: int | None = None,
+    first_r: int = 1,
+    w_factor: int = 2,
+    r_factor: int | None = None,
+    **kwargs,
+) -> list[dict[str, Any]]:
     """:meth:`RunPlan.summary` for every rank count in ``ranks`` with ``N = P *
     tokens_per_rank``: N and P grow together. With ``first_w`` the patterns follow the
     geometric rule for each N; otherwise they stay fixed. ``kwargs`` go to
@@ -872,18 +1053,21 @@ def scaling_sweep(tokens_per_rank: int, ranks: Sequence[int], *, heads: int, hea
     rows = []
     for p in ranks:
         n = p * tokens_per_rank
-        ws, rs = _patterns_for(n, segment_lengths, dilation_rates, first_w, first_r,
-                               w_factor, r_factor)
-        plan = plan_run(n, p, heads=heads, head_dim=head_dim, segment_lengths=ws,
-                        dilation_rates=rs, **kwargs)
+        ws, rs = _patterns_for(
+            n, segment_lengths, dilation_rates, first_w, first_r, w_factor, r_factor
+        )
+        plan = plan_run(
+            n, p, heads=heads, head_dim=head_dim, segment_lengths=ws, dilation_rates=rs, **kwargs
+        )
         row = plan.summary()
         row["crossing_segment_lengths"] = [ws[i] for i in plan.crossing_patterns]
         rows.append(row)
     return rows
 
 
-def fit_ranks(tokens: int, fit_memory: float, *, heads: int, head_dim: int,
-              max_ranks: int = 65536, **kwargs) -> int:
+def fit_ranks(
+    tokens: int, fit_memory: float, *, heads: int, head_dim: int, max_ranks: int = 65536, **kwargs
+) -> int:
     """The fewest ranks (a divisor of ``tokens``, at most ``max_ranks``) whose busiest
     rank needs at most ``fit_memory`` bytes of attention memory in a training step
     (:attr:`RunPlan.memory_per_rank_bytes`: every layer's activations plus one layer's
@@ -895,8 +1079,9 @@ def fit_ranks(tokens: int, fit_memory: float, *, heads: int, head_dim: int,
         raise ValueError(f"tokens must be a positive int, got {tokens!r}")
     item = DTYPE_BYTES.get(kwargs.get("dtype", "bfloat16"), 2)
     kv = kwargs.get("kv_heads") or heads
-    floor_per_token = (kwargs.get("layers", 1) * kwargs.get("batch", 1)
-                       * (2 * heads + 2 * kv) * head_dim * item)  # q, k, v, out
+    floor_per_token = (
+        kwargs.get("layers", 1) * kwargs.get("batch", 1) * (2 * heads + 2 * kv) * head_dim * item
+    )  # q, k, v, out
     small, large = [], []
     d = 1
     while d * d <= tokens:
@@ -910,39 +1095,51 @@ def fit_ranks(tokens: int, fit_memory: float, *, heads: int, head_dim: int,
             break
         if floor_per_token * (tokens // p) > fit_memory:
             continue
-        if plan_run(tokens, p, heads=heads, head_dim=head_dim,
-                    **kwargs).memory_per_rank_bytes <= fit_memory:
+        if (
+            plan_run(tokens, p, heads=heads, head_dim=head_dim, **kwargs).memory_per_rank_bytes
+            <= fit_memory
+        ):
             return p
-    raise ValueError(f"fit_memory: no rank count up to {max_ranks} that divides {tokens} "
-                     f"keeps the attention memory within {fit_memory:.4g} bytes per rank")
+    raise ValueError(
+        f"fit_memory: no rank count up to {max_ranks} that divides {tokens} "
+        f"keeps the attention memory within {fit_memory:.4g} bytes per rank"
+    )
 
 
 # --------------------------------------------------------------------- CLI
 
 
-def _sweep_table(rows: List[Dict[str, Any]], timed: bool) -> str:
-    head = (f"{'N':>14} {'P':>5} {'patterns':>8} {'crossing':>8} {'sent MiB':>9} "
-            f"{'recv MiB':>9} {'TFLOP':>8} {'act. GiB':>8}")
+def _sweep_table(rows: list[dict[str, Any]], timed: bool) -> str:
+    head = (
+        f"{'N':>14} {'P':>5} {'patterns':>8} {'crossing':>8} {'sent MiB':>9} "
+        f"{'recv MiB':>9} {'TFLOP':>8} {'act. GiB':>8}"
+    )
     if timed:
         head += f" {'compute ms':>10} {'comm ms':>8} {'comm/comp':>9}"
     lines = [head]
     for r in rows:
-        line = (f"{r['tokens']:>14,} {r['ranks']:>5} {r['patterns']:>8} "
-                f"{r['crossing_patterns']:>8} {r['max_bytes_sent_fwd'] / 2**20:>9.2f} "
-                f"{r['max_bytes_received_fwd'] / 2**20:>9.2f} "
-                f"{(r['max_flops_fwd'] + r['max_flops_bwd']) / 1e12:>8.2f} "
-                f"{r['max_activation_bytes'] / 2**30:>8.3f}")
+        line = (
+            f"{r['tokens']:>14,} {r['ranks']:>5} {r['patterns']:>8} "
+            f"{r['crossing_patterns']:>8} {r['max_bytes_sent_fwd'] / 2**20:>9.2f} "
+            f"{r['max_bytes_received_fwd'] / 2**20:>9.2f} "
+            f"{(r['max_flops_fwd'] + r['max_flops_bwd']) / 1e12:>8.2f} "
+            f"{r['max_activation_bytes'] / 2**30:>8.3f}"
+        )
         if timed:
-            line += (f" {1e3 * r['max_compute_s']:>10.2f} {1e3 * r['max_comm_s']:>8.3f} "
-                     f"{r['max_comm_to_compute']:>9.4f}")
+            line += (
+                f" {1e3 * r['max_compute_s']:>10.2f} {1e3 * r['max_comm_s']:>8.3f} "
+                f"{r['max_comm_to_compute']:>9.4f}"
+            )
         lines.append(line)
-    lines.append("per layer, worst rank: k/v MiB sent and received forward (backward swaps "
-                 "them), TFLOP forward+backward, attention activations kept for backward"
-                 + ("; times forward+backward" if timed else ""))
+    lines.append(
+        "per layer, worst rank: k/v MiB sent and received forward (backward swaps "
+        "them), TFLOP forward+backward, attention activations kept for backward"
+        + ("; times forward+backward" if timed else "")
+    )
     return "\n".join(lines)
 
 
-def _plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
+def _plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -951,31 +1148,54 @@ def _plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
     ns = [r["tokens"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     ax = axes[0]
-    ax.plot(ns, [(r["max_bytes_sent_fwd"] + r["max_bytes_sent_bwd"]) / 2**20 for r in rows],
-            "o-", label="sent, worst rank")
-    ax.plot(ns, [(r["mean_bytes_sent_fwd"] + r["mean_bytes_sent_bwd"]) / 2**20 for r in rows],
-            "s--", label="sent, mean over ranks")
+    ax.plot(
+        ns,
+        [(r["max_bytes_sent_fwd"] + r["max_bytes_sent_bwd"]) / 2**20 for r in rows],
+        "o-",
+        label="sent, worst rank",
+    )
+    ax.plot(
+        ns,
+        [(r["mean_bytes_sent_fwd"] + r["mean_bytes_sent_bwd"]) / 2**20 for r in rows],
+        "s--",
+        label="sent, mean over ranks",
+    )
     ax.set_ylabel("k/v MiB per rank per layer (fwd + bwd)")
     ax2 = ax.twinx()
-    ax2.step(ns, [r["crossing_patterns"] for r in rows], where="mid", color="gray",
-             alpha=0.5, label="rank-crossing patterns")
+    ax2.step(
+        ns,
+        [r["crossing_patterns"] for r in rows],
+        where="mid",
+        color="gray",
+        alpha=0.5,
+        label="rank-crossing patterns",
+    )
     ax2.set_ylabel("rank-crossing patterns", color="gray")
     ax.legend(fontsize=8, loc="upper left")
     ax = axes[1]
-    ax.plot(ns, [(r["max_flops_fwd"] + r["max_flops_bwd"]) / 1e12 for r in rows], "o-",
-            label="fwd + bwd, worst rank")
+    ax.plot(
+        ns,
+        [(r["max_flops_fwd"] + r["max_flops_bwd"]) / 1e12 for r in rows],
+        "o-",
+        label="fwd + bwd, worst rank",
+    )
     ax.plot(ns, [r["max_flops_fwd"] / 1e12 for r in rows], "s--", label="fwd, worst rank")
     ax.set_ylabel("TFLOP per rank per layer")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8, loc="lower right")
     ax = axes[2]
-    ax.plot(ns, [r["max_activation_bytes"] / 2**30 for r in rows], "o-",
-            label="attention activations, worst rank")
+    ax.plot(
+        ns,
+        [r["max_activation_bytes"] / 2**30 for r in rows],
+        "o-",
+        label="attention activations, worst rank",
+    )
     ax.set_ylabel("GiB per rank per layer")
     if rows[0].get("max_compute_s") is not None:
         ax3 = ax.twinx()
-        ax3.plot(ns, [r["max_comm_to_compute"] for r in rows], "^:", color="C3",
-                 label="comm / compute")
+        ax3.plot(
+            ns, [r["max_comm_to_compute"] for r in rows], "^:", color="C3", label="comm / compute"
+        )
         ax3.set_ylabel("comm / compute time", color="C3")
         ax3.set_ylim(bottom=0)
     ax.set_ylim(bottom=0)
@@ -994,22 +1214,27 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m longnet.plan",
         description="Plan a sequence-parallel LongNet run: per rank and per layer, the "
-                    "key/value bytes sent and received (forward and backward), the "
-                    "attention's activation memory, its FLOPs and, with --tflops and "
-                    "--link-gbs, compute and communication time. Nothing is run: it "
-                    "counts what longnet.distributed's planner would do.",
+        "key/value bytes sent and received (forward and backward), the "
+        "attention's activation memory, its FLOPs and, with --tflops and "
+        "--link-gbs, compute and communication time. Nothing is run: it "
+        "counts what longnet.distributed's planner would do.",
         epilog="Counts take binary suffixes: 64K, 1M, 1G (= 1B = 2^30). Example, the paper's "
-               "setting on 1024 ranks: python -m longnet.plan --tokens 1G --ranks 1024 "
-               "--heads 12 --head-dim 64 --first-w 2048 --factor 2 --layers 12 --causal "
-               "--tflops 400 --link-gbs 50 --sweep")
+        "setting on 1024 ranks: python -m longnet.plan --tokens 1G --ranks 1024 "
+        "--heads 12 --head-dim 64 --first-w 2048 --factor 2 --layers 12 --causal "
+        "--tflops 400 --link-gbs 50 --sweep",
+    )
     p.add_argument("--tokens", required=True, help="sequence length N")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--ranks", help="sequence-parallel ranks P (default 1)")
     how.add_argument("--tokens-per-rank", help="tokens per rank L (P = N / L)")
-    how.add_argument("--fit-memory", type=float, metavar="GIB",
-                     help="pick the fewest ranks whose attention memory in a training "
-                          "step (all layers' activations and one layer's forward "
-                          "buffers) fits in this many GiB per device")
+    how.add_argument(
+        "--fit-memory",
+        type=float,
+        metavar="GIB",
+        help="pick the fewest ranks whose attention memory in a training "
+        "step (all layers' activations and one layer's forward "
+        "buffers) fits in this many GiB per device",
+    )
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     p.add_argument("--heads", type=int, required=True, help="query heads H")
     p.add_argument("--kv-heads", type=int, help="key/value heads Hk (default H)")
@@ -1017,20 +1242,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
     p.add_argument("--layers", type=int, default=1, help="layers (for the memory total)")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--position-offset", type=int, default=0,
-                   help="absolute position of the sequence's first token (default 0)")
+    p.add_argument(
+        "--position-offset",
+        type=int,
+        default=0,
+        help="absolute position of the sequence's first token (default 0)",
+    )
     g = p.add_argument_group("patterns: a list, or the geometric rule")
     g.add_argument("--segment-lengths", nargs="+", help="w_1 .. w_m")
     g.add_argument("--dilation-rates", nargs="+", help="r_1 .. r_m")
     g.add_argument("--first-w", help="geometric: first segment length")
     g.add_argument("--first-r", type=int, default=1, help="geometric: first rate (1)")
-    g.add_argument("--factor", type=int, default=2,
-                   help="geometric: w_{i+1} = factor * w_i up to the first w >= N (2)")
-    g.add_argument("--r-factor", type=int,
-                   help="geometric: r_{i+1} = r-factor * r_i (default --factor: w/r fixed)")
+    g.add_argument(
+        "--factor",
+        type=int,
+        default=2,
+        help="geometric: w_{i+1} = factor * w_i up to the first w >= N (2)",
+    )
+    g.add_argument(
+        "--r-factor",
+        type=int,
+        help="geometric: r_{i+1} = r-factor * r_i (default --factor: w/r fixed)",
+    )
     m = p.add_argument_group(
         "training on a (dp, sp) mesh (with --embed-dim: --ranks is sp, --batch the global "
-        "batch, --layers the model's; adds FSDP2 memory, all activations and traffic)")
+        "batch, --layers the model's; adds FSDP2 memory, all activations and traffic)"
+    )
     m.add_argument("--embed-dim", type=int, help="model width E (turns the training plan on)")
     m.add_argument("--ffn-dim", type=int, help="feed-forward width (default 4 E)")
     m.add_argument("--vocab-size", type=int, default=259, help="vocabulary (259)")
@@ -1042,16 +1279,22 @@ def _parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the plan as JSON")
     o.add_argument("--per-rank", action="store_true", help="print every rank")
-    o.add_argument("--sweep", action="store_true",
-                   help="also plan P = 1, 2, 4, ... up to P with L fixed (N and P grow "
-                        "together; geometric patterns follow N)")
-    o.add_argument("--plot", metavar="PATH",
-                   help="plot the sweep (per-rank traffic, FLOPs, memory) to PATH, its "
-                        "numbers to PATH with .json")
+    o.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also plan P = 1, 2, 4, ... up to P with L fixed (N and P grow "
+        "together; geometric patterns follow N)",
+    )
+    o.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="plot the sweep (per-rank traffic, FLOPs, memory) to PATH, its "
+        "numbers to PATH with .json",
+    )
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -1060,19 +1303,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rs = [parse_count(x) for x in args.dilation_rates] if args.dilation_rates else None
         first_w = parse_count(args.first_w) if args.first_w else None
         if first_w is None and ws is None:
-            raise ValueError("give the patterns: --segment-lengths with --dilation-rates, "
-                             "or --first-w (with --first-r, --factor) for geometric ones")
+            raise ValueError(
+                "give the patterns: --segment-lengths with --dilation-rates, "
+                "or --first-w (with --first-r, --factor) for geometric ones"
+            )
         if (args.tflops is None) != (args.link_gbs is None):
             raise ValueError("--tflops and --link-gbs go together")
-        pattern_kw = dict(segment_lengths=ws, dilation_rates=rs, first_w=first_w,
-                          first_r=args.first_r, w_factor=args.factor, r_factor=args.r_factor)
+        pattern_kw = dict(
+            segment_lengths=ws,
+            dilation_rates=rs,
+            first_w=first_w,
+            first_r=args.first_r,
+            w_factor=args.factor,
+            r_factor=args.r_factor,
+        )
         ws, rs = _patterns_for(tokens, **pattern_kw)
-        kw = dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                  dtype=args.dtype, batch=args.batch, layers=args.layers,
-                  causal=args.causal, position_offset=args.position_offset)
+        kw = dict(
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            head_dim=args.head_dim,
+            dtype=args.dtype,
+            batch=args.batch,
+            layers=args.layers,
+            causal=args.causal,
+            position_offset=args.position_offset,
+        )
         if args.fit_memory is not None:
-            ranks = fit_ranks(tokens, args.fit_memory * 2**30, segment_lengths=ws,
-                              dilation_rates=rs, **kw)
+            ranks = fit_ranks(
+                tokens, args.fit_memory * 2**30, segment_lengths=ws, dilation_rates=rs, **kw
+            )
         elif args.tokens_per_rank is not None:
             per = parse_count(args.tokens_per_rank)
             if per < 1 or tokens % per:
@@ -1080,32 +1339,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ranks = tokens // per
         else:
             ranks = parse_count(args.ranks) if args.ranks is not None else 1
-        plan = plan_run(tokens, ranks, segment_lengths=ws, dilation_rates=rs,
-                        tflops=args.tflops, link_gbs=args.link_gbs, **kw)
+        plan = plan_run(
+            tokens,
+            ranks,
+            segment_lengths=ws,
+            dilation_rates=rs,
+            tflops=args.tflops,
+            link_gbs=args.link_gbs,
+            **kw,
+        )
         rows = None
         if args.sweep or args.plot:
             counts = [1 << e for e in range(ranks.bit_length()) if (1 << e) < ranks] + [ranks]
             counts = [c for c in counts if tokens // ranks * c > 0]
             sweep_kw = dict(kw)
             del sweep_kw["heads"], sweep_kw["head_dim"]
-            rows = scaling_sweep(tokens // ranks, counts, heads=args.heads,
-                                 head_dim=args.head_dim, tflops=args.tflops,
-                                 link_gbs=args.link_gbs, **pattern_kw, **sweep_kw)
+            rows = scaling_sweep(
+                tokens // ranks,
+                counts,
+                heads=args.heads,
+                head_dim=args.head_dim,
+                tflops=args.tflops,
+                link_gbs=args.link_gbs,
+                **pattern_kw,
+                **sweep_kw,
+            )
         training = None
         if args.embed_dim is not None:
             from longnet.model import LongNetConfig
 
             cfg = LongNetConfig(
-                vocab_size=args.vocab_size, num_layers=args.layers, embed_dim=args.embed_dim,
-                num_heads=args.heads, num_kv_heads=args.kv_heads, ffn_dim=args.ffn_dim,
-                segment_lengths=ws, dilation_rates=rs)
+                vocab_size=args.vocab_size,
+                num_layers=args.layers,
+                embed_dim=args.embed_dim,
+                num_heads=args.heads,
+                num_kv_heads=args.kv_heads,
+                ffn_dim=args.ffn_dim,
+                segment_lengths=ws,
+                dilation_rates=rs,
+            )
             if cfg.head_dim != args.head_dim:
-                raise ValueError(f"--embed-dim / --heads = {cfg.head_dim} but --head-dim is "
-                                 f"{args.head_dim}")
-            training = plan_training(cfg, batch=args.batch * args.dp, seq_len=tokens,
-                                     dp=args.dp, sp=ranks, dtype=args.dtype,
-                                     activation_checkpointing=args.activation_checkpointing,
-                                     position_offset=args.position_offset)
+                raise ValueError(
+                    f"--embed-dim / --heads = {cfg.head_dim} but --head-dim is {args.head_dim}"
+                )
+            training = plan_training(
+                cfg,
+                batch=args.batch * args.dp,
+                seq_len=tokens,
+                dp=args.dp,
+                sp=ranks,
+                dtype=args.dtype,
+                activation_checkpointing=args.activation_checkpointing,
+                position_offset=args.position_offset,
+            )
     except ValueError as exc:
         parser.error(str(exc))
     timed = args.tflops is not None
@@ -1119,28 +1405,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write("\n")
     else:
         if args.fit_memory is not None:
-            print(f"fewest ranks within {args.fit_memory:g} GiB of attention memory per "
-                  f"device: {ranks}")
+            print(
+                f"fewest ranks within {args.fit_memory:g} GiB of attention memory per "
+                f"device: {ranks}"
+            )
         print(plan.table(every_rank=True if args.per_rank else None))
         if rows is not None:
-            print(f"\nN and P grow together (L = {tokens // ranks:,} tokens per rank"
-                  + (", patterns geometric in N" if args.first_w else ", patterns fixed")
-                  + "):")
+            print(
+                f"\nN and P grow together (L = {tokens // ranks:,} tokens per rank"
+                + (", patterns geometric in N" if args.first_w else ", patterns fixed")
+                + "):"
+            )
             print(_sweep_table(rows, timed))
         if training is not None:
             print("\ntraining step:")
             print(training.table())
     if args.plot and rows is not None:  # --plot always runs the sweep
-        title = (f"longnet.plan: L = {tokens // ranks:,} tokens per rank, H = {args.heads}, "
-                 f"Hk = {args.kv_heads or args.heads}, D = {args.head_dim}, {args.dtype}, "
-                 f"{'causal' if args.causal else 'not causal'}, "
-                 + (f"w_0 = {first_w}, r_0 = {args.first_r}, factor {args.factor}"
-                    if first_w else f"w = {ws}, r = {rs}"))
+        title = (
+            f"longnet.plan: L = {tokens // ranks:,} tokens per rank, H = {args.heads}, "
+            f"Hk = {args.kv_heads or args.heads}, D = {args.head_dim}, {args.dtype}, "
+            f"{'causal' if args.causal else 'not causal'}, "
+            + (
+                f"w_0 = {first_w}, r_0 = {args.first_r}, factor {args.factor}"
+                if first_w
+                else f"w = {ws}, r = {rs}"
+            )
+        )
         _plot(rows, args.plot, title)
         stem = os.path.splitext(args.plot)[0]
         with open(stem + ".json", "w") as f:
-            json.dump({"command": "python -m longnet.plan " + " ".join(
-                argv if argv is not None else sys.argv[1:]), "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "command": "python -m longnet.plan "
+                    + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
         if not args.json:
             print(f"saved {args.plot} and {stem}.json")
     return 0

@@ -9,7 +9,7 @@ head: use it for tests on short sequences only.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -24,11 +24,11 @@ def pattern_counts(
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
     is_causal: bool,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
     *,
     position_offset: int = 0,
-    key_start: Optional[int] = None,
-    key_end: Optional[int] = None,
+    key_start: int | None = None,
+    key_end: int | None = None,
 ) -> Tensor:
     """Count matrix ``c`` of shape ``(H, Nq, Nk)`` (int64), as docs/operator.md defines it.
 
@@ -65,11 +65,11 @@ def dilated_attention_reference(
     dilation_rates: Sequence[int],
     *,
     is_causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     position_offset: int = 0,
-    key_start: Optional[Tensor] = None,
-    key_end: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    key_start: Tensor | None = None,
+    key_end: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Return ``(out, lse)`` of dilated attention, computed densely.
 
     Arguments as ``longnet.dilated_attention``; differentiable through both outputs.
@@ -83,16 +83,36 @@ def dilated_attention_reference(
     kh = k.repeat_interleave(group, dim=2) if group > 1 else k
     vh = v.repeat_interleave(group, dim=2) if group > 1 else v
     if key_start is None and key_end is None:
-        counts = pattern_counts(nq, nk, h, segment_lengths, dilation_rates, is_causal, q.device,
-                                position_offset=position_offset)[None]
+        counts = pattern_counts(
+            nq,
+            nk,
+            h,
+            segment_lengths,
+            dilation_rates,
+            is_causal,
+            q.device,
+            position_offset=position_offset,
+        )[None]
     else:
         starts = [0] * b if key_start is None else key_start.tolist()
         ends = [nk] * b if key_end is None else key_end.tolist()
-        counts = torch.stack([
-            pattern_counts(nq, nk, h, segment_lengths, dilation_rates, is_causal, q.device,
-                           position_offset=position_offset, key_start=s, key_end=e)
-            for s, e in zip(starts, ends)
-        ])  # (B, H, Nq, Nk)
+        counts = torch.stack(
+            [
+                pattern_counts(
+                    nq,
+                    nk,
+                    h,
+                    segment_lengths,
+                    dilation_rates,
+                    is_causal,
+                    q.device,
+                    position_offset=position_offset,
+                    key_start=s,
+                    key_end=e,
+                )
+                for s, e in zip(starts, ends)
+            ]
+        )  # (B, H, Nq, Nk)
     log_c = torch.log(counts.to(q.dtype))  # -inf where no pattern links p and t
     logits = torch.einsum("bqhd,bkhd->bhqk", q, kh) * scale + log_c
     # Rows that reach no key get lse = -inf and out = 0 with finite gradients: run

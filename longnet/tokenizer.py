@@ -5,7 +5,7 @@ Nothing to download or train; any text (and any byte string) round-trips.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 __all__ = ["ByteTokenizer"]
 
@@ -25,8 +25,9 @@ class ByteTokenizer:
     eos_token_id: int = 258
     vocab_size: int = 259
 
-    def encode(self, text: Union[str, bytes], *, add_bos: bool = False,
-               add_eos: bool = False) -> List[int]:
+    def encode(
+        self, text: str | bytes, *, add_bos: bool = False, add_eos: bool = False
+    ) -> list[int]:
         """Token ids of ``text`` (``str`` is UTF-8 encoded first)."""
         if isinstance(text, str):
             data = text.encode("utf-8")
@@ -62,5 +63,7 @@ class ByteTokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return (f"ByteTokenizer(vocab_size={self.vocab_size}, pad={self.pad_token_id}, "
-                f"bos={self.bos_token_id}, eos={self.eos_token_id})")
+        return (
+            f"ByteTokenizer(vocab_size={self.vocab_size}, pad={self.pad_token_id}, "
+            f"bos={self.bos_token_id}, eos={self.eos_token_id})"
+        )

@@ -29,21 +29,22 @@ float32 accumulation bound of tests/test_op.py); float32 inputs: 1e-5 everywhere
 
 import pytest
 import torch
-
-import longnet
-from longnet.reference import dilated_attention_reference
 from test_engines import GQA_CASES, RANGE_CASES
 from test_op import CASES, make_inputs
 
+import longnet
+from longnet.reference import dilated_attention_reference
+
 CONTRACT = ["contract_cuda_flash", "contract_cuda_efficient", "contract_cuda_cudnn"]
-DTYPES = {"contract_cuda_flash": [torch.bfloat16, torch.float16],
-          "contract_cuda_efficient": [torch.float32, torch.bfloat16, torch.float16],
-          "contract_cuda_cudnn": [torch.bfloat16, torch.float16]}
-MAX_DIM = {"contract_cuda_flash": 256, "contract_cuda_efficient": 256,
-           "contract_cuda_cudnn": 128}
+DTYPES = {
+    "contract_cuda_flash": [torch.bfloat16, torch.float16],
+    "contract_cuda_efficient": [torch.float32, torch.bfloat16, torch.float16],
+    "contract_cuda_cudnn": [torch.bfloat16, torch.float16],
+}
+MAX_DIM = {"contract_cuda_flash": 256, "contract_cuda_efficient": 256, "contract_cuda_cudnn": 128}
 IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 F32 = 1e-5
-U = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+U = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 def tolerances(dtype):
@@ -51,8 +52,7 @@ def tolerances(dtype):
     if dtype == torch.float32:
         return dict.fromkeys(("out", "lse", "dq", "dk", "dv"), F32)
     u = U[dtype]
-    return {"out": 2 * u + F32, "lse": F32, "dq": 4 * u + F32, "dk": 4 * u + F32,
-            "dv": 2 * u + F32}
+    return {"out": 2 * u + F32, "lse": F32, "dq": 4 * u + F32, "dk": 4 * u + F32, "dv": 2 * u + F32}
 
 
 def takes(engine, dtype, d):
@@ -60,8 +60,13 @@ def takes(engine, dtype, d):
 
 
 def params(cases):
-    return [pytest.param(e, n, dt, id=f"{e}-{n}-{IDS[dt]}") for e in CONTRACT for n in cases
-            for dt in DTYPES[e] if takes(e, dt, cases[n][5])]
+    return [
+        pytest.param(e, n, dt, id=f"{e}-{n}-{IDS[dt]}")
+        for e in CONTRACT
+        for n in cases
+        for dt in DTYPES[e]
+        if takes(e, dt, cases[n][5])
+    ]
 
 
 def rel(a, b):
@@ -97,16 +102,18 @@ def run(engine, case, causal, dtype, layout="contiguous", scale=None, strided_gr
         return (out.double() * w_out).sum() + (lse.double() * w_lse).sum()
 
     with longnet.use_engine(engine):
-        out, lse = longnet.dilated_attention(*inputs, ws, rs, is_causal=causal, scale=scale,
-                                             return_lse=True, **kw)
+        out, lse = longnet.dilated_attention(
+            *inputs, ws, rs, is_causal=causal, scale=scale, return_lse=True, **kw
+        )
         assert longnet.last_engine() == engine
         grad_layouts = []
         out.register_hook(lambda g: grad_layouts.append(g.is_contiguous()))
         grads = torch.autograd.grad(loss(out, lse), inputs)
         assert longnet.last_engine() == engine
         assert grad_layouts == [not strided_grad]
-    ref_out, ref_lse = dilated_attention_reference(*refs, ws, rs, is_causal=causal, scale=scale,
-                                                   **kw)
+    ref_out, ref_lse = dilated_attention_reference(
+        *refs, ws, rs, is_causal=causal, scale=scale, **kw
+    )
     ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), refs)
     got = dict(out=out, lse=lse, dq=grads[0], dk=grads[1], dv=grads[2])
     want = dict(out=ref_out, lse=ref_lse, dq=ref_grads[0], dk=ref_grads[1], dv=ref_grads[2])
@@ -119,8 +126,10 @@ def check(got, want, dtype):
     assert not torch.isnan(got["out"]).any() and not torch.isnan(got["lse"]).any()
     assert torch.equal(torch.isinf(got["lse"]), torch.isinf(want["lse"])), "rows without keys"
     finite = torch.isfinite(want["lse"])
-    errors = {"out": rel(got["out"], want["out"]),
-              "lse": rel(got["lse"][finite], want["lse"][finite])}
+    errors = {
+        "out": rel(got["out"], want["out"]),
+        "lse": rel(got["lse"][finite], want["lse"][finite]),
+    }
     for name in ("dq", "dk", "dv"):
         assert got[name].dtype == dtype and torch.isfinite(got[name]).all(), name
         errors[name] = rel(got[name], want[name])
@@ -129,6 +138,7 @@ def check(got, want, dtype):
 
 
 # ------------------------------------------------------------ the matrix ----
+
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("engine,name,dtype", params(CASES))
@@ -163,8 +173,9 @@ def test_position_offset_and_key_ranges(engine, name, dtype, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("engine,name,dtype",
-                         params({n: CASES[n] for n in ["batch_gqa", "nq_lt_nk", "d40", "mqa"]}))
+@pytest.mark.parametrize(
+    "engine,name,dtype", params({n: CASES[n] for n in ["batch_gqa", "nq_lt_nk", "d40", "mqa"]})
+)
 def test_non_contiguous_inputs(engine, name, dtype, causal):
     """Slices of one packed projection (aligned: strides are multiples of D)."""
     check(*run(engine, CASES[name], causal, dtype, layout="packed"), dtype)
@@ -180,8 +191,7 @@ def test_strided_grad_out(engine):
     """grad_out with strides unlike out's. Caught before the fix: contract_cuda_cudnn
     (cuDNN < 9.5.1 needs grad_out with out's strides; a cached graph would run with
     other ones)."""
-    check(*run(engine, CASES["batch_gqa"], True, torch.bfloat16, strided_grad=True),
-          torch.bfloat16)
+    check(*run(engine, CASES["batch_gqa"], True, torch.bfloat16, strided_grad=True), torch.bfloat16)
 
 
 @pytest.mark.parametrize("engine", CONTRACT)
@@ -195,6 +205,7 @@ def test_low_precision_bounds_catch_a_scale_error(engine):
 
 
 # ------------------------------------------- odd offsets and strides ----
+
 
 def cpu_engines():
     return [e for e in longnet.engines.ENGINES if e != "auto"]
@@ -223,18 +234,24 @@ def test_odd_offsets_and_strides(engine, dtype):
 
 # -------------------------------------------------------- the contracts ----
 
-@pytest.mark.parametrize("engine,dtype,d,reason", [
-    ("contract_cuda_flash", torch.float32, 16, "takes bfloat16 or float16 inputs"),
-    ("contract_cuda_cudnn", torch.float32, 16, "takes bfloat16 or float16 inputs"),
-    ("contract_cuda_efficient", torch.float64, 16, "takes float32, bfloat16 or float16"),
-    ("contract_cuda_flash", torch.bfloat16, 12, "multiple of 8 and at most 256"),
-    ("contract_cuda_efficient", torch.float32, 6, "multiple of 4 and at most 256"),
-    ("contract_cuda_cudnn", torch.float16, 136, "multiple of 8 and at most 128"),
-])
+
+@pytest.mark.parametrize(
+    "engine,dtype,d,reason",
+    [
+        ("contract_cuda_flash", torch.float32, 16, "takes bfloat16 or float16 inputs"),
+        ("contract_cuda_cudnn", torch.float32, 16, "takes bfloat16 or float16 inputs"),
+        ("contract_cuda_efficient", torch.float64, 16, "takes float32, bfloat16 or float16"),
+        ("contract_cuda_flash", torch.bfloat16, 12, "multiple of 8 and at most 256"),
+        ("contract_cuda_efficient", torch.float32, 6, "multiple of 4 and at most 256"),
+        ("contract_cuda_cudnn", torch.float16, 136, "multiple of 8 and at most 128"),
+    ],
+)
 def test_refusals_name_the_kernel_limit(engine, dtype, d, reason):
     q = torch.randn(1, 16, 2, d, dtype=dtype)
     with longnet.use_engine(engine):
-        with pytest.raises(RuntimeError, match=f"engine '{engine}'.*cannot run this call: .*{reason}"):
+        with pytest.raises(
+            RuntimeError, match=f"engine '{engine}'.*cannot run this call: .*{reason}"
+        ):
             longnet.dilated_attention(q, q, q, [8], [1])
 
 
@@ -260,13 +277,15 @@ def test_contract_engines_refuse_cuda_tensors(engine):
 # kernel call on (Bt, L, H, D) tensors exactly as given (no argument preparation):
 # what the CUDA kernel would do with these arguments.
 
+
 def kernel_forward(engine, q, k, v, causal, scale):
     return torch.ops.longnet._contract_kernel_forward(engine, q, k, v, causal, scale)
 
 
 def kernel_backward(engine, grad_out, q, k, v, out, lse, causal, scale):
-    return torch.ops.longnet._contract_kernel_backward(engine, grad_out, q, k, v, out, lse,
-                                                       causal, scale)
+    return torch.ops.longnet._contract_kernel_backward(
+        engine, grad_out, q, k, v, out, lse, causal, scale
+    )
 
 
 def dense(q, k, v, causal, scale, bottom_right):
@@ -286,9 +305,14 @@ def problem(b, lq, lk, h, d, dtype, seed=0):
     return [torch.randn(b, n, h, d, generator=gen).to(dtype) for n in (lq, lk, lk)]
 
 
-@pytest.mark.parametrize("engine,bottom_right", [("contract_cuda_flash", True),
-                                                 ("contract_cuda_efficient", False),
-                                                 ("contract_cuda_cudnn", False)])
+@pytest.mark.parametrize(
+    "engine,bottom_right",
+    [
+        ("contract_cuda_flash", True),
+        ("contract_cuda_efficient", False),
+        ("contract_cuda_cudnn", False),
+    ],
+)
 def test_kernel_causal_alignment_and_lse_layout(engine, bottom_right):
     """Lq < Lk: flash aligns the causal mask bottom-right, the efficient kernel
     (custom_mask_type 1) and cuDNN top-left; lse comes in each kernel's layout."""

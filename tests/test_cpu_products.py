@@ -16,13 +16,20 @@ import sys
 
 import pytest
 import torch
+from test_op import _rel, low_precision_tolerances
 
 import longnet
 from longnet.reference import dilated_attention_reference
-from test_op import _rel, low_precision_tolerances
 
-PRODUCTS = {"brgemm-float32", "brgemm-bfloat16", "brgemm-float16", "blas-float32",
-            "blas-float64", "portable-float32", "portable-float64"}
+PRODUCTS = {
+    "brgemm-float32",
+    "brgemm-bfloat16",
+    "brgemm-float16",
+    "blas-float32",
+    "blas-float64",
+    "portable-float32",
+    "portable-float64",
+}
 
 # (B, Nq, Nk, H, Hk, D, segment_lengths, dilation_rates)
 SHAPES = {
@@ -60,18 +67,23 @@ def _errors(shape, dtype, causal, **kw):
         lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         return (out.double() * w_out).sum() + (lse.double() * w_lse).sum()
 
-    out, lse = longnet.dilated_attention(*leaves, ws, rs, is_causal=causal, return_lse=True,
-                                         **kw)
+    out, lse = longnet.dilated_attention(*leaves, ws, rs, is_causal=causal, return_lse=True, **kw)
     grads = torch.autograd.grad(loss(out, lse), leaves)
     used = torch.ops.longnet._cpu_products()
     ref_out, ref_lse = dilated_attention_reference(*refs, ws, rs, is_causal=causal, **kw)
     ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), refs)
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
-    got = dict(out=out, lse=torch.where(finite, lse.double(), 0.0), dq=grads[0], dk=grads[1],
-               dv=grads[2])
-    want = dict(out=ref_out, lse=torch.where(finite, ref_lse, 0.0), dq=ref_grads[0],
-                dk=ref_grads[1], dv=ref_grads[2])
+    got = dict(
+        out=out, lse=torch.where(finite, lse.double(), 0.0), dq=grads[0], dk=grads[1], dv=grads[2]
+    )
+    want = dict(
+        out=ref_out,
+        lse=torch.where(finite, ref_lse, 0.0),
+        dq=ref_grads[0],
+        dk=ref_grads[1],
+        dv=ref_grads[2],
+    )
     return {n: _rel(got[n], want[n]) for n in got}, used
 
 
@@ -87,7 +99,8 @@ def test_products_are_named():
     q = torch.randn(1, 16, 2, 8)
     longnet.dilated_attention(q, q, q, [8], [1])
     assert torch.ops.longnet._cpu_products() == torch.ops.longnet._cpu_products_for(
-        torch.float32, 8)
+        torch.float32, 8
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -130,8 +143,11 @@ def test_onednn_turned_off_runs_blas_products(dtype):
 def test_products_with_positions_and_key_ranges(dtype):
     # Rows whose keys start inside a segment and a row with no keys at all.
     shape = (3, 200, 300, 2, 2, 32, [96, 300], [1, 2])
-    kw = dict(position_offset=37, key_start=torch.tensor([0, 45, 300]),
-              key_end=torch.tensor([300, 290, 300]))
+    kw = dict(
+        position_offset=37,
+        key_start=torch.tensor([0, 45, 300]),
+        key_end=torch.tensor([300, 290, 300]),
+    )
     errors, used = _errors(shape, dtype, True, **kw)
     tol = low_precision_tolerances(dtype)
     assert all(errors[n] < tol[n] for n in errors), (used, errors, tol)
@@ -155,10 +171,13 @@ print("RESULT", used, err)
 """
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({"LONGNET_CPU_BRGEMM": "0"}, "blas-float32"),
-    ({"LONGNET_CPU_BLAS": "0"}, "portable-float32"),
-])
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({"LONGNET_CPU_BRGEMM": "0"}, "blas-float32"),
+        ({"LONGNET_CPU_BLAS": "0"}, "portable-float32"),
+    ],
+)
 def test_switches_select_the_products(env, expected):
     # The switches still work and are visible: LONGNET_CPU_BRGEMM=0 runs float32 on the
     # Fortran BLAS path, LONGNET_CPU_BLAS=0 on portable loops; both within the float32
@@ -167,8 +186,13 @@ def test_switches_select_the_products(env, expected):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     full_env = dict(os.environ, **env)
     full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=full_env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")][-1].split()
     if expected == "blas-float32" and not line[1].startswith("blas"):

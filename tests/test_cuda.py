@@ -69,10 +69,12 @@ def make_inputs(b, nq, nk, h, hk, d, dtype=torch.float64, seed=0, packed=False):
     gen = torch.Generator().manual_seed(seed)
     if packed:
         qkv = torch.randn(b, nk, h + 2 * hk, d, generator=gen, dtype=dtype)
-        q, k, v = qkv[:, nk - nq:, :h], qkv[:, :, h:h + hk], qkv[:, :, h + hk:]
+        q, k, v = qkv[:, nk - nq :, :h], qkv[:, :, h : h + hk], qkv[:, :, h + hk :]
         return [t.detach().requires_grad_() for t in (q, k, v)]
-    return [torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
-            for shape in ((b, nq, h, d), (b, nk, hk, d), (b, nk, hk, d))]
+    return [
+        torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
+        for shape in ((b, nq, h, d), (b, nk, hk, d), (b, nk, hk, d))
+    ]
 
 
 def to_device(tensors, dtype, packed=False):
@@ -83,18 +85,20 @@ def to_device(tensors, dtype, packed=False):
     b, nq, h, d = q.shape
     nk, hk = k.shape[1], k.shape[2]
     qkv = torch.empty(b, nk, h + 2 * hk, d, device="cuda", dtype=dtype)
-    qkv[:, nk - nq:, :h] = q.detach().to(dtype)
-    qkv[:, :, h:h + hk] = k.detach().to(dtype)
-    qkv[:, :, h + hk:] = v.detach().to(dtype)
-    views = [qkv[:, nk - nq:, :h], qkv[:, :, h:h + hk], qkv[:, :, h + hk:]]
+    qkv[:, nk - nq :, :h] = q.detach().to(dtype)
+    qkv[:, :, h : h + hk] = k.detach().to(dtype)
+    qkv[:, :, h + hk :] = v.detach().to(dtype)
+    views = [qkv[:, nk - nq :, :h], qkv[:, :, h : h + hk], qkv[:, :, h + hk :]]
     assert not views[0].is_contiguous() and not views[1].is_contiguous()
     return [t.detach().requires_grad_() for t in views]
 
 
 def loss_weights(out_shape, lse_shape, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(out_shape, generator=gen, dtype=torch.float64),
-            torch.randn(lse_shape, generator=gen, dtype=torch.float64))
+    return (
+        torch.randn(out_shape, generator=gen, dtype=torch.float64),
+        torch.randn(lse_shape, generator=gen, dtype=torch.float64),
+    )
 
 
 def loss_on_both(out, lse, weights):
@@ -113,8 +117,9 @@ def evaluate(fn, q, k, v, ws, rs, causal, scale=None):
 
 
 def op(q, k, v, ws, rs, causal, scale):
-    return longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, scale=scale,
-                                     return_lse=True)
+    return longnet.dilated_attention(
+        q, k, v, ws, rs, is_causal=causal, scale=scale, return_lse=True
+    )
 
 
 def reference(q, k, v, ws, rs, causal, scale):
@@ -145,8 +150,9 @@ def compare_exact(got, want, atol, rtol):
     torch.testing.assert_close(lse, ref_lse.double(), atol=atol, rtol=rtol)
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert g.is_cuda and g.shape == rg.shape
-        torch.testing.assert_close(g.cpu().double(), rg.double(), atol=atol, rtol=rtol,
-                                   msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(
+            g.cpu().double(), rg.double(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}"
+        )
 
 
 def compare_low_precision(got, want, tol):
@@ -174,8 +180,12 @@ ENGINE_DTYPES = {
     "math": [torch.float64, torch.float32, torch.bfloat16, torch.float16],
     "fused": [torch.float64, torch.float32, torch.bfloat16, torch.float16],
 }
-DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16",
-             torch.float16: "fp16"}
+DTYPE_IDS = {
+    torch.float64: "f64",
+    torch.float32: "f32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+}
 # (out, lse, gradients), derived in the module docstring.
 LOW_PRECISION_TOL = {torch.bfloat16: (4e-3, 1e-5, 1.6e-2), torch.float16: (1e-3, 1e-5, 4e-3)}
 FUSED_LOW_PRECISION_TOL = 3e-2
@@ -191,9 +201,13 @@ def head_dim_fits(engine, dtype, d):
 
 def engine_params(cases):
     """(engine, case name, dtype) triples each engine can run (dtype, head dim)."""
-    return [pytest.param(e, n, dt, id=f"{e}-{n}-{DTYPE_IDS[dt]}")
-            for e in ENGINES for n in cases for dt in ENGINE_DTYPES[e]
-            if head_dim_fits(e, dt, CASES[n][5])]
+    return [
+        pytest.param(e, n, dt, id=f"{e}-{n}-{DTYPE_IDS[dt]}")
+        for e in ENGINES
+        for n in cases
+        for dt in ENGINE_DTYPES[e]
+        if head_dim_fits(e, dt, CASES[n][5])
+    ]
 
 
 def require_engine(engine, dtype, d=64):
@@ -216,14 +230,20 @@ def run_case(case, causal, dtype, engine, packed=False, scale=None, **kw):
     # Both sides see the same (rounded) values.
     rounded = [t.detach().to(dtype).double().requires_grad_() for t in (q64, k64, v64)]
     cpu_kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
-    want = evaluate(lambda *a: dilated_attention_reference(*a[:5], is_causal=a[5], scale=a[6],
-                                                           **cpu_kw),
-                    *rounded, ws, rs, causal, scale)
+    want = evaluate(
+        lambda *a: dilated_attention_reference(*a[:5], is_causal=a[5], scale=a[6], **cpu_kw),
+        *rounded,
+        ws,
+        rs,
+        causal,
+        scale,
+    )
     dev_kw = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
     with longnet.use_engine(engine):
         inputs = to_device(rounded, dtype, packed)
-        out, lse = longnet.dilated_attention(*inputs, ws, rs, is_causal=causal, scale=scale,
-                                             return_lse=True, **dev_kw)
+        out, lse = longnet.dilated_attention(
+            *inputs, ws, rs, is_causal=causal, scale=scale, return_lse=True, **dev_kw
+        )
         assert longnet.last_engine() == engine
         weights = loss_weights(out.shape, lse.shape)
         grads = torch.autograd.grad(loss_on_both(out, lse, weights), inputs)
@@ -246,6 +266,7 @@ def compare(got, want, dtype, engine):
 
 
 # ------------------------------------------------------------ correctness ----
+
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("engine,name,dtype", engine_params(list(CASES)))
@@ -281,8 +302,9 @@ def test_odd_offsets_and_strides(engine, dtype):
     # the reference's results, no misaligned-address fault.
     b, nq, nk, h, hk, d, ws, rs = CASES["batch_gqa"]
     require_engine(engine, dtype, d)
-    rounded = [t.detach().to(dtype).double().requires_grad_()
-               for t in make_inputs(b, nq, nk, h, hk, d)]
+    rounded = [
+        t.detach().to(dtype).double().requires_grad_() for t in make_inputs(b, nq, nk, h, hk, d)
+    ]
     want = evaluate(reference, *rounded, ws, rs, True)
     with longnet.use_engine(engine):
         got = evaluate(op, *odd_views(rounded, dtype), ws, rs, True)
@@ -299,10 +321,16 @@ def test_strided_grad_out(engine):
     dtype = torch.bfloat16 if torch.bfloat16 in ENGINE_DTYPES[engine] else ENGINE_DTYPES[engine][0]
     b, nq, nk, h, hk, d, ws, rs = CASES["batch_gqa"]
     require_engine(engine, dtype, d)
-    rounded = [t.detach().to(dtype).double().requires_grad_()
-               for t in make_inputs(b, nq, nk, h, hk, d)]
-    w = torch.randn(rounded[0].shape, generator=torch.Generator().manual_seed(1),
-                    dtype=torch.float64).to(dtype).double()
+    rounded = [
+        t.detach().to(dtype).double().requires_grad_() for t in make_inputs(b, nq, nk, h, hk, d)
+    ]
+    w = (
+        torch.randn(
+            rounded[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+        )
+        .to(dtype)
+        .double()
+    )
     w = w.transpose(1, 2).contiguous().transpose(1, 2)  # stored (B, H, N, D)
     ref_out, _ = reference(*rounded, ws, rs, True, None)
     want = torch.autograd.grad((ref_out * w).sum(), rounded)
@@ -372,15 +400,20 @@ def test_batch_beyond_grid_limit(engine):
     # One key per query: out = v, lse = scale * <q, k>.
     torch.testing.assert_close(out, v)
     scale = 1 / math.sqrt(8)
-    torch.testing.assert_close(lse[0, 0], (q.float() * k.float()).sum(-1)[0, :, 0] * scale,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        lse[0, 0], (q.float() * k.float()).sum(-1)[0, :, 0] * scale, atol=1e-4, rtol=1e-4
+    )
 
 
 # --------------------------------------------------------------- choice ----
 
+
 def test_auto_choice():
-    cases = {torch.bfloat16: ("cuda_flash", "cuda_cudnn", "cuda_efficient", "math"),
-             torch.float32: ("cuda_efficient", "math"), torch.float64: ("math",)}
+    cases = {
+        torch.bfloat16: ("cuda_flash", "cuda_cudnn", "cuda_efficient", "math"),
+        torch.float32: ("cuda_efficient", "math"),
+        torch.float64: ("math",),
+    }
     for dtype, allowed in cases.items():
         q = torch.randn(1, 32, 2, 64, device="cuda", dtype=dtype)
         longnet.dilated_attention(q, q, q, [8, 32], [1, 2])
@@ -392,21 +425,27 @@ def test_auto_choice():
         assert longnet.last_engine() in ("cuda_flash", "cuda_cudnn")
 
 
-@pytest.mark.parametrize("engine,dtype,d,reason", [
-    ("cuda_flash", torch.float32, 64, "takes bfloat16 or float16"),
-    ("cuda_flash", torch.bfloat16, 40, "multiple of 8"),
-    ("cuda_cudnn", torch.float16, 256, "at most 128"),
-    ("cuda_efficient", torch.float64, 64, "takes float32, bfloat16 or float16"),
-    ("cpu_flash", torch.float32, 64, "needs CPU tensors"),
-])
+@pytest.mark.parametrize(
+    "engine,dtype,d,reason",
+    [
+        ("cuda_flash", torch.float32, 64, "takes bfloat16 or float16"),
+        ("cuda_flash", torch.bfloat16, 40, "multiple of 8"),
+        ("cuda_cudnn", torch.float16, 256, "at most 128"),
+        ("cuda_efficient", torch.float64, 64, "takes float32, bfloat16 or float16"),
+        ("cpu_flash", torch.float32, 64, "needs CPU tensors"),
+    ],
+)
 def test_forced_engine_that_cannot_run_says_why(engine, dtype, d, reason):
     q = torch.randn(1, 16, 2, d, device="cuda", dtype=dtype)
     with longnet.use_engine(engine):
-        with pytest.raises(RuntimeError, match=f"engine '{engine}'.*cannot run this call: .*{reason}"):
+        with pytest.raises(
+            RuntimeError, match=f"engine '{engine}'.*cannot run this call: .*{reason}"
+        ):
             longnet.dilated_attention(q, q, q, [8], [1])
 
 
 # ------------------------------------------------- fused kernels (opt-in) ----
+
 
 @pytest.fixture(params=["tensor_core", "generic"])
 def kernel_path(request, monkeypatch):
@@ -443,8 +482,10 @@ def test_fused_unaligned_rows_take_generic_path():
     # Rows that are not 16-byte aligned cannot take the tensor-core loads: the
     # operator must still be right (generic kernels).
     b, nq, nk, h, hk, d, ws, rs = CASES["d64"]
-    rounded = [t.detach().to(torch.bfloat16).double().requires_grad_()
-               for t in make_inputs(b, nq, nk, h, hk, d)]
+    rounded = [
+        t.detach().to(torch.bfloat16).double().requires_grad_()
+        for t in make_inputs(b, nq, nk, h, hk, d)
+    ]
     want = evaluate(reference, *rounded, ws, rs, True)
     views = []
     for t in rounded:
@@ -457,8 +498,9 @@ def test_fused_unaligned_rows_take_generic_path():
     compare_low_precision(got, want, tol=FUSED_LOW_PRECISION_TOL)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=["f32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "fp16"]
+)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_auto_matches_cpu_operator(dtype, causal):
     b, nq, nk, h, hk, d, ws, rs = 2, 150, 300, 4, 2, 64, [64, 128, 300], [1, 2, 4]
@@ -477,6 +519,7 @@ def test_auto_matches_cpu_operator(dtype, causal):
 
 
 # ------------------------------------------------------------------ misc ----
+
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_runs_on_current_stream(engine):
@@ -502,14 +545,27 @@ def test_opcheck(engine):
     q, k, v = to_device(make_inputs(b, nq, nk, h, hk, d), dtype)
     with longnet.use_engine(engine):
         for causal in (False, True):
-            torch.library.opcheck(torch.ops.longnet.dilated_attention_fwd.default,
-                                  (q, k, v, ws, rs, causal, 1.0 / math.sqrt(d)))
+            torch.library.opcheck(
+                torch.ops.longnet.dilated_attention_fwd.default,
+                (q, k, v, ws, rs, causal, 1.0 / math.sqrt(d)),
+            )
         with torch.no_grad():
             out, lse = torch.ops.longnet.dilated_attention_fwd(q, k, v, ws, rs, True, 0.25)
         torch.library.opcheck(
             torch.ops.longnet.dilated_attention_bwd.default,
-            (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(),
-             out, lse, ws, rs, True, 0.25),
+            (
+                torch.randn_like(out),
+                torch.randn_like(lse),
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                out,
+                lse,
+                ws,
+                rs,
+                True,
+                0.25,
+            ),
         )
 
 

@@ -79,8 +79,9 @@ def _random_cases(world, count, seed):
             w = rnd.randint(1, 2 * n + 2)
             ws.append(w)
             rs.append(rnd.randint(1, min(w, n + 2)))
-        cases.append((f"random-{c}", rnd.randint(1, 2), chunk, h, hk, 4, ws, rs,
-                      rnd.random() < 0.5))
+        cases.append(
+            (f"random-{c}", rnd.randint(1, 2), chunk, h, hk, 4, ws, rs, rnd.random() < 0.5)
+        )
     return cases
 
 
@@ -106,13 +107,15 @@ def _scenario_correctness(rank, world, report):
         offset = _position_offset(case)
         q, k, v, gout, glse = _full_inputs(case, world)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref_out, ref_lse = dilated_attention_reference(*full, ws, rs, is_causal=causal,
-                                                       position_offset=offset)
+        ref_out, ref_lse = dilated_attention_reference(
+            *full, ws, rs, is_causal=causal, position_offset=offset
+        )
         (ref_out * gout).sum().add((_finite(ref_lse) * glse).sum()).backward()
         sl = slice(rank * chunk, (rank + 1) * chunk)
         loc = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
         out, lse = sequence_parallel_dilated_attention(
-            *loc, ws, rs, is_causal=causal, return_lse=True, position_offset=offset)
+            *loc, ws, rs, is_causal=causal, return_lse=True, position_offset=offset
+        )
         (out * gout[:, sl]).sum().add((_finite(lse) * glse[:, :, sl]).sum()).backward()
         same_inf = bool(torch.equal(torch.isinf(lse), torch.isinf(ref_lse[:, :, sl])))
         errors[name] = {
@@ -127,26 +130,36 @@ def _scenario_correctness(rank, world, report):
         }
         # float32 through the compiled kernel, forward only, against the reference.
         out32 = sequence_parallel_dilated_attention(
-            *(t[:, sl].float() for t in (q, k, v)), ws, rs, is_causal=causal,
-            position_offset=offset)
+            *(t[:, sl].float() for t in (q, k, v)), ws, rs, is_causal=causal, position_offset=offset
+        )
         errors[name]["out_f32"] = (out32.double() - ref_out[:, sl]).abs().max().item()
         if not name.startswith("random"):
             out16 = sequence_parallel_dilated_attention(
-                *(t[:, sl].bfloat16() for t in (q, k, v)), ws, rs, is_causal=causal,
-                position_offset=offset)
+                *(t[:, sl].bfloat16() for t in (q, k, v)),
+                ws,
+                rs,
+                is_causal=causal,
+                position_offset=offset,
+            )
             errors[name]["out_bf16"] = (out16.double() - ref_out[:, sl]).abs().max().item()
     report["errors"] = errors
 
     # split_sequence / gather_sequence round trip and its gradient.
     from longnet.distributed import gather_sequence, split_sequence
-    x = torch.randn(2, 4 * world, 3, generator=torch.Generator().manual_seed(1),
-                    dtype=torch.float64)
-    weights = [torch.randn(2, 4 * world, 3, generator=torch.Generator().manual_seed(10 + p),
-                           dtype=torch.float64) for p in range(world)]
+
+    x = torch.randn(
+        2, 4 * world, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    weights = [
+        torch.randn(
+            2, 4 * world, 3, generator=torch.Generator().manual_seed(10 + p), dtype=torch.float64
+        )
+        for p in range(world)
+    ]
     part = split_sequence(x, dim=1).clone().requires_grad_()
     whole = gather_sequence(part, dim=1)
     (whole * weights[rank]).sum().backward()
-    expected = sum(weights)[:, rank * 4:(rank + 1) * 4]
+    expected = sum(weights)[:, rank * 4 : (rank + 1) * 4]
     report["gather_roundtrip"] = bool(torch.equal(whole, x))
     report["gather_grad_err"] = (part.grad - expected).abs().max().item()
 
@@ -169,8 +182,7 @@ def _scenario_subgroups(rank, world, report):
     (ref_out * gout).sum().backward()
     sl = slice(sp_rank * chunk, (sp_rank + 1) * chunk)
     loc = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
-    out = sequence_parallel_dilated_attention(*loc, ws, rs, is_causal=causal,
-                                              group=groups[mine])
+    out = sequence_parallel_dilated_attention(*loc, ws, rs, is_causal=causal, group=groups[mine])
     (out * gout[:, sl]).sum().backward()
     errs = [(out - ref_out[:, sl]).abs().max().item()]
     errs += [(a.grad - b.grad[:, sl]).abs().max().item() for a, b in zip(loc, full)]
@@ -179,8 +191,11 @@ def _scenario_subgroups(rank, world, report):
 
 def _scenario_bytes(rank, world, report):
     """Bytes per rank for fixed patterns and fixed L, forward and backward."""
-    from longnet.distributed import (comm_stats, reset_comm_stats,
-                                     sequence_parallel_dilated_attention)
+    from longnet.distributed import (
+        comm_stats,
+        reset_comm_stats,
+        sequence_parallel_dilated_attention,
+    )
 
     chunk, h, d = 16, 4, 8
     result = {}
@@ -188,8 +203,7 @@ def _scenario_bytes(rank, world, report):
         g = torch.Generator().manual_seed(rank)
         q, k, v = (torch.randn(1, chunk, h, d, generator=g).requires_grad_() for _ in range(3))
         reset_comm_stats()
-        out = sequence_parallel_dilated_attention(q, k, v, [8, 16, 32], [1, 2, 4],
-                                                  is_causal=causal)
+        out = sequence_parallel_dilated_attention(q, k, v, [8, 16, 32], [1, 2, 4], is_causal=causal)
         out.sum().backward()
         st = comm_stats()
         result[str(causal)] = [st.bytes_sent, st.bytes_received]
@@ -230,9 +244,8 @@ def _scenario_dead(rank, world, report):
 
 
 def _scenario_stuck(rank, world, report):
-    from longnet.distributed import sequence_parallel_dilated_attention
-
     import longnet.distributed as lnd
+    from longnet.distributed import sequence_parallel_dilated_attention
 
     lnd.set_timeout(3)
     x = torch.randn(1, 8, 2, 4)
@@ -267,8 +280,13 @@ def _worker(rank, world, port, scenarios, path):
 
         import longnet.distributed as lnd
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=60),
+        )
         lnd.set_timeout(30)
         for name in scenarios:
             _scenario(name)(rank, world, report)
@@ -284,8 +302,10 @@ def _spawn(world, scenarios, tmp_path):
     ctx = mp.get_context("spawn")
     port = _free_port()
     paths = [str(tmp_path / f"rank{r}-{'-'.join(scenarios)}.json") for r in range(world)]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, scenarios, paths[r]))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, scenarios, paths[r]))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.time() + SPAWN_TIMEOUT_S

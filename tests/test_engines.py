@@ -9,13 +9,21 @@ import sys
 from unittest import mock
 
 import pytest
+import test_op
 import torch
+from test_op import (
+    CASES,
+    _low_precision_run,
+    _rel,
+    assert_matches,
+    loss_on_both,
+    low_precision_tolerances,
+    make_inputs,
+    run_both,
+)
 
 import longnet
 from longnet.reference import dilated_attention_reference
-import test_op
-from test_op import (CASES, _low_precision_run, _rel, assert_matches, loss_on_both,
-                     low_precision_tolerances, make_inputs, run_both)
 
 COMPOSED = ["cpu_flash", "math"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,8 +102,9 @@ def run_ranges(case, causal, position_offset=0, key_start=None, key_end=None, pa
     """run_both with position_offset and key ranges."""
     b, nq, nk, h, hk, d, ws, rs = case
     q, k, v = make_inputs(b, nq, nk, h, hk, d, packed=packed)
-    kw = dict(is_causal=causal, position_offset=position_offset, key_start=key_start,
-              key_end=key_end)
+    kw = dict(
+        is_causal=causal, position_offset=position_offset, key_start=key_start, key_end=key_end
+    )
     out, lse = longnet.dilated_attention(q, k, v, ws, rs, return_lse=True, **kw)
     grads = torch.autograd.grad(loss_on_both(out, lse), (q, k, v))
     ref_out, ref_lse = dilated_attention_reference(q, k, v, ws, rs, **kw)
@@ -125,8 +134,16 @@ def test_position_offset_and_key_ranges(engine, name, causal):
     def as_tensor(x):
         return None if x is None else torch.tensor(x)
 
-    got, want = run_on(engine, run_ranges, case, causal, offset, as_tensor(start),
-                       as_tensor(end), packed=name == "ranges_offset")
+    got, want = run_on(
+        engine,
+        run_ranges,
+        case,
+        causal,
+        offset,
+        as_tensor(start),
+        as_tensor(end),
+        packed=name == "ranges_offset",
+    )
     assert not torch.isnan(got[0]).any()
     assert_matches(got, want)
 
@@ -140,14 +157,18 @@ def test_gradient_on_lse_only(engine):
     def grads(fn):
         out, lse = fn(q, k, v, ws, rs, is_causal=True)
         w = torch.linspace(-1, 1, lse.numel(), dtype=lse.dtype).view_as(lse)
-        return torch.autograd.grad((torch.where(torch.isfinite(lse), lse, 0) * w).sum(), (q, k, v),
-                                   allow_unused=True)
+        return torch.autograd.grad(
+            (torch.where(torch.isfinite(lse), lse, 0) * w).sum(), (q, k, v), allow_unused=True
+        )
 
-    got = run_on(engine, grads,
-                 lambda *a, **kw: longnet.dilated_attention(*a, return_lse=True, **kw))
+    got = run_on(
+        engine, grads, lambda *a, **kw: longnet.dilated_attention(*a, return_lse=True, **kw)
+    )
     want = grads(dilated_attention_reference)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(
+            g, torch.zeros_like(g) if w is None else w, atol=1e-10, rtol=1e-9
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -180,7 +201,7 @@ MATH_CHUNK_CASE = (2, 1500, 1500, 2, 2, 8, [1500], [1])
 @pytest.mark.parametrize("engine", COMPOSED)
 def test_dense_problem_above_the_math_score_budget(engine, causal):
     b, nq, nk, h, hk, d, ws, rs = MATH_CHUNK_CASE
-    assert h * nq * nk > 2 ** 22 and nq * nk < 2 ** 22 < 2 * nq * nk
+    assert h * nq * nk > 2**22 and nq * nk < 2**22 < 2 * nq * nk
     got, want = run_on(engine, run_both, MATH_CHUNK_CASE, causal)
     assert_matches(got, want)
 
@@ -198,14 +219,27 @@ def test_opcheck_and_compile(engine):
     b, nq, nk, h, hk, d, ws, rs = CASES["batch_gqa"]
     q, k, v = make_inputs(b, nq, nk, h, hk, d, dtype=torch.float32)
     with longnet.use_engine(engine):
-        torch.library.opcheck(torch.ops.longnet.dilated_attention_fwd.default,
-                              (q, k, v, ws, rs, True, 0.25))
+        torch.library.opcheck(
+            torch.ops.longnet.dilated_attention_fwd.default, (q, k, v, ws, rs, True, 0.25)
+        )
         with torch.no_grad():
             out, lse = torch.ops.longnet.dilated_attention_fwd(q, k, v, ws, rs, True, 0.25)
         torch.library.opcheck(
             torch.ops.longnet.dilated_attention_bwd.default,
-            (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(),
-             out, lse, ws, rs, True, 0.25))
+            (
+                torch.randn_like(out),
+                torch.randn_like(lse),
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                out,
+                lse,
+                ws,
+                rs,
+                True,
+                0.25,
+            ),
+        )
 
         def fn(q, k, v):
             out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True, return_lse=True)
@@ -222,6 +256,7 @@ def test_opcheck_and_compile(engine):
 
 
 # ------------------------------------------------------------- choice ----
+
 
 def test_cpu_default_is_fused():
     q, k, v = make_inputs(1, 16, 16, 2, 2, 8)
@@ -282,9 +317,18 @@ def test_backward_runs_on_the_forward_engine():
 
 
 def test_engine_names():
-    assert set(longnet.engines.ENGINES) == {"auto", "fused", "cpu_flash", "math", "cuda_flash",
-                                            "cuda_cudnn", "cuda_efficient", "contract_cuda_flash",
-                                            "contract_cuda_cudnn", "contract_cuda_efficient"}
+    assert set(longnet.engines.ENGINES) == {
+        "auto",
+        "fused",
+        "cpu_flash",
+        "math",
+        "cuda_flash",
+        "cuda_cudnn",
+        "cuda_efficient",
+        "contract_cuda_flash",
+        "contract_cuda_cudnn",
+        "contract_cuda_efficient",
+    }
     assert longnet.engines.engine_built("math") and longnet.engines.engine_built("cpu_flash")
     assert longnet.engines.engine_built("cuda_flash") == longnet.HAS_CUDA
 
@@ -300,15 +344,18 @@ def test_cuda_engine_on_cpu_tensors_raises(engine):
     q, k, v = make_inputs(1, 16, 16, 2, 2, 8, dtype=torch.float32)
     reason = "needs CUDA tensors" if longnet.HAS_CUDA else "not built"
     with longnet.use_engine(engine):
-        with pytest.raises(RuntimeError, match=f"engine '{engine}' .*cannot run this call: .*{reason}"):
+        with pytest.raises(
+            RuntimeError, match=f"engine '{engine}' .*cannot run this call: .*{reason}"
+        ):
             longnet.dilated_attention(q, k, v, [8], [1])
 
 
 def _run_env(env_engine, code):
     env = dict(os.environ, LONGNET_ENGINE=env_engine)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 ENV_CODE = (
@@ -349,4 +396,5 @@ def test_gpu_benchmark_imports_and_counts_flops():
     # One pattern w = N, r = 1: dense attention, 4 N^2 H D FLOPs, half of it causal.
     assert bench_gpu.needed_flops(1024, 2, 64, [1024], [1], False) == 4.0 * 1024**2 * 2 * 64
     assert bench_gpu.needed_flops(1024, 2, 64, [1024, 2048], [1, 2], True) == (
-        2.0 * 1024**2 * 2 * 64 * (1 + 1 / 4))
+        2.0 * 1024**2 * 2 * 64 * (1 + 1 / 4)
+    )

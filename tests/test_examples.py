@@ -14,25 +14,65 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
-TINY = ["--seq-len", "64", "--segment-lengths", "16,32,64", "--dilation-rates", "1,2,4",
-        "--layers", "1", "--embed-dim", "32", "--heads", "2", "--batch-size", "2",
-        "--eval-windows", "4", "--max-train-bytes", "300000", "--threads", "1",
-        "--warmup-steps", "2"]
+TINY = [
+    "--seq-len",
+    "64",
+    "--segment-lengths",
+    "16,32,64",
+    "--dilation-rates",
+    "1,2,4",
+    "--layers",
+    "1",
+    "--embed-dim",
+    "32",
+    "--heads",
+    "2",
+    "--batch-size",
+    "2",
+    "--eval-windows",
+    "4",
+    "--max-train-bytes",
+    "300000",
+    "--threads",
+    "1",
+    "--warmup-steps",
+    "2",
+]
 
 
 def _run(script, *args, timeout=240):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
 def test_train_lm_checkpoint_plot_resume_and_generate(tmp_path):
     out = str(tmp_path / "run")
-    _run("train_lm.py", *TINY, "--steps", "6", "--eval-interval", "3",
-         "--save-interval", "3", "--out-dir", out, "--quiet")
+    _run(
+        "train_lm.py",
+        *TINY,
+        "--steps",
+        "6",
+        "--eval-interval",
+        "3",
+        "--save-interval",
+        "3",
+        "--out-dir",
+        out,
+        "--quiet",
+    )
     ckpt = os.path.join(out, "checkpoint")
     for name in ("config.json", "trainer_state.pt"):
         assert os.path.isfile(os.path.join(ckpt, name)), name
@@ -47,8 +87,18 @@ def test_train_lm_checkpoint_plot_resume_and_generate(tmp_path):
     assert [s for s, _ in first["history"]["train"]] == list(range(1, 7))
 
     # --resume continues from step 6 to 9 and keeps the earlier history.
-    proc = _run("train_lm.py", *TINY, "--steps", "9", "--eval-interval", "3",
-                "--out-dir", out, "--resume", "--quiet")
+    proc = _run(
+        "train_lm.py",
+        *TINY,
+        "--steps",
+        "9",
+        "--eval-interval",
+        "3",
+        "--out-dir",
+        out,
+        "--resume",
+        "--quiet",
+    )
     assert "resuming from" in proc.stdout and "at step 6" in proc.stdout
     with open(os.path.join(out, "metrics.json")) as f:
         second = json.load(f)
@@ -57,25 +107,55 @@ def test_train_lm_checkpoint_plot_resume_and_generate(tmp_path):
     assert second["history"]["train"][:6] == first["history"]["train"]
     assert [s for s, _ in second["history"]["val"]] == [0, 3, 6, 9]
 
-    proc = _run("generate.py", out, "--prompt", "import ", "--max-new-tokens", "12",
-                "--greedy")
+    proc = _run("generate.py", out, "--prompt", "import ", "--max-new-tokens", "12", "--greedy")
     assert proc.stdout.startswith("import ")
 
 
 def test_train_lm_rejects_resume_without_checkpoint(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "train_lm.py"), *TINY,
-                           "--out-dir", str(tmp_path / "none"), "--resume"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "train_lm.py"),
+            *TINY,
+            "--out-dir",
+            str(tmp_path / "none"),
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode != 0 and "no checkpoint" in proc.stderr
 
 
 def test_compare_runs_all_variants(tmp_path):
     out = str(tmp_path / "cmp")
-    proc = _run("compare.py", "--steps", "60", "--seq-len", "64", "--segment-lengths",
-                "16,32,64", "--dilation-rates", "1,2,4", "--layers", "1", "--embed-dim",
-                "32", "--batch-size", "2", "--eval-windows", "2", "--max-train-bytes",
-                "200000", "--out-dir", out, "--quiet")
+    proc = _run(
+        "compare.py",
+        "--steps",
+        "60",
+        "--seq-len",
+        "64",
+        "--segment-lengths",
+        "16,32,64",
+        "--dilation-rates",
+        "1,2,4",
+        "--layers",
+        "1",
+        "--embed-dim",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-windows",
+        "2",
+        "--max-train-bytes",
+        "200000",
+        "--out-dir",
+        out,
+        "--quiet",
+    )
     with open(os.path.join(out, "compare.json")) as f:
         results = json.load(f)["results"]
     assert set(results) == {"dilated", "dense", "sliding"}
@@ -89,8 +169,7 @@ def test_compare_runs_all_variants(tmp_path):
     assert "validation loss (nats / byte) by context length" in proc.stdout
     assert os.path.isfile(os.path.join(out, "compare.png"))
     # The three variants differ only in their attention pattern.
-    expected = {"dilated": ([16, 32, 64], [1, 2, 4]), "dense": ([64], [1]),
-                "sliding": ([16], [1])}
+    expected = {"dilated": ([16, 32, 64], [1, 2, 4]), "dense": ([64], [1]), "sliding": ([16], [1])}
     configs = {}
     for variant, (ws, rs) in expected.items():
         with open(os.path.join(out, variant, "checkpoint", "config.json")) as f:
@@ -102,9 +181,20 @@ def test_compare_runs_all_variants(tmp_path):
 
 def _torchrun(nproc, *args, timeout=300):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", os.path.join(EXAMPLES, "train_lm.py"), *TINY,
-           "--quiet", "--no-plot", "--device", "cpu", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        os.path.join(EXAMPLES, "train_lm.py"),
+        *TINY,
+        "--quiet",
+        "--no-plot",
+        "--device",
+        "cpu",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -118,13 +208,21 @@ def test_train_lm_mesh_under_torchrun_resumes_on_another_mesh(tmp_path):
     7.6e-6, where these runs measured at most 1 ulp; a rank training on the wrong
     block of the batch or without the sp exchange is off by > 1e-3.)"""
     import longnet.distributed  # noqa: F401  (an ImportError here is a failure, not a skip)
+
     common = ["--eval-interval", "2", "--save-interval", "2"]
     single = str(tmp_path / "single")
-    _run("train_lm.py", *TINY, *common, "--steps", "4", "--out-dir", single, "--quiet",
-         "--no-plot")
+    _run("train_lm.py", *TINY, *common, "--steps", "4", "--out-dir", single, "--quiet", "--no-plot")
     out = str(tmp_path / "mesh")
-    proc = _torchrun(2, *common, "--steps", "2", "--out-dir", out, "--sequence-parallel",
-                     "--activation-checkpointing")
+    proc = _torchrun(
+        2,
+        *common,
+        "--steps",
+        "2",
+        "--out-dir",
+        out,
+        "--sequence-parallel",
+        "--activation-checkpointing",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "mesh dp 1 x sp 2" in proc.stdout and "activation checkpointing" in proc.stdout
     proc = _torchrun(2, *common, "--steps", "4", "--out-dir", out, "--dp", "2", "--resume")
@@ -141,20 +239,32 @@ def test_train_lm_mesh_under_torchrun_resumes_on_another_mesh(tmp_path):
         assert [s for s, _ in got["history"][key]] == [s for s, _ in want[key]]
         for (_, a), (_, b) in zip(got["history"][key], want[key]):
             assert abs(a - b) <= bound, (key, got["history"][key], want[key])
-    proc = _run("generate.py", out, "--prompt", "import ", "--max-new-tokens", "4",
-                "--greedy")
+    proc = _run("generate.py", out, "--prompt", "import ", "--max-new-tokens", "4", "--greedy")
     assert proc.stdout.startswith("import ")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
 def test_train_lm_mesh_errors_name_the_fix(tmp_path):
-    proc = _torchrun(2, "--steps", "1", "--out-dir", str(tmp_path / "x"), "--dp", "2",
-                     "--sp", "2", timeout=120)
+    proc = _torchrun(
+        2, "--steps", "1", "--out-dir", str(tmp_path / "x"), "--dp", "2", "--sp", "2", timeout=120
+    )
     assert proc.returncode != 0 and "dp * sp = 2" in proc.stdout + proc.stderr
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "train_lm.py"), *TINY,
-                           "--out-dir", str(tmp_path / "y"), "--sp", "2"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "train_lm.py"),
+            *TINY,
+            "--out-dir",
+            str(tmp_path / "y"),
+            "--sp",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode != 0 and "run under torchrun" in proc.stderr
 
 
@@ -190,9 +300,21 @@ def _wait_for(path: str, proc, timeout: float = 120.0) -> None:
 
 def _torchrun_background(nproc, log_path, *args):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", *args[0], os.path.join(EXAMPLES, "train_lm.py"),
-           *TINY, "--quiet", "--no-plot", "--device", "cpu", *args[1]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *args[0],
+        os.path.join(EXAMPLES, "train_lm.py"),
+        *TINY,
+        "--quiet",
+        "--no-plot",
+        "--device",
+        "cpu",
+        *args[1],
+    ]
     log = open(log_path, "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
 
@@ -209,8 +331,12 @@ def test_killed_rank_restarts_from_the_last_checkpoint(tmp_path):
     single = str(tmp_path / "single")
     _run("train_lm.py", *TINY, *common, "--out-dir", single, "--quiet", "--no-plot")
     out = str(tmp_path / "killed")
-    proc, log = _torchrun_background(2, str(tmp_path / "log.txt"), ["--max-restarts", "1"],
-                                     [*common, "--out-dir", out, "--dp", "2"])
+    proc, log = _torchrun_background(
+        2,
+        str(tmp_path / "log.txt"),
+        ["--max-restarts", "1"],
+        [*common, "--out-dir", out, "--dp", "2"],
+    )
     try:
         _wait_for(os.path.join(out, "dcp", "step_00000005", "longnet_checkpoint.json"), proc)
         os.kill(_worker_pid(proc.pid, 1), signal.SIGKILL)
@@ -241,9 +367,24 @@ def test_hung_rank_makes_the_others_fail_naming_the_collective(tmp_path):
     out = str(tmp_path / "hung")
     log_path = str(tmp_path / "log.txt")
     proc, log = _torchrun_background(
-        2, log_path, ["--max-restarts", "0"],
-        ["--steps", "400", "--eval-interval", "400", "--save-interval", "5", "--out-dir", out,
-         "--sp", "2", "--timeout", "5"])
+        2,
+        log_path,
+        ["--max-restarts", "0"],
+        [
+            "--steps",
+            "400",
+            "--eval-interval",
+            "400",
+            "--save-interval",
+            "5",
+            "--out-dir",
+            out,
+            "--sp",
+            "2",
+            "--timeout",
+            "5",
+        ],
+    )
     stopped = None
     try:
         _wait_for(os.path.join(out, "dcp", "step_00000005", "longnet_checkpoint.json"), proc)
@@ -271,7 +412,8 @@ def test_hung_rank_makes_the_others_fail_naming_the_collective(tmp_path):
             log.close()
     assert "a collective failed or timed out (--timeout 5 s) in " in text, text[-3000:]
     named = re.search(r"timed out \(--timeout 5 s\) in (.+?); another rank", text).group(1)
-    assert any(k in named for k in ("forward of", "backward of", "all-reduce", "DCP save",
-                                    "evaluation")), named
+    assert any(
+        k in named for k in ("forward of", "backward of", "all-reduce", "DCP save", "evaluation")
+    ), named
     assert waited < 60, waited  # the 5 s timeout, plus a loaded machine's slack
     assert proc.returncode != 0

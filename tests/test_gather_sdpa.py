@@ -47,8 +47,7 @@ def _loss(out, lse, gen):
 def test_matches_reference_float64(b, nq, nk, h, hk, d, ws, rs, causal):
     q, k, v = _inputs(b, nq, nk, h, hk, d)
     out_ref, lse_ref = dilated_attention_reference(q, k, v, ws, rs, is_causal=causal)
-    out, lse = gather_sdpa_dilated_attention(q, k, v, ws, rs, is_causal=causal,
-                                             return_lse=True)
+    out, lse = gather_sdpa_dilated_attention(q, k, v, ws, rs, is_causal=causal, return_lse=True)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (b, h, nq) and lse.dtype == torch.float64
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
@@ -56,8 +55,9 @@ def test_matches_reference_float64(b, nq, nk, h, hk, d, ws, rs, causal):
     finite = torch.isfinite(lse_ref)
     torch.testing.assert_close(lse[finite], lse_ref[finite], rtol=1e-10, atol=1e-10)
 
-    grads_ref = torch.autograd.grad(_loss(out_ref, lse_ref, torch.Generator().manual_seed(1)),
-                                    (q, k, v))
+    grads_ref = torch.autograd.grad(
+        _loss(out_ref, lse_ref, torch.Generator().manual_seed(1)), (q, k, v)
+    )
     grads = torch.autograd.grad(_loss(out, lse, torch.Generator().manual_seed(1)), (q, k, v))
     for name, g, g_ref in zip("qkv", grads, grads_ref):
         assert torch.isfinite(g).all(), f"d{name} is not finite"
@@ -77,10 +77,12 @@ def test_rows_without_keys_give_zero_and_minus_inf():
 def test_custom_scale_and_float32():
     q, k, v = _inputs(2, 32, 32, 4, 2, 16, dtype=torch.float32)
     ws, rs = [8, 16, 32], [1, 2, 4]
-    out, lse = gather_sdpa_dilated_attention(q, k, v, ws, rs, is_causal=True, scale=0.3,
-                                             return_lse=True)
+    out, lse = gather_sdpa_dilated_attention(
+        q, k, v, ws, rs, is_causal=True, scale=0.3, return_lse=True
+    )
     out_ref, lse_ref = dilated_attention_reference(
-        q.double(), k.double(), v.double(), ws, rs, is_causal=True, scale=0.3)
+        q.double(), k.double(), v.double(), ws, rs, is_causal=True, scale=0.3
+    )
     assert lse.dtype == torch.float32
     torch.testing.assert_close(out.double(), out_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-4, atol=1e-5)
@@ -90,10 +92,13 @@ def test_custom_scale_and_float32():
 def test_segment_attention_gradcheck(causal):
     """Gradients of both outputs, including the folded-in lse gradient."""
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 4, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(1, 4, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+        for _ in range(3)
+    )
     assert torch.autograd.gradcheck(
-        lambda a, b, c: _SegmentAttention.apply(a, b, c, causal, 0.7), (q, k, v))
+        lambda a, b, c: _SegmentAttention.apply(a, b, c, causal, 0.7), (q, k, v)
+    )
 
 
 def test_rejects_bad_input():
@@ -110,10 +115,23 @@ def test_rejects_bad_input():
 def test_bench_quick_smoke(tmp_path):
     """``bench_cpu.py --quick`` on its smallest case writes a table, JSON and a plot."""
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu.py"), "--quick",
-         "--case", "target1", "--modes", "fwdbwd", "--repeats", "1",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "bench_cpu.py"),
+            "--quick",
+            "--case",
+            "target1",
+            "--modes",
+            "fwdbwd",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| gather_sdpa |" in proc.stdout

@@ -16,8 +16,9 @@ import long_range as lr  # noqa: E402
 
 
 def _spec(fact="joint", **kw):
-    base = dict(seq_len=512, stride=8, pairs=6, keys=10, values=5, fillers=3,
-                bucket_unit=32, fact=fact)
+    base = dict(
+        seq_len=512, stride=8, pairs=6, keys=10, values=5, fillers=3, bucket_unit=32, fact=fact
+    )
     base.update(kw)
     return lr.TaskSpec(**base)
 
@@ -31,12 +32,12 @@ def test_vocabulary_ranges_are_disjoint():
         groups = [fillers, queries, answers]
         assert sum(map(len, groups)) == len(set().union(*groups)) == spec.vocab_size
         assert max(set().union(*groups)) == spec.vocab_size - 1
-        if fact == "joint":   # one answer token per (key, value): F(k, v)
+        if fact == "joint":  # one answer token per (key, value): F(k, v)
             assert len(answers) == spec.keys * spec.values
             assert spec.answer_token(2, 3) == spec.fact_token(2, 3)
             with pytest.raises(ValueError):
                 spec.value_token(0)
-        else:                 # the answer is the value token A(v), shared by the keys
+        else:  # the answer is the value token A(v), shared by the keys
             assert len(answers) == spec.values
             assert spec.answer_token(2, 3) == spec.answer_token(5, 3) == spec.value_token(3)
             with pytest.raises(ValueError):
@@ -65,18 +66,18 @@ def test_generator_puts_answers_where_it_says(fact):
                 value = int(tgt[q]) - spec.value_base
             assert 0 <= value < spec.values
             assert int(tgt[q]) == spec.answer_token(key, value)
-            assert int(ids[q + 1]) == int(tgt[q])          # the answer follows the query
+            assert int(ids[q + 1]) == int(tgt[q])  # the answer follows the query
             f = int(batch.fact_pos[b, q])
             assert int(batch.distance[b, q]) == q - f > 0
             assert q % spec.stride == 0 and f % spec.stride == 0
-            assert int(ids[f]) == int(tgt[q])              # the fact holds the answer
+            assert int(ids[f]) == int(tgt[q])  # the fact holds the answer
             if fact == "joint":
                 special.update((f, q, q + 1))
             else:
                 assert int(ids[f - 1]) == spec.query_token(key)
-                assert f % spec.bucket_unit != 0           # K(k) in A(v)'s smallest segment
+                assert f % spec.bucket_unit != 0  # K(k) in A(v)'s smallest segment
                 special.update((f - 1, f, q, q + 1))
-        assert len(set(keys_seen)) == spec.pairs           # every key once
+        assert len(set(keys_seen)) == spec.pairs  # every key once
         # The key appears nowhere else before its query (the fact is unambiguous).
         for q in qs:
             key_tok = int(ids[q])
@@ -109,22 +110,26 @@ def test_generator_is_reproducible_and_validates():
     c = lr.make_batch(spec, 2, torch.Generator().manual_seed(6))
     assert torch.equal(a.ids, b.ids) and not torch.equal(a.ids, c.ids)
     with pytest.raises(ValueError):
-        lr.TaskSpec(seq_len=64, stride=8, pairs=6, keys=10)       # 12 slots needed, 7 exist
+        lr.TaskSpec(seq_len=64, stride=8, pairs=6, keys=10)  # 12 slots needed, 7 exist
     with pytest.raises(ValueError):
-        lr.TaskSpec(seq_len=512, stride=8, pairs=12, keys=10)     # more pairs than keys
+        lr.TaskSpec(seq_len=512, stride=8, pairs=12, keys=10)  # more pairs than keys
     with pytest.raises(ValueError):
         _spec(fact="triple")
 
 
 def test_exact_match_and_buckets_on_hand_made_logits():
-    logits = torch.tensor([[0.1, 2.0, 0.3],    # argmax 1
-                           [5.0, 1.0, 1.0],    # argmax 0
-                           [0.0, 0.0, 3.0],    # argmax 2
-                           [1.0, 0.9, 0.0]])   # argmax 0
+    logits = torch.tensor(
+        [
+            [0.1, 2.0, 0.3],  # argmax 1
+            [5.0, 1.0, 1.0],  # argmax 0
+            [0.0, 0.0, 3.0],  # argmax 2
+            [1.0, 0.9, 0.0],
+        ]
+    )  # argmax 0
     targets = torch.tensor([1, 2, 2, 0])
     correct = lr.exact_match(logits, targets)
     assert correct.tolist() == [True, False, True, True]
-    dist = torch.tensor([10, 32, 40, 300])   # 32 opens the second bucket [32, 64)
+    dist = torch.tensor([10, 32, 40, 300])  # 32 opens the second bucket [32, 64)
     buckets = lr.accuracy_by_bucket(correct, dist, [0, 32, 64, 256, 512])
     assert [c for c, _ in buckets] == [1, 2, 0, 1]
     assert buckets[0][1] == 1.0 and buckets[1][1] == 0.5 and buckets[3][1] == 1.0
@@ -150,7 +155,7 @@ def test_evaluate_scores_a_model_that_knows_the_answers():
             with torch.no_grad():
                 self.embed_tokens.weight.copy_(torch.eye(spec.vocab_size))
 
-        def decoder(self, x):   # next token = answer: look one position ahead
+        def decoder(self, x):  # next token = answer: look one position ahead
             return torch.roll(x, -1, dims=1).roll(self.shift, dims=2)
 
     right = lr.evaluate(Oracle(0), batches, edges, "cpu")
@@ -180,23 +185,66 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
     is the count-weighted mean of its buckets' over the 3 x 3 evaluated queries, each
     step's training accuracy a multiple of 1 / (2 x 3) queries."""
     out = tmp_path / "res"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+    )
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "long_range.py"),
-         "--seq-lens", "128,256", "--w0", "32", "--dense-max-len", "128", "--steps", "3",
-         "--batch-size", "2", "--pairs", "3", "--keys", "6", "--values", "4",
-         "--fillers", "2", "--layers", "1", "--embed-dim", "16", "--heads", "2",
-         "--eval-sequences", "3", "--threads", "1", "--quiet", "--out-dir", str(out)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "long_range.py"),
+            "--seq-lens",
+            "128,256",
+            "--w0",
+            "32",
+            "--dense-max-len",
+            "128",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--pairs",
+            "3",
+            "--keys",
+            "6",
+            "--values",
+            "4",
+            "--fillers",
+            "2",
+            "--layers",
+            "1",
+            "--embed-dim",
+            "16",
+            "--heads",
+            "2",
+            "--eval-sequences",
+            "3",
+            "--threads",
+            "1",
+            "--quiet",
+            "--out-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "dense N=256: skipped" in proc.stdout
     assert "| dilated | 32,64,128 / 1,2,4 |" in proc.stdout
     with open(out / "long_range.json") as f:
         summary = json.load(f)
     got = [(r["seq_len"], r["variant"]) for r in summary["results"]]
-    assert got == [(128, "dilated"), (128, "local"), (128, "dense"),
-                   (256, "dilated"), (256, "local")]
+    assert got == [
+        (128, "dilated"),
+        (128, "local"),
+        (128, "dense"),
+        (256, "dilated"),
+        (256, "local"),
+    ]
     for r in summary["results"]:
         assert [step for step, _, _ in r["history"]] == [1, 2, 3]
         for _, loss, acc in r["history"]:

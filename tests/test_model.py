@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longnet.data import eval_batches, encode_files, random_batch, split_by_file
+from longnet.data import encode_files, eval_batches, random_batch, split_by_file
 from longnet.model import LongNetConfig, LongNetLM
 from longnet.tokenizer import ByteTokenizer
 
@@ -25,8 +25,15 @@ def _one_thread():
 
 
 def tiny_config(**kw) -> LongNetConfig:
-    args = dict(num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, ffn_dim=64,
-                segment_lengths=[4, 8, 16], dilation_rates=[1, 2, 4])
+    args = dict(
+        num_layers=2,
+        embed_dim=32,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_dim=64,
+        segment_lengths=[4, 8, 16],
+        dilation_rates=[1, 2, 4],
+    )
     args.update(kw)
     return LongNetConfig(**args)
 
@@ -85,15 +92,18 @@ def test_no_information_from_future_tokens(norm_style):
         assert (out[:, t] - base[:, t]).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("kw", [
-    dict(),
-    dict(norm_style="subln", tie_embeddings=False, num_kv_heads=1),
-    # lcm(6, 4) = 12 and lcm(3, 4) = 12 against max(w) = 6 and 4: trimming in lcm
-    # blocks would keep up to 11 old keys.
-    dict(position_encoding="xpos", segment_lengths=[6, 4], dilation_rates=[3, 1]),
-    dict(position_encoding="rotary", segment_lengths=[3, 4], dilation_rates=[1, 2]),
-    dict(position_encoding=None, num_kv_heads=4),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(norm_style="subln", tie_embeddings=False, num_kv_heads=1),
+        # lcm(6, 4) = 12 and lcm(3, 4) = 12 against max(w) = 6 and 4: trimming in lcm
+        # blocks would keep up to 11 old keys.
+        dict(position_encoding="xpos", segment_lengths=[6, 4], dilation_rates=[3, 1]),
+        dict(position_encoding="rotary", segment_lengths=[3, 4], dilation_rates=[1, 2]),
+        dict(position_encoding=None, num_kv_heads=4),
+    ],
+)
 def test_cached_logits_equal_full_forward_at_every_length(kw):
     """Every step's logits from KV-cached decoding equal a full forward over the same
     prefix, far past the largest segment and the lcm of the segment lengths, and no
@@ -106,14 +116,15 @@ def test_cached_logits_equal_full_forward_at_every_length(kw):
     prompt = 3
     step_logits = [model(ids[:, :prompt], cache=cache)]
     for t in range(prompt, ids.shape[1]):
-        step_logits.append(model(ids[:, t:t + 1], cache=cache))
+        step_logits.append(model(ids[:, t : t + 1], cache=cache))
         # Causality makes full[:, t] the last logits of a forward over ids[:, :t+1]
         # (test_no_information_from_future_tokens); a few prefixes are run as well.
         torch.testing.assert_close(step_logits[-1][:, -1], full[:, t], rtol=1e-10, atol=1e-10)
         if t in (15, 16, 40, 69):
-            prefix = model(ids[:, :t + 1])
-            torch.testing.assert_close(step_logits[-1][:, -1], prefix[:, -1],
-                                       rtol=1e-10, atol=1e-10)
+            prefix = model(ids[:, : t + 1])
+            torch.testing.assert_close(
+                step_logits[-1][:, -1], prefix[:, -1], rtol=1e-10, atol=1e-10
+            )
         for layer_cache in cache:
             assert len(layer_cache) <= max(ws) - 1 + 1, (t, layer_cache)
             assert layer_cache.start == min((t // w) * w for w in ws)
@@ -130,7 +141,7 @@ def test_cached_logits_with_position_offset():
     assert (full - model(ids)).abs().max() > 1e-3
     cache = model.new_cache()
     steps = [model(ids[:, :2], cache=cache, position_offset=7)]
-    steps += [model(ids[:, t:t + 1], cache=cache) for t in range(2, 30)]
+    steps += [model(ids[:, t : t + 1], cache=cache) for t in range(2, 30)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="position_offset"):
         model(ids[:, :1], cache=cache, position_offset=0)
@@ -181,8 +192,9 @@ def test_save_and_load_round_trip(tmp_path, monkeypatch, use_safetensors):
         pytest.importorskip("safetensors")
     else:
         monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    model = tiny_model(dtype=torch.float32, norm_style="subln", tie_embeddings=False,
-                       position_encoding="xpos")
+    model = tiny_model(
+        dtype=torch.float32, norm_style="subln", tie_embeddings=False, position_encoding="xpos"
+    )
     model.save_pretrained(tmp_path)
     names = set(os.listdir(tmp_path))
     assert "config.json" in names
@@ -224,8 +236,9 @@ def _check_compiled(backend):
     model.zero_grad()
     _, loss_e = model(ids, y)
     loss_e.backward()
-    torch.testing.assert_close(g_c, model.decoder.layers[0].self_attn.q_proj.weight.grad,
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        g_c, model.decoder.layers[0].self_attn.q_proj.weight.grad, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_torch_compile_fullgraph_traces_the_model():
@@ -285,8 +298,9 @@ def _sequence_parallel_worker(rank, world, port):
         # every segment boundary off the ranks' chunk boundaries.
         for pe, offset in (("rotary", 0), ("xpos", 0), ("rotary", 7)):
             # Segments of 32 straddle the two ranks' chunks of 24 positions.
-            model = tiny_model(segment_lengths=[4, 8, 32], dilation_rates=[1, 2, 4],
-                               position_encoding=pe)
+            model = tiny_model(
+                segment_lengths=[4, 8, 32], dilation_rates=[1, 2, 4], position_encoding=pe
+            )
             gen = torch.Generator().manual_seed(1)
             ids = torch.randint(0, 256, (2, 48), generator=gen)
             targets = torch.randint(0, 256, (2, 48), generator=gen)
@@ -303,8 +317,13 @@ def _sequence_parallel_worker(rank, world, port):
             loss.backward()
             for name, p in model.named_parameters():
                 dist.all_reduce(p.grad)
-                torch.testing.assert_close(p.grad / world, full_grads[name], rtol=1e-8,
-                                           atol=1e-10, msg=f"{pe}, offset {offset}: {name}")
+                torch.testing.assert_close(
+                    p.grad / world,
+                    full_grads[name],
+                    rtol=1e-8,
+                    atol=1e-10,
+                    msg=f"{pe}, offset {offset}: {name}",
+                )
         dist.barrier()
     except BaseException:
         dist.destroy_process_group()
@@ -319,10 +338,11 @@ def _sequence_parallel_worker(rank, world, port):
 def test_sequence_parallel_model_equals_single_process():
     """Two gloo ranks, each holding half of every sequence, give the logits of a
     single-process forward, and their averaged gradients are the full gradients."""
-    import longnet.distributed  # noqa: F401  (an ImportError here is a failure, not a skip)
     import socket
 
     import torch.multiprocessing as mp
+
+    import longnet.distributed  # noqa: F401  (an ImportError here is a failure, not a skip)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

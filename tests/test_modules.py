@@ -6,8 +6,13 @@ import pytest
 import torch
 
 import longnet
-from longnet.modules import (DilatedAttention, KVCache, MultiheadDilatedAttention,
-                             RotaryEmbedding, pattern_period)
+from longnet.modules import (
+    DilatedAttention,
+    KVCache,
+    MultiheadDilatedAttention,
+    RotaryEmbedding,
+    pattern_period,
+)
 from longnet.reference import dilated_attention_reference
 
 WS, RS = [4, 8, 16], [1, 2, 4]
@@ -23,8 +28,9 @@ def _one_thread():
 
 
 def _mha(**kw):
-    args = dict(embed_dim=32, num_heads=4, segment_lengths=WS, dilation_rates=RS,
-                dtype=torch.float64)
+    args = dict(
+        embed_dim=32, num_heads=4, segment_lengths=WS, dilation_rates=RS, dtype=torch.float64
+    )
     args.update(kw)
     torch.manual_seed(0)
     return MultiheadDilatedAttention(**args)
@@ -68,7 +74,9 @@ def test_mha_shapes_and_dtypes(dtype, num_kv_heads):
     assert torch.isfinite(y.float()).all()
     assert mha.k_proj.out_features == num_kv_heads * 8
     y.float().sum().backward()
-    assert mha.q_proj.weight.grad is not None and torch.isfinite(mha.q_proj.weight.grad.float()).all()
+    assert (
+        mha.q_proj.weight.grad is not None and torch.isfinite(mha.q_proj.weight.grad.float()).all()
+    )
 
 
 @pytest.mark.parametrize("offset", [0, 5])
@@ -90,8 +98,9 @@ def test_mha_matches_manual_computation(offset):
         a, b = t[..., :4], t[..., 4:]
         return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
 
-    out, _ = dilated_attention_reference(rot(q), rot(k), v, WS, RS, is_causal=True,
-                                         position_offset=offset)
+    out, _ = dilated_attention_reference(
+        rot(q), rot(k), v, WS, RS, is_causal=True, position_offset=offset
+    )
     expected = mha.out_proj(out.reshape(2, 20, 32))
     got = mha(x) if offset == 0 else mha(x, position_offset=offset)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -127,7 +136,9 @@ def test_position_offset_by_whole_periods_changes_nothing(pe):
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     rot = mha.rotary
     q = torch.randn(1, 32, 4, 8, dtype=torch.float64)
-    assert not torch.allclose(rot.rotate(q, torch.arange(32)), rot.rotate(q, torch.arange(1024, 1056)))
+    assert not torch.allclose(
+        rot.rotate(q, torch.arange(32)), rot.rotate(q, torch.arange(1024, 1056))
+    )
 
 
 def test_rotary_is_a_rotation_with_relative_inner_products():
@@ -153,8 +164,7 @@ def _run_cached(mha, x, chunks, offset=None):
     outs, t = [], 0
     base = 0 if offset is None else offset
     for i, n in enumerate(chunks):
-        outs.append(mha(x[:, t:t + n], cache=cache,
-                        position_offset=offset if i == 0 else None))
+        outs.append(mha(x[:, t : t + n], cache=cache, position_offset=offset if i == 0 else None))
         p = base + t  # absolute position of this chunk's first query
         # Keys before min_i floor(p / w_i) * w_i are unreachable and dropped (never
         # before the first token); catches a cache that keeps whole lcm blocks.
@@ -183,8 +193,9 @@ def test_cached_decoding_equals_full_forward(pattern, pe, num_kv_heads):
     of one full forward at every step, far past the largest segment and the lcm,
     while the cache holds at most max(w) - 1 old keys."""
     ws, rs = CACHE_PATTERNS[pattern]
-    mha = _mha(position_encoding=pe, num_kv_heads=num_kv_heads, segment_lengths=ws,
-               dilation_rates=rs)
+    mha = _mha(
+        position_encoding=pe, num_kv_heads=num_kv_heads, segment_lengths=ws, dilation_rates=rs
+    )
     n = 75
     x = torch.randn(2, n, 32, dtype=torch.float64)
     full = mha(x)
@@ -199,8 +210,7 @@ def test_cache_starting_at_position_offset(pe):
     """position_offset with an empty cache starts it there: the steps equal a full
     forward with the same offset (5 is on no segment boundary, so segments counted
     from the cache's first key would differ)."""
-    mha = _mha(position_encoding=pe, num_kv_heads=2, segment_lengths=[3, 4],
-               dilation_rates=[1, 2])
+    mha = _mha(position_encoding=pe, num_kv_heads=2, segment_lengths=[3, 4], dilation_rates=[1, 2])
     x = torch.randn(1, 40, 32, dtype=torch.float64)
     full = mha(x, position_offset=5)
     inc, cache = _run_cached(mha, x, [4] + [1] * 36, offset=5)
@@ -230,10 +240,9 @@ def test_cache_trimmed_one_key_too_far_is_caught(monkeypatch):
     x = torch.randn(1, 30, 32, dtype=torch.float64)
     full = mha(x)
     original = KVCache.reachable_from
-    monkeypatch.setattr(KVCache, "reachable_from",
-                        lambda self, p: min(original(self, p) + 1, p))
+    monkeypatch.setattr(KVCache, "reachable_from", lambda self, p: min(original(self, p) + 1, p))
     cache = mha.new_cache()
-    inc = torch.cat([mha(x[:, t:t + 1], cache=cache) for t in range(30)], dim=1)
+    inc = torch.cat([mha(x[:, t : t + 1], cache=cache) for t in range(30)], dim=1)
     assert (inc - full).abs().max() > 1e-3
 
 
@@ -321,7 +330,13 @@ def test_mha_gradcheck():
 
 
 def test_exports():
-    for name in ("DilatedAttention", "MultiheadDilatedAttention", "KVCache", "LongNetLM",
-                 "LongNetConfig", "ByteTokenizer"):
+    for name in (
+        "DilatedAttention",
+        "MultiheadDilatedAttention",
+        "KVCache",
+        "LongNetLM",
+        "LongNetConfig",
+        "ByteTokenizer",
+    ):
         assert hasattr(longnet, name) and name in longnet.__all__
     assert math.lcm(*WS) == pattern_period(WS) and pattern_period([3, 4]) == 12

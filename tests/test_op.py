@@ -41,9 +41,9 @@ def make_inputs(b, nq, nk, h, hk, d, dtype=torch.float64, seed=0, packed=False):
         # Non-contiguous views: slices of one packed (B, N, H + 2 Hk, D) projection,
         # with the query slice taken from the end of the sequence.
         qkv = torch.randn(b, nk, h + 2 * hk, d, generator=gen, dtype=dtype)
-        q = qkv[:, nk - nq:, :h]
-        k = qkv[:, :, h:h + hk]
-        v = qkv[:, :, h + hk:]
+        q = qkv[:, nk - nq :, :h]
+        k = qkv[:, :, h : h + hk]
+        v = qkv[:, :, h + hk :]
         assert not q.is_contiguous() and not k.is_contiguous()
         return [t.detach().requires_grad_() for t in (q, k, v)]
     q = torch.randn(b, nq, h, d, generator=gen, dtype=dtype)
@@ -64,8 +64,9 @@ def loss_on_both(out, lse, seed=1):
 def run_both(case, causal, packed=False, scale=None):
     b, nq, nk, h, hk, d, ws, rs = case
     q, k, v = make_inputs(b, nq, nk, h, hk, d, packed=packed)
-    out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, scale=scale,
-                                         return_lse=True)
+    out, lse = longnet.dilated_attention(
+        q, k, v, ws, rs, is_causal=causal, scale=scale, return_lse=True
+    )
     grads = torch.autograd.grad(loss_on_both(out, lse), (q, k, v))
     ref_out, ref_lse = dilated_attention_reference(q, k, v, ws, rs, is_causal=causal, scale=scale)
     ref_grads = torch.autograd.grad(loss_on_both(ref_out, ref_lse), (q, k, v))
@@ -109,7 +110,7 @@ def test_rows_without_keys():
     # out = 0 and lse = -inf, with finite gradients.
     b, nq, nk, h, hk, d, ws, rs = CASES["no_r1_pattern"]
     counts = pattern_counts(nq, nk, h, ws, rs, is_causal=False)
-    empty_rows = (counts.sum(-1) == 0)
+    empty_rows = counts.sum(-1) == 0
     assert empty_rows.any(), "the case must contain rows with no key"
     got, want = run_both(CASES["no_r1_pattern"], causal=False)
     out, lse, grads = got
@@ -128,15 +129,21 @@ def test_query_rows_before_key_start_are_exactly_empty(dtype):
     q, k, v = [t.detach().to(dtype) for t in make_inputs(2, 6, 10, 2, 1, 8)]
     key_start = torch.tensor([7, 0])
     key_end = torch.tensor([10, 8])
-    out, lse = longnet.dilated_attention(q, k, v, [4], [1], is_causal=True, return_lse=True,
-                                         key_start=key_start, key_end=key_end)
+    out, lse = longnet.dilated_attention(
+        q, k, v, [4], [1], is_causal=True, return_lse=True, key_start=key_start, key_end=key_end
+    )
     # Row 0: queries sit at keys 4..9, so queries 0..2 (keys 4..6) precede key 7.
     assert torch.equal(out[0, :3], torch.zeros_like(out[0, :3]))
     assert torch.isneginf(lse[0, :, :3]).all()
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     ref_out, ref_lse = dilated_attention_reference(
-        *(t.double() for t in (q, k, v)), [4], [1], is_causal=True,
-        key_start=key_start, key_end=key_end)
+        *(t.double() for t in (q, k, v)),
+        [4],
+        [1],
+        is_causal=True,
+        key_start=key_start,
+        key_end=key_end,
+    )
     tol = 1e-10 if dtype == torch.float64 else 2e-2
     torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
@@ -223,7 +230,7 @@ def test_gradcheck_rows_without_keys():
 # dk 4.2e-4. The 1% scale error above still exceeds each of them (bf16: out and dv
 # 8.4e-3 > 7.8e-3, dq and dk 1.5e-2 > 1.2e-2), checked by the same test.
 _F32_ACCUMULATION = 1e-5
-_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 def low_precision_tolerances(dtype, composed=False):
@@ -233,9 +240,13 @@ def low_precision_tolerances(dtype, composed=False):
         return dict.fromkeys(("out", "lse", "dq", "dk", "dv"), _F32_ACCUMULATION)
     u = _UNIT_ROUNDOFF[dtype]
     extra = u if composed else 0.0
-    return {"out": u + extra + _F32_ACCUMULATION, "lse": _F32_ACCUMULATION,
-            "dq": 2 * u + extra + _F32_ACCUMULATION, "dk": 2 * u + extra + _F32_ACCUMULATION,
-            "dv": u + extra + _F32_ACCUMULATION}
+    return {
+        "out": u + extra + _F32_ACCUMULATION,
+        "lse": _F32_ACCUMULATION,
+        "dq": 2 * u + extra + _F32_ACCUMULATION,
+        "dk": 2 * u + extra + _F32_ACCUMULATION,
+        "dv": u + extra + _F32_ACCUMULATION,
+    }
 
 
 LOW_PRECISION_CASE = (2, 150, 300, 4, 2, 64, [64, 128, 300], [1, 2, 4])
@@ -261,8 +272,9 @@ def _low_precision_run(dtype, causal, ref_scale=None):
 
     out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, return_lse=True)
     grads = torch.autograd.grad(loss(out, lse), (q, k, v))
-    ref_out, ref_lse = dilated_attention_reference(qr, kr, vr, ws, rs, is_causal=causal,
-                                                   scale=ref_scale)
+    ref_out, ref_lse = dilated_attention_reference(
+        qr, kr, vr, ws, rs, is_causal=causal, scale=ref_scale
+    )
     ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), (qr, kr, vr))
     got = dict(out=out, lse=lse, dq=grads[0], dk=grads[1], dv=grads[2])
     want = dict(out=ref_out, lse=ref_lse, dq=ref_grads[0], dk=ref_grads[1], dv=ref_grads[2])
@@ -314,8 +326,19 @@ def test_opcheck():
             out, lse = torch.ops.longnet.dilated_attention_fwd(q, k, v, ws, rs, True, 0.25)
         torch.library.opcheck(
             torch.ops.longnet.dilated_attention_bwd.default,
-            (torch.randn_like(out), torch.zeros_like(lse), q.detach(), k.detach(), v.detach(),
-             out, lse, ws, rs, True, 0.25),
+            (
+                torch.randn_like(out),
+                torch.zeros_like(lse),
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                out,
+                lse,
+                ws,
+                rs,
+                True,
+                0.25,
+            ),
         )
 
 
@@ -360,8 +383,9 @@ def test_portable_gemm_fallback():
     env = dict(os.environ, LONGNET_CPU_BLAS="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     assert "fallback ok" in res.stdout
 
@@ -435,14 +459,21 @@ def test_poison_catches_an_unwritten_row(dtype, skip):
     env = dict(os.environ, LONGNET_POISON_OUTPUTS="1", LONGNET_DEBUG_SKIP_ROW=skip)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _SKIP_ROW_SCRIPT, dtype], env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _SKIP_ROW_SCRIPT, dtype],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout.strip().splitlines()[-1])
     d = 8
     expected_nan = {
-        "out": [[0, 0, 0, j] for j in range(d)], "lse": [[0, 0, 0]],
-        "dq": [[0, 0, 0, j] for j in range(d)], "dk": [[0, 0, 0, j] for j in range(d)],
+        "out": [[0, 0, 0, j] for j in range(d)],
+        "lse": [[0, 0, 0]],
+        "dq": [[0, 0, 0, j] for j in range(d)],
+        "dk": [[0, 0, 0, j] for j in range(d)],
         "dv": [[0, 0, 0, j] for j in range(d)],
     }
     # float64: the kernels agree with the reference to rounding; bfloat16: to one
@@ -470,16 +501,22 @@ def test_thread_counts_and_backward_schedules(threads, causal):
 
 # ------------------------------------------------------------ bad inputs ----
 
+
 def _qkv(b=1, n=16, h=4, hk=4, d=8, dtype=torch.float32):
-    return (torch.randn(b, n, h, d, dtype=dtype), torch.randn(b, n, hk, d, dtype=dtype),
-            torch.randn(b, n, hk, d, dtype=dtype))
+    return (
+        torch.randn(b, n, h, d, dtype=dtype),
+        torch.randn(b, n, hk, d, dtype=dtype),
+        torch.randn(b, n, hk, d, dtype=dtype),
+    )
 
 
 BAD_INPUTS = {
     "q_3d": (lambda q, k, v: (q[0], k, v, [4], [1], {}), "q must have shape"),
     "v_shape": (lambda q, k, v: (q, k, v[:, :8], [4], [1], {}), "v must have the shape of k"),
-    "batch": (lambda q, k, v: (q, k[:1].expand(2, -1, -1, -1), v[:1].expand(2, -1, -1, -1),
-                               [4], [1], {}), None),
+    "batch": (
+        lambda q, k, v: (q, k[:1].expand(2, -1, -1, -1), v[:1].expand(2, -1, -1, -1), [4], [1], {}),
+        None,
+    ),
     "head_dim": (lambda q, k, v: (q, k[..., :4], v[..., :4], [4], [1], {}), "head dim"),
     "int_dtype": (lambda q, k, v: (q.long(), k.long(), v.long(), [4], [1], {}), "float32"),
     "mixed_dtype": (lambda q, k, v: (q, k.double(), v, [4], [1], {}), "share a dtype"),
@@ -489,7 +526,10 @@ BAD_INPUTS = {
     "unequal_patterns": (lambda q, k, v: (q, k, v, [4, 8], [1], {}), "same length"),
     "w_zero": (lambda q, k, v: (q, k, v, [0], [1], {}), "segment_lengths[0] must be >= 1"),
     "r_zero": (lambda q, k, v: (q, k, v, [4], [0], {}), "dilation_rates[0] must be >= 1"),
-    "r_gt_w": (lambda q, k, v: (q, k, v, [4, 2], [1, 4], {}), "dilation_rates[1] (4) must not exceed"),
+    "r_gt_w": (
+        lambda q, k, v: (q, k, v, [4, 2], [1, 4], {}),
+        "dilation_rates[1] (4) must not exceed",
+    ),
     "nan_scale": (lambda q, k, v: (q, k, v, [4], [1], {"scale": float("nan")}), "scale must be"),
     "inf_scale": (lambda q, k, v: (q, k, v, [4], [1], {"scale": float("inf")}), "scale must be"),
 }

@@ -32,8 +32,14 @@ def _config(**kw):
 
     # Segments of 16 and 32 cross the chunks of 8 positions at sp = 4, those of 32
     # the chunks of 16 at sp = 2: every sp > 1 mesh exchanges rows.
-    base = dict(num_layers=2, embed_dim=16, num_heads=2, ffn_dim=32,
-                segment_lengths=[4, 8, 16, 32], dilation_rates=[1, 2, 4, 4])
+    base = dict(
+        num_layers=2,
+        embed_dim=16,
+        num_heads=2,
+        ffn_dim=32,
+        segment_lengths=[4, 8, 16, 32],
+        dilation_rates=[1, 2, 4, 4],
+    )
     base.update(kw)
     return LongNetConfig(**base)
 
@@ -93,8 +99,7 @@ def _scenario_meshes(rank, world, report):
     batches = _batches(STEPS)
     for dp, sp in MESHES:
         mesh = build_mesh(dp, sp, seq_len=SEQ_LEN)
-        for dtype, ac in ((torch.float64, False), (torch.float64, True),
-                          (torch.float32, False)):
+        for dtype, ac in ((torch.float64, False), (torch.float64, True), (torch.float32, False)):
             model = parallelize(_model(dtype), mesh, activation_checkpointing=ac)
             losses = _train(model, _optimizer(model), batches, mesh)
             report[f"{dp}x{sp}-{str(dtype)[6:]}-ac{int(ac)}"] = losses
@@ -124,8 +129,9 @@ def _scenario_exchanges(rank, world, report):
     lnd.set_backward_overlap(True)
     # What FSDP2 keeps on this rank: parameter shards and AdamW's two moments.
     report["param_elements"] = sum(p.to_local().numel() for p in model.parameters())
-    report["adam_elements"] = sum(st[k].to_local().numel() for st in opt[0].state.values()
-                                  for k in ("exp_avg", "exp_avg_sq"))
+    report["adam_elements"] = sum(
+        st[k].to_local().numel() for st in opt[0].state.values() for k in ("exp_avg", "exp_avg_sq")
+    )
 
 
 def _scenario_errors(rank, world, report):
@@ -136,11 +142,16 @@ def _scenario_errors(rank, world, report):
 
     errors = {}
     for name, call in (
-            ("world", lambda: build_mesh(3, 1)),
-            ("seq_len", lambda: build_mesh(2, 2, seq_len=31)),
-            ("dims", lambda: parallelize(
-                _model(torch.float64), init_device_mesh("cpu", (4,), mesh_dim_names=("x",)))),
-            ("dp_value", lambda: build_mesh(0, 4))):
+        ("world", lambda: build_mesh(3, 1)),
+        ("seq_len", lambda: build_mesh(2, 2, seq_len=31)),
+        (
+            "dims",
+            lambda: parallelize(
+                _model(torch.float64), init_device_mesh("cpu", (4,), mesh_dim_names=("x",))
+            ),
+        ),
+        ("dp_value", lambda: build_mesh(0, 4)),
+    ):
         try:
             call()
             errors[name] = None
@@ -153,14 +164,20 @@ def _scenario_errors(rank, world, report):
     # Mixed precision through FSDP2's policy: bfloat16 compute, float32 shards.
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    model = parallelize(_model(torch.float32), mesh, mp_policy=MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    model = parallelize(
+        _model(torch.float32),
+        mesh,
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+    )
     x, y = (local_batch_of(t, mesh) for t in _batches(1)[0])
     logits, loss = model(x, y)
     loss.backward()
-    report["mp"] = {"logits": str(logits.dtype), "loss": mean_of(loss, mesh),
-                    "shards": sorted({str(p.dtype) for p in model.parameters()}),
-                    "grads": sorted({str(p.grad.dtype) for p in model.parameters()})}
+    report["mp"] = {
+        "logits": str(logits.dtype),
+        "loss": mean_of(loss, mesh),
+        "shards": sorted({str(p.dtype) for p in model.parameters()}),
+        "grads": sorted({str(p.grad.dtype) for p in model.parameters()}),
+    }
 
 
 def local_batch_of(t, mesh):
@@ -184,8 +201,15 @@ def _scenario_save(rank, world, report):
     model = parallelize(_model(torch.float64), mesh, activation_checkpointing=True)
     opt = _optimizer(model)
     report["losses"] = _train(model, opt, _batches(HALF), mesh)
-    save_checkpoint(os.path.join(report["dir"], "ckpt"), HALF, model, opt[0],
-                    scheduler=opt[1], extra={"next_batch": HALF}, mesh_shape=(2, 2))
+    save_checkpoint(
+        os.path.join(report["dir"], "ckpt"),
+        HALF,
+        model,
+        opt[0],
+        scheduler=opt[1],
+        extra={"next_batch": HALF},
+        mesh_shape=(2, 2),
+    )
 
 
 def _scenario_resume(rank, world, report):
@@ -196,16 +220,24 @@ def _scenario_resume(rank, world, report):
     mesh = build_mesh(1, 2, seq_len=SEQ_LEN)
     # Another init (everything must come from the checkpoint); checkpointing and
     # torch.compile (aot_eager: no code generation, seconds) under sequence parallelism.
-    model = parallelize(_model(torch.float64, seed=123), mesh, activation_checkpointing=True,
-                        compile="aot_eager")
+    model = parallelize(
+        _model(torch.float64, seed=123), mesh, activation_checkpointing=True, compile="aot_eager"
+    )
     opt = _optimizer(model)
     root = os.path.join(report["dir"], "ckpt")
     state = load_checkpoint(latest_checkpoint(root), model, opt[0], scheduler=opt[1])
     start = state["extra"]["next_batch"]
     report["step"] = state["step"]
     report["losses"] = _train(model, opt, _batches(2 * HALF - start, start=start), mesh)
-    save_checkpoint(root, 2 * HALF, model, opt[0], scheduler=opt[1],
-                    extra={"next_batch": 2 * HALF}, mesh_shape=(1, 2))
+    save_checkpoint(
+        root,
+        2 * HALF,
+        model,
+        opt[0],
+        scheduler=opt[1],
+        extra={"next_batch": 2 * HALF},
+        mesh_shape=(1, 2),
+    )
 
 
 def _scenario(name):
@@ -223,8 +255,13 @@ def _worker(rank, world, port, scenarios, path):
 
         import longnet.distributed as lnd
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=60),
+        )
         lnd.set_timeout(30)
         for name in scenarios:
             _scenario(name)(rank, world, report)
@@ -262,8 +299,10 @@ def _spawn_once(world, scenarios, tmp_path):
     ctx = mp.get_context("spawn")
     port = _free_port()
     paths = [str(tmp_path / f"rank{r}-{'-'.join(scenarios)}.json") for r in range(world)]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, scenarios, paths[r]))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, scenarios, paths[r]))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.time() + SPAWN_TIMEOUT_S
@@ -283,8 +322,11 @@ def _spawn_once(world, scenarios, tmp_path):
             rep = json.load(f)
         reports.append(rep)
     failed = [rep["exception"] for rep in reports if "exception" in rep]
-    if failed and any(e in failed[0] for e in _RENDEZVOUS_ERRORS) \
-            and "init_process_group" in failed[0]:
+    if (
+        failed
+        and any(e in failed[0] for e in _RENDEZVOUS_ERRORS)
+        and "init_process_group" in failed[0]
+    ):
         raise _Rendezvous(failed[0])
     assert not failed, failed[0]
     return reports
@@ -400,7 +442,7 @@ def test_checkpoint_resumes_on_another_mesh_with_the_same_losses(resumed, refere
         assert rep["step"] == HALF
         got = rep["losses"]
         assert len(got) == HALF
-        assert max(abs(a - b) for a, b in zip(got, ref[HALF:2 * HALF])) < 1e-9, (got, ref)
+        assert max(abs(a - b) for a, b in zip(got, ref[HALF : 2 * HALF])) < 1e-9, (got, ref)
 
 
 def test_export_pretrained_from_sharded_checkpoint(resumed, tmp_path):
@@ -520,11 +562,15 @@ def _saved_storage_bytes(model, x, y):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("kw", [
-    dict(dtype=torch.float64),
-    dict(dtype=torch.float32, num_heads=4, num_kv_heads=2, ffn_dim=48),
-    dict(dtype=torch.float32, norm_style="subln", position_encoding=None),
-], ids=["float64", "float32-gqa", "subln-no-rope"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(dtype=torch.float64),
+        dict(dtype=torch.float32, num_heads=4, num_kv_heads=2, ffn_dim=48),
+        dict(dtype=torch.float32, norm_style="subln", position_encoding=None),
+    ],
+    ids=["float64", "float32-gqa", "subln-no-rope"],
+)
 @pytest.mark.parametrize("ac", [False, True], ids=["no-ac", "ac"])
 def test_plan_layer_activation_bytes_equal_what_autograd_keeps(kw, ac):
     """longnet.plan's per-layer activation memory is exactly the storages autograd
@@ -541,7 +587,8 @@ def test_plan_layer_activation_bytes_equal_what_autograd_keeps(kw, ac):
     x, y = _batches(1)[0]
     got = _saved_storage_bytes(model, x, y)
     want = model.config.num_layers * layer_activation_bytes(
-        model.config, GLOBAL_BATCH, SEQ_LEN, dtype=str(dtype)[6:], activation_checkpointing=ac)
+        model.config, GLOBAL_BATCH, SEQ_LEN, dtype=str(dtype)[6:], activation_checkpointing=ac
+    )
     assert got == want, (got, want)
 
 
@@ -558,8 +605,15 @@ def test_plan_training_matches_fsdp_shards_and_exchange_bytes(mesh_reports):
         assert rep["param_elements"] == fsdp_shard_elements(cfg, 4, rep["rank"])
         assert rep["adam_elements"] == 2 * rep["param_elements"]
     for ac in (False, True):
-        plan = plan_training(cfg, batch=GLOBAL_BATCH, seq_len=SEQ_LEN, dp=1, sp=4,
-                             dtype="float64", activation_checkpointing=ac)
+        plan = plan_training(
+            cfg,
+            batch=GLOBAL_BATCH,
+            seq_len=SEQ_LEN,
+            dp=1,
+            sp=4,
+            dtype="float64",
+            activation_checkpointing=ac,
+        )
         assert plan.param_bytes_per_rank == 8 * max(r["param_elements"] for r in mesh_reports)
         assert plan.optimizer_bytes_per_rank == 2 * plan.param_bytes_per_rank
         sent = max(r[f"exchange-sent-ac{int(ac)}"] for r in mesh_reports)
@@ -583,14 +637,41 @@ def test_plan_cli_prints_the_training_plan(capsys):
     from longnet.plan import main, plan_training
 
     cfg = _config()
-    main(["--tokens", str(SEQ_LEN), "--ranks", "2", "--heads", "2", "--head-dim", "8",
-          "--embed-dim", "16", "--ffn-dim", "32", "--layers", "2", "--dtype", "float64",
-          "--segment-lengths", *map(str, cfg.segment_lengths), "--dilation-rates",
-          *map(str, cfg.dilation_rates), "--causal", "--batch", "2", "--dp", "2",
-          "--activation-checkpointing", "--json"])
+    main(
+        [
+            "--tokens",
+            str(SEQ_LEN),
+            "--ranks",
+            "2",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--embed-dim",
+            "16",
+            "--ffn-dim",
+            "32",
+            "--layers",
+            "2",
+            "--dtype",
+            "float64",
+            "--segment-lengths",
+            *map(str, cfg.segment_lengths),
+            "--dilation-rates",
+            *map(str, cfg.dilation_rates),
+            "--causal",
+            "--batch",
+            "2",
+            "--dp",
+            "2",
+            "--activation-checkpointing",
+            "--json",
+        ]
+    )
     got = json.loads(capsys.readouterr().out)["training"]
-    want = plan_training(cfg, batch=4, seq_len=SEQ_LEN, dp=2, sp=2, dtype="float64",
-                         activation_checkpointing=True).to_dict()
+    want = plan_training(
+        cfg, batch=4, seq_len=SEQ_LEN, dp=2, sp=2, dtype="float64", activation_checkpointing=True
+    ).to_dict()
     assert got == json.loads(json.dumps(want))
     assert got["dp"] == 2 and got["sp"] == 2 and got["sp_bytes_per_step"] > 0
 
@@ -602,5 +683,7 @@ def test_backward_overlap_changes_no_result(mesh_reports, reference):
     gradient, or waited on twice)."""
     for rep in mesh_reports:
         assert rep["overlap1-losses"] == rep["overlap0-losses"]
-        assert max(abs(a - b) for a, b in zip(rep["overlap1-losses"],
-                                              reference[torch.float64][:2])) < 1e-9
+        assert (
+            max(abs(a - b) for a, b in zip(rep["overlap1-losses"], reference[torch.float64][:2]))
+            < 1e-9
+        )

@@ -19,9 +19,9 @@ import weakref
 
 import pytest
 import torch
+from test_distributed import _spawn
 
 from longnet.plan import geometric_patterns, parse_count, plan_run, scaling_sweep
-from test_distributed import _spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,10 +55,10 @@ def _minimal_kv_rows(world, chunk, h, hk, ws, rs, causal, offset=0):
         linked = pattern_counts(n, n, h, [w], [r], causal, position_offset=offset) > 0
         linked = linked.view(hk, h // hk, n, n).any(1)  # (kv head, query, key)
         for p in range(world):
-            queries = linked[:, p * chunk:(p + 1) * chunk].any(1)  # (kv head, key)
+            queries = linked[:, p * chunk : (p + 1) * chunk].any(1)  # (kv head, key)
             for src in range(world):
                 if src != p:
-                    rows = int(queries[:, src * chunk:(src + 1) * chunk].sum())
+                    rows = int(queries[:, src * chunk : (src + 1) * chunk].sum())
                     recv[p] += rows
                     sent[src] += rows
     return recv, sent
@@ -102,27 +102,42 @@ def _status_kib(field):
 
 
 def _run_cases(group, sp_rank):
-    from longnet.distributed import (comm_stats, reset_comm_stats,
-                                     sequence_parallel_dilated_attention)
+    from longnet.distributed import (
+        comm_stats,
+        reset_comm_stats,
+        sequence_parallel_dilated_attention,
+    )
 
     out = {}
     for name, b, chunk, h, hk, d, ws, rs, causal, dtype in CASES:
         g = torch.Generator().manual_seed(sp_rank)
         dt = getattr(torch, dtype)
         q = torch.randn(b, chunk, h, d, generator=g).to(dt).requires_grad_()
-        k, v = (torch.randn(b, chunk, hk, d, generator=g).to(dt).requires_grad_()
-                for _ in range(2))
+        k, v = (torch.randn(b, chunk, hk, d, generator=g).to(dt).requires_grad_() for _ in range(2))
 
         call = functools.partial(
-            sequence_parallel_dilated_attention, q, k, v, ws, rs, group=group,
-            is_causal=causal, return_lse=True, position_offset=OFFSETS.get(name, 0))
+            sequence_parallel_dilated_attention,
+            q,
+            k,
+            v,
+            ws,
+            rs,
+            group=group,
+            is_causal=causal,
+            return_lse=True,
+            position_offset=OFFSETS.get(name, 0),
+        )
 
         reset_comm_stats()
         (o, lse), held = _held_bytes(call, (q, k, v))
         (o.float().sum() + lse.masked_fill(torch.isinf(lse), 0).sum()).backward()
         st = comm_stats()
-        out[name] = {"sent": st.bytes_sent, "received": st.bytes_received,
-                     "calls": st.calls, "held": held}
+        out[name] = {
+            "sent": st.bytes_sent,
+            "received": st.bytes_received,
+            "calls": st.calls,
+            "held": held,
+        }
         if name == "memory":
             # The resident set's peak over a forward (warm: the call above ran first;
             # the test sets MALLOC_MMAP_THRESHOLD_ so freed tensors leave the set).
@@ -159,15 +174,27 @@ def runs(tmp_path_factory):
             os.environ["MALLOC_MMAP_THRESHOLD_"] = old
     for rep in reports:
         assert rep is not None and "exception" not in rep, rep and rep.get("exception")
-    return {world: [(rep["rank"] % world, rep["plan"][str(world)]) for rep in reports]
-            for world in (2, 4)}
+    return {
+        world: [(rep["rank"] % world, rep["plan"][str(world)]) for rep in reports]
+        for world in (2, 4)
+    }
 
 
 def _plan_case(case, world):
     name, b, chunk, h, hk, d, ws, rs, causal, dtype = case
-    return plan_run(world * chunk, world, heads=h, kv_heads=hk, head_dim=d, batch=b,
-                    segment_lengths=ws, dilation_rates=rs, causal=causal, dtype=dtype,
-                    position_offset=OFFSETS.get(name, 0))
+    return plan_run(
+        world * chunk,
+        world,
+        heads=h,
+        kv_heads=hk,
+        head_dim=d,
+        batch=b,
+        segment_lengths=ws,
+        dilation_rates=rs,
+        causal=causal,
+        dtype=dtype,
+        position_offset=OFFSETS.get(name, 0),
+    )
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -177,14 +204,18 @@ def test_planned_bytes_equal_counted_bytes(runs, world, case):
     for rank, rep in runs[world]:
         got = rep[case[0]]
         cost = plan.per_rank[rank]
-        assert (cost.bytes_sent, cost.bytes_received) == (got["sent"], got["received"]), \
-            (rank, cost, got)
+        assert (cost.bytes_sent, cost.bytes_received) == (got["sent"], got["received"]), (
+            rank,
+            cost,
+            got,
+        )
         assert cost.collectives == got["calls"], (rank, cost.collectives, got)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] != "memory"],
-                         ids=[c[0] for c in CASES if c[0] != "memory"])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c[0] != "memory"], ids=[c[0] for c in CASES if c[0] != "memory"]
+)
 def test_counted_bytes_are_the_minimal_rows(runs, world, case):
     """What the gloo runs sent and received is exactly the minimal rows of the
     reference's count matrix (k and v forward, their gradients back), not just what
@@ -263,14 +294,23 @@ def test_plan_matches_the_planner_and_the_reference_pair_counts():
             rs.append(rnd.randint(1, min(w, n + 2)))
         causal = rnd.random() < 0.5
         offset = 0 if rnd.random() < 0.5 else rnd.randint(1, 2 * max(ws))
-        plan = plan_run(n, world, heads=h, kv_heads=hk, head_dim=4, segment_lengths=ws,
-                        dilation_rates=rs, causal=causal, dtype="float32",
-                        position_offset=offset)
+        plan = plan_run(
+            n,
+            world,
+            heads=h,
+            kv_heads=hk,
+            head_dim=4,
+            segment_lengths=ws,
+            dilation_rates=rs,
+            causal=causal,
+            dtype="float32",
+            position_offset=offset,
+        )
         counts = pattern_counts(n, n, h, ws, rs, causal, position_offset=offset)
         minimal = _minimal_kv_rows(world, chunk, h, hk, ws, rs, causal, offset)
         cfg = (world, chunk, h, hk, ws, rs, causal, offset)
         for p, cost in enumerate(plan.per_rank):
-            assert cost.pairs == int(counts[:, p * chunk:(p + 1) * chunk].sum()), (cfg, p)
+            assert cost.pairs == int(counts[:, p * chunk : (p + 1) * chunk].sum()), (cfg, p)
             assert cost.flops_fwd == 4 * 4 * cost.pairs
             if world == 1:
                 assert cost.kv_rows_sent == cost.kv_rows_received == 0
@@ -280,22 +320,34 @@ def test_plan_matches_the_planner_and_the_reference_pair_counts():
             assert cost.kv_rows_received == sum(rp.recv_rows) == minimal[0][p], (cfg, p)
             assert cost.collectives == (2 if rp.exchange else 0), (cfg, p)
         if world > 1:  # every row sent is received
-            assert sum(c.kv_rows_sent for c in plan.per_rank) == \
-                sum(c.kv_rows_received for c in plan.per_rank)
+            assert sum(c.kv_rows_sent for c in plan.per_rank) == sum(
+                c.kv_rows_received for c in plan.per_rank
+            )
 
 
 def test_billion_tokens_on_1024_ranks():
     n, p = 2**30, 1024
     ws, rs = geometric_patterns(n, 2048, 1, 2)
     assert ws[-1] == n and len(ws) == 20 and all(w // r == 2048 for w, r in zip(ws, rs))
-    plan = plan_run(n, p, heads=12, head_dim=64, segment_lengths=ws, dilation_rates=rs,
-                    causal=True, dtype="bfloat16", tflops=400, link_gbs=50)
+    plan = plan_run(
+        n,
+        p,
+        heads=12,
+        head_dim=64,
+        segment_lengths=ws,
+        dilation_rates=rs,
+        causal=True,
+        dtype="bfloat16",
+        tflops=400,
+        link_gbs=50,
+    )
     assert len(plan.per_rank) == p
     # The patterns with w > L = 2^20 cross ranks: 10 of 20.
     assert [ws[i] for i in plan.crossing_patterns] == [2**e for e in range(21, 31)]
     # Every row sent is received; causal: rank 0 receives nothing, the last sends nothing.
-    assert sum(c.bytes_sent_fwd for c in plan.per_rank) == \
-        sum(c.bytes_received_fwd for c in plan.per_rank)
+    assert sum(c.bytes_sent_fwd for c in plan.per_rank) == sum(
+        c.bytes_received_fwd for c in plan.per_rank
+    )
     assert plan.per_rank[0].bytes_received_fwd == 0 and plan.per_rank[-1].bytes_sent_fwd == 0
     # Causal, per crossing pattern a rank holds L/r rows per head of a sparse segment of
     # w/r = 2048 rows: it receives at most the 2048 - L/r rows before its own.
@@ -305,27 +357,42 @@ def test_billion_tokens_on_1024_ranks():
     # Pairs over all ranks: the closed form sum over patterns of H * N/w * n(n+1)/2.
     pairs = sum(12 * (n // w) * (w // r) * (w // r + 1) // 2 for w, r in zip(ws, rs))
     assert sum(c.pairs for c in plan.per_rank) == pairs
-    assert plan.per_rank[5].compute_s == pytest.approx(
-        3.5 * plan.per_rank[5].flops_fwd / 400e12)
+    assert plan.per_rank[5].compute_s == pytest.approx(3.5 * plan.per_rank[5].flops_fwd / 400e12)
 
 
 def test_traffic_constant_per_rank_for_fixed_patterns():
     """Fixed patterns, fixed tokens per rank: per-rank bytes stay flat as N and P grow
     (the interior ranks), while geometric patterns add one crossing pattern per
     doubling."""
-    fixed = [plan_run(2**14 * p, p, heads=8, head_dim=64, segment_lengths=[2**13, 2**15],
-                      dilation_rates=[1, 4]) for p in (4, 8, 64)]
+    fixed = [
+        plan_run(
+            2**14 * p,
+            p,
+            heads=8,
+            head_dim=64,
+            segment_lengths=[2**13, 2**15],
+            dilation_rates=[1, 4],
+        )
+        for p in (4, 8, 64)
+    ]
     assert len({pl.worst("bytes_sent_fwd") for pl in fixed}) == 1
-    rows = scaling_sweep(2**14, [1, 2, 4, 8, 16], heads=8, head_dim=64, first_w=2**10,
-                         first_r=1, w_factor=2)
+    rows = scaling_sweep(
+        2**14, [1, 2, 4, 8, 16], heads=8, head_dim=64, first_w=2**10, first_r=1, w_factor=2
+    )
     assert [r["crossing_patterns"] for r in rows] == [0, 1, 2, 3, 4]
 
 
 def test_fit_memory_picks_the_fewest_ranks():
     from longnet.plan import fit_ranks
 
-    kw = dict(heads=8, head_dim=64, segment_lengths=[2048, 8192], dilation_rates=[1, 4],
-              layers=4, dtype="bfloat16")
+    kw = dict(
+        heads=8,
+        head_dim=64,
+        segment_lengths=[2048, 8192],
+        dilation_rates=[1, 4],
+        layers=4,
+        dtype="bfloat16",
+    )
     n = 2**20
     budget = 3 * 2**30
     p = fit_ranks(n, budget, **kw)
@@ -361,46 +428,110 @@ def test_bad_input_names_the_argument():
 
 def test_cli_json(capsys):
     res = subprocess.run(
-        [sys.executable, "-m", "longnet.plan", "--tokens", "64K", "--ranks", "4", "--heads",
-         "4", "--kv-heads", "2", "--head-dim", "32", "--first-w", "2048", "--factor", "2",
-         "--causal", "--tflops", "100", "--link-gbs", "25", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "longnet.plan",
+            "--tokens",
+            "64K",
+            "--ranks",
+            "4",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "32",
+            "--first-w",
+            "2048",
+            "--factor",
+            "2",
+            "--causal",
+            "--tflops",
+            "100",
+            "--link-gbs",
+            "25",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["ranks"] == 4 and len(data["per_rank"]) == 4
     assert data["segment_lengths"][-1] == 65536 and data["kv_heads"] == 2
-    direct = plan_run(65536, 4, heads=4, kv_heads=2, head_dim=32, causal=True,
-                      segment_lengths=data["segment_lengths"],
-                      dilation_rates=data["dilation_rates"])
-    assert [r["bytes_sent"] for r in data["per_rank"]] == \
-        [c.bytes_sent for c in direct.per_rank]
+    direct = plan_run(
+        65536,
+        4,
+        heads=4,
+        kv_heads=2,
+        head_dim=32,
+        causal=True,
+        segment_lengths=data["segment_lengths"],
+        dilation_rates=data["dilation_rates"],
+    )
+    assert [r["bytes_sent"] for r in data["per_rank"]] == [c.bytes_sent for c in direct.per_rank]
     assert data["summary"]["max_comm_to_compute"] > 0
 
 
 def test_cli_table_sweep_plot_fit_and_errors(tmp_path, capsys):
     from longnet.plan import main
 
-    main(["--tokens", "64K", "--ranks", "4", "--heads", "4", "--head-dim", "32",
-          "--segment-lengths", "2048", "32768", "--dilation-rates", "1", "8",
-          "--sweep", "--plot", str(tmp_path / "p.png")])
+    main(
+        [
+            "--tokens",
+            "64K",
+            "--ranks",
+            "4",
+            "--heads",
+            "4",
+            "--head-dim",
+            "32",
+            "--segment-lengths",
+            "2048",
+            "32768",
+            "--dilation-rates",
+            "1",
+            "8",
+            "--sweep",
+            "--plot",
+            str(tmp_path / "p.png"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "rank-crossing patterns: 1 of 2" in out and os.path.getsize(tmp_path / "p.png") > 0
     sweep = json.loads((tmp_path / "p.json").read_text())
     assert [r["ranks"] for r in sweep["rows"]] == [1, 2, 4]
     assert [r["crossing_patterns"] for r in sweep["rows"]] == [0, 1, 1]
 
-    main(["--tokens", "1M", "--fit-memory", "0.5", "--heads", "8", "--head-dim", "64",
-          "--first-w", "2048", "--layers", "4"])
+    main(
+        [
+            "--tokens",
+            "1M",
+            "--fit-memory",
+            "0.5",
+            "--heads",
+            "8",
+            "--head-dim",
+            "64",
+            "--first-w",
+            "2048",
+            "--layers",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     p = int(out.split("per device: ")[1].split()[0])
     assert f"P = {p} ranks" in out and p > 1
 
     for args, message in (
-            (["--tokens", "100", "--ranks", "3", "--first-w", "16"], "multiple of ranks"),
-            (["--tokens", "1024", "--ranks", "2"], "--segment-lengths"),
-            (["--tokens", "1024", "--first-w", "16", "--tflops", "5"], "--link-gbs"),
-            (["--tokens", "1024", "--tokens-per-rank", "300", "--first-w", "16"],
-             "--tokens-per-rank")):
+        (["--tokens", "100", "--ranks", "3", "--first-w", "16"], "multiple of ranks"),
+        (["--tokens", "1024", "--ranks", "2"], "--segment-lengths"),
+        (["--tokens", "1024", "--first-w", "16", "--tflops", "5"], "--link-gbs"),
+        (["--tokens", "1024", "--tokens-per-rank", "300", "--first-w", "16"], "--tokens-per-rank"),
+    ):
         with pytest.raises(SystemExit):
             main(args + ["--heads", "4", "--head-dim", "32"])
         assert message in capsys.readouterr().err

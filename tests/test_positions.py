@@ -18,8 +18,9 @@ def run(q, k, v, ws, rs, causal, engine="fused", **kw):
     """(out, lse, grads of loss_on_both) of the operator, forward and backward on
     ``engine`` (checked after each)."""
     with longnet.use_engine(engine):
-        out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal,
-                                             return_lse=True, **kw)
+        out, lse = longnet.dilated_attention(
+            q, k, v, ws, rs, is_causal=causal, return_lse=True, **kw
+        )
         assert longnet.last_engine() == engine
         grads = torch.autograd.grad(loss_on_both(out, lse), (q, k, v))
         assert longnet.last_engine() == engine
@@ -44,6 +45,7 @@ def assert_close_all(got, want, atol=1e-10, rtol=1e-9):
 
 # ------------------------------------------------------- the reference itself ----
 
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_reference_counts_with_offset_and_range_follow_the_rule(causal):
     # pattern_counts checked element by element against the membership rule written
@@ -51,8 +53,9 @@ def test_reference_counts_with_offset_and_range_follow_the_rule(causal):
     # offset + t - start, query i at key index end - nq + i.
     nq, nk, h, ws, rs = 6, 20, 3, [4, 7, 12], [1, 2, 3]
     offset, start, end = 5, 3, 17
-    counts = pattern_counts(nq, nk, h, ws, rs, causal, position_offset=offset,
-                            key_start=start, key_end=end)
+    counts = pattern_counts(
+        nq, nk, h, ws, rs, causal, position_offset=offset, key_start=start, key_end=end
+    )
     for j in range(h):
         for i in range(nq):
             qi = end - nq + i
@@ -70,6 +73,7 @@ def test_reference_counts_with_offset_and_range_follow_the_rule(causal):
 
 
 # -------------------------------------------------- kernels against reference ----
+
 
 def _random_config(rng):
     b = rng.randint(1, 3)
@@ -96,11 +100,13 @@ def test_random_offsets_and_ranges_match_reference(engine, seed):
         offset = rng.choice([0, rng.randint(1, 3 * max(ws))])
         starts = [rng.randint(0, nk) for _ in range(b)]
         ends = [rng.randint(s, nk) for s in starts]
-        kw = dict(position_offset=offset, key_start=torch.tensor(starts),
-                  key_end=torch.tensor(ends))
+        kw = dict(
+            position_offset=offset, key_start=torch.tensor(starts), key_end=torch.tensor(ends)
+        )
         q, k, v = make_inputs(b, nq, nk, h, hk, d, seed=seed * 100 + trial)
-        assert_close_all(run(q, k, v, ws, rs, causal, engine, **kw),
-                         run_reference(q, k, v, ws, rs, causal, **kw))
+        assert_close_all(
+            run(q, k, v, ws, rs, causal, engine, **kw), run_reference(q, k, v, ws, rs, causal, **kw)
+        )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -110,10 +116,13 @@ def test_key_ranges_and_offset_on_long_blocks(engine, causal):
     # 256-key blocks: rows [37, 640) and [0, 500) at position_offset 517 (partial first
     # segments, a range that starts and one that ends inside a block), GQA, Nq < Nk.
     q, k, v = make_inputs(2, 300, 640, 4, 2, 16, seed=7)
-    kw = dict(position_offset=517, key_start=torch.tensor([37, 0]),
-              key_end=torch.tensor([640, 500]))
-    assert_close_all(run(q, k, v, [300, 600], [1, 2], causal, engine, **kw),
-                     run_reference(q, k, v, [300, 600], [1, 2], causal, **kw))
+    kw = dict(
+        position_offset=517, key_start=torch.tensor([37, 0]), key_end=torch.tensor([640, 500])
+    )
+    assert_close_all(
+        run(q, k, v, [300, 600], [1, 2], causal, engine, **kw),
+        run_reference(q, k, v, [300, 600], [1, 2], causal, **kw),
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -134,8 +143,10 @@ def test_offset_matches_reference_on_long_blocks(causal):
     # a partial first segment (offset not a multiple of any w), GQA, Nq < Nk.
     q, k, v = make_inputs(2, 300, 640, 4, 2, 16)
     kw = dict(position_offset=517)
-    assert_close_all(run(q, k, v, [300, 600], [1, 2], causal, **kw),
-                     run_reference(q, k, v, [300, 600], [1, 2], causal, **kw))
+    assert_close_all(
+        run(q, k, v, [300, 600], [1, 2], causal, **kw),
+        run_reference(q, k, v, [300, 600], [1, 2], causal, **kw),
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -145,10 +156,12 @@ def test_offset_of_whole_periods_changes_nothing(causal):
     ws, rs = [6, 8, 12], [1, 2, 4]
     q, k, v = make_inputs(2, 30, 50, 4, 2, 8)
     base = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, return_lse=True)
-    shifted = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, return_lse=True,
-                                        position_offset=24 * 7)
-    other = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, return_lse=True,
-                                      position_offset=5)
+    shifted = longnet.dilated_attention(
+        q, k, v, ws, rs, is_causal=causal, return_lse=True, position_offset=24 * 7
+    )
+    other = longnet.dilated_attention(
+        q, k, v, ws, rs, is_causal=causal, return_lse=True, position_offset=5
+    )
     assert torch.equal(base[0], shifted[0]) and torch.equal(base[1], shifted[1])
     assert not torch.allclose(base[0], other[0])
 
@@ -161,18 +174,21 @@ def test_chunk_of_a_longer_sequence_computed_in_place(causal):
     ws, rs = [5, 12, 20], [1, 2, 4]
     n, nq = 61, 9
     q, k, v = make_inputs(1, nq, n, 4, 4, 8)
-    full_out, full_lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal,
-                                                   return_lse=True)
+    full_out, full_lse = longnet.dilated_attention(
+        q, k, v, ws, rs, is_causal=causal, return_lse=True
+    )
     first_query = n - nq
     keep = min(first_query // w * w for w in ws)
     assert keep > 0
-    out, lse = longnet.dilated_attention(q, k[:, keep:], v[:, keep:], ws, rs, is_causal=causal,
-                                         return_lse=True, position_offset=keep)
+    out, lse = longnet.dilated_attention(
+        q, k[:, keep:], v[:, keep:], ws, rs, is_causal=causal, return_lse=True, position_offset=keep
+    )
     torch.testing.assert_close(out, full_out, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse, full_lse, atol=1e-12, rtol=1e-12)
 
 
 # --------------------------------------------------------------- padded rows ----
+
 
 @pytest.mark.parametrize("side", ["right", "left", "both"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -194,12 +210,20 @@ def test_padded_row_equals_the_sequence_alone(side, causal):
         start = {"right": 0, "left": n - m, "both": (n - m) // 2}[side]
         starts.append(start)
         ends.append(start + m)
-        q[i, n - m:] = sq
-        k[i, start:start + m], v[i, start:start + m] = sk, sv
+        q[i, n - m :] = sq
+        k[i, start : start + m], v[i, start : start + m] = sk, sv
     q, k, v = [t.requires_grad_() for t in (q, k, v)]
-    out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=causal, return_lse=True,
-                                         key_start=torch.tensor(starts),
-                                         key_end=torch.tensor(ends))
+    out, lse = longnet.dilated_attention(
+        q,
+        k,
+        v,
+        ws,
+        rs,
+        is_causal=causal,
+        return_lse=True,
+        key_start=torch.tensor(starts),
+        key_end=torch.tensor(ends),
+    )
     gen = torch.Generator().manual_seed(3)
     w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     loss = (out * w_out).sum() + torch.where(torch.isfinite(lse), lse, 0).sum()
@@ -207,7 +231,7 @@ def test_padded_row_equals_the_sequence_alone(side, causal):
     for i, (m, (sq, sk, sv)) in enumerate(zip(lengths, seqs)):
         s, e, pad = starts[i], ends[i], n - m
         o1, l1 = longnet.dilated_attention(sq, sk, sv, ws, rs, is_causal=causal, return_lse=True)
-        loss1 = (o1 * w_out[i:i + 1, pad:]).sum() + torch.where(torch.isfinite(l1), l1, 0).sum()
+        loss1 = (o1 * w_out[i : i + 1, pad:]).sum() + torch.where(torch.isfinite(l1), l1, 0).sum()
         g1 = torch.autograd.grad(loss1, (sq, sk, sv))
         torch.testing.assert_close(out[i, pad:], o1[0], atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(lse[i, :, pad:], l1[0], atol=1e-12, rtol=1e-12)
@@ -225,12 +249,21 @@ def test_key_ranges_combine_with_position_offset():
     # A row [start, end) at position_offset P equals its keys alone at offset P.
     ws, rs = [5, 10], [1, 2]
     q, k, v = make_inputs(2, 6, 20, 2, 2, 8)
-    out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True, return_lse=True,
-                                         position_offset=7, key_start=torch.tensor([4, 0]),
-                                         key_end=torch.tensor([15, 20]))
-    alone, alone_lse = longnet.dilated_attention(q[:1], k[:1, 4:15], v[:1, 4:15], ws, rs,
-                                                 is_causal=True, return_lse=True,
-                                                 position_offset=7)
+    out, lse = longnet.dilated_attention(
+        q,
+        k,
+        v,
+        ws,
+        rs,
+        is_causal=True,
+        return_lse=True,
+        position_offset=7,
+        key_start=torch.tensor([4, 0]),
+        key_end=torch.tensor([15, 20]),
+    )
+    alone, alone_lse = longnet.dilated_attention(
+        q[:1], k[:1, 4:15], v[:1, 4:15], ws, rs, is_causal=True, return_lse=True, position_offset=7
+    )
     torch.testing.assert_close(out[:1], alone, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse[:1], alone_lse, atol=1e-12, rtol=1e-12)
 
@@ -241,8 +274,9 @@ def test_int32_key_ranges_and_one_sided_ranges():
     ends64 = torch.tensor([7, 10])
     a = longnet.dilated_attention(q, k, v, ws, rs, key_end=ends64)
     b = longnet.dilated_attention(q, k, v, ws, rs, key_end=ends64.int())
-    c = longnet.dilated_attention(q, k, v, ws, rs, key_start=torch.zeros(2, dtype=torch.long),
-                                  key_end=ends64)
+    c = longnet.dilated_attention(
+        q, k, v, ws, rs, key_start=torch.zeros(2, dtype=torch.long), key_end=ends64
+    )
     assert torch.equal(a, b) and torch.equal(a, c)
     ref, _ = dilated_attention_reference(q, k, v, ws, rs, key_end=ends64)
     torch.testing.assert_close(a, ref, atol=1e-12, rtol=1e-12)
@@ -261,11 +295,11 @@ def test_low_precision_padded_batch(engine, dtype):
     # dq 3.5e-3; lse <= 8e-8 everywhere.
     b, nq, nk, h, hk, d = 3, 40, 64, 4, 2, 32
     ws, rs = [8, 16, 32], [1, 2, 4]
-    q, k, v = [t.detach().to(dtype).requires_grad_()
-               for t in make_inputs(b, nq, nk, h, hk, d)]
+    q, k, v = [t.detach().to(dtype).requires_grad_() for t in make_inputs(b, nq, nk, h, hk, d)]
     qr, kr, vr = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    kw = dict(key_start=torch.tensor([0, 0, 30]), key_end=torch.tensor([50, 64, 64]),
-              position_offset=3)
+    kw = dict(
+        key_start=torch.tensor([0, 0, 30]), key_end=torch.tensor([50, 64, 64]), position_offset=3
+    )
     # Loss weights exact in the output format (out) and in float32 (lse), so both
     # backwards receive the same incoming gradients.
     gen = torch.Generator().manual_seed(2)
@@ -277,8 +311,7 @@ def test_low_precision_padded_batch(engine, dtype):
         return (out.double() * w_out).sum() + (lse.double() * w_lse).sum()
 
     with longnet.use_engine(engine):
-        out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True,
-                                             return_lse=True, **kw)
+        out, lse = longnet.dilated_attention(q, k, v, ws, rs, is_causal=True, return_lse=True, **kw)
         assert longnet.last_engine() == engine
         grads = torch.autograd.grad(loss(out, lse), (q, k, v))
         assert longnet.last_engine() == engine
@@ -289,10 +322,12 @@ def test_low_precision_padded_batch(engine, dtype):
     assert torch.equal(finite, torch.isfinite(lse))
     assert torch.equal(out[2, :6], torch.zeros_like(out[2, :6]))
     tol = low_precision_tolerances(dtype, composed=engine != "fused")
-    errors = {"lse": ((lse.double() - ref_lse)[finite].abs().max()
-                      / ref_lse[finite].abs().max()).item()}
-    for name, got, want in [("out", out, ref_out)] + list(zip(("dq", "dk", "dv"), grads,
-                                                               ref_grads)):
+    errors = {
+        "lse": ((lse.double() - ref_lse)[finite].abs().max() / ref_lse[finite].abs().max()).item()
+    }
+    for name, got, want in [("out", out, ref_out)] + list(
+        zip(("dq", "dk", "dv"), grads, ref_grads)
+    ):
         assert got.dtype == dtype
         errors[name] = ((got.double() - want).norm() / want.norm()).item()
     assert all(errors[name] < tol[name] for name in errors), (errors, tol)
@@ -300,13 +335,15 @@ def test_low_precision_padded_batch(engine, dtype):
 
 # ------------------------------------------------- autograd, compile, opcheck ----
 
+
 def test_gradcheck_with_offset_and_ranges():
     q, k, v = make_inputs(2, 7, 12, 2, 1, 3)
     kw = dict(position_offset=3, key_start=torch.tensor([2, 0]), key_end=torch.tensor([12, 9]))
 
     def fn(q, k, v):
-        out, lse = longnet.dilated_attention(q, k, v, [4, 6], [1, 2], is_causal=True,
-                                             return_lse=True, **kw)
+        out, lse = longnet.dilated_attention(
+            q, k, v, [4, 6], [1, 2], is_causal=True, return_lse=True, **kw
+        )
         return out, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7)
@@ -317,12 +354,32 @@ def test_opcheck_with_offset_and_ranges():
     q, k, v = q.detach(), k.detach(), v.detach()
     ks, ke = torch.tensor([0, 3]), torch.tensor([16, 13])
     for causal in (False, True):
-        torch.library.opcheck(torch.ops.longnet.dilated_attention_fwd.default,
-                              (q, k, v, [4, 8], [1, 2], causal, 0.3, 5, ks, ke))
-    out, lse = torch.ops.longnet.dilated_attention_fwd(q, k, v, [4, 8], [1, 2], True, 0.3, 5, ks, ke)
-    torch.library.opcheck(torch.ops.longnet.dilated_attention_bwd.default,
-                          (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse,
-                           [4, 8], [1, 2], True, 0.3, 5, ks, ke))
+        torch.library.opcheck(
+            torch.ops.longnet.dilated_attention_fwd.default,
+            (q, k, v, [4, 8], [1, 2], causal, 0.3, 5, ks, ke),
+        )
+    out, lse = torch.ops.longnet.dilated_attention_fwd(
+        q, k, v, [4, 8], [1, 2], True, 0.3, 5, ks, ke
+    )
+    torch.library.opcheck(
+        torch.ops.longnet.dilated_attention_bwd.default,
+        (
+            torch.randn_like(out),
+            torch.randn_like(lse),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            [4, 8],
+            [1, 2],
+            True,
+            0.3,
+            5,
+            ks,
+            ke,
+        ),
+    )
 
 
 def test_torch_compile_fullgraph_with_offset_and_ranges():
@@ -330,9 +387,18 @@ def test_torch_compile_fullgraph_with_offset_and_ranges():
     ks, ke = torch.tensor([0, 5]), torch.tensor([18, 20])
 
     def fn(q, k, v, ks, ke):
-        out, lse = longnet.dilated_attention(q, k, v, [4, 8], [1, 2], is_causal=True,
-                                             return_lse=True, position_offset=6,
-                                             key_start=ks, key_end=ke)
+        out, lse = longnet.dilated_attention(
+            q,
+            k,
+            v,
+            [4, 8],
+            [1, 2],
+            is_causal=True,
+            return_lse=True,
+            position_offset=6,
+            key_start=ks,
+            key_end=ke,
+        )
         return out.sum() * 2 + torch.where(torch.isfinite(lse), lse, 0).sum()
 
     compiled = torch.compile(fn, fullgraph=True)
@@ -351,14 +417,19 @@ BAD = {
     "negative_offset": (dict(position_offset=-1), "position_offset must be >= 0"),
     "float_offset": (dict(position_offset=2.5), "position_offset must be an int"),
     "bool_offset": (dict(position_offset=True), "position_offset must be an int, got the bool"),
-    "start_shape": (dict(key_start=torch.zeros(3, dtype=torch.long)), "key_start must have shape (B,)"),
+    "start_shape": (
+        dict(key_start=torch.zeros(3, dtype=torch.long)),
+        "key_start must have shape (B,)",
+    ),
     "end_2d": (dict(key_end=torch.zeros(2, 1, dtype=torch.long)), "key_end must have shape (B,)"),
     "start_float": (dict(key_start=torch.zeros(2)), "key_start must be an int32 or int64"),
     "start_list": (dict(key_start=[0, 0]), "key_start must be a torch.Tensor"),
     "end_past_nk": (dict(key_end=torch.tensor([16, 17])), "key_end[1] = 17"),
     "start_negative": (dict(key_start=torch.tensor([-1, 0])), "key_start[0] = -1"),
-    "start_after_end": (dict(key_start=torch.tensor([0, 9]), key_end=torch.tensor([16, 8])),
-                        "key_start[1] = 9, key_end[1] = 8"),
+    "start_after_end": (
+        dict(key_start=torch.tensor([0, 9]), key_end=torch.tensor([16, 8])),
+        "key_start[1] = 9, key_end[1] = 8",
+    ),
 }
 
 

@@ -65,8 +65,11 @@ def smollm2():
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the pretrained-model tests: {exc}")
         pytest.skip(f"SmolLM2 is not installed: {exc}")
-    LOADED.update(attn=model.config._attn_implementation, training=model.training,
-                  dtype=next(model.parameters()).dtype)
+    LOADED.update(
+        attn=model.config._attn_implementation,
+        training=model.training,
+        dtype=next(model.parameters()).dtype,
+    )
     return model, tok
 
 
@@ -118,10 +121,15 @@ def _logits(model, ids, patterns, **kw):
 def _generate(model, ids, patterns, attention_mask=None):
     """Greedy generation: (tokens (B, NEW_TOKENS), per-step logits (B, NEW_TOKENS, V))."""
     out = _use(model, patterns).generate(
-        input_ids=ids, attention_mask=attention_mask if attention_mask is not None
-        else torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-        do_sample=False, output_logits=True, return_dict_in_generate=True)
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1).double()
+        input_ids=ids,
+        attention_mask=attention_mask if attention_mask is not None else torch.ones_like(ids),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, 1).double()
 
 
 @torch.no_grad()
@@ -134,7 +142,7 @@ def _decode_along(model, ids, tokens, patterns):
     for t in range(tokens.shape[1] - 1):
         with warnings.catch_warnings():  # later 5.x releases rename past_key_values
             warnings.simplefilter("ignore", FutureWarning)
-            out = model(input_ids=tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=tokens[:, t : t + 1], past_key_values=cache, use_cache=True)
         steps.append(out.logits[:, -1])
         cache = out.past_key_values
     return torch.stack(steps, 1).double()
@@ -153,7 +161,8 @@ def _check_within(candidate, baseline, ref, what):
     assert e_base > 0, f"{what}: the baseline equals float64 exactly; the check is void"
     assert e_cand <= ERROR_RATIO * e_base, (
         f"{what}: max |logit - float64| is {e_cand:.3g}, the baseline's own is "
-        f"{e_base:.3g} (allowed {ERROR_RATIO}x)")
+        f"{e_base:.3g} (allowed {ERROR_RATIO}x)"
+    )
     return e_cand, e_base
 
 
@@ -167,16 +176,23 @@ def _check_same_tokens(tokens, base_tokens, ref_step_logits, bound, what):
         return tokens.shape[-1]
     t = int(diff[0, -1])
     a, b = int(tokens.reshape(-1)[t]), int(base_tokens.reshape(-1)[t])
-    gap = abs(float(ref_step_logits.reshape(-1, ref_step_logits.shape[-1])[t, a]
-                    - ref_step_logits.reshape(-1, ref_step_logits.shape[-1])[t, b]))
-    assert gap <= bound, (f"{what}: greedy tokens differ at step {t} ({a} vs {b}) "
-                          f"although their float64 logits differ by {gap:.3g} > {bound:.3g}")
+    gap = abs(
+        float(
+            ref_step_logits.reshape(-1, ref_step_logits.shape[-1])[t, a]
+            - ref_step_logits.reshape(-1, ref_step_logits.shape[-1])[t, b]
+        )
+    )
+    assert gap <= bound, (
+        f"{what}: greedy tokens differ at step {t} ({a} vs {b}) "
+        f"although their float64 logits differ by {gap:.3g} > {bound:.3g}"
+    )
     return t
 
 
 # ----------------------------------------------------------------------------------
 # Covering patterns: exactly sdpa
 # ----------------------------------------------------------------------------------
+
 
 def test_covering_patterns_give_sdpa_logits(smollm2, smollm2_f64):
     """Prefill logits of 64 real tokens through all 30 layers: "longnet" with patterns
@@ -187,8 +203,9 @@ def test_covering_patterns_give_sdpa_logits(smollm2, smollm2_f64):
     ref = _logits(smollm2_f64, ids, None)
     sdpa = _logits(model, ids, None)
     for patterns in (COVERING, COVERING_MIX):
-        _check_within(_logits(model, ids, patterns), sdpa, ref,
-                      f"longnet {patterns} vs sdpa, float32")
+        _check_within(
+            _logits(model, ids, patterns), sdpa, ref, f"longnet {patterns} vs sdpa, float32"
+        )
     ln64 = _logits(smollm2_f64, ids, COVERING_MIX)
     assert _max_err(ln64, ref) < 1e-9 * float(ref.abs().max())
 
@@ -206,19 +223,22 @@ def test_covering_patterns_generate_as_sdpa(smollm2, few_layers, dtype):
     sdpa_tok, sdpa_steps = _generate(model, ids, None)
     # Reference: one causal forward over prompt + sdpa's tokens in higher precision;
     # its row t is what step t of the cached decoding computes.
-    ref = _logits(ref_model, torch.cat([ids, sdpa_tok], 1), None)[:, ids.shape[1] - 1:-1]
+    ref = _logits(ref_model, torch.cat([ids, sdpa_tok], 1), None)[:, ids.shape[1] - 1 : -1]
     ln_steps = _decode_along(model, ids, sdpa_tok, COVERING)
-    e_ln, e_sdpa = _check_within(ln_steps, sdpa_steps, ref,
-                                 f"per-step logits, longnet vs sdpa, {dtype}")
+    e_ln, e_sdpa = _check_within(
+        ln_steps, sdpa_steps, ref, f"per-step logits, longnet vs sdpa, {dtype}"
+    )
     ln_tok, _ = _generate(model, ids, COVERING)
-    steps = _check_same_tokens(ln_tok, sdpa_tok, ref, 2 * max(e_ln, e_sdpa),
-                               f"greedy tokens, longnet vs sdpa, {dtype}")
+    steps = _check_same_tokens(
+        ln_tok, sdpa_tok, ref, 2 * max(e_ln, e_sdpa), f"greedy tokens, longnet vs sdpa, {dtype}"
+    )
     assert steps == NEW_TOKENS
 
 
 # ----------------------------------------------------------------------------------
 # Dilated patterns: the cache changes nothing; padding changes nothing
 # ----------------------------------------------------------------------------------
+
 
 def test_dilated_generation_with_cache_equals_without(smollm2, few_layers):
     """Greedy decoding with the cache (one query against all keys per step, the
@@ -229,16 +249,18 @@ def test_dilated_generation_with_cache_equals_without(smollm2, few_layers):
     ids = _prompt(tok, "bisect.py", 40)  # 40 + 64 tokens cross many segments of 16-64
     cached_tok, cached_steps = _generate(model, ids, DILATED)
     seq = torch.cat([ids, cached_tok], 1)
-    full = _logits(model, seq, DILATED)[:, ids.shape[1] - 1:-1]
-    ref = _logits(model64, seq, DILATED)[:, ids.shape[1] - 1:-1]
-    e_cache, e_full = _check_within(cached_steps, full, ref,
-                                    "dilated, cached steps vs full forward")
+    full = _logits(model, seq, DILATED)[:, ids.shape[1] - 1 : -1]
+    ref = _logits(model64, seq, DILATED)[:, ids.shape[1] - 1 : -1]
+    e_cache, e_full = _check_within(
+        cached_steps, full, ref, "dilated, cached steps vs full forward"
+    )
     # Without the cache, greedy picks the argmax of the full forward's rows.
-    steps = _check_same_tokens(cached_tok, full.argmax(-1), ref, 2 * max(e_cache, e_full),
-                               "dilated, with vs without cache")
+    steps = _check_same_tokens(
+        cached_tok, full.argmax(-1), ref, 2 * max(e_cache, e_full), "dilated, with vs without cache"
+    )
     assert steps == NEW_TOKENS
     # The dilated model is not dense attention here (else this test checks nothing).
-    dense = _logits(model64, seq, None)[:, ids.shape[1] - 1:-1]
+    dense = _logits(model64, seq, None)[:, ids.shape[1] - 1 : -1]
     assert _max_err(dense, ref) > 100 * ERROR_RATIO * e_full
 
 
@@ -251,24 +273,32 @@ def test_left_padded_batch_generates_each_prompt_alone(smollm2, few_layers):
     ids = torch.full((2, width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros(2, width, dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, width - p.shape[1]:], mask[row, width - p.shape[1]:] = p[0], 1
+        ids[row, width - p.shape[1] :], mask[row, width - p.shape[1] :] = p[0], 1
     b_tok, b_steps = _generate(model, ids, DILATED, mask)
     for row, p in enumerate(prompts):
         a_tok, a_steps = _generate(model, p, DILATED)
         # The prompt alone is the baseline; a float64 run of it is the reference.
-        ref = _logits(model64, torch.cat([p, a_tok], 1), DILATED)[:, p.shape[1] - 1:-1]
-        e_b, e_a = _check_within(b_steps[row:row + 1], a_steps, ref,
-                                 f"row {row}, batch vs alone")
-        steps = _check_same_tokens(b_tok[row:row + 1], a_tok, ref, 2 * max(e_b, e_a),
-                                   f"row {row} of the padded batch vs alone")
+        ref = _logits(model64, torch.cat([p, a_tok], 1), DILATED)[:, p.shape[1] - 1 : -1]
+        e_b, e_a = _check_within(b_steps[row : row + 1], a_steps, ref, f"row {row}, batch vs alone")
+        steps = _check_same_tokens(
+            b_tok[row : row + 1],
+            a_tok,
+            ref,
+            2 * max(e_b, e_a),
+            f"row {row} of the padded batch vs alone",
+        )
         assert steps == NEW_TOKENS
 
 
 def test_load_smollm2_is_ready_for_enable(smollm2):
     model, tok = smollm2
     cfg = model.config
-    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.max_position_embeddings) == (30, 9, 3, 8192)
+    assert (
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.max_position_embeddings,
+    ) == (30, 9, 3, 8192)
     assert LOADED == dict(attn="sdpa", training=False, dtype=torch.float32)
     assert tok.padding_side == "left" and tok.pad_token_id is not None
     with pytest.raises(ValueError, match="dtype"):

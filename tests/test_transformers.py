@@ -19,8 +19,6 @@ if os.environ.get("CI"):
 else:
     transformers = pytest.importorskip("transformers", minversion="5.0")
 
-import longnet  # noqa: E402
-import longnet.integrations.transformers as lt  # noqa: E402
 from transformers import (  # noqa: E402
     AttentionInterface,
     GPTNeoXConfig,
@@ -34,6 +32,8 @@ from transformers import (  # noqa: E402
 )
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
+import longnet  # noqa: E402
+import longnet.integrations.transformers as lt  # noqa: E402
 from longnet.reference import dilated_attention_reference  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -47,18 +47,29 @@ PAD = 0
 
 
 def _tiny(family="llama", **overrides):
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-              pad_token_id=PAD, bos_token_id=1, eos_token_id=None)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
     if family == "gpt_neox":  # multi-head attention, partial rotary
         del kw["num_key_value_heads"]
     if family == "mistral":
         kw["sliding_window"] = None  # full attention (a window is refused, see below)
     kw.update(overrides)
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                             "mistral": (MistralConfig, MistralForCausalLM),
-                             "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM)}[family]
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM),
+    }[family]
     torch.manual_seed(0)
     model = model_cls(config_cls(**kw)).eval()
     model.set_attn_implementation("sdpa")
@@ -81,7 +92,7 @@ def _padded_batch(n=24, seed=1):
     ids = torch.randint(2, VOCAB, (3, n), generator=g)
     mask = torch.ones(3, n, dtype=torch.long)
     mask[1, :5] = 0
-    mask[2, n - 6:] = 0
+    mask[2, n - 6 :] = 0
     ids[mask == 0] = PAD
     return ids, mask
 
@@ -130,13 +141,18 @@ def test_mask_function_gives_key_ranges():
 # as attn_implementation="sdpa", padded batches included.
 # ---------------------------------------------------------------------------------
 
+
 def _logits_and_grads(model, ids, mask):
     model.zero_grad()
     out = model(ids, attention_mask=mask, labels=_labels(ids, mask))
     out.loss.backward()
     # A parameter the loss does not reach (no grad) counts as a zero gradient.
-    grads = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
-                       for p in model.parameters()])
+    grads = torch.cat(
+        [
+            (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+            for p in model.parameters()
+        ]
+    )
     return out.logits.detach(), grads
 
 
@@ -222,7 +238,7 @@ def test_call_uses_views_and_native_gqa(monkeypatch):
             assert t.untyped_storage().data_ptr() == m.untyped_storage().data_ptr()
             assert torch.equal(t, m.transpose(1, 2))
         assert kwargs["is_causal"] is True
-        assert kwargs["scale"] == pytest.approx(head_dim ** -0.5)
+        assert kwargs["scale"] == pytest.approx(head_dim**-0.5)
         assert kwargs["key_start"].tolist() == [0, 5, 0]
         assert kwargs["key_end"].tolist() == [24, 24, 24]
 
@@ -239,13 +255,19 @@ def _reference_attention(key_start, key_end, per_layer_ws, per_layer_rs):
     float64-exact) with the given key ranges and each layer's patterns; it ignores
     the mask the model passes, so nothing of longnet.integrations is involved."""
 
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                  **kwargs):
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         i = module.layer_idx
         out, _ = dilated_attention_reference(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            per_layer_ws[i], per_layer_rs[i], is_causal=True, scale=scaling,
-            key_start=key_start, key_end=key_end)
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            per_layer_ws[i],
+            per_layer_rs[i],
+            is_causal=True,
+            scale=scaling,
+            key_start=key_start,
+            key_end=key_end,
+        )
         return out, None
 
     return attention
@@ -268,8 +290,9 @@ def test_dilated_pattern_matches_the_reference_inside_the_model(family):
     key_end = torch.full_like(key_start, n)
     assert key_start.tolist() == [0, 5, 0]
     ref = copy.deepcopy(sdpa)
-    AttentionInterface.register(REFERENCE_IMPLEMENTATION,
-                                _reference_attention(key_start, key_end, ws, rs))
+    AttentionInterface.register(
+        REFERENCE_IMPLEMENTATION, _reference_attention(key_start, key_end, ws, rs)
+    )
     AttentionMaskInterface.register(REFERENCE_IMPLEMENTATION, sdpa_mask)
     try:
         ref.set_attn_implementation(REFERENCE_IMPLEMENTATION)
@@ -296,7 +319,7 @@ def test_padded_rows_equal_each_sequence_alone(family):
         batch = model(ids, attention_mask=mask).logits
         for b in range(ids.shape[0]):
             real = mask[b].bool()
-            alone = model(ids[b:b + 1, real]).logits[0]
+            alone = model(ids[b : b + 1, real]).logits[0]
             torch.testing.assert_close(batch[b, real], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -316,9 +339,17 @@ def test_dense_causal_padding_mask_is_accepted():
 
 def _generate(model, ids, mask=None, n=14, **kw):
     """Greedy decoding: (token ids, logits of every step, shape (steps, B, V))."""
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                         pad_token_id=PAD, eos_token_id=None, output_logits=True,
-                         return_dict_in_generate=True, **kw)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=PAD,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
     return out.sequences, torch.stack(out.logits)
 
 
@@ -327,7 +358,7 @@ def _generate(model, ids, mask=None, n=14, **kw):
 # float32, so two correct runs give the same float32 value or neighbours one float32
 # spacing apart (at most 2^-23 relative): rtol 2^-22. That catches any error in one
 # step's attention above ~1e-6 that greedy token ids would hide.
-DECODE_TOL = dict(rtol=2.0 ** -22, atol=1e-10)  # atol: logits within 1e-10 of 0
+DECODE_TOL = dict(rtol=2.0**-22, atol=1e-10)  # atol: logits within 1e-10 of 0
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -345,7 +376,7 @@ def test_generate_with_cache_equals_without_past_largest_segment(family):
     torch.testing.assert_close(logits, static_logits, **DECODE_TOL)
     # Every step's logits are those of a full forward over the tokens so far.
     with torch.no_grad():
-        full = model(with_cache[:, :-1]).logits[0, ids.shape[1] - 1:].float()
+        full = model(with_cache[:, :-1]).logits[0, ids.shape[1] - 1 :].float()
     torch.testing.assert_close(logits[:, 0], full, **DECODE_TOL)
     # The dilated model generates something else than the dense one.
     dense = _dilated(_tiny(family), [64], [1]).double()
@@ -360,8 +391,8 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone():
     ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = p
-        mask[b, width - len(p):] = 1
+        ids[b, width - len(p) :] = p
+        mask[b, width - len(p) :] = 1
     batch, logits = _generate(model, ids, mask)
     # The same with a static cache (left padding and empty slots at the end).
     static, static_logits = _generate(model, ids, mask, cache_implementation="static")
@@ -369,7 +400,7 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone():
     torch.testing.assert_close(static_logits, logits, **DECODE_TOL)
     for b, p in enumerate(prompts):
         alone, alone_logits = _generate(model, p[None])
-        torch.testing.assert_close(batch[b, width:], alone[0, len(p):], rtol=0, atol=0)
+        torch.testing.assert_close(batch[b, width:], alone[0, len(p) :], rtol=0, atol=0)
         torch.testing.assert_close(logits[:, b], alone_logits[:, 0], **DECODE_TOL)
 
 
@@ -384,18 +415,24 @@ def test_save_and_load_keep_per_layer_patterns(tmp_path):
     assert lt.layer_patterns(loaded.config, 1) == ([8, 16], [1, 4])
     ids, mask = _padded_batch()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits,
-                                   model(ids, attention_mask=mask).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded(ids, attention_mask=mask).logits,
+            model(ids, attention_mask=mask).logits,
+            rtol=0,
+            atol=0,
+        )
     # Per-layer patterns are used per layer: swapping them changes the result.
     swapped = _dilated(_tiny("llama"), ws[::-1], rs[::-1])
     with torch.no_grad():
-        assert not torch.allclose(swapped(ids, attention_mask=mask).logits,
-                                  model(ids, attention_mask=mask).logits)
+        assert not torch.allclose(
+            swapped(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        )
 
 
 # ---------------------------------------------------------------------------------
 # What dilated attention cannot express raises
 # ---------------------------------------------------------------------------------
+
 
 def test_mask_with_a_hole_raises():
     model = _dilated(_tiny("llama"), [4, 8], [1, 2])
@@ -409,10 +446,14 @@ def test_custom_dense_mask_raises():
     model = _dilated(_tiny("llama"), [4, 8], [1, 2])
     ids, _ = _padded_batch()
     n = ids.shape[1]
-    banded = torch.ones(n, n, dtype=torch.bool).tril() & ~torch.ones(n, n, dtype=torch.bool).tril(-4)
+    banded = torch.ones(n, n, dtype=torch.bool).tril() & ~torch.ones(n, n, dtype=torch.bool).tril(
+        -4
+    )
     with pytest.raises(ValueError, match="causal \\+ padding"):
         model(ids, attention_mask=banded[None, None].expand(3, 1, n, n))
-    bias = torch.zeros(3, 1, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    bias = torch.zeros(3, 1, n, n).masked_fill(
+        ~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")
+    )
     bias[..., 0] = 0.5
     with pytest.raises(ValueError, match="bias"):
         model(ids, attention_mask=bias)
@@ -435,9 +476,17 @@ def test_sliding_window_configs_raise():
     with pytest.raises(ValueError, match="sliding"):
         lt.enable(qwen, [4, 8], [1, 2])
     torch.manual_seed(0)
-    mistral = MistralForCausalLM(MistralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, sliding_window=8))
+    mistral = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            sliding_window=8,
+        )
+    )
     with pytest.raises(ValueError, match="sliding"):
         lt.enable(mistral, [4, 8], [1, 2])
     # Switched by hand (not through enable): the first forward refuses instead.
@@ -473,6 +522,7 @@ def test_missing_or_bad_patterns_raise():
 # The example
 # ---------------------------------------------------------------------------------
 
+
 def test_finetune_example_runs_and_lowers_the_validation_loss(tmp_path):
     import importlib.util
     import json
@@ -482,18 +532,51 @@ def test_finetune_example_runs_and_lowers_the_validation_loss(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location(
-        "finetune_transformers", os.path.join(root, "examples", "finetune_transformers.py"))
+        "finetune_transformers", os.path.join(root, "examples", "finetune_transformers.py")
+    )
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     threads = torch.get_num_threads()
     try:
-        metrics = example.main([
-            "--out-dir", str(tmp_path), "--seq-len", "128", "--segment-lengths", "32,64,128",
-            "--dilation-rates", "1,2,4", "--context", "32", "--pretrain-steps", "3",
-            "--steps", "3", "--eval-interval", "2", "--eval-windows", "2", "--layers", "1",
-            "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--batch-size", "2",
-            "--pretrain-batch-size", "2", "--max-train-bytes", "100000", "--threads", "1",
-            "--quiet"])
+        metrics = example.main(
+            [
+                "--out-dir",
+                str(tmp_path),
+                "--seq-len",
+                "128",
+                "--segment-lengths",
+                "32,64,128",
+                "--dilation-rates",
+                "1,2,4",
+                "--context",
+                "32",
+                "--pretrain-steps",
+                "3",
+                "--steps",
+                "3",
+                "--eval-interval",
+                "2",
+                "--eval-windows",
+                "2",
+                "--layers",
+                "1",
+                "--hidden",
+                "32",
+                "--heads",
+                "2",
+                "--kv-heads",
+                "1",
+                "--batch-size",
+                "2",
+                "--pretrain-batch-size",
+                "2",
+                "--max-train-bytes",
+                "100000",
+                "--threads",
+                "1",
+                "--quiet",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     # A smoke run (3 + 3 steps) that still checks the example's claims: the brief

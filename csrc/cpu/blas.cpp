@@ -15,9 +15,8 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
             const float* beta, float* c, const int* ldc) __attribute__((weak));
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc)
-    __attribute__((weak));
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
 namespace longnet::cpu {
@@ -25,15 +24,19 @@ namespace {
 
 template <typename T>
 using fortran_gemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
-                                const T*, const T*, const int*, const T*, const int*, const T*,
-                                T*, const int*);
+                                const T*, const T*, const int*, const T*, const int*, const T*, T*,
+                                const int*);
 
 template <typename T>
 fortran_gemm_t<T> raw_fortran_gemm();
 template <>
-fortran_gemm_t<float> raw_fortran_gemm<float>() { return &sgemm_ ? sgemm_ : nullptr; }
+fortran_gemm_t<float> raw_fortran_gemm<float>() {
+  return &sgemm_ ? sgemm_ : nullptr;
+}
 template <>
-fortran_gemm_t<double> raw_fortran_gemm<double>() { return &dgemm_ ? dgemm_ : nullptr; }
+fortran_gemm_t<double> raw_fortran_gemm<double>() {
+  return &dgemm_ ? dgemm_ : nullptr;
+}
 
 bool blas_disabled_by_env() {
   const char* env = std::getenv("LONGNET_CPU_BLAS");
@@ -191,8 +194,8 @@ bool env_is_zero(const char* name) {
 #endif
 
 template <typename E>
-void brgemm_call(int64_t m, int64_t n, int64_t k, const E* a, int64_t lda, const E* b,
-                 int64_t ldb, float* c, int64_t ldc, bool add) {
+void brgemm_call(int64_t m, int64_t n, int64_t k, const E* a, int64_t lda, const E* b, int64_t ldb,
+                 float* c, int64_t ldc, bool add) {
 #if LONGNET_HAVE_BRGEMM
   // float B is plain row-major; 16-bit B is pair-interleaved (is_vnni).
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, kPairInterleaved<E>);
@@ -247,8 +250,8 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t 
                const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc, bool add) {
   brgemm_call<c10::BFloat16>(m, n, k, a, lda, b, ldb, c, ldc, add);
 }
-void tile_gemm(int64_t m, int64_t n, int64_t k, const c10::Half* a, int64_t lda,
-               const c10::Half* b, int64_t ldb, float* c, int64_t ldc, bool add) {
+void tile_gemm(int64_t m, int64_t n, int64_t k, const c10::Half* a, int64_t lda, const c10::Half* b,
+               int64_t ldb, float* c, int64_t ldc, bool add) {
   brgemm_call<c10::Half>(m, n, k, a, lda, b, ldb, c, ldc, add);
 }
 
@@ -265,13 +268,13 @@ template void tile_gemm_release<c10::Half>();
 const char* last_products() { return t_last_products; }
 void set_last_products(const char* name) { t_last_products = name; }
 
-#define LONGNET_INSTANTIATE_GEMM(T)                                                         \
-  template void gemm_nt<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*,      \
-                           int64_t, T, T*, int64_t);                                      \
-  template void gemm_nn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*,      \
-                           int64_t, T, T*, int64_t);                                      \
-  template void gemm_tn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*,      \
-                           int64_t, T, T*, int64_t);
+#define LONGNET_INSTANTIATE_GEMM(T)                                                               \
+  template void gemm_nt<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, \
+                           T*, int64_t);                                                          \
+  template void gemm_nn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, \
+                           T*, int64_t);                                                          \
+  template void gemm_tn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, \
+                           T*, int64_t);
 LONGNET_INSTANTIATE_GEMM(float)
 LONGNET_INSTANTIATE_GEMM(double)
 #undef LONGNET_INSTANTIATE_GEMM

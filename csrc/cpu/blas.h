@@ -58,8 +58,8 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
                int64_t ldb, float* c, int64_t ldc, bool add);
 void tile_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda,
                const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc, bool add);
-void tile_gemm(int64_t m, int64_t n, int64_t k, const c10::Half* a, int64_t lda,
-               const c10::Half* b, int64_t ldb, float* c, int64_t ldc, bool add);
+void tile_gemm(int64_t m, int64_t n, int64_t k, const c10::Half* a, int64_t lda, const c10::Half* b,
+               int64_t ldb, float* c, int64_t ldc, bool add);
 
 // Ends a run of tile_gemm calls of type E on this thread (releases AMX state).
 template <typename E>

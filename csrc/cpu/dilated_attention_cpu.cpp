@@ -21,10 +21,10 @@
 #include <vector>
 
 #include "checks.h"
-#include "op_common.h"
 #include "cpu/blas.h"
-#include "fused.h"
 #include "cpu/vec_math.h"
+#include "fused.h"
+#include "op_common.h"
 #include "pattern.h"
 
 namespace longnet::cpu {
@@ -84,9 +84,7 @@ struct Problem {
   const int64_t* key_start;  // (B,) or nullptr
   const int64_t* key_end;    // (B,) or nullptr
   int64_t group() const { return heads / kv_heads; }
-  RowSpan row(int64_t b) const {
-    return row_span(nk, nq, position_offset, key_start, key_end, b);
-  }
+  RowSpan row(int64_t b) const { return row_span(nk, nq, position_offset, key_start, key_end, b); }
   // Upper bound of the segments of length w any row touches.
   int64_t segments(int64_t w) const { return max_row_segments(nk, position_offset, w); }
 };
@@ -96,8 +94,8 @@ struct Problem {
 // The only write of every output element: out = acc / l, lse = m + log l; rows
 // that reached no key (l = 0, acc never written) get out = 0, lse = -inf.
 template <typename T, typename A>
-void finish_forward(at::Tensor& out, at::Tensor& lse, const A* acc_p, const A* m_p,
-                    const A* l_p, const Problem& pb) {
+void finish_forward(at::Tensor& out, at::Tensor& lse, const A* acc_p, const A* m_p, const A* l_p,
+                    const Problem& pb) {
   const int64_t D = pb.dim;
   const int64_t skipped_state = debug_skip_first_row() ? 0 : -1;
   T* out_p = out.data_ptr<T>();
@@ -125,12 +123,10 @@ void finish_forward(at::Tensor& out, at::Tensor& lse, const A* acc_p, const A* m
   });
 }
 
-
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
-                  bool is_causal, double scale_d, const Problem& pb, at::Tensor& out,
-                  at::Tensor& lse) {
+                  at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
+                  double scale_d, const Problem& pb, at::Tensor& out, at::Tensor& lse) {
   using A = acc_t<T>;
   constexpr bool kConvert = !std::is_same_v<T, A>;
   const int64_t D = pb.dim;
@@ -150,8 +146,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
   const RowView<const T> qv(q), kv(k), vv(v);
   const int64_t QB = kQueryBlock, KB = kKeyBlock;
-  const int64_t per_thread =
-      QB * KB + QB * D + 2 * QB + (kConvert ? QB * D + 2 * KB * D : 0);
+  const int64_t per_thread = QB * KB + QB * D + 2 * QB + (kConvert ? QB * D + 2 * KB * D : 0);
   const int64_t nthreads = at::get_num_threads();
   at::Tensor scratch = at::empty({nthreads, per_thread}, acc_opts);
   A* scratch_p = scratch.data_ptr<A>();
@@ -295,9 +290,8 @@ void prepare_b_rounded(const float* src, int64_t ld, int64_t k, int64_t n, T* ds
 
 template <typename T>
 void forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
-                   bool is_causal, double scale_d, const Problem& pb, at::Tensor& out,
-                   at::Tensor& lse) {
+                   at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
+                   double scale_d, const Problem& pb, at::Tensor& out, at::Tensor& lse) {
   using A = float;
   constexpr bool kConvert = !std::is_same_v<T, A>;
   const int64_t D = pb.dim;
@@ -317,14 +311,13 @@ void forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t nthreads = at::get_num_threads();
   int64_t max_blocks = 1;
   for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
-    const int64_t count = (std::min(segment_lengths[pi], pb.nk) + dilation_rates[pi] - 1) /
-                          dilation_rates[pi];
+    const int64_t count =
+        (std::min(segment_lengths[pi], pb.nk) + dilation_rates[pi] - 1) / dilation_rates[pi];
     max_blocks = std::max(max_blocks, (count + KB - 1) / KB);
   }
   const int64_t block_elems = (kConvert ? 2 : 1) * KB * D;  // K^T (and V) of one key block
-  const int64_t kept_blocks =
-      std::max<int64_t>(1, std::min(max_blocks, kMaxPreparedBytes /
-                                                    (block_elems * int64_t(sizeof(T)))));
+  const int64_t kept_blocks = std::max<int64_t>(
+      1, std::min(max_blocks, kMaxPreparedBytes / (block_elems * int64_t(sizeof(T)))));
   const int64_t per_thread_acc = QB * KB + QB * D + 2 * QB;
   const int64_t per_thread_in = kept_blocks * block_elems + QB * (KB + 2);
   at::Tensor scratch = at::empty({nthreads, per_thread_acc}, acc_opts);
@@ -341,9 +334,8 @@ void forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     // Whole segments per task when there are enough of them; else ranges of query
     // blocks, so that every thread has work.
     const int64_t segment_tasks = pb.batch * pb.heads * nseg;
-    const int64_t chunks = std::clamp<int64_t>((4 * nthreads + segment_tasks - 1) /
-                                                   std::max<int64_t>(segment_tasks, 1),
-                                               1, nqb);
+    const int64_t chunks = std::clamp<int64_t>(
+        (4 * nthreads + segment_tasks - 1) / std::max<int64_t>(segment_tasks, 1), 1, nqb);
     const int64_t per_chunk = (nqb + chunks - 1) / chunks;
     const bool keep = nkb <= kept_blocks;
 
@@ -720,10 +712,9 @@ struct TileBackward : PatternBackward<T> {
     const int64_t t0 = seg.first_query, n = seg.count - seg.first_query;
     const int64_t qi0 = this->query_index(row, seg, t0);
     // Column t of the buffers is query element t (t < first_query unused).
-    transpose_a<T>(this->qv.at(b, qi0, h), r * this->qv.sn, n, D, sc.qt_seg + t0,
-                   sc.seg_ld, n + 2);
-    transpose_a<T>(this->dov.at(b, qi0, h), r * this->dov.sn, n, D, sc.dot_seg + t0,
-                   sc.seg_ld, n + 2);
+    transpose_a<T>(this->qv.at(b, qi0, h), r * this->qv.sn, n, D, sc.qt_seg + t0, sc.seg_ld, n + 2);
+    transpose_a<T>(this->dov.at(b, qi0, h), r * this->dov.sn, n, D, sc.dot_seg + t0, sc.seg_ld,
+                   n + 2);
     sc.tag[0] = b, sc.tag[1] = h, sc.tag[2] = s, sc.tag[3] = this->w, sc.tag[4] = this->r;
   }
 
@@ -740,9 +731,9 @@ struct TileBackward : PatternBackward<T> {
   }
 
   // S, dP of rows tq0.. against the prepared key block, turned into P and scale * dS.
-  void tile_probs(int64_t b, int64_t h, const RowSpan& row, const SparseSegment& seg,
-                  int64_t tq0, int64_t qn, int64_t kb0, int64_t kn, const T* Q,
-                  const T* dO, const Scratch& sc) const {
+  void tile_probs(int64_t b, int64_t h, const RowSpan& row, const SparseSegment& seg, int64_t tq0,
+                  int64_t qn, int64_t kb0, int64_t kn, const T* Q, const T* dO,
+                  const Scratch& sc) const {
     const int64_t D = this->pb.dim, r = this->r;
     tile_gemm(qn, kn, D, Q, r * this->qv.sn, sc.kt, kn, sc.S, kn, false);
     tile_gemm(qn, kn, D, dO, r * this->dov.sn, sc.vt, kn, sc.dP, kn, false);
@@ -752,8 +743,7 @@ struct TileBackward : PatternBackward<T> {
       A* s_row = sc.S + i * kn;
       A* dp_row = sc.dP + i * kn;
       const int64_t qi = this->query_index(row, seg, tq0 + i);
-      const int64_t valid =
-          this->is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
+      const int64_t valid = this->is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
       const A row_lse = lse_row[qi];
       if (valid == 0 || row_lse == neg_inf<A>()) {
         fill_row<A>(s_row, A(0), kn);
@@ -949,8 +939,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
   const int64_t nthreads = at::get_num_threads();
   int64_t max_count_all = 1;
   for (size_t pi = 0; pi < segment_lengths.size(); ++pi) {
-    max_count_all = std::max(max_count_all, (std::min(segment_lengths[pi], pb.nk) +
-                                             dilation_rates[pi] - 1) / dilation_rates[pi]);
+    max_count_all =
+        std::max(max_count_all, (std::min(segment_lengths[pi], pb.nk) + dilation_rates[pi] - 1) /
+                                    dilation_rates[pi]);
   }
   const int64_t per_thread = Pattern::scratch_size(D, max_count_all);
   at::Tensor scratch = at::empty({nthreads, per_thread}, acc_opts);
@@ -970,7 +961,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
       // Fused: a task owns one (batch, kv head, segment), i.e. all dk/dv rows of
       // that kv head in the segment and all dq rows of its query heads there.
       at::parallel_for(0, segment_tasks, 1, [&](int64_t begin, int64_t end) {
-        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D, max_count_all);
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D,
+                                           max_count_all);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t s = task % nseg;
           const int64_t g = (task / nseg) % pb.kv_heads;
@@ -988,7 +980,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
       // dk/dv, then query blocks for dq (recomputing P once more).
       const int64_t nkb = (max_count + Pattern::KB - 1) / Pattern::KB;
       at::parallel_for(0, segment_tasks * nkb, 1, [&](int64_t begin, int64_t end) {
-        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D, max_count_all);
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D,
+                                           max_count_all);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t kb = task % nkb;
           const int64_t s = (task / nkb) % nseg;
@@ -1002,7 +995,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
       });
       const int64_t nqb = (max_count + Pattern::QB - 1) / Pattern::QB;
       at::parallel_for(0, pb.batch * pb.heads * nseg * nqb, 1, [&](int64_t begin, int64_t end) {
-        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D, max_count_all);
+        const typename Pattern::Scratch sc(scratch_p + at::get_thread_num() * per_thread, D,
+                                           max_count_all);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t qb = task % nqb;
           const int64_t s = (task / nqb) % nseg;
@@ -1052,17 +1046,18 @@ const char* products_name(int64_t D) {
 
 std::string planned_products(at::ScalarType dtype, int64_t head_dim) {
   std::string name;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "longnet_products", [&] {
-    name = products_name<scalar_t>(head_dim);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "longnet_products",
+                                  [&] { name = products_name<scalar_t>(head_dim); });
   return name;
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_forward(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
-    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
-    const std::optional<at::Tensor>& key_end) {
+std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in,
+                                                 at::IntArrayRef segment_lengths,
+                                                 at::IntArrayRef dilation_rates, bool is_causal,
+                                                 double scale, int64_t position_offset,
+                                                 const std::optional<at::Tensor>& key_start,
+                                                 const std::optional<at::Tensor>& key_end) {
   TORCH_CHECK(q_in.device().is_cpu(), "longnet: expected CPU tensors, got ", q_in.device());
   const KeyRanges ranges(key_start, key_end, q_in, k_in.size(1));
   at::Tensor out, lse;
@@ -1072,23 +1067,24 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(
     return {out, lse};
   }
   const at::Tensor q = with_dense_rows(q_in), k = with_dense_rows(k_in), v = with_dense_rows(v_in);
-  const Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
-                   position_offset, ranges.start_ptr(), ranges.end_ptr()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_fwd_cpu", [&] {
-    bool tiles = false;
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      tiles = use_tiles<scalar_t>(pb.dim);
-      if (tiles) {
-        forward_tiles<scalar_t>(q, k, v, segment_lengths, dilation_rates, is_causal, scale, pb,
-                                out, lse);
-      }
-    }
-    if (!tiles) {
-      forward_impl<scalar_t>(q, k, v, segment_lengths, dilation_rates, is_causal, scale, pb,
-                             out, lse);
-    }
-    set_last_products(products_name<scalar_t>(pb.dim));
-  });
+  const Problem pb{q.size(0), q.size(1),       k.size(1),          q.size(2),       k.size(2),
+                   q.size(3), position_offset, ranges.start_ptr(), ranges.end_ptr()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_fwd_cpu", [&] {
+        bool tiles = false;
+        if constexpr (!std::is_same_v<scalar_t, double>) {
+          tiles = use_tiles<scalar_t>(pb.dim);
+          if (tiles) {
+            forward_tiles<scalar_t>(q, k, v, segment_lengths, dilation_rates, is_causal, scale, pb,
+                                    out, lse);
+          }
+        }
+        if (!tiles) {
+          forward_impl<scalar_t>(q, k, v, segment_lengths, dilation_rates, is_causal, scale, pb,
+                                 out, lse);
+        }
+        set_last_products(products_name<scalar_t>(pb.dim));
+      });
   return {out, lse};
 }
 
@@ -1107,25 +1103,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   }
   const at::Tensor q = with_dense_rows(q_in), k = with_dense_rows(k_in), v = with_dense_rows(v_in);
   const BackwardRows rows(q_in, grad_out, out_in, lse_in, grad_lse);
-  const Problem pb{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
-                   position_offset, ranges.start_ptr(), ranges.end_ptr()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_bwd_cpu", [&] {
-    bool tiles = false;
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      tiles = use_tiles<scalar_t>(pb.dim);
-      if (tiles) {
-        backward_impl<scalar_t, TileBackward<scalar_t>>(
-            rows.grad_out, rows.grad_lse, q, k, v, rows.out, rows.lse, segment_lengths,
-            dilation_rates, is_causal, scale, pb, dq, dk, dv);
-      }
-    }
-    if (!tiles) {
-      backward_impl<scalar_t, PatternBackward<scalar_t>>(
-          rows.grad_out, rows.grad_lse, q, k, v, rows.out, rows.lse, segment_lengths,
-          dilation_rates, is_causal, scale, pb, dq, dk, dv);
-    }
-    set_last_products(products_name<scalar_t>(pb.dim));
-  });
+  const Problem pb{q.size(0), q.size(1),       k.size(1),          q.size(2),       k.size(2),
+                   q.size(3), position_offset, ranges.start_ptr(), ranges.end_ptr()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_bwd_cpu", [&] {
+        bool tiles = false;
+        if constexpr (!std::is_same_v<scalar_t, double>) {
+          tiles = use_tiles<scalar_t>(pb.dim);
+          if (tiles) {
+            backward_impl<scalar_t, TileBackward<scalar_t>>(
+                rows.grad_out, rows.grad_lse, q, k, v, rows.out, rows.lse, segment_lengths,
+                dilation_rates, is_causal, scale, pb, dq, dk, dv);
+          }
+        }
+        if (!tiles) {
+          backward_impl<scalar_t, PatternBackward<scalar_t>>(
+              rows.grad_out, rows.grad_lse, q, k, v, rows.out, rows.lse, segment_lengths,
+              dilation_rates, is_causal, scale, pb, dq, dk, dv);
+        }
+        set_last_products(products_name<scalar_t>(pb.dim));
+      });
   return {dq, dk, dv};
 }
 

@@ -5,7 +5,8 @@
 #include <cstdint>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LONGNET_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define LONGNET_TARGET_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define LONGNET_TARGET_CLONES
 #endif
@@ -69,8 +70,8 @@ LONGNET_TARGET_CLONES float scale_and_max(float* s, float scale, int64_t n) {
 }
 
 // p[j] = exp(scale * s[j] - lse); ds[j] = scale * p[j] * (dp[j] - delta), in place.
-LONGNET_TARGET_CLONES void softmax_grad_row_scaled(float* s, float* dp, float scale,
-                                                   float lse, float delta, int64_t n) {
+LONGNET_TARGET_CLONES void softmax_grad_row_scaled(float* s, float* dp, float scale, float lse,
+                                                   float delta, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float p = exp_approx(s[j] * scale - lse);
@@ -86,8 +87,7 @@ static inline uint16_t bf16_bits(float x) {
   return x != x ? uint16_t(0x7fc0) : static_cast<uint16_t>(rounded);
 }
 
-LONGNET_TARGET_CLONES void round_to_bf16(const float* s, int64_t n, int64_t n_pad,
-                                         uint16_t* out) {
+LONGNET_TARGET_CLONES void round_to_bf16(const float* s, int64_t n, int64_t n_pad, uint16_t* out) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) out[j] = bf16_bits(s[j]);
   for (int64_t j = n; j < n_pad; ++j) out[j] = 0;

@@ -38,8 +38,7 @@ inline void softmax_grad_row(double* s, double* dp, double lse, double delta, in
 float scale_and_max(float* s, float scale, int64_t n);
 // Backward with the logits' scale: p[j] = exp(scale s[j] - lse); ds[j] = scale p[j]
 // (dp[j] - delta), in place.
-void softmax_grad_row_scaled(float* s, float* dp, float scale, float lse, float delta,
-                             int64_t n);
+void softmax_grad_row_scaled(float* s, float* dp, float scale, float lse, float delta, int64_t n);
 
 // out[j] = bfloat16(s[j]) (bits, round to nearest even) for j < n, 0 up to n_pad.
 void round_to_bf16(const float* s, int64_t n, int64_t n_pad, uint16_t* out);

@@ -28,9 +28,13 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <typename A>
 __device__ __forceinline__ A neg_inf();
 template <>
-__device__ __forceinline__ float neg_inf<float>() { return -INFINITY; }
+__device__ __forceinline__ float neg_inf<float>() {
+  return -INFINITY;
+}
 template <>
-__device__ __forceinline__ double neg_inf<double>() { return -static_cast<double>(INFINITY); }
+__device__ __forceinline__ double neg_inf<double>() {
+  return -static_cast<double>(INFINITY);
+}
 
 __device__ __forceinline__ float exp_a(float x) { return expf(x); }
 __device__ __forceinline__ double exp_a(double x) { return exp(x); }
@@ -71,9 +75,9 @@ struct Shape {
   int64_t position_offset;   // absolute position of key index key_start[b] (0 without ranges)
   const int64_t* key_start;  // (B,) on the device, or nullptr: the whole row
   const int64_t* key_end;    // (B,) on the device, or nullptr
-  int64_t w, r;        // pattern
-  int64_t nseg;        // segments a row may touch (upper bound over rows)
-  int64_t ntiles;      // query (forward) or key (backward) tiles per sparse segment
+  int64_t w, r;              // pattern
+  int64_t nseg;              // segments a row may touch (upper bound over rows)
+  int64_t ntiles;            // query (forward) or key (backward) tiles per sparse segment
   bool causal;
   __host__ __device__ int64_t group() const { return heads / kv_heads; }
   __device__ RowSpan row(int64_t b) const {

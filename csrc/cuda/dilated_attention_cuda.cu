@@ -4,9 +4,9 @@
 // generic FMA kernels (every dtype and head dim).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -24,7 +24,6 @@
 
 namespace longnet::cuda {
 namespace {
-
 
 // LONGNET_CUDA_GENERIC=1 routes bfloat16/float16 to the generic kernels too (read on
 // every call, so tests can compare both paths in one process).
@@ -100,9 +99,8 @@ void dispatch_per_lane(int64_t dim, F&& f) {
 
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
-                  bool is_causal, double scale_d, const Rows& rows, at::Tensor& out,
-                  at::Tensor& lse) {
+                  at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
+                  double scale_d, const Rows& rows, at::Tensor& out, at::Tensor& lse) {
   using A = acc_t<T>;
   constexpr bool kConvert = !std::is_same_v<T, A>;
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
@@ -141,8 +139,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t total = out.numel();
   constexpr int kThreads = 256;
   finalize_kernel<T, A><<<elementwise_blocks(total, kThreads), kThreads, 0, stream>>>(
-      st.acc, st.m, st.l, out.data_ptr<T>(), lse.data_ptr<A>(), q.size(1), q.size(2),
-      q.size(3), total, debug_skip_first_row());
+      st.acc, st.m, st.l, out.data_ptr<T>(), lse.data_ptr<A>(), q.size(1), q.size(2), q.size(3),
+      total, debug_skip_first_row());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -162,8 +160,8 @@ template <typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q,
                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                    const at::Tensor& lse, at::IntArrayRef segment_lengths,
-                   at::IntArrayRef dilation_rates, bool is_causal, double scale_d,
-                   const Rows& rows, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                   at::IntArrayRef dilation_rates, bool is_causal, double scale_d, const Rows& rows,
+                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   using A = acc_t<T>;
   constexpr bool kConvert = !std::is_same_v<T, A>;
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
@@ -224,11 +222,13 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
 // The fused engine on CUDA (fused.h): engine/dispatch.cpp registers the operators,
 // checks their arguments and calls these when the fused engine is chosen.
 
-std::tuple<at::Tensor, at::Tensor> fused_forward(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
-    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
-    const std::optional<at::Tensor>& key_end) {
+std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in,
+                                                 at::IntArrayRef segment_lengths,
+                                                 at::IntArrayRef dilation_rates, bool is_causal,
+                                                 double scale, int64_t position_offset,
+                                                 const std::optional<at::Tensor>& key_start,
+                                                 const std::optional<at::Tensor>& key_end) {
   TORCH_CHECK(q_in.is_cuda(), "longnet: expected CUDA tensors, got ", q_in.device());
   check_launch_dims(q_in, k_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -239,15 +239,12 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out, lse};
   }
-  const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in),
-                   v = with_dense_last(v_in);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_fwd_cuda",
-                                  [&] {
-                                    forward_impl<scalar_t>(q, k, v, segment_lengths,
-                                                           dilation_rates, is_causal, scale,
-                                                           Rows{position_offset, ranges}, out,
-                                                           lse);
-                                  });
+  const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in), v = with_dense_last(v_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_fwd_cuda", [&] {
+        forward_impl<scalar_t>(q, k, v, segment_lengths, dilation_rates, is_causal, scale,
+                               Rows{position_offset, ranges}, out, lse);
+      });
   return {out, lse};
 }
 
@@ -266,16 +263,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
   if (q_in.numel() == 0 || k_in.numel() == 0) {
     return {dq.zero_(), dk.zero_(), dv.zero_()};
   }
-  const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in),
-                   v = with_dense_last(v_in);
+  const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in), v = with_dense_last(v_in);
   const BackwardRows rows(q_in, grad_out, out_in, lse_in, grad_lse);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_bwd_cuda",
-                                  [&] {
-                                    backward_impl<scalar_t>(
-                                        rows.grad_out, rows.grad_lse, q, k, v, rows.out,
-                                        rows.lse, segment_lengths, dilation_rates, is_causal,
-                                        scale, Rows{position_offset, ranges}, dq, dk, dv);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, q.scalar_type(), "longnet_bwd_cuda", [&] {
+        backward_impl<scalar_t>(rows.grad_out, rows.grad_lse, q, k, v, rows.out, rows.lse,
+                                segment_lengths, dilation_rates, is_causal, scale,
+                                Rows{position_offset, ranges}, dq, dk, dv);
+      });
   return {dq, dk, dv};
 }
 

@@ -153,13 +153,12 @@ __global__ void __launch_bounds__(kGenericThreads)
 // lse -inf: the only write of each element of out and lse (skip_first_row, a debug
 // switch, leaves row (0, 0, 0) unwritten). One thread per output element.
 template <typename T, typename A>
-__global__ void finalize_kernel(const A* acc, const A* m, const A* l, T* out, A* lse,
-                                int64_t nq, int64_t heads, int64_t dim, int64_t total,
-                                bool skip_first_row) {
+__global__ void finalize_kernel(const A* acc, const A* m, const A* l, T* out, A* lse, int64_t nq,
+                                int64_t heads, int64_t dim, int64_t total, bool skip_first_row) {
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (skip_first_row && idx < dim) continue;  // debug switch: leave row (0, 0, 0) unwritten
-    const int64_t row = idx / dim;  // (b, qi, h) row of out
+    const int64_t row = idx / dim;              // (b, qi, h) row of out
     const int64_t d = idx - row * dim;
     const int64_t h = row % heads;
     const int64_t qi = (row / heads) % nq;

@@ -70,11 +70,11 @@ __device__ __forceinline__ void load_rows(E* dst, int ld, const E* src, int64_t 
 
 template <int D>
 struct FwdSmem {
-  static constexpr int kLdT = D + 8;         // K, V, (Q) tiles, elements
-  static constexpr int kLdS = kFwdKeys + 4;  // scores, floats
-  static constexpr int kLdP = kFwdKeys + 8;  // probabilities, elements
-  static constexpr int kLdO = D + 4;         // output accumulator, floats
-  static constexpr size_t kKV = size_t(kFwdKeys) * kLdT * 2;             // bytes, each
+  static constexpr int kLdT = D + 8;                          // K, V, (Q) tiles, elements
+  static constexpr int kLdS = kFwdKeys + 4;                   // scores, floats
+  static constexpr int kLdP = kFwdKeys + 8;                   // probabilities, elements
+  static constexpr int kLdO = D + 4;                          // output accumulator, floats
+  static constexpr size_t kKV = size_t(kFwdKeys) * kLdT * 2;  // bytes, each
   static constexpr size_t kS = size_t(kTcWarps) * 16 * kLdS * 4;
   static constexpr size_t kP = size_t(kTcWarps) * 16 * kLdP * 2;
   static constexpr size_t kO = size_t(kTcWarps) * 16 * kLdO * 4;
@@ -85,18 +85,17 @@ struct FwdSmem {
 
 template <int D>
 struct BwdSmem {
-  static constexpr int kLdT = D + 8;         // K, V, Q, dO tiles, elements
-  static constexpr int kLdS = kBwdRows + 4;  // S^T, dP^T scratch, floats
-  static constexpr int kLdP = kBwdRows + 8;  // P^T, dS^T, elements
-  static constexpr size_t kKV = size_t(kBwdKeys) * kLdT * 2;       // bytes, each of K, V
-  static constexpr size_t kQ = size_t(kBwdRows) * kLdT * 2;        // each of Q, dO
-  static constexpr size_t kS = size_t(kTcWarps) * 16 * kLdS * 4;   // each of S^T, dP^T
-  static constexpr size_t kP = size_t(kTcWarps) * 16 * kLdP * 2;   // P^T
-  static constexpr size_t kDS = size_t(kBwdKeys) * kLdP * 2;       // dS^T of the block
-  static constexpr size_t kRow = size_t(kBwdRows) * 4;             // each of lse, delta
+  static constexpr int kLdT = D + 8;                              // K, V, Q, dO tiles, elements
+  static constexpr int kLdS = kBwdRows + 4;                       // S^T, dP^T scratch, floats
+  static constexpr int kLdP = kBwdRows + 8;                       // P^T, dS^T, elements
+  static constexpr size_t kKV = size_t(kBwdKeys) * kLdT * 2;      // bytes, each of K, V
+  static constexpr size_t kQ = size_t(kBwdRows) * kLdT * 2;       // each of Q, dO
+  static constexpr size_t kS = size_t(kTcWarps) * 16 * kLdS * 4;  // each of S^T, dP^T
+  static constexpr size_t kP = size_t(kTcWarps) * 16 * kLdP * 2;  // P^T
+  static constexpr size_t kDS = size_t(kBwdKeys) * kLdP * 2;      // dS^T of the block
+  static constexpr size_t kRow = size_t(kBwdRows) * 4;            // each of lse, delta
   static constexpr size_t kBytes = 2 * kKV + 2 * kQ + 2 * kS + kP + kDS + 2 * kRow;
-  static_assert(kKV % 128 == 0 && kQ % 128 == 0 && kS % 128 == 0 && kP % 128 == 0 &&
-                    kDS % 128 == 0,
+  static_assert(kKV % 128 == 0 && kQ % 128 == 0 && kS % 128 == 0 && kP % 128 == 0 && kDS % 128 == 0,
                 "smem regions stay aligned");
   static_assert(16 * kLdS >= 16 * 16, "a 16x16 float tile fits in a warp's scratch");
 };
@@ -133,7 +132,7 @@ __global__ void __launch_bounds__(kTcThreads)
 
   const SparseSegment seg = sparse_segment(span, sh.w, sh.r, s, head_offset(h, sh.r));
   const int64_t tb = seg.first_query + tile * kFwdRows;  // block's first row
-  if (tb >= seg.count) return;  // block-uniform, before any barrier
+  if (tb >= seg.count) return;                           // block-uniform, before any barrier
   const int64_t block_rows = seg.count - tb < kFwdRows ? seg.count - tb : kFwdRows;
   const int64_t key_end = sh.causal ? tb + block_rows : seg.count;
   const int64_t q0 = seg.base - span.q_start;  // query index of t = 0 (may be negative)
@@ -172,10 +171,8 @@ __global__ void __launch_bounds__(kTcThreads)
   for (int64_t kb = 0; kb < key_end; kb += kFwdKeys) {
     __syncthreads();  // every warp is done with the previous K/V tile
     const int64_t kvalid = key_end - kb;
-    load_rows<D>(k_s, kLdT, k_first + kb * kstep, kstep, kFwdKeys, kvalid, threadIdx.x,
-                 kTcThreads);
-    load_rows<D>(v_s, kLdT, v_first + kb * vstep, vstep, kFwdKeys, kvalid, threadIdx.x,
-                 kTcThreads);
+    load_rows<D>(k_s, kLdT, k_first + kb * kstep, kstep, kFwdKeys, kvalid, threadIdx.x, kTcThreads);
+    load_rows<D>(v_s, kLdT, v_first + kb * vstep, vstep, kFwdKeys, kvalid, threadIdx.x, kTcThreads);
     __syncthreads();
 
     // S = Q K^T for the warp's rows (K row-major is K^T column-major).
@@ -195,7 +192,8 @@ __global__ void __launch_bounds__(kTcThreads)
 
     // Online softmax of the row over this tile's visible keys.
     const int64_t col0 = kb + half * 32;
-    const int nvalid = static_cast<int>(key_lim - col0 <= 0 ? 0 : (key_lim - col0 < 32 ? key_lim - col0 : 32));
+    const int nvalid =
+        static_cast<int>(key_lim - col0 <= 0 ? 0 : (key_lim - col0 < 32 ? key_lim - col0 : 32));
     const float* srow = s_w + row * kLdS + half * 32;
     float mx = -INFINITY;
     for (int c = 0; c < nvalid; ++c) mx = fmaxf(mx, srow[c] * scale);
@@ -337,10 +335,10 @@ __global__ void __launch_bounds__(kTcThreads)
     __syncthreads();  // the previous head's K/V tile is no longer read
     {
       const int64_t kvalid = seg.count - tk0;
-      load_rows<D>(k_s, kLdT, k + b * ks.b + (seg.base + tk0 * sh.r) * ks.n + g * ks.h,
-                   sh.r * ks.n, kBwdKeys, kvalid, threadIdx.x, kTcThreads);
-      load_rows<D>(v_s, kLdT, v + b * vs.b + (seg.base + tk0 * sh.r) * vs.n + g * vs.h,
-                   sh.r * vs.n, kBwdKeys, kvalid, threadIdx.x, kTcThreads);
+      load_rows<D>(k_s, kLdT, k + b * ks.b + (seg.base + tk0 * sh.r) * ks.n + g * ks.h, sh.r * ks.n,
+                   kBwdKeys, kvalid, threadIdx.x, kTcThreads);
+      load_rows<D>(v_s, kLdT, v + b * vs.b + (seg.base + tk0 * sh.r) * vs.n + g * vs.h, sh.r * vs.n,
+                   kBwdKeys, kvalid, threadIdx.x, kTcThreads);
     }
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> dkf[D / 16], dvf[D / 16];
@@ -477,11 +475,20 @@ __global__ void __launch_bounds__(kTcThreads)
 template <typename F>
 void dispatch_head_dim(int64_t dim, F&& f) {
   switch (dim) {
-    case 32: f.template operator()<32>(); break;
-    case 64: f.template operator()<64>(); break;
-    case 96: f.template operator()<96>(); break;
-    case 128: f.template operator()<128>(); break;
-    default: TORCH_CHECK(false, "longnet: no tensor-core kernel for head dim ", dim);
+    case 32:
+      f.template operator()<32>();
+      break;
+    case 64:
+      f.template operator()<64>();
+      break;
+    case 96:
+      f.template operator()<96>();
+      break;
+    case 128:
+      f.template operator()<128>();
+      break;
+    default:
+      TORCH_CHECK(false, "longnet: no tensor-core kernel for head dim ", dim);
   }
 }
 
@@ -506,8 +513,8 @@ bool tc_supported(std::initializer_list<at::Tensor> tensors) {
   const int64_t d = q.size(3);
   if (d != 32 && d != 64 && d != 96 && d != 128) return false;
   int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                                        q.device().index()));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
   if (major < 8) return false;
   // The kernels ask for FwdSmem<D>::kBytes / BwdSmem<D>::kBytes of dynamic shared
   // memory (set_smem); a device that cannot grant it takes the generic kernels
@@ -548,8 +555,7 @@ void tc_forward_pattern(const at::Tensor& q, const at::Tensor& k, const at::Tens
 template <typename T>
 void tc_backward_pattern(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& dout, const Shape& sh, float scale, const float* lse,
-                         const float* delta, float* dq, float* dk, float* dv,
-                         cudaStream_t stream) {
+                         const float* delta, float* dq, float* dk, float* dv, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned int>(sh.nseg * sh.ntiles),
                   static_cast<unsigned int>(sh.kv_heads), static_cast<unsigned int>(sh.batch));
   dispatch_head_dim(sh.dim, [&]<int D>() {
@@ -562,9 +568,9 @@ void tc_backward_pattern(const at::Tensor& q, const at::Tensor& k, const at::Ten
   });
 }
 
-template void tc_forward_pattern<c10::Half>(const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const Shape&, float,
-                                            const FwdState<float>&, cudaStream_t);
+template void tc_forward_pattern<c10::Half>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const Shape&, float, const FwdState<float>&,
+                                            cudaStream_t);
 template void tc_forward_pattern<c10::BFloat16>(const at::Tensor&, const at::Tensor&,
                                                 const at::Tensor&, const Shape&, float,
                                                 const FwdState<float>&, cudaStream_t);
@@ -573,8 +579,8 @@ template void tc_backward_pattern<c10::Half>(const at::Tensor&, const at::Tensor
                                              float, const float*, const float*, float*, float*,
                                              float*, cudaStream_t);
 template void tc_backward_pattern<c10::BFloat16>(const at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&, const at::Tensor&,
-                                                 const Shape&, float, const float*, const float*,
-                                                 float*, float*, float*, cudaStream_t);
+                                                 const at::Tensor&, const at::Tensor&, const Shape&,
+                                                 float, const float*, const float*, float*, float*,
+                                                 float*, cudaStream_t);
 
 }  // namespace longnet::cuda

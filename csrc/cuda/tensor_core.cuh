@@ -32,7 +32,6 @@ void tc_forward_pattern(const at::Tensor& q, const at::Tensor& k, const at::Tens
 template <typename T>
 void tc_backward_pattern(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& dout, const Shape& sh, float scale, const float* lse,
-                         const float* delta, float* dq, float* dk, float* dv,
-                         cudaStream_t stream);
+                         const float* delta, float* dq, float* dk, float* dv, cudaStream_t stream);
 
 }  // namespace longnet::cuda

@@ -37,12 +37,12 @@ struct Side {
 };
 
 struct SubProblem {
-  int64_t b0, nb;                 // batch rows b0 .. b0 + nb - 1
-  int64_t segments, seg_step;     // segments of the problem and their distance in rows
-  int64_t step;                   // row step inside a segment (the dilation rate)
-  Side q, k;                      // q rows index q, k rows index k and v
-  int64_t h0, heads, hstep;       // query heads h0, h0 + hstep, ...
-  int64_t kh0, khstep;            // their key/value heads kh0, kh0 + khstep, ...
+  int64_t b0, nb;              // batch rows b0 .. b0 + nb - 1
+  int64_t segments, seg_step;  // segments of the problem and their distance in rows
+  int64_t step;                // row step inside a segment (the dilation rate)
+  Side q, k;                   // q rows index q, k rows index k and v
+  int64_t h0, heads, hstep;    // query heads h0, h0 + hstep, ...
+  int64_t kh0, khstep;         // their key/value heads kh0, kh0 + khstep, ...
   bool causal;
   bool fresh;  // no earlier problem reaches these query rows: store instead of merge
 };
@@ -72,8 +72,8 @@ bool batch_folds(const at::Tensor& t5) {
 
 at::Tensor fold(const at::Tensor& t5) { return t5.flatten(0, 1); }
 
-void add_heads(std::vector<SubProblem>& plan, SubProblem base, int64_t o, int64_t r,
-               int64_t heads, int64_t group) {
+void add_heads(std::vector<SubProblem>& plan, SubProblem base, int64_t o, int64_t r, int64_t heads,
+               int64_t group) {
   // Query heads o + m r read key/value heads (o + m r) / group. With L = lcm(r, group),
   // the heads h0 + c L for one h0 read the strided key/value heads h0 / group + c L / group.
   const int64_t period = std::lcm(r, group);
@@ -190,15 +190,13 @@ void for_each_call(const SubProblem& sp, int64_t max_batch,
   }
 }
 
-at::Tensor with_dense_last(const at::Tensor& t) {
-  return t.stride(3) == 1 ? t : t.contiguous();
-}
+at::Tensor with_dense_last(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> composed_forward(const DenseEngine& engine, const at::Tensor& q_in,
-                                                    const at::Tensor& k_in, const at::Tensor& v_in,
-                                                    const Call& call) {
+std::tuple<at::Tensor, at::Tensor> composed_forward(const DenseEngine& engine,
+                                                    const at::Tensor& q_in, const at::Tensor& k_in,
+                                                    const at::Tensor& v_in, const Call& call) {
   at::Tensor out, lse;
   std::tie(out, lse) = allocate_forward_outputs(q_in);
   const at::ScalarType acc_type = accumulate_dtype(q_in);
@@ -239,7 +237,8 @@ std::tuple<at::Tensor, at::Tensor> composed_forward(const DenseEngine& engine, c
       acc5.mul_(w_old).add_(o_p * w_new);
       lse5.copy_(merged);
     };
-    for (const SubProblem& sp : make_plan(q, k, call)) for_each_call(sp, engine.max_batch(), folds, run);
+    for (const SubProblem& sp : make_plan(q, k, call))
+      for_each_call(sp, engine.max_batch(), folds, run);
   }
   if (!direct) out.copy_(acc);
   return {out, lse};
@@ -281,7 +280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_backward(
       const at::Tensor kv = fold(view5(k, sp, sp.k, true));
       const at::Tensor vv = fold(view5(v, sp, sp.k, true));
       const int64_t bt = qv.size(0);
-      const at::Tensor lse_p = row_stats_view(lse, sp).reshape({bt, sp.heads, sp.q.len}).contiguous();
+      const at::Tensor lse_p =
+          row_stats_view(lse, sp).reshape({bt, sp.heads, sp.q.len}).contiguous();
       at::Tensor dq5 = view5(dq_acc, sp, sp.q, false);
       at::Tensor dk5 = view5(dk_acc, sp, sp.k, true);
       at::Tensor dv5 = view5(dv_acc, sp, sp.k, true);
@@ -294,19 +294,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_backward(
       dv5.add_(dv_p.reshape(dv5.sizes()));
       if (with_dlse) {
         // dS += dlse * P: values 0, out = -e_0, grad_out = dlse * e_0.
-        const at::Tensor dl = row_stats_view(dlse, sp).permute({0, 1, 3, 2}).reshape({bt, sp.q.len, sp.heads});
+        const at::Tensor dl =
+            row_stats_view(dlse, sp).permute({0, 1, 3, 2}).reshape({bt, sp.q.len, sp.heads});
         at::Tensor dout2 = at::zeros(qv.sizes(), qv.options());
         dout2.select(3, 0).copy_(dl);
         at::Tensor out2 = at::zeros(qv.sizes(), qv.options());
         out2.select(3, 0).fill_(-1);
         const at::Tensor v0 = at::zeros(kv.sizes(), kv.options());
         at::Tensor dq2, dk2, dv2;
-        std::tie(dq2, dk2, dv2) = engine.backward(dout2, qv, kv, v0, out2, lse_p, sp.causal, call.scale);
+        std::tie(dq2, dk2, dv2) =
+            engine.backward(dout2, qv, kv, v0, out2, lse_p, sp.causal, call.scale);
         dq5.add_(dq2.reshape(dq5.sizes()));
         dk5.add_(dk2.reshape(dk5.sizes()));
       }
     };
-    for (const SubProblem& sp : make_plan(q, k, call)) for_each_call(sp, engine.max_batch(), folds, run);
+    for (const SubProblem& sp : make_plan(q, k, call))
+      for_each_call(sp, engine.max_batch(), folds, run);
   }
   if (!direct) {
     dq.copy_(dq_acc);

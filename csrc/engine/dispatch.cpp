@@ -22,15 +22,16 @@ struct ComposedCall {
                int64_t position_offset, const std::optional<at::Tensor>& key_start,
                const std::optional<at::Tensor>& key_end)
       : ranges(key_start, key_end, q, k.size(1)),
-        call{segment_lengths, dilation_rates, is_causal, scale, position_offset,
+        call{segment_lengths,         dilation_rates,       is_causal, scale, position_offset,
              ranges.host_start_ptr(), ranges.host_end_ptr()} {}
 };
 
-std::tuple<at::Tensor, at::Tensor> forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
-    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
-    const std::optional<at::Tensor>& key_end) {
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, at::IntArrayRef segment_lengths,
+                                           at::IntArrayRef dilation_rates, bool is_causal,
+                                           double scale, int64_t position_offset,
+                                           const std::optional<at::Tensor>& key_start,
+                                           const std::optional<at::Tensor>& key_end) {
   check_qkv(q, k, v, scale);
   check_patterns(segment_lengths, dilation_rates);
   check_position_offset(position_offset);
@@ -59,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor> forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
-    double scale, int64_t position_offset, const std::optional<at::Tensor>& key_start,
+    at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal, double scale,
+    int64_t position_offset, const std::optional<at::Tensor>& key_start,
     const std::optional<at::Tensor>& key_end) {
   check_qkv(q, k, v, scale);
   check_patterns(segment_lengths, dilation_rates);
@@ -84,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   } else {
     const ComposedCall composed(q, k, segment_lengths, dilation_rates, is_causal, scale,
                                 position_offset, key_start, key_end);
-    result = composed_backward(*find_engine(name), grad_out, grad_lse, q, k, v, out, lse,
-                               composed.call);
+    result =
+        composed_backward(*find_engine(name), grad_out, grad_lse, q, k, v, out, lse, composed.call);
   }
   record_engine(name);
   return result;

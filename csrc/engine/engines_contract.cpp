@@ -67,30 +67,33 @@ class ContractEngine final : public KernelEngine {
     at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
     out.copy_(o.transpose(1, 2));
     switch (kernel()) {
-      case Kernel::kFlash: return {out, lse.contiguous()};
+      case Kernel::kFlash:
+        return {out, lse.contiguous()};
       case Kernel::kEfficient: {
         const int64_t padded =
             (lq + kEfficientLseAlign - 1) / kEfficientLseAlign * kEfficientLseAlign;
-        at::Tensor l = at::full({bt, heads, padded}, std::numeric_limits<float>::quiet_NaN(),
-                                lse.options());
+        at::Tensor l =
+            at::full({bt, heads, padded}, std::numeric_limits<float>::quiet_NaN(), lse.options());
         l.narrow(2, 0, lq).copy_(lse);
         return {out, l};
       }
-      case Kernel::kCudnn: return {out, lse.unsqueeze(-1).contiguous()};
+      case Kernel::kCudnn:
+        return {out, lse.unsqueeze(-1).contiguous()};
     }
     return {out, lse};
   }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
       const at::Tensor& grad_out_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-      const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double scale) const override {
+      const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
+      double scale) const override {
     check_inputs(q, k, v);
     const int64_t bt = q.size(0), lq = q.size(1), heads = q.size(2), dv = v.size(3);
     TORCH_CHECK(grad_out_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(), label(),
                 ": grad_out and out must have the shape of query ", q.sizes());
-    TORCH_CHECK(grad_out_in.scalar_type() == q.scalar_type() &&
-                    out_in.scalar_type() == q.scalar_type(),
-                label(), ": query, out and dout must have the same dtype");
+    TORCH_CHECK(
+        grad_out_in.scalar_type() == q.scalar_type() && out_in.scalar_type() == q.scalar_type(),
+        label(), ": query, out and dout must have the same dtype");
     TORCH_CHECK(lse_in.scalar_type() == at::kFloat, label(), ": logsumexp must be float32, got ",
                 lse_in.scalar_type());
     at::Tensor grad_out = grad_out_in, out = out_in, lse;
@@ -116,9 +119,9 @@ class ContractEngine final : public KernelEngine {
                     label(), ": logsumexp must be (", bt, ", ", heads, ", >= ", padded,
                     ") with rows padded to a multiple of ", kEfficientLseAlign, ", got ",
                     lse_in.sizes());
-        TORCH_CHECK((heads <= 1 || lse_in.stride(1) % 8 == 0) &&
-                        (bt <= 1 || lse_in.stride(0) % 8 == 0),
-                    label(), ": LSE is not correctly aligned (strideH/strideB)");
+        TORCH_CHECK(
+            (heads <= 1 || lse_in.stride(1) % 8 == 0) && (bt <= 1 || lse_in.stride(0) % 8 == 0),
+            label(), ": LSE is not correctly aligned (strideH/strideB)");
         lse = lse_in.narrow(2, 0, lq);
         break;
       }
@@ -147,8 +150,8 @@ class ContractEngine final : public KernelEngine {
         (grad_out.to(at::kFloat) * out_read.to(at::kFloat)).sum(-1).transpose(1, 2);
 
     const int64_t group = heads / k.size(2);
-    const at::Tensor qh = heads_first(q, 1), kh = heads_first(k, group),
-                     vh = heads_first(v, group), doh = heads_first(grad_out, 1);
+    const at::Tensor qh = heads_first(q, 1), kh = heads_first(k, group), vh = heads_first(v, group),
+                     doh = heads_first(grad_out, 1);
     const at::Tensor p = probabilities(scores(q, k, causal, scale), lse.to(at::kFloat));
     const at::Tensor dvh = at::matmul(p.transpose(-1, -2), doh);
     const at::Tensor ds =
@@ -173,7 +176,9 @@ class ContractEngine final : public KernelEngine {
   }
 
  private:
-  std::string label() const { return std::string("longnet: ") + name_ + " (" + kernel_label(kernel()) + ")"; }
+  std::string label() const {
+    return std::string("longnet: ") + name_ + " (" + kernel_label(kernel()) + ")";
+  }
 
   void check_aligned(const at::Tensor& t, const char* arg) const {
     TORCH_CHECK(is_aligned(t), label(), ": misaligned address: the kernel reads ", arg,
@@ -198,8 +203,8 @@ class ContractEngine final : public KernelEngine {
       TORCH_CHECK(x->dim() == 4 && x->stride(3) == 1, label(),
                   ": input tensors must have contiguous last dimension");
     }
-    TORCH_CHECK(k.size(0) == q.size(0) && v.sizes() == k.sizes() && k.size(3) == q.size(3),
-                label(), ": query, key and value shapes do not match");
+    TORCH_CHECK(k.size(0) == q.size(0) && v.sizes() == k.sizes() && k.size(3) == q.size(3), label(),
+                ": query, key and value shapes do not match");
     const int64_t d = q.size(3);
     const int64_t max_dim = kernel() == Kernel::kCudnn ? 128 : 256;
     TORCH_CHECK(d % (t == at::kFloat ? 4 : 8) == 0 && d > 0 && d <= max_dim, label(),
@@ -210,8 +215,8 @@ class ContractEngine final : public KernelEngine {
     if (kernel() == Kernel::kEfficient) {
       TORCH_CHECK(q.size(2) == k.size(2), label(), ": query and key must have the same heads");
       for (const at::Tensor* x : {&q, &k, &v}) {
-        TORCH_CHECK(x->stride(1) < kInt32Max && x->stride(2) < kInt32Max, label(),
-                    ": stride ", strides_of(*x), " overflows (int32 strideM/strideH)");
+        TORCH_CHECK(x->stride(1) < kInt32Max && x->stride(2) < kInt32Max, label(), ": stride ",
+                    strides_of(*x), " overflows (int32 strideM/strideH)");
       }
     } else {
       TORCH_CHECK(q.size(2) % k.size(2) == 0, label(),
@@ -247,8 +252,14 @@ class ContractEngine final : public KernelEngine {
     };
     TORCH_CHECK(no_ones(out) == no_ones(grad_out), label(),
                 ": cuDNN SDPA expected grad_output.strides() == output.strides() (cuDNN < "
-                "9.5.1), got ", strides_of(grad_out), " and ", strides_of(out));
-    std::vector<int64_t> key{q.size(0), q.size(1), q.size(2), k.size(1), k.size(2), q.size(3),
+                "9.5.1), got ",
+                strides_of(grad_out), " and ", strides_of(out));
+    std::vector<int64_t> key{q.size(0),
+                             q.size(1),
+                             q.size(2),
+                             k.size(1),
+                             k.size(2),
+                             q.size(3),
                              static_cast<int64_t>(q.scalar_type())};
     for (const at::Tensor* x : {&q, &k, &v}) {
       for (int64_t d = 0; d < 4; ++d) key.push_back(static_cast<int32_t>(x->stride(d)));
@@ -261,15 +272,16 @@ class ContractEngine final : public KernelEngine {
     const auto it = graphs.emplace(key, layout).first;
     TORCH_CHECK(it->second == layout, label(),
                 ": cuDNN's graph cache (keyed by q, k, v sizes and int strides) holds a graph "
-                "built for out/grad_out strides unlike ", strides_of(out),
-                "; it would run with the wrong strides");
+                "built for out/grad_out strides unlike ",
+                strides_of(out), "; it would run with the wrong strides");
   }
 
   // (Bt, H, Lq, Lk) float32 scores, masked as the kernel aligns causal masks.
   at::Tensor scores(const at::Tensor& q, const at::Tensor& k, bool causal, double scale) const {
     const int64_t heads = q.size(2), lq = q.size(1), lk = k.size(1);
-    at::Tensor s = at::matmul(heads_first(q, 1), heads_first(k, heads / k.size(2)).transpose(-1, -2))
-                       .mul_(scale);
+    at::Tensor s =
+        at::matmul(heads_first(q, 1), heads_first(k, heads / k.size(2)).transpose(-1, -2))
+            .mul_(scale);
     if (causal) {
       // Flash: bottom-right (query i sees keys <= i + Lk - Lq); the efficient kernel
       // with custom_mask_type 1 (CausalFromTopLeft) and cuDNN's set_causal_mask:
@@ -322,27 +334,27 @@ const ContractEngine& contract_engine(const std::string& name) {
 // Test operators (tests/test_contract_engines.py): one contract engine's kernel call on
 // (Bt, L, H, D) tensors exactly as given, lse in the kernel's layout.
 std::tuple<at::Tensor, at::Tensor> contract_kernel_forward(const std::string& engine,
-                                                           const at::Tensor& q,
-                                                           const at::Tensor& k,
+                                                           const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, bool causal,
                                                            double scale) {
   return contract_engine(engine).raw_forward(q, k, v, causal, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contract_kernel_backward(
-    const std::string& engine, const at::Tensor& grad_out, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    bool causal, double scale) {
+    const std::string& engine, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
   return contract_engine(engine).raw_backward(grad_out, q, k, v, out, lse, causal, scale);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(longnet, m) {
-  m.def("_contract_kernel_forward(str engine, Tensor q, Tensor k, Tensor v, bool causal, "
-        "float scale) -> (Tensor, Tensor)");
-  m.def("_contract_kernel_backward(str engine, Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-        "Tensor out, Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_contract_kernel_forward(str engine, Tensor q, Tensor k, Tensor v, bool causal, "
+      "float scale) -> (Tensor, Tensor)");
+  m.def(
+      "_contract_kernel_backward(str engine, Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(longnet, CPU, m) {

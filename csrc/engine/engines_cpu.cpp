@@ -38,10 +38,12 @@ class MathEngine final : public DenseEngine {
       const at::Tensor kc = kh.slice(0, b0, b1).slice(2, 0, kend).to(acc);
       at::Tensor s = at::matmul(qh.slice(0, b0, b1).slice(2, q0, q1).to(acc), kc.transpose(-1, -2))
                          .mul_(scale);
-      if (causal) s.masked_fill_(causal_mask(q0, q1, kend, q.device()), -std::numeric_limits<double>::infinity());
+      if (causal)
+        s.masked_fill_(causal_mask(q0, q1, kend, q.device()),
+                       -std::numeric_limits<double>::infinity());
       const at::Tensor l = at::logsumexp(s, -1);
-      const at::Tensor o = at::matmul(s.sub_(l.unsqueeze(-1)).exp_(),
-                                      vh.slice(0, b0, b1).slice(2, 0, kend).to(acc));
+      const at::Tensor o =
+          at::matmul(s.sub_(l.unsqueeze(-1)).exp_(), vh.slice(0, b0, b1).slice(2, 0, kend).to(acc));
       out.slice(0, b0, b1).slice(1, q0, q1).copy_(o.transpose(1, 2));
       lse.slice(0, b0, b1).slice(2, q0, q1).copy_(l);
     });
@@ -66,8 +68,11 @@ class MathEngine final : public DenseEngine {
       const at::Tensor vc = vh.slice(0, b0, b1).slice(2, 0, kend).to(acc);
       const at::Tensor doc = doh.slice(0, b0, b1).slice(2, q0, q1).to(acc);
       at::Tensor s = at::matmul(qc, kc.transpose(-1, -2)).mul_(scale);
-      if (causal) s.masked_fill_(causal_mask(q0, q1, kend, q.device()), -std::numeric_limits<double>::infinity());
-      const at::Tensor p = s.sub_(lse.slice(0, b0, b1).slice(2, q0, q1).to(acc).unsqueeze(-1)).exp_();
+      if (causal)
+        s.masked_fill_(causal_mask(q0, q1, kend, q.device()),
+                       -std::numeric_limits<double>::infinity());
+      const at::Tensor p =
+          s.sub_(lse.slice(0, b0, b1).slice(2, q0, q1).to(acc).unsqueeze(-1)).exp_();
       dv.slice(0, b0, b1).slice(2, 0, kend).add_(at::matmul(p.transpose(-1, -2), doc));
       at::Tensor ds = at::matmul(doc, vc.transpose(-1, -2))
                           .sub_(delta.slice(0, b0, b1).slice(2, q0, q1).unsqueeze(-1))
@@ -90,10 +95,15 @@ class MathEngine final : public DenseEngine {
 
   template <typename F>
   static void for_each_chunk(const at::Tensor& q, const at::Tensor& k, F&& f) {
-    const int64_t bt = q.size(0), lq = q.size(1), heads = q.size(2), lk = std::max<int64_t>(k.size(1), 1);
+    const int64_t bt = q.size(0), lq = q.size(1), heads = q.size(2),
+                  lk = std::max<int64_t>(k.size(1), 1);
     const int64_t per_query = heads * lk;
-    const int64_t q_chunk = std::clamp<int64_t>(kMathScoreBudget / per_query, 1, std::max<int64_t>(lq, 1));
-    const int64_t b_chunk = q_chunk < lq ? 1 : std::max<int64_t>(1, kMathScoreBudget / (per_query * std::max<int64_t>(lq, 1)));
+    const int64_t q_chunk =
+        std::clamp<int64_t>(kMathScoreBudget / per_query, 1, std::max<int64_t>(lq, 1));
+    const int64_t b_chunk =
+        q_chunk < lq
+            ? 1
+            : std::max<int64_t>(1, kMathScoreBudget / (per_query * std::max<int64_t>(lq, 1)));
     for (int64_t b0 = 0; b0 < bt; b0 += b_chunk) {
       for (int64_t q0 = 0; q0 < lq; q0 += q_chunk) {
         f(b0, std::min(bt, b0 + b_chunk), q0, std::min(lq, q0 + q_chunk));

@@ -45,8 +45,10 @@ std::optional<std::string> check_device(const at::Tensor& q, int min_major) {
     return why.str();
   }
   int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index()));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index()));
   if (q.scalar_type() == at::kBFloat16) min_major = std::max(min_major, 8);
   if (major < min_major) {
     why << "it needs compute capability " << min_major << ".0 or newer for " << q.scalar_type()
@@ -85,9 +87,8 @@ class CudaFlashEngine final : public KernelEngine {
                                                     double scale) const override {
     const c10::cuda::CUDAGuard guard(q.device());
     // Arguments aligned (kernel_contract.cpp, prepare_input); lse (Bt, H, Lq).
-    auto r = at::_flash_attention_forward(q, k, v, std::nullopt, std::nullopt, q.size(1),
-                                          k.size(1), 0.0, causal, false,
-                                          std::optional<double>(scale));
+    auto r = at::_flash_attention_forward(q, k, v, std::nullopt, std::nullopt, q.size(1), k.size(1),
+                                          0.0, causal, false, std::optional<double>(scale));
     return {std::get<0>(r), std::get<1>(r)};
   }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
@@ -119,8 +120,8 @@ class CudaEfficientEngine final : public KernelEngine {
     // custom_mask_type 1: causal from the top left (causal problems are square).
     // Arguments aligned, row and head strides int32 (prepare_input); lse padded to 32.
     auto r = at::_efficient_attention_forward(q, k, v, std::nullopt, std::nullopt, std::nullopt,
-                                              std::nullopt, std::nullopt, 0.0, causal ? 1 : 0,
-                                              true, std::optional<double>(scale));
+                                              std::nullopt, std::nullopt, 0.0, causal ? 1 : 0, true,
+                                              std::optional<double>(scale));
     return {std::get<0>(r), std::get<1>(r)};
   }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
@@ -131,8 +132,8 @@ class CudaEfficientEngine final : public KernelEngine {
     // to a multiple of 32 with +inf (KernelEngine::backward).
     const at::Tensor rng = unused_rng(q);
     auto r = at::_efficient_attention_backward(
-        grad_out, q, k, v, std::nullopt, out, std::nullopt, std::nullopt, q.size(1), k.size(1),
-        lse, 0.0, rng, rng, causal ? 1 : 0, false, std::optional<double>(scale));
+        grad_out, q, k, v, std::nullopt, out, std::nullopt, std::nullopt, q.size(1), k.size(1), lse,
+        0.0, rng, rng, causal ? 1 : 0, false, std::optional<double>(scale));
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
   }
 };
@@ -180,10 +181,9 @@ class CudaCudnnEngine final : public KernelEngine {
   static std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v, bool causal,
                                                         double scale) {
-    auto r = at::_cudnn_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          std::nullopt, std::nullopt, std::nullopt, q.size(1),
-                                          k.size(1), true, 0.0, causal, false,
-                                          std::optional<double>(scale));
+    auto r = at::_cudnn_attention_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), std::nullopt, std::nullopt,
+        std::nullopt, q.size(1), k.size(1), true, 0.0, causal, false, std::optional<double>(scale));
     return {std::get<0>(r), std::get<1>(r)};
   }
   // The backward takes the softmax statistics as the forward returns them: (B, H, L)

@@ -18,13 +18,16 @@ struct Limits {
 Limits limits(Kernel kernel) {
   switch (kernel) {
     // flash_api.cpp mha_fwd/mha_bwd: fp16/bf16, head_size % 8 == 0, <= 256.
-    case Kernel::kFlash: return {false, 256};
+    case Kernel::kFlash:
+      return {false, 256};
     // sdp_utils.cpp check_head_dim_size_mem_efficient (minimum_gemm_alignment: 8
     // elements for 16-bit, 4 for float32) and kMaxK = 256 of the largest kernels.
-    case Kernel::kEfficient: return {true, 256};
+    case Kernel::kEfficient:
+      return {true, 256};
     // sdp_utils.cpp check_cudnn_tensor_shapes: fp16/bf16, head_dim % 8 == 0, <= 128
     // (256 only on some cuDNN versions and GPUs).
-    case Kernel::kCudnn: return {false, 128};
+    case Kernel::kCudnn:
+      return {false, 128};
   }
   return {false, 0};
 }
@@ -67,9 +70,12 @@ void check_int32_strides(std::initializer_list<const at::Tensor*> tensors) {
 
 const char* kernel_label(Kernel kernel) {
   switch (kernel) {
-    case Kernel::kFlash: return "FlashAttention-2 (mha_fwd/mha_bwd)";
-    case Kernel::kEfficient: return "memory-efficient attention (cutlassF/cutlassB)";
-    case Kernel::kCudnn: return "cuDNN attention (run_cudnn_SDP_fprop/bprop)";
+    case Kernel::kFlash:
+      return "FlashAttention-2 (mha_fwd/mha_bwd)";
+    case Kernel::kEfficient:
+      return "memory-efficient attention (cutlassF/cutlassB)";
+    case Kernel::kCudnn:
+      return "cuDNN attention (run_cudnn_SDP_fprop/bprop)";
   }
   return "?";
 }
@@ -161,12 +167,15 @@ std::tuple<at::Tensor, at::Tensor> KernelEngine::forward(const at::Tensor& q, co
   std::tie(out, lse) = kernel_forward(qa, ka, va, causal, scale);
   const int64_t lq = q.size(1);
   switch (kernel_) {
-    case Kernel::kFlash: return {out, lse};  // (Bt, H, Lq)
+    case Kernel::kFlash:
+      return {out, lse};  // (Bt, H, Lq)
     // attention.cu _efficient_attention_forward: (Bt, H, ceil(Lq / 32) * 32), the
     // padding unspecified.
-    case Kernel::kEfficient: return {out, lse.narrow(2, 0, lq)};
+    case Kernel::kEfficient:
+      return {out, lse.narrow(2, 0, lq)};
     // attention.cu _cudnn_attention_forward: softmax statistics (Bt, H, Lq, 1).
-    case Kernel::kCudnn: return {out, lse.select(3, 0)};
+    case Kernel::kCudnn:
+      return {out, lse.select(3, 0)};
   }
   return {out, lse};
 }
@@ -202,7 +211,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> KernelEngine::backward(
       // The kernel reads lse (Bt, H, Lq rounded up to 32) with lse_strideH % 8 == 0
       // (check_supported); the padding holds +inf, so any probability read there is 0.
       const int64_t lq = q.size(1);
-      const int64_t padded = (lq + kEfficientLseAlign - 1) / kEfficientLseAlign * kEfficientLseAlign;
+      const int64_t padded =
+          (lq + kEfficientLseAlign - 1) / kEfficientLseAlign * kEfficientLseAlign;
       lse_k = at::full({lse.size(0), lse.size(1), padded}, std::numeric_limits<float>::infinity(),
                        lse32.options());
       lse_k.narrow(2, 0, lq).copy_(lse32);

@@ -90,10 +90,15 @@ const DenseEngine* find_engine(const std::string& name) {
 const std::vector<std::string>& engine_names() {
   // The contract_* engines run on CPU what the CUDA engines run, under the CUDA
   // kernels' input contracts (engines_contract.cpp); only ever forced.
-  static const std::vector<std::string> names{
-      "fused",          "cpu_flash",           "math",
-      "cuda_flash",     "cuda_cudnn",          "cuda_efficient",
-      "contract_cuda_flash", "contract_cuda_cudnn", "contract_cuda_efficient"};
+  static const std::vector<std::string> names{"fused",
+                                              "cpu_flash",
+                                              "math",
+                                              "cuda_flash",
+                                              "cuda_cudnn",
+                                              "cuda_efficient",
+                                              "contract_cuda_flash",
+                                              "contract_cuda_cudnn",
+                                              "contract_cuda_efficient"};
   return names;
 }
 

