@@ -674,12 +674,10 @@ def summarize(result: dict[str, object]) -> str:
     elif case == "peak":
         lines.append("\n" + _peak_table(recs, cfg, summary))
         if "loadavg" in result:
-            lines.append(
-                "load average (1, 5, 15 min) before %s, after %s"
-                % tuple(
-                    ", ".join(f"{x:.1f}" for x in result["loadavg"][k]) for k in ("before", "after")
-                )
+            before, after = (
+                ", ".join(f"{x:.1f}" for x in result["loadavg"][k]) for k in ("before", "after")
             )
+            lines.append(f"load average (1, 5, 15 min) before {before}, after {after}")
     elif case == "engines":
         rows = []
         for label, ws, rs in cfg["problems"]:
@@ -740,7 +738,7 @@ def _peak_table(recs, cfg, summary) -> str:
     gemm = {r["gemm"]: r["gflops"] for r in recs if r.get("impl") == "gemm" and "gflops" in r}
     summary["gemm_gflops"] = gemm
     out = [
-        "large GEMM (%d^3): " % cfg["gemm_n"]
+        f"large GEMM ({cfg['gemm_n']}^3): "
         + ", ".join(f"{g} {gemm[g]:.1f} GFLOP/s" for g in GEMMS if g in gemm),
         "",
     ]
@@ -771,7 +769,10 @@ def _peak_table(recs, cfg, summary) -> str:
             if limit:
                 ent.update(gemm_gflops=limit, vs_gemm=new["gflops"] / limit)
             summary[f"{dtype}_{mode}"] = ent
-            f = lambda key, fmt: fmt % ent[key] if key in ent else "-"  # noqa: E731
+
+            def f(key: str, fmt: str, ent: dict = ent) -> str:
+                return fmt % ent[key] if key in ent else "-"
+
             rows.append(
                 [
                     dtype,

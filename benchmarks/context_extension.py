@@ -157,7 +157,7 @@ def evaluate(
     ]
     seconds = time.time() - t0
     every = torch.cat(losses)
-    last = torch.cat([l[-LAST:] for l in losses])
+    last = torch.cat([window[-LAST:] for window in losses])
     return {
         "ppl": math.exp(float(every.mean())),
         "ppl_last1k": math.exp(float(last.mean())),

@@ -26,11 +26,13 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+
+if TYPE_CHECKING:
+    from longnet.model import LongNetLM
 
 __all__ = [
     "save_checkpoint",
@@ -59,7 +61,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _param_dtype(model: nn.Module) -> str:
+def _param_dtype(model: LongNetLM) -> str:
     return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
@@ -93,7 +95,7 @@ def latest_checkpoint(root: str) -> str | None:
     return None if best is None else best[1]
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def _state(model: LongNetLM, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
@@ -105,7 +107,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
 def save_checkpoint(
     root: str,
     step: int,
-    model: nn.Module,
+    model: LongNetLM,
     optimizer: torch.optim.Optimizer | None = None,
     *,
     scheduler: Any = None,
@@ -177,7 +179,7 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _check_config(path: str, meta: dict[str, Any], model: nn.Module) -> None:
+def _check_config(path: str, meta: dict[str, Any], model: LongNetLM) -> None:
     saved, mine = meta["config"], model.config.to_dict()
     diff = [
         f"{k}: checkpoint {saved.get(k)!r}, model {mine.get(k)!r}"
@@ -196,7 +198,7 @@ def _check_config(path: str, meta: dict[str, Any], model: nn.Module) -> None:
 
 def load_checkpoint(
     path: str,
-    model: nn.Module,
+    model: LongNetLM,
     optimizer: torch.optim.Optimizer | None = None,
     *,
     scheduler: Any = None,

@@ -606,6 +606,7 @@ def sequence_parallel_dilated_attention(
         outs[i].append(o_i.reshape(b, -1, d))
         lses[i].append(l_i.transpose(1, 2).reshape(b, -1))
     if pending is not None:
+        assert got is not None  # all_to_all_start returns both
         pending.wait()
         # From here on the backward can start the reverse exchange: the local
         # patterns' backward (created above) then runs while it is in flight.

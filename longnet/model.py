@@ -324,7 +324,7 @@ class LongNetLM(nn.Module):
         """Recompute every decoder layer in backward instead of keeping its
         activations (see :class:`LongNetDecoderLayer`); a training setting, not saved
         with the model. Off by default."""
-        for layer in self.decoder.layers:
+        for layer in cast(Iterable[LongNetDecoderLayer], self.decoder.layers):
             layer.activation_checkpointing = bool(enabled)
 
     @property

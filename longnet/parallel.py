@@ -34,10 +34,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from longnet.model import LongNetLM
 
 __all__ = [
     "MESH_DIMS",
@@ -129,14 +133,14 @@ def flat_mesh(mesh):
 
 
 def parallelize(
-    model: nn.Module,
+    model: LongNetLM,
     mesh,
     *,
     activation_checkpointing: bool = False,
     mp_policy=None,
     compile: bool | str = False,
     reshard_after_forward: bool = True,
-) -> nn.Module:
+) -> LongNetLM:
     """Parallelize a :class:`~longnet.model.LongNetLM` in place over a ``("dp", "sp")``
     mesh and return it.
 
@@ -200,7 +204,7 @@ def phase(name: str) -> Iterator[None]:
         _phase[0] = old
 
 
-def track_collectives(model: nn.Module) -> None:
+def track_collectives(model: LongNetLM) -> None:
     """Record, in :func:`current_phase`, which FSDP2 unit a rank is running: before
     each decoder layer's and the root's forward (its parameters' all-gather, then the
     layer's sequence-parallel exchange) and before its backward (the all-gather

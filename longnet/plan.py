@@ -855,7 +855,9 @@ def _shard_elements(shape: tuple[int, ...], world: int, rank: int) -> int:
 def fsdp_shard_elements(config, world: int, rank: int) -> int:
     """Parameter elements FSDP2 keeps on ``rank`` of ``world`` for a LongNetLM config."""
     root, layers = _param_shapes(config)
-    return sum(_shard_elements(s, world, rank) for s in root + [x for l in layers for x in l])
+    return sum(
+        _shard_elements(s, world, rank) for s in root + [x for layer in layers for x in layer]
+    )
 
 
 def layer_activation_bytes(
@@ -951,7 +953,7 @@ def plan_training(
         position_offset=position_offset,
     )
     root, layer_shapes = _param_shapes(config)
-    params = sum(_numel(s) for s in root + [x for l in layer_shapes for x in l])
+    params = sum(_numel(s) for s in root + [x for layer in layer_shapes for x in layer])
     shard = max(fsdp_shard_elements(config, world, r) for r in range(world)) * item
     full_layer = sum(_numel(s) for s in layer_shapes[0]) * item
     # One process trains without FSDP2: no gathered copies.

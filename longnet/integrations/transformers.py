@@ -512,21 +512,20 @@ def load_smollm2(
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if cache_dir is None or cache_dir is True:
-        cache_dir = _default_cache_dir()
+    cache: str | None = (
+        _default_cache_dir() if cache_dir is None or cache_dir is True else (cache_dir or None)
+    )
     stat = os.stat(path)
     # The cache belongs to this exact file and transformers version.
     stamp = f"{SMOLLM2_GGUF} {stat.st_size} {int(stat.st_mtime)} transformers {transformers.__version__}"
-    marker = os.path.join(cache_dir, "longnet_source.txt") if cache_dir else None
+    marker = os.path.join(cache, "longnet_source.txt") if cache else None
     cached = False
     if marker is not None and os.path.isfile(marker):
         with open(marker, encoding="utf-8") as f:
             cached = f.read().strip() == stamp
     if cached:
-        tokenizer = AutoTokenizer.from_pretrained(cache_dir)
-        model = AutoModelForCausalLM.from_pretrained(
-            cache_dir, dtype=dtype, attn_implementation="sdpa"
-        )
+        tokenizer = AutoTokenizer.from_pretrained(cache)
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, attn_implementation="sdpa")
     else:
         folder, name = os.path.split(path)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -539,13 +538,13 @@ def load_smollm2(
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        if marker is not None:
+        if cache is not None and marker is not None:
             try:
-                os.makedirs(cache_dir, exist_ok=True)
+                os.makedirs(cache, exist_ok=True)
                 if os.path.exists(marker):
                     os.remove(marker)
-                model.save_pretrained(cache_dir)
-                tokenizer.save_pretrained(cache_dir)
+                model.save_pretrained(cache)
+                tokenizer.save_pretrained(cache)
                 with open(marker, "w", encoding="utf-8") as f:  # written last: complete
                     f.write(stamp + "\n")
             except OSError:  # a read-only home: just do without the cache
