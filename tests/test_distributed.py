@@ -298,17 +298,19 @@ def _worker(rank, world, port, scenarios, path):
     os._exit(0)
 
 
-def _spawn(world, scenarios, tmp_path):
+def spawn_ranks(worker, world, scenarios, tmp_path, timeout_s):
+    """Run ``worker(rank, world, port, scenarios, report_path)`` in ``world`` spawned
+    processes; the JSON reports they wrote, in rank order (``None`` for a rank that
+    wrote none). Fails the test when a rank is still running after ``timeout_s``."""
     ctx = mp.get_context("spawn")
     port = _free_port()
     paths = [str(tmp_path / f"rank{r}-{'-'.join(scenarios)}.json") for r in range(world)]
     procs = [
-        ctx.Process(target=_worker, args=(r, world, port, scenarios, paths[r]))
-        for r in range(world)
+        ctx.Process(target=worker, args=(r, world, port, scenarios, paths[r])) for r in range(world)
     ]
     for p in procs:
         p.start()
-    deadline = time.time() + SPAWN_TIMEOUT_S
+    deadline = time.time() + timeout_s
     for p in procs:
         p.join(max(0.0, deadline - time.time()))
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
@@ -317,7 +319,7 @@ def _spawn(world, scenarios, tmp_path):
             p.kill()
             p.join(5)
     if hung:
-        pytest.fail(f"ranks {hung} still running after {SPAWN_TIMEOUT_S} s")
+        pytest.fail(f"ranks {hung} still running after {timeout_s} s")
     reports = []
     for path in paths:
         if os.path.exists(path):
@@ -326,6 +328,10 @@ def _spawn(world, scenarios, tmp_path):
         else:
             reports.append(None)
     return reports
+
+
+def _spawn(world, scenarios, tmp_path):
+    return spawn_ranks(_worker, world, scenarios, tmp_path, SPAWN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

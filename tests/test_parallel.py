@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
-import time
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from test_distributed import spawn_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPAWN_TIMEOUT_S = 240
@@ -273,12 +271,6 @@ def _worker(rank, world, port, scenarios, path):
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _RENDEZVOUS_ERRORS = ("DistNetworkError", "Address already in use", "Connection reset")
 
 
@@ -296,31 +288,9 @@ class _Rendezvous(Exception):
 
 
 def _spawn_once(world, scenarios, tmp_path):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    paths = [str(tmp_path / f"rank{r}-{'-'.join(scenarios)}.json") for r in range(world)]
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, port, scenarios, paths[r]))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.time() + SPAWN_TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.time()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    if hung:
-        pytest.fail(f"ranks {hung} still running after {SPAWN_TIMEOUT_S} s")
-    reports = []
-    for path in paths:
-        assert os.path.exists(path), f"{path} missing: a rank died"
-        with open(path) as f:
-            rep = json.load(f)
-        reports.append(rep)
+    reports = spawn_ranks(_worker, world, scenarios, tmp_path, SPAWN_TIMEOUT_S)
+    for rank, rep in enumerate(reports):
+        assert rep is not None, f"rank {rank} wrote no report: it died"
     failed = [rep["exception"] for rep in reports if "exception" in rep]
     if (
         failed
