@@ -274,7 +274,7 @@ def _worker(rank, world, port, scenarios, path):
 
     sys.path.insert(0, ROOT)
     torch.set_num_threads(1)
-    report = {"rank": rank}
+    report = {"rank": rank, "dir": os.path.dirname(path)}  # a folder for scenario files
     try:
         import torch.distributed as dist
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import traceback
 
 import pytest
 import torch
+from test_distributed import _worker as rank_worker
 from test_distributed import spawn_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPAWN_TIMEOUT_S = 240
 STEPS = 20
 GLOBAL_BATCH, SEQ_LEN = 4, 32
@@ -238,39 +236,6 @@ def _scenario_resume(rank, world, report):
     )
 
 
-def _scenario(name):
-    return globals()[f"_scenario_{name}"]
-
-
-def _worker(rank, world, port, scenarios, path):
-    import datetime
-
-    sys.path.insert(0, ROOT)
-    torch.set_num_threads(1)
-    report = {"rank": rank, "dir": os.path.dirname(path)}
-    try:
-        import torch.distributed as dist
-
-        import longnet.distributed as lnd
-
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        lnd.set_timeout(30)
-        for name in scenarios:
-            _scenario(name)(rank, world, report)
-    except Exception:  # reported to the test, which fails with it
-        report["exception"] = traceback.format_exc()
-    with open(path, "w") as f:
-        json.dump(report, f)
-    # Skip the process group's shutdown handshake: a peer may be gone on purpose.
-    os._exit(0)
-
-
 _RENDEZVOUS_ERRORS = ("DistNetworkError", "Address already in use", "Connection reset")
 
 
@@ -288,7 +253,9 @@ class _Rendezvous(Exception):
 
 
 def _spawn_once(world, scenarios, tmp_path):
-    reports = spawn_ranks(_worker, world, scenarios, tmp_path, SPAWN_TIMEOUT_S)
+    # test_distributed's rank worker runs this file's scenarios by module name.
+    names = [f"test_parallel:_scenario_{name}" for name in scenarios]
+    reports = spawn_ranks(rank_worker, world, names, tmp_path, SPAWN_TIMEOUT_S)
     for rank, rep in enumerate(reports):
         assert rep is not None, f"rank {rank} wrote no report: it died"
     failed = [rep["exception"] for rep in reports if "exception" in rep]
