@@ -179,7 +179,9 @@ def test_compare_runs_all_variants(tmp_path):
     assert configs["dilated"] == configs["dense"] == configs["sliding"]
 
 
-def _torchrun(nproc, *args, timeout=300):
+def _torchrun_command(nproc, launcher_args, train_args):
+    """``torchrun`` of the tiny train_lm.py run on ``nproc`` CPU processes, and its
+    environment."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
@@ -187,14 +189,20 @@ def _torchrun(nproc, *args, timeout=300):
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
+        *launcher_args,
         os.path.join(EXAMPLES, "train_lm.py"),
         *TINY,
         "--quiet",
         "--no-plot",
         "--device",
         "cpu",
-        *args,
+        *train_args,
     ]
+    return cmd, env
+
+
+def _torchrun(nproc, *args, timeout=300):
+    cmd, env = _torchrun_command(nproc, [], args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -298,23 +306,8 @@ def _wait_for(path: str, proc, timeout: float = 120.0) -> None:
         time.sleep(0.02)
 
 
-def _torchrun_background(nproc, log_path, *args):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        *args[0],
-        os.path.join(EXAMPLES, "train_lm.py"),
-        *TINY,
-        "--quiet",
-        "--no-plot",
-        "--device",
-        "cpu",
-        *args[1],
-    ]
+def _torchrun_background(nproc, log_path, launcher_args, train_args):
+    cmd, env = _torchrun_command(nproc, launcher_args, train_args)
     log = open(log_path, "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
 
