@@ -127,20 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
 # Fine-tuning defaults per model. For SmolLM2 (trained to 8,192 tokens) they are the
 # short fine-tune of benchmarks/context_extension.py: the patterns of that benchmark's
 # dilated rows, 2,048-token steps of the attention projections (a CPU budget).
+_TINY = dict(
+    seq_len=1024,
+    segment_lengths=[128, 256, 512, 1024],
+    dilation_rates=[1, 2, 4, 8],
+    steps=150,
+    batch_size=4,
+    lr=1e-3,
+    warmup_steps=15,
+    train_params="all",
+    eval_interval=50,
+    eval_windows=16,
+    max_train_bytes=4_000_000,
+)
 DEFAULTS = {
-    "tiny": dict(
-        seq_len=1024,
-        segment_lengths=[128, 256, 512, 1024],
-        dilation_rates=[1, 2, 4, 8],
-        steps=150,
-        batch_size=4,
-        lr=1e-3,
-        warmup_steps=15,
-        train_params="all",
-        eval_interval=50,
-        eval_windows=16,
-        max_train_bytes=4_000_000,
-    ),
+    "tiny": _TINY,
     "smollm2": dict(
         seq_len=2048,
         segment_lengths=[2048, 4096, 8192],
@@ -154,19 +155,8 @@ DEFAULTS = {
         eval_windows=1,
         max_train_bytes=2_000_000,
     ),
-    "checkpoint": dict(
-        seq_len=1024,
-        segment_lengths=[128, 256, 512, 1024],
-        dilation_rates=[1, 2, 4, 8],
-        steps=150,
-        batch_size=4,
-        lr=1e-4,
-        warmup_steps=15,
-        train_params="all",
-        eval_interval=50,
-        eval_windows=16,
-        max_train_bytes=4_000_000,
-    ),
+    # a given checkpoint: the tiny run's settings at a tenth of its learning rate
+    "checkpoint": {**_TINY, "lr": 1e-4},
 }
 
 
