@@ -123,6 +123,96 @@ void finish_forward(at::Tensor& out, at::Tensor& lse, const A* acc_p, const A* m
   });
 }
 
+// Running softmax state (m, l, acc) of every query row, kept across patterns. acc
+// lives in out when out has the accumulation type; a row's first merge overwrites it,
+// so nothing is zero-filled and finish_forward is the only writer of every result.
+template <typename T, typename A>
+struct RowState {
+  at::Tensor acc, m, l;
+  A* acc_p;
+  A* m_p;
+  A* l_p;
+  int64_t skipped_state;
+
+  RowState(const at::Tensor& q, at::Tensor& out, const Problem& pb) {
+    const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
+    acc = std::is_same_v<T, A> ? out : at::empty(q.sizes(), acc_opts);
+    m = at::full({pb.batch, pb.heads, pb.nq}, neg_inf<A>(), acc_opts);
+    l = at::zeros({pb.batch, pb.heads, pb.nq}, acc_opts);
+    acc_p = acc.data_ptr<A>();
+    m_p = m.data_ptr<A>();
+    l_p = l.data_ptr<A>();
+    skipped_state = debug_skip_first_row() ? 0 : -1;
+  }
+
+  // Merges a query block's partial softmax (rows i < qn at query index qi0 + i * r of
+  // batch b, head h) into the running state of its rows.
+  void merge(const Problem& pb, int64_t b, int64_t h, int64_t qi0, int64_t r, int64_t qn,
+             const A* acc_loc, const A* m_loc, const A* l_loc) const {
+    const int64_t D = pb.dim;
+    for (int64_t i = 0; i < qn; ++i) {
+      if (l_loc[i] == A(0)) continue;
+      const int64_t qi = qi0 + i * r;
+      const int64_t state = (b * pb.heads + h) * pb.nq + qi;
+      if (state == skipped_state) continue;
+      A* acc_row = acc_p + ((b * pb.nq + qi) * pb.heads + h) * D;
+      const A* src = acc_loc + i * D;
+      const A m_old = m_p[state];
+      if (m_old == neg_inf<A>()) {  // first contribution to this row
+        std::copy(src, src + D, acc_row);
+        l_p[state] = l_loc[i];
+        m_p[state] = m_loc[i];
+        continue;
+      }
+      const A m_new = std::max(m_old, m_loc[i]);
+      const A a_old = std::exp(m_old - m_new);
+      const A a_new = std::exp(m_loc[i] - m_new);
+      for (int64_t j = 0; j < D; ++j) acc_row[j] = acc_row[j] * a_old + src[j] * a_new;
+      l_p[state] = l_p[state] * a_old + l_loc[i] * a_new;
+      m_p[state] = m_new;
+    }
+  }
+
+  void finish(at::Tensor& out, at::Tensor& lse, const Problem& pb) const {
+    finish_forward<T, A>(out, lse, acc_p, m_p, l_p, pb);
+  }
+};
+
+// One key block of the online softmax: the scores S (qn x kn; query block starting at
+// segment index tq0, key block at kb0) become exp(S - m) in place, keys after a causal
+// query zeroed, and each row's running max m_loc and sum l_loc are updated, its
+// accumulator acc_loc rescaled when the max moves. kScale: S is multiplied by scale
+// first (else the product already applied it).
+template <typename A, bool kScale>
+void softmax_block(A* S, int64_t qn, int64_t kn, int64_t tq0, int64_t kb0, bool is_causal, A scale,
+                   int64_t D, A* m_loc, A* l_loc, A* acc_loc) {
+  for (int64_t i = 0; i < qn; ++i) {
+    A* srow = S + i * kn;
+    const int64_t valid = is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
+    if (valid == 0) {
+      fill_row<A>(srow, A(0), kn);
+      continue;
+    }
+    A block_max;
+    if constexpr (kScale) {
+      block_max = scale_and_max(srow, scale, valid);
+    } else {
+      block_max = row_max(srow, valid);
+    }
+    const A m_old = m_loc[i];
+    const A m_new = std::max(m_old, block_max);
+    const A sum = exp_shift_sum(srow, m_new, srow, valid);
+    fill_row<A>(srow + valid, A(0), kn - valid);
+    if (m_old != m_new) {
+      const A alpha = m_old == neg_inf<A>() ? A(0) : std::exp(m_old - m_new);
+      l_loc[i] *= alpha;
+      scale_row(acc_loc + i * D, alpha, D);
+    }
+    l_loc[i] += sum;
+    m_loc[i] = m_new;
+  }
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal,
@@ -133,16 +223,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const A scale = static_cast<A>(scale_d);
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
 
-  // Running state (m, l, acc) per query row. acc lives in out when out has the
-  // accumulation type; a row's first merge overwrites it, so nothing is zero-filled
-  // and the final pass below is the only writer of every row's result.
-  at::Tensor acc = kConvert ? at::empty(q.sizes(), acc_opts) : out;
-  at::Tensor m = at::full({pb.batch, pb.heads, pb.nq}, neg_inf<A>(), acc_opts);
-  at::Tensor l = at::zeros({pb.batch, pb.heads, pb.nq}, acc_opts);
-  A* acc_p = acc.data_ptr<A>();
-  A* m_p = m.data_ptr<A>();
-  A* l_p = l.data_ptr<A>();
-  const int64_t skipped_state = debug_skip_first_row() ? 0 : -1;
+  const RowState<T, A> state(q, out, pb);
 
   const RowView<const T> qv(q), kv(k), vv(v);
   const int64_t QB = kQueryBlock, KB = kKeyBlock;
@@ -201,55 +282,16 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           const A* V = load_rows<T, A>(v_first, r * vv.sn, kn, D, v_buf, &ldv);
 
           gemm_nt<A>(qn, kn, D, scale, Q, ldq, K, ldk, A(0), S, kn);
-          for (int64_t i = 0; i < qn; ++i) {
-            A* row = S + i * kn;
-            const int64_t valid = is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
-            if (valid == 0) {
-              fill_row<A>(row, A(0), kn);
-              continue;
-            }
-            const A m_old = m_loc[i];
-            const A m_new = std::max(m_old, row_max(row, valid));
-            const A sum = exp_shift_sum(row, m_new, row, valid);
-            fill_row<A>(row + valid, A(0), kn - valid);
-            if (m_old != m_new) {
-              const A alpha = m_old == neg_inf<A>() ? A(0) : std::exp(m_old - m_new);
-              l_loc[i] *= alpha;
-              scale_row(acc_loc + i * D, alpha, D);
-            }
-            l_loc[i] += sum;
-            m_loc[i] = m_new;
-          }
+          softmax_block<A, false>(S, qn, kn, tq0, kb0, is_causal, scale, D, m_loc, l_loc, acc_loc);
           gemm_nn<A>(qn, D, kn, A(1), S, kn, V, ldv, A(1), acc_loc, D);
         }
 
-        // Merge this block's partial softmax into the running state of its rows.
-        for (int64_t i = 0; i < qn; ++i) {
-          if (l_loc[i] == A(0)) continue;
-          const int64_t qi = qi0 + i * r;
-          const int64_t state = (b * pb.heads + h) * pb.nq + qi;
-          if (state == skipped_state) continue;
-          A* acc_row = acc_p + ((b * pb.nq + qi) * pb.heads + h) * D;
-          const A* src = acc_loc + i * D;
-          const A m_old = m_p[state];
-          if (m_old == neg_inf<A>()) {  // first contribution to this row
-            std::copy(src, src + D, acc_row);
-            l_p[state] = l_loc[i];
-            m_p[state] = m_loc[i];
-            continue;
-          }
-          const A m_new = std::max(m_old, m_loc[i]);
-          const A a_old = m_old == neg_inf<A>() ? A(0) : std::exp(m_old - m_new);
-          const A a_new = std::exp(m_loc[i] - m_new);
-          for (int64_t j = 0; j < D; ++j) acc_row[j] = acc_row[j] * a_old + src[j] * a_new;
-          l_p[state] = l_p[state] * a_old + l_loc[i] * a_new;
-          m_p[state] = m_new;
-        }
+        state.merge(pb, b, h, qi0, r, qn, acc_loc, m_loc, l_loc);
       }
     });
   }
 
-  finish_forward<T, A>(out, lse, acc_p, m_p, l_p, pb);
+  state.finish(out, lse, pb);
 }
 
 // ------------------------------------------------ micro-kernel forward ----
@@ -298,13 +340,7 @@ void forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const A scale = static_cast<A>(scale_d);
   const auto acc_opts = q.options().dtype(at::kFloat);
 
-  at::Tensor acc = kConvert ? at::empty(q.sizes(), acc_opts) : out;
-  at::Tensor m = at::full({pb.batch, pb.heads, pb.nq}, neg_inf<A>(), acc_opts);
-  at::Tensor l = at::zeros({pb.batch, pb.heads, pb.nq}, acc_opts);
-  A* acc_p = acc.data_ptr<A>();
-  A* m_p = m.data_ptr<A>();
-  A* l_p = l.data_ptr<A>();
-  const int64_t skipped_state = debug_skip_first_row() ? 0 : -1;
+  const RowState<T, A> state(q, out, pb);
 
   const RowView<const T> qv(q), kv(k), vv(v);
   constexpr int64_t QB = kTileQuery, KB = kTileKey;
@@ -391,25 +427,7 @@ void forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               ready[slot] = keep ? 0 : kb0 + 1;
             }
             tile_gemm(qn, kn, D, Q, ldq, kt, kn_full, S, kn, false);
-            for (int64_t i = 0; i < qn; ++i) {
-              A* srow = S + i * kn;
-              const int64_t valid = is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
-              if (valid == 0) {
-                fill_row<A>(srow, A(0), kn);
-                continue;
-              }
-              const A m_old = m_loc[i];
-              const A m_new = std::max(m_old, scale_and_max(srow, scale, valid));
-              const A sum = exp_shift_sum(srow, m_new, srow, valid);
-              fill_row<A>(srow + valid, A(0), kn - valid);
-              if (m_old != m_new) {
-                const A alpha = m_old == neg_inf<A>() ? A(0) : std::exp(m_old - m_new);
-                l_loc[i] *= alpha;
-                scale_row(acc_loc + i * D, alpha, D);
-              }
-              l_loc[i] += sum;
-              m_loc[i] = m_new;
-            }
+            softmax_block<A, true>(S, qn, kn, tq0, kb0, is_causal, scale, D, m_loc, l_loc, acc_loc);
             if constexpr (kConvert) {
               // P in T; V prepared over kn_full rows: the product reads its first
               // padded_k(kn) rows (pairs), and a padding column of P is zero.
@@ -421,33 +439,13 @@ void forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             }
           }
 
-          for (int64_t i = 0; i < qn; ++i) {
-            if (l_loc[i] == A(0)) continue;
-            const int64_t qi = qi0 + i * r;
-            const int64_t state = (b * pb.heads + h) * pb.nq + qi;
-            if (state == skipped_state) continue;
-            A* acc_row = acc_p + ((b * pb.nq + qi) * pb.heads + h) * D;
-            const A* src = acc_loc + i * D;
-            const A m_old = m_p[state];
-            if (m_old == neg_inf<A>()) {
-              std::copy(src, src + D, acc_row);
-              l_p[state] = l_loc[i];
-              m_p[state] = m_loc[i];
-              continue;
-            }
-            const A m_new = std::max(m_old, m_loc[i]);
-            const A a_old = std::exp(m_old - m_new);
-            const A a_new = std::exp(m_loc[i] - m_new);
-            for (int64_t j = 0; j < D; ++j) acc_row[j] = acc_row[j] * a_old + src[j] * a_new;
-            l_p[state] = l_p[state] * a_old + l_loc[i] * a_new;
-            m_p[state] = m_new;
-          }
+          state.merge(pb, b, h, qi0, r, qn, acc_loc, m_loc, l_loc);
         }
       }
       tile_gemm_release<T>();
     });
   }
-  finish_forward<T, A>(out, lse, acc_p, m_p, l_p, pb);
+  state.finish(out, lse, pb);
 }
 
 // --------------------------------------------------------------- backward ----
