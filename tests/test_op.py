@@ -313,6 +313,18 @@ def test_low_precision_bounds_catch_a_one_percent_scale_error(dtype, composed):
         assert _rel(off[name], exact_ref[name]) > tol[name], name
 
 
+def opcheck_backward(q, k, v, ws, rs, dlse=torch.randn_like):
+    """``opcheck`` of the backward operator at the outputs of a causal forward (scale
+    0.25); ``dlse`` builds the incoming lse gradient from the lse."""
+    with torch.no_grad():
+        out, lse = torch.ops.longnet.dilated_attention_fwd(q, k, v, ws, rs, True, 0.25)
+    grads = (torch.randn_like(out), dlse(lse))
+    inputs = (q.detach(), k.detach(), v.detach(), out, lse)
+    torch.library.opcheck(
+        torch.ops.longnet.dilated_attention_bwd.default, (*grads, *inputs, ws, rs, True, 0.25)
+    )
+
+
 def test_opcheck():
     for name in ["batch_gqa", "nq_lt_nk", "no_r1_pattern"]:
         b, nq, nk, h, hk, d, ws, rs = CASES[name]
@@ -322,24 +334,7 @@ def test_opcheck():
                 torch.ops.longnet.dilated_attention_fwd.default,
                 (q, k, v, ws, rs, causal, 1.0 / math.sqrt(d)),
             )
-        with torch.no_grad():
-            out, lse = torch.ops.longnet.dilated_attention_fwd(q, k, v, ws, rs, True, 0.25)
-        torch.library.opcheck(
-            torch.ops.longnet.dilated_attention_bwd.default,
-            (
-                torch.randn_like(out),
-                torch.zeros_like(lse),
-                q.detach(),
-                k.detach(),
-                v.detach(),
-                out,
-                lse,
-                ws,
-                rs,
-                True,
-                0.25,
-            ),
-        )
+        opcheck_backward(q, k, v, ws, rs, dlse=torch.zeros_like)
 
 
 def test_torch_compile_fullgraph_matches_eager():
