@@ -68,15 +68,17 @@ TORCH_LIBRARY(longnet, m) {
   // Returns (out (B, Nq, H, D) in the input dtype, lse (B, H, Nq) in float32, or
   // float64 for float64 inputs). docs/operator.md is the contract: position_offset is
   // the absolute position of k[:, 0]; key_start/key_end (int (B,)) bound each row's
-  // sequence among the keys.
+  // sequence among the keys; cu_seqlens_q/cu_seqlens_k (int (S+1,)) pack S documents
+  // into a batch of one row, each attended as if alone.
   m.def(
       "dilated_attention_fwd(Tensor q, Tensor k, Tensor v, int[] segment_lengths, "
       "int[] dilation_rates, bool is_causal, float scale, int position_offset=0, "
-      "Tensor? key_start=None, Tensor? key_end=None) -> (Tensor, Tensor)");
+      "Tensor? key_start=None, Tensor? key_end=None, Tensor? cu_seqlens_q=None, "
+      "Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)");
   // Gradients of a loss on both outputs; returns (dq, dk, dv).
   m.def(
       "dilated_attention_bwd(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, int[] segment_lengths, int[] dilation_rates, bool is_causal, "
-      "float scale, int position_offset=0, Tensor? key_start=None, Tensor? key_end=None) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float scale, int position_offset=0, Tensor? key_start=None, Tensor? key_end=None, "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> (Tensor, Tensor, Tensor)");
 }

@@ -137,6 +137,66 @@ struct KeyRanges {
   }
 };
 
+// Packed documents (cu_seqlens_q / cu_seqlens_k, flash-attn's convention), checked
+// and copied to the host (a synchronisation on CUDA): document i is the queries
+// [q[i], q[i+1]) against the keys [k[i], k[i+1]) of a batch of one row.
+struct Documents {
+  std::vector<int64_t> q, k;  // S+1 offsets each; empty when no documents are given
+
+  Documents(const std::optional<at::Tensor>& cu_seqlens_q,
+            const std::optional<at::Tensor>& cu_seqlens_k, const at::Tensor& query,
+            const at::Tensor& key, const std::optional<at::Tensor>& key_start,
+            const std::optional<at::Tensor>& key_end) {
+    const bool has_q = cu_seqlens_q.has_value() && cu_seqlens_q->defined();
+    const bool has_k = cu_seqlens_k.has_value() && cu_seqlens_k->defined();
+    if (!has_q && !has_k) return;
+    TORCH_CHECK(has_q && has_k,
+                "longnet: cu_seqlens_q and cu_seqlens_k must be given together (the Python API "
+                "fills in the missing one)");
+    TORCH_CHECK(!(key_start.has_value() && key_start->defined()) &&
+                    !(key_end.has_value() && key_end->defined()),
+                "longnet: cu_seqlens_q/cu_seqlens_k (packed documents) cannot be combined with "
+                "key_start/key_end (per-row key ranges)");
+    TORCH_CHECK(query.size(0) == 1,
+                "longnet: packed documents need a batch of one row, q of shape ",
+                "(1, total_q, H, D); got batch size ", query.size(0));
+    q = read(*cu_seqlens_q, "cu_seqlens_q", query, query.size(1));
+    k = read(*cu_seqlens_k, "cu_seqlens_k", query, key.size(1));
+    TORCH_CHECK(q.size() == k.size(), "longnet: cu_seqlens_q and cu_seqlens_k must have the same ",
+                "length (S+1), got ", q.size(), " and ", k.size());
+    for (size_t i = 0; i + 1 < q.size(); ++i) {
+      TORCH_CHECK(q[i + 1] - q[i] <= k[i + 1] - k[i], "longnet: document ", i,
+                  " has more queries (", q[i + 1] - q[i], ") than keys (", k[i + 1] - k[i], ")");
+    }
+  }
+  bool defined() const { return !q.empty(); }
+  int64_t count() const { return static_cast<int64_t>(q.size()) - 1; }
+
+ private:
+  static std::vector<int64_t> read(const at::Tensor& t, const char* name, const at::Tensor& query,
+                                   int64_t total) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) >= 1, "longnet: ", name,
+                " must have shape (S+1,) with S >= 0, got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "longnet: ", name,
+                " must be an int32 or int64 tensor, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == query.device(), "longnet: ", name, " must be on the device of q (",
+                query.device(), "), got ", t.device());
+    const at::Tensor host = t.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* p = host.data_ptr<int64_t>();
+    std::vector<int64_t> offsets(p, p + host.numel());
+    TORCH_CHECK(offsets[0] == 0, "longnet: ", name, "[0] must be 0, got ", offsets[0]);
+    for (size_t i = 0; i + 1 < offsets.size(); ++i) {
+      TORCH_CHECK(offsets[i] <= offsets[i + 1], "longnet: ", name, " must be nondecreasing, got ",
+                  name, "[", i, "] = ", offsets[i], " > ", name, "[", i + 1,
+                  "] = ", offsets[i + 1]);
+    }
+    TORCH_CHECK(offsets.back() == total, "longnet: ", name,
+                "[-1] must equal the number of packed positions (", total, "), got ",
+                offsets.back());
+    return offsets;
+  }
+};
+
 inline void check_position_offset(int64_t position_offset) {
   TORCH_CHECK(position_offset >= 0, "longnet: position_offset must be >= 0, got ", position_offset);
 }

@@ -3,10 +3,11 @@
 The compiled operators are
 
 * ``longnet::dilated_attention_fwd(q, k, v, segment_lengths, dilation_rates,
-  is_causal, scale, position_offset=0, key_start=None, key_end=None) -> (out, lse)``
+  is_causal, scale, position_offset=0, key_start=None, key_end=None,
+  cu_seqlens_q=None, cu_seqlens_k=None) -> (out, lse)``
 * ``longnet::dilated_attention_bwd(grad_out, grad_lse, q, k, v, out, lse,
   segment_lengths, dilation_rates, is_causal, scale, position_offset=0,
-  key_start=None, key_end=None) -> (dq, dk, dv)``
+  key_start=None, key_end=None, cu_seqlens_q=None, cu_seqlens_k=None) -> (dq, dk, dv)``
 
 and ``dilated_attention`` below is the public, validated entry point; the contract
 it computes is ``docs/operator.md``.
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from longnet import engines as _engines
+from longnet.packing import validate_cu_seqlens
 
 __all__ = [
     "dilated_attention",
@@ -30,6 +32,7 @@ __all__ = [
     "validate_patterns",
     "validate_position_offset",
     "validate_key_ranges",
+    "validate_documents",
     "use_engine",
     "last_engine",
 ]
@@ -136,6 +139,73 @@ def validate_key_ranges(
         )
 
 
+def validate_documents(
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    key_start: Tensor | None,
+    key_end: Tensor | None,
+) -> tuple[Tensor, Tensor] | None:
+    """Check packed-document offsets (docs/operator.md, "Packed documents") and return
+    ``(cu_seqlens_q, cu_seqlens_k)``, the missing one standing for the given one, or
+    None when neither is given. The values are checked outside ``torch.compile`` (a
+    synchronisation on CUDA); the kernels check them again."""
+    if cu_seqlens_q is None and cu_seqlens_k is None:
+        return None
+    if key_start is not None or key_end is not None:
+        raise ValueError(
+            "cu_seqlens_q/cu_seqlens_k (packed documents) cannot be combined with "
+            "key_start/key_end (per-row key ranges): give one or the other"
+        )
+    if q.shape[0] != 1:
+        raise ValueError(
+            "packed documents need q of shape (1, total_q, H, D) and k, v of shape "
+            f"(1, total_k, Hk, D); got q of shape {tuple(q.shape)}"
+        )
+    nq, nk = q.shape[1], k.shape[1]
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        given = cu_seqlens_q if cu_seqlens_q is not None else cu_seqlens_k
+        assert given is not None
+        if nq != nk:
+            missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
+            raise ValueError(
+                f"{missing} may be omitted only when q and k have as many positions "
+                f"(got {nq} and {nk}); give both cu_seqlens_q and cu_seqlens_k"
+            )
+        cu_seqlens_q = cu_seqlens_k = given
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, Tensor):
+            raise ValueError(
+                f"{name} must be a torch.Tensor of shape (S+1,) or None, got {type(t).__name__}"
+            )
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] < 1:
+            raise ValueError(f"{name} must have shape (S+1,) with S >= 0, got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(
+            "cu_seqlens_q and cu_seqlens_k must describe as many documents, got shapes "
+            f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}"
+        )
+    if torch.compiler.is_compiling():
+        return cu_seqlens_q, cu_seqlens_k
+    validate_cu_seqlens(cu_seqlens_q, nq, "cu_seqlens_q")
+    if cu_seqlens_k is not cu_seqlens_q:
+        validate_cu_seqlens(cu_seqlens_k, nk, "cu_seqlens_k")
+        len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+        len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+        for i, (a, b) in enumerate(zip(len_q, len_k)):
+            if a > b:
+                raise ValueError(
+                    f"document {i} has more queries ({a}) than keys ({b}); each document "
+                    "needs Nq <= Nk"
+                )
+    return cu_seqlens_q, cu_seqlens_k
+
+
 def validate_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float:
     """Check q, k, v against docs/operator.md and return the softmax scale to use.
 
@@ -191,6 +261,8 @@ def dilated_attention(
     position_offset: int = ...,
     key_start: Tensor | None = ...,
     key_end: Tensor | None = ...,
+    cu_seqlens_q: Tensor | None = ...,
+    cu_seqlens_k: Tensor | None = ...,
 ) -> Tensor: ...
 @overload
 def dilated_attention(
@@ -206,6 +278,8 @@ def dilated_attention(
     position_offset: int = ...,
     key_start: Tensor | None = ...,
     key_end: Tensor | None = ...,
+    cu_seqlens_q: Tensor | None = ...,
+    cu_seqlens_k: Tensor | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def dilated_attention(
@@ -221,6 +295,8 @@ def dilated_attention(
     position_offset: int = ...,
     key_start: Tensor | None = ...,
     key_end: Tensor | None = ...,
+    cu_seqlens_q: Tensor | None = ...,
+    cu_seqlens_k: Tensor | None = ...,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
@@ -237,6 +313,8 @@ def dilated_attention(
     position_offset: int = 0,
     key_start: Tensor | None = None,
     key_end: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LongNet dilated attention (Ding et al., 2023), exactly as ``docs/operator.md``
     defines it.
@@ -259,6 +337,14 @@ def dilated_attention(
             ``position_offset``), queries bottom-right aligned to ``key_end[b]``.
             Query rows that fall before ``key_start[b]`` get ``out = 0``,
             ``lse = -inf``.
+        cu_seqlens_q, cu_seqlens_k: packed documents (flash-attn's varlen
+            convention): int tensors of shape ``(S+1,)`` on q's device, nondecreasing
+            from 0 to ``Nq`` (resp. ``Nk``), with ``B = 1``. Document ``i`` is the
+            queries ``[cu_seqlens_q[i], cu_seqlens_q[i+1])`` against the keys
+            ``[cu_seqlens_k[i], cu_seqlens_k[i+1])``, computed as if run alone: its
+            first key at ``position_offset``, its queries bottom-right aligned to its
+            keys. One of the two may be omitted when ``Nq == Nk`` (it is then the
+            other). Not combinable with ``key_start``/``key_end``.
 
     Returns:
         ``out`` of shape ``(B, Nq, H, D)`` in the input dtype, and with
@@ -269,8 +355,21 @@ def dilated_attention(
     scale = validate_inputs(q, k, v, scale)
     position_offset = validate_position_offset(position_offset)
     validate_key_ranges(key_start, key_end, q, k.shape[1])
+    docs = validate_documents(cu_seqlens_q, cu_seqlens_k, q, k, key_start, key_end)
+    cu_q, cu_k = docs if docs is not None else (None, None)
     out, lse = torch.ops.longnet.dilated_attention_fwd.default(
-        q, k, v, list(ws), list(rs), bool(is_causal), scale, position_offset, key_start, key_end
+        q,
+        k,
+        v,
+        list(ws),
+        list(rs),
+        bool(is_causal),
+        scale,
+        position_offset,
+        key_start,
+        key_end,
+        cu_q,
+        cu_k,
     )
     return (out, lse) if return_lse else out
 
@@ -287,6 +386,8 @@ def _fwd_fake(
     position_offset=0,
     key_start=None,
     key_end=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
 ):
     b, nq, h, _ = q.shape
     out = q.new_empty(q.shape)
@@ -310,15 +411,18 @@ def _bwd_fake(
     position_offset=0,
     key_start=None,
     key_end=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
 ):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, segment_lengths, dilation_rates, is_causal, scale = inputs[:7]
-    position_offset, key_start, key_end = list(inputs[7:]) + [0, None, None][len(inputs) - 7 :]
+    defaults = [0, None, None, None, None]
+    position_offset, key_start, key_end, cu_q, cu_k = list(inputs[7:]) + defaults[len(inputs) - 7 :]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_start, key_end)
+    ctx.save_for_backward(q, k, v, out, lse, key_start, key_end, cu_q, cu_k)
     ctx.patterns = (list(segment_lengths), list(dilation_rates))
     ctx.is_causal = is_causal
     ctx.scale = scale
@@ -327,7 +431,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_start, key_end = ctx.saved_tensors
+    q, k, v, out, lse, key_start, key_end, cu_q, cu_k = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if grad_lse is None:
@@ -348,8 +452,10 @@ def _backward(ctx, grad_out, grad_lse):
             ctx.position_offset,
             key_start,
             key_end,
+            cu_q,
+            cu_k,
         )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(

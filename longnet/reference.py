@@ -69,12 +69,35 @@ def dilated_attention_reference(
     position_offset: int = 0,
     key_start: Tensor | None = None,
     key_end: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Return ``(out, lse)`` of dilated attention, computed densely.
 
     Arguments as ``longnet.dilated_attention``; differentiable through both outputs.
     The computation runs in the input dtype (use float64 for a ground truth).
+    Packed documents (``cu_seqlens_q``/``cu_seqlens_k``) are run one by one.
     """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        given_q = cu_seqlens_q if cu_seqlens_q is not None else cu_seqlens_k
+        given_k = cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens_q
+        assert given_q is not None and given_k is not None
+        cu_q, cu_k = given_q.tolist(), given_k.tolist()
+        outs, lses = [], []
+        for i in range(len(cu_q) - 1):
+            o, lse = dilated_attention_reference(
+                q[:, cu_q[i] : cu_q[i + 1]],
+                k[:, cu_k[i] : cu_k[i + 1]],
+                v[:, cu_k[i] : cu_k[i + 1]],
+                segment_lengths,
+                dilation_rates,
+                is_causal=is_causal,
+                scale=scale,
+                position_offset=position_offset,
+            )
+            outs.append(o)
+            lses.append(lse)
+        return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
     b, nq, h, d = q.shape
     nk, hk = k.shape[1], k.shape[2]
     if scale is None:

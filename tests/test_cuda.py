@@ -368,6 +368,26 @@ def test_position_offset_and_key_ranges(engine, dtype, name, causal):
     compare(got, want, dtype, engine)
 
 
+# Packed documents (docs/operator.md, "Packed documents"): document lengths of queries
+# and keys; one row of all documents, each attended as if alone.
+PACKED_CASES = {
+    "docs_self": ([5, 0, 40, 17, 1, 33], [5, 0, 40, 17, 1, 33]),
+    "docs_nq_lt_nk": ([3, 0, 12, 0, 9], [8, 0, 40, 6, 9]),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", list(PACKED_CASES))
+@pytest.mark.parametrize("engine,dtype", [(e, dt) for e in ENGINES for dt in ENGINE_DTYPES[e][:2]])
+def test_packed_documents(engine, dtype, name, causal):
+    len_q, len_k = PACKED_CASES[name]
+    cu_q = torch.tensor([0, *torch.tensor(len_q).cumsum(0).tolist()])
+    cu_k = torch.tensor([0, *torch.tensor(len_k).cumsum(0).tolist()])
+    case = (1, int(cu_q[-1]), int(cu_k[-1]), 6, 2, 32, [8, 16, 32], [1, 2, 4])
+    got, want = run_case(case, causal, dtype, engine, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    compare(got, want, dtype, engine)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_custom_scale(engine):
     dtype = ENGINE_DTYPES[engine][0]

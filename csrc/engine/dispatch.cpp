@@ -26,33 +26,117 @@ struct ComposedCall {
              ranges.host_start_ptr(), ranges.host_end_ptr()} {}
 };
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
-                                           const at::Tensor& v, at::IntArrayRef segment_lengths,
-                                           at::IntArrayRef dilation_rates, bool is_causal,
-                                           double scale, int64_t position_offset,
-                                           const std::optional<at::Tensor>& key_start,
-                                           const std::optional<at::Tensor>& key_end) {
-  check_qkv(q, k, v, scale);
-  check_patterns(segment_lengths, dilation_rates);
-  check_position_offset(position_offset);
-  const std::string name = choose_engine(q, k, v);
-  std::tuple<at::Tensor, at::Tensor> result;
+// One problem (no packed documents) on the engine `name`.
+std::tuple<at::Tensor, at::Tensor> run_forward(const std::string& name, const at::Tensor& q,
+                                               const at::Tensor& k, const at::Tensor& v,
+                                               at::IntArrayRef segment_lengths,
+                                               at::IntArrayRef dilation_rates, bool is_causal,
+                                               double scale, int64_t position_offset,
+                                               const std::optional<at::Tensor>& key_start,
+                                               const std::optional<at::Tensor>& key_end) {
   if (name == "fused") {
 #ifdef LONGNET_WITH_CUDA
     if (q.is_cuda()) {
-      result = cuda::fused_forward(q, k, v, segment_lengths, dilation_rates, is_causal, scale,
-                                   position_offset, key_start, key_end);
-    } else
-#endif
-    {
-      result = cpu::fused_forward(q, k, v, segment_lengths, dilation_rates, is_causal, scale,
-                                  position_offset, key_start, key_end);
+      return cuda::fused_forward(q, k, v, segment_lengths, dilation_rates, is_causal, scale,
+                                 position_offset, key_start, key_end);
     }
-  } else {
-    const ComposedCall composed(q, k, segment_lengths, dilation_rates, is_causal, scale,
-                                position_offset, key_start, key_end);
-    result = composed_forward(*find_engine(name), q, k, v, composed.call);
+#endif
+    return cpu::fused_forward(q, k, v, segment_lengths, dilation_rates, is_causal, scale,
+                              position_offset, key_start, key_end);
   }
+  const ComposedCall composed(q, k, segment_lengths, dilation_rates, is_causal, scale,
+                              position_offset, key_start, key_end);
+  return composed_forward(*find_engine(name), q, k, v, composed.call);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
+    const std::string& name, const at::Tensor& grad_out, const at::Tensor& grad_lse,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
+    bool is_causal, double scale, int64_t position_offset,
+    const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
+  if (name == "fused") {
+#ifdef LONGNET_WITH_CUDA
+    if (q.is_cuda()) {
+      return cuda::fused_backward(grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
+                                  dilation_rates, is_causal, scale, position_offset, key_start,
+                                  key_end);
+    }
+#endif
+    return cpu::fused_backward(grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
+                               dilation_rates, is_causal, scale, position_offset, key_start,
+                               key_end);
+  }
+  const ComposedCall composed(q, k, segment_lengths, dilation_rates, is_causal, scale,
+                              position_offset, key_start, key_end);
+  return composed_backward(*find_engine(name), grad_out, grad_lse, q, k, v, out, lse,
+                           composed.call);
+}
+
+// Packed documents: every document is its own problem (its first key at
+// position_offset), run on views of the packed tensors and written into the packed
+// outputs. Every query row belongs to one document, so every output row is written.
+std::tuple<at::Tensor, at::Tensor> documents_forward(const std::string& name, const Documents& docs,
+                                                     const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v,
+                                                     at::IntArrayRef segment_lengths,
+                                                     at::IntArrayRef dilation_rates, bool is_causal,
+                                                     double scale, int64_t position_offset) {
+  auto [out, lse] = allocate_forward_outputs(q);
+  for (int64_t i = 0; i < docs.count(); ++i) {
+    const int64_t q0 = docs.q[i], nq = docs.q[i + 1] - q0;
+    const int64_t k0 = docs.k[i], nk = docs.k[i + 1] - k0;
+    if (nq == 0) continue;
+    const auto [o, l] = run_forward(name, q.narrow(1, q0, nq), k.narrow(1, k0, nk),
+                                    v.narrow(1, k0, nk), segment_lengths, dilation_rates, is_causal,
+                                    scale, position_offset, std::nullopt, std::nullopt);
+    out.narrow(1, q0, nq).copy_(o);
+    lse.narrow(2, q0, nq).copy_(l);
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> documents_backward(
+    const std::string& name, const Documents& docs, const at::Tensor& grad_out,
+    const at::Tensor& grad_lse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, at::IntArrayRef segment_lengths,
+    at::IntArrayRef dilation_rates, bool is_causal, double scale, int64_t position_offset) {
+  auto [dq, dk, dv] = allocate_backward_outputs(q, k, v);
+  for (int64_t i = 0; i < docs.count(); ++i) {
+    const int64_t q0 = docs.q[i], nq = docs.q[i + 1] - q0;
+    const int64_t k0 = docs.k[i], nk = docs.k[i + 1] - k0;
+    if (nq == 0) {  // keys no query reads
+      dk.narrow(1, k0, nk).zero_();
+      dv.narrow(1, k0, nk).zero_();
+      continue;
+    }
+    const auto [dqi, dki, dvi] =
+        run_backward(name, grad_out.narrow(1, q0, nq), grad_lse.narrow(2, q0, nq),
+                     q.narrow(1, q0, nq), k.narrow(1, k0, nk), v.narrow(1, k0, nk),
+                     out.narrow(1, q0, nq), lse.narrow(2, q0, nq), segment_lengths, dilation_rates,
+                     is_causal, scale, position_offset, std::nullopt, std::nullopt);
+    dq.narrow(1, q0, nq).copy_(dqi);
+    dk.narrow(1, k0, nk).copy_(dki);
+    dv.narrow(1, k0, nk).copy_(dvi);
+  }
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef segment_lengths,
+    at::IntArrayRef dilation_rates, bool is_causal, double scale, int64_t position_offset,
+    const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k) {
+  check_qkv(q, k, v, scale);
+  check_patterns(segment_lengths, dilation_rates);
+  check_position_offset(position_offset);
+  const Documents docs(cu_seqlens_q, cu_seqlens_k, q, k, key_start, key_end);
+  const std::string name = choose_engine(q, k, v);
+  auto result = docs.defined()
+                    ? documents_forward(name, docs, q, k, v, segment_lengths, dilation_rates,
+                                        is_causal, scale, position_offset)
+                    : run_forward(name, q, k, v, segment_lengths, dilation_rates, is_causal, scale,
+                                  position_offset, key_start, key_end);
   record_engine(name);
   return result;
 }
@@ -62,32 +146,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal, double scale,
     int64_t position_offset, const std::optional<at::Tensor>& key_start,
-    const std::optional<at::Tensor>& key_end) {
+    const std::optional<at::Tensor>& key_end, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k) {
   check_qkv(q, k, v, scale);
   check_patterns(segment_lengths, dilation_rates);
   check_position_offset(position_offset);
   check_backward_args(grad_out, grad_lse, q, out, lse);
+  const Documents docs(cu_seqlens_q, cu_seqlens_k, q, k, key_start, key_end);
   const std::string name = choose_engine(q, k, v);
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
-  if (name == "fused") {
-#ifdef LONGNET_WITH_CUDA
-    if (q.is_cuda()) {
-      result = cuda::fused_backward(grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
-                                    dilation_rates, is_causal, scale, position_offset, key_start,
-                                    key_end);
-    } else
-#endif
-    {
-      result = cpu::fused_backward(grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
-                                   dilation_rates, is_causal, scale, position_offset, key_start,
-                                   key_end);
-    }
-  } else {
-    const ComposedCall composed(q, k, segment_lengths, dilation_rates, is_causal, scale,
-                                position_offset, key_start, key_end);
-    result =
-        composed_backward(*find_engine(name), grad_out, grad_lse, q, k, v, out, lse, composed.call);
-  }
+  auto result =
+      docs.defined()
+          ? documents_backward(name, docs, grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
+                               dilation_rates, is_causal, scale, position_offset)
+          : run_backward(name, grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
+                         dilation_rates, is_causal, scale, position_offset, key_start, key_end);
   record_engine(name);
   return result;
 }
