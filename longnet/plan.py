@@ -390,18 +390,27 @@ class _RankCount:
     calls: list[_Call] = field(default_factory=list)
     cross: list[int] = field(default_factory=list)  # crossing pattern indices
     partial: dict[int, int] = field(default_factory=dict)  # pattern -> local positions
+    partial_calls: dict[int, int] = field(default_factory=dict)  # pattern -> calls
     local_pairs: int = 0
     cross_pairs: int = 0
+    pieces: int = 0  # local calls (and all-crossing fragments) in row order
+    local_rows: int = 0  # rows of the local calls that run the operator
 
 
-def _crossing_segments(w: int, chunk: int, world: int, offset: int) -> list[int]:
+def _crossing_segments(
+    w: int, chunk: int, world: int, offset: int, start: int = 0, stop: int | None = None
+) -> list[int]:
     """Segments of a pattern that span more than one rank, in order: those with a rank
-    boundary strictly inside."""
+    boundary strictly inside. ``[start, stop)``: a document's global tokens (default
+    the whole sequence), its first token at absolute position ``offset``."""
+    stop = world * chunk if stop is None else stop
     segs = set()
     for p in range(1, world):
-        b = offset + p * chunk
-        if b % w:
-            segs.add(b // w)
+        g = p * chunk
+        if start < g < stop:
+            b = offset + g - start
+            if b % w:
+                segs.add(b // w)
     return sorted(segs)
 
 
@@ -414,80 +423,119 @@ def _count(
     rs: Sequence[int],
     causal: bool,
     offset: int = 0,
+    cu_seqlens: Sequence[int] | None = None,
 ) -> list[_RankCount]:
     """Per-rank rows, calls and pairs, as ``longnet.distributed._plan`` would plan them
-    on every rank, visiting each crossing segment once. The sequence occupies the
-    absolute positions ``[offset, offset + world * chunk)``."""
-    from longnet.distributed import _segment, _segment_ranks
+    on every rank, visiting each crossing segment once. Without ``cu_seqlens`` the
+    sequence occupies the absolute positions ``[offset, offset + world * chunk)``;
+    with it, each document (first token at ``offset``) is planned alone."""
+    from longnet.distributed import _segment, _segment_ranks, spanning_documents
 
     segment = getattr(_segment, "__wrapped__", _segment)  # leave the op's cache alone
     n = world * chunk
     kv_group = num_heads // kv_heads
     ranks = [_RankCount() for _ in range(world)]
-    for i, (w, r) in enumerate(zip(ws, rs)):
-        crossing = _crossing_segments(w, chunk, world, offset)
-        touched = set()
-        for s in crossing:
-            seg = segment(i, s, w, r, n, chunk, num_heads, kv_group, offset)
-            m = seg.last_rank - seg.first_rank + 1
-            for q in range(seg.first_rank, seg.last_rank + 1):
-                touched.add(q)
-            for g in seg.groups:
-                c = g.counts
-                npairs, nheads = len(g.pairs), len(g.heads)
-                ratio = nheads // npairs
-                uniform = nheads % npairs == 0 and all(
-                    mm == jj // ratio for jj, mm in enumerate(g.head_to_pair)
-                )
-                pos = [1 if x > 0 else 0 for x in c]
-                pre_rows, pre_pos = [0], [0]
-                for x, y in zip(c, pos):
-                    pre_rows.append(pre_rows[-1] + x)
-                    pre_pos.append(pre_pos[-1] + y)
-                for a in range(m):
-                    if c[a] == 0:
-                        continue
-                    rc = ranks[seg.first_rank + a]
-                    own = c[a] * npairs
-                    if causal:
-                        dsts = pre_pos[m] - pre_pos[a + 1]
-                        keys = pre_rows[a + 1]
-                        pieces = pre_pos[a + 1]
-                    else:
-                        dsts = pre_pos[m] - 1
-                        keys = pre_rows[m]
-                        pieces = pre_pos[m]
-                    rc.send += own * dsts
-                    rc.recv += (keys - c[a]) * npairs
-                    rc.own += own
-                    rc.calls.append(_Call(i, c[a], nheads, npairs, keys, pieces, not uniform))
-                    pairs = (
-                        c[a] * keys if not causal else c[a] * (keys - c[a]) + c[a] * (c[a] + 1) // 2
+    cu = None if cu_seqlens is None else list(cu_seqlens)
+    spans = ((0, n),) if cu is None else spanning_documents(cu, world, chunk)
+    for c, e in spans:
+        lo, hi, base = offset, offset + e - c, offset - c  # the document's frame
+        holders = range(c // chunk, (e - 1) // chunk + 1)
+        for p in holders:
+            ranks[p].pieces += 1
+        n_local = dict.fromkeys(holders, 0)  # patterns wholly local to p's fragment
+        for i, (w, r) in enumerate(zip(ws, rs)):
+            crossing = _crossing_segments(w, chunk, world, offset, c, e)
+            touched = set()
+            for s in crossing:
+                seg = segment(i, s, w, r, lo, hi, base, chunk, num_heads, kv_group)
+                m = seg.last_rank - seg.first_rank + 1
+                for q in range(seg.first_rank, seg.last_rank + 1):
+                    touched.add(q)
+                for g in seg.groups:
+                    cnt = g.counts
+                    npairs, nheads = len(g.pairs), len(g.heads)
+                    ratio = nheads // npairs
+                    uniform = nheads % npairs == 0 and all(
+                        mm == jj // ratio for jj, mm in enumerate(g.head_to_pair)
                     )
-                    rc.cross_pairs += nheads * pairs
+                    pos = [1 if x > 0 else 0 for x in cnt]
+                    pre_rows, pre_pos = [0], [0]
+                    for x, y in zip(cnt, pos):
+                        pre_rows.append(pre_rows[-1] + x)
+                        pre_pos.append(pre_pos[-1] + y)
+                    for a in range(m):
+                        if cnt[a] == 0:
+                            continue
+                        rc = ranks[seg.first_rank + a]
+                        own = cnt[a] * npairs
+                        if causal:
+                            dsts = pre_pos[m] - pre_pos[a + 1]
+                            keys = pre_rows[a + 1]
+                            pieces = pre_pos[a + 1]
+                        else:
+                            dsts = pre_pos[m] - 1
+                            keys = pre_rows[m]
+                            pieces = pre_pos[m]
+                        rc.send += own * dsts
+                        rc.recv += (keys - cnt[a]) * npairs
+                        rc.own += own
+                        rc.calls.append(
+                            _Call(i, cnt[a], nheads, npairs, keys, pieces, not uniform)
+                        )
+                        pairs = (
+                            cnt[a] * keys
+                            if not causal
+                            else cnt[a] * (keys - cnt[a]) + cnt[a] * (cnt[a] + 1) // 2
+                        )
+                        rc.cross_pairs += nheads * pairs
 
-        def spans(s: int, w: int) -> bool:
-            ranks_of = _segment_ranks(s, w, n, chunk, offset)
-            return ranks_of[3] > ranks_of[2]
+            def spans_ranks(s: int, w: int) -> bool:
+                ranks_of = _segment_ranks(s, w, lo, hi, base, chunk)
+                return ranks_of[3] > ranks_of[2]
 
-        for p in range(world):
-            rc = ranks[p]
-            first = offset + p * chunk
-            if p not in touched:
-                # Every segment touching p lies inside it: one local call.
-                rc.local_pairs += _region_pairs(first, first + chunk, w, r, num_heads, causal)
+            for p in holders:
+                rc = ranks[p]
+                a_abs = base + max(c, p * chunk)  # the fragment's absolute positions
+                b_abs = base + min(e, (p + 1) * chunk)
+                if p not in touched:
+                    # Every segment of the pattern touching p's fragment lies inside it.
+                    rc.local_pairs += _region_pairs(a_abs, b_abs, w, r, num_heads, causal)
+                    n_local[p] += 1
+                    continue
+                if i not in rc.cross:
+                    rc.cross.append(i)
+                s_a, s_b = a_abs // w, (b_abs - 1) // w
+                s_lo = s_a + 1 if spans_ranks(s_a, w) else s_a
+                s_hi = s_b - 1 if spans_ranks(s_b, w) else s_b
+                if s_lo <= s_hi:
+                    pa, pb = max(s_lo * w, a_abs), min((s_hi + 1) * w, b_abs)
+                    rc.partial[i] = rc.partial.get(i, 0) + pb - pa
+                    rc.partial_calls[i] = rc.partial_calls.get(i, 0) + 1
+                    rc.local_pairs += _region_pairs(pa, pb, w, r, num_heads, causal)
+        for p in holders:
+            if n_local[p]:  # the fragment's call of its local patterns
+                ranks[p].local_rows += min(e, (p + 1) * chunk) - max(c, p * chunk)
+    if cu is not None:
+        # Documents inside one rank: one packed call per rank, each document alone.
+        alone: dict[int, int] = {}
+        inside = [0] * world
+        for c, e in zip(cu[:-1], cu[1:]):
+            if e == c or (c, e) in spans:
                 continue
-            rc.cross.append(i)
-            s_a, s_b = first // w, (first + chunk - 1) // w
-            lo = s_a + 1 if spans(s_a, w) else s_a
-            hi = s_b - 1 if spans(s_b, w) else s_b
-            if lo <= hi:
-                a, b = max(lo * w, first), min((hi + 1) * w, offset + n)
-                rc.partial[i] = b - a
-                rc.local_pairs += _region_pairs(a, b, w, r, num_heads, causal)
+            if e - c not in alone:
+                alone[e - c] = sum(
+                    _region_pairs(offset, offset + e - c, w, r, num_heads, causal)
+                    for w, r in zip(ws, rs)
+                )
+            ranks[c // chunk].local_pairs += alone[e - c]
+            inside[c // chunk] += e - c
+        for p in range(world):
+            ranks[p].local_rows += inside[p]
+            ranks[p].pieces += 1 if inside[p] else 0
     # Calls in the planner's order: by pattern (segment, group order is kept).
     for rc in ranks:
         rc.calls.sort(key=lambda c: c.pattern)
+        rc.cross.sort()
     return ranks
 
 
@@ -503,7 +551,6 @@ def _memory(
     kv_heads: int,
     head_dim: int,
     item: int,
-    has_local: bool,
 ) -> tuple[int, int]:
     """``(held, peak)``: the bytes one layer's attention keeps from forward to backward
     on one rank, storage by storage as ``sequence_parallel_dilated_attention`` builds
@@ -517,11 +564,13 @@ def _memory(
     total += b * chunk * h * (d * item + lse_item)  # out and lse returned
     if world == 1:
         return total, total
-    if has_local:  # the local call's out, lse
-        total += b * chunk * h * (d * item + lse_item)
+    if rc.local_rows:  # the local calls' out, lse
+        total += b * rc.local_rows * h * (d * item + lse_item)
+    # with documents, the local calls' results concatenated in row order
+    joined = b * chunk * h * (d * item + lse_item) if rc.pieces > 1 else 0
     if not rc.cross:
-        return total, total
-    temp = 2 * b * (rc.send + rc.recv) * d * item  # rows sent, rows received
+        return total, total + joined
+    temp = 2 * b * (rc.send + rc.recv) * d * item + joined  # rows sent, received
     kv_len = rc.send + rc.own
     q_len = sum(c.n_q * c.n_heads for c in rc.calls)
     if q_len:
@@ -553,7 +602,7 @@ def _memory(
         temp += b * rows * lse_item  # lse rows, transposed
         if part_rows:  # the partial call's out, lse
             total += b * part_rows * (d * item + lse_item)
-        pieces = len(calls) + (1 if part_rows else 0)
+        pieces = len(calls) + rc.partial_calls.get(i, 0)
         # the merge: exp(a), exp(b), total, a/total, b/total (lse dtype), where mask
         total += b * rows * (5 * lse_item + 1)
         total += b * rows * d * acc_item  # o_a (in the lse dtype)
@@ -699,8 +748,7 @@ def plan_run(
     unit = 2 * batch * head_dim * item  # one row of k and one of v
     per_rank = []
     for p, rc in enumerate(counts):
-        has_local = len(rc.cross) < len(ws)
-        held, peak = _memory(rc, ranks, chunk, batch, heads, kv_heads, head_dim, item, has_local)
+        held, peak = _memory(rc, ranks, chunk, batch, heads, kv_heads, head_dim, item)
         pairs = rc.local_pairs + rc.cross_pairs
         fwd = 4.0 * batch * head_dim * pairs
         cost = RankCost(
