@@ -52,6 +52,7 @@ __all__ = [
     "geometric_patterns",
     "parse_count",
     "scaling_sweep",
+    "document_lengths",
     "main",
 ]
 
@@ -169,7 +170,13 @@ class RunPlan:
     tflops: float | None
     link_gbs: float | None
     per_rank: list[RankCost] = field(repr=False)
-    position_offset: int = 0  # absolute position of the sequence's first token
+    position_offset: int = 0  # absolute position of the sequence's (each document's) first token
+    doc_lengths: list[int] | None = field(default=None, repr=False)  # packed documents
+
+    @property
+    def documents(self) -> int | None:
+        """How many packed documents the row holds (None: one sequence)."""
+        return None if self.doc_lengths is None else len(self.doc_lengths)
 
     # -- summaries over ranks
     def worst(self, name: str):
@@ -221,7 +228,10 @@ class RunPlan:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "per_rank"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("per_rank", "doc_lengths")}
+        if self.doc_lengths is not None:
+            d["documents"] = len(self.doc_lengths)
+            d["spanning_documents"] = len(_spanning(self))
         d["summary"] = self.summary()
         d["per_rank"] = []
         for c in self.per_rank:
@@ -253,6 +263,16 @@ class RunPlan:
             f"Hk = {self.kv_heads}, D = {self.head_dim}, {self.dtype}, "
             f"{'causal' if self.causal else 'not causal'}, {self.layers} layers"
             + (f", first position {self.position_offset:,}" if self.position_offset else ""),
+            *(
+                [
+                    f"packed documents: {len(self.doc_lengths):,} (mean "
+                    f"{self.tokens / max(1, len(self.doc_lengths)):,.0f}, longest "
+                    f"{max(self.doc_lengths, default=0):,} tokens; each attended alone, "
+                    f"{len(_spanning(self))} cross a rank boundary)"
+                ]
+                if self.doc_lengths is not None
+                else []
+            ),
             f"patterns (w, r): {pats}",
             f"rank-crossing patterns: {len(self.crossing_patterns)} of "
             f"{len(self.segment_lengths)}"
@@ -519,8 +539,9 @@ def _count(
         # Documents inside one rank: one packed call per rank, each document alone.
         alone: dict[int, int] = {}
         inside = [0] * world
+        spanning = set(spans)
         for c, e in zip(cu[:-1], cu[1:]):
-            if e == c or (c, e) in spans:
+            if e == c or (c, e) in spanning:
                 continue
             if e - c not in alone:
                 alone[e - c] = sum(
@@ -692,6 +713,7 @@ def plan_run(
     tflops: float | None = None,
     link_gbs: float | None = None,
     position_offset: int = 0,
+    doc_lengths: Sequence[int] | None = None,
 ) -> RunPlan:
     """Per-rank traffic, FLOPs, activation memory (and time) of one attention layer
     of :func:`longnet.distributed.sequence_parallel_dilated_attention` for ``tokens``
@@ -710,6 +732,10 @@ def plan_run(
         link_gbs: a device's link bandwidth, in GB/s (1e9 bytes/s, for times).
         position_offset: absolute position of the sequence's first token, as in
             :func:`longnet.distributed.sequence_parallel_dilated_attention`.
+        doc_lengths: packed documents: the lengths (ints >= 0, in order, summing to
+            ``tokens``) of the documents the row holds, each attended alone (its
+            first token at ``position_offset``), as ``sequence_parallel_dilated_attention``
+            with ``cu_seqlens``; ``batch`` must be 1. See :func:`document_lengths`.
 
     Returns:
         A :class:`RunPlan`; ``per_rank[p]`` holds rank ``p``'s :class:`RankCost`.
@@ -740,9 +766,17 @@ def plan_run(
         or position_offset < 0
     ):
         raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
+    cu = None
+    if doc_lengths is not None:
+        doc_lengths = _check_lengths(doc_lengths, tokens)
+        if batch != 1:
+            raise ValueError(f"doc_lengths (packed documents) need batch = 1, got {batch}")
+        cu = [0]
+        for x in doc_lengths:
+            cu.append(cu[-1] + x)
     chunk = tokens // ranks
     item = DTYPE_BYTES[dtype]
-    counts = _count(ranks, chunk, heads, kv_heads, ws, rs, bool(causal), position_offset)
+    counts = _count(ranks, chunk, heads, kv_heads, ws, rs, bool(causal), position_offset, cu)
     crossing = sorted({i for rc in counts for i in rc.cross})
     exchange = bool(crossing)
     unit = 2 * batch * head_dim * item  # one row of k and one of v
@@ -795,7 +829,99 @@ def plan_run(
         link_gbs if tflops is not None else None,
         per_rank,
         position_offset=position_offset,
+        doc_lengths=None if doc_lengths is None else list(doc_lengths),
     )
+
+
+def _spanning(plan: RunPlan) -> tuple[tuple[int, int], ...]:
+    from longnet.distributed import spanning_documents
+
+    if plan.doc_lengths is None:
+        return ()
+    cu = [0]
+    for x in plan.doc_lengths:
+        cu.append(cu[-1] + x)
+    return spanning_documents(cu, plan.ranks, plan.tokens_per_rank)
+
+
+def _check_lengths(doc_lengths: Sequence[int], tokens: int) -> list[int]:
+    if isinstance(doc_lengths, (str, bytes)) or not hasattr(doc_lengths, "__iter__"):
+        raise ValueError(f"doc_lengths must be a sequence of ints, got {doc_lengths!r}")
+    out = []
+    for i, x in enumerate(doc_lengths):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ValueError(f"doc_lengths[{i}] must be an int >= 0, got {x!r}")
+        out.append(x)
+    if not out or sum(out) != tokens:
+        raise ValueError(
+            f"doc_lengths must sum to tokens ({tokens}), got {sum(out)} over {len(out)} documents"
+        )
+    return out
+
+
+_DISTRIBUTIONS = ("fixed:LEN", "uniform:LO,HI", "lognormal:MEAN,SIGMA")
+
+
+def document_lengths(
+    tokens: int,
+    lengths: Sequence[int] | None = None,
+    distribution: str | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """Lengths of the documents packed into a row of ``tokens`` tokens: ``lengths``
+    repeated in order, or draws from ``distribution`` (seeded by ``seed``), until the
+    row is full; the last document is cut at ``tokens``.
+
+    ``distribution`` is ``"fixed:LEN"``, ``"uniform:LO,HI"`` (integers, both
+    included) or ``"lognormal:MEAN,SIGMA"`` (a log-normal of mean ``MEAN`` tokens and
+    log-space standard deviation ``SIGMA``, rounded, at least 1). Counts take the
+    suffixes of :func:`parse_count` (``4K``)."""
+    import random
+
+    if (lengths is None) == (distribution is None):
+        raise ValueError("give the document lengths either as a list or as a distribution")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive int, got {tokens!r}")
+    if lengths is not None:
+        fixed = [parse_count(x) for x in lengths]
+        if not fixed or not any(fixed) or min(fixed) < 0:
+            raise ValueError(f"document lengths must be >= 0, not all 0, got {list(lengths)}")
+        draw = iter(fixed[i % len(fixed)] for i in range(tokens + len(fixed))).__next__
+    else:
+        assert distribution is not None
+        name, _, args = distribution.partition(":")
+        vals = args.split(",") if args else []
+        rnd = random.Random(seed)
+        try:
+            if name == "fixed" and len(vals) == 1:
+                n = parse_count(vals[0])
+                if n < 1:
+                    raise ValueError
+                draw = lambda: n  # noqa: E731
+            elif name == "uniform" and len(vals) == 2:
+                lo, hi = parse_count(vals[0]), parse_count(vals[1])
+                if not 0 <= lo <= hi or hi < 1:
+                    raise ValueError
+                draw = lambda: rnd.randint(lo, hi)  # noqa: E731
+            elif name == "lognormal" and len(vals) == 2:
+                mean, sigma = float(parse_count(vals[0])), float(vals[1])
+                if mean < 1 or not sigma >= 0:
+                    raise ValueError
+                mu = math.log(mean) - sigma * sigma / 2  # the mean of exp(N(mu, sigma^2))
+                draw = lambda: max(1, round(rnd.lognormvariate(mu, sigma)))  # noqa: E731
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"document length distribution {distribution!r}: use one of "
+                f"{', '.join(_DISTRIBUTIONS)} (lengths >= 1, LO <= HI, SIGMA >= 0)"
+            ) from None
+    out, total = [], 0
+    while total < tokens:
+        x = min(draw(), tokens - total)
+        out.append(x)
+        total += x
+    return out
 
 
 # ------------------------------------------------------ training on a mesh
@@ -1159,6 +1285,51 @@ def fit_ranks(
 # --------------------------------------------------------------------- CLI
 
 
+def _compare_table(packed: RunPlan, single: RunPlan, every_rank: bool | None = None) -> str:
+    """Per-rank traffic (forward + backward, sent + received) and FLOPs of a packed
+    row against the same row as one sequence."""
+    lines = [
+        "the same row as one sequence (no documents), per layer: k/v bytes sent + "
+        "received, forward + backward (what comm_stats() counts), and FLOPs",
+        f"{'rank':>5} {'traffic docs':>13} {'no docs':>11} {'ratio':>7} "
+        f"{'GFLOP docs':>11} {'no docs':>9}",
+    ]
+    pairs = list(zip(packed.per_rank, single.per_rank))
+    if every_rank is None:
+        every_rank = packed.ranks <= 16
+    traffic = lambda c: c.bytes_sent + c.bytes_received  # noqa: E731
+    if not every_rank:
+        keep = {0, packed.ranks - 1}
+        keep.add(max(range(len(pairs)), key=lambda p: traffic(pairs[p][0])))
+        keep.add(max(range(len(pairs)), key=lambda p: traffic(pairs[p][0]) - traffic(pairs[p][1])))
+        pairs = [pairs[p] for p in sorted(keep)]
+    for a, b in pairs:
+        t_a, t_b = traffic(a), traffic(b)
+        ratio = f"{t_a / t_b:.3g}" if t_b else ("-" if not t_a else "inf")
+        lines.append(
+            f"{a.rank:>5} {_fmt_bytes(t_a):>13} {_fmt_bytes(t_b):>11} {ratio:>7} "
+            f"{(a.flops_fwd + a.flops_bwd) / 1e9:>11.4g} "
+            f"{(b.flops_fwd + b.flops_bwd) / 1e9:>9.4g}"
+        )
+    worst_a = max(traffic(c) for c in packed.per_rank)
+    worst_b = max(traffic(c) for c in single.per_rank)
+    more = [a.rank for a, b in zip(packed.per_rank, single.per_rank) if traffic(a) > traffic(b)]
+    lines.append(
+        f"worst rank: {_fmt_bytes(worst_a)} with documents, {_fmt_bytes(worst_b)} without"
+        + (f" ({worst_a / worst_b:.3g}x)" if worst_b else "")
+        + "; "
+        + (
+            "no rank exchanges more with documents (they cut the segments that cross ranks)"
+            if not more
+            else f"{len(more)} of {packed.ranks} ranks exchange more with documents (a "
+            "document that starts off a segment boundary moves the segments of a short "
+            "pattern onto a rank boundary; documents only shorten the long patterns' "
+            "segments)"
+        )
+    )
+    return "\n".join(lines)
+
+
 def _sweep_table(rows: list[dict[str, Any]], timed: bool) -> str:
     head = (
         f"{'N':>14} {'P':>5} {'patterns':>8} {'crossing':>8} {'sent MiB':>9} "
@@ -1298,6 +1469,28 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="absolute position of the sequence's first token (default 0)",
     )
+    docs = p.add_argument_group(
+        "packed documents (batch 1): the row holds documents back to back, each attended "
+        "alone (segments restart at its first token, which sits at --position-offset), as "
+        "sequence_parallel_dilated_attention with cu_seqlens; the output adds the same row "
+        "without documents for comparison"
+    )
+    how_docs = docs.add_mutually_exclusive_group()
+    how_docs.add_argument(
+        "--doc-lengths",
+        metavar="LIST",
+        help="comma-separated document lengths (e.g. 4096,8192,1K), repeated in order "
+        "until --tokens are filled (the last document is cut)",
+    )
+    how_docs.add_argument(
+        "--doc-length-dist",
+        metavar="SPEC",
+        help="document lengths drawn until --tokens are filled: fixed:LEN, uniform:LO,HI "
+        "or lognormal:MEAN,SIGMA (mean MEAN tokens, log-space deviation SIGMA)",
+    )
+    docs.add_argument(
+        "--doc-seed", type=int, default=0, help="seed of --doc-length-dist's draws (0)"
+    )
     g = p.add_argument_group("patterns: a list, or the geometric rule")
     g.add_argument("--segment-lengths", nargs="+", help="w_1 .. w_m")
     g.add_argument("--dilation-rates", nargs="+", help="r_1 .. r_m")
@@ -1378,6 +1571,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             causal=args.causal,
             position_offset=args.position_offset,
         )
+        packed = args.doc_lengths is not None or args.doc_length_dist is not None
+        if packed:
+            if args.sweep or args.plot or args.embed_dim is not None:
+                raise ValueError(
+                    "--sweep, --plot and --embed-dim plan one sequence per row: not with "
+                    "--doc-lengths or --doc-length-dist"
+                )
+            if args.batch != 1:
+                raise ValueError(f"packed documents need --batch 1, got {args.batch}")
+            kw["doc_lengths"] = document_lengths(
+                tokens,
+                lengths=args.doc_lengths.split(",") if args.doc_lengths else None,
+                distribution=args.doc_length_dist,
+                seed=args.doc_seed,
+            )
         if args.fit_memory is not None:
             ranks = fit_ranks(
                 tokens, args.fit_memory * 2**30, segment_lengths=ws, dilation_rates=rs, **kw
@@ -1413,6 +1621,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 link_gbs=args.link_gbs,
                 **pattern_kw,
                 **sweep_kw,
+            )
+        unpacked = None
+        if packed:
+            unpacked = plan_run(
+                tokens,
+                ranks,
+                segment_lengths=ws,
+                dilation_rates=rs,
+                tflops=args.tflops,
+                link_gbs=args.link_gbs,
+                **{k: v for k, v in kw.items() if k != "doc_lengths"},
             )
         training = None
         if args.embed_dim is not None:
@@ -1451,6 +1670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out["sweep"] = rows
         if training is not None:
             out["training"] = training.to_dict()
+        if unpacked is not None:
+            out["without_documents"] = unpacked.to_dict()
         json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
@@ -1460,6 +1681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"device: {ranks}"
             )
         print(plan.table(every_rank=True if args.per_rank else None))
+        if unpacked is not None:
+            print("\n" + _compare_table(plan, unpacked, every_rank=True if args.per_rank else None))
         if rows is not None:
             print(
                 f"\nN and P grow together (L = {tokens // ranks:,} tokens per rank"

@@ -42,17 +42,43 @@ CASES = [
 OFFSETS = {"offset-gqa-causal": 7}
 
 
-def _minimal_kv_rows(world, chunk, h, hk, ws, rs, causal, offset=0):
+def _counts(n, h, ws, rs, causal, offset=0, cu=None):
+    """The reference's count matrix (H, n, n) of the whole sequence, or with document
+    boundaries ``cu`` the block-diagonal one of every document alone."""
+    from longnet.reference import pattern_counts
+
+    if cu is None:
+        return pattern_counts(n, n, h, ws, rs, causal, position_offset=offset)
+    counts = torch.zeros(h, n, n, dtype=torch.int64)
+    for c, e in zip(cu[:-1], cu[1:]):
+        if e > c:
+            counts[:, c:e, c:e] = pattern_counts(e - c, e - c, h, ws, rs, causal, position_offset=offset)
+    return counts
+
+
+def _random_documents(rnd, n, max_w):
+    """Boundaries of 1..64 documents filling a row of n tokens: lengths 0..u for a
+    log-uniform u in [1, 3 * max_w] (one in ten empty), the last one stretched to
+    fill the row."""
+    u = max(1, round((3 * max_w) ** rnd.random()))
+    cu = [0]
+    while cu[-1] < n and len(cu) <= 64:
+        length = 0 if rnd.random() < 0.1 else rnd.randint(1, u)
+        cu.append(min(n, cu[-1] + length))
+    cu[-1] = n
+    return cu
+
+
+def _minimal_kv_rows(world, chunk, h, hk, ws, rs, causal, offset=0, cu=None):
     """(received, sent) key/value rows per rank, from the reference's count matrix
     alone: for every pattern, the distinct (key, kv head) pairs held by another rank
     that some query of this rank attends through one of that kv head's query heads
-    (the exchange runs pattern by pattern, so a key two patterns need counts twice)."""
-    from longnet.reference import pattern_counts
-
+    (the exchange runs pattern by pattern, so a key two patterns need counts twice).
+    With document boundaries ``cu``: the count matrix of every document alone."""
     n = world * chunk
     recv, sent = [0] * world, [0] * world
     for w, r in zip(ws, rs):
-        linked = pattern_counts(n, n, h, [w], [r], causal, position_offset=offset) > 0
+        linked = _counts(n, h, [w], [r], causal, offset, cu) > 0
         linked = linked.view(hk, h // hk, n, n).any(1)  # (kv head, query, key)
         for p in range(world):
             queries = linked[:, p * chunk : (p + 1) * chunk].any(1)  # (kv head, key)
@@ -323,6 +349,63 @@ def test_plan_matches_the_planner_and_the_reference_pair_counts():
             assert sum(c.kv_rows_sent for c in plan.per_rank) == sum(
                 c.kv_rows_received for c in plan.per_rank
             )
+
+
+def test_plan_with_documents_matches_the_planner_and_the_reference_pair_counts():
+    """Packed documents: rows per rank equal longnet.distributed._plan's and the
+    minimal rows of the block-diagonal count matrix (every document alone), attended
+    pairs equal its sum, on random small configurations and documents. Catches a
+    segment planned across a document boundary (rows of another document, too many
+    pairs), segments aligned to the row instead of the document, and rows sent that
+    no query of the document needs."""
+    from longnet.distributed import _plan, spanning_documents
+
+    rnd = random.Random(18)
+    for _ in range(150):
+        world = rnd.choice([1, 2, 3, 4, 5, 8])
+        chunk = rnd.randint(1, 10)
+        n = world * chunk
+        hk = rnd.choice([1, 2, 3])
+        h = hk * rnd.choice([1, 2, 3])
+        ws, rs = [], []
+        for _ in range(rnd.randint(1, 3)):
+            w = rnd.randint(1, 2 * n + 2)
+            ws.append(w)
+            rs.append(rnd.randint(1, min(w, n + 2)))
+        causal = rnd.random() < 0.5
+        offset = 0 if rnd.random() < 0.5 else rnd.randint(1, 2 * max(ws))
+        cu = _random_documents(rnd, n, max(ws))
+        lengths = [e - c for c, e in zip(cu[:-1], cu[1:])]
+        plan = plan_run(
+            n,
+            world,
+            heads=h,
+            kv_heads=hk,
+            head_dim=4,
+            segment_lengths=ws,
+            dilation_rates=rs,
+            causal=causal,
+            dtype="float32",
+            position_offset=offset,
+            doc_lengths=lengths,
+        )
+        counts = _counts(n, h, ws, rs, causal, offset, cu)
+        minimal = _minimal_kv_rows(world, chunk, h, hk, ws, rs, causal, offset, cu)
+        docs = spanning_documents(cu, world, chunk)
+        cfg = (world, chunk, h, hk, ws, rs, causal, offset, cu)
+        assert plan.documents == len(lengths)
+        for p, cost in enumerate(plan.per_rank):
+            assert cost.pairs == int(counts[:, p * chunk : (p + 1) * chunk].sum()), (cfg, p)
+            if world == 1:
+                assert cost.kv_rows_sent == cost.kv_rows_received == 0
+                continue
+            rp = _plan(world, p, chunk, h, hk, tuple(ws), tuple(rs), causal, offset, docs)
+            assert cost.kv_rows_sent == sum(rp.send_rows) == minimal[1][p], (cfg, p)
+            assert cost.kv_rows_received == sum(rp.recv_rows) == minimal[0][p], (cfg, p)
+            assert cost.collectives == (2 if rp.exchange else 0), (cfg, p)
+            # The local calls cover the rank's rows once, in order.
+            assert [x.a for x in rp.pieces[1:]] == [x.b for x in rp.pieces[:-1]], rp
+            assert rp.pieces[0].a == 0 and rp.pieces[-1].b == chunk, rp
 
 
 def test_billion_tokens_on_1024_ranks():
