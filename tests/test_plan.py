@@ -19,7 +19,7 @@ import weakref
 
 import pytest
 import torch
-from test_distributed import _spawn
+from test_distributed import _random_documents, _spawn
 
 from longnet.plan import geometric_patterns, parse_count, plan_run, scaling_sweep
 
@@ -37,9 +37,34 @@ CASES = [
     ("offset-gqa-causal", 1, 12, 6, 2, 8, [5, 24], [2, 3], True, "float32"),
     # Large enough that activations dominate everything else a process holds.
     ("memory", 1, 2048, 4, 2, 32, [512, 1536, 8192], [1, 2, 4], True, "float32"),
+    ("docs-cross", 1, 16, 4, 4, 8, [8, 16, 32], [1, 2, 4], False, "float32"),
+    ("docs-gqa-causal-bf16", 1, 12, 6, 2, 8, [5, 24], [2, 3], True, "bfloat16"),
+    ("docs-offset-causal", 1, 12, 4, 2, 8, [4, 8, 16], [1, 2, 4], True, "float32"),
+    ("docs-memory", 1, 2048, 4, 2, 32, [512, 1536, 8192], [1, 2, 4], True, "float32"),
 ]
 # position_offset of the whole sequence (0 for the others)
-OFFSETS = {"offset-gqa-causal": 7}
+OFFSETS = {"offset-gqa-causal": 7, "docs-offset-causal": 3}
+# Packed documents: lengths repeated in order to fill the row (longnet.plan.document_lengths)
+DOCS = {
+    "docs-cross": [5, 0, 23, 3, 40],
+    "docs-gqa-causal-bf16": [7, 30, 2, 0, 13],
+    "docs-offset-causal": [1, 2, 9, 17],
+    "docs-memory": [3000, 700, 5000, 100, 1200],
+}
+LARGE = ("memory", "docs-memory")  # no count matrices of these
+
+
+def _doc_lengths(name, n):
+    from longnet.plan import document_lengths
+
+    return document_lengths(n, lengths=DOCS[name]) if name in DOCS else None
+
+
+def _cu(lengths):
+    cu = [0]
+    for x in lengths:
+        cu.append(cu[-1] + x)
+    return cu
 
 
 def _counts(n, h, ws, rs, causal, offset=0, cu=None):
@@ -54,19 +79,6 @@ def _counts(n, h, ws, rs, causal, offset=0, cu=None):
         if e > c:
             counts[:, c:e, c:e] = pattern_counts(e - c, e - c, h, ws, rs, causal, position_offset=offset)
     return counts
-
-
-def _random_documents(rnd, n, max_w):
-    """Boundaries of 1..64 documents filling a row of n tokens: lengths 0..u for a
-    log-uniform u in [1, 3 * max_w] (one in ten empty), the last one stretched to
-    fill the row."""
-    u = max(1, round((3 * max_w) ** rnd.random()))
-    cu = [0]
-    while cu[-1] < n and len(cu) <= 64:
-        length = 0 if rnd.random() < 0.1 else rnd.randint(1, u)
-        cu.append(min(n, cu[-1] + length))
-    cu[-1] = n
-    return cu
 
 
 def _minimal_kv_rows(world, chunk, h, hk, ws, rs, causal, offset=0, cu=None):
@@ -134,8 +146,13 @@ def _run_cases(group, sp_rank):
         sequence_parallel_dilated_attention,
     )
 
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
     out = {}
     for name, b, chunk, h, hk, d, ws, rs, causal, dtype in CASES:
+        lengths = _doc_lengths(name, world * chunk)
+        cu = None if lengths is None else torch.tensor(_cu(lengths))
         g = torch.Generator().manual_seed(sp_rank)
         dt = getattr(torch, dtype)
         q = torch.randn(b, chunk, h, d, generator=g).to(dt).requires_grad_()
@@ -152,6 +169,7 @@ def _run_cases(group, sp_rank):
             is_causal=causal,
             return_lse=True,
             position_offset=OFFSETS.get(name, 0),
+            cu_seqlens=cu,
         )
 
         reset_comm_stats()
@@ -164,7 +182,7 @@ def _run_cases(group, sp_rank):
             "calls": st.calls,
             "held": held,
         }
-        if name == "memory":
+        if name in LARGE:
             # The resident set's peak over a forward (warm: the call above ran first;
             # the test sets MALLOC_MMAP_THRESHOLD_ so freed tensors leave the set).
             gc.collect()
@@ -220,6 +238,7 @@ def _plan_case(case, world):
         causal=causal,
         dtype=dtype,
         position_offset=OFFSETS.get(name, 0),
+        doc_lengths=_doc_lengths(name, world * chunk),
     )
 
 
@@ -240,7 +259,7 @@ def test_planned_bytes_equal_counted_bytes(runs, world, case):
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize(
-    "case", [c for c in CASES if c[0] != "memory"], ids=[c[0] for c in CASES if c[0] != "memory"]
+    "case", [c for c in CASES if c[0] not in LARGE], ids=[c[0] for c in CASES if c[0] not in LARGE]
 )
 def test_counted_bytes_are_the_minimal_rows(runs, world, case):
     """What the gloo runs sent and received is exactly the minimal rows of the
@@ -249,7 +268,9 @@ def test_counted_bytes_are_the_minimal_rows(runs, world, case):
     a redundant row there would be counted by both. (The memory case's count matrix
     would take GiBs; the random configurations below check the planner's rows.)"""
     name, b, chunk, h, hk, d, ws, rs, causal, dtype = case
-    recv, sent = _minimal_kv_rows(world, chunk, h, hk, ws, rs, causal, OFFSETS.get(name, 0))
+    lengths = _doc_lengths(name, world * chunk)
+    cu = None if lengths is None else _cu(lengths)
+    recv, sent = _minimal_kv_rows(world, chunk, h, hk, ws, rs, causal, OFFSETS.get(name, 0), cu)
     unit = 2 * b * d * torch.finfo(getattr(torch, dtype)).bits // 8  # a k row and a v row
     plan = _plan_case(case, world)
     for rank, rep in runs[world]:
@@ -287,14 +308,15 @@ def test_planned_memory_within_3_percent_of_measured(runs, world, case):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_planned_peak_within_10_percent_of_resident_set_peak(runs, world):
+@pytest.mark.parametrize("name", LARGE)
+def test_planned_peak_within_10_percent_of_resident_set_peak(runs, world, name):
     """The forward's peak, measured as the growth of the resident set over one call,
     against the planned peak less the inputs (which were resident before)."""
-    case = next(c for c in CASES if c[0] == "memory")
+    case = next(c for c in CASES if c[0] == name)
     _, b, chunk, h, hk, d, *_ = case
     plan = _plan_case(case, world)
     for rank, rep in runs[world]:
-        measured = rep["memory"]["rss_peak"]
+        measured = rep[name]["rss_peak"]
         planned = plan.per_rank[rank].peak_bytes - b * chunk * (h + 2 * hk) * d * 4
         assert abs(planned - measured) <= RSS_TOLERANCE * measured, (rank, planned, measured)
 
