@@ -341,6 +341,25 @@ def _scenario_mismatch(rank, world, report):
         except ValueError as exc:
             msgs.append(str(exc))
     report["mismatch"] = msgs
+    # Document boundaries that differ between ranks, and bad ones (raised before any
+    # exchange, the same on every rank).
+    x = torch.randn(1, 8, 4, 8)
+    bad = {
+        "differ": torch.tensor([0, 5 + rank, 16]),
+        "dtype": torch.tensor([0.0, 16.0]),
+        "decreasing": torch.tensor([0, 9, 4, 16]),
+        "last": torch.tensor([0, 4, 12]),
+        "batch": torch.tensor([0, 16]),
+    }
+    docs = {}
+    for variant, cu in bad.items():
+        xx = x.expand(2, -1, -1, -1) if variant == "batch" else x
+        try:
+            sequence_parallel_dilated_attention(xx, xx, xx, [4, 16], [1, 4], cu_seqlens=cu)
+            docs[variant] = None
+        except ValueError as exc:
+            docs[variant] = str(exc)
+    report["mismatch_documents"] = docs
 
 
 def _scenario_dead(rank, world, report):
@@ -597,6 +616,13 @@ def test_mismatched_configuration_raises_on_every_rank(tmp_path):
         assert rates and "segment_lengths/dilation_rates" in rates
         assert length and "local sequence length L" in length and "rank 1: 9" in length
         assert causal and "is_causal" in causal
+        docs = rep["mismatch_documents"]
+        assert docs["differ"] and "different cu_seqlens" in docs["differ"]
+        assert docs["dtype"] and "int32 or int64" in docs["dtype"]
+        assert docs["decreasing"] and "nondecreasing" in docs["decreasing"]
+        assert docs["last"] and "end at the global sequence length" in docs["last"]
+        assert docs["last"] and "16" in docs["last"]
+        assert docs["batch"] and "batch size 1" in docs["batch"]
 
 
 @pytest.mark.parametrize("scenario", ["dead", "stuck"])

@@ -640,3 +640,97 @@ def test_cli_table_sweep_plot_fit_and_errors(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(args + ["--heads", "4", "--head-dim", "32"])
         assert message in capsys.readouterr().err
+
+
+def test_documents_cut_long_segments_and_can_misalign_short_ones():
+    """Per-rank traffic of packed rows against the same row as one sequence: a
+    pattern whose segments span ranks exchanges less (its segments are cut to the
+    documents); a pattern whose segments the ranks hold whole (L % w == 0) exchanges
+    nothing without documents, but a document that starts off its segment grid puts
+    a segment across a rank boundary."""
+    from longnet.plan import document_lengths
+
+    n, p = 2**16, 4
+    lengths = document_lengths(n, distribution="lognormal:4K,1", seed=1)
+    kw = dict(heads=4, head_dim=32, causal=True, dtype="bfloat16")
+
+    def traffic(plan):
+        return [c.bytes_sent + c.bytes_received for c in plan.per_rank]
+
+    long = dict(kw, segment_lengths=[65536], dilation_rates=[16])
+    with_docs, alone = plan_run(n, p, doc_lengths=lengths, **long), plan_run(n, p, **long)
+    assert all(0 < a for a in traffic(alone)[1:])
+    assert all(a <= b for a, b in zip(traffic(with_docs), traffic(alone)))
+    assert sum(traffic(with_docs)) < sum(traffic(alone))
+    short = dict(kw, segment_lengths=[2048], dilation_rates=[1])
+    assert traffic(plan_run(n, p, **short)) == [0] * p
+    assert sum(traffic(plan_run(n, p, doc_lengths=lengths, **short))) > 0
+
+
+def test_document_lengths_and_errors():
+    from longnet.plan import document_lengths
+
+    assert document_lengths(10, lengths=[4, 0, 3]) == [4, 0, 3, 3]
+    assert document_lengths(9, distribution="fixed:4") == [4, 4, 1]
+    drawn = document_lengths(2**20, distribution="lognormal:4K,0.5", seed=3)
+    assert sum(drawn) == 2**20 and min(drawn) >= 1
+    # The draws' mean is the distribution's (4096) within a few standard errors.
+    mean = sum(drawn[:-1]) / (len(drawn) - 1)
+    assert abs(mean - 4096) < 4 * 4096 * 0.55 / (len(drawn) - 1) ** 0.5, mean
+    uni = document_lengths(1000, distribution="uniform:0,5", seed=0)
+    assert sum(uni) == 1000 and max(uni) <= 5 and 0 in uni
+    for spec in ("lognormal:4K", "poisson:3", "uniform:5,2", "fixed:0"):
+        with pytest.raises(ValueError, match="distribution"):
+            document_lengths(100, distribution=spec)
+    kw = dict(heads=4, head_dim=8, segment_lengths=[4], dilation_rates=[1])
+    with pytest.raises(ValueError, match="sum to tokens"):
+        plan_run(8, 2, doc_lengths=[3, 4], **kw)
+    with pytest.raises(ValueError, match=r"doc_lengths\[1\]"):
+        plan_run(8, 2, doc_lengths=[9, -1], **kw)
+    with pytest.raises(ValueError, match="batch = 1"):
+        plan_run(8, 2, batch=2, doc_lengths=[8], **kw)
+
+
+def test_cli_documents(capsys):
+    from longnet.plan import document_lengths, main
+
+    args = [
+        "--tokens",
+        "64K",
+        "--ranks",
+        "4",
+        "--heads",
+        "4",
+        "--head-dim",
+        "32",
+        "--segment-lengths",
+        "2048",
+        "65536",
+        "--dilation-rates",
+        "1",
+        "16",
+        "--causal",
+    ]
+    main(args + ["--doc-length-dist", "lognormal:4K,1", "--doc-seed", "2", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    lengths = document_lengths(65536, distribution="lognormal:4K,1", seed=2)
+    ws = dict(segment_lengths=[2048, 65536], dilation_rates=[1, 16])
+    direct = plan_run(65536, 4, heads=4, head_dim=32, causal=True, doc_lengths=lengths, **ws)
+    single = plan_run(65536, 4, heads=4, head_dim=32, causal=True, **ws)
+    assert data["documents"] == len(lengths)
+    assert [r["bytes_sent"] for r in data["per_rank"]] == [c.bytes_sent for c in direct.per_rank]
+    assert [r["bytes_sent"] for r in data["without_documents"]["per_rank"]] == [
+        c.bytes_sent for c in single.per_rank
+    ]
+    main(args + ["--doc-lengths", "3000,500,9K"])
+    out = capsys.readouterr().out
+    assert "packed documents: " in out and "the same row as one sequence" in out
+    assert "with documents" in out and "without" in out
+    for extra, message in (
+        (["--doc-lengths", "4096", "--sweep"], "--sweep"),
+        (["--doc-length-dist", "zipf:2"], "distribution"),
+        (["--doc-lengths", "4096", "--batch", "2"], "--batch 1"),
+    ):
+        with pytest.raises(SystemExit):
+            main(args + extra)
+        assert message in capsys.readouterr().err
