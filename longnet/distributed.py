@@ -24,6 +24,11 @@ How it works, for every pattern ``(w, r)``:
   positions. Heads whose offsets give the same per-rank row counts share one call.
 * The partial results are merged by their log-sum-exp, which is exact (docs/operator.md:
   one softmax over the multiset of keys of all patterns) and differentiable.
+* Packed documents (``cu_seqlens``): every document is attended alone, its segments
+  aligned to its own first token. Documents inside one rank's chunk run in one packed
+  call of the operator; a document that crosses a rank boundary is planned as above in
+  its own frame (its fragment on each rank is a sequence of its own, at its position
+  in the document), so only its segments cross ranks and only its rows are exchanged.
 
 All exchanges of one call go into a single all-to-all (and one in backward). A rank
 sends its ``L / r`` selected rows per head to each other rank of a segment it shares
@@ -384,7 +389,9 @@ def _plan(
         tail = pieces[-1].a if pieces and pieces[-1].b == chunk and pieces[-1].a >= head else chunk
         if head < tail:
             inside = _Local(head, tail, ws, rs, offset, docs=())
-            pieces = [p for p in pieces if p.b <= head] + [inside] + [p for p in pieces if p.a >= tail]
+            pieces = (
+                [p for p in pieces if p.b <= head] + [inside] + [p for p in pieces if p.a >= tail]
+            )
     jobs.sort(key=lambda x: x[0])
     for lst in sends + recvs:
         lst.sort(key=lambda x: x[0])
@@ -726,9 +733,7 @@ def sequence_parallel_dilated_attention(
             assert cu is not None  # packed pieces exist only with documents
             g0 = rank * chunk + a
             lo_i, hi_i = bisect.bisect_left(cu, g0), bisect.bisect_right(cu, g0 + z - a)
-            local_cu = torch.tensor(
-                [x - g0 for x in cu[lo_i:hi_i]], dtype=torch.int64, device=dev
-            )
+            local_cu = torch.tensor([x - g0 for x in cu[lo_i:hi_i]], dtype=torch.int64, device=dev)
             o_p, l_p = longnet.dilated_attention(
                 qa,
                 ka,

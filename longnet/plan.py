@@ -16,6 +16,10 @@ heads, head dim, dtype, patterns, layers, causal, position offset) and a sequenc
 * with a device speed and a link speed, the estimated compute and communication
   time and their ratio.
 
+Packed rows (``doc_lengths``, ``--doc-lengths`` / ``--doc-length-dist``) are planned
+as ``cu_seqlens`` runs them: each document alone, those that cross a rank boundary
+segment by segment.
+
 It follows the sequence-parallel planner itself (``longnet.distributed``'s head
 groups of every rank-crossing segment) but visits each crossing segment once for all
 of its ranks and counts rows instead of building index tensors, so its work grows
@@ -434,6 +438,14 @@ def _crossing_segments(
     return sorted(segs)
 
 
+def _spans_ranks(s: int, w: int, lo: int, hi: int, base: int, chunk: int) -> bool:
+    """Whether segment ``s`` of the sequence in this frame lies on two ranks or more."""
+    from longnet.distributed import _segment_ranks
+
+    ranks_of = _segment_ranks(s, w, lo, hi, base, chunk)
+    return ranks_of[3] > ranks_of[2]
+
+
 def _count(
     world: int,
     chunk: int,
@@ -449,7 +461,7 @@ def _count(
     on every rank, visiting each crossing segment once. Without ``cu_seqlens`` the
     sequence occupies the absolute positions ``[offset, offset + world * chunk)``;
     with it, each document (first token at ``offset``) is planned alone."""
-    from longnet.distributed import _segment, _segment_ranks, spanning_documents
+    from longnet.distributed import _segment, spanning_documents
 
     segment = getattr(_segment, "__wrapped__", _segment)  # leave the op's cache alone
     n = world * chunk
@@ -499,19 +511,13 @@ def _count(
                         rc.send += own * dsts
                         rc.recv += (keys - cnt[a]) * npairs
                         rc.own += own
-                        rc.calls.append(
-                            _Call(i, cnt[a], nheads, npairs, keys, pieces, not uniform)
-                        )
+                        rc.calls.append(_Call(i, cnt[a], nheads, npairs, keys, pieces, not uniform))
                         pairs = (
                             cnt[a] * keys
                             if not causal
                             else cnt[a] * (keys - cnt[a]) + cnt[a] * (cnt[a] + 1) // 2
                         )
                         rc.cross_pairs += nheads * pairs
-
-            def spans_ranks(s: int, w: int) -> bool:
-                ranks_of = _segment_ranks(s, w, lo, hi, base, chunk)
-                return ranks_of[3] > ranks_of[2]
 
             for p in holders:
                 rc = ranks[p]
@@ -525,8 +531,8 @@ def _count(
                 if i not in rc.cross:
                     rc.cross.append(i)
                 s_a, s_b = a_abs // w, (b_abs - 1) // w
-                s_lo = s_a + 1 if spans_ranks(s_a, w) else s_a
-                s_hi = s_b - 1 if spans_ranks(s_b, w) else s_b
+                s_lo = s_a + 1 if _spans_ranks(s_a, w, lo, hi, base, chunk) else s_a
+                s_hi = s_b - 1 if _spans_ranks(s_b, w, lo, hi, base, chunk) else s_b
                 if s_lo <= s_hi:
                     pa, pb = max(s_lo * w, a_abs), min((s_hi + 1) * w, b_abs)
                     rc.partial[i] = rc.partial.get(i, 0) + pb - pa

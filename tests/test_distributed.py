@@ -230,10 +230,11 @@ def _scenario_documents(rank, world, report):
     for case in _document_cases(world, DOC_CASES, seed=0):
         name, chunk, h, hk, d, ws, rs, causal, offset, cu, low = case
         n = world * chunk
-        g = torch.Generator().manual_seed(3)
-        mk = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-        q, k, v = mk(1, n, h, d), mk(1, n, hk, d), mk(1, n, hk, d)
-        gout, glse = mk(1, n, h, d), mk(1, h, n)
+        gen = torch.Generator().manual_seed(3)
+        q, k, v, gout, glse = (
+            torch.randn(*shape, generator=gen, dtype=torch.float64)
+            for shape in ((1, n, h, d), (1, n, hk, d), (1, n, hk, d), (1, n, h, d), (1, h, n))
+        )
         sl = slice(rank * chunk, (rank + 1) * chunk)
         cu_t = torch.tensor(cu)
         errors[name] = {}
@@ -260,7 +261,7 @@ def _scenario_documents(rank, world, report):
             loss = (out.double() * go[:, sl]).sum() + (_finite(lse).double() * gl[:, :, sl]).sum()
             loss.backward()
 
-            def err(a, b):
+            def err(a, b, dtype=dtype):
                 a, b = _finite(a.double()), _finite(b.double())
                 if dtype == "float64":
                     return (a - b).abs().max().item()
@@ -523,8 +524,13 @@ def _document_bounds(dtype, n_patterns):
         return dict.fromkeys(("out", "lse", "dq", "dk", "dv"), _F32)
     u = 2.0**-8
     m = 1 + n_patterns
-    return {"out": m * u + _F32, "dv": m * u + _F32, "dq": (m + 1) * u + _F32,
-            "dk": (m + 1) * u + _F32, "lse": _F32}
+    return {
+        "out": m * u + _F32,
+        "dv": m * u + _F32,
+        "dq": (m + 1) * u + _F32,
+        "dk": (m + 1) * u + _F32,
+        "lse": _F32,
+    }
 
 
 @pytest.mark.parametrize("world", [2, 4])
