@@ -196,19 +196,18 @@ class _Call:
 
 @dataclass(frozen=True)
 class _Local:
-    """One local operator call on this rank's rows ``[a, b)``.
-
-    ``docs`` is None for the rows of one sequence (or document fragment) whose first
-    row sits at absolute position ``position_offset``, computed with the patterns
-    ``ws``/``rs``; otherwise the rows hold whole documents (``docs`` their boundaries
-    relative to ``a``) run in one packed call of every pattern."""
+    """One local operator call on this rank's rows ``[a, b)``: the rows of one sequence
+    (or document fragment) whose first row sits at absolute position
+    ``position_offset``, computed with the patterns ``ws``/``rs``; with ``packed``,
+    rows that hold whole documents, run in one packed call (their boundaries come from
+    each call's ``cu_seqlens``, every document's first token at ``position_offset``)."""
 
     a: int
     b: int
     ws: tuple[int, ...]
     rs: tuple[int, ...]
     position_offset: int
-    docs: tuple[int, ...] | None = None
+    packed: bool = False
 
 
 @dataclass
@@ -234,16 +233,9 @@ class _RankPlan:
     exchange: bool  # whether the ranks exchange anything
     _device_cache: dict = field(default_factory=dict)
 
-    @property
-    def local_ws(self) -> tuple[int, ...]:
-        """Segment lengths of the patterns computed wholly locally on all rows (one
-        sequence without documents)."""
-        return self.pieces[0].ws if len(self.pieces) == 1 else ()
-
     def __repr__(self) -> str:
         local = [
-            f"[{p.a}, {p.b}): "
-            + (f"{len(p.docs) - 1} documents" if p.docs is not None else str(list(zip(p.ws, p.rs))))
+            f"[{p.a}, {p.b}): " + ("packed documents" if p.packed else str(list(zip(p.ws, p.rs))))
             for p in self.pieces
         ]
         return (
@@ -388,7 +380,7 @@ def _plan(
         head = pieces[0].b if pieces and pieces[0].a == 0 else 0
         tail = pieces[-1].a if pieces and pieces[-1].b == chunk and pieces[-1].a >= head else chunk
         if head < tail:
-            inside = _Local(head, tail, ws, rs, offset, docs=())
+            inside = _Local(head, tail, ws, rs, offset, packed=True)
             pieces = (
                 [p for p in pieces if p.b <= head] + [inside] + [p for p in pieces if p.a >= tail]
             )
@@ -729,7 +721,7 @@ def sequence_parallel_dilated_attention(
     for piece in plan.pieces:
         a, z = piece.a, piece.b
         qa, ka, va = (q, k, v) if (a, z) == (0, chunk) else (q[:, a:z], k[:, a:z], v[:, a:z])
-        if piece.docs is not None:
+        if piece.packed:
             assert cu is not None  # packed pieces exist only with documents
             g0 = rank * chunk + a
             lo_i, hi_i = bisect.bisect_left(cu, g0), bisect.bisect_right(cu, g0 + z - a)
