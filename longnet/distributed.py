@@ -24,6 +24,11 @@ How it works, for every pattern ``(w, r)``:
   positions. Heads whose offsets give the same per-rank row counts share one call.
 * The partial results are merged by their log-sum-exp, which is exact (docs/operator.md:
   one softmax over the multiset of keys of all patterns) and differentiable.
+* Packed documents (``cu_seqlens``): every document is attended alone, its segments
+  aligned to its own first token. Documents inside one rank's chunk run in one packed
+  call of the operator; a document that crosses a rank boundary is planned as above in
+  its own frame (its fragment on each rank is a sequence of its own, at its position
+  in the document), so only its segments cross ranks and only its rows are exchanged.
 
 All exchanges of one call go into a single all-to-all (and one in backward). A rank
 sends its ``L / r`` selected rows per head to each other rank of a segment it shares
@@ -44,9 +49,11 @@ summed over ``group`` (e.g. ``torch.distributed.all_reduce``, or DDP over it);
 
 from __future__ import annotations
 
+import bisect
 import math
 import struct
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -117,13 +124,14 @@ class _Segment:
 
 
 def _segment_ranks(
-    s: int, w: int, n: int, chunk: int, offset: int = 0
+    s: int, w: int, lo: int, hi: int, base: int, chunk: int
 ) -> tuple[int, int, int, int]:
-    """Segment ``s`` of length ``w`` of the sequence at absolute positions
-    ``[offset, offset + n)``: (start, stop) clipped to the sequence, and the first and
-    last rank holding a position of it."""
-    start, stop = max(s * w, offset), min((s + 1) * w, offset + n)
-    return start, stop, (start - offset) // chunk, (stop - 1 - offset) // chunk
+    """Segment ``s`` of length ``w`` of a sequence (a document) at absolute positions
+    ``[lo, hi)``, rank ``q`` holding its absolute positions ``[base + q*chunk, base +
+    (q+1)*chunk)``: (start, stop) clipped to the sequence, and the first and last rank
+    holding a position of it."""
+    start, stop = max(s * w, lo), min((s + 1) * w, hi)
+    return start, stop, (start - base) // chunk, (stop - 1 - base) // chunk
 
 
 @lru_cache(maxsize=256)
@@ -132,14 +140,16 @@ def _segment(
     s: int,
     w: int,
     r: int,
-    n: int,
+    lo: int,
+    hi: int,
+    base: int,
     chunk: int,
     num_heads: int,
     kv_group: int,
-    offset: int = 0,
 ) -> _Segment:
-    """Head groups of cross-rank segment ``s`` of pattern ``(w, r)``."""
-    lo, stop, r0, r1 = _segment_ranks(s, w, n, chunk, offset)
+    """Head groups of cross-rank segment ``s`` of pattern ``(w, r)`` of the sequence
+    at absolute positions ``[lo, hi)`` whose rank ``q`` starts at ``base + q*chunk``."""
+    seg_lo, stop, r0, r1 = _segment_ranks(s, w, lo, hi, base, chunk)
     start = s * w
     offsets = range(min(num_heads, r))
     firsts: dict[int, list[int]] = {}
@@ -147,8 +157,8 @@ def _segment(
     for o in offsets:
         per_rank, ts = [], []
         for q in range(r0, r1 + 1):
-            a = max(lo, offset + q * chunk) - start
-            e = min(stop, offset + (q + 1) * chunk) - start
+            a = max(seg_lo, base + q * chunk) - start
+            e = min(stop, base + (q + 1) * chunk) - start
             t_lo = max(0, _cdiv(a - o, r))
             t_hi = max(0, _cdiv(e - o, r))
             per_rank.append(max(0, t_hi - t_lo))
@@ -184,6 +194,22 @@ class _Call:
     head_map: Tensor | None  # (|J|,) pair index per head; None when GQA maps it
 
 
+@dataclass(frozen=True)
+class _Local:
+    """One local operator call on this rank's rows ``[a, b)``: the rows of one sequence
+    (or document fragment) whose first row sits at absolute position
+    ``position_offset``, computed with the patterns ``ws``/``rs``; with ``packed``,
+    rows that hold whole documents, run in one packed call (their boundaries come from
+    each call's ``cu_seqlens``, every document's first token at ``position_offset``)."""
+
+    a: int
+    b: int
+    ws: tuple[int, ...]
+    rs: tuple[int, ...]
+    position_offset: int
+    packed: bool = False
+
+
 @dataclass
 class _RankPlan:
     """Everything one rank does for one configuration (index tensors on CPU).
@@ -193,9 +219,9 @@ class _RankPlan:
     ``head * L + row``.
     """
 
-    local_ws: tuple[int, ...]
-    local_rs: tuple[int, ...]
-    partial: dict[int, tuple[int, int]]  # pattern -> local [a, b) of own segments
+    pieces: tuple[_Local, ...]  # the local calls, in row order, covering [0, L)
+    partial: tuple[_Local, ...]  # per-pattern calls of locally computed segments
+    partial_pattern: tuple[int, ...]  # their pattern indices
     cross_patterns: tuple[int, ...]  # patterns that get a per-pattern result
     calls: list[_Call]
     kv_index: Tensor  # rows sent (by destination), then own rows
@@ -208,32 +234,47 @@ class _RankPlan:
     _device_cache: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
+        local = [
+            f"[{p.a}, {p.b}): " + ("packed documents" if p.packed else str(list(zip(p.ws, p.rs))))
+            for p in self.pieces
+        ]
         return (
-            f"_RankPlan(local patterns {list(zip(self.local_ws, self.local_rs))}, "
-            f"cross-rank patterns {list(self.cross_patterns)}, "
-            f"partly local {self.partial}, {len(self.calls)} calls, "
-            f"rows sent {list(self.send_rows)}, received {list(self.recv_rows)})"
+            f"_RankPlan(local calls {local}, cross-rank patterns {list(self.cross_patterns)}, "
+            f"partly local {[(i, p.a, p.b) for i, p in zip(self.partial_pattern, self.partial)]}, "
+            f"{len(self.calls)} calls, rows sent {list(self.send_rows)}, "
+            f"received {list(self.recv_rows)})"
         )
 
 
 def _rows(
-    seg: _Segment, g: _HeadGroup, rank: int, chunk: int, offs: Sequence[int], offset: int = 0
+    seg: _Segment, g: _HeadGroup, rank: int, chunk: int, offs: Sequence[int], base: int = 0
 ) -> Tensor:
-    """Local rows of ``rank`` for the given offsets: (count, len(offs))."""
+    """Local rows of ``rank`` for the given offsets: (count, len(offs)); ``base`` is
+    the absolute position of the whole sequence's row 0 in the segment's frame."""
     qi = rank - seg.first_rank
     n = g.counts[qi]
     t = torch.arange(n).unsqueeze(1)
-    first = offset + rank * chunk  # absolute position of local row 0
-    base = torch.tensor([seg.start + o + g.first_t[qi][o] * seg.r - first for o in offs])
-    return base.unsqueeze(0) + t * seg.r
-
-
-def _touching(p: int, w: int, chunk: int, offset: int = 0) -> tuple[int, int]:
-    return (offset + p * chunk) // w, (offset + (p + 1) * chunk - 1) // w
+    first = base + rank * chunk  # absolute position of local row 0
+    base_t = torch.tensor([seg.start + o + g.first_t[qi][o] * seg.r - first for o in offs])
+    return base_t.unsqueeze(0) + t * seg.r
 
 
 def _cat(ts: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in ts]) if ts else torch.zeros(0, dtype=torch.long)
+
+
+def spanning_documents(cu: Sequence[int], world: int, chunk: int) -> tuple[tuple[int, int], ...]:
+    """The documents ``(start, stop)`` (global token indices) of the boundaries
+    ``cu`` that hold a rank boundary ``p * chunk`` strictly inside, in order."""
+    out: list[tuple[int, int]] = []
+    for p in range(1, world):
+        g = p * chunk
+        i = bisect.bisect_right(cu, g) - 1  # the document that holds token g
+        if 0 < g - cu[i] and i + 1 < len(cu):
+            doc = (cu[i], cu[i + 1])
+            if not out or out[-1] != doc:
+                out.append(doc)
+    return tuple(out)
 
 
 @lru_cache(maxsize=64)
@@ -247,66 +288,102 @@ def _plan(
     rs: tuple[int, ...],
     is_causal: bool,
     offset: int = 0,
+    docs: tuple[tuple[int, int], ...] | None = None,
 ) -> _RankPlan:
-    """What ``rank`` computes, sends and receives; the sequence occupies absolute
-    positions ``[offset, offset + world * chunk)``."""
+    """What ``rank`` computes, sends and receives.
+
+    Without ``docs`` the sequence occupies absolute positions ``[offset, offset +
+    world * chunk)``. With ``docs`` the global sequence is packed documents, each
+    attended alone with its first token at ``offset``: ``docs`` are those that cross
+    a rank boundary (:func:`spanning_documents`, the same on every rank); every other
+    row belongs to a document inside one rank and runs in the packed local call (its
+    boundaries are filled in per call)."""
     n = world * chunk
-    first = offset + rank * chunk  # absolute position of this rank's row 0
     kv_group = num_heads // kv_heads
-    local_ws, local_rs, cross, partial = [], [], [], {}
-    exchange = False
-    # (key, ...) records; key = (pattern, segment, group) orders every exchange.
+    packed = docs is not None
+    spans = docs if docs is not None else ((0, n),)
+    # A rank boundary inside a segment of a document makes that segment cross ranks.
+    exchange = any(
+        (offset - c + p * chunk) % w
+        for c, e in spans
+        for p in range(1, world)
+        if c < p * chunk < e
+        for w in ws
+    )
+    r_lo, r_hi = rank * chunk, (rank + 1) * chunk
+    cross: set[int] = set()
+    pieces: list[_Local] = []
+    partial: list[tuple[int, _Local]] = []
+    # (key, ...) records; key = (document, pattern, segment, group) orders every exchange.
     jobs = []  # receiving side
     sends: list[list] = [[] for _ in range(world)]
     recvs: list[list] = [[] for _ in range(world)]
-    for i, (w, r) in enumerate(zip(ws, rs)):
-        # A rank boundary inside a segment makes that segment cross ranks.
-        if any((offset + p * chunk) % w for p in range(1, world)):
-            exchange = True
-        s_a, s_b = _touching(rank, w, chunk, offset)
-        crossing = [
-            s
-            for s in sorted({s_a, s_b})
-            if _segment_ranks(s, w, n, chunk, offset)[3] > _segment_ranks(s, w, n, chunk, offset)[2]
-        ]
-        if not crossing:
-            local_ws.append(w)
-            local_rs.append(r)
-            continue
-        cross.append(i)
-        lo = s_a + 1 if s_a in crossing else s_a
-        hi = s_b - 1 if s_b in crossing else s_b
-        if lo <= hi:
-            partial[i] = (max(lo * w, first) - first, min((hi + 1) * w, offset + n) - first)
-        for s in crossing:
-            seg = _segment(i, s, w, r, n, chunk, num_heads, kv_group, offset)
-            me = rank - seg.first_rank
-            for gi, g in enumerate(seg.groups):
-                if g.counts[me] == 0:
-                    continue  # no queries here, and no rows to send
-                key = (i, s, gi)
-                kv_rows = _rows(seg, g, rank, chunk, [o for _, o in g.pairs], offset)
-                kvh = torch.tensor([hh for hh, _ in g.pairs])
-                flat_kv = kv_rows * kv_heads + kvh
-                ranks = [
-                    q
-                    for q in range(seg.first_rank, seg.last_rank + 1)
-                    if not is_causal or q <= rank
-                ]
-                jobs.append((key, seg, g, ranks, flat_kv))
-                for q in ranks:
-                    nq = g.counts[q - seg.first_rank]
-                    if q != rank and nq > 0:
-                        recvs[q].append((key, nq * len(g.pairs)))
-                # This rank's rows go to every later (causal) or other rank of the
-                # segment that has queries in the group.
-                for dst in range(seg.first_rank, seg.last_rank + 1):
-                    if (
-                        dst != rank
-                        and not (is_causal and dst < rank)
-                        and g.counts[dst - seg.first_rank] > 0
-                    ):
-                        sends[dst].append((key, flat_kv))
+    for c, e in spans:
+        if not (c < r_hi and e > r_lo):
+            continue  # this document has no row here
+        lo, hi, base = offset, offset + e - c, offset - c  # the document's frame
+        first = base + rank * chunk  # absolute position of this rank's row 0
+        fa, fb = max(c, r_lo) - r_lo, min(e, r_hi) - r_lo  # its rows here
+        a_abs, b_abs = first + fa, first + fb
+        local_ws, local_rs = [], []
+        for i, (w, r) in enumerate(zip(ws, rs)):
+            s_a, s_b = a_abs // w, (b_abs - 1) // w
+            crossing = [
+                s
+                for s in sorted({s_a, s_b})
+                if _segment_ranks(s, w, lo, hi, base, chunk)[3]
+                > _segment_ranks(s, w, lo, hi, base, chunk)[2]
+            ]
+            if not crossing:
+                local_ws.append(w)
+                local_rs.append(r)
+                continue
+            cross.add(i)
+            s_lo = s_a + 1 if s_a in crossing else s_a
+            s_hi = s_b - 1 if s_b in crossing else s_b
+            if s_lo <= s_hi:
+                pa, pb = max(s_lo * w, a_abs), min((s_hi + 1) * w, b_abs)
+                partial.append((i, _Local(pa - first, pb - first, (w,), (r,), pa)))
+            for s in crossing:
+                seg = _segment(i, s, w, r, lo, hi, base, chunk, num_heads, kv_group)
+                me = rank - seg.first_rank
+                for gi, g in enumerate(seg.groups):
+                    if g.counts[me] == 0:
+                        continue  # no queries here, and no rows to send
+                    key = (c, i, s, gi)
+                    kv_rows = _rows(seg, g, rank, chunk, [o for _, o in g.pairs], base)
+                    kvh = torch.tensor([hh for hh, _ in g.pairs])
+                    flat_kv = kv_rows * kv_heads + kvh
+                    ranks = [
+                        q
+                        for q in range(seg.first_rank, seg.last_rank + 1)
+                        if not is_causal or q <= rank
+                    ]
+                    jobs.append((key, seg, g, ranks, flat_kv, base))
+                    for q in ranks:
+                        nq = g.counts[q - seg.first_rank]
+                        if q != rank and nq > 0:
+                            recvs[q].append((key, nq * len(g.pairs)))
+                    # This rank's rows go to every later (causal) or other rank of
+                    # the segment that has queries in the group.
+                    for dst in range(seg.first_rank, seg.last_rank + 1):
+                        if (
+                            dst != rank
+                            and not (is_causal and dst < rank)
+                            and g.counts[dst - seg.first_rank] > 0
+                        ):
+                            sends[dst].append((key, flat_kv))
+        pieces.append(_Local(fa, fb, tuple(local_ws), tuple(local_rs), a_abs))
+    if packed:
+        # Rows outside the spanning documents' fragments (which hold row 0 or row
+        # L - 1) are whole documents: one packed call between the fragments.
+        head = pieces[0].b if pieces and pieces[0].a == 0 else 0
+        tail = pieces[-1].a if pieces and pieces[-1].b == chunk and pieces[-1].a >= head else chunk
+        if head < tail:
+            inside = _Local(head, tail, ws, rs, offset, packed=True)
+            pieces = (
+                [p for p in pieces if p.b <= head] + [inside] + [p for p in pieces if p.a >= tail]
+            )
     jobs.sort(key=lambda x: x[0])
     for lst in sends + recvs:
         lst.sort(key=lambda x: x[0])
@@ -320,26 +397,27 @@ def _plan(
     send_rows = tuple(sum(t.numel() for _, t in sends[dst]) for dst in range(world))
 
     calls, own_parts, q_parts = [], [], []
-    out_parts: dict[int, list] = {i: [] for i in cross}
-    lse_parts: dict[int, list] = {i: [] for i in cross}
-    for i, (a, b) in partial.items():  # the locally computed segments come first
-        local_rows = torch.arange(a, b)
+    cross_patterns = tuple(sorted(cross))
+    out_parts: dict[int, list] = {i: [] for i in cross_patterns}
+    lse_parts: dict[int, list] = {i: [] for i in cross_patterns}
+    for i, part in partial:  # the locally computed segments come first
+        local_rows = torch.arange(part.a, part.b)
         out_parts[i].append(local_rows.unsqueeze(1) * num_heads + torch.arange(num_heads))
         lse_parts[i].append(local_rows.unsqueeze(1) + torch.arange(num_heads) * chunk)
     own_pos = sum(send_rows)
     q_pos = 0
-    for key, seg, g, ranks, flat_kv in jobs:
-        q_rows = _rows(seg, g, rank, chunk, [j % seg.r for j in g.heads], offset)
+    for key, seg, g, ranks, flat_kv, base in jobs:
+        q_rows = _rows(seg, g, rank, chunk, [j % seg.r for j in g.heads], base)
         heads = torch.tensor(g.heads)
-        pieces = []
+        pieces_kv = []
         for src in ranks:
             rows = g.counts[src - seg.first_rank]
             if src == rank:
-                pieces.append((False, own_pos, rows))
+                pieces_kv.append((False, own_pos, rows))
                 own_parts.append(flat_kv)
                 own_pos += flat_kv.numel()
             elif rows > 0:
-                pieces.append((True, recv_start[(key, src)], rows))
+                pieces_kv.append((True, recv_start[(key, src)], rows))
         ratio = len(g.heads) // len(g.pairs)
         uniform = len(g.heads) % len(g.pairs) == 0 and all(
             m == jj // ratio for jj, m in enumerate(g.head_to_pair)
@@ -351,7 +429,7 @@ def _plan(
                 len(g.heads),
                 len(g.pairs),
                 q_pos,
-                tuple(pieces),
+                tuple(pieces_kv),
                 None if uniform else torch.tensor(g.head_to_pair),
             )
         )
@@ -361,10 +439,10 @@ def _plan(
         out_parts[seg.pattern].append(q_flat)
         lse_parts[seg.pattern].append(heads * chunk + q_rows)
     return _RankPlan(
-        tuple(local_ws),
-        tuple(local_rs),
-        partial,
-        tuple(cross),
+        tuple(pieces),
+        tuple(p for _, p in partial),
+        tuple(i for i, _ in partial),
+        cross_patterns,
         calls,
         kv_index=_cat(send_parts + own_parts),
         send_rows=send_rows,
@@ -401,8 +479,11 @@ _FIELDS = (
     "return_lse",
     "requires_grad of q/k/v",
     "position_offset",
+    "cu_seqlens",
 )
-_validated: set = set()
+# Configurations already checked; bounded, since document boundaries change per batch.
+_validated: OrderedDict = OrderedDict()
+_VALIDATED_MAX = 1024
 
 
 def _grad_flags(q: Tensor, k: Tensor, v: Tensor) -> int:
@@ -417,6 +498,7 @@ def _check_config(
     """All-gather ``cfg`` once per (group, configuration) and raise on a mismatch."""
     key = (id(group if group is not None else dist.group.WORLD), cfg)
     if key in _validated:
+        _validated.move_to_end(key)
         return
     local = torch.tensor(cfg, dtype=torch.int64, device=device)
     every = [t.cpu().tolist() for t in all_gather_small(local, group, "configuration check")]
@@ -430,7 +512,42 @@ def _check_config(
                 f"{shown.get(name, values[rank])}). Every rank must pass the same "
                 "configuration."
             )
-    _validated.add(key)
+    _validated[key] = None
+    if len(_validated) > _VALIDATED_MAX:
+        _validated.popitem(last=False)
+
+
+def _document_boundaries(cu_seqlens: object, total: int, device: torch.device) -> list[int]:
+    """Check ``cu_seqlens`` (int32/int64 ``(S+1,)``, nondecreasing from 0 to ``total``,
+    on q's device or the CPU) and return its values."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise ValueError(
+            "cu_seqlens must be an int32 or int64 torch.Tensor of shape (S+1,) or None, "
+            f"got {type(cu_seqlens).__name__}"
+        )
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens must have shape (S+1,) with S >= 1, got {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device not in (device, torch.device("cpu")):
+        raise ValueError(
+            f"cu_seqlens must be on the device of q ({device}) or the CPU, got {cu_seqlens.device}"
+        )
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    if cu[0] != 0 or cu[-1] != total:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at the global sequence length world_size * L "
+            f"= {total}, got {cu[0]} ... {cu[-1]}"
+        )
+    bad = next((i for i in range(len(cu) - 1) if cu[i + 1] < cu[i]), None)
+    if bad is not None:
+        raise ValueError(
+            f"cu_seqlens must be nondecreasing, got cu_seqlens[{bad}] = {cu[bad]} > "
+            f"cu_seqlens[{bad + 1}] = {cu[bad + 1]}"
+        )
+    return cu
 
 
 # ------------------------------------------------------------------------ merging
@@ -471,6 +588,7 @@ def sequence_parallel_dilated_attention(
     scale: float | None = None,
     return_lse: bool = False,
     position_offset: int = 0,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Dilated attention over a sequence split across the ranks of ``group``.
 
@@ -481,14 +599,24 @@ def sequence_parallel_dilated_attention(
         v: this rank's values, shaped like ``k``.
         segment_lengths, dilation_rates: the patterns, as in
             :func:`longnet.dilated_attention` (segments are aligned to absolute
-            positions of the whole sequence).
+            positions of the whole sequence, or of each document).
         group: the sequence-parallel process group (default: the world).
         is_causal: no query attends to a later position.
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return this rank's log-sum-exp rows.
         position_offset: absolute position of the whole sequence's first token (an
             int >= 0, the same on every rank), as in :func:`longnet.dilated_attention`:
-            rank ``p``'s rows sit at ``position_offset + p*L + i``.
+            rank ``p``'s rows sit at ``position_offset + p*L + i``. With
+            ``cu_seqlens``: the position of every document's first token.
+        cu_seqlens: packed documents (``B = 1``): int32/int64 ``(S+1,)``, the
+            document boundaries of the whole global sequence of ``world_size * L``
+            tokens (nondecreasing from 0 to ``world_size * L``, empty documents
+            allowed), the same tensor on every rank (on q's device or the CPU).
+            Document ``i`` is the tokens ``[cu_seqlens[i], cu_seqlens[i+1])``,
+            attended as if alone (segments restart at its first token, no key of
+            another document), as :func:`longnet.dilated_attention` with
+            ``cu_seqlens_q = cu_seqlens_k = cu_seqlens`` on the whole sequence.
+            Documents may span any number of ranks.
 
     Returns:
         ``out`` ``(B, L, H, D)`` (and ``lse`` ``(B, H, L)`` with ``return_lse``): this
@@ -496,8 +624,8 @@ def sequence_parallel_dilated_attention(
         Differentiable; the backward is collective too (every rank must run it).
 
     Raises:
-        ValueError: bad shapes or patterns, or ranks called with different
-            configurations.
+        ValueError: bad shapes, patterns or document boundaries, or ranks called
+            with different configurations.
         RuntimeError: a collective failed or timed out (e.g. a rank died).
     """
     ws, rs = validate_patterns(segment_lengths, dilation_rates)
@@ -511,7 +639,16 @@ def sequence_parallel_dilated_attention(
     rank, world = group_rank_and_size(group)
     b, chunk, h, d = q.shape
     hk = k.shape[2]
+    cu: list[int] | None = None
+    if cu_seqlens is not None:
+        if b != 1:
+            raise ValueError(
+                f"packed documents (cu_seqlens) need batch size 1 (q of shape (1, L, H, D)), "
+                f"got batch size {b}"
+            )
+        cu = _document_boundaries(cu_seqlens, world * chunk, q.device)
     if world == 1:
+        cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int64, device=q.device)
         return longnet.dilated_attention(
             q,
             k,
@@ -522,6 +659,7 @@ def sequence_parallel_dilated_attention(
             scale=scale,
             return_lse=return_lse,
             position_offset=offset,
+            **({} if cu_t is None else {"cu_seqlens_q": cu_t, "cu_seqlens_k": cu_t}),
         )
     cfg = (
         b,
@@ -536,6 +674,7 @@ def sequence_parallel_dilated_attention(
         int(bool(return_lse)),
         _grad_flags(q, k, v),
         offset,
+        -1 if cu is None else zlib.crc32(struct.pack(f"<{len(cu)}q", *cu)) & 0x7FFFFFFF,
     )
     _check_config(
         group,
@@ -546,14 +685,16 @@ def sequence_parallel_dilated_attention(
             "segment_lengths/dilation_rates": f"{list(ws)}/{list(rs)}",
             "dtype": str(q.dtype),
             "scale": scale,
+            "cu_seqlens": "none" if cu is None else f"{len(cu) - 1} documents (checksum)",
         },
     )
     if chunk == 0:
         raise ValueError("q must hold at least one position per rank, got L = 0")
 
-    plan = _plan(world, rank, chunk, h, hk, ws, rs, bool(is_causal), offset)
-    first = offset + rank * chunk  # absolute position of this rank's row 0
+    docs = None if cu is None else spanning_documents(cu, world, chunk)
+    plan = _plan(world, rank, chunk, h, hk, ws, rs, bool(is_causal), offset, docs)
     dev = q.device
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # Every key/value row this rank sends or uses itself, in one gather per tensor.
     kv_index = _on(plan, plan.kv_index, dev)
     k_sel = k.reshape(b, chunk * hk, d).index_select(1, kv_index)
@@ -574,34 +715,61 @@ def sequence_parallel_dilated_attention(
             "key/value exchange",
         )
 
-    parts: list[tuple[Tensor, Tensor]] = []
-    if plan.local_ws:
-        parts.append(
-            longnet.dilated_attention(
-                q,
-                k,
-                v,
-                plan.local_ws,
-                plan.local_rs,
+    # The local calls, in row order: documents inside this rank in one packed call,
+    # each sequence or document fragment with the patterns it holds whole.
+    base_o, base_l = [], []
+    for piece in plan.pieces:
+        a, z = piece.a, piece.b
+        qa, ka, va = (q, k, v) if (a, z) == (0, chunk) else (q[:, a:z], k[:, a:z], v[:, a:z])
+        if piece.packed:
+            assert cu is not None  # packed pieces exist only with documents
+            g0 = rank * chunk + a
+            lo_i, hi_i = bisect.bisect_left(cu, g0), bisect.bisect_right(cu, g0 + z - a)
+            local_cu = torch.tensor([x - g0 for x in cu[lo_i:hi_i]], dtype=torch.int64, device=dev)
+            o_p, l_p = longnet.dilated_attention(
+                qa,
+                ka,
+                va,
+                ws,
+                rs,
                 is_causal=is_causal,
                 scale=scale,
                 return_lse=True,
-                position_offset=first,
+                position_offset=offset,
+                cu_seqlens_q=local_cu,
+                cu_seqlens_k=local_cu,
             )
-        )
+        elif piece.ws:
+            o_p, l_p = longnet.dilated_attention(
+                qa,
+                ka,
+                va,
+                piece.ws,
+                piece.rs,
+                is_causal=is_causal,
+                scale=scale,
+                return_lse=True,
+                position_offset=piece.position_offset,
+            )
+        else:  # every pattern crosses ranks here: only the merges below add to it
+            o_p = q.new_zeros(b, z - a, h, d)
+            l_p = torch.full((b, h, z - a), -math.inf, dtype=lse_dtype, device=dev)
+        base_o.append(o_p)
+        base_l.append(l_p)
     outs: dict[int, list[Tensor]] = {i: [] for i in plan.cross_patterns}
     lses: dict[int, list[Tensor]] = {i: [] for i in plan.cross_patterns}
-    for i, (lo, hi) in plan.partial.items():
+    for i, part in zip(plan.partial_pattern, plan.partial):
+        lo, hi = part.a, part.b
         o_i, l_i = longnet.dilated_attention(
             q[:, lo:hi],
             k[:, lo:hi],
             v[:, lo:hi],
-            [ws[i]],
-            [rs[i]],
+            part.ws,
+            part.rs,
             is_causal=is_causal,
             scale=scale,
             return_lse=True,
-            position_offset=first + lo,
+            position_offset=part.position_offset,
         )
         outs[i].append(o_i.reshape(b, -1, d))
         lses[i].append(l_i.transpose(1, 2).reshape(b, -1))
@@ -612,7 +780,6 @@ def sequence_parallel_dilated_attention(
         # patterns' backward (created above) then runs while it is in flight.
         got = pending.arrived(got).view(-1, 2, b, d).permute(1, 2, 0, 3)  # (2, B, rows, D)
 
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_sel = q.reshape(b, chunk * h, d).index_select(1, _on(plan, plan.q_index, dev))
     for call in plan.calls:
         ks, vs = [], []
@@ -644,11 +811,8 @@ def sequence_parallel_dilated_attention(
         outs[call.pattern].append(o_c.reshape(b, -1, d))
         lses[call.pattern].append(l_c.transpose(1, 2).reshape(b, -1))
     # Merge each cross-rank pattern into the result at the entries it reaches only.
-    if parts:
-        out, lse = parts[0]
-    else:
-        out = q.new_zeros(q.shape)
-        lse = torch.full((b, h, chunk), -math.inf, dtype=lse_dtype, device=dev)
+    out = torch.cat(base_o, dim=1) if len(base_o) > 1 else base_o[0]
+    lse = torch.cat(base_l, dim=2) if len(base_l) > 1 else base_l[0]
     out, lse = out.reshape(b, chunk * h, d), lse.reshape(b, h * chunk)
     for i in plan.cross_patterns:
         if not outs[i]:

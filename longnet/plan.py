@@ -16,6 +16,10 @@ heads, head dim, dtype, patterns, layers, causal, position offset) and a sequenc
 * with a device speed and a link speed, the estimated compute and communication
   time and their ratio.
 
+Packed rows (``doc_lengths``, ``--doc-lengths`` / ``--doc-length-dist``) are planned
+as ``cu_seqlens`` runs them: each document alone, those that cross a rank boundary
+segment by segment.
+
 It follows the sequence-parallel planner itself (``longnet.distributed``'s head
 groups of every rank-crossing segment) but visits each crossing segment once for all
 of its ranks and counts rows instead of building index tensors, so its work grows
@@ -52,6 +56,7 @@ __all__ = [
     "geometric_patterns",
     "parse_count",
     "scaling_sweep",
+    "document_lengths",
     "main",
 ]
 
@@ -169,7 +174,13 @@ class RunPlan:
     tflops: float | None
     link_gbs: float | None
     per_rank: list[RankCost] = field(repr=False)
-    position_offset: int = 0  # absolute position of the sequence's first token
+    position_offset: int = 0  # absolute position of the sequence's (each document's) first token
+    doc_lengths: list[int] | None = field(default=None, repr=False)  # packed documents
+
+    @property
+    def documents(self) -> int | None:
+        """How many packed documents the row holds (None: one sequence)."""
+        return None if self.doc_lengths is None else len(self.doc_lengths)
 
     # -- summaries over ranks
     def worst(self, name: str):
@@ -221,7 +232,10 @@ class RunPlan:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "per_rank"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("per_rank", "doc_lengths")}
+        if self.doc_lengths is not None:
+            d["documents"] = len(self.doc_lengths)
+            d["spanning_documents"] = len(_spanning(self))
         d["summary"] = self.summary()
         d["per_rank"] = []
         for c in self.per_rank:
@@ -253,6 +267,16 @@ class RunPlan:
             f"Hk = {self.kv_heads}, D = {self.head_dim}, {self.dtype}, "
             f"{'causal' if self.causal else 'not causal'}, {self.layers} layers"
             + (f", first position {self.position_offset:,}" if self.position_offset else ""),
+            *(
+                [
+                    f"packed documents: {len(self.doc_lengths):,} (mean "
+                    f"{self.tokens / max(1, len(self.doc_lengths)):,.0f}, longest "
+                    f"{max(self.doc_lengths, default=0):,} tokens; each attended alone, "
+                    f"{len(_spanning(self))} cross a rank boundary)"
+                ]
+                if self.doc_lengths is not None
+                else []
+            ),
             f"patterns (w, r): {pats}",
             f"rank-crossing patterns: {len(self.crossing_patterns)} of "
             f"{len(self.segment_lengths)}"
@@ -390,19 +414,36 @@ class _RankCount:
     calls: list[_Call] = field(default_factory=list)
     cross: list[int] = field(default_factory=list)  # crossing pattern indices
     partial: dict[int, int] = field(default_factory=dict)  # pattern -> local positions
+    partial_calls: dict[int, int] = field(default_factory=dict)  # pattern -> calls
     local_pairs: int = 0
     cross_pairs: int = 0
+    pieces: int = 0  # local calls (and all-crossing fragments) in row order
+    local_rows: int = 0  # rows of the local calls that run the operator
 
 
-def _crossing_segments(w: int, chunk: int, world: int, offset: int) -> list[int]:
+def _crossing_segments(
+    w: int, chunk: int, world: int, offset: int, start: int = 0, stop: int | None = None
+) -> list[int]:
     """Segments of a pattern that span more than one rank, in order: those with a rank
-    boundary strictly inside."""
+    boundary strictly inside. ``[start, stop)``: a document's global tokens (default
+    the whole sequence), its first token at absolute position ``offset``."""
+    stop = world * chunk if stop is None else stop
     segs = set()
     for p in range(1, world):
-        b = offset + p * chunk
-        if b % w:
-            segs.add(b // w)
+        g = p * chunk
+        if start < g < stop:
+            b = offset + g - start
+            if b % w:
+                segs.add(b // w)
     return sorted(segs)
+
+
+def _spans_ranks(s: int, w: int, lo: int, hi: int, base: int, chunk: int) -> bool:
+    """Whether segment ``s`` of the sequence in this frame lies on two ranks or more."""
+    from longnet.distributed import _segment_ranks
+
+    ranks_of = _segment_ranks(s, w, lo, hi, base, chunk)
+    return ranks_of[3] > ranks_of[2]
 
 
 def _count(
@@ -414,80 +455,114 @@ def _count(
     rs: Sequence[int],
     causal: bool,
     offset: int = 0,
+    cu_seqlens: Sequence[int] | None = None,
 ) -> list[_RankCount]:
     """Per-rank rows, calls and pairs, as ``longnet.distributed._plan`` would plan them
-    on every rank, visiting each crossing segment once. The sequence occupies the
-    absolute positions ``[offset, offset + world * chunk)``."""
-    from longnet.distributed import _segment, _segment_ranks
+    on every rank, visiting each crossing segment once. Without ``cu_seqlens`` the
+    sequence occupies the absolute positions ``[offset, offset + world * chunk)``;
+    with it, each document (first token at ``offset``) is planned alone."""
+    from longnet.distributed import _segment, spanning_documents
 
     segment = getattr(_segment, "__wrapped__", _segment)  # leave the op's cache alone
     n = world * chunk
     kv_group = num_heads // kv_heads
     ranks = [_RankCount() for _ in range(world)]
-    for i, (w, r) in enumerate(zip(ws, rs)):
-        crossing = _crossing_segments(w, chunk, world, offset)
-        touched = set()
-        for s in crossing:
-            seg = segment(i, s, w, r, n, chunk, num_heads, kv_group, offset)
-            m = seg.last_rank - seg.first_rank + 1
-            for q in range(seg.first_rank, seg.last_rank + 1):
-                touched.add(q)
-            for g in seg.groups:
-                c = g.counts
-                npairs, nheads = len(g.pairs), len(g.heads)
-                ratio = nheads // npairs
-                uniform = nheads % npairs == 0 and all(
-                    mm == jj // ratio for jj, mm in enumerate(g.head_to_pair)
-                )
-                pos = [1 if x > 0 else 0 for x in c]
-                pre_rows, pre_pos = [0], [0]
-                for x, y in zip(c, pos):
-                    pre_rows.append(pre_rows[-1] + x)
-                    pre_pos.append(pre_pos[-1] + y)
-                for a in range(m):
-                    if c[a] == 0:
-                        continue
-                    rc = ranks[seg.first_rank + a]
-                    own = c[a] * npairs
-                    if causal:
-                        dsts = pre_pos[m] - pre_pos[a + 1]
-                        keys = pre_rows[a + 1]
-                        pieces = pre_pos[a + 1]
-                    else:
-                        dsts = pre_pos[m] - 1
-                        keys = pre_rows[m]
-                        pieces = pre_pos[m]
-                    rc.send += own * dsts
-                    rc.recv += (keys - c[a]) * npairs
-                    rc.own += own
-                    rc.calls.append(_Call(i, c[a], nheads, npairs, keys, pieces, not uniform))
-                    pairs = (
-                        c[a] * keys if not causal else c[a] * (keys - c[a]) + c[a] * (c[a] + 1) // 2
+    cu = None if cu_seqlens is None else list(cu_seqlens)
+    spans = ((0, n),) if cu is None else spanning_documents(cu, world, chunk)
+    for c, e in spans:
+        lo, hi, base = offset, offset + e - c, offset - c  # the document's frame
+        holders = range(c // chunk, (e - 1) // chunk + 1)
+        for p in holders:
+            ranks[p].pieces += 1
+        n_local = dict.fromkeys(holders, 0)  # patterns wholly local to p's fragment
+        for i, (w, r) in enumerate(zip(ws, rs)):
+            crossing = _crossing_segments(w, chunk, world, offset, c, e)
+            touched = set()
+            for s in crossing:
+                seg = segment(i, s, w, r, lo, hi, base, chunk, num_heads, kv_group)
+                m = seg.last_rank - seg.first_rank + 1
+                for q in range(seg.first_rank, seg.last_rank + 1):
+                    touched.add(q)
+                for g in seg.groups:
+                    cnt = g.counts
+                    npairs, nheads = len(g.pairs), len(g.heads)
+                    ratio = nheads // npairs
+                    uniform = nheads % npairs == 0 and all(
+                        mm == jj // ratio for jj, mm in enumerate(g.head_to_pair)
                     )
-                    rc.cross_pairs += nheads * pairs
+                    pos = [1 if x > 0 else 0 for x in cnt]
+                    pre_rows, pre_pos = [0], [0]
+                    for x, y in zip(cnt, pos):
+                        pre_rows.append(pre_rows[-1] + x)
+                        pre_pos.append(pre_pos[-1] + y)
+                    for a in range(m):
+                        if cnt[a] == 0:
+                            continue
+                        rc = ranks[seg.first_rank + a]
+                        own = cnt[a] * npairs
+                        if causal:
+                            dsts = pre_pos[m] - pre_pos[a + 1]
+                            keys = pre_rows[a + 1]
+                            pieces = pre_pos[a + 1]
+                        else:
+                            dsts = pre_pos[m] - 1
+                            keys = pre_rows[m]
+                            pieces = pre_pos[m]
+                        rc.send += own * dsts
+                        rc.recv += (keys - cnt[a]) * npairs
+                        rc.own += own
+                        rc.calls.append(_Call(i, cnt[a], nheads, npairs, keys, pieces, not uniform))
+                        pairs = (
+                            cnt[a] * keys
+                            if not causal
+                            else cnt[a] * (keys - cnt[a]) + cnt[a] * (cnt[a] + 1) // 2
+                        )
+                        rc.cross_pairs += nheads * pairs
 
-        def spans(s: int, w: int) -> bool:
-            ranks_of = _segment_ranks(s, w, n, chunk, offset)
-            return ranks_of[3] > ranks_of[2]
-
-        for p in range(world):
-            rc = ranks[p]
-            first = offset + p * chunk
-            if p not in touched:
-                # Every segment touching p lies inside it: one local call.
-                rc.local_pairs += _region_pairs(first, first + chunk, w, r, num_heads, causal)
+            for p in holders:
+                rc = ranks[p]
+                a_abs = base + max(c, p * chunk)  # the fragment's absolute positions
+                b_abs = base + min(e, (p + 1) * chunk)
+                if p not in touched:
+                    # Every segment of the pattern touching p's fragment lies inside it.
+                    rc.local_pairs += _region_pairs(a_abs, b_abs, w, r, num_heads, causal)
+                    n_local[p] += 1
+                    continue
+                if i not in rc.cross:
+                    rc.cross.append(i)
+                s_a, s_b = a_abs // w, (b_abs - 1) // w
+                s_lo = s_a + 1 if _spans_ranks(s_a, w, lo, hi, base, chunk) else s_a
+                s_hi = s_b - 1 if _spans_ranks(s_b, w, lo, hi, base, chunk) else s_b
+                if s_lo <= s_hi:
+                    pa, pb = max(s_lo * w, a_abs), min((s_hi + 1) * w, b_abs)
+                    rc.partial[i] = rc.partial.get(i, 0) + pb - pa
+                    rc.partial_calls[i] = rc.partial_calls.get(i, 0) + 1
+                    rc.local_pairs += _region_pairs(pa, pb, w, r, num_heads, causal)
+        for p in holders:
+            if n_local[p]:  # the fragment's call of its local patterns
+                ranks[p].local_rows += min(e, (p + 1) * chunk) - max(c, p * chunk)
+    if cu is not None:
+        # Documents inside one rank: one packed call per rank, each document alone.
+        alone: dict[int, int] = {}
+        inside = [0] * world
+        spanning = set(spans)
+        for c, e in zip(cu[:-1], cu[1:]):
+            if e == c or (c, e) in spanning:
                 continue
-            rc.cross.append(i)
-            s_a, s_b = first // w, (first + chunk - 1) // w
-            lo = s_a + 1 if spans(s_a, w) else s_a
-            hi = s_b - 1 if spans(s_b, w) else s_b
-            if lo <= hi:
-                a, b = max(lo * w, first), min((hi + 1) * w, offset + n)
-                rc.partial[i] = b - a
-                rc.local_pairs += _region_pairs(a, b, w, r, num_heads, causal)
+            if e - c not in alone:
+                alone[e - c] = sum(
+                    _region_pairs(offset, offset + e - c, w, r, num_heads, causal)
+                    for w, r in zip(ws, rs)
+                )
+            ranks[c // chunk].local_pairs += alone[e - c]
+            inside[c // chunk] += e - c
+        for p in range(world):
+            ranks[p].local_rows += inside[p]
+            ranks[p].pieces += 1 if inside[p] else 0
     # Calls in the planner's order: by pattern (segment, group order is kept).
     for rc in ranks:
         rc.calls.sort(key=lambda c: c.pattern)
+        rc.cross.sort()
     return ranks
 
 
@@ -503,7 +578,6 @@ def _memory(
     kv_heads: int,
     head_dim: int,
     item: int,
-    has_local: bool,
 ) -> tuple[int, int]:
     """``(held, peak)``: the bytes one layer's attention keeps from forward to backward
     on one rank, storage by storage as ``sequence_parallel_dilated_attention`` builds
@@ -517,11 +591,13 @@ def _memory(
     total += b * chunk * h * (d * item + lse_item)  # out and lse returned
     if world == 1:
         return total, total
-    if has_local:  # the local call's out, lse
-        total += b * chunk * h * (d * item + lse_item)
+    if rc.local_rows:  # the local calls' out, lse
+        total += b * rc.local_rows * h * (d * item + lse_item)
+    # with documents, the local calls' results concatenated in row order
+    joined = b * chunk * h * (d * item + lse_item) if rc.pieces > 1 else 0
     if not rc.cross:
-        return total, total
-    temp = 2 * b * (rc.send + rc.recv) * d * item  # rows sent, rows received
+        return total, total + joined
+    temp = 2 * b * (rc.send + rc.recv) * d * item + joined  # rows sent, received
     kv_len = rc.send + rc.own
     q_len = sum(c.n_q * c.n_heads for c in rc.calls)
     if q_len:
@@ -553,7 +629,7 @@ def _memory(
         temp += b * rows * lse_item  # lse rows, transposed
         if part_rows:  # the partial call's out, lse
             total += b * part_rows * (d * item + lse_item)
-        pieces = len(calls) + (1 if part_rows else 0)
+        pieces = len(calls) + rc.partial_calls.get(i, 0)
         # the merge: exp(a), exp(b), total, a/total, b/total (lse dtype), where mask
         total += b * rows * (5 * lse_item + 1)
         total += b * rows * d * acc_item  # o_a (in the lse dtype)
@@ -643,6 +719,7 @@ def plan_run(
     tflops: float | None = None,
     link_gbs: float | None = None,
     position_offset: int = 0,
+    doc_lengths: Sequence[int] | None = None,
 ) -> RunPlan:
     """Per-rank traffic, FLOPs, activation memory (and time) of one attention layer
     of :func:`longnet.distributed.sequence_parallel_dilated_attention` for ``tokens``
@@ -661,6 +738,10 @@ def plan_run(
         link_gbs: a device's link bandwidth, in GB/s (1e9 bytes/s, for times).
         position_offset: absolute position of the sequence's first token, as in
             :func:`longnet.distributed.sequence_parallel_dilated_attention`.
+        doc_lengths: packed documents: the lengths (ints >= 0, in order, summing to
+            ``tokens``) of the documents the row holds, each attended alone (its
+            first token at ``position_offset``), as ``sequence_parallel_dilated_attention``
+            with ``cu_seqlens``; ``batch`` must be 1. See :func:`document_lengths`.
 
     Returns:
         A :class:`RunPlan`; ``per_rank[p]`` holds rank ``p``'s :class:`RankCost`.
@@ -691,16 +772,23 @@ def plan_run(
         or position_offset < 0
     ):
         raise ValueError(f"position_offset must be an int >= 0, got {position_offset!r}")
+    cu = None
+    if doc_lengths is not None:
+        doc_lengths = _check_lengths(doc_lengths, tokens)
+        if batch != 1:
+            raise ValueError(f"doc_lengths (packed documents) need batch = 1, got {batch}")
+        cu = [0]
+        for x in doc_lengths:
+            cu.append(cu[-1] + x)
     chunk = tokens // ranks
     item = DTYPE_BYTES[dtype]
-    counts = _count(ranks, chunk, heads, kv_heads, ws, rs, bool(causal), position_offset)
+    counts = _count(ranks, chunk, heads, kv_heads, ws, rs, bool(causal), position_offset, cu)
     crossing = sorted({i for rc in counts for i in rc.cross})
     exchange = bool(crossing)
     unit = 2 * batch * head_dim * item  # one row of k and one of v
     per_rank = []
     for p, rc in enumerate(counts):
-        has_local = len(rc.cross) < len(ws)
-        held, peak = _memory(rc, ranks, chunk, batch, heads, kv_heads, head_dim, item, has_local)
+        held, peak = _memory(rc, ranks, chunk, batch, heads, kv_heads, head_dim, item)
         pairs = rc.local_pairs + rc.cross_pairs
         fwd = 4.0 * batch * head_dim * pairs
         cost = RankCost(
@@ -747,7 +835,99 @@ def plan_run(
         link_gbs if tflops is not None else None,
         per_rank,
         position_offset=position_offset,
+        doc_lengths=None if doc_lengths is None else list(doc_lengths),
     )
+
+
+def _spanning(plan: RunPlan) -> tuple[tuple[int, int], ...]:
+    from longnet.distributed import spanning_documents
+
+    if plan.doc_lengths is None:
+        return ()
+    cu = [0]
+    for x in plan.doc_lengths:
+        cu.append(cu[-1] + x)
+    return spanning_documents(cu, plan.ranks, plan.tokens_per_rank)
+
+
+def _check_lengths(doc_lengths: Sequence[int], tokens: int) -> list[int]:
+    if isinstance(doc_lengths, (str, bytes)) or not hasattr(doc_lengths, "__iter__"):
+        raise ValueError(f"doc_lengths must be a sequence of ints, got {doc_lengths!r}")
+    out = []
+    for i, x in enumerate(doc_lengths):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ValueError(f"doc_lengths[{i}] must be an int >= 0, got {x!r}")
+        out.append(x)
+    if not out or sum(out) != tokens:
+        raise ValueError(
+            f"doc_lengths must sum to tokens ({tokens}), got {sum(out)} over {len(out)} documents"
+        )
+    return out
+
+
+_DISTRIBUTIONS = ("fixed:LEN", "uniform:LO,HI", "lognormal:MEAN,SIGMA")
+
+
+def document_lengths(
+    tokens: int,
+    lengths: Sequence[int] | None = None,
+    distribution: str | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """Lengths of the documents packed into a row of ``tokens`` tokens: ``lengths``
+    repeated in order, or draws from ``distribution`` (seeded by ``seed``), until the
+    row is full; the last document is cut at ``tokens``.
+
+    ``distribution`` is ``"fixed:LEN"``, ``"uniform:LO,HI"`` (integers, both
+    included) or ``"lognormal:MEAN,SIGMA"`` (a log-normal of mean ``MEAN`` tokens and
+    log-space standard deviation ``SIGMA``, rounded, at least 1). Counts take the
+    suffixes of :func:`parse_count` (``4K``)."""
+    import random
+
+    if (lengths is None) == (distribution is None):
+        raise ValueError("give the document lengths either as a list or as a distribution")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive int, got {tokens!r}")
+    if lengths is not None:
+        fixed = [parse_count(x) for x in lengths]
+        if not fixed or not any(fixed) or min(fixed) < 0:
+            raise ValueError(f"document lengths must be >= 0, not all 0, got {list(lengths)}")
+        draw = iter(fixed[i % len(fixed)] for i in range(tokens + len(fixed))).__next__
+    else:
+        assert distribution is not None
+        name, _, args = distribution.partition(":")
+        vals = args.split(",") if args else []
+        rnd = random.Random(seed)
+        try:
+            if name == "fixed" and len(vals) == 1:
+                n = parse_count(vals[0])
+                if n < 1:
+                    raise ValueError
+                draw = lambda: n  # noqa: E731
+            elif name == "uniform" and len(vals) == 2:
+                lo, hi = parse_count(vals[0]), parse_count(vals[1])
+                if not 0 <= lo <= hi or hi < 1:
+                    raise ValueError
+                draw = lambda: rnd.randint(lo, hi)  # noqa: E731
+            elif name == "lognormal" and len(vals) == 2:
+                mean, sigma = float(parse_count(vals[0])), float(vals[1])
+                if mean < 1 or not sigma >= 0:
+                    raise ValueError
+                mu = math.log(mean) - sigma * sigma / 2  # the mean of exp(N(mu, sigma^2))
+                draw = lambda: max(1, round(rnd.lognormvariate(mu, sigma)))  # noqa: E731
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"document length distribution {distribution!r}: use one of "
+                f"{', '.join(_DISTRIBUTIONS)} (lengths >= 1, LO <= HI, SIGMA >= 0)"
+            ) from None
+    out, total = [], 0
+    while total < tokens:
+        x = min(draw(), tokens - total)
+        out.append(x)
+        total += x
+    return out
 
 
 # ------------------------------------------------------ training on a mesh
@@ -1111,6 +1291,51 @@ def fit_ranks(
 # --------------------------------------------------------------------- CLI
 
 
+def _compare_table(packed: RunPlan, single: RunPlan, every_rank: bool | None = None) -> str:
+    """Per-rank traffic (forward + backward, sent + received) and FLOPs of a packed
+    row against the same row as one sequence."""
+    lines = [
+        "the same row as one sequence (no documents), per layer: k/v bytes sent + "
+        "received, forward + backward (what comm_stats() counts), and FLOPs",
+        f"{'rank':>5} {'traffic docs':>13} {'no docs':>11} {'ratio':>7} "
+        f"{'GFLOP docs':>11} {'no docs':>9}",
+    ]
+    pairs = list(zip(packed.per_rank, single.per_rank))
+    if every_rank is None:
+        every_rank = packed.ranks <= 16
+    traffic = lambda c: c.bytes_sent + c.bytes_received  # noqa: E731
+    if not every_rank:
+        keep = {0, packed.ranks - 1}
+        keep.add(max(range(len(pairs)), key=lambda p: traffic(pairs[p][0])))
+        keep.add(max(range(len(pairs)), key=lambda p: traffic(pairs[p][0]) - traffic(pairs[p][1])))
+        pairs = [pairs[p] for p in sorted(keep)]
+    for a, b in pairs:
+        t_a, t_b = traffic(a), traffic(b)
+        ratio = f"{t_a / t_b:.3g}" if t_b else ("-" if not t_a else "inf")
+        lines.append(
+            f"{a.rank:>5} {_fmt_bytes(t_a):>13} {_fmt_bytes(t_b):>11} {ratio:>7} "
+            f"{(a.flops_fwd + a.flops_bwd) / 1e9:>11.4g} "
+            f"{(b.flops_fwd + b.flops_bwd) / 1e9:>9.4g}"
+        )
+    worst_a = max(traffic(c) for c in packed.per_rank)
+    worst_b = max(traffic(c) for c in single.per_rank)
+    more = [a.rank for a, b in zip(packed.per_rank, single.per_rank) if traffic(a) > traffic(b)]
+    lines.append(
+        f"worst rank: {_fmt_bytes(worst_a)} with documents, {_fmt_bytes(worst_b)} without"
+        + (f" ({worst_a / worst_b:.3g}x)" if worst_b else "")
+        + "; "
+        + (
+            "no rank exchanges more with documents (they cut the segments that cross ranks)"
+            if not more
+            else f"{len(more)} of {packed.ranks} ranks exchange more with documents (a "
+            "document that starts off a segment boundary moves the segments of a short "
+            "pattern onto a rank boundary; documents only shorten the long patterns' "
+            "segments)"
+        )
+    )
+    return "\n".join(lines)
+
+
 def _sweep_table(rows: list[dict[str, Any]], timed: bool) -> str:
     head = (
         f"{'N':>14} {'P':>5} {'patterns':>8} {'crossing':>8} {'sent MiB':>9} "
@@ -1250,6 +1475,28 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="absolute position of the sequence's first token (default 0)",
     )
+    docs = p.add_argument_group(
+        "packed documents (batch 1): the row holds documents back to back, each attended "
+        "alone (segments restart at its first token, which sits at --position-offset), as "
+        "sequence_parallel_dilated_attention with cu_seqlens; the output adds the same row "
+        "without documents for comparison"
+    )
+    how_docs = docs.add_mutually_exclusive_group()
+    how_docs.add_argument(
+        "--doc-lengths",
+        metavar="LIST",
+        help="comma-separated document lengths (e.g. 4096,8192,1K), repeated in order "
+        "until --tokens are filled (the last document is cut)",
+    )
+    how_docs.add_argument(
+        "--doc-length-dist",
+        metavar="SPEC",
+        help="document lengths drawn until --tokens are filled: fixed:LEN, uniform:LO,HI "
+        "or lognormal:MEAN,SIGMA (mean MEAN tokens, log-space deviation SIGMA)",
+    )
+    docs.add_argument(
+        "--doc-seed", type=int, default=0, help="seed of --doc-length-dist's draws (0)"
+    )
     g = p.add_argument_group("patterns: a list, or the geometric rule")
     g.add_argument("--segment-lengths", nargs="+", help="w_1 .. w_m")
     g.add_argument("--dilation-rates", nargs="+", help="r_1 .. r_m")
@@ -1330,6 +1577,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             causal=args.causal,
             position_offset=args.position_offset,
         )
+        packed = args.doc_lengths is not None or args.doc_length_dist is not None
+        if packed:
+            if args.sweep or args.plot or args.embed_dim is not None:
+                raise ValueError(
+                    "--sweep, --plot and --embed-dim plan one sequence per row: not with "
+                    "--doc-lengths or --doc-length-dist"
+                )
+            if args.batch != 1:
+                raise ValueError(f"packed documents need --batch 1, got {args.batch}")
+            kw["doc_lengths"] = document_lengths(
+                tokens,
+                lengths=args.doc_lengths.split(",") if args.doc_lengths else None,
+                distribution=args.doc_length_dist,
+                seed=args.doc_seed,
+            )
         if args.fit_memory is not None:
             ranks = fit_ranks(
                 tokens, args.fit_memory * 2**30, segment_lengths=ws, dilation_rates=rs, **kw
@@ -1365,6 +1627,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 link_gbs=args.link_gbs,
                 **pattern_kw,
                 **sweep_kw,
+            )
+        unpacked = None
+        if packed:
+            unpacked = plan_run(
+                tokens,
+                ranks,
+                segment_lengths=ws,
+                dilation_rates=rs,
+                tflops=args.tflops,
+                link_gbs=args.link_gbs,
+                **{k: v for k, v in kw.items() if k != "doc_lengths"},
             )
         training = None
         if args.embed_dim is not None:
@@ -1403,6 +1676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out["sweep"] = rows
         if training is not None:
             out["training"] = training.to_dict()
+        if unpacked is not None:
+            out["without_documents"] = unpacked.to_dict()
         json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
@@ -1412,6 +1687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"device: {ranks}"
             )
         print(plan.table(every_rank=True if args.per_rank else None))
+        if unpacked is not None:
+            print("\n" + _compare_table(plan, unpacked, every_rank=True if args.per_rank else None))
         if rows is not None:
             print(
                 f"\nN and P grow together (L = {tokens // ranks:,} tokens per rank"

@@ -85,6 +85,62 @@ def _random_cases(world, count, seed):
     return cases
 
 
+def _random_documents(rnd, n, max_w):
+    """Boundaries of 1..64 documents filling a row of n tokens: lengths 0..u for a
+    log-uniform u in [1, 3 * max_w] (one in ten empty), the last one stretched to
+    fill the row."""
+    u = max(1, round((3 * max_w) ** rnd.random()))
+    cu = [0]
+    while cu[-1] < n and len(cu) <= 64:
+        length = 0 if rnd.random() < 0.1 else rnd.randint(1, u)
+        cu.append(min(n, cu[-1] + length))
+    cu[-1] = n
+    return cu
+
+
+DOC_CASES = 24
+
+
+def _document_cases(world, count, seed):
+    """Random packed rows (batch 1) with random patterns, the same on every rank: (name,
+    L, H, Hk, D, ws, rs, causal, position_offset, cu_seqlens, low-precision dtype)."""
+    import random
+
+    rnd = random.Random(7000 + 1000 * world + seed)
+    cases = []
+    for c in range(count):
+        chunk = rnd.randint(1, 12)
+        n = world * chunk
+        hk = rnd.choice([1, 2, 3])
+        h = hk * rnd.choice([1, 2, 3])
+        ws, rs = [], []
+        for _ in range(rnd.randint(1, 3)):
+            w = rnd.randint(1, 2 * n + 2)
+            ws.append(w)
+            rs.append(rnd.randint(1, min(w, n + 2)))
+        causal = rnd.random() < 0.5
+        offset = 0 if rnd.random() < 0.5 else rnd.randint(1, 2 * max(ws))
+        cu = _random_documents(rnd, n, max(ws))
+        low = "bfloat16" if c % 4 == 0 else "float32"
+        cases.append((f"docs-{c}", chunk, h, hk, 4, ws, rs, causal, offset, cu, low))
+    return cases
+
+
+def _documents_reference(q, k, v, ws, rs, causal, offset, cu):
+    """The float64 reference on every document alone, concatenated: (out, lse)."""
+    from longnet.reference import dilated_attention_reference
+
+    outs, lses = [], []
+    for c, e in zip(cu[:-1], cu[1:]):
+        if e > c:
+            o, lse = dilated_attention_reference(
+                q[:, c:e], k[:, c:e], v[:, c:e], ws, rs, is_causal=causal, position_offset=offset
+            )
+            outs.append(o)
+            lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, 2)
+
+
 def _full_inputs(case, world, seed=0):
     _, b, chunk, h, hk, d, _, _, _ = case
     n = world * chunk
@@ -164,6 +220,67 @@ def _scenario_correctness(rank, world, report):
     report["gather_grad_err"] = (part.grad - expected).abs().max().item()
 
 
+def _scenario_documents(rank, world, report):
+    """Packed documents crossing ranks: this rank's rows of values, lse and gradients
+    against every document alone (float64 reference), in float64 and in float32 or
+    bfloat16 on the same rounded inputs (relative norm errors)."""
+    from longnet.distributed import sequence_parallel_dilated_attention
+
+    errors = {}
+    for case in _document_cases(world, DOC_CASES, seed=0):
+        name, chunk, h, hk, d, ws, rs, causal, offset, cu, low = case
+        n = world * chunk
+        gen = torch.Generator().manual_seed(3)
+        q, k, v, gout, glse = (
+            torch.randn(*shape, generator=gen, dtype=torch.float64)
+            for shape in ((1, n, h, d), (1, n, hk, d), (1, n, hk, d), (1, n, h, d), (1, h, n))
+        )
+        sl = slice(rank * chunk, (rank + 1) * chunk)
+        cu_t = torch.tensor(cu)
+        errors[name] = {}
+        for dtype in ("float64", low):
+            dt = getattr(torch, dtype)
+            # Inputs and incoming gradients rounded to the format (the lse's gradient
+            # to float32, lse's format) so both sides see the same numbers.
+            qr, kr, vr = (t.to(dt).double() for t in (q, k, v))
+            go = gout.to(dt).double()
+            gl = glse.float().double()
+            full = [t.clone().requires_grad_() for t in (qr, kr, vr)]
+            ref_out, ref_lse = _documents_reference(*full, ws, rs, causal, offset, cu)
+            (ref_out * go).sum().add((_finite(ref_lse) * gl).sum()).backward()
+            loc = [t[:, sl].to(dt).clone().requires_grad_() for t in (qr, kr, vr)]
+            out, lse = sequence_parallel_dilated_attention(
+                *loc,
+                ws,
+                rs,
+                is_causal=causal,
+                return_lse=True,
+                position_offset=offset,
+                cu_seqlens=cu_t,
+            )
+            loss = (out.double() * go[:, sl]).sum() + (_finite(lse).double() * gl[:, :, sl]).sum()
+            loss.backward()
+
+            def err(a, b, dtype=dtype):
+                a, b = _finite(a.double()), _finite(b.double())
+                if dtype == "float64":
+                    return (a - b).abs().max().item()
+                return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+            errors[name][dtype] = {
+                "out": err(out, ref_out[:, sl]),
+                "lse": err(lse, ref_lse[:, :, sl]),
+                "lse_inf_match": bool(
+                    torch.equal(torch.isinf(lse), torch.isinf(ref_lse[:, :, sl]))
+                ),
+                "dq": err(loc[0].grad, full[0].grad[:, sl]),
+                "dk": err(loc[1].grad, full[1].grad[:, sl]),
+                "dv": err(loc[2].grad, full[2].grad[:, sl]),
+                "finite": bool(all(torch.isfinite(t.grad).all() for t in loc)),
+            }
+    report["documents"] = errors
+
+
 def _scenario_subgroups(rank, world, report):
     """Two sequence-parallel groups side by side (data parallel beside them)."""
     import torch.distributed as dist
@@ -225,6 +342,25 @@ def _scenario_mismatch(rank, world, report):
         except ValueError as exc:
             msgs.append(str(exc))
     report["mismatch"] = msgs
+    # Document boundaries that differ between ranks, and bad ones (raised before any
+    # exchange, the same on every rank).
+    x = torch.randn(1, 8, 4, 8)
+    bad = {
+        "differ": torch.tensor([0, 5 + rank, 16]),
+        "dtype": torch.tensor([0.0, 16.0]),
+        "decreasing": torch.tensor([0, 9, 4, 16]),
+        "last": torch.tensor([0, 4, 12]),
+        "batch": torch.tensor([0, 16]),
+    }
+    docs = {}
+    for variant, cu in bad.items():
+        xx = x.expand(2, -1, -1, -1) if variant == "batch" else x
+        try:
+            sequence_parallel_dilated_attention(xx, xx, xx, [4, 16], [1, 4], cu_seqlens=cu)
+            docs[variant] = None
+        except ValueError as exc:
+            docs[variant] = str(exc)
+    report["mismatch_documents"] = docs
 
 
 def _scenario_dead(rank, world, report):
@@ -339,7 +475,7 @@ def reports_by_world(tmp_path_factory):
     """Reports of the 2-rank and 4-rank runs (correctness and traffic scenarios)."""
     result = {}
     for world in (2, 4):
-        scenarios = ["correctness", "bytes"] + (["subgroups"] if world == 4 else [])
+        scenarios = ["correctness", "bytes", "documents"] + (["subgroups"] if world == 4 else [])
         reports = _spawn(world, scenarios, tmp_path_factory.mktemp(f"w{world}"))
         for rep in reports:
             assert rep is not None and "exception" not in rep, rep and rep.get("exception")
@@ -368,6 +504,67 @@ def test_random_configurations_match_reference(reports_by_world, world):
             assert err["lse_inf_match"] and err["finite"], (case, err)
             worst = max(err[key] for key in ("out", "lse", "dq", "dk", "dv"))
             assert worst < 1e-10, (rep["rank"], case, err)
+
+
+# Packed documents. float64: the same sums in another order (the fragments, packed
+# call and exchanged segments merged by their lse), errors ~1e-15; 1e-12 leaves the
+# growth of a few hundred roundings. Low precision: relative norm errors against the
+# float64 reference on the same rounded inputs (test_op.low_precision_tolerances'
+# derivation): float32 accumulation 1e-5 for everything; bfloat16 rounds every
+# operator result (u = 2**-8) and again after each of at most len(ws) merges of a
+# rank-crossing pattern, and the backward rounds the incoming gradient at each merge:
+# out and dv (1 + len(ws)) u, dq and dk (2 + len(ws)) u (Delta adds one), lse float32.
+_F32 = 1e-5
+
+
+def _document_bounds(dtype, n_patterns):
+    if dtype == "float64":
+        return dict.fromkeys(("out", "lse", "dq", "dk", "dv"), 1e-12)
+    if dtype == "float32":
+        return dict.fromkeys(("out", "lse", "dq", "dk", "dv"), _F32)
+    u = 2.0**-8
+    m = 1 + n_patterns
+    return {
+        "out": m * u + _F32,
+        "dv": m * u + _F32,
+        "dq": (m + 1) * u + _F32,
+        "dk": (m + 1) * u + _F32,
+        "lse": _F32,
+    }
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_packed_documents_match_each_document_alone(reports_by_world, world):
+    """Catches keys or segments that cross a document boundary, a fragment's segments
+    aligned to the row or the rank instead of its document, a missing fragment call
+    or merge, and gradients that miss a rank's share."""
+    cases = _document_cases(world, DOC_CASES, seed=0)
+    for rep in reports_by_world[world]:
+        for case in cases:
+            name, ws, low = case[0], case[5], case[-1]
+            for dtype in ("float64", low):
+                err = rep["documents"][name][dtype]
+                assert err["lse_inf_match"] and err["finite"], (rep["rank"], case, dtype, err)
+                for key, bound in _document_bounds(dtype, len(ws)).items():
+                    assert err[key] <= bound, (rep["rank"], case, dtype, key, err[key], bound)
+
+
+def test_document_cases_cover_what_matters():
+    """The random packed rows hold documents over several ranks, many documents on one
+    rank, empty documents, causal and not, GQA, a position_offset and bfloat16."""
+    from longnet.distributed import spanning_documents
+
+    cases = _document_cases(4, DOC_CASES, seed=0) + _document_cases(2, DOC_CASES, seed=0)
+    docs = [c[9] for c in cases]
+    assert max(len(cu) - 1 for cu in docs) >= 30
+    assert any(e == c for cu in docs for c, e in zip(cu[:-1], cu[1:]))
+    over = [
+        max(((e - 1) // c_[1] - s // c_[1] for s, e in spanning_documents(cu, 4, c_[1])), default=0)
+        for c_, cu in zip(cases[:DOC_CASES], docs[:DOC_CASES])
+    ]
+    assert max(over) >= 2  # a document on three ranks or more
+    assert {c[7] for c in cases} == {False, True} and any(c[2] > c[3] for c in cases)
+    assert any(c[8] for c in cases) and any(c[-1] == "bfloat16" for c in cases)
 
 
 def test_some_case_has_rows_without_keys(reports_by_world):
@@ -425,6 +622,13 @@ def test_mismatched_configuration_raises_on_every_rank(tmp_path):
         assert rates and "segment_lengths/dilation_rates" in rates
         assert length and "local sequence length L" in length and "rank 1: 9" in length
         assert causal and "is_causal" in causal
+        docs = rep["mismatch_documents"]
+        assert docs["differ"] and "different cu_seqlens" in docs["differ"]
+        assert docs["dtype"] and "int32 or int64" in docs["dtype"]
+        assert docs["decreasing"] and "nondecreasing" in docs["decreasing"]
+        assert docs["last"] and "end at the global sequence length" in docs["last"]
+        assert docs["last"] and "16" in docs["last"]
+        assert docs["batch"] and "batch size 1" in docs["batch"]
 
 
 @pytest.mark.parametrize("scenario", ["dead", "stuck"])
