@@ -463,3 +463,50 @@ def test_packed_documents_bad_use_raises():
         model(torch.randint(0, 256, (1, 10)), cu_seqlens=cu, cache=model.new_cache())
     with pytest.raises(ValueError, match="end at the 10 tokens"):
         model(torch.randint(0, 256, (1, 10)), cu_seqlens=torch.tensor([0, 4, 9]))
+
+
+def test_pack_documents_covers_every_token_once_with_boundaries_at_the_files(tmp_path):
+    """Files of 0..70 bytes (one longer than two rows) packed into rows of 16: the rows
+    read back in order are the stream, every token exactly once (then padding);
+    every row's boundaries are exactly the file starts inside it, its own start and
+    the padding's start; targets are each file's next byte and never cross a file.
+    Catches boundaries off by one, a file piece continued without a boundary at a row
+    start, and targets that predict the next file's BOS."""
+    from longnet.data import encode_documents, pack_documents, packed_batch
+
+    sizes = [3, 0, 70, 16, 14, 5]
+    files = []
+    for i, size in enumerate(sizes):
+        p = tmp_path / f"f{i}.py"
+        p.write_bytes(bytes((i * 31 + j) % 251 for j in range(size)))
+        files.append(str(p))
+    tokens, offsets = encode_documents(files)
+    assert offsets.tolist() == [0, *np.cumsum([s + 2 for s in sizes]).tolist()]
+    tok = ByteTokenizer()
+    L = 16
+    rows = pack_documents(tokens, offsets, L, tok.pad_token_id)
+    n = tokens.size
+    assert len(rows) == -(-n // L)
+    flat = rows.inputs.reshape(-1)
+    assert flat[:n].tolist() == tokens.tolist()
+    assert (flat[n:] == tok.pad_token_id).all()
+    doc_of = np.searchsorted(offsets, np.arange(n), side="right") - 1
+    for r, cu in enumerate(rows.cu_seqlens):
+        lo = r * L
+        expected = {0, L} | {int(o) - lo for o in offsets if lo < o < lo + L}
+        if lo < n < lo + L:
+            expected.add(n - lo)
+        assert cu.tolist() == sorted(expected), r
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):  # one file (or padding) each
+            ids = {int(doc_of[lo + t]) if lo + t < n else -1 for t in range(a, b)}
+            assert len(ids) == 1
+    tgt = rows.targets.reshape(-1)
+    for t in range(rows.inputs.numel()):
+        same = t + 1 < n and doc_of[t] == doc_of[t + 1]
+        assert int(tgt[t]) == (int(tokens[t + 1]) if same else -100), t
+    x, y, cu = packed_batch(rows, [2, 0])
+    assert x.shape == y.shape == (1, 2 * L)
+    assert torch.equal(x[0, L:], rows.inputs[0]) and torch.equal(y[0, :L], rows.targets[2])
+    assert cu.tolist() == rows.cu_seqlens[2].tolist() + [L + c for c in rows.cu_seqlens[0][1:].tolist()]
+    with pytest.raises(ValueError, match="offsets"):
+        pack_documents(tokens, offsets[:-1], L, tok.pad_token_id)
