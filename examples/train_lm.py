@@ -13,6 +13,7 @@ to 1.51 nats per byte.
     python examples/train_lm.py --resume                # continue out-dir's checkpoint
     torchrun --nproc_per_node=4 examples/train_lm.py --dp 2 --sp 2 --activation-checkpointing
     torchrun --nproc_per_node=2 examples/train_lm.py --sequence-parallel   # = --sp 2
+    python examples/train_lm.py --pack-documents        # each file its own document
 
 Under torchrun the ranks form a ``(dp, sp)`` device mesh (``longnet.parallel``):
 every sequence is split over ``sp`` ranks, the ``--batch-size`` sequences of a step
@@ -21,6 +22,12 @@ FSDP2 shards parameters, gradients and optimizer state over all ``dp * sp`` rank
 Checkpoints are then sharded (``torch.distributed.checkpoint``, under
 ``OUT_DIR/dcp``), resume on any mesh, and the final model is also exported to
 ``OUT_DIR/checkpoint`` for ``generate.py``.
+
+``--pack-documents`` trains on each file as its own document: the token stream is
+cut into rows of ``--seq-len`` tokens, each row with its file boundaries
+(``cu_seqlens``), and a step's rows run as one packed row in which no file attends
+to another and positions restart at every file (``LongNetLM(..., cu_seqlens=...)``);
+no token predicts the next file's first one. Validation uses packed rows too.
 
 Attention variants (``--attention``), all through the same dilated-attention operator:
 
@@ -60,10 +67,14 @@ except ImportError:  # running from a source checkout without installing
 import longnet  # noqa: E402
 from longnet.cli import int_list  # noqa: E402
 from longnet.data import (  # noqa: E402
+    encode_documents,
     encode_files,
     eval_batches,
     list_text_files,
+    pack_documents,
+    packed_batch,
     random_batch,
+    random_packed_batch,
     split_by_file,
     stdlib_source_files,
 )
@@ -89,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--val-fraction", type=float, default=0.05, help="fraction of files held out for validation"
+    )
+    g.add_argument(
+        "--pack-documents",
+        action="store_true",
+        help="each file is a document: rows of --seq-len tokens packed with their file "
+        "boundaries (cu_seqlens); no attention or target across files",
     )
     g.add_argument(
         "--max-train-bytes",
@@ -218,8 +235,8 @@ def model_config(args: argparse.Namespace) -> LongNetConfig:
     )
 
 
-def load_data(args: argparse.Namespace, log=print):
-    """Train and validation token streams (uint16 numpy arrays)."""
+def _data_files(args: argparse.Namespace) -> tuple[str, list[str], str]:
+    """``(root, files, description)`` of the training text."""
     if args.data is None:
         root, files = stdlib_source_files()
         source = f"Python stdlib .py files under {root}"
@@ -230,6 +247,12 @@ def load_data(args: argparse.Namespace, log=print):
         if not files:
             raise SystemExit(f"--data {root!r}: no files ending in {exts}")
         source = f"{len(files)} files under {root}"
+    return root, files, source
+
+
+def load_data(args: argparse.Namespace, log=print):
+    """Train and validation token streams (uint16 numpy arrays)."""
+    root, files, source = _data_files(args)
     if len(files) == 1:
         # One file: hold out its last part instead of whole files.
         tokens = encode_files(files)
@@ -244,6 +267,30 @@ def load_data(args: argparse.Namespace, log=print):
         f"data: {source}; train {len(train_files)} files / {train.size:,} tokens, "
         f"validation {len(val_files)} files / {val.size:,} tokens"
     )
+    return train, val
+
+
+def load_packed_data(args: argparse.Namespace, log=print):
+    """``--pack-documents``: train and validation :class:`longnet.data.PackedRows`,
+    every file one document (a single file: its train and validation parts)."""
+    root, files, source = _data_files(args)
+    pad = longnet.ByteTokenizer.pad_token_id
+    if len(files) == 1:
+        tokens = encode_files(files)
+        cut = int(tokens.size * (1 - args.val_fraction))
+        parts = [(tokens[:cut], [0, cut]), (tokens[cut:], [0, tokens.size - cut])]
+        log(f"data: {source}; one file split at byte {cut}, packed in rows of {args.seq_len}")
+    else:
+        train_files, val_files = split_by_file(files, root, args.val_fraction)
+        parts = [
+            encode_documents(train_files, max_bytes=args.max_train_bytes),
+            encode_documents(val_files),
+        ]
+        log(
+            f"data: {source}; train {len(parts[0][1]) - 1} / validation "
+            f"{len(parts[1][1]) - 1} files, each a document, packed in rows of {args.seq_len}"
+        )
+    train, val = (pack_documents(t, o, args.seq_len, pad) for t, o in parts)
     return train, val
 
 
@@ -378,7 +425,16 @@ def evaluate(
     """Mean next-token loss (nats per token) over fixed validation batches."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for batch in batches:
+        if len(batch) == 3:  # --pack-documents: (x, y, cu_seqlens), one process
+            x, y, cu = (t.to(device) for t in batch)
+            with _autocast(device, autocast_dtype):
+                _, loss = model(x, y, cu_seqlens=cu)
+            n = int((y != -100).sum())
+            total += float(loss) * n if n else 0.0
+            count += n
+            continue
+        x, y = batch
         x, y = par.chunk(x).to(device), par.chunk(y).to(device)
         with _autocast(device, autocast_dtype):
             _, loss = model(x, y)
@@ -522,8 +578,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + ("; activation checkpointing" if args.activation_checkpointing else "")
     )
 
-    train_tokens, val_tokens = load_data(args, log)
-    val_batches = eval_batches(val_tokens, args.seq_len, args.eval_windows, args.batch_size)
+    if args.pack_documents:
+        if par.enabled:
+            raise SystemExit(
+                "--pack-documents runs on one process for now (not under torchrun)"
+            )
+        train_rows, val_rows = load_packed_data(args, log)
+        n_val = min(len(val_rows), max(1, args.eval_windows))
+        val_batches: list = [
+            packed_batch(val_rows, range(i, min(i + args.batch_size, n_val)))
+            for i in range(0, n_val, args.batch_size)
+        ]
+    else:
+        train_tokens, val_tokens = load_data(args, log)
+        val_batches = eval_batches(val_tokens, args.seq_len, args.eval_windows, args.batch_size)
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -608,12 +676,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def train_step(step: int) -> float:
         """One optimizer step on the next global batch; the mean loss over the ranks."""
-        x, y = random_batch(train_tokens, args.batch_size, args.seq_len, gen)
+        packed: dict[str, torch.Tensor] = {}
+        if args.pack_documents:
+            x, y, cu = random_packed_batch(train_rows, args.batch_size, gen)
+            packed["cu_seqlens"] = cu.to(device)
+        else:
+            x, y = random_batch(train_tokens, args.batch_size, args.seq_len, gen)
         x, y = par.chunk(x).to(device), par.chunk(y).to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         with _autocast(device, autocast_dtype):
-            _, loss = fwd_model(x, y)
+            _, loss = fwd_model(x, y, **packed)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under the mesh FSDP2 reduce-scatters the gradients
         if args.grad_clip > 0:
@@ -681,6 +754,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "segment_lengths": cfg.segment_lengths,
         "dilation_rates": cfg.dilation_rates,
         "seq_len": args.seq_len,
+        "pack_documents": bool(args.pack_documents),
         "parameters": n_params,
         "mesh": {"dp": par.dp, "sp": par.sp},
         "val_loss_start": history["val"][0][1] if history["val"] else None,

@@ -1,5 +1,10 @@
 """Byte-level training data: the default corpus, file-level splits and batches.
 
+Packed documents: :func:`encode_documents` keeps where each file starts in the token
+stream, :func:`pack_documents` cuts the stream into fixed-length rows with the
+document boundaries of each row (``cu_seqlens``), and :func:`packed_batch` joins
+rows into one ``(1, B * seq_len)`` row for ``LongNetLM(..., cu_seqlens=...)``.
+
 The default corpus is the Python standard library's own ``.py`` sources on this
 machine (``sysconfig.get_paths()["stdlib"]``, without ``site-packages``): several
 megabytes of real, long-range-structured text that needs no download. Files are
@@ -13,6 +18,7 @@ import os
 import sysconfig
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,8 +31,13 @@ __all__ = [
     "list_text_files",
     "split_by_file",
     "encode_files",
+    "encode_documents",
     "random_batch",
     "eval_batches",
+    "PackedRows",
+    "pack_documents",
+    "packed_batch",
+    "random_packed_batch",
 ]
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -86,6 +97,15 @@ def encode_files(
 
     ``max_bytes`` stops after about that many bytes (whole files).
     """
+    return encode_documents(files, tokenizer, max_bytes)[0]
+
+
+def encode_documents(
+    files: Sequence[str], tokenizer: ByteTokenizer | None = None, max_bytes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_files` and the documents' offsets: ``(tokens, offsets)`` with
+    file ``i`` (``BOS file EOS``) at ``tokens[offsets[i]:offsets[i + 1]]``
+    (``offsets`` int64, ``(S+1,)``, from 0 to ``tokens.size``)."""
     tok = tokenizer or ByteTokenizer()
     parts: list[np.ndarray] = []
     total = 0
@@ -102,7 +122,9 @@ def encode_files(
             break
     if not parts:
         raise ValueError("no files to encode")
-    return np.concatenate(parts)
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([p.size for p in parts], out=offsets[1:])
+    return np.concatenate(parts), offsets
 
 
 def random_batch(
@@ -133,3 +155,106 @@ def eval_batches(
         (window[i : i + batch_size, :-1], window[i : i + batch_size, 1:])
         for i in range(0, window.shape[0], batch_size)
     ]
+
+
+@dataclass
+class PackedRows:
+    """Fixed-length rows cut from a stream of documents (see :func:`pack_documents`).
+
+    Attributes:
+        inputs: ``(R, seq_len)`` int64 token ids.
+        targets: ``(R, seq_len)`` int64 next-token ids; ``-100`` where the next token
+            is in another document (or there is none) and on padding.
+        cu_seqlens: one int64 tensor ``(S_r + 1,)`` per row: the row's document
+            pieces (and trailing padding, a piece of its own), from 0 to ``seq_len``.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    cu_seqlens: list[Tensor]
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def pack_documents(
+    tokens: np.ndarray, offsets: np.ndarray, seq_len: int, pad_token_id: int
+) -> PackedRows:
+    """Cut a document stream into rows of ``seq_len`` tokens, each row with its
+    document boundaries.
+
+    Row ``r`` holds the stream's tokens ``[r * seq_len, (r + 1) * seq_len)``, so every
+    token is in exactly one row; the last row is filled up with ``pad_token_id``. A
+    document that crosses a row boundary continues as the first piece of the next
+    row. Each token's target is the next token of its own document (the first token
+    of the next document is never a target of the previous one), ``-100`` otherwise.
+
+    Args:
+        tokens: the stream (e.g. from :func:`encode_documents`).
+        offsets: the documents' offsets in it (int, ``(S+1,)``, 0 to ``tokens.size``,
+            nondecreasing).
+        seq_len: tokens per row.
+        pad_token_id: id that fills the last row.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = int(tokens.size)
+    if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0 or offsets[-1] != n:
+        raise ValueError(
+            f"offsets must be a 1-D array from 0 to the stream's {n} tokens, got "
+            f"{offsets[:3].tolist()}...{offsets[-1:].tolist()}"
+        )
+    if np.any(np.diff(offsets) < 0):
+        raise ValueError("offsets must be nondecreasing")
+    if n == 0:
+        raise ValueError("no tokens to pack")
+    rows = -(-n // seq_len)
+    width = rows * seq_len
+    ids = np.full(width, pad_token_id, dtype=np.int64)
+    ids[:n] = tokens
+    # The next token is a target only inside one document: the last token of each
+    # document (and the padding) predicts nothing.
+    targets = np.full(width, -100, dtype=np.int64)
+    targets[: n - 1] = tokens[1:]
+    ends = offsets[1:][np.diff(offsets) > 0]  # ends of the non-empty documents
+    targets[ends - 1] = -100
+    # Boundaries inside the padded stream: the documents' starts, every row start,
+    # and the start of the padding.
+    cuts = np.unique(np.concatenate([offsets, np.arange(0, width + 1, seq_len), [n]]))
+    cu_rows = []
+    for r in range(rows):
+        lo, hi = r * seq_len, (r + 1) * seq_len
+        inside = cuts[(cuts >= lo) & (cuts <= hi)] - lo
+        cu_rows.append(torch.from_numpy(inside.astype(np.int64)))
+    return PackedRows(
+        torch.from_numpy(ids.reshape(rows, seq_len)),
+        torch.from_numpy(targets.reshape(rows, seq_len)),
+        cu_rows,
+    )
+
+
+def packed_batch(rows: PackedRows, index: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows ``index`` of ``rows`` joined into one packed row: ``(inputs, targets,
+    cu_seqlens)`` of shapes ``(1, B * seq_len)``, ``(1, B * seq_len)`` and
+    ``(S + 1,)``; the rows' boundaries are document boundaries too."""
+    index = [int(i) for i in index]
+    if not index:
+        raise ValueError("packed_batch needs at least one row")
+    seq_len = rows.inputs.shape[1]
+    parts = [rows.cu_seqlens[index[0]]]
+    for j, i in enumerate(index[1:], start=1):
+        parts.append(rows.cu_seqlens[i][1:] + j * seq_len)
+    return (
+        rows.inputs[index].reshape(1, -1),
+        rows.targets[index].reshape(1, -1),
+        torch.cat(parts),
+    )
+
+
+def random_packed_batch(
+    rows: PackedRows, batch_size: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`packed_batch` of ``batch_size`` rows drawn at random (with replacement)."""
+    index = torch.randint(0, len(rows), (batch_size,), generator=generator)
+    return packed_batch(rows, index.tolist())

@@ -211,18 +211,31 @@ class LongNetDecoderLayer(nn.Module):
         self.activation_checkpointing = False
 
     def forward(
-        self, x: Tensor, *, cache: KVCache | None = None, position_offset: int | None = None
+        self,
+        x: Tensor,
+        *,
+        cache: KVCache | None = None,
+        position_offset: int | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
             # The hooks of the module call (FSDP's unshard, for one) stay outside the
             # recomputed function: the backward re-runs _block alone.
             return torch.utils.checkpoint.checkpoint(
-                self._block, x, None, position_offset, use_reentrant=False
+                self._block, x, None, position_offset, cu_seqlens, use_reentrant=False
             )
-        return self._block(x, cache, position_offset)
+        return self._block(x, cache, position_offset, cu_seqlens)
 
-    def _block(self, x: Tensor, cache: KVCache | None, position_offset: int | None) -> Tensor:
-        h = self.self_attn(self.attn_norm(x), cache=cache, position_offset=position_offset)
+    def _block(
+        self,
+        x: Tensor,
+        cache: KVCache | None,
+        position_offset: int | None,
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
+        h = self.self_attn(
+            self.attn_norm(x), cache=cache, position_offset=position_offset, cu_seqlens=cu_seqlens
+        )
         x = x + F.dropout(h, p=self.dropout, training=self.training)
         h = self.ffn(self.ffn_norm(x))
         return x + F.dropout(h, p=self.dropout, training=self.training)
@@ -251,12 +264,22 @@ class LongNetDecoder(nn.Module):
         return [layer.self_attn.new_cache() for layer in layers]
 
     def forward(
-        self, x: Tensor, *, cache: list[KVCache] | None = None, position_offset: int | None = None
+        self,
+        x: Tensor,
+        *,
+        cache: list[KVCache] | None = None,
+        position_offset: int | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache must hold {len(self.layers)} layer caches, got {len(cache)}")
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache=None if cache is None else cache[i], position_offset=position_offset)
+            x = layer(
+                x,
+                cache=None if cache is None else cache[i],
+                position_offset=position_offset,
+                cu_seqlens=cu_seqlens,
+            )
         return self.final_norm(x)
 
 
@@ -345,6 +368,7 @@ class LongNetLM(nn.Module):
         *,
         cache: list[KVCache] | None = None,
         position_offset: int | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits ``(B, N, vocab)``; with ``targets`` ``(B, N)`` also the mean loss.
 
@@ -358,7 +382,16 @@ class LongNetLM(nn.Module):
                 sets the rotary/xPos positions and where the attention segments fall
                 (see :class:`~longnet.modules.MultiheadDilatedAttention`). With a
                 cache it may only restate the cache's next position (an empty cache
-                then starts there).
+                then starts there). With ``cu_seqlens`` every document starts there.
+            cu_seqlens: packed documents: ``input_ids`` is one row ``(1, N)`` of
+                documents back to back, document ``i`` the tokens
+                ``[cu_seqlens[i], cu_seqlens[i+1])`` (int32/int64 ``(S+1,)``, from 0
+                to ``N``, nondecreasing; empty documents allowed). Every document is
+                computed as if it were alone (positions and segments restart at its
+                first token; it attends to no other document). Targets stay the
+                caller's: a document's last target (the next document's first
+                token) counts unless it is ``-100``. Not combinable with ``cache``.
+                Under sequence parallelism: the boundaries of the whole sequence.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, N), got {tuple(input_ids.shape)}")
@@ -366,7 +399,12 @@ class LongNetLM(nn.Module):
             raise ValueError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
         x = self.embed_tokens(input_ids)
         x = F.dropout(x, p=self.dropout, training=self.training)
-        x = self.decoder(x, cache=cache, position_offset=position_offset)
+        if cu_seqlens is not None and input_ids.shape[0] != 1:
+            raise ValueError(
+                "packed documents (cu_seqlens) need input_ids of shape (1, N), got "
+                f"{tuple(input_ids.shape)}"
+            )
+        x = self.decoder(x, cache=cache, position_offset=position_offset, cu_seqlens=cu_seqlens)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, weight)
         if targets is None:

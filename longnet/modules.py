@@ -3,13 +3,14 @@
 * :class:`DilatedAttention`: the bare operator with its pattern as module state.
 * :class:`MultiheadDilatedAttention`: batch-first multi-head attention layer with
   q/k/v/out projections, grouped-query attention, rotary or xPos position encoding at
-  absolute positions, optional Sub-LN (MAGNETO), an incremental-decoding cache and a
-  sequence-parallel mode.
+  absolute positions, optional Sub-LN (MAGNETO), packed documents (``cu_seqlens``),
+  an incremental-decoding cache and a sequence-parallel mode.
 * :class:`KVCache`: the per-layer key/value cache used for incremental decoding.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longnet.ops import dilated_attention, validate_patterns, validate_position_offset
+from longnet.packing import document_positions
 
 __all__ = [
     "DilatedAttention",
@@ -26,6 +28,7 @@ __all__ = [
     "KVCache",
     "RotaryEmbedding",
     "pattern_period",
+    "validate_cu_seqlens",
 ]
 
 _POSITION_ENCODINGS = ("rotary", "xpos", None)
@@ -42,6 +45,35 @@ def pattern_period(segment_lengths: Sequence[int]) -> int:
     return period
 
 
+def validate_cu_seqlens(cu_seqlens: Any, total: int, name: str = "cu_seqlens") -> Tensor:
+    """Check document boundaries for a packed row of ``total`` tokens and return them.
+
+    ``cu_seqlens`` must be an int32/int64 tensor of shape ``(S+1,)``: first entry 0,
+    nondecreasing, last entry ``total`` (flash-attn's convention; empty documents
+    allowed). Raises ValueError naming ``name`` otherwise. Under ``torch.compile`` the
+    value checks (which read the tensor) are left to the operator.
+    """
+    if not isinstance(cu_seqlens, Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(
+            f"{name} must have shape (S+1,) for S documents, got {tuple(cu_seqlens.shape)}"
+        )
+    if torch.compiler.is_compiling():
+        return cu_seqlens
+    values = cu_seqlens.tolist()
+    if values[0] != 0 or values[-1] != total:
+        raise ValueError(
+            f"{name} must start at 0 and end at the {total} tokens of the packed row, "
+            f"got first {values[0]} and last {values[-1]}"
+        )
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be nondecreasing, got {values}")
+    return cu_seqlens
+
+
 class DilatedAttention(nn.Module):
     """Dilated attention over already projected heads (no parameters).
 
@@ -52,7 +84,10 @@ class DilatedAttention(nn.Module):
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
 
     Shapes: ``q`` ``(B, Nq, H, D)``, ``k``/``v`` ``(B, Nk, Hk, D)`` as in
-    :func:`longnet.dilated_attention`.
+    :func:`longnet.dilated_attention`. Packed documents: ``q`` ``(1, total_q, H, D)``,
+    ``k``/``v`` ``(1, total_k, Hk, D)`` with ``cu_seqlens_q`` / ``cu_seqlens_k`` (int
+    ``(S+1,)``); document ``i`` is attended as if it were run alone
+    (docs/operator.md).
     """
 
     def __init__(
@@ -81,9 +116,14 @@ class DilatedAttention(nn.Module):
         is_causal: bool | None = None,
         return_lse: bool = False,
         position_offset: int = 0,
+        cu_seqlens_q: Tensor | None = None,
+        cu_seqlens_k: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend ``q`` to ``k``/``v``; ``is_causal=None`` uses the module default.
-        ``position_offset`` is the absolute position of ``k[:, 0]`` (docs/operator.md)."""
+
+        ``position_offset`` is the absolute position of ``k[:, 0]``, or with
+        ``cu_seqlens_q`` / ``cu_seqlens_k`` (packed documents, batch 1; one of them
+        alone stands for both) of every document's first key (docs/operator.md)."""
         return dilated_attention(
             q,
             k,
@@ -94,6 +134,8 @@ class DilatedAttention(nn.Module):
             scale=self.scale,
             return_lse=return_lse,
             position_offset=position_offset,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
         )
 
     def extra_repr(self) -> str:
@@ -254,6 +296,18 @@ class KVCache:
         )
 
 
+def _sequence_parallel_attention() -> Any:
+    try:
+        from longnet.distributed import sequence_parallel_dilated_attention
+    except ImportError as exc:  # pragma: no cover - depends on the checkout
+        raise ImportError(
+            "sequence parallelism needs longnet.distributed."
+            "sequence_parallel_dilated_attention, which could not be imported: "
+            f"{exc}"
+        ) from exc
+    return sequence_parallel_dilated_attention
+
+
 class MultiheadDilatedAttention(nn.Module):
     """Multi-head dilated attention layer (LongNet), batch first: ``(B, N, E)``.
 
@@ -370,6 +424,7 @@ class MultiheadDilatedAttention(nn.Module):
         *,
         cache: KVCache | None = None,
         position_offset: int | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """Self-attention over ``x`` ``(B, N, E)``; returns ``(B, N, E)``.
 
@@ -383,7 +438,18 @@ class MultiheadDilatedAttention(nn.Module):
                 attention pattern it has there. With a cache it may only restate
                 ``cache.end`` (an empty cache then starts at that position); any
                 other value raises. Under sequence parallelism it is the position
-                of rank 0's first token (each rank adds ``rank * N``).
+                of rank 0's first token (each rank adds ``rank * N``). With
+                ``cu_seqlens`` it is the position of every document's first token.
+            cu_seqlens: packed documents: ``x`` is ``(1, N, E)``, several documents
+                back to back, and ``cu_seqlens`` (int32/int64, shape ``(S+1,)``,
+                ``0 = c_0 <= ... <= c_S = N``; empty documents allowed) says that
+                document ``i`` is tokens ``[c_i, c_{i+1})``. Each document is
+                computed as if it were run alone: its rotary/xPos positions and its
+                segments restart at its first token, and it attends to no other
+                document. Under sequence parallelism ``x`` is this rank's chunk and
+                ``cu_seqlens`` the boundaries of the whole sequence (the same tensor
+                on every rank). Not combinable with a cache (incremental decoding
+                runs one sequence per row).
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have shape (B, N, {self.embed_dim}), got {tuple(x.shape)}")
@@ -391,6 +457,13 @@ class MultiheadDilatedAttention(nn.Module):
         sp = self.sequence_parallel_group is not None
         if position_offset is not None:
             position_offset = validate_position_offset(position_offset)
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError(
+                    "cu_seqlens (packed documents) cannot be combined with a KV cache: "
+                    "incremental decoding runs one sequence per batch row"
+                )
+            return self._forward_packed(x, cu_seqlens, position_offset or 0)
         if cache is not None:
             if sp:
                 raise ValueError("a KV cache cannot be combined with sequence parallelism")
@@ -411,9 +484,7 @@ class MultiheadDilatedAttention(nn.Module):
         else:
             first = 0 if position_offset is None else position_offset
 
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project(x)
         if self.rotary is not None:
             pos = torch.arange(first, first + n, device=x.device)
             q = self.rotary.rotate(q, pos)
@@ -433,15 +504,7 @@ class MultiheadDilatedAttention(nn.Module):
             k = k * self.rotary.xpos_scale(k_pos, center, -1.0, k.dtype)
 
         if sp:
-            try:
-                from longnet.distributed import sequence_parallel_dilated_attention
-            except ImportError as exc:  # pragma: no cover - depends on the checkout
-                raise ImportError(
-                    "sequence parallelism needs longnet.distributed."
-                    "sequence_parallel_dilated_attention, which could not be imported: "
-                    f"{exc}"
-                ) from exc
-            out = sequence_parallel_dilated_attention(
+            out = _sequence_parallel_attention()(
                 q,
                 k,
                 v,
@@ -455,11 +518,80 @@ class MultiheadDilatedAttention(nn.Module):
         else:
             # k[:, 0] sits at `first` without a cache, at cache.start with one.
             out = self.attention(q, k, v, position_offset=first + n - k.shape[1])
+        return self._output(out, b, n)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def _output(self, out: Tensor, b: int, n: int) -> Tensor:
         out = out.reshape(b, n, self.embed_dim)
         out = F.dropout(out, p=self.dropout, training=self.training)
         if self.inner_norm is not None:
             out = self.inner_norm(out)
         return self.out_proj(out)
+
+    def _forward_packed(self, x: Tensor, cu_seqlens: Tensor, offset: int) -> Tensor:
+        """:meth:`forward` for packed documents (``cache`` is None)."""
+        b, n, _ = x.shape
+        if b != 1:
+            raise ValueError(
+                f"packed documents (cu_seqlens) need x of shape (1, N, E), got {tuple(x.shape)}"
+            )
+        sp = self.sequence_parallel_group is not None
+        if sp:
+            spda = _sequence_parallel_attention()
+            if "cu_seqlens" not in inspect.signature(spda).parameters:
+                raise NotImplementedError(
+                    "packed documents (cu_seqlens) under sequence parallelism need "
+                    "longnet.distributed.sequence_parallel_dilated_attention(..., "
+                    "cu_seqlens=...), which this version does not have"
+                )
+            rank, world = self._sp_rank_world()
+            total, first = world * n, rank * n
+        else:
+            total, first = n, 0
+        cu_seqlens = validate_cu_seqlens(cu_seqlens, total)
+        cu_seqlens = cu_seqlens.to(x.device)
+        q, k, v = self._project(x)
+        if self.rotary is not None:
+            # Positions restart at every document (this rank's slice of them).
+            pos = offset + document_positions(cu_seqlens, total)[first : first + n]
+            q = self.rotary.rotate(q, pos)
+            k = self.rotary.rotate(k, pos)
+            if self.rotary.xpos:
+                # Each document's own centre, as when it runs alone (the products
+                # depend on distances only; the centre sets the rounding).
+                lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+                ids = torch.searchsorted(
+                    cu_seqlens[1:].to(torch.int64),
+                    torch.arange(first, first + n, device=x.device),
+                    right=True,
+                )
+                center = offset + lengths.to(torch.int64)[ids] // 2
+                q = q * self.rotary.xpos_scale(pos, center, 1.0, q.dtype)
+                k = k * self.rotary.xpos_scale(pos, center, -1.0, k.dtype)
+        if sp:
+            out = spda(
+                q,
+                k,
+                v,
+                self.segment_lengths,
+                self.dilation_rates,
+                group=self.sequence_parallel_group,
+                is_causal=self.is_causal,
+                scale=self.attention.scale,
+                position_offset=offset,
+                cu_seqlens=cu_seqlens,
+            )
+        else:
+            out = self.attention(
+                q, k, v, position_offset=offset, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens
+            )
+        return self._output(out, b, n)
 
     def extra_repr(self) -> str:
         s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"

@@ -348,3 +348,165 @@ def test_sequence_parallel_model_equals_single_process():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_sequence_parallel_worker, args=(2, port), nprocs=2, join=True)
+
+
+# ------------------------------------------------------------------ packed documents
+
+# An empty document, documents shorter than the smallest segment and longer than
+# the largest (max(w) = 16), starting off the segment grid (7, 44, 45), so that
+# without boundaries they would attend into the document before them.
+PACKED_LENGTHS = [7, 0, 37, 1, 25]
+
+
+def _packed_docs(seed=0):
+    from longnet.packing import cu_seqlens_from_lengths
+
+    cu = cu_seqlens_from_lengths(PACKED_LENGTHS)
+    docs = [(int(a), int(b)) for a, b in zip(cu[:-1], cu[1:])]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (1, sum(PACKED_LENGTHS)), generator=g)
+    targets = torch.randint(0, 256, (1, sum(PACKED_LENGTHS)), generator=g)
+    return cu, docs, ids, targets
+
+
+def _lm_packed_and_alone(model, cu, docs, ids, targets):
+    """Logits, loss and parameter gradients of the packed row, and the same from each
+    document alone (its loss weighted by its share of the targets)."""
+    model.zero_grad()
+    logits, loss = model(ids, targets, cu_seqlens=cu)
+    loss.backward()
+    packed = (logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad()
+    parts, total = [], torch.zeros((), dtype=torch.float64)
+    for a, b in docs:
+        if b > a:
+            lg, ls = model(ids[:, a:b], targets[:, a:b])
+            (ls * (b - a) / ids.shape[1]).backward()
+            parts.append(lg.detach())
+            total = total + ls.detach().double() * (b - a) / ids.shape[1]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return packed, (torch.cat(parts, 1), total, grads)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(position_encoding="xpos", norm_style="subln", tie_embeddings=False),
+        dict(checkpointing=True),
+    ],
+)
+def test_packed_documents_equal_each_document_alone(kw):
+    """Float64: the packed row's logits, mean loss and every parameter gradient equal
+    those of the documents run alone, to 1e-12 (also through activation checkpointing,
+    whose recomputed forward must get the boundaries too). Catches a layer that drops
+    cu_seqlens (attention across documents: O(1) differences)."""
+    kw = dict(kw)
+    checkpointing = kw.pop("checkpointing", False)
+    model = tiny_model(**kw)
+    model.set_activation_checkpointing(checkpointing)
+    cu, docs, ids, targets = _packed_docs()
+    packed, alone = _lm_packed_and_alone(model, cu, docs, ids, targets)
+    torch.testing.assert_close(packed[0], alone[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(packed[1].double(), alone[1], rtol=0, atol=1e-12)
+    for name, grad in packed[2].items():
+        torch.testing.assert_close(grad, alone[2][name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_packed_documents_float32_within_the_alone_error():
+    """Float32: the packed row's logits and gradients are as close to the float64
+    documents-alone truth as the float32 documents-alone run is (at most twice its
+    error, plus 8 float32 ulps of the quantity's scale: same operations, possibly
+    summed in another order)."""
+    cu, docs, ids, targets = _packed_docs()
+    _, truth = _lm_packed_and_alone(tiny_model(), cu, docs, ids, targets)
+    model32 = tiny_model(dtype=torch.float32)
+    packed32, alone32 = _lm_packed_and_alone(model32, cu, docs, ids, targets)
+    eps = torch.finfo(torch.float32).eps
+    triples = [(packed32[0], alone32[0], truth[0]), (packed32[1], alone32[1], truth[1])]
+    triples += [(packed32[2][n], alone32[2][n], truth[2][n]) for n in truth[2]]
+    for got, ref32, ref in triples:
+        bound = 2 * (ref32.double() - ref).abs().max().item() + 8 * eps * ref.abs().max().item()
+        assert (got.double() - ref).abs().max().item() <= bound
+
+
+def test_packed_document_never_sees_the_previous_one():
+    """Changing every token of document i-1 leaves the logits and the loss of
+    document i unchanged (to float64 rounding), while it does change them without
+    the boundaries: no information crosses a document boundary."""
+    model = tiny_model()
+    cu, docs, ids, targets = _packed_docs()
+    # docs[1] is empty: document 2's predecessor is document 0.
+    for prev, (a, b) in ((docs[0], docs[2]), (docs[2], docs[3]), (docs[3], docs[4])):
+        changed = ids.clone()
+        changed[:, prev[0] : prev[1]] = (changed[:, prev[0] : prev[1]] + 1) % 256
+        for boundaries, same in ((cu, True), (None, False)):
+            base = model(ids, cu_seqlens=boundaries)
+            other = model(changed, cu_seqlens=boundaries)
+            diff = (other[:, a:b] - base[:, a:b]).abs().max().item()
+            assert diff <= 1e-12 if same else diff > 1e-3, (prev, boundaries is None, diff)
+        # The loss of document i alone (its targets only) does not move either.
+        only = torch.full_like(targets, -100)
+        only[:, a:b] = targets[:, a:b]
+        with torch.no_grad():
+            _, l0 = model(ids, only, cu_seqlens=cu)
+            _, l1 = model(changed, only, cu_seqlens=cu)
+        assert abs(float(l0) - float(l1)) <= 1e-12
+
+
+def test_packed_documents_bad_use_raises():
+    model = tiny_model()
+    cu = torch.tensor([0, 4, 10])
+    with pytest.raises(ValueError, match=r"input_ids of shape \(1, N\)"):
+        model(torch.randint(0, 256, (2, 10)), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(torch.randint(0, 256, (1, 10)), cu_seqlens=cu, cache=model.new_cache())
+    with pytest.raises(ValueError, match="end at the 10 tokens"):
+        model(torch.randint(0, 256, (1, 10)), cu_seqlens=torch.tensor([0, 4, 9]))
+
+
+def test_pack_documents_covers_every_token_once_with_boundaries_at_the_files(tmp_path):
+    """Files of 0..70 bytes (one longer than two rows) packed into rows of 16: the rows
+    read back in order are the stream, every token exactly once (then padding);
+    every row's boundaries are exactly the file starts inside it, its own start and
+    the padding's start; targets are each file's next byte and never cross a file.
+    Catches boundaries off by one, a file piece continued without a boundary at a row
+    start, and targets that predict the next file's BOS."""
+    from longnet.data import encode_documents, pack_documents, packed_batch
+
+    sizes = [3, 0, 70, 16, 14, 5]
+    files = []
+    for i, size in enumerate(sizes):
+        p = tmp_path / f"f{i}.py"
+        p.write_bytes(bytes((i * 31 + j) % 251 for j in range(size)))
+        files.append(str(p))
+    tokens, offsets = encode_documents(files)
+    assert offsets.tolist() == [0, *np.cumsum([s + 2 for s in sizes]).tolist()]
+    tok = ByteTokenizer()
+    L = 16
+    rows = pack_documents(tokens, offsets, L, tok.pad_token_id)
+    n = tokens.size
+    assert len(rows) == -(-n // L)
+    flat = rows.inputs.reshape(-1)
+    assert flat[:n].tolist() == tokens.tolist()
+    assert (flat[n:] == tok.pad_token_id).all()
+    doc_of = np.searchsorted(offsets, np.arange(n), side="right") - 1
+    for r, cu in enumerate(rows.cu_seqlens):
+        lo = r * L
+        expected = {0, L} | {int(o) - lo for o in offsets if lo < o < lo + L}
+        if lo < n < lo + L:
+            expected.add(n - lo)
+        assert cu.tolist() == sorted(expected), r
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):  # one file (or padding) each
+            ids = {int(doc_of[lo + t]) if lo + t < n else -1 for t in range(a, b)}
+            assert len(ids) == 1
+    tgt = rows.targets.reshape(-1)
+    for t in range(rows.inputs.numel()):
+        same = t + 1 < n and doc_of[t] == doc_of[t + 1]
+        assert int(tgt[t]) == (int(tokens[t + 1]) if same else -100), t
+    x, y, cu = packed_batch(rows, [2, 0])
+    assert x.shape == y.shape == (1, 2 * L)
+    assert torch.equal(x[0, L:], rows.inputs[0]) and torch.equal(y[0, :L], rows.targets[2])
+    assert cu.tolist() == rows.cu_seqlens[2].tolist() + [L + c for c in rows.cu_seqlens[0][1:].tolist()]
+    with pytest.raises(ValueError, match="offsets"):
+        pack_documents(tokens, offsets[:-1], L, tok.pad_token_id)

@@ -1,5 +1,6 @@
 """Tests of longnet.modules: DilatedAttention, MultiheadDilatedAttention, KVCache."""
 
+import inspect
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from longnet.modules import (
     RotaryEmbedding,
     pattern_period,
 )
+from longnet.packing import cu_seqlens_from_lengths
 from longnet.reference import dilated_attention_reference
 
 WS, RS = [4, 8, 16], [1, 2, 4]
@@ -340,3 +342,185 @@ def test_exports():
     ):
         assert hasattr(longnet, name) and name in longnet.__all__
     assert math.lcm(*WS) == pattern_period(WS) and pattern_period([3, 4]) == 12
+
+
+# ------------------------------------------------------------------ packed documents
+
+# Lengths with an empty document, documents shorter than the smallest segment,
+# and documents longer than the largest one (max(WS) = 16).
+DOC_LENGTHS = [5, 0, 17, 1, 40, 9]
+
+
+def _bounds(lengths):
+    cu = cu_seqlens_from_lengths(lengths)
+    return cu, [(int(a), int(b)) for a, b in zip(cu[:-1], cu[1:])]
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_dilated_attention_module_packed_documents_equal_each_alone(is_causal):
+    """Packed q/k/v with cu_seqlens_q != cu_seqlens_k (Nq <= Nk per document, GQA):
+    out, lse and the q/k/v gradients equal the float64 reference run on each
+    document alone. Catches a module that drops the boundaries (cross-document
+    attention: O(1) differences) or passes only one of them."""
+    torch.manual_seed(0)
+    nk = [8, 0, 20, 3, 37, 16]
+    nq = [min(n, m) for n, m in zip(nk, [8, 0, 11, 3, 37, 2])]
+    cu_q, docs_q = _bounds(nq)
+    cu_k, docs_k = _bounds(nk)
+    q = torch.randn(1, sum(nq), 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, sum(nk), 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, sum(nk), 2, 8, dtype=torch.float64, requires_grad=True)
+    mod = DilatedAttention(WS, RS, is_causal=is_causal, scale=0.3)
+    out, lse = mod(q, k, v, return_lse=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    ref_grads = [torch.zeros_like(t) for t in (q, k, v)]
+    for (qa, qb), (ka, kb) in zip(docs_q, docs_k):
+        if qb == qa:
+            continue
+        parts = (q[:, qa:qb], k[:, ka:kb], v[:, ka:kb])
+        ref_out, ref_lse = dilated_attention_reference(
+            *parts, WS, RS, is_causal=is_causal, scale=0.3
+        )
+        # float64 throughout: ~1e-15 per operation, a few hundred operations deep.
+        torch.testing.assert_close(out[:, qa:qb], ref_out, rtol=0, atol=1e-12)
+        torch.testing.assert_close(lse[:, :, qa:qb], ref_lse, rtol=0, atol=1e-12)
+        dq, dk, dv = torch.autograd.grad((ref_out * g[:, qa:qb]).sum(), parts)
+        ref_grads[0][:, qa:qb] += dq
+        ref_grads[1][:, ka:kb] += dk
+        ref_grads[2][:, ka:kb] += dv
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def _packed_and_alone(mod, x, cu, docs, g):
+    """Outputs and gradients (input and parameters) of ``mod`` on the packed row and on
+    each document alone; the loss is ``sum(out * g)`` in both."""
+    mod.zero_grad()
+    x = x.detach().requires_grad_(True)
+    out = mod(x, cu_seqlens=cu)
+    (out * g).sum().backward()
+    packed = (out.detach(), x.grad, {n: p.grad.clone() for n, p in mod.named_parameters()})
+    mod.zero_grad()
+    xs = x.detach().requires_grad_(True)
+    outs = []
+    for a, b in docs:
+        if b > a:
+            o = mod(xs[:, a:b])
+            (o * g[:, a:b]).sum().backward()
+            outs.append(o.detach())
+    alone = (torch.cat(outs, 1), xs.grad, {n: p.grad.clone() for n, p in mod.named_parameters()})
+    return packed, alone
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(position_encoding="rotary"),
+        dict(position_encoding="xpos", num_kv_heads=2),
+        dict(position_encoding=None, is_causal=False),
+        dict(position_encoding="rotary", is_causal=False, sub_ln=True, num_kv_heads=1),
+    ],
+)
+def test_multihead_packed_documents_equal_each_alone(kw):
+    """Float64: the packed row gives each document's output, input gradient and
+    parameter gradients (summed over the documents) as if it ran alone, to 1e-12.
+    Catches attention across documents and segments that do not restart at each
+    document. (Rotary and xPos scores depend on distances only, so positions that do
+    not restart change rounding alone: test_multihead_packed_positions_restart checks
+    those directly.)"""
+    mod = _mha(**kw)
+    cu, docs = _bounds(DOC_LENGTHS)
+    torch.manual_seed(1)
+    x = torch.randn(1, sum(DOC_LENGTHS), 32, dtype=torch.float64)
+    g = torch.randn(1, sum(DOC_LENGTHS), 32, dtype=torch.float64)
+    packed, alone = _packed_and_alone(mod, x, cu, docs, g)
+    torch.testing.assert_close(packed[0], alone[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(packed[1], alone[1], rtol=0, atol=1e-12)
+    for name, grad in packed[2].items():
+        torch.testing.assert_close(grad, alone[2][name], rtol=1e-12, atol=1e-12, msg=name)
+    # The boundaries matter here: without them the outputs differ at O(1).
+    assert (mod(x) - alone[0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("position_encoding", ["rotary", "xpos"])
+def test_multihead_packed_positions_restart(position_encoding, monkeypatch):
+    """The rotary angles (and xPos factors) of every token are those of its position
+    inside its own document (plus position_offset), and xPos centres each document on
+    itself as a lone run does. Catches positions counted along the packed row."""
+    mod = _mha(position_encoding=position_encoding)
+    seen = []
+    rotate, xpos_scale = mod.rotary.rotate, mod.rotary.xpos_scale
+    monkeypatch.setattr(
+        mod.rotary, "rotate", lambda x, pos: seen.append(("rot", pos.clone())) or rotate(x, pos)
+    )
+
+    def scale(pos, center, sign, dtype):
+        seen.append(("xpos", pos - center))
+        return xpos_scale(pos, center, sign, dtype)
+
+    monkeypatch.setattr(mod.rotary, "xpos_scale", scale)
+    cu, docs = _bounds(DOC_LENGTHS)
+    mod(torch.randn(1, sum(DOC_LENGTHS), 32, dtype=torch.float64), cu_seqlens=cu, position_offset=3)
+    inside = torch.cat([torch.arange(b - a) for a, b in docs])
+    from_centre = torch.cat([torch.arange(b - a) - (b - a) // 2 for a, b in docs])
+    kinds = [kind for kind, _ in seen]
+    assert kinds == ["rot", "rot"] + (["xpos", "xpos"] if position_encoding == "xpos" else [])
+    for kind, values in seen:
+        torch.testing.assert_close(values, inside + 3 if kind == "rot" else from_centre)
+
+
+def test_multihead_packed_documents_float32_within_the_alone_error():
+    """Float32 (xPos, GQA, causal): the packed row's error against the documents run
+    alone in float64 is at most twice the error of the documents run alone in float32
+    (the same float32 operations, possibly summed in another order) plus 8 float32 ulps
+    of the output's scale."""
+    mod64 = _mha(position_encoding="xpos", num_kv_heads=2)
+    mod32 = _mha(position_encoding="xpos", num_kv_heads=2, dtype=torch.float32)
+    mod32.load_state_dict({n: p.float() for n, p in mod64.state_dict().items()})
+    cu, docs = _bounds(DOC_LENGTHS)
+    torch.manual_seed(1)
+    x = torch.randn(1, sum(DOC_LENGTHS), 32, dtype=torch.float64)
+    g = torch.randn(1, sum(DOC_LENGTHS), 32, dtype=torch.float64)
+    _, truth = _packed_and_alone(mod64, x, cu, docs, g)
+    packed32, alone32 = _packed_and_alone(mod32, x.float(), cu, docs, g.float())
+    eps = torch.finfo(torch.float32).eps
+    pairs = [(packed32[0], alone32[0], truth[0]), (packed32[1], alone32[1], truth[1])]
+    pairs += [(packed32[2][n], alone32[2][n], truth[2][n]) for n in truth[2]]
+    for got, ref32, ref in pairs:
+        alone_err = (ref32.double() - ref).abs().max().item()
+        bound = 2 * alone_err + 8 * eps * ref.abs().max().item()
+        assert (got.double() - ref).abs().max().item() <= bound
+
+
+def test_multihead_packed_documents_reject_bad_boundaries():
+    mod = _mha()
+    x = torch.randn(1, 12, 32, dtype=torch.float64)
+    good = torch.tensor([0, 5, 12])
+    with pytest.raises(ValueError, match=r"shape \(1, N, E\)"):
+        mod(x.expand(2, -1, -1), cu_seqlens=good)
+    with pytest.raises(ValueError, match="end at the 12 tokens"):
+        mod(x, cu_seqlens=torch.tensor([0, 5, 11]))
+    with pytest.raises(ValueError, match="start at 0"):
+        mod(x, cu_seqlens=torch.tensor([1, 5, 12]))
+    with pytest.raises(ValueError, match="nondecreasing"):
+        mod(x, cu_seqlens=torch.tensor([0, 7, 5, 12]))
+    with pytest.raises(ValueError, match="int32 or int64"):
+        mod(x, cu_seqlens=good.float())
+    with pytest.raises(ValueError, match=r"shape \(S\+1,\)"):
+        mod(x, cu_seqlens=good[None])
+    with pytest.raises(ValueError, match="KV cache"):
+        mod(x, cu_seqlens=good, cache=mod.new_cache())
+
+
+def test_multihead_packed_documents_under_sequence_parallelism_without_support_raise():
+    """Until sequence_parallel_dilated_attention takes cu_seqlens, the sequence-parallel
+    layer refuses packed documents instead of attending across them."""
+    from longnet.distributed import sequence_parallel_dilated_attention
+
+    if "cu_seqlens" in inspect.signature(sequence_parallel_dilated_attention).parameters:
+        pytest.skip("sequence parallelism takes cu_seqlens (tested with the distributed code)")
+    mod = _mha()
+    mod.sequence_parallel_group = object()  # never reached: the check comes first
+    with pytest.raises(NotImplementedError, match="cu_seqlens"):
+        mod(torch.randn(1, 12, 32, dtype=torch.float64), cu_seqlens=torch.tensor([0, 12]))
