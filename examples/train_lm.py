@@ -580,9 +580,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.pack_documents:
         if par.enabled:
-            raise SystemExit(
-                "--pack-documents runs on one process for now (not under torchrun)"
-            )
+            raise SystemExit("--pack-documents runs on one process for now (not under torchrun)")
         train_rows, val_rows = load_packed_data(args, log)
         n_val = min(len(val_rows), max(1, args.eval_windows))
         val_batches: list = [

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -544,12 +543,6 @@ class MultiheadDilatedAttention(nn.Module):
         sp = self.sequence_parallel_group is not None
         if sp:
             spda = _sequence_parallel_attention()
-            if "cu_seqlens" not in inspect.signature(spda).parameters:
-                raise NotImplementedError(
-                    "packed documents (cu_seqlens) under sequence parallelism need "
-                    "longnet.distributed.sequence_parallel_dilated_attention(..., "
-                    "cu_seqlens=...), which this version does not have"
-                )
             rank, world = self._sp_rank_world()
             total, first = world * n, rank * n
         else:

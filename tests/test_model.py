@@ -375,7 +375,11 @@ def _lm_packed_and_alone(model, cu, docs, ids, targets):
     model.zero_grad()
     logits, loss = model(ids, targets, cu_seqlens=cu)
     loss.backward()
-    packed = (logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    packed = (
+        logits.detach(),
+        loss.detach(),
+        {n: p.grad.clone() for n, p in model.named_parameters()},
+    )
     model.zero_grad()
     parts, total = [], torch.zeros((), dtype=torch.float64)
     for a, b in docs:
@@ -507,6 +511,8 @@ def test_pack_documents_covers_every_token_once_with_boundaries_at_the_files(tmp
     x, y, cu = packed_batch(rows, [2, 0])
     assert x.shape == y.shape == (1, 2 * L)
     assert torch.equal(x[0, L:], rows.inputs[0]) and torch.equal(y[0, :L], rows.targets[2])
-    assert cu.tolist() == rows.cu_seqlens[2].tolist() + [L + c for c in rows.cu_seqlens[0][1:].tolist()]
+    assert cu.tolist() == rows.cu_seqlens[2].tolist() + [
+        L + c for c in rows.cu_seqlens[0][1:].tolist()
+    ]
     with pytest.raises(ValueError, match="offsets"):
         pack_documents(tokens, offsets[:-1], L, tok.pad_token_id)

@@ -1,6 +1,5 @@
 """Tests of longnet.modules: DilatedAttention, MultiheadDilatedAttention, KVCache."""
 
-import inspect
 import math
 
 import pytest
@@ -511,16 +510,3 @@ def test_multihead_packed_documents_reject_bad_boundaries():
         mod(x, cu_seqlens=good[None])
     with pytest.raises(ValueError, match="KV cache"):
         mod(x, cu_seqlens=good, cache=mod.new_cache())
-
-
-def test_multihead_packed_documents_under_sequence_parallelism_without_support_raise():
-    """Until sequence_parallel_dilated_attention takes cu_seqlens, the sequence-parallel
-    layer refuses packed documents instead of attending across them."""
-    from longnet.distributed import sequence_parallel_dilated_attention
-
-    if "cu_seqlens" in inspect.signature(sequence_parallel_dilated_attention).parameters:
-        pytest.skip("sequence parallelism takes cu_seqlens (tested with the distributed code)")
-    mod = _mha()
-    mod.sequence_parallel_group = object()  # never reached: the check comes first
-    with pytest.raises(NotImplementedError, match="cu_seqlens"):
-        mod(torch.randn(1, 12, 32, dtype=torch.float64), cu_seqlens=torch.tensor([0, 12]))
