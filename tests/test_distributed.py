@@ -281,6 +281,47 @@ def _scenario_documents(rank, world, report):
     report["documents"] = errors
 
 
+def _scenario_module_documents(rank, world, report):
+    """MultiheadDilatedAttention (rotary, then xPos) on packed documents that cross
+    ranks, under sequence parallelism: this rank's output rows and the parameter
+    gradients summed over ranks against the same module in one process (float64)."""
+    import torch.distributed as dist
+
+    from longnet.modules import MultiheadDilatedAttention
+
+    chunk = 24
+    n = world * chunk
+    cu = torch.tensor([0, 5, 5, chunk + 7, n - 3, n])  # documents crossing ranks, one empty
+    errors = {}
+    for encoding in ("rotary", "xpos"):
+        torch.manual_seed(0)
+        mod = MultiheadDilatedAttention(
+            32,
+            4,
+            [4, 8, 16],
+            [1, 2, 4],
+            num_kv_heads=2,
+            position_encoding=encoding,
+            dtype=torch.float64,
+        )
+        x = torch.randn(1, n, 32, dtype=torch.float64)
+        want = mod(x, cu_seqlens=cu)
+        want.square().sum().backward()
+        want_grads = [p.grad.clone() for p in mod.parameters()]
+        mod.zero_grad()
+        mod.sequence_parallel_group = dist.group.WORLD
+        got = mod(x[:, rank * chunk : (rank + 1) * chunk], cu_seqlens=cu)
+        got.square().sum().backward()
+        grads = [p.grad.clone() for p in mod.parameters()]
+        for g in grads:
+            dist.all_reduce(g)
+        errors[encoding] = {
+            "out": (got - want[:, rank * chunk : (rank + 1) * chunk]).abs().max().item(),
+            "grads": max((a - b).abs().max().item() for a, b in zip(grads, want_grads)),
+        }
+    report["module_documents"] = errors
+
+
 def _scenario_subgroups(rank, world, report):
     """Two sequence-parallel groups side by side (data parallel beside them)."""
     import torch.distributed as dist
@@ -475,7 +516,8 @@ def reports_by_world(tmp_path_factory):
     """Reports of the 2-rank and 4-rank runs (correctness and traffic scenarios)."""
     result = {}
     for world in (2, 4):
-        scenarios = ["correctness", "bytes", "documents"] + (["subgroups"] if world == 4 else [])
+        scenarios = ["correctness", "bytes", "documents", "module_documents"]
+        scenarios += ["subgroups"] if world == 4 else []
         reports = _spawn(world, scenarios, tmp_path_factory.mktemp(f"w{world}"))
         for rep in reports:
             assert rep is not None and "exception" not in rep, rep and rep.get("exception")
@@ -494,6 +536,15 @@ def test_matches_single_process_reference(reports_by_world, world, case):
             assert err[key] < 1e-10, f"rank {rep['rank']} of {world}: {key} error {err[key]}"
         assert err["out_f32"] < 1e-4, f"rank {rep['rank']}: float32 error {err['out_f32']}"
         assert err["out_bf16"] < 5e-2, f"rank {rep['rank']}: bfloat16 error {err['out_bf16']}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_module_packed_documents_match_one_process(reports_by_world, world):
+    """Positions restart per document on every rank (rotary and xPos), and the
+    documents that cross ranks are attended alone: float64 to 1e-10."""
+    for rep in reports_by_world[world]:
+        for encoding, err in rep["module_documents"].items():
+            assert err["out"] < 1e-10 and err["grads"] < 1e-10, (rep["rank"], encoding, err)
 
 
 @pytest.mark.parametrize("world", [2, 4])
