@@ -459,16 +459,162 @@ def test_custom_dense_mask_raises():
         model(ids, attention_mask=bias)
 
 
-def test_packed_sequences_raise():
+# ---------------------------------------------------------------------------------
+# Packed documents (padding-free batches)
+# ---------------------------------------------------------------------------------
+
+DOC_LENGTHS = [13, 5, 21, 9, 17, 3, 24, 11]
+
+
+def _documents(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in DOC_LENGTHS]
+
+
+def _flattened(docs, how):
+    """A DataCollatorWithFlattening batch of ``docs`` and the extra forward kwargs:
+    ``how`` = "position_ids" (the default collator; the model makes a cache, so
+    transformers builds a plain causal mask), "no_cache" (use_cache=False: transformers
+    builds its packed-document mask) or "flash_kwargs" (cu_seq_lens_q/k passed too)."""
+    from transformers import DataCollatorWithFlattening
+
+    collator = DataCollatorWithFlattening(return_flash_attn_kwargs=how == "flash_kwargs")
+    batch = collator([{"input_ids": d} for d in docs])
+    if how == "no_cache":
+        batch["use_cache"] = False
+    return batch
+
+
+def _padded(docs):
+    n = max(len(d) for d in docs)
+    ids = torch.full((len(docs), n), PAD, dtype=torch.long)
+    mask = torch.zeros(len(docs), n, dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)] = torch.tensor(d)
+        mask[i, : len(d)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": _labels(ids, mask)}
+
+
+def test_mask_function_gives_document_ids():
+    """transformers' packed-document mask (causal, remapped to the positions inside
+    each document, and the same document) becomes the (B, N) document ids; the same
+    composition around any other function still raises."""
+    from transformers.masking_utils import (
+        and_masks,
+        causal_mask_function,
+        find_packed_sequence_indices,
+        packed_sequence_mask_function,
+        remap_positions_for_packed_sequence,
+    )
+
+    pos = torch.cat([torch.arange(4), torch.arange(3), torch.arange(5)])[None]
+    ids = find_packed_sequence_indices(pos)
+    packed = and_masks(
+        remap_positions_for_packed_sequence(causal_mask_function, pos),
+        packed_sequence_mask_function(ids),
+    )
+    got = lt.longnet_mask(1, 12, 12, mask_function=packed)
+    assert got.dtype == torch.int64 and got.tolist() == [[0] * 4 + [1] * 3 + [2] * 5]
+    assert lt.document_boundaries(got, 1, 12, 12, {})[0].tolist() == [0, 4, 7, 12]
+
+    def window(b, h, q, kv):
+        return q - kv < 2
+
+    for other in (
+        and_masks(
+            remap_positions_for_packed_sequence(window, pos), packed_sequence_mask_function(ids)
+        ),
+        and_masks(causal_mask_function, packed_sequence_mask_function(ids)),
+    ):
+        with pytest.raises(ValueError, match="another mask"):
+            lt.longnet_mask(1, 12, 12, mask_function=other)
+    with pytest.raises(ValueError, match="without padding mask"):
+        lt.longnet_mask(1, 12, 12, mask_function=packed, attention_mask=torch.ones(1, 12))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("how", ["position_ids", "no_cache", "flash_kwargs"])
+def test_flattened_batch_equals_each_document_alone(family, how):
+    """Float64: the logits of a DataCollatorWithFlattening batch equal each document
+    run alone, to 1e-12, however the boundaries arrive. Catches attention across
+    documents (O(1) differences: the documents start off the segment grid) and
+    boundaries taken from the wrong source."""
+    model = _dilated(_tiny(family), [4, 8, 16], [1, 2, 4]).double()
+    docs = _documents()
+    batch = _flattened(docs, how)
+    with torch.no_grad():
+        got = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        alone = torch.cat([model(torch.tensor([d])).logits[0] for d in docs])
+        crossing = model(batch["input_ids"]).logits[0]  # no boundaries: one long sequence
+    torch.testing.assert_close(got, alone, rtol=0, atol=1e-12)
+    assert (crossing - alone).abs().max().item() > 1e-2
+
+
+def _grads(model):
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+            for p in model.parameters()
+        ]
+    )
+
+
+def test_flattening_collator_training_has_the_losses_and_gradients_of_padding():
+    """Twenty SGD steps of a tiny Llama on "longnet": DataCollatorWithFlattening
+    batches give, step by step, the losses of the same documents right-padded, and
+    at step 0 their gradients. The bound is float32 error, measured: the padded
+    float32 run's distance to the padded float64 run (so far in training), twice
+    (both float32 runs round differently), plus 4 float32 ulps of the value."""
+    base = _dilated(_tiny("llama"), [4, 8, 16], [1, 2, 4]).train()
+    runs = {"packed": base, "padded": copy.deepcopy(base), "padded64": copy.deepcopy(base).double()}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9) for k, m in runs.items()}
+    docs = _documents()
+    eps = torch.finfo(torch.float32).eps
+    worst = {"loss": 0.0, "grad": 0.0}
+    losses = []
+    for step in range(20):
+        part = docs[:4] if step % 2 == 0 else docs[4:]
+        out = {}
+        for name, model in runs.items():
+            batch = _flattened(part, "position_ids") if name == "packed" else _padded(part)
+            opts[name].zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            out[name] = (float(loss), _grads(model).double())
+            opts[name].step()
+        (lp, gp), (l32, g32), (l64, g64) = out["packed"], out["padded"], out["padded64"]
+        worst["loss"] = max(worst["loss"], abs(l32 - l64))
+        assert abs(lp - l32) <= 2 * worst["loss"] + 4 * eps * abs(l64), (step, lp, l32, l64)
+        if step == 0:
+            bound = 2 * (g32 - g64).abs().max().item() + 4 * eps * g64.abs().max().item()
+            assert (gp - g32).abs().max().item() <= bound
+        losses.append(l64)
+    assert losses[-2] < losses[0] - 0.1 and losses[-1] < losses[1] - 0.1  # it trains
+
+
+def test_packed_documents_bad_use_raises():
     model = _dilated(_tiny("llama"), [4, 8], [1, 2])
-    ids, _ = _padded_batch()
-    position_ids = torch.cat([torch.arange(10), torch.arange(14)])[None].expand(3, -1)
-    with pytest.raises(ValueError, match="packed sequences"):
-        model(ids, position_ids=position_ids, use_cache=False)
-    # Flash-attention style boundaries (what DataCollatorWithFlattening can pass).
-    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
-    with pytest.raises(ValueError, match="packed sequences"):
-        model(ids[:1], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14, max_length_k=14)
+    docs = _documents()[:2]
+    batch = _flattened(docs, "flash_kwargs")
+    ids, n = batch["input_ids"], batch["input_ids"].shape[1]
+    padded = torch.ones_like(ids)
+    padded[:, 0] = 0  # a real padding mask (an all-ones mask means no padding)
+    with pytest.raises(ValueError, match="padding mask"):
+        model(ids, attention_mask=padded, cu_seq_lens_q=batch["cu_seq_lens_q"])
+    short = batch["cu_seq_lens_q"].clone()
+    short[-1] -= 1
+    with pytest.raises(ValueError, match=f"ends at {n - 1}"):
+        model(ids, cu_seq_lens_q=short, cu_seq_lens_k=short)
+    other = torch.tensor([0, 3, n], dtype=torch.int32)
+    with pytest.raises(ValueError, match="disagree"):
+        model(ids, position_ids=batch["position_ids"], use_cache=False, cu_seq_lens_q=other)
+    # Restarting positions among queries that also see cached keys.
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :4], cache=cache)
+    with pytest.raises(ValueError, match="cached keys"):
+        model(ids[:, 4:10], cache=cache, position_ids=torch.tensor([[4, 5, 0, 1, 2, 3]]))
 
 
 def test_sliding_window_configs_raise():

@@ -27,11 +27,22 @@ How a call maps onto ``longnet.dilated_attention``:
   (as they are for every attention implementation); real positions are exact.
 * Decoding against transformers' cache is the operator's ``Nq < Nk`` path (queries
   bottom-right aligned to the last token seen so far, also for static caches).
+* Packed documents (padding-free batches, e.g. from ``DataCollatorWithFlattening``)
+  run through the operator's ``cu_seqlens_q`` / ``cu_seqlens_k``: every document is
+  computed as if it were alone (segments restart at its first token). The boundaries
+  come, in this order, from the ``cu_seq_lens_q`` / ``cu_seq_lens_k`` keyword
+  arguments (``return_flash_attn_kwargs=True``), from transformers' packed-sequence
+  mask (built from restarting ``position_ids`` when the forward has no cache), or,
+  as transformers' flash-attention path does, from ``position_ids`` that restart
+  inside a row of a batch without attention mask (a new document wherever the
+  position id does not grow by 1), also when the model made a cache. The model's own
+  rotary embedding reads the same ``position_ids``.
 
 What dilated attention cannot express raises ``ValueError`` instead of silently
-computing something else: masks that are not causal + padding (holes, packed
-sequences, custom mask functions, biases), bidirectional attention, sliding-window or
-chunked layers, attention dropout > 0, soft-capping, attention sinks.
+computing something else: masks that are not causal + padding or packed documents
+(holes, custom mask functions, biases), bidirectional attention, sliding-window or
+chunked layers, attention dropout > 0, soft-capping, attention sinks, packed
+documents together with a padding mask or with cached keys.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 import longnet
 from longnet.ops import validate_patterns
+from longnet.packing import cu_seqlens_from_position_ids
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -64,6 +76,7 @@ __all__ = [
     "longnet_attention_forward",
     "longnet_mask",
     "key_ranges_from_mask",
+    "document_boundaries",
     "load_smollm2",
     "smollm2_gguf_path",
 ]
@@ -228,6 +241,41 @@ def _check_one_run(padding: Tensor) -> None:
         )
 
 
+def _closure(fn: Any) -> dict[str, Any]:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+
+
+def _packed_document_ids(mask_function: Any) -> Tensor | None:
+    """The ``(B, N)`` document ids if ``mask_function`` is exactly transformers' causal
+    mask restricted to packed documents, ``and_masks(remap_positions_for_packed_sequence(
+    causal_mask_function, position_ids), packed_sequence_mask_function(ids))`` (what
+    ``create_causal_mask`` builds for restarting position ids); ``None`` for anything
+    else. Causal attention on the positions inside each document, within the same
+    document, is each document's own causal attention."""
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
+        return None
+    parts = _closure(mask_function).get("mask_functions")
+    if not isinstance(parts, tuple) or len(parts) != 2:
+        return None
+    remap, packed = parts
+    if (
+        getattr(remap, "__qualname__", "")
+        != "remap_positions_for_packed_sequence.<locals>.inner_mask"
+        or _closure(remap).get("mask_function") is not causal_mask_function
+        or getattr(packed, "__qualname__", "")
+        != "packed_sequence_mask_function.<locals>.inner_mask"
+    ):
+        return None
+    ids = _closure(packed).get("packed_sequence_mask")
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        return None
+    return ids
+
+
 def longnet_mask(
     batch_size: int,
     q_length: int | None = None,
@@ -244,18 +292,30 @@ def longnet_mask(
     Instead of a dense 4-D mask it returns the 2-D padding mask ``(B, key_end)``
     (True = real token) over the keys that hold the sequence up to the last query,
     after checking that the requested mask is exactly causal + padding, or ``None``
-    when no row is left-padded and the keys end at the last query. Memory stays
-    O(B * N).
+    when no row is left-padded and the keys end at the last query. For packed
+    documents (the causal mask restricted to documents, which transformers builds from
+    restarting position ids) it returns the ``(B, N)`` int64 document ids of the
+    tokens instead. Memory stays O(B * N).
     """
     if mask_function is not causal_mask_function:
-        name = getattr(mask_function, "__qualname__", repr(mask_function))
-        raise ValueError(
-            f'attn_implementation="{ATTN_IMPLEMENTATION}" supports a causal mask plus '
-            f"padding only, but the model asked for another mask ({name}): packed "
-            "sequences (position_ids restarting inside a row), bidirectional, "
-            "sliding-window, chunked or custom (or_/and_mask_function) masks cannot be "
-            "expressed by dilated attention"
-        )
+        doc_ids = _packed_document_ids(mask_function)
+        if doc_ids is None:
+            name = getattr(mask_function, "__qualname__", repr(mask_function))
+            raise ValueError(
+                f'attn_implementation="{ATTN_IMPLEMENTATION}" supports a causal mask plus '
+                f"padding or packed documents only, but the model asked for another mask "
+                f"({name}): bidirectional, sliding-window, chunked or custom "
+                "(or_/and_mask_function) masks cannot be expressed by dilated attention"
+            )
+        if attention_mask is not None or int(kv_offset) != 0 or q_length != kv_length:
+            raise ValueError(
+                f'attn_implementation="{ATTN_IMPLEMENTATION}": packed documents need a '
+                "forward without padding mask and without cached keys"
+            )
+        doc_ids = doc_ids.to(device=device, dtype=torch.int64)
+        if doc_ids.shape[0] != batch_size:
+            doc_ids = doc_ids.expand(batch_size, -1)
+        return doc_ids.contiguous()
     if q_length is None:  # early 5.x releases pass the queries' cache positions instead
         cache_position = kwargs.get("cache_position")
         if cache_position is None:
@@ -373,6 +433,111 @@ def key_ranges_from_mask(
 
 
 # ----------------------------------------------------------------------------------
+# Packed documents
+# ----------------------------------------------------------------------------------
+
+
+def _cu_from_document_ids(doc_ids: Tensor) -> Tensor:
+    """Boundaries of the rows ``(B, N)`` of document ids flattened into one row: a new
+    document at every row start and wherever the id changes."""
+    b, n = doc_ids.shape
+    starts = torch.ones(b, n, dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = starts.reshape(-1).nonzero()[:, 0]
+    return torch.cat([first, first.new_full((1,), b * n)])
+
+
+def _cu_from_position_ids(position_ids: Tensor, b: int) -> Tensor | None:
+    """Boundaries of the rows of ``position_ids`` flattened into one row, or ``None``
+    when every row is one sequence (no position id that fails to grow by 1)."""
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    if position_ids.shape[0] != b:
+        position_ids = position_ids.expand(b, -1)
+    if position_ids.shape[1] < 2:
+        return None
+    restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(restarts.any()):
+        return None
+    n = position_ids.shape[1]
+    parts = [
+        cu_seqlens_from_position_ids(position_ids[i])[:-1].to(torch.int64) + i * n for i in range(b)
+    ]
+    ends = torch.full((1,), b * n, dtype=torch.int64, device=position_ids.device)
+    return torch.cat([*parts, ends])
+
+
+def document_boundaries(
+    attention_mask: Tensor | None, b: int, nq: int, nk: int, kwargs: dict[str, Any]
+) -> tuple[Tensor, Tensor] | None:
+    """``(cu_seqlens_q, cu_seqlens_k)`` of the packed documents of an attention call,
+    its ``B`` rows flattened into one (row starts are document starts), or ``None``
+    when the call is not packed. Sources, in order: the ``cu_seq_lens_q`` /
+    ``cu_seq_lens_k`` keyword arguments (flash-attention's convention), the document
+    ids made by :func:`longnet_mask`, ``position_ids`` that restart inside a row
+    (only without attention mask)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    doc_ids = None
+    if (
+        isinstance(attention_mask, Tensor)
+        and attention_mask.dim() == 2
+        and not attention_mask.is_floating_point()
+        and attention_mask.dtype != torch.bool
+    ):
+        doc_ids = attention_mask
+    if cu_q is not None or cu_k is not None:
+        cu_q = cu_k if cu_q is None else cu_q
+        cu_k = cu_q if cu_k is None else cu_k
+        if attention_mask is not None and doc_ids is None:
+            raise ValueError(
+                f'attn_implementation="{ATTN_IMPLEMENTATION}" cannot combine packed '
+                "documents (cu_seq_lens_q/cu_seq_lens_k) with a padding mask"
+            )
+        for name, cu, total in (("cu_seq_lens_q", cu_q, b * nq), ("cu_seq_lens_k", cu_k, b * nk)):
+            if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.shape[0] < 1:
+                raise ValueError(f"{name} must be a 1-D tensor (S+1,), got {cu!r}")
+            if int(cu[-1]) != total:
+                raise ValueError(
+                    f"{name} ends at {int(cu[-1])}, but the call has {total} "
+                    f"{'queries' if name.endswith('q') else 'keys'} (batch {b} flattened)"
+                )
+        assert isinstance(cu_q, Tensor) and isinstance(cu_k, Tensor)  # checked above
+        if doc_ids is not None:
+            # transformers' packed mask (from position_ids) must agree with the
+            # boundaries passed alongside it.
+            from_ids = _cu_from_document_ids(doc_ids)
+            if not torch.equal(from_ids.to(cu_q.device), cu_q.to(torch.int64)):
+                raise ValueError(
+                    f"cu_seq_lens_q {cu_q.tolist()} disagree with the documents of "
+                    f"position_ids {from_ids.tolist()}"
+                )
+        return cu_q, cu_k
+    if doc_ids is not None:
+        if doc_ids.shape != (b, nq) or nq != nk:
+            raise ValueError(
+                f"packed document ids of shape {tuple(doc_ids.shape)} do not fit a call "
+                f"with batch {b}, {nq} queries and {nk} keys"
+            )
+        cu = _cu_from_document_ids(doc_ids)
+        return cu, cu
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is not None or not isinstance(position_ids, Tensor):
+        return None
+    if position_ids.shape[-1] != nq:
+        return None
+    cu = _cu_from_position_ids(position_ids, b)
+    if cu is None:
+        return None
+    if nq != nk:
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}": position_ids restart inside '
+            f"the {nq} queries of a call with {nk} keys (a cache): packed documents "
+            "need a forward without cached keys (use_cache=False or no past)"
+        )
+    return cu, cu
+
+
+# ----------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------
 
@@ -382,8 +547,6 @@ _UNSUPPORTED_KWARGS = {
     "position_bias": "a position bias",
     "s_aux": "attention sinks",
     "sinks": "attention sinks",
-    "cu_seq_lens_q": "packed sequences",
-    "cu_seq_lens_k": "packed sequences",
 }
 
 
@@ -423,8 +586,24 @@ def longnet_attention_forward(
     config = getattr(module, "config", None)
     ws, rs = layer_patterns(config, getattr(module, "layer_idx", None))
 
-    b, _, nq, _ = query.shape
+    b, h, nq, d = query.shape
     nk = key.shape[2]
+    packed = document_boundaries(attention_mask, b, nq, nk, kwargs)
+    if packed is not None:
+        # Rows flattened into one packed row (views for B = 1).
+        cu_q, cu_k = (cu.to(query.device) for cu in packed)
+        out = longnet.dilated_attention(
+            query.transpose(1, 2).reshape(1, b * nq, h, d),
+            key.transpose(1, 2).reshape(1, b * nk, key.shape[1], d),
+            value.transpose(1, 2).reshape(1, b * nk, value.shape[1], value.shape[3]),
+            ws,
+            rs,
+            is_causal=True,
+            scale=scaling,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+        )
+        return out.reshape(b, nq, h, value.shape[3]), None
     key_start, key_end = key_ranges_from_mask(attention_mask, b, nq, nk, query.device)
     out = longnet.dilated_attention(
         query.transpose(1, 2),  # (B, Nq, H, D) views: no copies
