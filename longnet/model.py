@@ -209,6 +209,7 @@ class LongNetDecoderLayer(nn.Module):
         )
         self.dropout = config.dropout
         self.activation_checkpointing = False
+        self.chunk_size: int | None = None
 
     def forward(
         self,
@@ -237,8 +238,27 @@ class LongNetDecoderLayer(nn.Module):
             self.attn_norm(x), cache=cache, position_offset=position_offset, cu_seqlens=cu_seqlens
         )
         x = x + F.dropout(h, p=self.dropout, training=self.training)
-        h = self.ffn(self.ffn_norm(x))
+        if self.chunk_size is not None and cache is None and torch.is_grad_enabled():
+            h = self._chunked_ffn(x, self.chunk_size)
+        else:
+            h = self._ffn(x)
         return x + F.dropout(h, p=self.dropout, training=self.training)
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        return self.ffn(self.ffn_norm(x))
+
+    def _chunked_ffn(self, x: Tensor, chunk: int) -> Tensor:
+        """The feed-forward (and its LayerNorm) over ``chunk`` positions at a time,
+        each chunk recomputed in backward: only the input (which the residual keeps
+        anyway) stays, not the ``(B, N, ffn_dim)`` hidden activations."""
+        n = x.shape[1]
+        if n <= chunk:
+            return torch.utils.checkpoint.checkpoint(self._ffn, x, use_reentrant=False)
+        parts = [
+            torch.utils.checkpoint.checkpoint(self._ffn, x[:, s : s + chunk], use_reentrant=False)
+            for s in range(0, n, chunk)
+        ]
+        return torch.cat(parts, dim=1)
 
 
 class LongNetDecoder(nn.Module):
@@ -283,6 +303,44 @@ class LongNetDecoder(nn.Module):
         return self.final_norm(x)
 
 
+LOSS_CHUNK_SIZE = 8192
+"""Positions per chunk of the LM head and loss of ``LongNetLM.forward(...,
+return_logits=False)`` unless :meth:`LongNetLM.set_chunk_size` says otherwise."""
+
+
+def _chunk_loss_sum(x: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    logits = F.linear(x, weight)
+    wide = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(
+        wide.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def chunked_lm_loss(x: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+    """Mean cross-entropy of ``F.linear(x, weight)`` ``(B, N, V)`` against ``targets``
+    ``(B, N)`` (``-100`` ignored), ``chunk`` positions at a time: each chunk's logits
+    (float32 at least, as in the full loss) live only while its loss sum is computed
+    and again while its backward runs (``torch.utils.checkpoint``), so memory holds
+    ``B * chunk * V`` logits instead of ``B * N * V``. The result is the full loss up
+    to the order of the sums (chunk sums, then the division by the target count)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    n = x.shape[1]
+    total: Tensor | None = None
+    for s in range(0, n, chunk):
+        part = torch.utils.checkpoint.checkpoint(
+            _chunk_loss_sum,
+            x[:, s : s + chunk],
+            weight,
+            targets[:, s : s + chunk],
+            use_reentrant=False,
+        )
+        total = part if total is None else total + part
+    assert total is not None  # n >= 1
+    count = (targets != -100).sum()
+    return total / count.to(total.dtype)
+
+
 class LongNetLM(nn.Module):
     """Causal language model: embedding, :class:`LongNetDecoder`, LM head.
 
@@ -314,6 +372,7 @@ class LongNetLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False, **factory)
+        self.chunk_size: int | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -354,6 +413,19 @@ class LongNetLM(nn.Module):
     def activation_checkpointing(self) -> bool:
         return any(layer.activation_checkpointing for layer in self.decoder.layers)
 
+    def set_chunk_size(self, tokens: int | None) -> None:
+        """Compute every decoder layer's feed-forward in training over sequence chunks
+        of ``tokens`` positions, each recomputed in backward (the ``(B, N, ffn_dim)``
+        hidden activations never all live; one more feed-forward per layer), and use
+        ``tokens`` as the chunk of the LM head and loss of ``forward(...,
+        return_logits=False)`` (default :data:`LOSS_CHUNK_SIZE`). ``None``: whole
+        sequences (the default). A training setting, not saved with the model."""
+        if tokens is not None and (isinstance(tokens, bool) or int(tokens) != tokens or tokens < 1):
+            raise ValueError(f"tokens must be a positive int or None, got {tokens!r}")
+        self.chunk_size = None if tokens is None else int(tokens)
+        for layer in cast(Iterable[LongNetDecoderLayer], self.decoder.layers):
+            layer.chunk_size = self.chunk_size
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -369,7 +441,8 @@ class LongNetLM(nn.Module):
         cache: list[KVCache] | None = None,
         position_offset: int | None = None,
         cu_seqlens: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        return_logits: bool = True,
+    ) -> Tensor | tuple[Tensor | None, Tensor]:
         """Logits ``(B, N, vocab)``; with ``targets`` ``(B, N)`` also the mean loss.
 
         Args:
@@ -392,6 +465,12 @@ class LongNetLM(nn.Module):
                 caller's: a document's last target (the next document's first
                 token) counts unless it is ``-100``. Not combinable with ``cache``.
                 Under sequence parallelism: the boundaries of the whole sequence.
+            return_logits: with ``targets``, ``False`` returns ``(None, loss)`` and
+                computes the LM head and the loss over chunks of positions (the
+                model's :meth:`set_chunk_size`, default :data:`LOSS_CHUNK_SIZE`), each
+                recomputed in backward, so the ``(B, N, vocab)`` logits and their
+                gradient never all live. The loss and gradients are those of the
+                full computation up to the order of the sums.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, N), got {tuple(input_ids.shape)}")
@@ -406,24 +485,39 @@ class LongNetLM(nn.Module):
             )
         x = self.decoder(x, cache=cache, position_offset=position_offset, cu_seqlens=cu_seqlens)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if not return_logits:
+            if targets is None:
+                raise ValueError("return_logits=False needs targets (it returns only the loss)")
+            self._check_targets(input_ids, targets)
+            return None, chunked_lm_loss(
+                x, weight, self._loss_targets(targets), self.chunk_size or LOSS_CHUNK_SIZE
+            )
         logits = F.linear(x, weight)
         if targets is None:
             return logits
-        if targets.shape != input_ids.shape:
-            raise ValueError(
-                f"targets must have the shape of input_ids {tuple(input_ids.shape)}"
-                f", got {tuple(targets.shape)}"
-            )
-        targets = targets.long()
-        if self.config.pad_token_id is not None:
-            # Padding is not text: predicting it must not count in the loss.
-            targets = targets.masked_fill(targets == self.config.pad_token_id, -100)
+        self._check_targets(input_ids, targets)
+        targets = self._loss_targets(targets)
         # float32 at least (float64 models keep float64).
         wide = logits if logits.dtype == torch.float64 else logits.float()
         loss = F.cross_entropy(
             wide.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
         )
         return logits, loss
+
+    @staticmethod
+    def _check_targets(input_ids: Tensor, targets: Tensor) -> None:
+        if targets.shape != input_ids.shape:
+            raise ValueError(
+                f"targets must have the shape of input_ids {tuple(input_ids.shape)}"
+                f", got {tuple(targets.shape)}"
+            )
+
+    def _loss_targets(self, targets: Tensor) -> Tensor:
+        targets = targets.long()
+        if self.config.pad_token_id is not None:
+            # Padding is not text: predicting it must not count in the loss.
+            targets = targets.masked_fill(targets == self.config.pad_token_id, -100)
+        return targets
 
     @torch.no_grad()
     def generate(

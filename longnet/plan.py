@@ -959,6 +959,7 @@ class TrainingPlan:
     ring_bytes_per_step: int  # ring attention would send for the same run
     ulysses_bytes_per_step: int  # all-to-all head parallelism would send
     attention: RunPlan = field(repr=False)
+    chunk_size: int | None = None  # feed-forward and LM head + loss in chunks (None: off)
 
     def to_dict(self) -> dict[str, object]:
         d = {k: v for k, v in asdict(self).items() if k != "attention"}
@@ -973,7 +974,12 @@ class TrainingPlan:
             f"{self.batch} x {self.seq_len:,} tokens ({self.batch // self.dp} x "
             f"{self.seq_len // self.sp:,} per rank), {self.parameters:,} parameters "
             f"({self.dtype}), activation checkpointing "
-            f"{'on' if self.activation_checkpointing else 'off'}",
+            f"{'on' if self.activation_checkpointing else 'off'}"
+            + (
+                f", feed-forward and loss in chunks of {self.chunk_size:,} positions"
+                if self.chunk_size
+                else ""
+            ),
             "per rank:",
             f"  parameters {f(self.param_bytes_per_rank)}, gradients "
             f"{f(self.grad_bytes_per_rank)}, AdamW state {f(self.optimizer_bytes_per_rank)}"
@@ -1048,6 +1054,7 @@ def layer_activation_bytes(
     dtype: str = "float32",
     attention: RankCost | None = None,
     activation_checkpointing: bool = False,
+    chunked_ffn: bool = False,
 ) -> int:
     """Bytes one LongNetDecoderLayer keeps from forward to backward on a rank holding
     ``batch x tokens`` positions (dropout off), storage by storage: its input, the two
@@ -1056,17 +1063,23 @@ def layer_activation_bytes(
     rotary cos/sin of q and k (``2 T D``), plus the attention's own (q, k, v, output,
     lse and, under sequence parallelism, what its exchange keeps: ``attention``'s
     ``activation_bytes``, default the one-process operator). Sub-LN adds its two
-    LayerNorms' inputs. With checkpointing only the input stays."""
+    LayerNorms' inputs. With checkpointing only the input stays. With
+    ``chunked_ffn`` (``LongNetLM.set_chunk_size``) the feed-forward and its LayerNorm
+    keep only their input, the residual sum: no FFN LayerNorm output or statistics,
+    no ``(B, T, F)`` tensors, no Sub-LN FFN norm input."""
     item = DTYPE_BYTES[dtype]
     e, f, d = config.embed_dim, config.ffn_dim, config.embed_dim // config.num_heads
     bt = batch * tokens
     if activation_checkpointing:
         return bt * e * item
-    total = item * (4 * bt * e + 4 * bt + 2 * bt * f)
+    if chunked_ffn:
+        total = item * (3 * bt * e + 2 * bt)
+    else:
+        total = item * (4 * bt * e + 4 * bt + 2 * bt * f)
     if config.position_encoding is not None:
         total += item * 2 * tokens * d
     if config.norm_style == "subln":
-        total += item * (bt * e + bt * f + 4 * bt)
+        total += item * (bt * e + 2 * bt) if chunked_ffn else item * (bt * e + bt * f + 4 * bt)
     if attention is None:
         h, hk = config.num_heads, config.num_kv_heads or config.num_heads
         lse_item = 8 if item == 8 else 4
@@ -1086,6 +1099,7 @@ def plan_training(
     dtype: str = "float32",
     activation_checkpointing: bool = False,
     position_offset: int = 0,
+    chunk_size: int | None = None,
 ) -> TrainingPlan:
     """Per-rank memory and traffic of one training step of a LongNetLM ``config``
     (a :class:`~longnet.model.LongNetConfig`) on a ``(dp, sp)`` mesh as
@@ -1096,14 +1110,20 @@ def plan_training(
     (busiest rank), the full parameters in use (root plus the running and the
     prefetched layer), activations kept for backward with or without checkpointing
     (:func:`layer_activation_bytes`; the attention part from :func:`plan_run`), and a
-    peak that adds backward's largest transient (a recomputed layer's activations
-    with checkpointing, the logits' gradient). Traffic (bytes sent per rank and step):
+    peak: the larger of backward's two peaks, at the loss (everything kept plus the
+    logits' gradient) and, with checkpointing, in the last layer (the layer inputs and
+    that layer's recomputed activations). Traffic (bytes sent per rank and step):
     FSDP2's two all-gathers and reduce-scatter; the dilated exchange of every layer
     (again in the recomputed forward with checkpointing); and, for the same run, ring
     attention (every rank passes all keys/values of its group on: ``(sp - 1)`` chunks
     of k and v forward, twice that backward for k, v and their gradients) and
     DeepSpeed-Ulysses all-to-all head parallelism (q, k, v in and the output back,
     ``(sp - 1) / sp`` of each rank's chunk, the same backward).
+
+    ``chunk_size``: the run computes the feed-forward and the LM head with the loss in
+    chunks of that many positions (``LongNetLM.set_chunk_size`` and ``forward(...,
+    return_logits=False)``): no FFN hidden activations kept, no ``(B, T, vocab)``
+    logits; one chunk's of each live in backward instead.
     """
     for name, value in (("batch", batch), ("seq_len", seq_len), ("dp", dp), ("sp", sp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -1114,6 +1134,10 @@ def plan_training(
         raise ValueError(f"seq_len ({seq_len}) must be divisible by sp ({sp})")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     item = DTYPE_BYTES[dtype]
     world, b, t = dp * sp, batch // dp, seq_len // sp
     h, hk, d = config.num_heads, config.num_kv_heads or config.num_heads, config.head_dim
@@ -1141,7 +1165,8 @@ def plan_training(
         0 if world == 1 else (sum(_numel(s) for s in root) * item + min(2, layers) * full_layer)
     )
     worst = max(attn.per_rank, key=lambda c: c.activation_bytes)
-    plain = layer_activation_bytes(config, b, t, dtype=dtype, attention=worst)
+    chunked = chunk_size is not None
+    plain = layer_activation_bytes(config, b, t, dtype=dtype, attention=worst, chunked_ffn=chunked)
     per_layer = layer_activation_bytes(
         config,
         b,
@@ -1149,16 +1174,32 @@ def plan_training(
         dtype=dtype,
         attention=worst,
         activation_checkpointing=activation_checkpointing,
+        chunked_ffn=chunked,
     )
     bt = b * t
     lse_item = 8 if item == 8 else 4
+    v = config.vocab_size
     # final norm input + stats, the LM head's input, float32 logits and log-softmax.
-    other = item * (2 * bt * e + 2 * bt) + 2 * bt * config.vocab_size * lse_item
+    other = item * (2 * bt * e + 2 * bt) + (0 if chunked else 2 * bt * v * lse_item)
     activations = layers * per_layer + other
-    transient = bt * config.vocab_size * lse_item + 3 * bt * e * item
-    if activation_checkpointing:
-        transient += plain
-    peak = 4 * shard + unsharded + activations + transient  # params, grads, 2 AdamW
+    grads = 3 * bt * e * item  # gradients flowing through the residual stream
+    if chunked:
+        assert chunk_size is not None
+        bc = b * min(chunk_size, t)
+        # One chunk's logits, their log-softmax and gradient; the logits are not
+        # returned. One chunk's FFN recomputed: LayerNorm, fc1, GELU and gradients.
+        head, returned = 3 * bc * v * lse_item, 0
+        ffn_chunk = item * bc * (2 * e + 4 * config.ffn_dim)
+    else:
+        head, returned, ffn_chunk = bt * v * lse_item, bt * v * item, 0
+    # Backward's two peaks: at the loss, everything kept plus the head's transient;
+    # in the last layer, with checkpointing, the layer inputs and that layer
+    # recomputed (what is outside the layers is freed by then, but the returned logits
+    # stay with the caller).
+    at_loss = activations + head + grads
+    at_layer = layers * per_layer + (plain if activation_checkpointing else 0) + returned
+    at_layer += grads + ffn_chunk
+    peak = 4 * shard + unsharded + max(at_loss, at_layer)  # params, grads, 2 AdamW
     fsdp = 3 * params * item * (world - 1) // world if world > 1 else 0
     # The busiest rank (forward and backward peak on different ranks when causal).
     sp_layer = max(
@@ -1190,6 +1231,7 @@ def plan_training(
         ring_bytes_per_step=ring,
         ulysses_bytes_per_step=ulysses,
         attention=attn,
+        chunk_size=chunk_size,
     )
 
 

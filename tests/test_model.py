@@ -516,3 +516,36 @@ def test_pack_documents_covers_every_token_once_with_boundaries_at_the_files(tmp
     ]
     with pytest.raises(ValueError, match="offsets"):
         pack_documents(tokens, offsets[:-1], L, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("norm_style", ["pre", "subln"])
+def test_chunked_feed_forward_and_loss_equal_the_whole_sequence(norm_style):
+    """set_chunk_size + return_logits=False (the long-sequence training path: the
+    feed-forward and the LM head + loss over sequence chunks, recomputed in backward)
+    give the loss and every parameter gradient of the whole-sequence computation; in
+    float64 only the order of the sums differs (1e-12). The chunk (7) divides neither
+    N (30) nor the pattern, and ignored targets (-100, pad) fall in several chunks."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 259, (2, 30))
+    targets = torch.randint(3, 259, (2, 30))
+    targets[0, 3:12] = -100
+    targets[1, 20] = 0  # the pad id: ignored as well
+    grads, losses = [], []
+    for chunk in (None, 7):
+        model = tiny_model(norm_style=norm_style)
+        model.set_chunk_size(chunk)
+        if chunk is None:
+            _, loss = model(ids, targets)
+        else:
+            logits, loss = model(ids, targets, return_logits=False)
+            assert logits is None
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert abs(losses[0].item() - losses[1].item()) <= 1e-12
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="needs targets"):
+        tiny_model()(ids, return_logits=False)
+    with pytest.raises(ValueError, match="positive int"):
+        tiny_model().set_chunk_size(0)
