@@ -4,6 +4,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +19,19 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
+
+// fbgemm's transposes (16x16 AVX-512 / 8x8 AVX2 blocks, picked at run time), exported
+// by libtorch_cpu on x86 builds with fbgemm; weak, so null elsewhere.
+namespace fbgemm {
+template <typename T>
+void transpose_simd(int64_t M, int64_t N, const T* src, int64_t ld_src, T* dst, int64_t ld_dst);
+template <>
+void transpose_simd<float>(int64_t, int64_t, const float*, int64_t, float*, int64_t)
+    __attribute__((weak));
+template <>
+void transpose_simd<uint16_t>(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t)
+    __attribute__((weak));
+}  // namespace fbgemm
 
 namespace longnet::cpu {
 namespace {
@@ -174,6 +188,56 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, 
 }
 
 bool blas_available() { return checked_fortran_gemm<float>() != nullptr; }
+
+namespace {
+
+// Blocked loops: 16 x 16 tiles keep the strided side within a few cache lines.
+template <typename U>
+void transpose_loops(int64_t rows, int64_t cols, const U* src, int64_t ld_src, U* dst,
+                     int64_t ld_dst) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    const int64_t i1 = std::min(rows, i0 + kTile);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      const int64_t j1 = std::min(cols, j0 + kTile);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+      }
+    }
+  }
+}
+
+// fbgemm's transposes, unless LONGNET_CPU_BLAS=0 asks for the portable loops (so that
+// they stay tested).
+bool simd_transposes() {
+  static const bool have =
+      &fbgemm::transpose_simd<float> != nullptr && &fbgemm::transpose_simd<uint16_t> != nullptr;
+  return have && !blas_disabled_by_env();
+}
+
+}  // namespace
+
+void transpose_bits(int64_t rows, int64_t cols, const uint32_t* src, int64_t ld_src, uint32_t* dst,
+                    int64_t ld_dst) {
+  if (rows <= 0 || cols <= 0) return;
+  if (simd_transposes()) {
+    // Bits are moved by shuffles only, so any 32-bit pattern passes unchanged.
+    fbgemm::transpose_simd<float>(rows, cols, reinterpret_cast<const float*>(src), ld_src,
+                                  reinterpret_cast<float*>(dst), ld_dst);
+  } else {
+    transpose_loops(rows, cols, src, ld_src, dst, ld_dst);
+  }
+}
+
+void transpose_bits(int64_t rows, int64_t cols, const uint16_t* src, int64_t ld_src, uint16_t* dst,
+                    int64_t ld_dst) {
+  if (rows <= 0 || cols <= 0) return;
+  if (simd_transposes()) {
+    fbgemm::transpose_simd<uint16_t>(rows, cols, src, ld_src, dst, ld_dst);
+  } else {
+    transpose_loops(rows, cols, src, ld_src, dst, ld_dst);
+  }
+}
 
 // ------------------------------------------------- micro-kernel products ----
 

@@ -104,18 +104,39 @@ inline void prepare_b(const S* src, int64_t ld, int64_t k, int64_t n, E* dst) {
   }
 }
 
+// dst (cols rows of `rows` values, ld_dst apart) = src^T for src of `rows` rows of
+// `cols` values (ld_src apart), elements of 4 or 2 bytes copied bit for bit: fbgemm's
+// SIMD transposes where libtorch exports them, else loops.
+void transpose_bits(int64_t rows, int64_t cols, const uint32_t* src, int64_t ld_src, uint32_t* dst,
+                    int64_t ld_dst);
+void transpose_bits(int64_t rows, int64_t cols, const uint16_t* src, int64_t ld_src, uint16_t* dst,
+                    int64_t ld_dst);
+
+// transpose_bits on elements of type E (float, c10::BFloat16, c10::Half).
+template <typename E>
+inline void transpose_elems(int64_t rows, int64_t cols, const E* src, int64_t ld_src, E* dst,
+                            int64_t ld_dst) {
+  static_assert(sizeof(E) == 4 || sizeof(E) == 2);
+  using U = std::conditional_t<sizeof(E) == 4, uint32_t, uint16_t>;
+  transpose_bits(rows, cols, reinterpret_cast<const U*>(src), ld_src, reinterpret_cast<U*>(dst),
+                 ld_dst);
+}
+
 // Prepares B = src^T, src being n rows of k values (ld apart), i.e. B[p][j] =
 // src[j][p]: the K^T and V^T operands of S = Q K^T and dP = dO V^T. 16-bit formats
-// need k even (the pairs of a row are copied as 32-bit words).
+// need k even: the pairs of a row are moved as 32-bit words (a transpose of words
+// when the rows start on 4-byte boundaries).
 template <typename E>
 inline void prepare_b_transposed(const E* src, int64_t ld, int64_t n, int64_t k, E* dst) {
   if constexpr (!kPairInterleaved<E>) {
-    for (int64_t j = 0; j < n; ++j) {
-      const E* in = src + j * ld;
-      for (int64_t p = 0; p < k; ++p) dst[p * n + j] = in[p];
-    }
+    transpose_elems<E>(n, k, src, ld, dst, n);
   } else {
     static_assert(sizeof(E) == 2);
+    if (ld % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0) {
+      transpose_bits(n, k / 2, reinterpret_cast<const uint32_t*>(src), ld / 2,
+                     reinterpret_cast<uint32_t*>(dst), n);
+      return;
+    }
     for (int64_t j = 0; j < n; ++j) {
       const E* in = src + j * ld;
       for (int64_t p = 0; p < k; p += 2) {
@@ -135,10 +156,7 @@ inline void transpose_a(const E* src, int64_t ld, int64_t rows, int64_t cols, E*
   for (int64_t c = 0; c < cols; ++c) {
     for (int64_t r = rows; r < pad_to; ++r) dst[c * ld_dst + r] = E(0.f);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const E* in = src + r * ld;
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = in[c];
-  }
+  transpose_elems<E>(rows, cols, src, ld, dst, ld_dst);
 }
 
 // Which products the fused CPU kernels of this thread used last (forward or

@@ -181,10 +181,9 @@ struct RowState {
 // One key block of the online softmax: the scores S (qn x kn; query block starting at
 // segment index tq0, key block at kb0) become exp(S - m) in place, keys after a causal
 // query zeroed, and each row's running max m_loc and sum l_loc are updated, its
-// accumulator acc_loc rescaled when the max moves. kScale: S is multiplied by scale
-// first (else the product already applied it).
-template <typename A, bool kScale>
-void softmax_block(A* S, int64_t qn, int64_t kn, int64_t tq0, int64_t kb0, bool is_causal, A scale,
+// accumulator acc_loc rescaled when the max moves. The product applied the scale.
+template <typename A>
+void softmax_block(A* S, int64_t qn, int64_t kn, int64_t tq0, int64_t kb0, bool is_causal,
                    int64_t D, A* m_loc, A* l_loc, A* acc_loc) {
   for (int64_t i = 0; i < qn; ++i) {
     A* srow = S + i * kn;
@@ -193,12 +192,7 @@ void softmax_block(A* S, int64_t qn, int64_t kn, int64_t tq0, int64_t kb0, bool 
       fill_row<A>(srow, A(0), kn);
       continue;
     }
-    A block_max;
-    if constexpr (kScale) {
-      block_max = scale_and_max(srow, scale, valid);
-    } else {
-      block_max = row_max(srow, valid);
-    }
+    const A block_max = row_max(srow, valid);
     const A m_old = m_loc[i];
     const A m_new = std::max(m_old, block_max);
     const A sum = exp_shift_sum(srow, m_new, srow, valid);
@@ -282,7 +276,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           const A* V = load_rows<T, A>(v_first, r * vv.sn, kn, D, v_buf, &ldv);
 
           gemm_nt<A>(qn, kn, D, scale, Q, ldq, K, ldk, A(0), S, kn);
-          softmax_block<A, false>(S, qn, kn, tq0, kb0, is_causal, scale, D, m_loc, l_loc, acc_loc);
+          softmax_block<A>(S, qn, kn, tq0, kb0, is_causal, D, m_loc, l_loc, acc_loc);
           gemm_nn<A>(qn, D, kn, A(1), S, kn, V, ldv, A(1), acc_loc, D);
         }
 
@@ -327,6 +321,58 @@ void prepare_b_rounded(const float* src, int64_t ld, int64_t k, int64_t n, T* ds
     }
   } else {
     prepare_b<T, float>(src, ld, k, n, dst);
+  }
+}
+
+// prepare_b<T, T>: for 16-bit formats the pairs of rows interleaved as bits.
+template <typename T>
+void prepare_b_pairs(const T* src, int64_t ld, int64_t k, int64_t n, T* dst) {
+  if constexpr (kPairInterleaved<T>) {
+    static_assert(sizeof(T) == 2);
+    for (int64_t p = 0; p < k; p += 2) {
+      const auto* in0 = reinterpret_cast<const uint16_t*>(src + p * ld);
+      const auto* in1 = p + 1 < k ? in0 + ld : nullptr;
+      interleave_bits16(in0, in1, n, reinterpret_cast<uint16_t*>(dst + p * n));
+    }
+  } else {
+    prepare_b<T, T>(src, ld, k, n, dst);
+  }
+}
+
+// softmax_block for the micro-kernel forward: S (qn x kn, scores before the scale) is
+// only read, P (rows ld_p apart; S itself for float32) gets exp(scale S - m) in T, zero
+// after a causal query's last key and up to ld_p. bfloat16 rounds in the same pass.
+template <typename T>
+void tile_softmax(float* S, int64_t qn, int64_t kn, int64_t tq0, int64_t kb0, bool is_causal,
+                  float scale, int64_t D, float* m_loc, float* l_loc, float* acc_loc, T* P,
+                  int64_t ld_p) {
+  for (int64_t i = 0; i < qn; ++i) {
+    float* srow = S + i * kn;
+    T* prow = P + i * ld_p;
+    const int64_t valid = is_causal ? std::clamp<int64_t>(tq0 + i - kb0 + 1, 0, kn) : kn;
+    if (valid == 0) {
+      std::fill(prow, prow + ld_p, T(0.f));
+      continue;
+    }
+    const float m_old = m_loc[i];
+    const float m_new = std::max(m_old, scaled_max(srow, scale, valid));
+    float sum;
+    if constexpr (std::is_same_v<T, float>) {
+      sum = exp_scaled_sum(srow, scale, m_new, prow, valid);
+      fill_row<float>(prow + valid, 0.f, ld_p - valid);
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      sum = exp_scaled_sum_bf16(srow, scale, m_new, reinterpret_cast<uint16_t*>(prow), valid, ld_p);
+    } else {
+      sum = exp_scaled_sum(srow, scale, m_new, srow, valid);
+      round_row<T>(srow, valid, ld_p, prow);
+    }
+    if (m_old != m_new) {
+      const float alpha = m_old == neg_inf<float>() ? 0.f : std::exp(m_old - m_new);
+      l_loc[i] *= alpha;
+      scale_row(acc_loc + i * D, alpha, D);
+    }
+    l_loc[i] += sum;
+    m_loc[i] = m_new;
   }
 }
 
@@ -423,18 +469,20 @@ void forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             const int64_t slot = keep ? kbi : 0;
             if (ready[slot] != (keep ? 0 : kb0 + 1)) {
               prepare_b_transposed<T>(k_first, r * kv.sn, kn_full, D, kt);
-              if constexpr (kConvert) prepare_b<T, T>(v_first, r * vv.sn, kn_full, D, vp);
+              if constexpr (kConvert) prepare_b_pairs<T>(v_first, r * vv.sn, kn_full, D, vp);
               ready[slot] = keep ? 0 : kb0 + 1;
             }
             tile_gemm(qn, kn, D, Q, ldq, kt, kn_full, S, kn, false);
-            softmax_block<A, true>(S, qn, kn, tq0, kb0, is_causal, scale, D, m_loc, l_loc, acc_loc);
             if constexpr (kConvert) {
               // P in T; V prepared over kn_full rows: the product reads its first
               // padded_k(kn) rows (pairs), and a padding column of P is zero.
               const int64_t kp = padded_k<T>(kn);
-              for (int64_t i = 0; i < qn; ++i) round_row<T>(S + i * kn, kn, kp, P + i * kp);
+              tile_softmax<T>(S, qn, kn, tq0, kb0, is_causal, scale, D, m_loc, l_loc, acc_loc, P,
+                              kp);
               tile_gemm(qn, D, kp, P, kp, vp, D, acc_loc, D, true);
             } else {
+              tile_softmax<T>(S, qn, kn, tq0, kb0, is_causal, scale, D, m_loc, l_loc, acc_loc, S,
+                              kn);
               tile_gemm(qn, D, kn, S, kn, v_first, r * vv.sn, acc_loc, D, true);
             }
           }
@@ -660,10 +708,10 @@ struct TileBackward : PatternBackward<T> {
   }
   static int64_t scratch_size(int64_t D, int64_t max_count) {
     const int64_t t_floats = (t_elems(D, max_count) * int64_t(sizeof(T)) + 3) / 4;
-    return 16 + 2 * QB * KB + 2 * D * KB + QB * D + t_floats;
+    return 16 + 2 * QB * KB + 4 * D * KB + QB * D + t_floats;
   }
   struct Scratch {
-    A *S, *dP, *dkT, *dvT, *dq;
+    A *S, *dP, *dkT, *dvT, *dq, *dk, *dv;
     T *kt, *vt, *kp, *qt, *dot, *p_b, *ds_b, *ds_a, *qt_seg, *dot_seg;
     int64_t seg_ld;
     int64_t* tag;  // (b, h, s, w, r) whose Q^T, dO^T qt_seg/dot_seg hold
@@ -677,7 +725,9 @@ struct TileBackward : PatternBackward<T> {
       dkT = dP + QB * KB;
       dvT = dkT + D * KB;
       dq = dvT + D * KB;
-      T* t = reinterpret_cast<T*>(dq + QB * D);
+      dk = dq + QB * D;  // dk, dv of a key block as rows (dkT, dvT transposed back)
+      dv = dk + KB * D;
+      T* t = reinterpret_cast<T*>(dv + KB * D);
       kt = t;
       vt = kt + KB * D;
       kp = vt + KB * D;  // 16-bit formats only
@@ -724,19 +774,44 @@ struct TileBackward : PatternBackward<T> {
     prepare_b_transposed<T>(this->kv.at(b, key0, g), r * this->kv.sn, kn, D, sc.kt);
     prepare_b_transposed<T>(this->vv.at(b, key0, g), r * this->vv.sn, kn, D, sc.vt);
     if constexpr (kConvert) {
-      if (with_k) prepare_b<T, T>(this->kv.at(b, key0, g), r * this->kv.sn, kn, D, sc.kp);
+      if (with_k) prepare_b_pairs<T>(this->kv.at(b, key0, g), r * this->kv.sn, kn, D, sc.kp);
     }
   }
 
-  // S, dP of rows tq0.. against the prepared key block, turned into P and scale * dS.
+  // S, dP of rows tq0.. against the prepared key block, turned into P and scale * dS:
+  // in place (float), or for bfloat16 rounded in the same pass straight into the B
+  // forms p_b, ds_b and (with ds_rows) the A form ds_a of dS.
   void tile_probs(int64_t b, int64_t h, const RowSpan& row, const SparseSegment& seg, int64_t tq0,
-                  int64_t qn, int64_t kb0, int64_t kn, const T* Q, const T* dO,
+                  int64_t qn, int64_t kb0, int64_t kn, const T* Q, const T* dO, bool ds_rows,
                   const Scratch& sc) const {
     const int64_t D = this->pb.dim, r = this->r;
     tile_gemm(qn, kn, D, Q, r * this->qv.sn, sc.kt, kn, sc.S, kn, false);
     tile_gemm(qn, kn, D, dO, r * this->dov.sn, sc.vt, kn, sc.dP, kn, false);
     const A* lse_row = this->lse_p + (b * this->pb.heads + h) * this->pb.nq;
     const A* delta_row = this->delta_p + (b * this->pb.heads + h) * this->pb.nq;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const int64_t kp = padded_k<T>(kn);
+      for (int64_t i = 0; i < qn; i += 2) {
+        GradRowPair pair{};
+        for (int64_t t = 0; t < 2; ++t) {
+          const int64_t ii = std::min(i + t, qn - 1);  // an absent row reads row qn - 1
+          pair.s[t] = sc.S + ii * kn;
+          pair.dp[t] = sc.dP + ii * kn;
+          if (i + t >= qn) continue;  // valid 0
+          const int64_t qi = this->query_index(row, seg, tq0 + ii);
+          pair.lse[t] = lse_row[qi];
+          pair.delta[t] = delta_row[qi];
+          const int64_t valid =
+              this->is_causal ? std::clamp<int64_t>(tq0 + ii - kb0 + 1, 0, kn) : kn;
+          pair.valid[t] = pair.lse[t] == neg_inf<A>() ? 0 : valid;
+        }
+        softmax_grad_pair_bf16(pair, this->scale, kn, reinterpret_cast<uint16_t*>(sc.p_b + i * kn),
+                               reinterpret_cast<uint16_t*>(sc.ds_b + i * kn),
+                               ds_rows ? reinterpret_cast<uint16_t*>(sc.ds_a + i * kp) : nullptr,
+                               kp, std::min<int64_t>(2, qn - i), kp);
+      }
+      return;
+    }
     for (int64_t i = 0; i < qn; ++i) {
       A* s_row = sc.S + i * kn;
       A* dp_row = sc.dP + i * kn;
@@ -760,7 +835,9 @@ struct TileBackward : PatternBackward<T> {
     const int64_t D = this->pb.dim;
     if constexpr (kConvert) {
       const int64_t kp = padded_k<T>(kn);
-      for (int64_t i = 0; i < qn; ++i) round_row<T>(sc.dP + i * kn, kn, kp, sc.ds_a + i * kp);
+      if constexpr (!std::is_same_v<T, c10::BFloat16>) {  // bfloat16: tile_probs wrote ds_a
+        for (int64_t i = 0; i < qn; ++i) round_row<T>(sc.dP + i * kn, kn, kp, sc.ds_a + i * kp);
+      }
       tile_gemm(qn, D, kp, sc.ds_a, kp, sc.kp, D, dq_rows, ld_c, true);
     } else {
       tile_gemm(qn, D, kn, sc.dP, kn, k_rows, ldk, dq_rows, ld_c, true);
@@ -787,7 +864,7 @@ struct TileBackward : PatternBackward<T> {
       const int64_t qi0 = pt.query_index(row, seg, tq0);
       const T* Q = pt.qv.at(b, qi0, h);
       const T* dO = pt.dov.at(b, qi0, h);
-      tile_probs(b, h, row, seg, tq0, qn, kb0, kn, Q, dO, sc);
+      tile_probs(b, h, row, seg, tq0, qn, kb0, kn, Q, dO, with_dq, sc);
       const int64_t qp = padded_k<T>(qn);
       // A = Q^T, dO^T columns tq0..: from the segment buffers, else transposed here.
       const T *qt = sc.qt, *dot = sc.dot;
@@ -801,8 +878,10 @@ struct TileBackward : PatternBackward<T> {
         transpose_a<T>(dO, r * pt.dov.sn, qn, D, sc.dot, qp, qp);
       }
       if constexpr (kConvert) {
-        prepare_b_rounded<T>(sc.S, kn, qn, kn, sc.p_b);
-        prepare_b_rounded<T>(sc.dP, kn, qn, kn, sc.ds_b);
+        if constexpr (!std::is_same_v<T, c10::BFloat16>) {  // bfloat16: written by tile_probs
+          prepare_b_rounded<T>(sc.S, kn, qn, kn, sc.p_b);
+          prepare_b_rounded<T>(sc.dP, kn, qn, kn, sc.ds_b);
+        }
         tile_gemm(D, kn, qp, dot, ld_t, sc.p_b, kn, sc.dvT, kn, true);
         tile_gemm(D, kn, qp, qt, ld_t, sc.ds_b, kn, sc.dkT, kn, true);
       } else {
@@ -816,24 +895,15 @@ struct TileBackward : PatternBackward<T> {
       }
     }
 
+    transpose_elems<A>(D, kn, sc.dkT, kn, sc.dk, D);
+    transpose_elems<A>(D, kn, sc.dvT, kn, sc.dv, D);
     const int64_t kv_row = pt.pb.kv_heads * D;
     A* dk_rows = pt.dk_p + ((b * pt.pb.nk + key0) * pt.pb.kv_heads + g) * D;
     A* dv_rows = pt.dv_p + ((b * pt.pb.nk + key0) * pt.pb.kv_heads + g) * D;
     for (int64_t i = 0; i < kn; ++i) {
       const bool add = pt.started((b * pt.pb.nk + key0 + i * r) * pt.pb.kv_heads + g, pt.kv_seen);
-      A* dk_row = dk_rows + i * r * kv_row;
-      A* dv_row = dv_rows + i * r * kv_row;
-      if (add) {
-        for (int64_t j = 0; j < D; ++j) {
-          dk_row[j] += sc.dkT[j * kn + i];
-          dv_row[j] += sc.dvT[j * kn + i];
-        }
-      } else {
-        for (int64_t j = 0; j < D; ++j) {
-          dk_row[j] = sc.dkT[j * kn + i];
-          dv_row[j] = sc.dvT[j * kn + i];
-        }
-      }
+      pt.add_row(dk_rows + i * r * kv_row, sc.dk + i * D, add);
+      pt.add_row(dv_rows + i * r * kv_row, sc.dv + i * D, add);
     }
   }
 
@@ -854,7 +924,7 @@ struct TileBackward : PatternBackward<T> {
       const int64_t kn = std::min(KB, kend - kb0);
       const int64_t key0 = seg.base + kb0 * r;
       prepare_keys(b, g, key0, kn, true, sc);
-      tile_probs(b, h, row, seg, tq0, qn, kb0, kn, Q, dO, sc);
+      tile_probs(b, h, row, seg, tq0, qn, kb0, kn, Q, dO, true, sc);
       add_dq(qn, kn, pt.kv.at(b, key0, g), r * pt.kv.sn, sc.dq, D, sc);
     }
     A* dq_rows = pt.dq_p + ((b * pt.pb.nq + qi0) * pt.pb.heads + h) * D;

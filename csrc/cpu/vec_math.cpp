@@ -57,18 +57,6 @@ LONGNET_TARGET_CLONES void softmax_grad_row(float* s, float* dp, float lse, floa
   }
 }
 
-// s[j] *= scale for j < n; returns the largest s[j] afterwards.
-LONGNET_TARGET_CLONES float scale_and_max(float* s, float scale, int64_t n) {
-  float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) {
-    const float x = s[j] * scale;
-    s[j] = x;
-    m = m > x ? m : x;
-  }
-  return m;
-}
-
 // p[j] = exp(scale * s[j] - lse); ds[j] = scale * p[j] * (dp[j] - delta), in place.
 LONGNET_TARGET_CLONES void softmax_grad_row_scaled(float* s, float* dp, float scale, float lse,
                                                    float delta, int64_t n) {
@@ -107,6 +95,91 @@ LONGNET_TARGET_CLONES void interleave_to_bf16(const float* s0, const float* s1, 
   for (int64_t j = 0; j < n; ++j) {
     out[2 * j] = bf16_bits(s0[j]);
     out[2 * j + 1] = bf16_bits(s1[j]);
+  }
+}
+
+LONGNET_TARGET_CLONES float scaled_max(const float* s, float scale, int64_t n) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = s[j] * scale;
+    m = m > x ? m : x;
+  }
+  return m;
+}
+
+LONGNET_TARGET_CLONES float exp_scaled_sum(const float* s, float scale, float m, float* p,
+                                           int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_approx(s[j] * scale - m);
+    p[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+LONGNET_TARGET_CLONES float exp_scaled_sum_bf16(const float* s, float scale, float m, uint16_t* p,
+                                                int64_t n, int64_t n_pad) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_approx(s[j] * scale - m);
+    p[j] = bf16_bits(e);
+    sum += e;
+  }
+  for (int64_t j = n; j < n_pad; ++j) p[j] = 0;
+  return sum;
+}
+
+LONGNET_TARGET_CLONES void softmax_grad_pair_bf16(const GradRowPair& g, float scale, int64_t n,
+                                                  uint16_t* p_pairs, uint16_t* ds_pairs,
+                                                  uint16_t* ds_rows, int64_t ld_rows, int64_t rows,
+                                                  int64_t n_pad) {
+  const float *s0 = g.s[0], *s1 = g.s[1], *dp0 = g.dp[0], *dp1 = g.dp[1];
+  const float lse0 = g.lse[0], lse1 = g.lse[1], delta0 = g.delta[0], delta1 = g.delta[1];
+  const int64_t valid0 = g.valid[0], valid1 = g.valid[1];
+  uint16_t* row0 = ds_rows;
+  uint16_t* row1 = ds_rows != nullptr && rows > 1 ? ds_rows + ld_rows : nullptr;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float e0 = exp_approx(s0[j] * scale - lse0);
+    const float e1 = exp_approx(s1[j] * scale - lse1);
+    const float p0 = j < valid0 ? e0 : 0.0f;
+    const float p1 = j < valid1 ? e1 : 0.0f;
+    const float d0 = j < valid0 ? scale * e0 * (dp0[j] - delta0) : 0.0f;
+    const float d1 = j < valid1 ? scale * e1 * (dp1[j] - delta1) : 0.0f;
+    p_pairs[2 * j] = bf16_bits(p0);
+    p_pairs[2 * j + 1] = bf16_bits(p1);
+    ds_pairs[2 * j] = bf16_bits(d0);
+    ds_pairs[2 * j + 1] = bf16_bits(d1);
+  }
+  // The row form of dS reads back the rounded pairs (the same bits).
+  for (int64_t t = 0; t < 2; ++t) {
+    uint16_t* row = t == 0 ? row0 : row1;
+    if (row == nullptr) continue;
+    const uint16_t* src = ds_pairs + t;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] = src[2 * j];
+    for (int64_t j = n; j < n_pad; ++j) row[j] = 0;
+  }
+}
+
+LONGNET_TARGET_CLONES void interleave_bits16(const uint16_t* in0, const uint16_t* in1, int64_t n,
+                                             uint16_t* out) {
+  if (in1 == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      out[2 * j] = in0[j];
+      out[2 * j + 1] = 0;
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    out[2 * j] = in0[j];
+    out[2 * j + 1] = in1[j];
   }
 }
 

@@ -34,8 +34,6 @@ inline void softmax_grad_row(double* s, double* dp, double lse, double delta, in
   }
 }
 
-// s[j] *= scale for j < n; returns max_j s[j] (after scaling).
-float scale_and_max(float* s, float scale, int64_t n);
 // Backward with the logits' scale: p[j] = exp(scale s[j] - lse); ds[j] = scale p[j]
 // (dp[j] - delta), in place.
 void softmax_grad_row_scaled(float* s, float* dp, float scale, float lse, float delta, int64_t n);
@@ -44,6 +42,36 @@ void softmax_grad_row_scaled(float* s, float* dp, float scale, float lse, float 
 void round_to_bf16(const float* s, int64_t n, int64_t n_pad, uint16_t* out);
 // out[2 j] = bfloat16(s0[j]), out[2 j + 1] = bfloat16(s1[j]) (0 when s1 is null).
 void interleave_to_bf16(const float* s0, const float* s1, int64_t n, uint16_t* out);
+
+// max_j scale * s[j] for j < n (-inf for n = 0); s is only read.
+float scaled_max(const float* s, float scale, int64_t n);
+// p[j] = exp(scale * s[j] - m) for j < n (p may be s); returns the sum.
+float exp_scaled_sum(const float* s, float scale, float m, float* p, int64_t n);
+// The same written as bfloat16 bits (round to nearest even), zeros from n up to n_pad;
+// returns the sum of the values before rounding.
+float exp_scaled_sum_bf16(const float* s, float scale, float m, uint16_t* p, int64_t n,
+                          int64_t n_pad);
+
+// Two query rows of the backward for bfloat16 products. Row t has scores s[t], dP
+// values dp[t], its lse and Delta, and keys j < valid[t] (0: none, e.g. an absent row
+// or a row with lse = -inf); s and dp must be readable for n values even then.
+struct GradRowPair {
+  const float* s[2];
+  const float* dp[2];
+  float lse[2];
+  float delta[2];
+  int64_t valid[2];
+};
+// For j < n: P = exp(scale s - lse) and dS = scale P (dp - Delta) where j < valid (0
+// after), rounded to bfloat16 (bits) and written pair-interleaved, p_pairs[2 j + t] and
+// ds_pairs[2 j + t]; with ds_rows, dS also as rows ds_rows[t * ld_rows + j] for the
+// `rows` (1 or 2) rows, zeros for n <= j < n_pad.
+void softmax_grad_pair_bf16(const GradRowPair& g, float scale, int64_t n, uint16_t* p_pairs,
+                            uint16_t* ds_pairs, uint16_t* ds_rows, int64_t ld_rows, int64_t rows,
+                            int64_t n_pad);
+
+// out[2 j] = in0[j], out[2 j + 1] = in1[j] (0 when in1 is null), 16-bit values.
+void interleave_bits16(const uint16_t* in0, const uint16_t* in1, int64_t n, uint16_t* out);
 
 template <typename T>
 inline T row_max(const T* s, int64_t n) {
