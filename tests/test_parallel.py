@@ -509,11 +509,13 @@ def _saved_storage_bytes(model, x, y):
     ids=["float64", "float32-gqa", "subln-no-rope"],
 )
 @pytest.mark.parametrize("ac", [False, True], ids=["no-ac", "ac"])
-def test_plan_layer_activation_bytes_equal_what_autograd_keeps(kw, ac):
+@pytest.mark.parametrize("chunk", [None, 8], ids=["whole", "ffn-chunks"])
+def test_plan_layer_activation_bytes_equal_what_autograd_keeps(kw, ac, chunk):
     """longnet.plan's per-layer activation memory is exactly the storages autograd
     keeps inside the layers (one process, dropout off). Catches a formula that
     misses a tensor (the FFN's, the norms' statistics, rotary tables, GQA's smaller
-    k/v) and checkpointing that keeps more than the layer input."""
+    k/v), checkpointing that keeps more than the layer input, and a chunked
+    feed-forward that still keeps its hidden activations or its LayerNorm's."""
     from longnet.plan import layer_activation_bytes
 
     kw = dict(kw)
@@ -521,10 +523,16 @@ def test_plan_layer_activation_bytes_equal_what_autograd_keeps(kw, ac):
     torch.set_num_threads(1)
     model = _model(dtype, **kw)
     model.set_activation_checkpointing(ac)
+    model.set_chunk_size(chunk)
     x, y = _batches(1)[0]
     got = _saved_storage_bytes(model, x, y)
     want = model.config.num_layers * layer_activation_bytes(
-        model.config, GLOBAL_BATCH, SEQ_LEN, dtype=str(dtype)[6:], activation_checkpointing=ac
+        model.config,
+        GLOBAL_BATCH,
+        SEQ_LEN,
+        dtype=str(dtype)[6:],
+        activation_checkpointing=ac,
+        chunked_ffn=chunk is not None,
     )
     assert got == want, (got, want)
 
