@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from longnet.ops import dilated_attention, validate_patterns, validate_position_offset
 from longnet.packing import document_positions
+from longnet.packing import validate_cu_seqlens as _validate_cu_seqlens
 
 __all__ = [
     "DilatedAttention",
@@ -45,31 +46,9 @@ def pattern_period(segment_lengths: Sequence[int]) -> int:
 
 
 def validate_cu_seqlens(cu_seqlens: Any, total: int, name: str = "cu_seqlens") -> Tensor:
-    """Check document boundaries for a packed row of ``total`` tokens and return them.
-
-    ``cu_seqlens`` must be an int32/int64 tensor of shape ``(S+1,)``: first entry 0,
-    nondecreasing, last entry ``total`` (flash-attn's convention; empty documents
-    allowed). Raises ValueError naming ``name`` otherwise. Under ``torch.compile`` the
-    value checks (which read the tensor) are left to the operator.
-    """
-    if not isinstance(cu_seqlens, Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be int32 or int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(
-            f"{name} must have shape (S+1,) for S documents, got {tuple(cu_seqlens.shape)}"
-        )
-    if torch.compiler.is_compiling():
-        return cu_seqlens
-    values = cu_seqlens.tolist()
-    if values[0] != 0 or values[-1] != total:
-        raise ValueError(
-            f"{name} must start at 0 and end at the {total} tokens of the packed row, "
-            f"got first {values[0]} and last {values[-1]}"
-        )
-    if any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError(f"{name} must be nondecreasing, got {values}")
+    """Check document boundaries for a packed row of ``total`` tokens and return them
+    (:func:`longnet.packing.validate_cu_seqlens`)."""
+    _validate_cu_seqlens(cu_seqlens, total, name)
     return cu_seqlens
 
 

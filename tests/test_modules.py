@@ -498,9 +498,9 @@ def test_multihead_packed_documents_reject_bad_boundaries():
     good = torch.tensor([0, 5, 12])
     with pytest.raises(ValueError, match=r"shape \(1, N, E\)"):
         mod(x.expand(2, -1, -1), cu_seqlens=good)
-    with pytest.raises(ValueError, match="end at the 12 tokens"):
+    with pytest.raises(ValueError, match=r"\[-1\] must equal the number of packed tokens \(12\)"):
         mod(x, cu_seqlens=torch.tensor([0, 5, 11]))
-    with pytest.raises(ValueError, match="start at 0"):
+    with pytest.raises(ValueError, match=r"\[0\] must be 0"):
         mod(x, cu_seqlens=torch.tensor([1, 5, 12]))
     with pytest.raises(ValueError, match="nondecreasing"):
         mod(x, cu_seqlens=torch.tensor([0, 7, 5, 12]))
