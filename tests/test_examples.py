@@ -280,6 +280,80 @@ def test_train_lm_mesh_under_torchrun_resumes_on_another_mesh(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_train_lm_two_node_command(tmp_path):
+    """README's two-machine command, as two torchrun "nodes" on this machine (one
+    process each, c10d rendezvous on 127.0.0.1): --sp 2 across the nodes trains with
+    the losses of one process on the same command line (float32 bound as above)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    common = ["--steps", "2", "--eval-interval", "2", "--save-interval", "2"]
+    single = str(tmp_path / "single")
+    _run("train_lm.py", *TINY, *common, "--out-dir", single, "--quiet", "--no-plot")
+    out = str(tmp_path / "two_nodes")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc_per_node",
+                "1",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv_id",
+                "two-node-test",
+                os.path.join(EXAMPLES, "train_lm.py"),
+                *TINY,
+                *common,
+                "--quiet",
+                "--no-plot",
+                "--device",
+                "cpu",
+                "--sp",
+                "2",
+                "--out-dir",
+                out,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for node in (0, 1)
+    ]
+    results = []
+    for p in procs:
+        try:
+            results.append(p.communicate(timeout=300))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a torchrun node did not finish in 300 s")
+    for p, (so, se) in zip(procs, results):
+        assert p.returncode == 0, so[-3000:] + se[-3000:]
+    with open(os.path.join(single, "metrics.json")) as f:
+        want = json.load(f)["history"]
+    with open(os.path.join(out, "metrics.json")) as f:
+        got = json.load(f)
+    assert got["mesh"] == {"dp": 1, "sp": 2}
+    bound = 16 * float(torch.finfo(torch.float32).eps) * 8  # 16 ulps of losses < 8
+    for key in ("train", "val"):
+        assert [s for s, _ in got["history"][key]] == [s for s, _ in want[key]]
+        for (_, a), (_, b) in zip(got["history"][key], want[key]):
+            assert abs(a - b) <= bound, (key, got["history"][key], want[key])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
 def test_train_lm_mesh_errors_name_the_fix(tmp_path):
     proc = _torchrun(
         2, "--steps", "1", "--out-dir", str(tmp_path / "x"), "--dp", "2", "--sp", "2", timeout=120
