@@ -721,25 +721,13 @@ def sequence_parallel_dilated_attention(
     for piece in plan.pieces:
         a, z = piece.a, piece.b
         qa, ka, va = (q, k, v) if (a, z) == (0, chunk) else (q[:, a:z], k[:, a:z], v[:, a:z])
+        local_cu = None
         if piece.packed:
             assert cu is not None  # packed pieces exist only with documents
             g0 = rank * chunk + a
             lo_i, hi_i = bisect.bisect_left(cu, g0), bisect.bisect_right(cu, g0 + z - a)
             local_cu = torch.tensor([x - g0 for x in cu[lo_i:hi_i]], dtype=torch.int64, device=dev)
-            o_p, l_p = longnet.dilated_attention(
-                qa,
-                ka,
-                va,
-                ws,
-                rs,
-                is_causal=is_causal,
-                scale=scale,
-                return_lse=True,
-                position_offset=offset,
-                cu_seqlens_q=local_cu,
-                cu_seqlens_k=local_cu,
-            )
-        elif piece.ws:
+        if piece.ws:
             o_p, l_p = longnet.dilated_attention(
                 qa,
                 ka,
@@ -750,6 +738,8 @@ def sequence_parallel_dilated_attention(
                 scale=scale,
                 return_lse=True,
                 position_offset=piece.position_offset,
+                cu_seqlens_q=local_cu,
+                cu_seqlens_k=local_cu,
             )
         else:  # every pattern crosses ranks here: only the merges below add to it
             o_p = q.new_zeros(b, z - a, h, d)
