@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longnet.ops import dilated_attention, validate_patterns, validate_position_offset
-from longnet.packing import document_positions
-from longnet.packing import validate_cu_seqlens as _validate_cu_seqlens
+from longnet.packing import document_positions, validate_cu_seqlens
 
 __all__ = [
     "DilatedAttention",
@@ -43,13 +42,6 @@ def pattern_period(segment_lengths: Sequence[int]) -> int:
     for w in segment_lengths:
         period = period * int(w) // math.gcd(period, int(w))
     return period
-
-
-def validate_cu_seqlens(cu_seqlens: Any, total: int, name: str = "cu_seqlens") -> Tensor:
-    """Check document boundaries for a packed row of ``total`` tokens and return them
-    (:func:`longnet.packing.validate_cu_seqlens`)."""
-    _validate_cu_seqlens(cu_seqlens, total, name)
-    return cu_seqlens
 
 
 class DilatedAttention(nn.Module):
@@ -526,7 +518,7 @@ class MultiheadDilatedAttention(nn.Module):
             total, first = world * n, rank * n
         else:
             total, first = n, 0
-        cu_seqlens = validate_cu_seqlens(cu_seqlens, total)
+        validate_cu_seqlens(cu_seqlens, total)
         cu_seqlens = cu_seqlens.to(x.device)
         q, k, v = self._project(x)
         if self.rotary is not None:

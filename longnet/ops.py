@@ -174,27 +174,18 @@ def validate_documents(
                 f"(got {nq} and {nk}); give both cu_seqlens_q and cu_seqlens_k"
             )
         cu_seqlens_q = cu_seqlens_k = given
-    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(t, Tensor):
-            raise ValueError(
-                f"{name} must be a torch.Tensor of shape (S+1,) or None, got {type(t).__name__}"
-            )
-        if t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
-        if t.dim() != 1 or t.shape[0] < 1:
-            raise ValueError(f"{name} must have shape (S+1,) with S >= 0, got {tuple(t.shape)}")
-        if t.device != q.device:
+    for name, t, total in (("cu_seqlens_q", cu_seqlens_q, nq), ("cu_seqlens_k", cu_seqlens_k, nk)):
+        if isinstance(t, Tensor) and t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+        if name == "cu_seqlens_k" and t is cu_seqlens_q:
+            continue  # the same tensor, checked as cu_seqlens_q
+        validate_cu_seqlens(t, total, name)  # dtype and shape; values outside compile
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
         raise ValueError(
             "cu_seqlens_q and cu_seqlens_k must describe as many documents, got shapes "
             f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}"
         )
-    if torch.compiler.is_compiling():
-        return cu_seqlens_q, cu_seqlens_k
-    validate_cu_seqlens(cu_seqlens_q, nq, "cu_seqlens_q")
-    if cu_seqlens_k is not cu_seqlens_q:
-        validate_cu_seqlens(cu_seqlens_k, nk, "cu_seqlens_k")
+    if cu_seqlens_k is not cu_seqlens_q and not torch.compiler.is_compiling():
         len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
         len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
         for i, (a, b) in enumerate(zip(len_q, len_k)):
