@@ -1645,15 +1645,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ranks = tokens // per
         else:
             ranks = parse_count(args.ranks) if args.ranks is not None else 1
-        plan = plan_run(
-            tokens,
-            ranks,
-            segment_lengths=ws,
-            dilation_rates=rs,
-            tflops=args.tflops,
-            link_gbs=args.link_gbs,
-            **kw,
+        run_kw = dict(
+            segment_lengths=ws, dilation_rates=rs, tflops=args.tflops, link_gbs=args.link_gbs
         )
+        plan = plan_run(tokens, ranks, **run_kw, **kw)
         rows = None
         if args.sweep or args.plot:
             counts = [1 << e for e in range(ranks.bit_length()) if (1 << e) < ranks] + [ranks]
@@ -1673,13 +1668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         unpacked = None
         if packed:
             unpacked = plan_run(
-                tokens,
-                ranks,
-                segment_lengths=ws,
-                dilation_rates=rs,
-                tflops=args.tflops,
-                link_gbs=args.link_gbs,
-                **{k: v for k, v in kw.items() if k != "doc_lengths"},
+                tokens, ranks, **run_kw, **{k: v for k, v in kw.items() if k != "doc_lengths"}
             )
         training = None
         if args.embed_dim is not None:
