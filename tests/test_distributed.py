@@ -63,6 +63,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def random_patterns(rnd, n):
+    """1 to 3 random patterns (w up to 2n + 2, r up to min(w, n + 2)) for n tokens."""
+    ws, rs = [], []
+    for _ in range(rnd.randint(1, 3)):
+        w = rnd.randint(1, 2 * n + 2)
+        ws.append(w)
+        rs.append(rnd.randint(1, min(w, n + 2)))
+    return ws, rs
+
+
 def _random_cases(world, count, seed):
     """Random configurations (the same on every rank: seeded by world and seed)."""
     import random
@@ -74,11 +84,7 @@ def _random_cases(world, count, seed):
         n = world * chunk
         hk = rnd.choice([1, 2, 3])
         h = hk * rnd.choice([1, 2, 3])
-        ws, rs = [], []
-        for _ in range(rnd.randint(1, 3)):
-            w = rnd.randint(1, 2 * n + 2)
-            ws.append(w)
-            rs.append(rnd.randint(1, min(w, n + 2)))
+        ws, rs = random_patterns(rnd, n)
         cases.append(
             (f"random-{c}", rnd.randint(1, 2), chunk, h, hk, 4, ws, rs, rnd.random() < 0.5)
         )
@@ -113,11 +119,7 @@ def _document_cases(world, count, seed):
         n = world * chunk
         hk = rnd.choice([1, 2, 3])
         h = hk * rnd.choice([1, 2, 3])
-        ws, rs = [], []
-        for _ in range(rnd.randint(1, 3)):
-            w = rnd.randint(1, 2 * n + 2)
-            ws.append(w)
-            rs.append(rnd.randint(1, min(w, n + 2)))
+        ws, rs = random_patterns(rnd, n)
         causal = rnd.random() < 0.5
         offset = 0 if rnd.random() < 0.5 else rnd.randint(1, 2 * max(ws))
         cu = _random_documents(rnd, n, max(ws))

@@ -19,7 +19,7 @@ import weakref
 
 import pytest
 import torch
-from test_distributed import _random_documents, _spawn
+from test_distributed import _random_documents, _spawn, random_patterns
 
 from longnet.plan import geometric_patterns, parse_count, plan_run, scaling_sweep
 
@@ -339,11 +339,7 @@ def test_plan_matches_the_planner_and_the_reference_pair_counts():
         n = world * chunk
         hk = rnd.choice([1, 2, 3])
         h = hk * rnd.choice([1, 2, 3])
-        ws, rs = [], []
-        for _ in range(rnd.randint(1, 3)):
-            w = rnd.randint(1, 2 * n + 2)
-            ws.append(w)
-            rs.append(rnd.randint(1, min(w, n + 2)))
+        ws, rs = random_patterns(rnd, n)
         causal = rnd.random() < 0.5
         offset = 0 if rnd.random() < 0.5 else rnd.randint(1, 2 * max(ws))
         plan = plan_run(
@@ -393,11 +389,7 @@ def test_plan_with_documents_matches_the_planner_and_the_reference_pair_counts()
         n = world * chunk
         hk = rnd.choice([1, 2, 3])
         h = hk * rnd.choice([1, 2, 3])
-        ws, rs = [], []
-        for _ in range(rnd.randint(1, 3)):
-            w = rnd.randint(1, 2 * n + 2)
-            ws.append(w)
-            rs.append(rnd.randint(1, min(w, n + 2)))
+        ws, rs = random_patterns(rnd, n)
         causal = rnd.random() < 0.5
         offset = 0 if rnd.random() < 0.5 else rnd.randint(1, 2 * max(ws))
         cu = _random_documents(rnd, n, max(ws))
