@@ -19,9 +19,10 @@ Under torchrun the ranks form a ``(dp, sp)`` device mesh (``longnet.parallel``):
 every sequence is split over ``sp`` ranks, the ``--batch-size`` sequences of a step
 (the global batch, so one command line is the same run at any mesh) over ``dp``, and
 FSDP2 shards parameters, gradients and optimizer state over all ``dp * sp`` ranks.
-Checkpoints are then sharded (``torch.distributed.checkpoint``, under
-``OUT_DIR/dcp``), resume on any mesh, and the final model is also exported to
-``OUT_DIR/checkpoint`` for ``generate.py``.
+Checkpoints are ``torch.distributed.checkpoint`` directories under ``OUT_DIR/dcp``
+(sharded under torchrun, one process's otherwise) and resume on any mesh, one process
+included, so a run started on one machine can continue on many and back; the model is
+also exported to ``OUT_DIR/checkpoint`` for ``generate.py``.
 
 ``--pack-documents`` trains on each file as its own document: the token stream is
 cut into rows of ``--seq-len`` tokens, each row with its file boundaries
@@ -37,9 +38,16 @@ Attention variants (``--attention``), all through the same dilated-attention ope
   sees the tokens of its own window-sized block up to itself (between 1 and ``window``
   keys; a segment pattern, not a per-query sliding mask).
 
-Outputs under ``--out-dir``: ``checkpoint/`` (``config.json``, weights, trainer
-state; under torchrun the exported model), ``dcp/step_*`` (torchrun: the sharded
-checkpoints), ``metrics.json`` and ``loss_curve.png``.
+``--chunk-size N`` computes every layer's feed-forward and the LM head with the loss
+over ``N`` positions at a time, each recomputed in backward
+(``LongNetLM.set_chunk_size``): with ``--activation-checkpointing`` this is what lets
+one process train on a million tokens (``python -m longnet.plan ... --chunk-size N``
+counts it).
+
+Outputs under ``--out-dir``: ``checkpoint/`` (``config.json`` and weights, a
+``save_pretrained`` directory), ``dcp/step_*`` (the training checkpoints: model,
+optimizer, data position, RNG and loss history), ``metrics.json`` and
+``loss_curve.png``.
 """
 
 from __future__ import annotations
@@ -65,6 +73,8 @@ except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import longnet  # noqa: E402
+from longnet.checkpoint import META_NAME, latest_checkpoint, load_checkpoint  # noqa: E402
+from longnet.checkpoint import save_checkpoint as save_sharded  # noqa: E402
 from longnet.cli import int_list  # noqa: E402
 from longnet.data import (  # noqa: E402
     encode_documents,
@@ -79,8 +89,6 @@ from longnet.data import (  # noqa: E402
     stdlib_source_files,
 )
 from longnet.model import LongNetConfig, LongNetLM  # noqa: E402
-
-TRAINER_STATE = "trainer_state.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--out-dir", default="runs/longnet_lm")
     g.add_argument(
-        "--resume", action="store_true", help="continue from OUT_DIR/checkpoint up to --steps total"
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint under OUT_DIR/dcp up to --steps total "
+        "(on any mesh: one process or torchrun)",
     )
     g.add_argument(
         "--dp",
@@ -191,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
         "tensor per layer instead of about ten; one more forward)",
     )
     g.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="compute the feed-forward and the LM head with the loss over this many "
+        "positions at a time, recomputed in backward (no (B, N, vocab) logits, no "
+        "feed-forward activations kept); default off",
+    )
+    g.add_argument(
         "--timeout",
         type=float,
         default=600.0,
@@ -201,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-checkpoints",
         type=int,
         default=2,
-        help="under torchrun: sharded checkpoints kept under OUT_DIR/dcp",
+        help="checkpoints kept under OUT_DIR/dcp",
     )
     g.add_argument("--no-plot", action="store_true", help="skip loss_curve.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -420,16 +439,22 @@ class Parallel:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, batches, device: str, par: Parallel, autocast_dtype: torch.dtype | None
+    model: torch.nn.Module,
+    batches,
+    device: str,
+    par: Parallel,
+    autocast_dtype: torch.dtype | None,
+    return_logits: bool = True,
 ) -> float:
-    """Mean next-token loss (nats per token) over fixed validation batches."""
+    """Mean next-token loss (nats per token) over fixed validation batches
+    (``return_logits=False``: the LM head and loss in chunks, no logits)."""
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
         if len(batch) == 3:  # --pack-documents: (x, y, cu_seqlens), one process
             x, y, cu = (t.to(device) for t in batch)
             with _autocast(device, autocast_dtype):
-                _, loss = model(x, y, cu_seqlens=cu)
+                _, loss = model(x, y, cu_seqlens=cu, return_logits=return_logits)
             n = int((y != -100).sum())
             total += float(loss) * n if n else 0.0
             count += n
@@ -437,7 +462,7 @@ def evaluate(
         x, y = batch
         x, y = par.chunk(x).to(device), par.chunk(y).to(device)
         with _autocast(device, autocast_dtype):
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=return_logits)
         total += float(loss) * y.numel()
         count += y.numel()
     model.train()
@@ -507,11 +532,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
     dcp_dir = os.path.join(args.out_dir, "dcp")
-    state = dcp_path = None
+    dcp_path = None
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if par.enabled and restarts > 0 and not args.resume:
-        from longnet.checkpoint import latest_checkpoint
-
         # torchrun --max-restarts restarted the job after a rank failed: continue
         # from the last checkpoint of this run, if it wrote one.
         args.resume = latest_checkpoint(dcp_dir) is not None
@@ -523,25 +546,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 else "no checkpoint yet, starting over"
             )
         )
-    if args.resume and par.enabled:
-        from longnet.checkpoint import latest_checkpoint
-
+    if args.resume:
         dcp_path = latest_checkpoint(dcp_dir)
         if dcp_path is None:
             raise SystemExit(f"--resume: no checkpoint at {dcp_dir}")
-        with open(os.path.join(dcp_path, "longnet_checkpoint.json")) as f:
+        with open(os.path.join(dcp_path, META_NAME)) as f:
             cfg = LongNetConfig.from_dict(json.load(f)["config"])
         model = LongNetLM(cfg, device=device)
-    elif args.resume:
-        state_path = os.path.join(ckpt_dir, TRAINER_STATE)
-        if not os.path.isfile(state_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_dir}")
-        model = LongNetLM.from_pretrained(ckpt_dir, map_location=device)
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        log(f"resuming from {ckpt_dir} at step {state['step']}")
     else:
         torch.manual_seed(args.seed)  # the same initial parameters on every rank
         model = LongNetLM(model_config(args), device=device)
+    if args.chunk_size is not None:
+        if args.chunk_size < 1:
+            raise SystemExit(f"--chunk-size must be >= 1, got {args.chunk_size}")
+        model.set_chunk_size(args.chunk_size)
+    logits = args.chunk_size is None  # with chunks: the LM head and loss, no logits
     cfg = model.config
     n_params = model.num_parameters()
     fwd_model = model
@@ -576,6 +595,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else ""
         )
         + ("; activation checkpointing" if args.activation_checkpointing else "")
+        + (f"; chunks of {args.chunk_size:,} positions" if args.chunk_size else "")
     )
 
     if args.pack_documents:
@@ -605,11 +625,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     history: dict[str, list] = {"train": [], "val": []}
     step, elapsed0 = 0, 0.0
     if dcp_path is not None:
-        from longnet.checkpoint import load_checkpoint
-
         state = load_checkpoint(dcp_path, model, optimizer)["extra"]
         log(f"resuming from {dcp_path} at step {state['step']}")
-    if state is not None:
         saved = state["args"]
         for name in ("seq_len", "batch_size", "seed"):
             if getattr(args, name) != saved[name]:
@@ -617,8 +634,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"note: --{name.replace('_', '-')} {getattr(args, name)} differs from "
                     f"the checkpoint's {saved[name]}"
                 )
-        if dcp_path is None:
-            optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         history = state["history"]
         step, elapsed0 = state["step"], state.get("elapsed_s", 0.0)
@@ -631,29 +646,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "elapsed_s": elapsed0 + time.time() - t0,
             "args": vars(args),
         }
-        if par.enabled:
-            from longnet.checkpoint import save_checkpoint as save_sharded
-
-            save_sharded(
-                dcp_dir,
-                step,
-                model,
-                optimizer,
-                extra=trainer,
-                mesh_shape=(par.dp, par.sp),
-                keep=args.keep_checkpoints,
-            )
-            return
-        model.save_pretrained(ckpt_dir)
-        torch.save(
-            {**trainer, "optimizer": optimizer.state_dict()}, os.path.join(ckpt_dir, TRAINER_STATE)
+        save_sharded(
+            dcp_dir,
+            step,
+            model,
+            optimizer,
+            extra=trainer,
+            mesh_shape=(par.dp, par.sp),
+            keep=args.keep_checkpoints,
         )
+        if not par.enabled:
+            model.save_pretrained(ckpt_dir)  # for generate.py (torchrun exports at the end)
 
     if is_main:
         os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
     if step == 0 and not history["val"]:
-        history["val"].append((0, evaluate(fwd_model, val_batches, device, par, autocast_dtype)))
+        history["val"].append(
+            (0, evaluate(fwd_model, val_batches, device, par, autocast_dtype, logits))
+        )
         log(f"step 0: validation loss {history['val'][-1][1]:.4f}")
 
     bar = None
@@ -684,7 +695,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         with _autocast(device, autocast_dtype):
-            _, loss = fwd_model(x, y, **packed)
+            _, loss = fwd_model(x, y, return_logits=logits, **packed)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under the mesh FSDP2 reduce-scatters the gradients
         if args.grad_clip > 0:
@@ -708,7 +719,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bar.update(1)
         if step % args.eval_interval == 0 or step == args.steps:
             with _phase("the evaluation's forward", par):
-                val = evaluate(fwd_model, val_batches, device, par, autocast_dtype)
+                val = evaluate(fwd_model, val_batches, device, par, autocast_dtype, logits)
             history["val"].append((step, val))
             msg = f"step {step}: validation loss {val:.4f}"
             if bar is not None:
@@ -739,7 +750,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if par.enabled:
         # One process turns the last sharded checkpoint into a save_pretrained
         # directory (for generate.py) while the others wait.
-        from longnet.checkpoint import export_pretrained, latest_checkpoint
+        from longnet.checkpoint import export_pretrained
 
         par.dist.barrier()
         if is_main:

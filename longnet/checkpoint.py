@@ -22,10 +22,12 @@ checkpoint), also ``python -m longnet.checkpoint export CKPT OUT``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,6 +61,15 @@ def _rank() -> int:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _one_process_quiet() -> Iterator[None]:
+    """DCP warns on every call without a process group that it assumes one process;
+    these calls mean exactly that (``no_dist``), so the warning is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _param_dtype(model: LongNetLM) -> str:
@@ -138,7 +149,8 @@ def save_checkpoint(
         if os.path.exists(stale):
             os.remove(stale)  # rewritten below once the new state is complete
     _barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=path, no_dist=not _distributed())
+    with _one_process_quiet():
+        dcp.save(_state(model, optimizer), checkpoint_id=path, no_dist=not _distributed())
     if _rank() == 0:
         torch.save(
             {
@@ -224,7 +236,8 @@ def load_checkpoint(
             "optimizer=None to load the model alone"
         )
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+    with _one_process_quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -250,7 +263,8 @@ def export_pretrained(path: str, out_dir: str, *, dtype: torch.dtype | None = No
     model = LongNetLM(LongNetConfig.from_dict(meta["config"]))
     model.to(getattr(torch, meta.get("dtype", "float32")))
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    with _one_process_quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     model.load_state_dict(state["model"])
     if dtype is not None:
         model.to(dtype)

@@ -75,9 +75,13 @@ def test_train_lm_checkpoint_plot_resume_and_generate(tmp_path):
         "--quiet",
     )
     ckpt = os.path.join(out, "checkpoint")
-    for name in ("config.json", "trainer_state.pt"):
-        assert os.path.isfile(os.path.join(ckpt, name)), name
+    assert os.path.isfile(os.path.join(ckpt, "config.json"))
     assert {"model.safetensors", "model.pt"} & set(os.listdir(ckpt))
+    # One process writes DCP checkpoints too (the torchrun format): the last two kept.
+    dcp_root = os.path.join(out, "dcp")
+    assert sorted(os.listdir(dcp_root)) == ["step_00000003", "step_00000006"]
+    for step in ("step_00000003", "step_00000006"):
+        assert os.path.isfile(os.path.join(dcp_root, step, "longnet_checkpoint.json"))
     png = os.path.join(out, "loss_curve.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -235,48 +239,107 @@ def _torchrun(nproc, *args, timeout=300):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
-def test_train_lm_mesh_under_torchrun_resumes_on_another_mesh(tmp_path):
-    """--sequence-parallel (= --sp 2) with activation checkpointing for 2 steps,
-    resumed from its sharded checkpoint at --dp 2 for 2 more: the losses of one
-    process running the same command line for 4 steps, and an exported model for
-    generate.py. (The exact float64 equality of every mesh is tests/test_parallel.py's;
-    here float32 runs that sum in another order: 16 float32 ulps of the loss, about
-    7.6e-6, where these runs measured at most 1 ulp; a rank training on the wrong
-    block of the batch or without the sp exchange is off by > 1e-3.)"""
+def test_train_lm_resumes_between_one_process_and_a_mesh(tmp_path):
+    """Both directions, each checkpointed after 2 steps and resumed for 2 more:
+    --sequence-parallel (= --sp 2) with activation checkpointing resumed by one
+    process, and one process resumed under torchrun at --dp 2. Both have the losses
+    of one process running the same command line for 4 steps, and the mesh run
+    exports a model for generate.py. (The exact float64 equality of every mesh is
+    tests/test_parallel.py's; here float32 runs that sum in another order: 16
+    float32 ulps of the loss, about 7.6e-6, where these runs measured at most 1 ulp;
+    a rank training on the wrong block of the batch, without the sp exchange, or
+    resuming without the optimizer state or the data position is off by > 1e-3.)"""
     import longnet.distributed  # noqa: F401  (an ImportError here is a failure, not a skip)
 
     common = ["--eval-interval", "2", "--save-interval", "2"]
     single = str(tmp_path / "single")
     _run("train_lm.py", *TINY, *common, "--steps", "4", "--out-dir", single, "--quiet", "--no-plot")
-    out = str(tmp_path / "mesh")
+    with open(os.path.join(single, "metrics.json")) as f:
+        want = json.load(f)["history"]
+    bound = 16 * float(torch.finfo(torch.float32).eps) * 8  # 16 ulps of losses < 8
+
+    def same_losses(run_dir, mesh):
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            got = json.load(f)
+        assert got["mesh"] == mesh and got["steps"] == 4
+        for key in ("train", "val"):
+            assert [s for s, _ in got["history"][key]] == [s for s, _ in want[key]]
+            for (_, a), (_, b) in zip(got["history"][key], want[key]):
+                assert abs(a - b) <= bound, (key, got["history"][key], want[key])
+
+    mesh_first = str(tmp_path / "mesh_first")
     proc = _torchrun(
         2,
         *common,
         "--steps",
         "2",
         "--out-dir",
-        out,
+        mesh_first,
         "--sequence-parallel",
         "--activation-checkpointing",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "mesh dp 1 x sp 2" in proc.stdout and "activation checkpointing" in proc.stdout
-    proc = _torchrun(2, *common, "--steps", "4", "--out-dir", out, "--dp", "2", "--resume")
+    proc = _run(
+        "train_lm.py",
+        *TINY,
+        *common,
+        "--steps",
+        "4",
+        "--out-dir",
+        mesh_first,
+        "--resume",
+        "--quiet",
+        "--no-plot",
+    )
+    assert "resuming from" in proc.stdout and "at step 2" in proc.stdout
+    assert sorted(os.listdir(os.path.join(mesh_first, "dcp"))) == [
+        "step_00000002",
+        "step_00000004",
+    ]
+    same_losses(mesh_first, {"dp": 1, "sp": 1})
+
+    one_first = str(tmp_path / "one_first")
+    _run(
+        "train_lm.py",
+        *TINY,
+        *common,
+        "--steps",
+        "2",
+        "--out-dir",
+        one_first,
+        "--quiet",
+        "--no-plot",
+    )
+    proc = _torchrun(2, *common, "--steps", "4", "--out-dir", one_first, "--dp", "2", "--resume")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming from" in proc.stdout and "at step 2" in proc.stdout
-    assert sorted(os.listdir(os.path.join(out, "dcp"))) == ["step_00000002", "step_00000004"]
-    with open(os.path.join(single, "metrics.json")) as f:
-        want = json.load(f)["history"]
-    with open(os.path.join(out, "metrics.json")) as f:
-        got = json.load(f)
-    assert got["mesh"] == {"dp": 2, "sp": 1} and got["steps"] == 4
-    bound = 16 * float(torch.finfo(torch.float32).eps) * 8  # 16 ulps of losses < 8
-    for key in ("train", "val"):
-        assert [s for s, _ in got["history"][key]] == [s for s, _ in want[key]]
-        for (_, a), (_, b) in zip(got["history"][key], want[key]):
-            assert abs(a - b) <= bound, (key, got["history"][key], want[key])
-    proc = _run("generate.py", out, "--prompt", "import ", "--max-new-tokens", "4", "--greedy")
+    same_losses(one_first, {"dp": 2, "sp": 1})
+    proc = _run(
+        "generate.py", one_first, "--prompt", "import ", "--max-new-tokens", "4", "--greedy"
+    )
     assert proc.stdout.startswith("import ")
+
+
+def test_train_lm_chunk_size_has_the_unchunked_losses(tmp_path):
+    """--chunk-size 7 (the feed-forward and the LM head + loss over 7 positions at a
+    time, a size that divides neither the 64 positions nor the batch) gives the
+    unchunked run's losses within 16 float32 ulps (the sums run in another order;
+    a chunk skipped or counted twice moves the loss by > 1e-2)."""
+    args = [*TINY, "--steps", "3", "--eval-interval", "3", "--quiet", "--no-plot"]
+    plain, chunked = str(tmp_path / "plain"), str(tmp_path / "chunked")
+    _run("train_lm.py", *args, "--out-dir", plain)
+    proc = _run("train_lm.py", *args, "--out-dir", chunked, "--chunk-size", "7")
+    assert "chunks of 7 positions" in proc.stdout
+    runs = []
+    for d in (plain, chunked):
+        with open(os.path.join(d, "metrics.json")) as f:
+            runs.append(json.load(f)["history"])
+    bound = 16 * float(torch.finfo(torch.float32).eps) * 8
+    for key in ("train", "val"):
+        assert len(runs[0][key]) == len(runs[1][key]) > 0
+        for (_, a), (_, b) in zip(runs[0][key], runs[1][key]):
+            assert abs(a - b) <= bound, (key, runs[0][key], runs[1][key])
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
