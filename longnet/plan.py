@@ -1564,6 +1564,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--vocab-size", type=int, default=259, help="vocabulary (259)")
     m.add_argument("--dp", type=int, default=1, help="data-parallel degree (1)")
     m.add_argument("--activation-checkpointing", action="store_true")
+    m.add_argument(
+        "--chunk-size",
+        type=int,
+        help="feed-forward and LM head + loss over this many positions at a time "
+        "(LongNetLM.set_chunk_size, train_lm.py --chunk-size; default off)",
+    )
     t = p.add_argument_group("time (both needed)")
     t.add_argument("--tflops", type=float, help="TFLOP/s the attention sustains per device")
     t.add_argument("--link-gbs", type=float, help="GB/s per device for the all-to-alls")
@@ -1697,6 +1703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dtype=args.dtype,
                 activation_checkpointing=args.activation_checkpointing,
                 position_offset=args.position_offset,
+                chunk_size=args.chunk_size,
             )
     except ValueError as exc:
         parser.error(str(exc))

@@ -65,7 +65,8 @@ def _optimizer(model):
 
 
 def _train(model, opt, batches, mesh=None):
-    """Train on ``batches``; the losses are global means (over the mesh)."""
+    """Train on ``batches``; the losses are global means (over the mesh). A model with
+    a chunk size (``set_chunk_size``) computes its loss without logits."""
     opt, sched = opt
     from longnet.parallel import local_batch, mean_over_mesh
 
@@ -73,7 +74,7 @@ def _train(model, opt, batches, mesh=None):
     for x, y in batches:
         if mesh is not None:
             x, y = local_batch(x, mesh), local_batch(y, mesh)
-        _, loss = model(x, y)
+        _, loss = model(x, y, return_logits=getattr(model, "chunk_size", None) is None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -123,6 +124,13 @@ def _scenario_exchanges(rank, world, report):
         m = parallelize(_model(torch.float64), mesh)
         report[f"overlap{int(overlap)}-losses"] = _train(m, _optimizer(m), _batches(2), mesh)
     lnd.set_backward_overlap(True)
+    # Feed-forward and loss in chunks of 3 positions (dividing neither the 16 local
+    # positions nor the batch) under FSDP2 and checkpointing at dp=2 x sp=2.
+    chunked = _model(torch.float64)
+    chunked.set_chunk_size(3)
+    square = build_mesh(2, 2, seq_len=SEQ_LEN)
+    chunked = parallelize(chunked, square, activation_checkpointing=True)
+    report["chunked-losses"] = _train(chunked, _optimizer(chunked), _batches(4), square)
     # What FSDP2 keeps on this rank: parameter shards and AdamW's two moments.
     report["param_elements"] = sum(p.to_local().numel() for p in model.parameters())
     report["adam_elements"] = sum(
@@ -577,8 +585,11 @@ def test_plan_training_rejects_bad_meshes():
         plan_training(_config(), batch=4, seq_len=30, sp=4)
 
 
-def test_plan_cli_prints_the_training_plan(capsys):
-    """python -m longnet.plan --embed-dim ... --dp adds the training plan (JSON)."""
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_plan_cli_prints_the_training_plan(capsys, chunk):
+    """python -m longnet.plan --embed-dim ... --dp [--chunk-size] adds the training
+    plan (JSON): the plan_training of the same run (a flag not passed on would give
+    the other chunk setting's plan, whose activations differ)."""
     from longnet.plan import main, plan_training
 
     cfg = _config()
@@ -611,13 +622,15 @@ def test_plan_cli_prints_the_training_plan(capsys):
             "2",
             "--activation-checkpointing",
             "--json",
+            *(["--chunk-size", str(chunk)] if chunk else []),
         ]
     )
     got = json.loads(capsys.readouterr().out)["training"]
-    want = plan_training(
-        cfg, batch=4, seq_len=SEQ_LEN, dp=2, sp=2, dtype="float64", activation_checkpointing=True
-    ).to_dict()
+    run = dict(batch=4, seq_len=SEQ_LEN, dp=2, sp=2, dtype="float64", activation_checkpointing=True)
+    want = plan_training(cfg, chunk_size=chunk, **run).to_dict()
+    other = plan_training(cfg, chunk_size=None if chunk else 5, **run).to_dict()
     assert got == json.loads(json.dumps(want))
+    assert got != json.loads(json.dumps(other))
     assert got["dp"] == 2 and got["sp"] == 2 and got["sp_bytes_per_step"] > 0
 
 
@@ -632,3 +645,13 @@ def test_backward_overlap_changes_no_result(mesh_reports, reference):
             max(abs(a - b) for a, b in zip(rep["overlap1-losses"], reference[torch.float64][:2]))
             < 1e-9
         )
+
+
+def test_chunked_feed_forward_and_loss_under_the_mesh(mesh_reports, reference):
+    """LongNetLM.set_chunk_size + return_logits=False sharded by FSDP2 with
+    checkpointing at dp=2 x sp=2: the one-process (unchunked) losses to 1e-9 for 4
+    steps (catches a chunk loss reading a sharded or stale LM-head weight, or chunks
+    that skip or repeat local positions)."""
+    for rep in mesh_reports:
+        got, want = rep["chunked-losses"], reference[torch.float64][:4]
+        assert len(got) == 4 and max(abs(a - b) for a, b in zip(got, want)) < 1e-9, (got, want)
