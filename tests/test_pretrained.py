@@ -303,3 +303,12 @@ def test_load_smollm2_is_ready_for_enable(smollm2):
     assert tok.padding_side == "left" and tok.pad_token_id is not None
     with pytest.raises(ValueError, match="dtype"):
         lt.load_smollm2(torch.int64)
+
+
+def test_converted_model_casts_like_a_plain_model():
+    """The GGUF conversion (no cache: the path a new machine takes) leaves no
+    quantization marks: transformers refuses .float() / .half() of a model marked
+    quantized, which the cached reload never is."""
+    model, _ = lt.load_smollm2(cache_dir=False)
+    assert not getattr(model, "is_quantized", False)
+    assert model.float().dtype == torch.float32 and model.half().dtype == torch.float16

@@ -717,6 +717,14 @@ def load_smollm2(
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        # Newer transformers also mark the model and its config as quantized, which
+        # makes .float() / .half() refuse the (plain float32) model.
+        for module in model.modules():
+            if getattr(module, "is_quantized", False):
+                module.is_quantized = False
+            config: Any = getattr(module, "config", None)
+            if getattr(config, "_is_quantized", False):
+                config._is_quantized = False
         if cache is not None and marker is not None:
             try:
                 os.makedirs(cache, exist_ok=True)
