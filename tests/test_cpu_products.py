@@ -10,6 +10,7 @@ query blocks, a segment's Q^T / dO^T kept across key blocks), grouped heads, dil
 (head offsets), both backward schedules and key ranges.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -55,9 +56,10 @@ def _inputs(shape, dtype, seed=0):
     return q, k, v, w_out, w_lse
 
 
-def _errors(shape, dtype, causal, **kw):
+def _errors(shape, dtype, causal, results=None, **kw):
     """Relative-norm errors of out, lse, dq, dk, dv against the float64 reference on
-    the same rounded inputs and the same incoming gradients; and the products used."""
+    the same rounded inputs and the same incoming gradients; and the products used.
+    ``results``, a list, receives the kernel's out, lse, dq, dk, dv."""
     ws, rs = shape[6], shape[7]
     q, k, v, w_out, w_lse = _inputs(shape, dtype)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -84,6 +86,8 @@ def _errors(shape, dtype, causal, **kw):
         dk=ref_grads[1],
         dv=ref_grads[2],
     )
+    if results is not None:
+        results.extend(got.values())
     return {n: _rel(got[n], want[n]) for n in got}, used
 
 
@@ -200,3 +204,61 @@ def test_switches_select_the_products(env, expected):
     else:
         assert line[1] == expected
     assert float(line[2]) < 1e-5
+
+
+def _has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= set(flags)
+
+
+def _bf16_results(monkeypatch, row_pass_env):
+    """The bfloat16 run of every shape (full and causal) with LONGNET_CPU_AVX512 set
+    to ``row_pass_env`` (None: unset): the pass named, the errors against the float64
+    reference and the results themselves (out, lse, dq, dk, dv)."""
+    if row_pass_env is None:
+        monkeypatch.delenv("LONGNET_CPU_AVX512", raising=False)
+    else:
+        monkeypatch.setenv("LONGNET_CPU_AVX512", row_pass_env)
+    results = {}
+    for name in sorted(SHAPES):
+        shape = SHAPES[name]
+        for causal in (False, True):
+            values: list = []
+            errors, _ = _errors(shape, torch.bfloat16, causal, values)
+            results[(name, causal)] = (errors, values)
+    return torch.ops.longnet._cpu_bf16_row_pass(), results
+
+
+def test_bf16_row_passes_both_match_reference(monkeypatch):
+    # The bfloat16 softmax passes (P = exp(scale S - m) rounded to bfloat16, and the
+    # backward's P and dS pairs) run AVX-512 BF16 code where the processor has it and
+    # compiler-vectorised loops otherwise or with LONGNET_CPU_AVX512=0. Both runs must
+    # name the pass they took, stay within the bfloat16 bounds of the float64
+    # reference on every shape, and agree with each other far inside those bounds.
+    # Both round the same polynomial's float32 values to nearest even; they differ by
+    # FMA contraction and the order of the row sums, a few float32 ulps, which flips
+    # the bfloat16 rounding of a small fraction of the outputs and gradients by one
+    # ulp (measured: at most 1e-4 relative in norm). The agreement bound, 2^-11, is
+    # 1/8 of bfloat16's unit roundoff: a pass that truncates instead of rounding (a
+    # bias of half an ulp on every P, about 2e-3 here), drops a lane, or interleaves
+    # the pairs wrongly breaks it, while the reference bounds (u and 2u plus the
+    # float32 term) could hide the first. Results that agree bit for bit would mean
+    # the switch did not change the code that ran.
+    portable_name, portable = _bf16_results(monkeypatch, "0")
+    default_name, default = _bf16_results(monkeypatch, None)
+    assert portable_name == "portable"
+    assert default_name == ("avx512-bf16" if _has_avx512_bf16() else "portable")
+    tol = low_precision_tolerances(torch.bfloat16)
+    for row_pass, run in ((default_name, default), (portable_name, portable)):
+        for case, (errors, _) in run.items():
+            assert all(errors[n] < tol[n] for n in errors), (row_pass, case, errors, tol)
+    differences = [
+        _rel(a, b) for case in default for a, b in zip(default[case][1], portable[case][1])
+    ]
+    assert max(differences) < 2.0**-11, differences
+    if default_name != portable_name:  # the switch changed the code that ran
+        assert max(differences) > 0.0

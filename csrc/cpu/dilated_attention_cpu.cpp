@@ -23,6 +23,7 @@
 #include "checks.h"
 #include "cpu/blas.h"
 #include "cpu/vec_math.h"
+#include "cpu/vec_math_avx512.h"
 #include "fused.h"
 #include "op_common.h"
 #include "pattern.h"
@@ -1127,6 +1128,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& q_in, const a
                                                  const std::optional<at::Tensor>& key_start,
                                                  const std::optional<at::Tensor>& key_end) {
   TORCH_CHECK(q_in.device().is_cpu(), "longnet: expected CPU tensors, got ", q_in.device());
+  choose_bf16_row_pass();
   const KeyRanges ranges(key_start, key_end, q_in, k_in.size(1));
   at::Tensor out, lse;
   std::tie(out, lse) = allocate_forward_outputs(q_in);
@@ -1163,6 +1165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     bool is_causal, double scale, int64_t position_offset,
     const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
   TORCH_CHECK(q_in.device().is_cpu(), "longnet: expected CPU tensors, got ", q_in.device());
+  choose_bf16_row_pass();
   const KeyRanges ranges(key_start, key_end, q_in, k_in.size(1));
   at::Tensor dq, dk, dv;
   std::tie(dq, dk, dv) = allocate_backward_outputs(q_in, k_in, v_in);
@@ -1197,11 +1200,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
 }  // namespace longnet::cpu
 
 // Which products the fused CPU kernels use: _cpu_products() for this thread's last
-// call, _cpu_products_for(dtype, head_dim) for a call that would run now.
+// call, _cpu_products_for(dtype, head_dim) for a call that would run now;
+// _cpu_bf16_row_pass() which code runs the bfloat16 softmax row passes.
 TORCH_LIBRARY_FRAGMENT(longnet, m) {
   m.def("_cpu_products() -> str", []() { return std::string(longnet::cpu::last_products()); });
   m.def("_cpu_products_for(ScalarType dtype, int head_dim) -> str",
         [](at::ScalarType dtype, int64_t head_dim) {
           return longnet::cpu::planned_products(dtype, head_dim);
         });
+  m.def("_cpu_bf16_row_pass() -> str",
+        []() { return std::string(longnet::cpu::bf16_row_pass()); });
 }

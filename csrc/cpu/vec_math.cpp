@@ -1,5 +1,7 @@
 #include "cpu/vec_math.h"
 
+#include "cpu/vec_math_avx512.h"
+
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -120,8 +122,10 @@ LONGNET_TARGET_CLONES float exp_scaled_sum(const float* s, float scale, float m,
   return sum;
 }
 
-LONGNET_TARGET_CLONES float exp_scaled_sum_bf16(const float* s, float scale, float m, uint16_t* p,
-                                                int64_t n, int64_t n_pad) {
+namespace {
+
+LONGNET_TARGET_CLONES float exp_scaled_sum_bf16_portable(const float* s, float scale, float m,
+                                                         uint16_t* p, int64_t n, int64_t n_pad) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
@@ -133,10 +137,11 @@ LONGNET_TARGET_CLONES float exp_scaled_sum_bf16(const float* s, float scale, flo
   return sum;
 }
 
-LONGNET_TARGET_CLONES void softmax_grad_pair_bf16(const GradRowPair& g, float scale, int64_t n,
-                                                  uint16_t* p_pairs, uint16_t* ds_pairs,
-                                                  uint16_t* ds_rows, int64_t ld_rows, int64_t rows,
-                                                  int64_t n_pad) {
+LONGNET_TARGET_CLONES void softmax_grad_pair_bf16_portable(const GradRowPair& g, float scale,
+                                                           int64_t n, uint16_t* p_pairs,
+                                                           uint16_t* ds_pairs, uint16_t* ds_rows,
+                                                           int64_t ld_rows, int64_t rows,
+                                                           int64_t n_pad) {
   const float *s0 = g.s[0], *s1 = g.s[1], *dp0 = g.dp[0], *dp1 = g.dp[1];
   const float lse0 = g.lse[0], lse1 = g.lse[1], delta0 = g.delta[0], delta1 = g.delta[1];
   const int64_t valid0 = g.valid[0], valid1 = g.valid[1];
@@ -165,6 +170,26 @@ LONGNET_TARGET_CLONES void softmax_grad_pair_bf16(const GradRowPair& g, float sc
     for (int64_t j = n; j < n_pad; ++j) row[j] = 0;
   }
 }
+
+}  // namespace
+
+float exp_scaled_sum_bf16(const float* s, float scale, float m, uint16_t* p, int64_t n,
+                          int64_t n_pad) {
+  if (avx512_bf16_rows()) return exp_scaled_sum_bf16_avx512(s, scale, m, p, n, n_pad);
+  return exp_scaled_sum_bf16_portable(s, scale, m, p, n, n_pad);
+}
+
+void softmax_grad_pair_bf16(const GradRowPair& g, float scale, int64_t n, uint16_t* p_pairs,
+                            uint16_t* ds_pairs, uint16_t* ds_rows, int64_t ld_rows, int64_t rows,
+                            int64_t n_pad) {
+  if (avx512_bf16_rows()) {
+    softmax_grad_pair_bf16_avx512(g, scale, n, p_pairs, ds_pairs, ds_rows, ld_rows, rows, n_pad);
+  } else {
+    softmax_grad_pair_bf16_portable(g, scale, n, p_pairs, ds_pairs, ds_rows, ld_rows, rows, n_pad);
+  }
+}
+
+const char* bf16_row_pass() { return choose_bf16_row_pass() ? "avx512-bf16" : "portable"; }
 
 LONGNET_TARGET_CLONES void interleave_bits16(const uint16_t* in0, const uint16_t* in1, int64_t n,
                                              uint16_t* out) {

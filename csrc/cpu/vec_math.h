@@ -70,6 +70,11 @@ void softmax_grad_pair_bf16(const GradRowPair& g, float scale, int64_t n, uint16
                             uint16_t* ds_pairs, uint16_t* ds_rows, int64_t ld_rows, int64_t rows,
                             int64_t n_pad);
 
+// Which code a call starting now runs the two bfloat16 passes above with:
+// "avx512-bf16" (vec_math_avx512.cpp) or "portable" (the compiler's clones for
+// AVX-512, AVX2 and baseline x86-64).
+const char* bf16_row_pass();
+
 // out[2 j] = in0[j], out[2 j + 1] = in1[j] (0 when in1 is null), 16-bit values.
 void interleave_bits16(const uint16_t* in0, const uint16_t* in1, int64_t n, uint16_t* out);
 
