@@ -35,7 +35,10 @@ shape, float32 and bfloat16, against the large-GEMM rate of the libraries on thi
 (``gemm``: ``torch.mm`` float32 on MKL, ``mkldnn_linear`` float32 on oneDNN, ``torch.mm``
 bfloat16 on oneDNN, 2048^3) and dense causal SDPA of about the same FLOPs, with the
 kernels' products on oneDNN's micro-kernels (``brgemm``) and, measured in turn beside
-them, on the Fortran BLAS path (``blas``, ``LONGNET_CPU_BRGEMM=0``).
+them, on the Fortran BLAS path (``blas``, ``LONGNET_CPU_BRGEMM=0``); bfloat16 also with
+its softmax row passes on the portable loops instead of the AVX-512 BF16 code
+(``portable_rows``, ``LONGNET_CPU_AVX512=0``; the same code where the processor lacks
+AVX-512 BF16).
 Results are printed as markdown tables, saved as JSON (``<out>/cpu_<case>.json``) and
 plotted (``<out>/cpu_<case>.png``). ``--quick`` runs tiny sizes as a smoke test.
 
@@ -357,6 +360,7 @@ def run_worker(spec: dict[str, object]) -> dict[str, object]:
     }
     if spec["impl"] == "longnet":
         rec["products_used"] = torch.ops.longnet._cpu_products()
+        rec["bf16_row_pass"] = torch.ops.longnet._cpu_bf16_row_pass()
     return rec
 
 
@@ -405,6 +409,8 @@ class Runner:
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
         if spec.get("products") == "blas":
             env["LONGNET_CPU_BRGEMM"] = "0"
+        if spec.get("products") == "portable_rows":
+            env["LONGNET_CPU_AVX512"] = "0"
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
         t0 = time.time()
         try:
@@ -488,7 +494,8 @@ def run_case(case: str, runner: Runner) -> dict[str, object]:
             for mode in cfg["modes"]:
                 spec = dict(_spec(case, cfg, cfg["N"], mode, cfg["ws"], cfg["rs"]), dtype=dtype)
                 # old and new products measured one after the other, for each shape
-                for products in ("blas", "brgemm"):
+                variants = ("blas", "brgemm") + (("portable_rows",) if dtype == "bfloat16" else ())
+                for products in variants:
                     records.append(
                         runner.measure(
                             "longnet", dict(spec, products=products, flops=_flops(spec, "longnet"))
@@ -749,6 +756,7 @@ def _peak_table(recs, cfg, summary) -> str:
             old = _peak_find(recs, "longnet", dtype, mode, "blas")
             new = _peak_find(recs, "longnet", dtype, mode, "brgemm")
             sd = _peak_find(recs, "dense_sdpa", dtype, mode)
+            rows_portable = _peak_find(recs, "longnet", dtype, mode, "portable_rows")
             if not new:
                 continue
             ent = {
@@ -763,6 +771,12 @@ def _peak_table(recs, cfg, summary) -> str:
                     old_time_s=old["time_s"],
                     old_peak_mib=old["peak_bytes"] / 2**20,
                     speedup=old["time_s"] / new["time_s"],
+                )
+            if rows_portable:
+                ent.update(
+                    portable_rows_gflops=rows_portable["gflops"],
+                    row_pass_speedup=rows_portable["time_s"] / new["time_s"],
+                    row_pass=new.get("bf16_row_pass"),
                 )
             if sd:
                 ent.update(sdpa_gflops=sd["gflops"], vs_sdpa=new["gflops"] / sd["gflops"])
@@ -780,6 +794,8 @@ def _peak_table(recs, cfg, summary) -> str:
                     f("old_gflops", "%.1f"),
                     f("new_gflops", "%.1f"),
                     f("speedup", "%.2fx"),
+                    f("portable_rows_gflops", "%.1f"),
+                    f("row_pass_speedup", "%.2fx"),
                     f("sdpa_gflops", "%.1f"),
                     f("vs_sdpa", "%.2fx"),
                     f("gemm_gflops", "%.1f"),
@@ -797,6 +813,8 @@ def _peak_table(recs, cfg, summary) -> str:
                 "blas GFLOP/s",
                 "brgemm GFLOP/s",
                 "speedup",
+                "portable rows GFLOP/s",
+                "row pass gain",
                 "SDPA GFLOP/s",
                 "vs SDPA",
                 "oneDNN GEMM",
@@ -835,6 +853,7 @@ def _plot_peak(result, path, plt) -> None:
     series = [
         ("longnet blas products", "longnet", "blas"),
         ("longnet brgemm products", "longnet", "brgemm"),
+        ("longnet brgemm, portable bf16 rows", "longnet", "portable_rows"),
         ("dense causal SDPA", "dense_sdpa", None),
     ]
     width = 0.8 / len(series)
