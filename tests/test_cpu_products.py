@@ -10,7 +10,6 @@ query blocks, a segment's Q^T / dO^T kept across key blocks), grouped heads, dil
 (head offsets), both backward schedules and key ranges.
 """
 
-import json
 import os
 import subprocess
 import sys

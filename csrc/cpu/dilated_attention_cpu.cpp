@@ -1208,6 +1208,5 @@ TORCH_LIBRARY_FRAGMENT(longnet, m) {
         [](at::ScalarType dtype, int64_t head_dim) {
           return longnet::cpu::planned_products(dtype, head_dim);
         });
-  m.def("_cpu_bf16_row_pass() -> str",
-        []() { return std::string(longnet::cpu::bf16_row_pass()); });
+  m.def("_cpu_bf16_row_pass() -> str", []() { return std::string(longnet::cpu::bf16_row_pass()); });
 }

@@ -1,10 +1,10 @@
 #include "cpu/vec_math.h"
 
-#include "cpu/vec_math_avx512.h"
-
 #include <bit>
 #include <cmath>
 #include <cstdint>
+
+#include "cpu/vec_math_avx512.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LONGNET_TARGET_CLONES \

@@ -1,8 +1,9 @@
 // The bfloat16 row passes of vec_math.cpp written for AVX-512 with the BF16
 // extension: 16 floats a register, and the hardware conversion (vcvtneps2bf16,
 // round to nearest even) instead of integer rounding on 256-bit registers, which is
-// all the compiler's own clones manage with 16-bit stores. Same polynomial, same
-// clamps and the same results as the portable loops except that the hardware
+// all the compiler's own clones manage around 16-bit stores. The same polynomial and
+// clamps as the portable loops; the results differ from theirs by FMA contraction and
+// the order of the row sums (float32 ulps before rounding), and the hardware
 // conversion flushes values below 2^-126 (bfloat16 subnormals) to zero.
 #include "cpu/vec_math_avx512.h"
 
@@ -55,7 +56,7 @@ LONGNET_AVX512_BF16 inline __mmask16 first_lanes(int64_t count) {
   return count >= 16 ? __mmask16(0xffff) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
 }
 LONGNET_AVX512_BF16 inline __mmask32 first_lanes32(int64_t count) {
-  return count >= 32 ? __mmask32(0xffffffffu)
+  return count >= 32  ? __mmask32(0xffffffffu)
          : count <= 0 ? __mmask32(0)
                       : __mmask32((1u << count) - 1);
 }
@@ -68,9 +69,8 @@ LONGNET_AVX512_BF16 inline __m256i to_bf16(__m512 x) {
 LONGNET_AVX512_BF16 inline __m512i interleave_bf16(__m512 a, __m512 b) {
   // cvtne2ps: lanes 0-15 from the second operand, 16-31 from the first.
   const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
-  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                         16, 0);
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   return _mm512_permutexvar_epi16(order, both);
 }
 
@@ -112,8 +112,10 @@ LONGNET_AVX512_BF16 void softmax_grad_pair_bf16_impl(const GradRowPair& g, float
     const __mmask16 lanes = first_lanes(n - j);
     const __mmask16 live0 = first_lanes(g.valid[0] - j) & lanes;
     const __mmask16 live1 = first_lanes(g.valid[1] - j) & lanes;
-    const __m512 e0 = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, g.s[0] + j), vscale, lse0));
-    const __m512 e1 = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, g.s[1] + j), vscale, lse1));
+    const __m512 e0 =
+        exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, g.s[0] + j), vscale, lse0));
+    const __m512 e1 =
+        exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, g.s[1] + j), vscale, lse1));
     const __m512 dp0 = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, g.dp[0] + j), delta0);
     const __m512 dp1 = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, g.dp[1] + j), delta1);
     const __m512 p0 = _mm512_maskz_mov_ps(live0, e0);
@@ -168,9 +170,9 @@ float exp_scaled_sum_bf16_avx512(const float* s, float scale, float m, uint16_t*
 #endif
 }
 
-void softmax_grad_pair_bf16_avx512(const GradRowPair& g, float scale, int64_t n,
-                                   uint16_t* p_pairs, uint16_t* ds_pairs, uint16_t* ds_rows,
-                                   int64_t ld_rows, int64_t rows, int64_t n_pad) {
+void softmax_grad_pair_bf16_avx512(const GradRowPair& g, float scale, int64_t n, uint16_t* p_pairs,
+                                   uint16_t* ds_pairs, uint16_t* ds_rows, int64_t ld_rows,
+                                   int64_t rows, int64_t n_pad) {
 #if LONGNET_AVX512_BF16_BUILD
   softmax_grad_pair_bf16_impl(g, scale, n, p_pairs, ds_pairs, ds_rows, ld_rows, rows, n_pad);
 #else

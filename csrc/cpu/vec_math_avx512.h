@@ -20,8 +20,8 @@ bool avx512_bf16_rows();
 // avx512_bf16_rows() is true.
 float exp_scaled_sum_bf16_avx512(const float* s, float scale, float m, uint16_t* p, int64_t n,
                                  int64_t n_pad);
-void softmax_grad_pair_bf16_avx512(const GradRowPair& g, float scale, int64_t n,
-                                   uint16_t* p_pairs, uint16_t* ds_pairs, uint16_t* ds_rows,
-                                   int64_t ld_rows, int64_t rows, int64_t n_pad);
+void softmax_grad_pair_bf16_avx512(const GradRowPair& g, float scale, int64_t n, uint16_t* p_pairs,
+                                   uint16_t* ds_pairs, uint16_t* ds_rows, int64_t ld_rows,
+                                   int64_t rows, int64_t n_pad);
 
 }  // namespace longnet::cpu
