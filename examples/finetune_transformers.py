@@ -7,8 +7,9 @@ context well past the one it was trained for.
    context with ordinary attention (``sdpa``) so that it stands in for a pretrained
    checkpoint; ``--model smollm2`` for SmolLM2-135M-Instruct (trained to 8,192
    tokens; offline through ``longnet.integrations.transformers.load_smollm2``, the
-   short fine-tune of ``benchmarks/context_extension.py`` by default: 16 steps of
-   2,048 tokens on the attention projections); or any local checkpoint with
+   short fine-tune of ``benchmarks/context_extension.py`` by default: 6 steps of
+   8,192 tokens with ``w = [4096, 8192]``, ``r = [1, 2]`` on the attention
+   projections); or any local checkpoint with
    ``--model PATH`` (its own tokenizer is used when it has one; no download happens).
 2. ``longnet.integrations.transformers.enable`` switches it to dilated attention with
    patterns reaching ``--seq-len`` (default 1024 = 4x the original context).
@@ -22,7 +23,7 @@ fine-tuning; saves the model with ``save_pretrained`` and checks that
 ``metrics.json`` and ``finetune_loss.png`` under ``--out-dir``.
 
     python examples/finetune_transformers.py                   # tiny model, CPU, minutes
-    python examples/finetune_transformers.py --model smollm2    # SmolLM2-135M, 2K tokens
+    python examples/finetune_transformers.py --model smollm2    # SmolLM2-135M, 8K tokens
     python examples/finetune_transformers.py --model /path/to/checkpoint --seq-len 16384 \
         --segment-lengths 2048,4096,8192,16384 --dilation-rates 1,2,4,8 --device cuda
 """
@@ -143,13 +144,13 @@ _TINY = dict(
 DEFAULTS = {
     "tiny": _TINY,
     "smollm2": dict(
-        seq_len=2048,
-        segment_lengths=[2048, 4096, 8192],
-        dilation_rates=[1, 2, 4],
-        steps=16,
+        seq_len=8192,
+        segment_lengths=[4096, 8192],
+        dilation_rates=[1, 2],
+        steps=6,
         batch_size=1,
         lr=1e-4,
-        warmup_steps=2,
+        warmup_steps=1,
         train_params="attention",
         eval_interval=0,
         eval_windows=1,
