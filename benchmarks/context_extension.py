@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ft-steps", type=int, default=6)
     p.add_argument("--ft-seq-len", type=int, default=8192)
     p.add_argument("--ft-batch-size", type=int, default=1)
-    p.add_argument("--ft-lr", type=float, default=1e-4)
+    p.add_argument("--ft-lr", type=float, default=3e-4)
     p.add_argument("--ft-warmup-steps", type=int, default=1)
     p.add_argument("--ft-params", default="attention", choices=["attention", "all"])
     p.add_argument("--max-train-bytes", type=int, default=2_000_000)

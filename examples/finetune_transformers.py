@@ -8,7 +8,7 @@ context well past the one it was trained for.
    checkpoint; ``--model smollm2`` for SmolLM2-135M-Instruct (trained to 8,192
    tokens; offline through ``longnet.integrations.transformers.load_smollm2``, the
    short fine-tune of ``benchmarks/context_extension.py`` by default: 6 steps of
-   8,192 tokens with ``w = [4096, 8192]``, ``r = [1, 2]`` on the attention
+   8,192 tokens with ``w = [4096, 8192]``, ``r = [1, 2]``, lr 3e-4, on the attention
    projections); or any local checkpoint with
    ``--model PATH`` (its own tokenizer is used when it has one; no download happens).
 2. ``longnet.integrations.transformers.enable`` switches it to dilated attention with
@@ -149,7 +149,7 @@ DEFAULTS = {
         dilation_rates=[1, 2],
         steps=6,
         batch_size=1,
-        lr=1e-4,
+        lr=3e-4,
         warmup_steps=1,
         train_params="attention",
         eval_interval=0,
