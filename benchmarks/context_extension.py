@@ -96,15 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(VARIANTS)}",
     )
     p.add_argument("--local-window", type=int, default=8192)
-    p.add_argument("--segment-lengths", type=int_list, default=[4096, 8192])
-    p.add_argument("--dilation-rates", type=int_list, default=[1, 2])
-    p.add_argument("--ft-steps", type=int, default=6)
-    p.add_argument("--ft-seq-len", type=int, default=8192)
-    p.add_argument("--ft-batch-size", type=int, default=1)
-    p.add_argument("--ft-lr", type=float, default=3e-4)
-    p.add_argument("--ft-warmup-steps", type=int, default=1)
-    p.add_argument("--ft-params", default="attention", choices=["attention", "all"])
-    p.add_argument("--max-train-bytes", type=int, default=2_000_000)
+    # the patterns and the fine-tune are those of `finetune_transformers.py --model smollm2`
+    smollm2 = ft.DEFAULTS["smollm2"]
+    p.add_argument("--segment-lengths", type=int_list, default=smollm2["segment_lengths"])
+    p.add_argument("--dilation-rates", type=int_list, default=smollm2["dilation_rates"])
+    p.add_argument("--ft-steps", type=int, default=smollm2["steps"])
+    p.add_argument("--ft-seq-len", type=int, default=smollm2["seq_len"])
+    p.add_argument("--ft-batch-size", type=int, default=smollm2["batch_size"])
+    p.add_argument("--ft-lr", type=float, default=smollm2["lr"])
+    p.add_argument("--ft-warmup-steps", type=int, default=smollm2["warmup_steps"])
+    p.add_argument("--ft-params", default=smollm2["train_params"], choices=["attention", "all"])
+    p.add_argument("--max-train-bytes", type=int, default=smollm2["max_train_bytes"])
     p.add_argument(
         "--chunk",
         type=int,
