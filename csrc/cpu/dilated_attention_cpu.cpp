@@ -779,15 +779,16 @@ struct TileBackward : PatternBackward<T> {
     }
   }
 
-  // S, dP of rows tq0.. against the prepared key block, turned into P and scale * dS:
-  // in place (float), or for bfloat16 rounded in the same pass straight into the B
-  // forms p_b, ds_b and (with ds_rows) the A form ds_a of dS.
+  // S, dP of rows tq0.. against the first kn keys of the prepared key block (kt, vt
+  // rows ld_prep long), turned into P and scale * dS (rows kn long): in place (float),
+  // or for bfloat16 rounded in the same pass straight into the B forms p_b, ds_b and
+  // (with ds_rows) the A form ds_a of dS.
   void tile_probs(int64_t b, int64_t h, const RowSpan& row, const SparseSegment& seg, int64_t tq0,
-                  int64_t qn, int64_t kb0, int64_t kn, const T* Q, const T* dO, bool ds_rows,
-                  const Scratch& sc) const {
+                  int64_t qn, int64_t kb0, int64_t kn, int64_t ld_prep, const T* Q, const T* dO,
+                  bool ds_rows, const Scratch& sc) const {
     const int64_t D = this->pb.dim, r = this->r;
-    tile_gemm(qn, kn, D, Q, r * this->qv.sn, sc.kt, kn, sc.S, kn, false);
-    tile_gemm(qn, kn, D, dO, r * this->dov.sn, sc.vt, kn, sc.dP, kn, false);
+    tile_gemm(qn, kn, D, Q, r * this->qv.sn, sc.kt, ld_prep, sc.S, kn, false);
+    tile_gemm(qn, kn, D, dO, r * this->dov.sn, sc.vt, ld_prep, sc.dP, kn, false);
     const A* lse_row = this->lse_p + (b * this->pb.heads + h) * this->pb.nq;
     const A* delta_row = this->delta_p + (b * this->pb.heads + h) * this->pb.nq;
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -865,7 +866,9 @@ struct TileBackward : PatternBackward<T> {
       const int64_t qi0 = pt.query_index(row, seg, tq0);
       const T* Q = pt.qv.at(b, qi0, h);
       const T* dO = pt.dov.at(b, qi0, h);
-      tile_probs(b, h, row, seg, tq0, qn, kb0, kn, Q, dO, with_dq, sc);
+      // Causal: no row of this query block sees a key past its last query.
+      const int64_t kq = pt.is_causal ? std::min(kn, tq0 + qn - kb0) : kn;
+      tile_probs(b, h, row, seg, tq0, qn, kb0, kq, kn, Q, dO, with_dq, sc);
       const int64_t qp = padded_k<T>(qn);
       // A = Q^T, dO^T columns tq0..: from the segment buffers, else transposed here.
       const T *qt = sc.qt, *dot = sc.dot;
@@ -880,19 +883,19 @@ struct TileBackward : PatternBackward<T> {
       }
       if constexpr (kConvert) {
         if constexpr (!std::is_same_v<T, c10::BFloat16>) {  // bfloat16: written by tile_probs
-          prepare_b_rounded<T>(sc.S, kn, qn, kn, sc.p_b);
-          prepare_b_rounded<T>(sc.dP, kn, qn, kn, sc.ds_b);
+          prepare_b_rounded<T>(sc.S, kq, qn, kq, sc.p_b);
+          prepare_b_rounded<T>(sc.dP, kq, qn, kq, sc.ds_b);
         }
-        tile_gemm(D, kn, qp, dot, ld_t, sc.p_b, kn, sc.dvT, kn, true);
-        tile_gemm(D, kn, qp, qt, ld_t, sc.ds_b, kn, sc.dkT, kn, true);
+        tile_gemm(D, kq, qp, dot, ld_t, sc.p_b, kq, sc.dvT, kn, true);
+        tile_gemm(D, kq, qp, qt, ld_t, sc.ds_b, kq, sc.dkT, kn, true);
       } else {
-        tile_gemm(D, kn, qn, dot, ld_t, sc.S, kn, sc.dvT, kn, true);
-        tile_gemm(D, kn, qn, qt, ld_t, sc.dP, kn, sc.dkT, kn, true);
+        tile_gemm(D, kq, qn, dot, ld_t, sc.S, kq, sc.dvT, kn, true);
+        tile_gemm(D, kq, qn, qt, ld_t, sc.dP, kq, sc.dkT, kn, true);
       }
       if (with_dq) {
         A* dq_rows = pt.dq_p + ((b * pt.pb.nq + qi0) * pt.pb.heads + h) * D;
         pt.start_dq_rows(b, h, qi0, qn, dq_rows);
-        add_dq(qn, kn, pt.kv.at(b, key0, g), r * pt.kv.sn, dq_rows, r * pt.pb.heads * D, sc);
+        add_dq(qn, kq, pt.kv.at(b, key0, g), r * pt.kv.sn, dq_rows, r * pt.pb.heads * D, sc);
       }
     }
 
@@ -925,7 +928,7 @@ struct TileBackward : PatternBackward<T> {
       const int64_t kn = std::min(KB, kend - kb0);
       const int64_t key0 = seg.base + kb0 * r;
       prepare_keys(b, g, key0, kn, true, sc);
-      tile_probs(b, h, row, seg, tq0, qn, kb0, kn, Q, dO, true, sc);
+      tile_probs(b, h, row, seg, tq0, qn, kb0, kn, kn, Q, dO, true, sc);
       add_dq(qn, kn, pt.kv.at(b, key0, g), r * pt.kv.sn, sc.dq, D, sc);
     }
     A* dq_rows = pt.dq_p + ((b * pt.pb.nq + qi0) * pt.pb.heads + h) * D;
