@@ -10,6 +10,7 @@ query blocks, a segment's Q^T / dO^T kept across key blocks), grouped heads, dil
 (head offsets), both backward schedules and key ranges.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -261,3 +262,35 @@ def test_bf16_row_passes_both_match_reference(monkeypatch):
     assert max(differences) < 2.0**-11, differences
     if default_name != portable_name:  # the switch changed the code that ran
         assert max(differences) > 0.0
+
+
+def test_tile_gemm_benchmark_times_the_kernels_tiles(tmp_path):
+    # benchmarks/bench_tile_gemm.py times cpublas::brgemm alone on the fused kernels'
+    # tile shapes, the ceiling the README holds the kernels against. It must time every
+    # dtype whose kernels run on the micro-kernel here, on the three tile shapes of D,
+    # and report a finite positive rate for each (a call with the wrong operand layout
+    # or leading dimensions fails inside oneDNN or returns no rate).
+    from benchmarks import bench_tile_gemm
+
+    planned = [
+        name
+        for name in ("float32", "bfloat16")
+        if torch.ops.longnet._cpu_products_for(getattr(torch, name), 48).startswith("brgemm")
+    ]
+    if not planned:
+        pytest.skip("no oneDNN micro-kernel on this machine")
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        pytest.skip("the benchmark compiles its timing loop with ninja (pip install ninja)")
+    assert (
+        bench_tile_gemm.main(["--head-dim", "48", "--seconds", "0.01", "--out", str(tmp_path)]) == 0
+    )
+    with open(tmp_path / "cpu_tile_gemm.json") as f:
+        result = json.load(f)
+    assert result["head_dim"] == 48
+    shapes = [(r["M"], r["N"], r["K"]) for r in result["records"]]
+    assert shapes == [(64, 256, 48), (48, 256, 64), (64, 48, 256)]
+    for rec in result["records"]:
+        for name in planned:
+            assert 0.0 < rec[name] < float("inf"), rec
