@@ -1,7 +1,7 @@
 // Row-wise softmax helpers for the CPU kernels: a vectorisable exp for float
-// (Cephes-style polynomial, about 1 ulp) and the loops that use it. The float
-// loops (vec_math.cpp) are compiled for AVX-512, AVX2 and baseline x86-64 and
-// picked at load time.
+// (a degree-5 polynomial after range reduction, about 2 ulp) and the loops that use
+// it. The float loops (vec_math.cpp) are compiled for AVX-512, AVX2 and baseline
+// x86-64 and picked at load time.
 #pragma once
 
 #include <cmath>
@@ -9,6 +9,14 @@
 #include <limits>
 
 namespace longnet::cpu {
+
+// exp(r) ~ 1 + r (C1 + r (C2 + r (C3 + r (C4 + r C5)))) for |r| <= ln2 / 2: the
+// minimax fit in relative error (9e-8), shared by the portable and AVX-512 passes.
+inline constexpr float kExpC1 = 0.9999997020f;
+inline constexpr float kExpC2 = 0.4999915063f;
+inline constexpr float kExpC3 = 0.1666763574f;
+inline constexpr float kExpC4 = 0.04189793020f;
+inline constexpr float kExpC5 = 0.008290313184f;
 
 // p[j] = exp(s[j] - m) for j < n; returns the sum.
 float exp_shift_sum(const float* s, float m, float* p, int64_t n);

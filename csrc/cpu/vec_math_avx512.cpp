@@ -31,7 +31,10 @@ namespace longnet::cpu {
 namespace {
 
 // exp_approx of vec_math.cpp, 16 lanes: 2^n * p(r) with x = n ln2 + r; inputs clamped
-// to [-88, 88] (NaN and -inf give the lower clamp, whose 2^n is 0).
+// to [-88, 88] (NaN and -inf give the lower clamp). 2^n is applied by vscalefps: at
+// the lower clamp (n = -127) that gives a float32 subnormal (about 6e-39) where the
+// exponent bits of the portable loops give 0, below bfloat16's range and nothing
+// against a row sum of at least 1.
 LONGNET_AVX512_BF16 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
   x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
@@ -39,16 +42,13 @@ LONGNET_AVX512_BF16 inline __m512 exp16(__m512 x) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i bits =
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  __m512 p = _mm512_set1_ps(kExpC5);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
 }
 
 // Lanes j with j < count (count may exceed 16).
