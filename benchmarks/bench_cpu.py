@@ -33,8 +33,8 @@ Cases (``--case``): ``scaling``, ``target1``, ``target2``, ``gflops``, ``engines
 ``peak`` or ``all``. ``peak`` sets the fused kernels' GFLOP/s (needed FLOPs) at the target1
 shape, float32 and bfloat16, against the large-GEMM rate of the libraries on this machine
 (``gemm``: ``torch.mm`` float32 on MKL, ``mkldnn_linear`` float32 on oneDNN, ``torch.mm``
-bfloat16 on oneDNN, 2048^3, the best of 20 calls) and dense causal SDPA of about the same FLOPs, with the
-kernels' products on oneDNN's micro-kernels (``brgemm``) and, measured in turn beside
+bfloat16 on oneDNN, 2048^3, the best of 20 calls) and dense causal SDPA of about the
+same FLOPs, with the kernels' products on oneDNN's micro-kernels (``brgemm``) and, measured in turn beside
 them, on the Fortran BLAS path (``blas``, ``LONGNET_CPU_BRGEMM=0``); bfloat16 also with
 its softmax row passes on the portable loops instead of the AVX-512 BF16 code
 (``portable_rows``, ``LONGNET_CPU_AVX512=0``; the same code where the processor lacks
@@ -351,21 +351,17 @@ def run_worker(spec: dict[str, object]) -> dict[str, object]:
     call()
     cold = time.perf_counter() - t0
     peak = probe.stop()
-    if spec["impl"] == "gemm":
-        # The limit the kernels are held against: a product of well under a second,
-        # so many repeats and the best of them (the median of two swung 2x here).
-        times = time_calls(
-            call, max(GEMM_REPEATS, int(spec["repeats"])), float(spec["budget"]), cold
-        )
-        best = min(times)
-    else:
-        times = time_calls(call, int(spec["repeats"]), float(spec["budget"]), cold)
-        best = median(times)
+    # A large-GEMM reference is the limit the kernels are held against: a product of
+    # well under a second, so many repeats and the best of them (the median of two
+    # swung 2x here). Everything else keeps the median of --repeats.
+    is_gemm = spec["impl"] == "gemm"
+    repeats = max(GEMM_REPEATS, int(spec["repeats"])) if is_gemm else int(spec["repeats"])
+    times = time_calls(call, repeats, float(spec["budget"]), cold)
     rec = {
         "cold_s": cold,
         "times_s": times,
-        "time_s": best,
-        "timing": "best" if spec["impl"] == "gemm" else "median",
+        "time_s": min(times) if is_gemm else median(times),
+        "timing": "best" if is_gemm else "median",
         "peak_bytes": peak,
         "memory_method": probe.method,
     }

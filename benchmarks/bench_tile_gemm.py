@@ -2,8 +2,8 @@
 """The rate of oneDNN's micro-kernel on the tile products of the fused CPU kernels.
 
 The fused CPU kernels do all their matrix products through ATen's
-``at::native::cpublas::brgemm`` on tiles of ``kTileQuery = 64`` queries and
-``kTileKey = 256`` keys (csrc/cpu/dilated_attention_cpu.cpp). This script times that
+``at::native::cpublas::brgemm`` on tiles of 64 queries and 256 keys (their sizes come
+from ``torch.ops.longnet._cpu_tile_sizes()``). This script times that
 call alone, one thread, C += A B on each tile shape the kernels use, A row-major and B
 prepared the way the kernels prepare it (pair-interleaved for bfloat16), all operands
 resident in cache. The rate it prints times the number of threads is the most the
@@ -34,9 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.common import machine_info, markdown_table  # noqa: E402
-
-TILE_QUERY = 64
-TILE_KEY = 256
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -90,11 +87,14 @@ def _extension():
 
 def tile_shapes(head_dim: int) -> list[tuple[str, int, int, int]]:
     """(products, M, N, K) of the fused kernels' tiles for head dim ``head_dim``."""
+    import longnet  # noqa: F401  (registers torch.ops.longnet)
+
+    queries, keys = torch.ops.longnet._cpu_tile_sizes()
     d = head_dim
     return [
-        ("S = Q K^T, dP = dO V^T", TILE_QUERY, TILE_KEY, d),
-        ("dV^T += dO^T P, dK^T += Q^T dS", d, TILE_KEY, TILE_QUERY),
-        ("O += P V, dQ += dS K", TILE_QUERY, d, TILE_KEY),
+        ("S = Q K^T, dP = dO V^T", queries, keys, d),
+        ("dV^T += dO^T P, dK^T += Q^T dS", d, keys, queries),
+        ("O += P V, dQ += dS K", queries, d, keys),
     ]
 
 

@@ -267,7 +267,8 @@ def test_bf16_row_passes_both_match_reference(monkeypatch):
 def test_tile_gemm_benchmark_times_the_kernels_tiles(tmp_path):
     # benchmarks/bench_tile_gemm.py times cpublas::brgemm alone on the fused kernels'
     # tile shapes, the ceiling the README holds the kernels against. It must time every
-    # dtype whose kernels run on the micro-kernel here, on the three tile shapes of D,
+    # dtype whose kernels run on the micro-kernel here, on the three tile shapes of D
+    # and of the tiles the kernels report (_cpu_tile_sizes: 64 queries, 256 keys),
     # and report a finite positive rate for each (a call with the wrong operand layout
     # or leading dimensions fails inside oneDNN or returns no rate).
     from benchmarks import bench_tile_gemm

@@ -1204,7 +1204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
 
 // Which products the fused CPU kernels use: _cpu_products() for this thread's last
 // call, _cpu_products_for(dtype, head_dim) for a call that would run now;
-// _cpu_bf16_row_pass() which code runs the bfloat16 softmax row passes.
+// _cpu_bf16_row_pass() which code runs the bfloat16 softmax row passes;
+// _cpu_tile_sizes() the micro-kernel tiles (queries, keys) of forward and backward.
 TORCH_LIBRARY_FRAGMENT(longnet, m) {
   m.def("_cpu_products() -> str", []() { return std::string(longnet::cpu::last_products()); });
   m.def("_cpu_products_for(ScalarType dtype, int head_dim) -> str",
@@ -1212,4 +1213,6 @@ TORCH_LIBRARY_FRAGMENT(longnet, m) {
           return longnet::cpu::planned_products(dtype, head_dim);
         });
   m.def("_cpu_bf16_row_pass() -> str", []() { return std::string(longnet::cpu::bf16_row_pass()); });
+  m.def("_cpu_tile_sizes() -> int[]",
+        []() { return std::vector<int64_t>{longnet::cpu::kTileQuery, longnet::cpu::kTileKey}; });
 }

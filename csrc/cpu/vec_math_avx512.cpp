@@ -3,8 +3,9 @@
 // round to nearest even) instead of integer rounding on 256-bit registers, which is
 // all the compiler's own clones manage around 16-bit stores. The same polynomial and
 // clamps as the portable loops; the results differ from theirs by FMA contraction and
-// the order of the row sums (float32 ulps before rounding), and the hardware
-// conversion flushes values below 2^-126 (bfloat16 subnormals) to zero.
+// the order of the row sums (float32 ulps before rounding) and, at the lower clamp, by
+// 2^n (vscalefps gives a float32 subnormal where the portable exponent bits give 0);
+// the hardware conversion flushes values below 2^-126 (bfloat16 subnormals) to zero.
 #include "cpu/vec_math_avx512.h"
 
 #include <atomic>
