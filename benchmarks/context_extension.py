@@ -3,7 +3,7 @@
 trained to 8,192 tokens) with dense and dilated attention, zero-shot and after a short
 fine-tune.
 
-Model: SmolLM2-135M-Instruct from ``longnet.integrations.transformers.load_smollm2``
+Model: SmolLM2-135M-Instruct from ``longnet.integrations.smollm2.load_smollm2``
 (offline; 30 layers, 9 query / 3 key-value heads of 64, rope theta 100,000, RoPE as
 trained: no rescaling).
 
@@ -74,6 +74,7 @@ from common import machine_info, markdown_table  # noqa: E402  (benchmarks/commo
 import longnet.integrations.transformers as longnet_hf  # noqa: E402
 from longnet.cli import int_list  # noqa: E402
 from longnet.data import split_by_file, stdlib_source_files  # noqa: E402
+from longnet.integrations.smollm2 import load_smollm2  # noqa: E402
 
 VARIANTS = ("sdpa", "local", "dilated", "dilated-ft")
 LAST = 1024
@@ -296,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     transformers.utils.logging.disable_progress_bar()
     t_start = time.time()
 
-    model, tokenizer = longnet_hf.load_smollm2(torch.float32)
+    model, tokenizer = load_smollm2(torch.float32)
     root, files = stdlib_source_files()
     train_files, val_files = split_by_file(files, root)
     val = encode(val_files, tokenizer)

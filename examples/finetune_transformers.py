@@ -6,7 +6,7 @@ context well past the one it was trained for.
    ``--context`` = ``max_position_embeddings`` = 256), first trained briefly at that
    context with ordinary attention (``sdpa``) so that it stands in for a pretrained
    checkpoint; ``--model smollm2`` for SmolLM2-135M-Instruct (trained to 8,192
-   tokens; offline through ``longnet.integrations.transformers.load_smollm2``, the
+   tokens; offline through ``longnet.integrations.smollm2.load_smollm2``, the
    short fine-tune of ``benchmarks/context_extension.py`` by default: 6 steps of
    8,192 tokens with ``w = [4096, 8192]``, ``r = [1, 2]``, lr 3e-4, on the attention
    projections); or any local checkpoint with
@@ -67,6 +67,7 @@ except ImportError:  # pragma: no cover
     raise SystemExit('this example needs transformers: pip install -e ".[transformers]"') from None
 
 import longnet.integrations.transformers as longnet_hf  # noqa: E402
+from longnet.integrations.smollm2 import load_smollm2  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help='local transformers checkpoint, or "smollm2" (SmolLM2-135M-Instruct '
-        "through longnet.integrations.transformers.load_smollm2, offline); "
+        "through longnet.integrations.smollm2.load_smollm2, offline); "
         "default: a tiny random-init Llama",
     )
     p.add_argument("--out-dir", default="runs/finetune_transformers")
@@ -218,7 +219,7 @@ def load_model_and_data(args: argparse.Namespace, log):
         encode = lambda fs, mb: encode_files(fs, max_bytes=mb)  # noqa: E731
         unit = "byte"
     elif args.model == "smollm2":
-        model, tokenizer = longnet_hf.load_smollm2(getattr(torch, args.dtype))
+        model, tokenizer = load_smollm2(getattr(torch, args.dtype))
         encode = lambda fs, mb: encode_with_tokenizer(fs, tokenizer, mb)  # noqa: E731
         unit = "token"
     else:

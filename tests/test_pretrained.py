@@ -1,6 +1,6 @@
 """Dilated attention inside a real pretrained model: SmolLM2-135M-Instruct (30 layers,
 9 query / 3 key-value heads of 64), loaded offline by
-``longnet.integrations.transformers.load_smollm2``, on real text (source files of the
+``longnet.integrations.smollm2.load_smollm2``, on real text (source files of the
 running Python's standard library).
 
 Every bound is derived, not chosen: a float32 (or bfloat16) result is compared with a
@@ -25,6 +25,7 @@ import torch
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
 import longnet.integrations.transformers as lt  # noqa: E402
+from longnet.integrations.smollm2 import load_smollm2  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 try:
@@ -60,7 +61,7 @@ LOADED = {}  # what load_smollm2 returned, before any test switched the attentio
 def smollm2():
     """(float32 model, tokenizer), loaded once for the module."""
     try:
-        model, tok = lt.load_smollm2(torch.float32)
+        model, tok = load_smollm2(torch.float32)
     except ImportError as exc:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the pretrained-model tests: {exc}")
@@ -302,13 +303,13 @@ def test_load_smollm2_is_ready_for_enable(smollm2):
     assert LOADED == dict(attn="sdpa", training=False, dtype=torch.float32)
     assert tok.padding_side == "left" and tok.pad_token_id is not None
     with pytest.raises(ValueError, match="dtype"):
-        lt.load_smollm2(torch.int64)
+        load_smollm2(torch.int64)
 
 
 def test_converted_model_casts_like_a_plain_model():
     """The GGUF conversion (no cache: the path a new machine takes) leaves no
     quantization marks: transformers refuses .float() / .half() of a model marked
     quantized, which the cached reload never is."""
-    model, _ = lt.load_smollm2(cache_dir=False)
+    model, _ = load_smollm2(cache_dir=False)
     assert not getattr(model, "is_quantized", False)
     assert model.float().dtype == torch.float32 and model.half().dtype == torch.float16

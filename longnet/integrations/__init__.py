@@ -4,4 +4,6 @@ Each submodule imports its library itself, so ``import longnet`` never needs the
 
 * ``longnet.integrations.transformers``: dilated attention inside Hugging Face
   ``transformers`` models (``attn_implementation="longnet"``).
+* ``longnet.integrations.smollm2``: SmolLM2-135M-Instruct loaded offline
+  (``load_smollm2``), a pretrained model to run that attention in.
 """
