@@ -160,8 +160,10 @@ def layer_patterns(config: Any, layer_idx: int | None) -> tuple[list[int], list[
     return list(ws), list(rs)
 
 
-def _check_config(config: Any) -> None:
-    """Raise for configs whose attention dilated attention cannot replace."""
+def _check_model_config_supported(config: Any) -> None:
+    """Raise ``ValueError`` when the model config has attention that dilated attention
+    cannot replace: sliding-window or chunked layers, or a model that is not a causal
+    decoder."""
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         other = sorted({t for t in layer_types if t != "full_attention"})
@@ -204,7 +206,7 @@ def enable(model: Any, segment_lengths: Any, dilation_rates: Any) -> Any:
     """
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    _check_config(text_config)
+    _check_model_config_supported(text_config)
     num_layers = getattr(text_config, "num_hidden_layers", None)
     ws, rs = _normalize_patterns(segment_lengths, dilation_rates, num_layers)
     for cfg in {id(config): config, id(text_config): text_config}.values():
@@ -466,12 +468,23 @@ def _cu_from_position_ids(position_ids: Tensor, b: int) -> Tensor | None:
 def document_boundaries(
     attention_mask: Tensor | None, b: int, nq: int, nk: int, kwargs: dict[str, Any]
 ) -> tuple[Tensor, Tensor] | None:
-    """``(cu_seqlens_q, cu_seqlens_k)`` of the packed documents of an attention call,
-    its ``B`` rows flattened into one (row starts are document starts), or ``None``
-    when the call is not packed. Sources, in order: the ``cu_seq_lens_q`` /
-    ``cu_seq_lens_k`` keyword arguments (flash-attention's convention), the document
-    ids made by :func:`longnet_mask`, ``position_ids`` that restart inside a row
-    (only without attention mask)."""
+    """The packed documents of one attention call, as the operator's
+    ``cu_seqlens_q`` / ``cu_seqlens_k``.
+
+    Returns ``None`` when the call is not packed. Otherwise returns the pair
+    ``(cu_seqlens_q, cu_seqlens_k)``: two 1-D integer tensors of ``S + 1`` cumulative
+    offsets (ending at ``b * nq`` and ``b * nk``) of the ``S`` documents in the call's
+    ``b`` rows flattened into one row (every row start is a document start); the
+    keyword arguments are returned as given, the other sources give int64.
+    The documents come, in this order, from the ``cu_seq_lens_q`` /
+    ``cu_seq_lens_k`` keyword arguments (flash-attention's convention), from the
+    document ids that :func:`longnet_mask` puts in ``attention_mask``, or from
+    ``position_ids`` in ``kwargs`` that restart inside a row (only without attention
+    mask).
+
+    Raises ``ValueError`` for boundaries that do not fit the call or each other (wrong
+    shape or end, ``cu_seq_lens_q`` that disagree with the document ids, packed
+    documents with a padding mask, restarting ``position_ids`` with cached keys)."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     doc_ids = None
     if (
