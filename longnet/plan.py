@@ -440,9 +440,9 @@ def _crossing_segments(
 
 def _spans_ranks(s: int, w: int, lo: int, hi: int, base: int, chunk: int) -> bool:
     """Whether segment ``s`` of the sequence in this frame lies on two ranks or more."""
-    from longnet.distributed import _segment_ranks
+    from longnet.parallel.layout import segment_ranks
 
-    ranks_of = _segment_ranks(s, w, lo, hi, base, chunk)
+    ranks_of = segment_ranks(s, w, lo, hi, base, chunk)
     return ranks_of[3] > ranks_of[2]
 
 
@@ -461,9 +461,10 @@ def _count(
     on every rank, visiting each crossing segment once. Without ``cu_seqlens`` the
     sequence occupies the absolute positions ``[offset, offset + world * chunk)``;
     with it, each document (first token at ``offset``) is planned alone."""
-    from longnet.distributed import _segment, spanning_documents
+    from longnet.parallel.layout import segment as cached_segment
+    from longnet.parallel.layout import spanning_documents
 
-    segment = getattr(_segment, "__wrapped__", _segment)  # leave the op's cache alone
+    segment = getattr(cached_segment, "__wrapped__", cached_segment)  # leave the op's cache alone
     n = world * chunk
     kv_group = num_heads // kv_heads
     ranks = [_RankCount() for _ in range(world)]
@@ -840,7 +841,7 @@ def plan_run(
 
 
 def _spanning(plan: RunPlan) -> tuple[tuple[int, int], ...]:
-    from longnet.distributed import spanning_documents
+    from longnet.parallel.layout import spanning_documents
 
     if plan.doc_lengths is None:
         return ()
