@@ -26,22 +26,10 @@ __all__ = [
     "MultiheadDilatedAttention",
     "KVCache",
     "RotaryEmbedding",
-    "pattern_period",
     "validate_cu_seqlens",
 ]
 
 _POSITION_ENCODINGS = ("rotary", "xpos", None)
-
-
-def pattern_period(segment_lengths: Sequence[int]) -> int:
-    """Least common multiple of the segment lengths: every pattern's segmentation
-    repeats with this period (shifting all positions by a multiple of it changes no
-    segment boundary). :class:`KVCache` does not need it: it trims at any position.
-    """
-    period = 1
-    for w in segment_lengths:
-        period = period * int(w) // math.gcd(period, int(w))
-    return period
 
 
 class DilatedAttention(nn.Module):

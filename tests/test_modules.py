@@ -1,6 +1,5 @@
 """Tests of longnet.modules: DilatedAttention, MultiheadDilatedAttention, KVCache."""
 
-import math
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from longnet.modules import (
     KVCache,
     MultiheadDilatedAttention,
     RotaryEmbedding,
-    pattern_period,
 )
 from longnet.packing import cu_seqlens_from_lengths
 from longnet.reference import dilated_attention_reference
@@ -340,7 +338,6 @@ def test_exports():
         "ByteTokenizer",
     ):
         assert hasattr(longnet, name) and name in longnet.__all__
-    assert math.lcm(*WS) == pattern_period(WS) and pattern_period([3, 4]) == 12
 
 
 # ------------------------------------------------------------------ packed documents
