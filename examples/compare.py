@@ -29,7 +29,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_lm  # noqa: E402
 
-from longnet.cli import int_list  # noqa: E402
+from longnet.cli import choice_list, int_list  # noqa: E402
 from longnet.data import eval_batches  # noqa: E402
 from longnet.model import LongNetLM  # noqa: E402
 
@@ -41,7 +41,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}"
+        "--variants",
+        type=choice_list(VARIANTS),
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {VARIANTS}",
     )
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--segment-lengths", type=int_list, default=[64, 128, 256, 512])
@@ -72,10 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
-    variants = [v for v in args.variants.split(",") if v]
-    for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"--variants: unknown variant {v!r}, expected some of {VARIANTS}")
+    variants: list[str] = args.variants
     lengths = args.eval_lengths or [args.seq_len // 4, args.seq_len // 2, args.seq_len]
 
     results: dict[str, dict[int, float]] = {}
