@@ -51,7 +51,7 @@ import math
 from typing import Any, Union
 
 import torch
-import transformers  # noqa: F401  (a clear ImportError when the extra is missing)
+import transformers  # a clear ImportError when the extra is missing
 from torch import Tensor
 
 if int(transformers.__version__.split(".")[0]) < 5:
