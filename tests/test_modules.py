@@ -1,6 +1,5 @@
 """Tests of longnet.modules: DilatedAttention, MultiheadDilatedAttention, KVCache."""
 
-
 import pytest
 import torch
 
