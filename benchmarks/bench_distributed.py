@@ -3,7 +3,7 @@ number of ranks (LongNet Figure 5 in miniature, on CPU with gloo).
 
 Tokens per rank stay fixed while the total length N = ranks * tokens grows; for every
 rank count the script reports, per rank, forward and forward+backward time, bytes
-sent and received (``longnet.distributed.comm_stats``), the memory autograd keeps for
+sent and received (``longnet.parallel.comm_stats``), the memory autograd keeps for
 backward and the growth of peak RSS. For comparison it also times the single-process
 operator on the whole N. Prints a table and saves a PNG (and JSON) under
 ``benchmarks/results/``.
@@ -104,7 +104,7 @@ def _worker(rank, world, port, args, path, mode):
     torch.set_num_threads(args.threads)
     import torch.distributed as dist
 
-    import longnet.distributed as lnd
+    import longnet.parallel as lnp
 
     dist.init_process_group(
         "gloo",
@@ -118,18 +118,18 @@ def _worker(rank, world, port, args, path, mode):
 
     def fwd():
         with torch.no_grad():
-            lnd.sequence_parallel_dilated_attention(q, k, v, ws, rs, is_causal=args.causal)
+            lnp.sequence_parallel_dilated_attention(q, k, v, ws, rs, is_causal=args.causal)
 
     def fwd_bwd():
-        out = lnd.sequence_parallel_dilated_attention(q, k, v, ws, rs, is_causal=args.causal)
+        out = lnp.sequence_parallel_dilated_attention(q, k, v, ws, rs, is_causal=args.causal)
         out.sum().backward()
 
     if mode == "time":
         t_fwd, _ = _time(fwd, args.iters)
         t_fb, cpu_fb = _time(fwd_bwd, args.iters)
-        lnd.reset_comm_stats()
+        lnp.reset_comm_stats()
         fwd_bwd()
-        stats = lnd.comm_stats()
+        stats = lnp.comm_stats()
         result = {
             "fwd_s": t_fwd,
             "fwd_bwd_s": t_fb,
@@ -142,7 +142,7 @@ def _worker(rank, world, port, args, path, mode):
         result = {
             "rss_growth_mib": _peak_rss_growth_mib(fwd_bwd),
             "saved": _saved_bytes(
-                lambda: lnd.sequence_parallel_dilated_attention(
+                lambda: lnp.sequence_parallel_dilated_attention(
                     q, k, v, ws, rs, is_causal=args.causal
                 )
             ),

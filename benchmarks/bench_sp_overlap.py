@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Backward time of sequence-parallel dilated attention on 2 gloo ranks with the
 backward exchange overlapping the local patterns' backward, and without
-(``longnet.distributed.set_backward_overlap``), interleaved A/B in one run.
+(``longnet.parallel.set_backward_overlap``), interleaved A/B in one run.
 
     python benchmarks/bench_sp_overlap.py            # writes benchmarks/results/sp_overlap_cpu.*
     python benchmarks/bench_sp_overlap.py --links native,1,0.1
@@ -37,7 +37,7 @@ CONFIGS = {  # name: (L per rank, H, D, segment_lengths, dilation_rates)
 
 
 class _EmulatedLink:
-    """Makes every all-to-all of ``longnet._dist_utils`` take at least ``bytes / bw``
+    """Makes every all-to-all of ``longnet.parallel.collectives`` take at least ``bytes / bw``
     from its start to the end of its wait (``bw`` in bytes/s; None: gloo as is) and
     sums the time waits spent beyond gloo's own completion."""
 
@@ -77,8 +77,8 @@ def _worker(rank, world, port, reps, links, out):
     import torch
     import torch.distributed as dist
 
-    import longnet._dist_utils as dist_utils
-    import longnet.distributed as lnd
+    import longnet.parallel as lnp
+    import longnet.parallel.collectives as dist_utils
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -93,19 +93,19 @@ def _worker(rank, world, port, reps, links, out):
     for name, (n, h, d, ws, rs) in CONFIGS.items():
         g = torch.Generator().manual_seed(rank)
         q, k, v = (torch.randn(1, n, h, d, generator=g, requires_grad=True) for _ in range(3))
-        lnd.reset_comm_stats()
-        o = lnd.sequence_parallel_dilated_attention(q, k, v, ws, rs, is_causal=True)
+        lnp.reset_comm_stats()
+        o = lnp.sequence_parallel_dilated_attention(q, k, v, ws, rs, is_causal=True)
         o.square().sum().backward()
         q.grad = k.grad = v.grad = None
-        sent = lnd.comm_stats().bytes_sent
+        sent = lnp.comm_stats().bytes_sent
         for gbs in links:
             link.bandwidth = None if gbs is None else gbs * 1e9
             times = {"overlap": [], "no overlap": []}
             exposed = {"overlap": [], "no overlap": []}
             for _ in range(reps):
                 for mode in times:
-                    lnd.set_backward_overlap(mode == "overlap")
-                    o = lnd.sequence_parallel_dilated_attention(q, k, v, ws, rs, is_causal=True)
+                    lnp.set_backward_overlap(mode == "overlap")
+                    o = lnp.sequence_parallel_dilated_attention(q, k, v, ws, rs, is_causal=True)
                     loss = o.square().sum()
                     dist.barrier()
                     link.exposed_s = 0.0

@@ -113,11 +113,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
         model = LongNetLM.from_pretrained(
             os.path.join(out_dir, "checkpoint"), map_location=args.device
         )
-        sp = train_lm.Parallel(None)
         results[variant] = {}
         for n in lengths:
             batches = eval_batches(val_tokens, n, args.eval_windows, args.batch_size)
-            results[variant][n] = train_lm.evaluate(model, batches, args.device, sp, None)
+            results[variant][n] = train_lm.evaluate(model, batches, args.device, None, None)
         results[variant]["train_s"] = metrics["elapsed_s"]
 
     header = "variant   " + "".join(f"{f'ctx {n}':>10}" for n in lengths) + f"{'train s':>10}"

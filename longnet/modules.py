@@ -256,10 +256,10 @@ class KVCache:
 
 def _sequence_parallel_attention() -> Any:
     try:
-        from longnet.distributed import sequence_parallel_dilated_attention
+        from longnet.parallel import sequence_parallel_dilated_attention
     except ImportError as exc:  # pragma: no cover - depends on the checkout
         raise ImportError(
-            "sequence parallelism needs longnet.distributed."
+            "sequence parallelism needs longnet.parallel."
             "sequence_parallel_dilated_attention, which could not be imported: "
             f"{exc}"
         ) from exc
@@ -282,7 +282,7 @@ class MultiheadDilatedAttention(nn.Module):
         sub_ln: MAGNETO Sub-LN: a LayerNorm before the output projection.
         sequence_parallel_group: a ``torch.distributed`` group; when given, every rank
             holds one contiguous chunk of each sequence (rank order) and attention runs
-            through ``longnet.distributed.sequence_parallel_dilated_attention``.
+            through ``longnet.parallel.sequence_parallel_dilated_attention``.
         rope_base, xpos_scale_base, layer_norm_eps: encoding and norm settings.
     """
 

@@ -156,7 +156,7 @@ def _finite(x):
 
 
 def _scenario_correctness(rank, world, report):
-    from longnet.distributed import sequence_parallel_dilated_attention
+    from longnet.parallel import sequence_parallel_dilated_attention
     from longnet.reference import dilated_attention_reference
 
     errors = {}
@@ -203,7 +203,7 @@ def _scenario_correctness(rank, world, report):
     report["errors"] = errors
 
     # split_sequence / gather_sequence round trip and its gradient.
-    from longnet.distributed import gather_sequence, split_sequence
+    from longnet.parallel import gather_sequence, split_sequence
 
     x = torch.randn(
         2, 4 * world, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64
@@ -226,7 +226,7 @@ def _scenario_documents(rank, world, report):
     """Packed documents crossing ranks: this rank's rows of values, lse and gradients
     against every document alone (float64 reference), in float64 and in float32 or
     bfloat16 on the same rounded inputs (relative norm errors)."""
-    from longnet.distributed import sequence_parallel_dilated_attention
+    from longnet.parallel import sequence_parallel_dilated_attention
 
     errors = {}
     for case in _document_cases(world, DOC_CASES, seed=0):
@@ -328,7 +328,7 @@ def _scenario_subgroups(rank, world, report):
     """Two sequence-parallel groups side by side (data parallel beside them)."""
     import torch.distributed as dist
 
-    from longnet.distributed import sequence_parallel_dilated_attention
+    from longnet.parallel import sequence_parallel_dilated_attention
     from longnet.reference import dilated_attention_reference
 
     size = world // 2
@@ -351,7 +351,7 @@ def _scenario_subgroups(rank, world, report):
 
 def _scenario_bytes(rank, world, report):
     """Bytes per rank for fixed patterns and fixed L, forward and backward."""
-    from longnet.distributed import (
+    from longnet.parallel import (
         comm_stats,
         reset_comm_stats,
         sequence_parallel_dilated_attention,
@@ -371,7 +371,7 @@ def _scenario_bytes(rank, world, report):
 
 
 def _scenario_mismatch(rank, world, report):
-    from longnet.distributed import sequence_parallel_dilated_attention
+    from longnet.parallel import sequence_parallel_dilated_attention
 
     msgs = []
     for variant in ("rates", "length", "causal"):
@@ -407,7 +407,7 @@ def _scenario_mismatch(rank, world, report):
 
 
 def _scenario_dead(rank, world, report):
-    from longnet.distributed import sequence_parallel_dilated_attention
+    from longnet.parallel import sequence_parallel_dilated_attention
 
     x = torch.randn(1, 8, 2, 4)
     sequence_parallel_dilated_attention(x, x, x, [16], [2])  # a first call that works
@@ -423,10 +423,10 @@ def _scenario_dead(rank, world, report):
 
 
 def _scenario_stuck(rank, world, report):
-    import longnet.distributed as lnd
-    from longnet.distributed import sequence_parallel_dilated_attention
+    import longnet.parallel as lnp
+    from longnet.parallel import sequence_parallel_dilated_attention
 
-    lnd.set_timeout(3)
+    lnp.set_timeout(3)
     x = torch.randn(1, 8, 2, 4)
     if rank == 1:
         time.sleep(8)  # alive but never joins in time
@@ -457,7 +457,7 @@ def _worker(rank, world, port, scenarios, path):
     try:
         import torch.distributed as dist
 
-        import longnet.distributed as lnd
+        import longnet.parallel as lnp
 
         dist.init_process_group(
             "gloo",
@@ -466,7 +466,7 @@ def _worker(rank, world, port, scenarios, path):
             world_size=world,
             timeout=datetime.timedelta(seconds=60),
         )
-        lnd.set_timeout(30)
+        lnp.set_timeout(30)
         for name in scenarios:
             _scenario(name)(rank, world, report)
     except Exception:  # reported to the test, which fails with it
@@ -605,7 +605,7 @@ def test_packed_documents_match_each_document_alone(reports_by_world, world):
 def test_document_cases_cover_what_matters():
     """The random packed rows hold documents over several ranks, many documents on one
     rank, empty documents, causal and not, GQA, a position_offset and bfloat16."""
-    from longnet.distributed import spanning_documents
+    from longnet.parallel.layout import spanning_documents
 
     cases = _document_cases(4, DOC_CASES, seed=0) + _document_cases(2, DOC_CASES, seed=0)
     docs = [c[9] for c in cases]
@@ -654,7 +654,7 @@ def test_bytes_per_rank_constant_when_sequence_and_ranks_double(reports_by_world
 
 
 def test_errors_before_any_communication():
-    from longnet.distributed import sequence_parallel_dilated_attention, split_sequence
+    from longnet.parallel import sequence_parallel_dilated_attention, split_sequence
 
     x = torch.randn(1, 8, 2, 4)
     with pytest.raises(ValueError, match="same positions as q"):
@@ -689,7 +689,7 @@ def test_lost_rank_raises_within_timeout(tmp_path, scenario):
     reports = _spawn(2, [scenario], tmp_path)
     rep = reports[0]
     assert rep is not None and "exception" not in rep, rep and rep.get("exception")
-    assert rep["error"] is not None and "longnet.distributed" in rep["error"]
+    assert rep["error"] is not None and "longnet.parallel" in rep["error"]
     assert rep["seconds"] < 10, rep["seconds"]
     if scenario == "dead":
         assert reports[1] is None  # the rank really died

@@ -249,7 +249,7 @@ def test_train_lm_resumes_between_one_process_and_a_mesh(tmp_path):
     float32 ulps of the loss, about 7.6e-6, where these runs measured at most 1 ulp;
     a rank training on the wrong block of the batch, without the sp exchange, or
     resuming without the optimizer state or the data position is off by > 1e-3.)"""
-    import longnet.distributed  # noqa: F401  (an ImportError here is a failure, not a skip)
+    import longnet.parallel  # noqa: F401  (an ImportError here is a failure, not a skip)
 
     common = ["--eval-interval", "2", "--save-interval", "2"]
     single = str(tmp_path / "single")

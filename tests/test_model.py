@@ -342,7 +342,7 @@ def test_sequence_parallel_model_equals_single_process():
 
     import torch.multiprocessing as mp
 
-    import longnet.distributed  # noqa: F401  (an ImportError here is a failure, not a skip)
+    import longnet.parallel  # noqa: F401  (an ImportError here is a failure, not a skip)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

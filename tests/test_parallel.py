@@ -105,25 +105,25 @@ def _scenario_meshes(rank, world, report):
 def _scenario_exchanges(rank, world, report):
     """Collectives of the sequence-parallel path in one training step, without and
     with activation checkpointing (which repeats each layer's forward exchange)."""
-    import longnet.distributed as lnd
+    import longnet.parallel as lnp
     from longnet.parallel import build_mesh, parallelize
 
     mesh = build_mesh(1, 4, seq_len=SEQ_LEN)
     for ac in (False, True):
         model = parallelize(_model(torch.float64), mesh, activation_checkpointing=ac)
-        lnd.reset_comm_stats()
+        lnp.reset_comm_stats()
         opt = _optimizer(model)
         _train(model, opt, _batches(1), mesh)
-        stats = lnd.comm_stats()
+        stats = lnp.comm_stats()
         report[f"exchange-calls-ac{int(ac)}"] = stats.calls
         report[f"exchange-sent-ac{int(ac)}"] = stats.bytes_sent
     # The backward exchange started where its output arrived (overlapping the local
     # patterns' backward) or where it began: the same arithmetic, bit for bit.
     for overlap in (True, False):
-        lnd.set_backward_overlap(overlap)
+        lnp.set_backward_overlap(overlap)
         m = parallelize(_model(torch.float64), mesh)
         report[f"overlap{int(overlap)}-losses"] = _train(m, _optimizer(m), _batches(2), mesh)
-    lnd.set_backward_overlap(True)
+    lnp.set_backward_overlap(True)
     # Feed-forward and loss in chunks of 3 positions (dividing neither the 16 local
     # positions nor the batch) under FSDP2 and checkpointing at dp=2 x sp=2.
     chunked = _model(torch.float64)
@@ -198,8 +198,7 @@ def mean_of(loss, mesh):
 
 def _scenario_save(rank, world, report):
     """dp=2 x sp=2: train the first half of the run and write a checkpoint."""
-    from longnet.checkpoint import save_checkpoint
-    from longnet.parallel import build_mesh, parallelize
+    from longnet.parallel import build_mesh, parallelize, save_checkpoint
 
     mesh = build_mesh(2, 2, seq_len=SEQ_LEN)
     model = parallelize(_model(torch.float64), mesh, activation_checkpointing=True)
@@ -218,8 +217,13 @@ def _scenario_save(rank, world, report):
 
 def _scenario_resume(rank, world, report):
     """dp=1 x sp=2: resume the latest checkpoint and train the second half."""
-    from longnet.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from longnet.parallel import build_mesh, parallelize
+    from longnet.parallel import (
+        build_mesh,
+        latest_checkpoint,
+        load_checkpoint,
+        parallelize,
+        save_checkpoint,
+    )
 
     mesh = build_mesh(1, 2, seq_len=SEQ_LEN)
     # Another init (everything must come from the checkpoint); checkpointing and
@@ -395,8 +399,8 @@ def test_export_pretrained_from_sharded_checkpoint(resumed, tmp_path):
     becomes a save_pretrained directory whose model is the one-process model after
     the same 2 * HALF steps (logits to 1e-9; a wrong or partial shard is off by the
     size of an update, ~1e-3)."""
-    from longnet.checkpoint import checkpoint_step, export_pretrained, latest_checkpoint
     from longnet.model import LongNetLM
+    from longnet.parallel import checkpoint_step, export_pretrained, latest_checkpoint
 
     ckpt = latest_checkpoint(os.path.join(str(resumed[0]), "ckpt"))
     assert checkpoint_step(ckpt) == 2 * HALF
@@ -416,7 +420,7 @@ def test_export_pretrained_from_sharded_checkpoint(resumed, tmp_path):
 
 
 def test_resuming_another_model_fails_with_a_clear_message(resumed):
-    from longnet.checkpoint import latest_checkpoint, load_checkpoint
+    from longnet.parallel import latest_checkpoint, load_checkpoint
 
     ckpt = latest_checkpoint(os.path.join(str(resumed[0]), "ckpt"))
     other = _model(torch.float64, embed_dim=32)
@@ -635,7 +639,7 @@ def test_plan_cli_prints_the_training_plan(capsys, chunk):
 
 
 def test_backward_overlap_changes_no_result(mesh_reports, reference):
-    """longnet.distributed.set_backward_overlap(False) restores the exchange's
+    """longnet.parallel.set_backward_overlap(False) restores the exchange's
     backward at the place it began; both orders give identical losses, equal to the
     one-process ones (catches a reverse exchange launched with the wrong sizes or
     gradient, or waited on twice)."""

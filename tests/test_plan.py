@@ -144,7 +144,7 @@ def _status_kib(field):
 def _run_cases(group, sp_rank):
     import torch.distributed as dist
 
-    from longnet.distributed import (
+    from longnet.parallel import (
         comm_stats,
         reset_comm_stats,
         sequence_parallel_dilated_attention,
@@ -266,7 +266,7 @@ def test_planned_bytes_equal_counted_bytes(runs, world, case):
 def test_counted_bytes_are_the_minimal_rows(runs, world, case):
     """What the gloo runs sent and received is exactly the minimal rows of the
     reference's count matrix (k and v forward, their gradients back), not just what
-    the planner says: the planner and the run share longnet.distributed._segment, so
+    the planner says: the planner and the run share longnet.parallel.layout.segment, so
     a redundant row there would be counted by both. (The memory case's count matrix
     would take GiBs; the random configurations below check the planner's rows.)"""
     name, b, chunk, h, hk, d, ws, rs, causal, dtype = case
@@ -326,10 +326,10 @@ def test_planned_peak_within_10_percent_of_resident_set_peak(runs, world, name):
 
 
 def test_plan_matches_the_planner_and_the_reference_pair_counts():
-    """Rows per rank equal longnet.distributed._plan's and the minimal rows of the
+    """Rows per rank equal longnet.parallel.schedule.plan_rank's and the minimal rows of the
     reference's count matrix (_minimal_kv_rows), attended pairs equal its sum, on
     random small configurations (half of them with a position_offset)."""
-    from longnet.distributed import _plan
+    from longnet.parallel.schedule import plan_rank
     from longnet.reference import pattern_counts
 
     rnd = random.Random(12)
@@ -363,7 +363,7 @@ def test_plan_matches_the_planner_and_the_reference_pair_counts():
             if world == 1:
                 assert cost.kv_rows_sent == cost.kv_rows_received == 0
                 continue
-            rp = _plan(world, p, chunk, h, hk, tuple(ws), tuple(rs), causal, offset)
+            rp = plan_rank(world, p, chunk, h, hk, tuple(ws), tuple(rs), causal, offset)
             assert cost.kv_rows_sent == sum(rp.send_rows) == minimal[1][p], (cfg, p)
             assert cost.kv_rows_received == sum(rp.recv_rows) == minimal[0][p], (cfg, p)
             assert cost.collectives == (2 if rp.exchange else 0), (cfg, p)
@@ -374,13 +374,14 @@ def test_plan_matches_the_planner_and_the_reference_pair_counts():
 
 
 def test_plan_with_documents_matches_the_planner_and_the_reference_pair_counts():
-    """Packed documents: rows per rank equal longnet.distributed._plan's and the
+    """Packed documents: rows per rank equal longnet.parallel.schedule.plan_rank's and the
     minimal rows of the block-diagonal count matrix (every document alone), attended
     pairs equal its sum, on random small configurations and documents. Catches a
     segment planned across a document boundary (rows of another document, too many
     pairs), segments aligned to the row instead of the document, and rows sent that
     no query of the document needs."""
-    from longnet.distributed import _plan, spanning_documents
+    from longnet.parallel.layout import spanning_documents
+    from longnet.parallel.schedule import plan_rank
 
     rnd = random.Random(18)
     for _ in range(150):
@@ -417,7 +418,7 @@ def test_plan_with_documents_matches_the_planner_and_the_reference_pair_counts()
             if world == 1:
                 assert cost.kv_rows_sent == cost.kv_rows_received == 0
                 continue
-            rp = _plan(world, p, chunk, h, hk, tuple(ws), tuple(rs), causal, offset, docs)
+            rp = plan_rank(world, p, chunk, h, hk, tuple(ws), tuple(rs), causal, offset, docs)
             assert cost.kv_rows_sent == sum(rp.send_rows) == minimal[1][p], (cfg, p)
             assert cost.kv_rows_received == sum(rp.recv_rows) == minimal[0][p], (cfg, p)
             assert cost.collectives == (2 if rp.exchange else 0), (cfg, p)

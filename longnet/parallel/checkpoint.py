@@ -12,11 +12,15 @@ A checkpoint is a directory ``ROOT/step_NNNNNNNN`` holding
   the mesh it was written on. A directory without it is an unfinished write and is
   ignored by :func:`latest_checkpoint`.
 
-Functions: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`latest_checkpoint`
+:class:`CheckpointManager` is what a training script uses: the checkpoint to resume
+(asked for, or after an elastic restart), saving with the newest ``keep`` kept, and
+the final ``save_pretrained`` export. Functions: :func:`save_checkpoint`,
+:func:`load_checkpoint`, :func:`latest_checkpoint`
 (collective on every rank of a job, or plain single-process calls without a process
 group) and :func:`export_pretrained` (one process, no process group: a
 :meth:`~longnet.model.LongNetLM.save_pretrained` directory from a sharded
-checkpoint), also ``python -m longnet.checkpoint export CKPT OUT``.
+checkpoint), also ``python -m longnet.parallel.checkpoint export CKPT OUT``.
+:func:`checkpoint_config` reads the model configuration a checkpoint was written for.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from longnet.model import LongNetLM
+    from longnet.model import LongNetConfig, LongNetLM
 
 __all__ = [
     "save_checkpoint",
@@ -42,6 +46,8 @@ __all__ = [
     "latest_checkpoint",
     "export_pretrained",
     "checkpoint_step",
+    "checkpoint_config",
+    "CheckpointManager",
 ]
 
 META_NAME = "longnet_checkpoint.json"
@@ -81,12 +87,19 @@ def checkpoint_step(path: str) -> int:
     return int(_read_meta(path)["step"])
 
 
+def checkpoint_config(path: str) -> LongNetConfig:
+    """The :class:`~longnet.model.LongNetConfig` of the model checkpoint ``path`` holds."""
+    from longnet.model import LongNetConfig
+
+    return LongNetConfig.from_dict(_read_meta(path)["config"])
+
+
 def _read_meta(path: str) -> dict[str, Any]:
     meta_path = os.path.join(path, META_NAME)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(
             f"{path!r} is not a finished longnet checkpoint (no {META_NAME}); pass a "
-            "directory written by longnet.checkpoint.save_checkpoint, or its root to "
+            "directory written by longnet.parallel.save_checkpoint, or its root to "
             "latest_checkpoint()"
         )
     with open(meta_path) as f:
@@ -191,7 +204,9 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _check_config(path: str, meta: dict[str, Any], model: LongNetLM) -> None:
+def _check_same_model(path: str, meta: dict[str, Any], model: LongNetLM) -> None:
+    """Raise a ``ValueError`` naming the fields where ``model``'s config differs from
+    the one the checkpoint ``path`` was written for."""
     saved, mine = meta["config"], model.config.to_dict()
     diff = [
         f"{k}: checkpoint {saved.get(k)!r}, model {mine.get(k)!r}"
@@ -229,7 +244,7 @@ def load_checkpoint(
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     meta = _read_meta(path)
-    _check_config(path, meta, model)
+    _check_same_model(path, meta, model)
     if optimizer is not None and not meta.get("has_optimizer", False):
         raise ValueError(
             f"the checkpoint {path!r} holds no optimizer state; pass "
@@ -272,9 +287,89 @@ def export_pretrained(path: str, out_dir: str, *, dtype: torch.dtype | None = No
     return model
 
 
+class CheckpointManager:
+    """The checkpoints of one training run under ``root`` (collective methods: every
+    rank of the job calls them, or one process without a process group).
+
+    Args:
+        root: directory of the ``step_*`` checkpoints.
+        keep: the newest checkpoints kept (None: all).
+        export_dir: where the model is also written as a ``save_pretrained``
+            directory: after every save on one process, by :meth:`export` (rank 0,
+            from the last checkpoint) under a process group.
+        mesh_shape: recorded in every checkpoint (e.g. ``(dp, sp)``).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        keep: int | None = None,
+        export_dir: str | None = None,
+        mesh_shape: Sequence[int] | None = None,
+    ):
+        self.root, self.keep, self.export_dir = root, keep, export_dir
+        self.mesh_shape = None if mesh_shape is None else tuple(mesh_shape)
+
+    def to_resume(self, resume: bool, log=print) -> str | None:
+        """The checkpoint to continue from: the last one when ``resume`` (None if
+        there is none); after a ``torchrun --max-restarts`` restart of a job the last
+        one as well, if the run wrote one (``log`` says which)."""
+        from longnet.parallel.launch import restart_count
+
+        restarts = restart_count()
+        if not resume and restarts > 0 and _distributed():
+            found = latest_checkpoint(self.root)
+            log(
+                f"restart {restarts}: "
+                + (
+                    "resuming from the last checkpoint"
+                    if found
+                    else "no checkpoint yet, starting over"
+                )
+            )
+            return found
+        return latest_checkpoint(self.root) if resume else None
+
+    def save(
+        self,
+        step: int,
+        model: LongNetLM,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """:func:`save_checkpoint` of ``step`` (and, on one process, the export)."""
+        path = save_checkpoint(
+            self.root,
+            step,
+            model,
+            optimizer,
+            extra=extra,
+            mesh_shape=self.mesh_shape,
+            keep=self.keep,
+        )
+        if self.export_dir is not None and not _distributed():
+            model.save_pretrained(self.export_dir)
+        return path
+
+    def export(self) -> None:
+        """Under a process group: rank 0 turns the last checkpoint into the
+        ``save_pretrained`` directory while the others wait (one process exports at
+        every save)."""
+        if self.export_dir is None or not _distributed():
+            return
+        dist.barrier()
+        if _rank() == 0:
+            latest = latest_checkpoint(self.root)
+            if latest is None:
+                raise FileNotFoundError(f"no finished checkpoint under {self.root!r} to export")
+            export_pretrained(latest, self.export_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m longnet.checkpoint",
+        prog="python -m longnet.parallel.checkpoint",
         description="Inspect or export longnet DCP checkpoints.",
     )
     sub = p.add_subparsers(dest="cmd", required=True)

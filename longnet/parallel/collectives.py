@@ -1,4 +1,4 @@
-"""Collectives with timeouts, traffic counters and autograd for ``longnet.distributed``.
+"""Collectives with timeouts, traffic counters and autograd for sequence parallelism.
 
 Every exchange of the sequence-parallel path goes through :func:`all_to_all`, an
 autograd-aware wrapper of ``torch.distributed.all_to_all_single`` (forward: the
@@ -6,6 +6,8 @@ exchange; backward: the same exchange with send and receive sizes swapped). It
 counts the bytes each rank sends and receives (:func:`comm_stats`) and waits on the
 collective with a timeout (:func:`set_timeout`), so a rank that died or never
 arrives turns into a ``RuntimeError`` on the others instead of a hang.
+:func:`split_sequence` and :func:`gather_sequence` cut a sequence into the ranks'
+chunks and put it back together (differentiably).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ __all__ = [
     "all_gather_small",
     "group_rank_and_size",
     "set_backward_overlap",
+    "split_sequence",
+    "gather_sequence",
 ]
 
 _DEFAULT_TIMEOUT_S = float(os.environ.get("LONGNET_DIST_TIMEOUT", "600"))
@@ -39,7 +43,7 @@ _timeout_s: float = _DEFAULT_TIMEOUT_S
 
 @dataclass
 class CommStats:
-    """Bytes this rank passed to ``longnet.distributed``'s collectives.
+    """Bytes this rank passed to the sequence-parallel collectives.
 
     ``bytes_sent`` / ``bytes_received`` count what leaves / reaches this rank
     (data a rank keeps for itself is not counted), forward and backward together;
@@ -89,7 +93,7 @@ def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple:
     """``(rank, world_size)`` of this process inside ``group`` (default: WORLD)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
-            "longnet.distributed needs an initialized default process group: call "
+            "longnet.parallel needs an initialized default process group: call "
             "torch.distributed.init_process_group(...) first"
         )
     rank = dist.get_rank(group)
@@ -105,14 +109,14 @@ def _wait(work, what: str, group) -> None:
     except Exception as exc:  # gloo raises on timeout or on a peer that went away
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         raise RuntimeError(
-            f"longnet.distributed: {what} failed on rank {rank} of {size} "
+            f"longnet.parallel: {what} failed on rank {rank} of {size} "
             f"(timeout {_timeout_s:g} s): {exc}. Another rank probably died, hung, or "
             "called with a different configuration or call order."
         ) from exc
     if ok is False:  # some backends report a timeout by returning False
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         raise RuntimeError(
-            f"longnet.distributed: {what} timed out after {_timeout_s:g} s on rank "
+            f"longnet.parallel: {what} timed out after {_timeout_s:g} s on rank "
             f"{rank} of {size}; another rank probably died or hung."
         )
 
@@ -258,3 +262,55 @@ def all_gather_small(t: Tensor, group=None, what: str = "all_gather") -> list[Te
     work = dist.all_gather(out, t.contiguous(), group=group, async_op=True)
     _wait(work, what, group)
     return out
+
+
+def split_sequence(x: Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> Tensor:
+    """This rank's contiguous chunk of ``x`` along ``dim`` (a view, no communication).
+
+    ``x.shape[dim]`` must be a multiple of the group size; rank ``p`` gets
+    ``[p*L, (p+1)*L)``. Gradients reach only this rank's part of ``x``.
+    """
+    rank, world = group_rank_and_size(group)
+    n = x.shape[dim]
+    if n % world != 0:
+        raise ValueError(f"x.shape[{dim}] = {n} must be a multiple of the group size {world}")
+    chunk = n // world
+    return x.narrow(dim, rank * chunk, chunk)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        rank, world = group_rank_and_size(group)
+        xt = x.movedim(dim, 0).contiguous()
+        n = xt.numel()
+        got = all_to_all(
+            xt.reshape(-1).repeat(world), [n] * world, [n] * world, group, "gather_sequence"
+        )
+        got = got.view(world * xt.shape[0], *xt.shape[1:])
+        return got.movedim(0, dim).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Sum over ranks of the gradient of this rank's chunk (a reduce-scatter).
+        rank, world = group_rank_and_size(ctx.group)
+        gt = grad.movedim(ctx.dim, 0).contiguous()
+        chunk = gt.shape[0] // world
+        n = gt.numel() // world
+        got = all_to_all(
+            gt.reshape(-1), [n] * world, [n] * world, ctx.group, "gather_sequence (backward)"
+        )
+        summed = got.view(world, chunk, *gt.shape[1:]).sum(dim=0)
+        return summed.movedim(0, ctx.dim), None, None
+
+
+def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, dim: int = 1) -> Tensor:
+    """Concatenate every rank's chunk along ``dim`` (the inverse of :func:`split_sequence`).
+
+    Differentiable: the gradient of this rank's chunk is the sum over ranks of the
+    gradients of the gathered tensor's slice ``[p*L, (p+1)*L)`` (a reduce-scatter),
+    i.e. the gradient of the sum of all ranks' losses.
+    """
+    group_rank_and_size(group)
+    return _Gather.apply(x, group, dim)

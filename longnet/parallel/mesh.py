@@ -7,8 +7,11 @@
   per-layer activation checkpointing, per-layer ``torch.compile``, then FSDP2
   ``fully_shard`` of every decoder layer and of the root over the flattened
   ``dp x sp`` mesh (mixed precision through FSDP2's ``MixedPrecisionPolicy``).
-* :func:`local_batch`, :func:`mean_over_mesh`: this rank's block of a global batch
-  and the mean of a per-rank number.
+* :func:`local_batch`, :func:`mean_over_mesh`, :func:`sum_over_mesh`: this rank's
+  block of a global batch, and the mean or sum of per-rank numbers.
+
+The degrees are validated once by :class:`~longnet.parallel.dims.ParallelDims`,
+which :func:`build_mesh` uses.
 
 Why the parameters are sharded over ``dp x sp`` and not over ``dp`` alone: the
 sequence-parallel ranks of one ``dp`` row hold the same parameters and each computes
@@ -32,42 +35,36 @@ Example (under ``torchrun --nproc_per_node 4``)::
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from longnet.parallel.dims import MESH_DIMS, ParallelDims
+from longnet.parallel.phases import label_collectives, phase
+
 if TYPE_CHECKING:
     from longnet.model import LongNetLM
 
 __all__ = [
-    "MESH_DIMS",
     "build_mesh",
     "mesh_shape",
     "parallelize",
     "local_batch",
     "mean_over_mesh",
+    "sum_over_mesh",
     "flat_mesh",
-    "current_phase",
-    "phase",
-    "track_collectives",
 ]
 
-MESH_DIMS = ("dp", "sp")
 _FLAT = "dp_sp"
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
 def build_mesh(dp: int, sp: int, *, device_type: str | None = None, seq_len: int | None = None):
-    """A ``DeviceMesh`` of shape ``(dp, sp)`` named ``("dp", "sp")`` over the world.
+    """A ``DeviceMesh`` of shape ``(dp, sp)`` named ``("dp", "sp")`` over the world
+    (:meth:`ParallelDims.build_mesh <longnet.parallel.dims.ParallelDims.build_mesh>`
+    of the degrees checked against the world).
 
     Rank ``r`` sits at ``(r // sp, r % sp)``: the ``sp`` ranks of one sequence are
     consecutive (on one machine when ``sp`` divides the GPUs per machine).
@@ -83,29 +80,14 @@ def build_mesh(dp: int, sp: int, *, device_type: str | None = None, seq_len: int
         RuntimeError: no process group, or world size != ``dp * sp``.
         ValueError: ``dp``/``sp`` not ints >= 1, or ``seq_len % sp != 0``.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dp, sp = _positive_int("dp", dp), _positive_int("sp", sp)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "build_mesh needs an initialized default process group: run under "
             "torchrun and call torch.distributed.init_process_group() first"
         )
-    world = dist.get_world_size()
-    if world != dp * sp:
-        raise RuntimeError(
-            f"the world has {world} ranks but dp x sp = {dp} x {sp} = {dp * sp}: choose dp "
-            f"and sp with dp * sp == {world} (e.g. --dp {world // sp if world % sp == 0 else 1}"
-            f" --sp {sp if world % sp == 0 else world}), or start {dp * sp} processes"
-        )
-    if seq_len is not None and seq_len % sp != 0:
-        raise ValueError(
-            f"the sequence length {seq_len} must be divisible by sp = {sp} (every "
-            f"sequence-parallel rank holds seq_len / sp positions)"
-        )
-    if device_type is None:
-        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(device_type, (dp, sp), mesh_dim_names=MESH_DIMS)
+    dims = ParallelDims(dp, sp, dist.get_world_size())
+    dims.check_batch(seq_len=seq_len)
+    return dims.build_mesh(device_type)
 
 
 def mesh_shape(mesh) -> tuple[int, int]:
@@ -180,89 +162,60 @@ def parallelize(
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **fsdp)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **fsdp)
-    track_collectives(model)
+    label_collectives(model)
     return model
 
 
-# Where a training step is, so that a collective that fails or times out (a dead or
-# hung rank) can be named: gloo and NCCL report only "timed out waiting for recv".
-_phase = ["outside a training step"]
-
-
-def current_phase() -> str:
-    """The collective a rank is in or about to enter (see :func:`track_collectives`)."""
-    return _phase[0]
-
-
-@contextlib.contextmanager
-def phase(name: str) -> Iterator[None]:
-    """Name the collectives run inside the block (restored afterwards)."""
-    old, _phase[0] = _phase[0], name
-    try:
-        yield
-    finally:
-        _phase[0] = old
-
-
-def track_collectives(model: LongNetLM) -> None:
-    """Record, in :func:`current_phase`, which FSDP2 unit a rank is running: before
-    each decoder layer's and the root's forward (its parameters' all-gather, then the
-    layer's sequence-parallel exchange) and before its backward (the all-gather
-    again, the exchange's backward, its gradients' reduce-scatter)."""
-    units = [(f"decoder.layers.{i}", layer) for i, layer in enumerate(model.decoder.layers)]
-    units.append(("the root (embedding, final norm)", model))
-    for name, unit in units:
-
-        def before(module, args, kwargs, name=name):
-            _phase[0] = (
-                f"forward of {name} (FSDP2 all-gather of its parameters, "
-                "sequence-parallel key/value exchange)"
-            )
-
-        def after(module, args, kwargs, out, name=name):
-            t = out[-1] if isinstance(out, tuple) else out
-            if isinstance(t, Tensor) and t.requires_grad:
-                t.register_hook(
-                    lambda g: _phase.__setitem__(
-                        0,
-                        (
-                            f"backward of {name} (FSDP2 all-gather of its parameters, the key/value "
-                            "exchange's backward, reduce-scatter of its gradients)"
-                        ),
-                    )
-                )
-
-        unit.register_forward_pre_hook(before, prepend=True, with_kwargs=True)
-        unit.register_forward_hook(after, with_kwargs=True)
-
-
-def local_batch(t: Tensor, mesh) -> Tensor:
+def local_batch(t: Tensor, mesh, *, uneven_rows: str = "error") -> Tensor:
     """This rank's block of a global ``(B, N, ...)`` batch: rows ``[d*B/dp,
     (d+1)*B/dp)`` and positions ``[s*N/sp, (s+1)*N/sp)`` for mesh coordinates ``(d,
-    s)`` (a view, no communication)."""
+    s)`` (a view, no communication); ``t`` itself when ``mesh`` is None (one process).
+
+    ``uneven_rows``: what a batch whose ``B`` is not divisible by ``dp`` gets:
+    ``"error"`` (a ``ValueError``), or ``"whole"``: every ``dp`` rank keeps all its
+    rows (e.g. the last, smaller batch of an evaluation whose per-rank losses are
+    summed with their token counts).
+    """
+    if mesh is None:
+        return t
+    if uneven_rows not in ("error", "whole"):
+        raise ValueError(f"uneven_rows must be 'error' or 'whole', got {uneven_rows!r}")
     dp, sp = mesh_shape(mesh)
     if t.dim() < 2:
         raise ValueError(f"the batch must have shape (B, N, ...), got {tuple(t.shape)}")
     b, n = t.shape[0], t.shape[1]
+    s, cols = mesh.get_local_rank("sp"), n // sp
+    if b % dp and uneven_rows == "whole":
+        return t[:, s * cols : (s + 1) * cols]
     if b % dp:
         raise ValueError(f"the global batch size {b} must be divisible by dp = {dp}")
     if n % sp:
         raise ValueError(f"the sequence length {n} must be divisible by sp = {sp}")
-    d, s = mesh.get_local_rank("dp"), mesh.get_local_rank("sp")
-    rows, cols = b // dp, n // sp
+    d, rows = mesh.get_local_rank("dp"), b // dp
     return t[d * rows : (d + 1) * rows, s * cols : (s + 1) * cols]
 
 
-def mean_over_mesh(value, mesh) -> float:
-    """The mean over all ranks of the mesh of a per-rank number (e.g. the local loss:
-    with equal token counts per rank, the global mean loss)."""
+def sum_over_mesh(values: Sequence[float], mesh, what: str = "the loss") -> list[float]:
+    """The sums over all ranks of the mesh of per-rank numbers (``values`` themselves
+    when ``mesh`` is None: one process). ``what`` names the numbers in
+    :func:`~longnet.parallel.current_phase` while the all-reduce runs."""
+    if mesh is None:
+        return [float(x) for x in values]
     device = (
         "cpu"
         if mesh.device_type == "cpu"
         else torch.device(mesh.device_type, torch.accelerator.current_device_index())
     )
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    group = flat_mesh(mesh).get_group()
-    with phase("the all-reduce of the loss over the mesh"):
-        dist.all_reduce(t, group=group)
-    return float(t.item()) / dist.get_world_size(group)
+    t = torch.tensor([float(x) for x in values], dtype=torch.float64, device=device)
+    with phase(f"the all-reduce of {what} over the mesh"):
+        dist.all_reduce(t, group=flat_mesh(mesh).get_group())
+    return t.tolist()
+
+
+def mean_over_mesh(value, mesh) -> float:
+    """The mean over all ranks of the mesh of a per-rank number (e.g. the local loss:
+    with equal token counts per rank, the global mean loss); ``value`` itself when
+    ``mesh`` is None (one process)."""
+    if mesh is None:
+        return float(value)
+    return sum_over_mesh([value], mesh)[0] / dist.get_world_size(flat_mesh(mesh).get_group())
