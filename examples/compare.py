@@ -32,6 +32,7 @@ import train_lm  # noqa: E402
 from longnet.cli import choice_list, int_list  # noqa: E402
 from longnet.data import eval_batches  # noqa: E402
 from longnet.model import LongNetLM  # noqa: E402
+from longnet.parallel import evaluate_loss  # noqa: E402
 
 VARIANTS = ("dilated", "dense", "sliding")
 
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
         results[variant] = {}
         for n in lengths:
             batches = eval_batches(val_tokens, n, args.eval_windows, args.batch_size)
-            results[variant][n] = train_lm.evaluate(model, batches, args.device, None, None)
+            results[variant][n] = evaluate_loss(model, batches, device=args.device)
         results[variant]["train_s"] = metrics["elapsed_s"]
 
     header = "variant   " + "".join(f"{f'ctx {n}':>10}" for n in lengths) + f"{'train s':>10}"

@@ -24,30 +24,24 @@ Checkpoints are ``torch.distributed.checkpoint`` directories under ``OUT_DIR/dcp
 included, so a run started on one machine can continue on many and back; the model is
 also exported to ``OUT_DIR/checkpoint`` for ``generate.py``.
 
-``--pack-documents`` trains on each file as its own document: the token stream is
-cut into rows of ``--seq-len`` tokens, each row with its file boundaries
-(``cu_seqlens``), and a step's rows run as one packed row in which no file attends
-to another and positions restart at every file (``LongNetLM(..., cu_seqlens=...)``);
-no token predicts the next file's first one. Validation uses packed rows too.
+``--pack-documents`` trains on each file as its own document: rows of ``--seq-len``
+tokens carry their file boundaries (``cu_seqlens``), no file attends to another,
+positions restart at every file and no token predicts the next file's first one;
+validation uses packed rows too.
 
-Attention variants (``--attention``), all through the same dilated-attention operator:
-
-* ``dilated``: the given ``--segment-lengths`` / ``--dilation-rates``.
-* ``dense``: one pattern ``w = seq_len, r = 1``: ordinary full causal attention.
-* ``sliding``: block-local attention, one pattern ``w = --window, r = 1``: each query
-  sees the tokens of its own window-sized block up to itself (between 1 and ``window``
-  keys; a segment pattern, not a per-query sliding mask).
+``--attention``: ``dilated`` (``--segment-lengths`` / ``--dilation-rates``), ``dense``
+(one pattern ``w = seq_len, r = 1``: full causal attention) or ``sliding`` (one pattern
+``w = --window, r = 1``: each query sees its own window-sized block up to itself, a
+segment pattern rather than a per-query sliding mask), all through the same operator.
 
 ``--chunk-size N`` computes every layer's feed-forward and the LM head with the loss
-over ``N`` positions at a time, each recomputed in backward
-(``LongNetLM.set_chunk_size``): with ``--activation-checkpointing`` this is what lets
-one process train on a million tokens (``python -m longnet.plan ... --chunk-size N``
-counts it).
+over ``N`` positions at a time, recomputed in backward (``LongNetLM.set_chunk_size``):
+with ``--activation-checkpointing`` one process trains on a million tokens
+(``python -m longnet.plan ... --chunk-size N`` counts it).
 
-Outputs under ``--out-dir``: ``checkpoint/`` (``config.json`` and weights, a
-``save_pretrained`` directory), ``dcp/step_*`` (the training checkpoints: model,
-optimizer, data position, RNG and loss history), ``metrics.json`` and
-``loss_curve.png``.
+Outputs under ``--out-dir``: ``checkpoint/`` (a ``save_pretrained`` directory),
+``dcp/step_*`` (the training checkpoints: model, optimizer, data position, RNG and loss
+history), ``metrics.json`` and ``loss_curve.png``.
 """
 
 from __future__ import annotations
@@ -179,18 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def attention_patterns(args: argparse.Namespace) -> tuple:
-    """``(segment_lengths, dilation_rates)`` for ``--attention``."""
-    if args.attention == "dense":
-        return [args.seq_len], [1]
-    if args.attention == "sliding":
-        window = args.window or args.segment_lengths[0]
-        return [window], [1]
-    return list(args.segment_lengths), list(args.dilation_rates)
-
-
 def model_config(args: argparse.Namespace) -> LongNetConfig:
-    ws, rs = attention_patterns(args)
+    """The model the flags describe; the patterns of ``--attention``."""
+    ws, rs = list(args.segment_lengths), list(args.dilation_rates)
+    if args.attention != "dilated":
+        ws, rs = [args.seq_len if args.attention == "dense" else args.window or ws[0]], [1]
     return LongNetConfig(
         vocab_size=longnet.ByteTokenizer.vocab_size,
         num_layers=args.layers,
@@ -206,8 +193,10 @@ def model_config(args: argparse.Namespace) -> LongNetConfig:
     )
 
 
-def _data_files(args: argparse.Namespace) -> tuple[str, list[str], str]:
-    """``(root, files, description)`` of the training text."""
+def load_data(args: argparse.Namespace, log=print, packed: bool = False):
+    """Train and validation token streams (uint16 numpy arrays), held out by file (one
+    file: its last part); ``packed`` (``--pack-documents``): train and validation
+    :class:`longnet.data.PackedRows`, every file one document."""
     if args.data is None:
         root, files = data.stdlib_source_files()
         source = f"Python stdlib .py files under {root}"
@@ -218,14 +207,6 @@ def _data_files(args: argparse.Namespace) -> tuple[str, list[str], str]:
         if not files:
             raise SystemExit(f"--data {root!r}: no files ending in {exts}")
         source = f"{len(files)} files under {root}"
-    return root, files, source
-
-
-def load_data(args: argparse.Namespace, log=print, packed: bool = False):
-    """Train and validation token streams (uint16 numpy arrays), held out by file (one
-    file: its last part); ``packed`` (``--pack-documents``): train and validation
-    :class:`longnet.data.PackedRows`, every file one document."""
-    root, files, source = _data_files(args)
     rows = f", packed in rows of {args.seq_len}" if packed else ""
     if len(files) == 1:
         tokens = data.encode_files(files)
@@ -261,50 +242,9 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     """Linear warm-up, then cosine decay to ``lr * min_lr_ratio``."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    progress = min(1.0, progress)
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
     ratio = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return args.lr * ratio
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    batches,
-    device: str,
-    mesh,
-    autocast_dtype: torch.dtype | None,
-    return_logits: bool = True,
-) -> float:
-    """Mean next-token loss (nats per token) over fixed validation batches, over the
-    ranks of ``mesh`` (None: one process); ``return_logits=False``: the LM head and
-    loss in chunks, no logits."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        if len(batch) == 3:  # --pack-documents: (x, y, cu_seqlens), one process
-            x, y, cu = (t.to(device) for t in batch)
-            with _autocast(device, autocast_dtype):
-                _, loss = model(x, y, cu_seqlens=cu, return_logits=return_logits)
-            n = int((y != -100).sum())
-            total += float(loss) * n if n else 0.0
-            count += n
-            continue
-        # A batch whose rows do not split over dp is computed whole by every dp rank.
-        x, y = (parallel.local_batch(t, mesh, uneven_rows="whole").to(device) for t in batch)
-        with _autocast(device, autocast_dtype):
-            _, loss = model(x, y, return_logits=return_logits)
-        total += float(loss) * y.numel()
-        count += y.numel()
-    model.train()
-    total, count = parallel.sum_over_mesh([total, count], mesh, "the validation loss")
-    return total / count
-
-
-def _autocast(device: str, dtype: torch.dtype | None):
-    if dtype is None:
-        return torch.autocast(device_type=device.split(":")[0], enabled=False)
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
 def save_plot(history: dict[str, list], path: str, title: str) -> bool:
@@ -366,133 +306,6 @@ def build_model(args: argparse.Namespace, device: str, dcp_path: str | None, mes
     return model, model, None
 
 
-class Trainer:
-    """The training loop of one run: the model, optimizer and data position, the loss
-    history, validation and checkpoints (``mesh`` None: one process)."""
-
-    def __init__(self, args, model, fwd_model, optimizer, mesh, device, autocast_dtype, log):
-        self.args, self.model, self.fwd_model, self.optimizer = args, model, fwd_model, optimizer
-        self.mesh, self.device, self.autocast_dtype, self.log = mesh, device, autocast_dtype, log
-        self.logits = args.chunk_size is None  # with chunks: the LM head and loss, no logits
-        self.gen = torch.Generator().manual_seed(args.seed + 1)
-        self.history: dict[str, list] = {"train": [], "val": []}
-        self.step, self.elapsed0, self.t0, self.bar = 0, 0.0, time.time(), None
-        if args.pack_documents and mesh is not None:
-            raise SystemExit("--pack-documents runs on one process for now (not under torchrun)")
-        self.train_data, val = load_data(args, log, packed=args.pack_documents)
-        if args.pack_documents:
-            n_val, b = min(len(val), max(1, args.eval_windows)), args.batch_size
-            self.val_batches = [
-                data.packed_batch(val, range(i, min(i + b, n_val))) for i in range(0, n_val, b)
-            ]
-        else:
-            self.val_batches = data.eval_batches(
-                val, args.seq_len, args.eval_windows, args.batch_size
-            )
-
-    def resume(self, path: str) -> None:
-        """Load checkpoint ``path``: the model, the optimizer and the run's progress."""
-        state = parallel.load_checkpoint(path, self.model, self.optimizer)["extra"]
-        self.log(f"resuming from {path} at step {state['step']}")
-        for name in ("seq_len", "batch_size", "seed"):
-            if getattr(self.args, name) != state["args"][name]:
-                self.log(
-                    f"note: --{name.replace('_', '-')} {getattr(self.args, name)} differs "
-                    f"from the checkpoint's {state['args'][name]}"
-                )
-        self.gen.set_state(state["generator"])
-        self.history, self.step = state["history"], state["step"]
-        self.elapsed0 = state.get("elapsed_s", 0.0)
-
-    def elapsed(self) -> float:
-        return self.elapsed0 + time.time() - self.t0
-
-    def checkpoint_extra(self) -> dict[str, Any]:
-        """What a checkpoint keeps besides the model and optimizer."""
-        return {
-            "step": self.step,
-            "generator": self.gen.get_state(),
-            "history": self.history,
-            "elapsed_s": self.elapsed(),
-            "args": vars(self.args),
-        }
-
-    def validate(self) -> None:
-        val = evaluate(
-            self.fwd_model,
-            self.val_batches,
-            self.device,
-            self.mesh,
-            self.autocast_dtype,
-            self.logits,
-        )
-        self.history["val"].append((self.step, val))
-        (self.bar.write if self.bar is not None else self.log)(
-            f"step {self.step}: validation loss {val:.4f}"
-        )
-
-    def train_step(self) -> float:
-        """One optimizer step on the next global batch; the mean loss over the ranks."""
-        args, packed = self.args, {}
-        if args.pack_documents:
-            x, y, cu = data.random_packed_batch(self.train_data, args.batch_size, self.gen)
-            packed["cu_seqlens"] = cu.to(self.device)
-        else:
-            x, y = data.random_batch(self.train_data, args.batch_size, args.seq_len, self.gen)
-        x, y = (parallel.local_batch(t, self.mesh).to(self.device) for t in (x, y))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, args)
-        with _autocast(self.device, self.autocast_dtype):
-            _, loss = self.fwd_model(x, y, return_logits=self.logits, **packed)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # under the mesh FSDP2 reduce-scatters the gradients
-        if args.grad_clip > 0:
-            with parallel.phase("the all-reduce of the gradient norm (clipping)"):
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
-        self.optimizer.step()
-        return parallel.mean_over_mesh(float(loss.detach()), self.mesh)
-
-    def train(self, ckpt: parallel.CheckpointManager, show_bar: bool) -> None:
-        """Train up to ``--steps``, validating and checkpointing as the flags say."""
-        args = self.args
-        self.t0 = time.time()
-        if self.step == 0 and not self.history["val"]:
-            self.validate()
-        if show_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=args.steps,
-                initial=self.step,
-                desc="train",
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stdout,
-            )
-        self.model.train()
-        window_t, window_tokens = time.time(), 0
-        while self.step < args.steps:
-            loss_value = self.train_step()
-            self.step += 1
-            if not math.isfinite(loss_value):
-                raise SystemExit(f"training diverged at step {self.step} (loss {loss_value})")
-            self.history["train"].append((self.step, loss_value))
-            window_tokens += args.batch_size * args.seq_len
-            if self.bar is not None:
-                rate = window_tokens / max(1e-9, time.time() - window_t)
-                self.bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
-                self.bar.update(1)
-            if self.step % args.eval_interval == 0 or self.step == args.steps:
-                with parallel.phase("the evaluation's forward"):
-                    self.validate()
-                window_t, window_tokens = time.time(), 0
-            if self.step % args.save_interval == 0 or self.step == args.steps:
-                with parallel.phase("the sharded checkpoint's collectives (DCP save)"):
-                    ckpt.save(self.step, self.model, self.optimizer, extra=self.checkpoint_extra())
-        if self.bar is not None:
-            self.bar.close()
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; return the metrics (also written to metrics.json)."""
     try:  # the (dp, sp) degrees, checked once
@@ -518,19 +331,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--resume: no checkpoint at {ckpt.root}")
     args.resume = dcp_path is not None
     model, fwd_model, autocast_dtype = build_model(args, device, dcp_path, mesh)
+    logits = args.chunk_size is None  # with chunks: the LM head and loss, no logits
     cfg, n_params = model.config, model.num_parameters()
+    on_mesh = f"; mesh dp {dims.dp} x sp {dims.sp} (FSDP2 over {dims.world_size} ranks)"
     log(
         f"model: {n_params:,} parameters, {cfg.num_layers} layers, "
         f"width {cfg.embed_dim}, {cfg.num_heads} heads; attention {args.attention} "
         f"w={cfg.segment_lengths} r={cfg.dilation_rates}; seq_len {args.seq_len}"
-        + (
-            f"; mesh dp {dims.dp} x sp {dims.sp} (FSDP2 over {dims.world_size} ranks)"
-            if mesh
-            else ""
-        )
+        + (on_mesh if mesh is not None else "")
         + ("; activation checkpointing" if args.activation_checkpointing else "")
         + (f"; chunks of {args.chunk_size:,} positions" if args.chunk_size else "")
     )
+    if args.pack_documents and mesh is not None:
+        raise SystemExit("--pack-documents runs on one process for now (not under torchrun)")
+    train_data, val_data = load_data(args, log, packed=args.pack_documents)
+    b = args.batch_size
+    if args.pack_documents:
+        n_val = min(len(val_data), max(1, args.eval_windows))
+        val_batches = [
+            data.packed_batch(val_data, range(i, min(i + b, n_val))) for i in range(0, n_val, b)
+        ]
+    else:
+        val_batches = data.eval_batches(val_data, args.seq_len, args.eval_windows, b)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [
@@ -538,26 +360,103 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
-    trainer = Trainer(args, model, fwd_model, optimizer, mesh, device, autocast_dtype, log)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    history: dict[str, list] = {"train": [], "val": []}
+    step, elapsed0 = 0, 0.0
     if dcp_path is not None:
-        trainer.resume(dcp_path)
+        state = parallel.load_checkpoint(dcp_path, model, optimizer)["extra"]
+        log(f"resuming from {dcp_path} at step {state['step']}")
+        for name in ("seq_len", "batch_size", "seed"):
+            if getattr(args, name) != state["args"][name]:
+                log(
+                    f"note: --{name.replace('_', '-')} {getattr(args, name)} differs from "
+                    f"the checkpoint's {state['args'][name]}"
+                )
+        gen.set_state(state["generator"])
+        history, step, elapsed0 = state["history"], state["step"], state.get("elapsed_s", 0.0)
+
+    eval_kw = {"device": device, "autocast_dtype": autocast_dtype, "return_logits": logits}
+
+    def validate(write=log) -> None:
+        loss = parallel.evaluate_loss(fwd_model, val_batches, mesh, **eval_kw)
+        history["val"].append((step, loss))
+        write(f"step {step}: validation loss {loss:.4f}")
+
+    def train_step() -> float:
+        """One optimizer step on the next global batch; the mean loss over the ranks."""
+        packed = {}
+        if args.pack_documents:
+            x, y, cu = data.random_packed_batch(train_data, args.batch_size, gen)
+            packed["cu_seqlens"] = cu.to(device)
+        else:
+            x, y = data.random_batch(train_data, args.batch_size, args.seq_len, gen)
+        x, y = (parallel.local_batch(t, mesh).to(device) for t in (x, y))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        with torch.autocast(device.split(":")[0], autocast_dtype, autocast_dtype is not None):
+            _, loss = fwd_model(x, y, return_logits=logits, **packed)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # under the mesh FSDP2 reduce-scatters the gradients
+        if args.grad_clip > 0:
+            with parallel.phase("the all-reduce of the gradient norm (clipping)"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        return parallel.mean_over_mesh(float(loss.detach()), mesh)
+
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
-    try:
-        trainer.train(ckpt, show_bar=rank == 0 and not args.quiet)
-    except RuntimeError as exc:
-        if mesh is None:
-            raise
-        raise RuntimeError(
-            f"rank {rank} of {dims.world_size}, step {trainer.step + 1}: a collective failed "
-            f"or timed out (--timeout {args.timeout:g} s) in {parallel.current_phase()}; "
-            f"another rank probably died or hangs. {type(exc).__name__}: {exc}"
-        ) from exc
-    elapsed = trainer.elapsed()
+    t0 = time.time()
+    if step == 0 and not history["val"]:
+        validate()
+    bar = None
+    if rank == 0 and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=args.steps,
+            initial=step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout,
+        )
+    model.train()
+    window_t, window_tokens = time.time(), 0
+    while step < args.steps:
+        try:
+            loss_value = train_step()
+            step += 1
+            if not math.isfinite(loss_value):
+                raise SystemExit(f"training diverged at step {step} (loss {loss_value})")
+            history["train"].append((step, loss_value))
+            window_tokens += args.batch_size * args.seq_len
+            if bar is not None:
+                rate = window_tokens / max(1e-9, time.time() - window_t)
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
+                bar.update(1)
+            if step % args.eval_interval == 0 or step == args.steps:
+                with parallel.phase("the evaluation's forward"):
+                    validate(bar.write if bar is not None else log)
+                window_t, window_tokens = time.time(), 0
+            if step % args.save_interval == 0 or step == args.steps:
+                extra = {"step": step, "generator": gen.get_state(), "history": history}
+                extra.update(elapsed_s=elapsed0 + time.time() - t0, args=vars(args))
+                with parallel.phase("the sharded checkpoint's collectives (DCP save)"):
+                    ckpt.save(step, model, optimizer, extra=extra)
+        except RuntimeError as exc:
+            if mesh is None:
+                raise
+            raise RuntimeError(
+                f"rank {rank} of {dims.world_size}, step {step + 1}: a collective failed or "
+                f"timed out (--timeout {args.timeout:g} s) in {parallel.current_phase()}; "
+                f"another rank probably died or hangs. {type(exc).__name__}: {exc}"
+            ) from exc
+    if bar is not None:
+        bar.close()
+    elapsed = elapsed0 + time.time() - t0
     ckpt.export()  # under torchrun: the last checkpoint as a save_pretrained directory
-    history = trainer.history
     metrics = {
-        "steps": trainer.step,
+        "steps": step,
         "elapsed_s": round(elapsed, 1),
         "attention": args.attention,
         "segment_lengths": cfg.segment_lengths,
@@ -581,7 +480,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"loss curve: {png}" if ok else "matplotlib is not installed: no loss curve written"
             )
         log(
-            f"done: {trainer.step} steps in {elapsed:.0f} s; validation loss "
+            f"done: {step} steps in {elapsed:.0f} s; validation loss "
             f"{metrics['val_loss_start']:.4f} -> {metrics['val_loss_end']:.4f}; "
             f"checkpoint: {ckpt_dir}"
         )
@@ -591,8 +490,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    return run(args)
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from longnet.parallel.launch import (
 )
 from longnet.parallel.mesh import (
     build_mesh,
+    evaluate_loss,
     flat_mesh,
     local_batch,
     mean_over_mesh,
@@ -108,6 +109,7 @@ __all__ = [
     "local_batch",
     "mean_over_mesh",
     "sum_over_mesh",
+    "evaluate_loss",
     "current_phase",
     "phase",
     "label_collectives",

@@ -8,7 +8,8 @@
   ``fully_shard`` of every decoder layer and of the root over the flattened
   ``dp x sp`` mesh (mixed precision through FSDP2's ``MixedPrecisionPolicy``).
 * :func:`local_batch`, :func:`mean_over_mesh`, :func:`sum_over_mesh`: this rank's
-  block of a global batch, and the mean or sum of per-rank numbers.
+  block of a global batch, and the mean or sum of per-rank numbers;
+  :func:`evaluate_loss`: a model's mean loss over batches, over the mesh.
 
 The degrees are validated once by :class:`~longnet.parallel.dims.ParallelDims`,
 which :func:`build_mesh` uses.
@@ -56,6 +57,7 @@ __all__ = [
     "mean_over_mesh",
     "sum_over_mesh",
     "flat_mesh",
+    "evaluate_loss",
 ]
 
 _FLAT = "dp_sp"
@@ -219,3 +221,51 @@ def mean_over_mesh(value, mesh) -> float:
     if mesh is None:
         return float(value)
     return sum_over_mesh([value], mesh)[0] / dist.get_world_size(flat_mesh(mesh).get_group())
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    batches,
+    mesh=None,
+    *,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    return_logits: bool = True,
+) -> float:
+    """Mean next-token loss (nats per token) of a :class:`~longnet.model.LongNetLM`
+    over fixed global batches, over the ranks of ``mesh`` (None: one process).
+
+    A batch is ``(x, y)``, of which every rank computes its :func:`local_batch` (a
+    batch whose rows do not split over ``dp`` whole on every ``dp`` rank), or, on one
+    process, packed rows ``(x, y, cu_seqlens)`` whose targets ``-100`` are not
+    counted. ``autocast_dtype``: the forward under ``torch.autocast`` to it;
+    ``return_logits=False``: the LM head and loss in chunks, no logits. The model is
+    in eval mode during the evaluation and in train mode afterwards.
+    """
+    device_type = torch.device(device).type
+
+    def autocast() -> torch.autocast:
+        if autocast_dtype is None:
+            return torch.autocast(device_type=device_type, enabled=False)
+        return torch.autocast(device_type=device_type, dtype=autocast_dtype)
+
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        if len(batch) == 3:  # packed rows with their document boundaries, one process
+            x, y, cu = (t.to(device) for t in batch)
+            with autocast():
+                _, loss = model(x, y, cu_seqlens=cu, return_logits=return_logits)
+            n = int((y != -100).sum())
+            total += float(loss) * n if n else 0.0
+            count += n
+            continue
+        x, y = (local_batch(t, mesh, uneven_rows="whole").to(device) for t in batch)
+        with autocast():
+            _, loss = model(x, y, return_logits=return_logits)
+        total += float(loss) * y.numel()
+        count += y.numel()
+    model.train()
+    total, count = sum_over_mesh([total, count], mesh, "the validation loss")
+    return total / count
