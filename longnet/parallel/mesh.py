@@ -267,5 +267,5 @@ def evaluate_loss(
         total += float(loss) * y.numel()
         count += y.numel()
     model.train()
-    total, count = sum_over_mesh([total, count], mesh, "the validation loss")
-    return total / count
+    summed, counted = sum_over_mesh([total, count], mesh, "the validation loss")
+    return summed / counted
