@@ -6,8 +6,8 @@ heads, head dim, dtype, patterns, layers, causal, position offset) and a sequenc
 ``N`` tokens on ``P`` ranks, per rank and per layer:
 
 * the key/value bytes sent and received by
-  :func:`longnet.distributed.sequence_parallel_dilated_attention`, forward and
-  backward (the numbers :func:`longnet.distributed.comm_stats` counts in a real run);
+  :func:`longnet.parallel.sequence_parallel_dilated_attention`, forward and
+  backward (the numbers :func:`longnet.parallel.comm_stats` counts in a real run);
 * the attention's activation memory: what one layer's attention keeps from forward
   to backward (q, k, v, outputs, log-sum-exps, the gathered dilated key/value rows,
   the per-pattern partial results and their merge);

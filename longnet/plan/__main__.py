@@ -200,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         "key/value bytes sent and received (forward and backward), the "
         "attention's activation memory, its FLOPs and, with --tflops and "
         "--link-gbs, compute and communication time. Nothing is run: it "
-        "counts what longnet.distributed's planner would do.",
+        "counts what longnet.parallel's planner would do.",
         epilog="Counts take binary suffixes: 64K, 1M, 1G (= 1B = 2^30). Example, the paper's "
         "setting on 1024 ranks: python -m longnet.plan --tokens 1G --ranks 1024 "
         "--heads 12 --head-dim 64 --first-w 2048 --factor 2 --layers 12 --causal "

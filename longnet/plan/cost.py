@@ -393,7 +393,7 @@ def plan_run(
     doc_lengths: Sequence[int] | None = None,
 ) -> RunPlan:
     """Per-rank traffic, FLOPs, activation memory (and time) of one attention layer
-    of :func:`longnet.distributed.sequence_parallel_dilated_attention` for ``tokens``
+    of :func:`longnet.parallel.sequence_parallel_dilated_attention` for ``tokens``
     positions split over ``ranks`` ranks.
 
     Args:
@@ -408,7 +408,7 @@ def plan_run(
         tflops: the attention FLOP/s a device sustains, in TFLOP/s (for times).
         link_gbs: a device's link bandwidth, in GB/s (1e9 bytes/s, for times).
         position_offset: absolute position of the sequence's first token, as in
-            :func:`longnet.distributed.sequence_parallel_dilated_attention`.
+            :func:`longnet.parallel.sequence_parallel_dilated_attention`.
         doc_lengths: packed documents: the lengths (ints >= 0, in order, summing to
             ``tokens``) of the documents the row holds, each attended alone (its
             first token at ``position_offset``), as ``sequence_parallel_dilated_attention``
@@ -416,7 +416,7 @@ def plan_run(
 
     Returns:
         A :class:`RunPlan`; ``per_rank[p]`` holds rank ``p``'s :class:`RankCost`.
-        Bytes are those :func:`longnet.distributed.comm_stats` counts (forward plus
+        Bytes are those :func:`longnet.parallel.comm_stats` counts (forward plus
         backward sums to its ``bytes_sent`` / ``bytes_received`` per layer).
 
     Raises:

@@ -264,8 +264,8 @@ def count_ranks(
     offset: int = 0,
     cu_seqlens: Sequence[int] | None = None,
 ) -> list[RankCount]:
-    """Per-rank rows, calls and pairs, as the sequence-parallel planner would plan
-    them on every rank, visiting each crossing segment once. Without ``cu_seqlens``
+    """Per-rank rows, calls and pairs, as :func:`longnet.parallel.schedule.plan_rank`
+    would plan them on every rank, visiting each crossing segment once. Without ``cu_seqlens``
     the sequence occupies the absolute positions ``[offset, offset + world * chunk)``;
     with it, each document (first token at ``offset``) is planned alone."""
     f = _Frame(world, chunk, num_heads, num_heads // kv_heads, causal, offset)
