@@ -561,6 +561,8 @@ def test_cli_json(capsys):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
+    # runpy warns when the package imports its own __main__ before running it.
+    assert "found in sys.modules" not in res.stderr, res.stderr
     data = json.loads(res.stdout)
     assert data["ranks"] == 4 and len(data["per_rank"]) == 4
     assert data["segment_lengths"][-1] == 65536 and data["kv_heads"] == 2
@@ -731,3 +733,39 @@ def test_cli_documents(capsys):
         with pytest.raises(SystemExit):
             main(args + extra)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(tie_embeddings=False, bias=False),
+        dict(norm_style="subln", num_kv_heads=1, ffn_dim=40),
+    ],
+    ids=["tied", "untied-no-bias", "subln-mqa"],
+)
+def test_training_plan_counts_the_models_parameters(kw):
+    """plan_training's parameters are a LongNetLM's own, each counted once (a tied LM
+    head is the embedding): on one rank the shard is the whole model, and on two the
+    full parameters in use are the root's and two layers'. Catches a count that
+    misses a norm or a bias, or counts a tied head twice."""
+    from longnet.model import LongNetConfig, LongNetLM
+    from longnet.plan import fsdp_shard_elements, plan_training
+
+    cfg = LongNetConfig(
+        vocab_size=50,
+        num_layers=3,
+        embed_dim=16,
+        num_heads=4,
+        segment_lengths=[8, 16],
+        dilation_rates=[1, 2],
+        **kw,
+    )
+    model = LongNetLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.decoder.layers[0].parameters())
+    one = plan_training(cfg, batch=1, seq_len=16, dtype="float32")
+    assert one.parameters == total == fsdp_shard_elements(cfg, 1, 0)
+    assert one.param_bytes_per_rank == 4 * total and one.unsharded_bytes == 0
+    two = plan_training(cfg, batch=2, seq_len=16, dp=2, dtype="float32")
+    assert two.unsharded_bytes == 4 * (total - cfg.num_layers * layer + 2 * layer)
