@@ -744,3 +744,209 @@ def test_finetune_example_runs_and_lowers_the_validation_loss(tmp_path):
     assert saved["longnet_dilation_rates"] == [1, 2, 4]
     with open(tmp_path / "finetune_loss.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------
+# DilatedAttentionCache: only the keys later queries can read
+# ---------------------------------------------------------------------------------
+
+
+def _left_padded_prompts(lengths, seed=4):
+    """Left-padded batch of random prompts of the given lengths: (prompts, ids, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = p
+        mask[b, width - len(p) :] = 1
+    return prompts, ids, mask
+
+
+def _record_key_lengths(cache):
+    """Wrap every layer's update to record how many keys it hands to attention."""
+    seen = []
+    for layer in cache.layers:
+        update = layer.update
+
+        def recording(k, v, *args, _update=update, **kwargs):
+            keys, values = _update(k, v, *args, **kwargs)
+            seen.append((k.shape[-2], keys.shape[-2], values.shape[-2]))
+            return keys, values
+
+        layer.update = recording
+    return seen
+
+
+def test_dilated_cache_is_the_generate_default_and_holds_at_most_max_w_plus_new_tokens():
+    """After a prompt longer than max(w), each layer holds max(w) - 1 tokens and hands
+    attention at most max(w) - 1 + n keys; transformers' cache (the old default) holds
+    every token, which fails both bounds."""
+    ws, rs, prompt, new = [4, 8], [1, 2], 30, 12
+    model = _dilated(_tiny("llama", max_position_embeddings=64), ws, rs)
+    ids = torch.randint(2, VOCAB, (2, prompt), generator=torch.Generator().manual_seed(5))
+
+    def run(model, cache=None):
+        kw = {} if cache is None else {"cache": cache}
+        out = model.generate(
+            ids,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=PAD,
+            eos_token_id=None,
+            return_dict_in_generate=True,
+            **kw,
+        )
+        return out.cache
+
+    cache = run(model)
+    assert isinstance(cache, lt.DilatedAttentionCache)
+    layers = model.config.num_hidden_layers
+    assert len(cache.layers) == layers
+    assert cache.get_seq_length() == prompt + new - 1  # the last token is never fed
+    assert all(layer.held == max(ws) - 1 for layer in cache.layers)
+    # Bytes: keys and values of (max(w) - 1 + headroom) tokens per layer.
+    per_token = 2 * 2 * ids.shape[0] * model.config.head_dim * 4  # K+V, Hk=2, B, D, fp32
+    headroom = new
+    cache = lt.DilatedAttentionCache(model.config, headroom=headroom)
+    lengths = _record_key_lengths(cache)
+    assert run(model, cache) is cache
+    assert cache.nbytes == layers * (max(ws) - 1 + headroom) * per_token
+    assert cache.nbytes <= layers * (max(ws) + new) * per_token
+    assert all(nk == nv <= max(ws) - 1 + n for n, nk, nv in lengths)
+    assert max(nk for n, nk, _ in lengths if n == 1) == max(ws)  # decoding: max(w) - 1 + 1
+    # transformers' cache keeps everything: prompt + new - 1 tokens.
+    everything = run(lt.enable(copy.deepcopy(model), ws, rs, cache="full"))
+    assert type(everything) is transformers.DynamicCache
+    assert everything.get_seq_length() == prompt + new - 1
+    assert everything.layers[0].keys.shape[-2] == prompt + new - 1 > max(ws) + new
+
+
+# Patterns whose cache drops keys: nested (lcm = max(w)), not nested (lcm 12 > max(w)),
+# dilated only (no r = 1), one per layer, and one segment covering the whole sequence
+# (nothing dropped: the cache must then be transformers' cache in all but name).
+TRIM_PATTERNS = {
+    "nested": ([4, 8], [1, 2]),
+    "not_nested": ([6, 4], [2, 1]),
+    "dilated_only": ([4, 8], [2, 4]),
+    "per_layer": ([[4, 8], [2, 4, 8]], [[1, 2], [1, 2, 4]]),
+    "covering": ([64], [1]),
+}
+
+
+@pytest.mark.parametrize(
+    "patterns, headroom", [(name, 1) for name in TRIM_PATTERNS] + [("nested", 64)]
+)
+def test_dilated_cache_generates_what_the_full_cache_generates(patterns, headroom):
+    """Left-padded batch, greedy: every step's logits with the trimmed cache equal those
+    with transformers' cache, without cache, and each prompt run alone; headroom 1
+    compacts the buffer at every step, 64 never after the prompt."""
+    ws, rs = TRIM_PATTERNS[patterns]
+    model = _dilated(_tiny("llama", max_position_embeddings=64), ws, rs).double()
+    full = lt.enable(copy.deepcopy(model), ws, rs, cache="full")
+    prompts, ids, mask = _left_padded_prompts([3, 9, 14, 19])
+    new = 25
+    cache = lt.DilatedAttentionCache(model.config, headroom=headroom)
+    tokens, logits = _generate(model, ids, mask, n=new, cache=cache)
+    if patterns != "covering":  # the comparison below is not vacuous
+        assert all(layer.dropped > 0 for layer in cache.layers)
+    want_tokens, want = _generate(full, ids, mask, n=new)
+    torch.testing.assert_close(tokens, want_tokens, rtol=0, atol=0)
+    torch.testing.assert_close(logits, want, **DECODE_TOL)
+    _, no_cache = _generate(full, ids, mask, n=new, use_cache=False)
+    torch.testing.assert_close(logits, no_cache, **DECODE_TOL)
+    for b, p in enumerate(prompts):
+        alone_tokens, alone = _generate(model, p[None], n=new)
+        torch.testing.assert_close(tokens[b, ids.shape[1] :], alone_tokens[0, len(p) :])
+        torch.testing.assert_close(logits[:, b], alone[:, 0], **DECODE_TOL)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 13])
+def test_dilated_cache_prefill_in_chunks_equals_one_prefill(chunk):
+    """generate(prefill_chunk_size=...) runs the prompt through the cache in chunks
+    (chunks longer than lcm(w), shorter, and not dividing it): same logits."""
+    model = _dilated(_tiny("qwen2", max_position_embeddings=64), [4, 8], [1, 2]).double()
+    _, ids, mask = _left_padded_prompts([11, 23, 30], seed=6)
+    _, want = _generate(model, ids, mask, n=10)
+    _, got = _generate(model, ids, mask, n=10, prefill_chunk_size=chunk)
+    torch.testing.assert_close(got, want, **DECODE_TOL)
+
+
+def test_dilated_cache_by_hand_equals_the_full_forward():
+    """The prompt prefilled in chunks by calling the model on slices with the cache,
+    then teacher-forced one token at a time: every position's float64 logits equal the
+    full forward's (the same function summed in another order: ~1e-15 measured)."""
+    ws, rs = [4, 8, 16], [1, 2, 4]
+    model = _dilated(_tiny("llama", max_position_embeddings=128), ws, rs).double()
+    ids = torch.randint(2, VOCAB, (1, 70), generator=torch.Generator().manual_seed(7))
+    cache = lt.DilatedAttentionCache(model.config, headroom=3)
+    with torch.no_grad():
+        want = model(ids).logits
+        parts = [model(ids[:, i : i + 20], cache=cache).logits for i in range(0, 40, 20)]
+        parts += [model(ids[:, i : i + 1], cache=cache).logits for i in range(40, 70)]
+    assert cache.get_seq_length() == 70 and cache.held(0) == max(ws) - 1
+    torch.testing.assert_close(torch.cat(parts, dim=1), want, rtol=0, atol=1e-12)
+
+
+def test_dilated_cache_beam_search_and_gradients():
+    """Beam search reorders the cache rows as transformers' cache does; a forward
+    with gradients through the cache (concatenating instead of writing in place)
+    gives the gradients of the full forward."""
+    ws, rs = [4, 8], [1, 2]
+    model = _dilated(_tiny("llama", max_position_embeddings=64), ws, rs).double()
+    full = lt.enable(copy.deepcopy(model), ws, rs, cache="full")
+    ids = torch.randint(2, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8))
+    kw = dict(max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=PAD)
+    kw["eos_token_id"] = None
+    torch.testing.assert_close(model.generate(ids, **kw), full.generate(ids, **kw))
+    cache = lt.DilatedAttentionCache(model.config, headroom=2)
+    ids = ids[:1]
+    loss = sum(model(ids[:, i : i + 3], cache=cache).logits.sum() for i in range(0, 13, 3))
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(ids).logits.sum().backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-10)
+
+
+def test_trimmed_cache_key_ranges_and_mask():
+    """The mask over every position from 0 and how each row's key range follows from
+    it: a row starts a multiple of lcm(w) after its first real token."""
+    period, nq, nk, width = 8, 2, 12, 20  # 8 keys dropped; first query at 18
+    pad = torch.ones(3, width, dtype=torch.bool)
+    pad[1, :5] = False  # first real token 5: starts at 13 = 5 + 8, key 13 - 8 = 5
+    pad[2, :11] = False  # first real token 11 (kept): key 11 - 8 = 3
+    key_start, key_end = lt.key_ranges_from_mask(pad, 3, nq, nk, "cpu", period=period)
+    assert key_start.tolist() == [0, 5, 3] and key_end.tolist() == [nk] * 3
+    with pytest.raises(ValueError, match="lcm"):  # 12 dropped > 18 - 8 + 1 = 11
+        lt.key_ranges_from_mask(pad, 3, nq, 8, "cpu", period=period)
+    with pytest.raises(ValueError, match="covers"):  # dropped keys need the period
+        lt.key_ranges_from_mask(pad, 3, nq, nk, "cpu")
+    # kv_offset > 0: the mask covers every position, also without padding.
+    m = lt.longnet_mask(2, 1, 8, q_offset=12, kv_offset=5)
+    assert m.shape == (2, 13) and bool(m.all())
+    m = lt.longnet_mask(3, nq, nk, q_offset=width - nq, kv_offset=width - nk, attention_mask=pad)
+    assert torch.equal(m, pad)
+
+
+def test_enable_cache_choice():
+    model = _tiny("llama")
+    ids = torch.randint(2, VOCAB, (1, 5))
+    kw = dict(max_new_tokens=3, pad_token_id=PAD, eos_token_id=None, return_dict_in_generate=True)
+    lt.enable(model, [4, 8], [1, 2], cache="dilated-int8")
+    cache = model.generate(ids, **kw).cache
+    assert isinstance(cache, lt.DilatedAttentionCache) and cache.layers[0].int8
+    lt.enable(model, [4, 8], [1, 2], cache="full")
+    assert type(model.generate(ids, **kw).cache) is transformers.DynamicCache
+    lt.enable(model, [4, 8], [1, 2])
+    # A cache passed by the caller, or named by cache_implementation, is used as is.
+    mine = transformers.DynamicCache(config=model.config)
+    assert model.generate(ids, cache=mine, **kw).cache is mine
+    static = model.generate(ids, cache_implementation="static", **kw).cache
+    assert type(static) is transformers.StaticCache
+    with pytest.raises(ValueError, match="cache must be one of"):
+        lt.enable(model, [4, 8], [1, 2], cache="int4")
+    with pytest.raises(ValueError, match="cropped"):
+        lt.DilatedAttentionCache(model.config).crop(-1)

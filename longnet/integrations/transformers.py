@@ -27,6 +27,14 @@ How a call maps onto ``longnet.dilated_attention``:
   (as they are for every attention implementation); real positions are exact.
 * Decoding against transformers' cache is the operator's ``Nq < Nk`` path (queries
   bottom-right aligned to the last token seen so far, also for static caches).
+* ``generate`` on an enabled model uses :class:`DilatedAttentionCache` unless told
+  otherwise: per layer it keeps only the keys a later query can read (at most
+  ``lcm(segment_lengths) - 1`` tokens plus the current ones), so a decoded token
+  costs the same at any context length; the mask then covers every position from 0
+  and each layer starts each row a multiple of ``lcm(segment_lengths)`` after its
+  first real token (:func:`key_ranges_from_mask`). A long prompt is prefilled in
+  chunks with ``generate(..., prefill_chunk_size=4096)``, or by calling the model on
+  slices with ``cache=DilatedAttentionCache(model.config)``.
 * Packed documents (padding-free batches, e.g. from ``DataCollatorWithFlattening``)
   run through the operator's ``cu_seqlens_q`` / ``cu_seqlens_k``: every document is
   computed as if it were alone (segments restart at its first token). The boundaries
@@ -47,7 +55,9 @@ documents together with a padding mask or with cached keys.
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from typing import Any, Union
 
 import torch
@@ -61,6 +71,7 @@ if int(transformers.__version__.split(".")[0]) < 5:
         'pip install -e ".[transformers]"'
     )
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
 import longnet
@@ -69,6 +80,9 @@ from longnet.packing import cu_seqlens_from_position_ids
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "CACHE_KINDS",
+    "DilatedAttentionCache",
+    "DilatedAttentionLayer",
     "enable",
     "layer_patterns",
     "longnet_attention_forward",
@@ -192,7 +206,7 @@ def _check_model_config_supported(config: Any) -> None:
         )
 
 
-def enable(model: Any, segment_lengths: Any, dilation_rates: Any) -> Any:
+def enable(model: Any, segment_lengths: Any, dilation_rates: Any, *, cache: str = "dilated") -> Any:
     """Switch a loaded transformers model to dilated attention.
 
     Args:
@@ -200,10 +214,18 @@ def enable(model: Any, segment_lengths: Any, dilation_rates: Any) -> Any:
             ``AttentionInterface`` (Llama, Mistral, Qwen2, GPT-NeoX, ...).
         segment_lengths, dilation_rates: one list of ints for every layer, or one
             list per layer (lists of lists).
+        cache: the cache ``generate`` makes when none is passed: ``"dilated"``
+            (:class:`DilatedAttentionCache`: only the keys later queries can read),
+            ``"dilated-int8"`` (the same in int8) or ``"full"`` (transformers' own,
+            every key).
 
     The patterns are stored in ``model.config`` (saved by ``save_pretrained``) and
-    ``model.config._attn_implementation`` becomes ``"longnet"``. Returns the model.
+    ``model.config._attn_implementation`` becomes ``"longnet"``. The cache choice
+    belongs to this model object (a model loaded with ``from_pretrained`` keeps every
+    key until ``enable`` is called on it or a cache is passed). Returns the model.
     """
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     _check_model_config_supported(text_config)
@@ -213,6 +235,12 @@ def enable(model: Any, segment_lengths: Any, dilation_rates: Any) -> Any:
         setattr(cfg, SEGMENT_LENGTHS_KEY, ws)
         setattr(cfg, DILATION_RATES_KEY, rs)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if cache == "full":
+        model.__dict__.pop("_prepare_cache_for_generation", None)
+    else:
+        model._prepare_cache_for_generation = types.MethodType(
+            functools.partial(_prepare_cache_for_generation, kind=cache), model
+        )
     return model
 
 
@@ -290,10 +318,13 @@ def longnet_mask(
     Instead of a dense 4-D mask it returns the 2-D padding mask ``(B, key_end)``
     (True = real token) over the keys that hold the sequence up to the last query,
     after checking that the requested mask is exactly causal + padding, or ``None``
-    when no row is left-padded and the keys end at the last query. For packed
-    documents (the causal mask restricted to documents, which transformers builds from
-    restarting position ids) it returns the ``(B, N)`` int64 document ids of the
-    tokens instead. Memory stays O(B * N).
+    when no row is left-padded, the keys end at the last query and the cache has
+    dropped no key. A cache that dropped its oldest keys (``kv_offset > 0``, e.g.
+    :class:`DilatedAttentionCache`) still gets the mask over every position from 0,
+    always: the attention function learns from its width how many keys were dropped.
+    For packed documents (the causal mask restricted to documents, which
+    transformers builds from restarting position ids) it returns the ``(B, N)`` int64
+    document ids of the tokens instead. Memory stays O(B * N).
     """
     if mask_function is not causal_mask_function:
         doc_ids = _packed_document_ids(mask_function)
@@ -320,20 +351,18 @@ def longnet_mask(
             raise ValueError("internal: the mask function got neither q_length nor cache_position")
         q_length = int(cache_position.shape[0])
         q_offset = int(cache_position[0]) if q_length > 0 else 0
-    if int(kv_offset) != 0:
-        raise ValueError(
-            f'attn_implementation="{ATTN_IMPLEMENTATION}" needs a cache that keeps every '
-            f"key (got a key/value offset of {int(kv_offset)})"
-        )
     if kv_length is None:
         raise ValueError("internal: the mask function got no kv_length")
+    dropped = int(kv_offset)
+    if dropped < 0:
+        raise ValueError(f"internal: negative key/value offset {dropped}")
     key_end = int(q_offset) + int(q_length)
-    if key_end > kv_length:
+    if key_end > dropped + kv_length:
         raise ValueError(
-            f"internal: queries end at key {key_end}, past the {kv_length} keys available"
+            f"internal: queries end at key {key_end}, past the {dropped + kv_length} keys available"
         )
     if attention_mask is None:
-        if key_end == kv_length:
+        if key_end == kv_length and dropped == 0:
             return None
         return torch.ones(batch_size, key_end, dtype=torch.bool, device=device)
     if attention_mask.dim() != 2:
@@ -348,7 +377,7 @@ def longnet_mask(
         padding = torch.nn.functional.pad(padding, (0, key_end - width), value=False)
     padding = padding[:, :key_end]
     _check_one_run(padding)
-    if key_end == kv_length and (key_end == 0 or bool(padding[:, 0].all())):
+    if key_end == kv_length and dropped == 0 and (key_end == 0 or bool(padding[:, 0].all())):
         # No left padding: causal attention alone is exact for every real token
         # (right padding comes after them and is never attended by them).
         return None
@@ -398,11 +427,28 @@ def _padding_from_4d(mask: Tensor, nq: int, nk: int) -> Tensor:
 
 
 def key_ranges_from_mask(
-    attention_mask: Tensor | None, batch_size: int, nq: int, nk: int, device: Any
+    attention_mask: Tensor | None,
+    batch_size: int,
+    nq: int,
+    nk: int,
+    device: Any,
+    *,
+    period: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(key_start, key_end)`` for ``longnet.dilated_attention`` from the mask the
     model passes to its attention function (``None``, the 2-D padding mask made by
-    :func:`longnet_mask`, or a dense causal + padding 4-D mask)."""
+    :func:`longnet_mask`, or a dense causal + padding 4-D mask).
+
+    A 2-D padding mask wider than ``nk`` comes with a cache that dropped its oldest
+    keys: the ``nk`` keys are the last ones of the ``W`` positions the mask covers.
+    Row ``b`` (first real token ``p_b``) then starts at the first kept key ``s`` with
+    ``s - p_b`` a multiple of ``period`` (the layer's ``lcm(segment_lengths)``):
+    shifting every position by a multiple of every ``w_i`` keeps each segment
+    boundary and head offset, so counting positions from ``s`` computes what
+    counting from ``p_b`` computes, on the keys the queries can still read. That
+    needs the cache to have kept at least ``period - 1`` keys before the first query
+    (what :class:`DilatedAttentionCache` keeps); fewer raise ``ValueError``.
+    """
     if attention_mask is None:
         return None, None
     if attention_mask.dim() == 4:
@@ -418,15 +464,32 @@ def key_ranges_from_mask(
     if padding.shape[0] != batch_size:
         padding = padding.expand(batch_size, -1)
     width = padding.shape[1]
-    if width > nk or width < nq:
+    dropped = width - nk if attention_mask.dim() == 2 else 0
+    if width < nq or (dropped > 0 and period is None) or (dropped <= 0 and width > nk):
         raise ValueError(
             f"padding mask covers {width} keys; expected between {nq} (queries) and {nk} (keys)"
         )
+    if dropped > 0:
+        assert period is not None  # checked above
+        first_query = width - nq
+        if dropped > max(0, first_query - period + 1):
+            raise ValueError(
+                f"the cache dropped the first {dropped} keys, but a query at position "
+                f"{first_query} may read keys from position {first_query - period + 1} on "
+                f"(lcm(segment_lengths) = {period}): a cache for dilated attention must "
+                "keep at least lcm(segment_lengths) - 1 keys before the first query"
+            )
     padding = padding.to(device)
     has_real = padding.any(dim=1)
     first = padding.to(torch.uint8).argmax(dim=1)
     key_start = torch.where(has_real, first, torch.full_like(first, width))
-    key_end = torch.full_like(key_start, width)
+    if dropped > 0:
+        assert period is not None  # checked above
+        # First kept key a multiple of `period` after the row's first real token.
+        behind = (dropped - key_start).clamp(min=0)
+        aligned = key_start + (behind + period - 1) // period * period
+        key_start = (aligned - dropped).clamp(max=nk)
+    key_end = torch.full_like(key_start, nk if dropped > 0 else width)
     return key_start, key_end
 
 
@@ -613,7 +676,9 @@ def longnet_attention_forward(
             cu_seqlens_k=cu_k,
         )
         return out.reshape(b, nq, h, value.shape[3]), None
-    key_start, key_end = key_ranges_from_mask(attention_mask, b, nq, nk, query.device)
+    key_start, key_end = key_ranges_from_mask(
+        attention_mask, b, nq, nk, query.device, period=math.lcm(*ws)
+    )
     out = longnet.dilated_attention(
         query.transpose(1, 2),  # (B, Nq, H, D) views: no copies
         key.transpose(1, 2),  # (B, Nk, Hk, D): grouped-query heads read natively
@@ -626,6 +691,305 @@ def longnet_attention_forward(
         key_end=key_end,
     )
     return out, None
+
+
+# ----------------------------------------------------------------------------------
+# Cache that keeps only the keys later queries can read
+# ----------------------------------------------------------------------------------
+
+CACHE_KINDS = ("dilated", "dilated-int8", "full")
+"""What :func:`enable` makes ``generate`` use: :class:`DilatedAttentionCache` (keeps only
+reachable keys), the same in int8, or transformers' own cache (keeps every key)."""
+
+
+def _quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per token and head: ``x`` (B, Hk, n, D) as int8 values and float32
+    scales (B, Hk, n, 1) with ``x ~ values * scales`` (absolute error <= scale / 2)."""
+    x32 = x.detach().to(torch.float32)
+    scale = x32.abs().amax(dim=-1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x32 / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+class DilatedAttentionLayer(CacheLayerMixin):
+    """One layer of :class:`DilatedAttentionCache`.
+
+    Holds, in a buffer of ``period - 1 + headroom`` positions, the keys and values of
+    at most the last ``period - 1`` tokens before the current call (``period`` =
+    ``lcm(segment_lengths)`` of the layer) plus the call's own tokens. A query at
+    relative position ``x`` (counted from its row's first real token) reads, in
+    pattern ``i``, keys of its own segment, which starts at ``floor(x / w_i) * w_i >=
+    floor(x / period) * period > x - period``; so keys more than ``period - 1``
+    positions before the first query of a call are never read again, whatever the
+    row's padding. :func:`key_ranges_from_mask` starts each row a multiple of
+    ``period`` after its first real token, which keeps every segment boundary and head
+    offset without per-row position offsets.
+
+    New tokens are written in place behind the held ones; when the buffer is full the
+    last ``period - 1`` are moved to the front of a fresh buffer (a copy of
+    ``period - 1`` tokens every ``headroom`` tokens). Calls with gradients enabled
+    concatenate instead of writing in place (earlier results stay valid for backward).
+
+    With ``int8=True`` the buffer holds int8 values with one float32 scale per token
+    and head (symmetric, absmax / 127); the held tokens are dequantized into the
+    model's dtype just before the attention call, the call's own tokens are used as
+    computed.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, period: int, *, int8: bool = False, headroom: int = 64) -> None:
+        super().__init__()
+        if int(period) < 1:
+            raise ValueError(f"period must be >= 1, got {period}")
+        if int(headroom) < 1:
+            raise ValueError(f"headroom must be >= 1, got {headroom}")
+        self.period = int(period)
+        self.int8 = bool(int8)
+        self.headroom = int(headroom)
+        self.cumulative_length = 0
+        self.first = 0  # buffer index of the first held token
+        self.end = 0  # buffer index past the last held token
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.key_scales: Tensor | None = None
+        self.value_scales: Tensor | None = None
+        self.dtype: torch.dtype | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"DilatedAttentionLayer(period={self.period}, int8={self.int8}, "
+            f"seen={self.cumulative_length}, held={self.held})"
+        )
+
+    @property
+    def held(self) -> int:
+        """Tokens held (the last ``held`` of the ``cumulative_length`` seen)."""
+        return self.end - self.first
+
+    @property
+    def dropped(self) -> int:
+        """Tokens seen and dropped (the first ``dropped`` positions)."""
+        return self.cumulative_length - self.held
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the buffers (keys, values and int8 scales), held or not."""
+        tensors = (self.keys, self.values, self.key_scales, self.value_scales)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self._allocate(key_states, value_states, 0)
+        self.is_initialized = True
+
+    def _allocate(self, key_states: Tensor, value_states: Tensor, capacity: int) -> None:
+        b, hk, _, d = key_states.shape
+        dv = value_states.shape[-1]
+        store = torch.int8 if self.int8 else key_states.dtype
+        self.keys = key_states.new_empty((b, hk, capacity, d), dtype=store)
+        self.values = value_states.new_empty((b, value_states.shape[1], capacity, dv), dtype=store)
+        if self.int8:
+            self.key_scales = key_states.new_empty((b, hk, capacity, 1), dtype=torch.float32)
+            self.value_scales = key_states.new_empty(
+                (b, value_states.shape[1], capacity, 1), dtype=torch.float32
+            )
+
+    def _write(self, at: int, key_states: Tensor, value_states: Tensor) -> None:
+        """Store new tokens at buffer positions ``[at, at + n)``."""
+        assert self.keys is not None and self.values is not None
+        n = key_states.shape[-2]
+        if not self.int8:
+            self.keys[:, :, at : at + n] = key_states
+            self.values[:, :, at : at + n] = value_states
+            return
+        assert self.key_scales is not None and self.value_scales is not None
+        for data, scales, x in (
+            (self.keys, self.key_scales, key_states),
+            (self.values, self.value_scales, value_states),
+        ):
+            q, scale = _quantize(x)
+            data[:, :, at : at + n] = q
+            scales[:, :, at : at + n] = scale
+
+    def _held_states(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
+        """The held tokens followed by the call's new ones (not yet written)."""
+        assert self.keys is not None and self.values is not None
+        if not self.int8:
+            return (
+                torch.cat((self.keys[:, :, self.first : self.end], key_states), dim=-2),
+                torch.cat((self.values[:, :, self.first : self.end], value_states), dim=-2),
+            )
+        assert self.key_scales is not None and self.value_scales is not None
+        out = []
+        for data, scales, x in (
+            (self.keys, self.key_scales, key_states),
+            (self.values, self.value_scales, value_states),
+        ):
+            b, h, n, d = x.shape
+            full = x.new_empty((b, h, self.held + n, d))
+            torch.mul(
+                data[:, :, self.first : self.end],
+                scales[:, :, self.first : self.end],
+                out=full[:, :, : self.held],
+            )
+            full[:, :, self.held :] = x
+            out.append(full)
+        return out[0], out[1]
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Append ``(B, Hk, n, D)`` keys and values; return the held ones and the new ones
+        (the keys the call's queries can read), then drop what no later query reads."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        assert self.keys is not None and self.values is not None
+        n = key_states.shape[-2]
+        total = self.cumulative_length + n
+        keep = min(total, self.period - 1)  # what the next call's queries can read
+        grad = torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad)
+        if not grad and self.end + n <= self.keys.shape[-2]:
+            if self.int8:
+                keys, values = self._held_states(key_states, value_states)
+            self._write(self.end, key_states, value_states)
+            self.end += n
+            if not self.int8:
+                keys = self.keys[:, :, self.first : self.end]
+                values = self.values[:, :, self.first : self.end]
+        else:
+            keys, values = self._held_states(key_states, value_states)
+            if grad and not self.int8:
+                self.keys, self.values = keys[:, :, -keep:], values[:, :, -keep:]
+            else:
+                old = (self.keys, self.values, self.key_scales, self.value_scales)
+                from_old = max(0, keep - n)  # held tokens that stay
+                self._allocate(key_states, value_states, keep + self.headroom)
+                for src, dst in zip(
+                    old, (self.keys, self.values, self.key_scales, self.value_scales)
+                ):
+                    if src is not None and dst is not None and from_old > 0:
+                        dst[:, :, :from_old] = src[:, :, self.end - from_old : self.end]
+                self._write(
+                    from_old,
+                    key_states[:, :, n - (keep - from_old) :],
+                    value_states[:, :, n - (keep - from_old) :],
+                )
+            self.end = keep
+        self.cumulative_length = total
+        self.first = self.end - keep
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.held + query_length, self.dropped
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys, self.values = None, None
+        self.key_scales, self.value_scales = None, None
+        self.is_initialized = False
+        self.cumulative_length = self.first = self.end = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(
+            "DilatedAttentionCache cannot be cropped (it has dropped keys that earlier "
+            "positions need); use transformers' DynamicCache for assisted decoding"
+        )
+
+    def _map_batch(self, fn: Any) -> None:
+        for name in ("keys", "values", "key_scales", "value_scales"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+
+class DilatedAttentionCache(Cache):
+    """transformers ``Cache`` for ``attn_implementation="longnet"`` that keeps, per
+    layer, only the keys a later query can read under that layer's patterns: at most
+    ``lcm(segment_lengths) - 1`` tokens before a call plus the call's own tokens
+    (``max(segment_lengths) - 1`` when every length divides the longest). Decoding then
+    costs the same per token at any context length, and the cache's memory stays
+    bounded. :func:`enable` makes it ``generate``'s default; pass one as ``cache=`` to
+    a forward to decode by hand (e.g. a prompt prefilled in chunks).
+
+    Exact: every query reads the keys it reads with a cache that keeps everything
+    (left-padded batches included). Not croppable (no assisted decoding).
+
+    Args:
+        config: the model config with the patterns :func:`enable` stored.
+        int8: hold keys and values in int8 with one float32 scale per token and head
+            (0.27x the bytes of float32, 0.53x of bfloat16); approximate.
+        headroom: tokens of room behind the held ones before the buffer is compacted.
+    """
+
+    def __init__(self, config: Any, *, int8: bool = False, headroom: int = 64) -> None:
+        text = (
+            config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        )
+        num_layers = getattr(text, "num_hidden_layers", None)
+        if num_layers is None:
+            raise ValueError("DilatedAttentionCache needs config.num_hidden_layers")
+        layers: list[Any] = [
+            DilatedAttentionLayer(
+                math.lcm(*layer_patterns(text, i)[0]), int8=int8, headroom=headroom
+            )
+            for i in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` with the offset of the layer that dropped the most
+        keys (0 while no layer dropped any): :func:`longnet_mask` then keeps the mask
+        over every position, and each layer finds its own offset from it."""
+        seen = self.get_seq_length()
+        dropped = max((layer.dropped for layer in self.layers), default=0)
+        return seen + query_length - dropped, dropped
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every layer's buffers."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def held(self, layer_idx: int = 0) -> int:
+        """Tokens layer ``layer_idx`` holds."""
+        return self.layers[layer_idx].held
+
+
+def _prepare_cache_for_generation(
+    model: Any, generation_config: Any, model_kwargs: dict[str, Any], *args: Any, kind: str
+) -> Any:
+    """``generate``'s cache set-up, with :class:`DilatedAttentionCache` in place of the
+    ``DynamicCache`` it makes by default (not of a cache passed by the caller, nor of
+    one named by ``cache_implementation``, nor for assisted decoding)."""
+    result = type(model)._prepare_cache_for_generation(
+        model, generation_config, model_kwargs, *args
+    )
+    made = model_kwargs.get("cache")
+    if (
+        type(made) is DynamicCache
+        and not getattr(made, "_is_user_defined", False)
+        and generation_config.cache_implementation in (None, "dynamic")
+        and not getattr(generation_config, "is_assistant", False)
+    ):
+        model_kwargs["cache"] = DilatedAttentionCache(model.config, int8=kind == "dilated-int8")
+    return result
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, longnet_attention_forward)
