@@ -196,34 +196,21 @@ def accuracy_grid(
 VARIANTS = ("sdpa", "local", "dilated", "sdpa-ft", "dilated-ft")
 
 
-def parse_rope(text: str) -> dict[str, Any] | None:
-    """``none``, or ``TYPE:FACTOR`` (``linear:4``, ``yarn:4``, ``dynamic:4``)."""
-    if text in ("", "none"):
-        return None
-    kind, _, factor = text.partition(":")
-    if kind not in ("linear", "yarn", "dynamic") or not factor:
-        raise argparse.ArgumentTypeError(
-            f"--rope: expected none or linear|yarn|dynamic:FACTOR, got {text!r}"
-        )
-    return {"rope_type": kind, "factor": float(factor)}
+def with_adapter(model, adapter_dir: str):
+    """A copy of ``model`` with the LoRA adapter in ``adapter_dir`` merged into its
+    weights (``peft``)."""
+    import copy
 
+    from peft import PeftModel
 
-def set_rope_scaling(model, rope: dict[str, Any] | None) -> None:
-    """RoPE of ``model`` as trained (``None``) or rescaled (``{"rope_type", "factor"}``)."""
-    config = model.config
-    base = dict(getattr(config, "_longnet_rope_as_trained", None) or config.rope_parameters)
-    config._longnet_rope_as_trained = base
-    params = dict(base)
-    if rope is not None:
-        params.update(rope, original_max_position_embeddings=config.max_position_embeddings)
-    config.rope_parameters = params
-    rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=config).to(rotary.inv_freq.device)
+    merged = PeftModel.from_pretrained(copy.deepcopy(model), adapter_dir).merge_and_unload()
+    return merged.eval()
 
 
 def set_variant(model, variant: str, args: argparse.Namespace) -> None:
     """Attention, RoPE scaling and adapter of ``variant`` on the (adapter-free) model."""
     import longnet.integrations.transformers as longnet_hf
+    from longnet.integrations.rope import set_rope_scaling
 
     trained = variant in ("sdpa", "local")
     set_rope_scaling(model, None if trained else args.rope)
@@ -250,6 +237,7 @@ def depth_list(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     from longnet.cli import int_list
+    from longnet.integrations.rope import parse_rope_scaling
 
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -267,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-window", type=int, default=8192)
     p.add_argument("--segment-lengths", type=int_list, default=[2048, 4096, 8192, 16384, 32768])
     p.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4, 8, 16])
-    p.add_argument("--rope", type=parse_rope, default=None, help="none or TYPE:FACTOR")
+    p.add_argument("--rope", type=parse_rope_scaling, default=None, help="none or TYPE:FACTOR")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="LoRA adapter directory of examples/finetune_long_context.py (the -ft variants)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -361,6 +354,11 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
 
         transformers.logging.set_verbosity_error()
         model, tokenizer = load_smollm2(torch.float32)
+    tuned = None
+    if any(v.endswith("-ft") for v in variants):
+        if not args.adapter:
+            raise SystemExit("--variants: the -ft variants need --adapter DIR")
+        tuned = with_adapter(model, args.adapter)
     trials = make_trials(tokenizer, args.lengths, args.depths, args.keys, args.seed, args.shifts)
     results: dict[str, Any] = {
         "lengths": args.lengths,
@@ -372,17 +370,19 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
         "segment_lengths": args.segment_lengths,
         "dilation_rates": args.dilation_rates,
         "rope": args.rope,
+        "adapter": args.adapter,
         "command": " ".join(sys.argv),
         "machine": machine_info(args.threads),
         "rows": [],
     }
     t_start = time.time()
     for variant in variants:
-        set_variant(model, variant, args)
+        model_v = tuned if variant.endswith("-ft") else model
+        set_variant(model_v, variant, args)
         for L in args.lengths:
             cell = [t for t in trials if t.length == L]
             t0 = time.time()
-            records = score(model, cell, f"{variant} {L}", args.quiet)
+            records = score(model_v, cell, f"{variant} {L}", args.quiet)
             seconds = time.time() - t0
             tokens = sum(r["tokens"] for r in records)
             row = dict(
