@@ -12,11 +12,12 @@ windows of the Python standard library's ``.py`` sources (the training split of
 
 Every ``--save-every`` steps the run writes ``state.pt`` under ``--out-dir`` (adapter
 weights, optimizer, step, the data generator's state, the loss history and the
-settings); started again with the same ``--out-dir`` it continues from there and
+settings) and the adapter itself with ``save_pretrained``
+(``adapter/adapter_model.safetensors``, a few MB; ``benchmarks/passkey.py --adapter``
+reads it); started again with the same ``--out-dir`` it continues from there and
 refuses settings that would change the run (the learning-rate curve depends on
-``--steps``). At the end it writes the adapter with ``save_pretrained``
-(``adapter/adapter_model.safetensors``, a few MB) and ``recipe.json`` (patterns, RoPE,
-LoRA, data, steps, seconds), which ``load_smollm2(long_context=...)`` reads.
+``--steps``). At the end it writes ``recipe.json`` (patterns, RoPE, LoRA, data, steps,
+seconds, losses).
 
     python examples/finetune_long_context.py --steps 40                   # CPU, resumable
     python examples/finetune_long_context.py --seq-len 16384 --steps 400 --device cuda \\
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-train-bytes", type=int, default=4_000_000)
     p.add_argument("--save-every", type=int, default=1, help="steps between state.pt writes")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop (saved) after this many steps of this invocation; run again to go on",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
@@ -200,9 +207,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.save(state, state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)  # a crash never leaves half a state
 
+    adapter_dir = os.path.join(args.out_dir, "adapter")
     model.train()
+    stop = args.steps if args.stop_after is None else min(args.steps, step0 + args.stop_after)
     bar = tqdm(
-        range(step0, args.steps), desc="fine-tune", unit="step", disable=args.quiet, initial=step0
+        range(step0, stop),
+        desc="fine-tune",
+        unit="step",
+        disable=args.quiet,
+        initial=step0,
+        total=args.steps,
     )
     for step in bar:
         t0 = time.time()
@@ -217,12 +231,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds += time.time() - t0
         history.append((step + 1, float(loss.detach())))
         bar.set_postfix(loss=f"{history[-1][1]:.3f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save_every == 0 or step + 1 == stop:
             save(step + 1)
+            model.save_pretrained(adapter_dir)  # the latest adapter, for evaluation meanwhile
     bar.close()
+    if stop < args.steps:
+        log(f"stopped at step {stop} of {args.steps}; run the same command again to go on")
+        return {"step": stop, "loss": history}
 
-    adapter_dir = os.path.join(args.out_dir, "adapter")
-    model.save_pretrained(adapter_dir)
     recipe = {
         **settings,
         "lora_targets": LORA_TARGETS,

@@ -17,16 +17,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["ROPE_TYPES", "parse_rope_scaling", "set_rope_scaling"]
+__all__ = ["ROPE_TYPES", "RopeScalingError", "parse_rope_scaling", "set_rope_scaling"]
 
 ROPE_TYPES = ("linear", "yarn", "dynamic")
 _AS_TRAINED = "_longnet_rope_as_trained"  # config attribute: the RoPE parameters as loaded
 
 
+class RopeScalingError(argparse.ArgumentTypeError, ValueError):
+    """A RoPE scaling text that does not parse: a ValueError, and an argparse type
+    error so that argparse prints its message."""
+
+
 def parse_rope_scaling(text: str) -> dict[str, Any] | None:
     """``"none"`` -> None; ``"TYPE:FACTOR"`` (``linear:4``, ``yarn:2``, ``dynamic:4``) ->
     ``{"rope_type": TYPE, "factor": FACTOR}``. An argparse type: raises
-    ``argparse.ArgumentTypeError`` (a ``ValueError``) naming what was expected."""
+    :class:`RopeScalingError` (a ``ValueError``) naming what was expected."""
     if text in ("", "none"):
         return None
     kind, _, factor = text.partition(":")
@@ -35,7 +40,7 @@ def parse_rope_scaling(text: str) -> dict[str, Any] | None:
     except ValueError:
         value = float("nan")
     if kind not in ROPE_TYPES or not value >= 1.0:
-        raise argparse.ArgumentTypeError(
+        raise RopeScalingError(
             f"RoPE scaling: expected none or TYPE:FACTOR with TYPE one of "
             f"{', '.join(ROPE_TYPES)} and FACTOR >= 1, got {text!r}"
         )
@@ -56,9 +61,9 @@ def set_rope_scaling(model: Any, rope: dict[str, Any] | None) -> Any:
 
     The parameters as loaded are kept on the config, so calls do not compound.
     """
-    config = model.config
+    config: Any = getattr(model, "config", None)
     params = getattr(config, "rope_parameters", None)
-    decoder = getattr(model, "model", None)
+    decoder: Any = getattr(model, "model", None)
     rotary = getattr(decoder, "rotary_emb", None)
     if not isinstance(params, dict) or rotary is None:
         raise ValueError(
@@ -73,6 +78,5 @@ def set_rope_scaling(model: Any, rope: dict[str, Any] | None) -> Any:
     if rope is not None:
         new.update(rope, original_max_position_embeddings=config.max_position_embeddings)
     config.rope_parameters = new
-    device = rotary.inv_freq.device
-    decoder.rotary_emb = type(rotary)(config=config).to(device)
+    decoder.rotary_emb = type(rotary)(config=config).to(rotary.inv_freq.device)
     return model
