@@ -18,7 +18,8 @@ instruction, 1 = right before the question). Lengths count prompt + answer token
 Variants (``--variants``), all on SmolLM2-135M-Instruct (trained to 8,192 tokens):
 
 * ``sdpa``: dense attention, RoPE as trained;
-* ``local``: block-local attention, one pattern ``(--local-window, 1)``;
+* ``local``: block-local attention, one pattern ``(--local-window, 1)`` (a prompt that
+  fits one block is dense attention: the row is sdpa's, marked ``= sdpa``);
 * ``dilated``: the long-context patterns and RoPE scaling, zero-shot;
 * ``dilated-ft``: the same with the fine-tuned adapter (``--adapter``);
 * ``sdpa-ft``: dense attention with the same RoPE scaling and adapter (the dense
@@ -286,9 +287,16 @@ def table(results: dict[str, Any]) -> str:
             for d in depths
         ]
         found = sum(r["found"] for r in rec)
+        same = row.get("same_as")
         rows.append(
-            [row["variant"], f"{row['length']:,}", *cells, f"{100.0 * found / len(rec):.0f} %"]
-            + [f"{row['seconds']:.0f}", f"{row['tokens_per_s']:.0f}"]
+            [
+                row["variant"] + (f" (= {same})" if same else ""),
+                f"{row['length']:,}",
+                *cells,
+                f"{100.0 * found / len(rec):.0f} %",
+                "" if same else f"{row['seconds']:.0f}",
+                "" if same else f"{row['tokens_per_s']:.0f}",
+            ]
         )
     head = ["variant", "tokens", *[f"depth {d:g}" for d in depths], "found", "wall s", "tokens/s"]
     return markdown_table(head, rows)
@@ -380,6 +388,13 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
         model_v = tuned if variant.endswith("-ft") else model
         set_variant(model_v, variant, args)
         for L in args.lengths:
+            dense = next(
+                (r for r in results["rows"] if r["variant"] == "sdpa" and r["length"] == L), None
+            )
+            if variant == "local" and L <= args.local_window and dense is not None:
+                # one block holds the prompt: exactly dense attention, sdpa's row
+                results["rows"].append(dict(dense, variant=variant, same_as="sdpa"))
+                continue
             cell = [t for t in trials if t.length == L]
             t0 = time.time()
             records = score(model_v, cell, f"{variant} {L}", args.quiet)
