@@ -1,6 +1,7 @@
 """Per-rank counts of one layer's sequence-parallel attention: the key/value rows a
 rank sends, receives and selects for itself, its operator calls, the (query, key)
-pairs it attends, and the bytes of the storages it keeps from forward to backward.
+pairs it attends, the bytes of the storages it keeps from forward to backward and
+the most bytes alive at once during its forward.
 
 The counts follow the sequence-parallel planner (the head groups of every
 rank-crossing segment, :func:`longnet.parallel.layout.segment`) but visit each
@@ -297,9 +298,9 @@ def attention_memory(
     item: int,
 ) -> tuple[int, int]:
     """``(held, peak)``: the bytes one layer's attention keeps from forward to backward
-    on one rank, storage by storage as ``sequence_parallel_dilated_attention`` builds
-    them, and those plus what is alive only until the forward returns (exchange
-    buffers, per-pattern lists, the output before the last add). The plan's index
+    on one rank (q, k, v, the returned out and lse and what autograd saves), storage by
+    storage as ``sequence_parallel_dilated_attention`` builds them, and the most bytes
+    alive at once during its forward (:func:`_forward_peak`). The plan's index
     tensors, held once per configuration for all layers, are :func:`index_bytes`."""
     b, d, h = batch, head_dim, num_heads
     lse_item = lse_bytes(item)
@@ -309,25 +310,17 @@ def attention_memory(
         return total, total
     if rc.local_rows:  # the local calls' out, lse
         total += b * rc.local_rows * h * (d * item + lse_item)
-    # with documents, the local calls' results concatenated in row order
-    joined = b * chunk * h * (d * item + lse_item) if rc.pieces > 1 else 0
-    if not rc.cross:
-        return total, total + joined
-    temp = 2 * b * (rc.send + rc.recv) * d * item + joined  # rows sent, received
-    held, calls_temp = _calls_memory(rc, b, d, item)
-    merge_held, merge_temp, merged = _merge_memory(rc, b, h, d, item)
-    total += held + merge_held
-    temp += calls_temp + merge_temp
-    if merged:
-        temp += b * chunk * h * (d * item + lse_item)  # out, lse before the tie
-    return total, total + temp
+    if rc.cross:
+        total += _calls_held(rc, b, d, item) + _merge_held(rc, b, h, d, item)
+    return total, _forward_peak(rc, chunk, b, h, kv_heads, d, item)
 
 
-def _calls_memory(rc: RankCount, b: int, d: int, item: int) -> tuple[int, int]:
-    """``(held, temporary)`` bytes of a rank's cross-rank calls: the selected query
-    rows, each call's output and lse, and the keys/values it gathers or views."""
+def _calls_held(rc: RankCount, b: int, d: int, item: int) -> int:
+    """Bytes the cross-rank calls keep for backward: the selected query rows, each
+    call's output and lse, and the keys/values it gathers (or ``k_sel`` / ``v_sel``,
+    when some call reads them as views)."""
     lse_item = lse_bytes(item)
-    held = temp = 0
+    held = 0
     q_len = sum(c.n_q * c.n_heads for c in rc.calls)
     if q_len:
         held += b * q_len * d * item  # q_sel
@@ -341,47 +334,194 @@ def _calls_memory(rc: RankCount, b: int, d: int, item: int) -> tuple[int, int]:
             held += 2 * b * c.n_keys * c.n_pairs * d * item  # gathered k, v
         else:
             keeps_k_sel = True  # views of k_sel, v_sel
-    kv_len = rc.send + rc.own
     if keeps_k_sel:
-        held += 2 * b * kv_len * d * item
-    else:
-        temp += 2 * b * kv_len * d * item  # k_sel, v_sel
-    return held, temp
+        held += 2 * b * (rc.send + rc.own) * d * item
+    return held
 
 
-def _merge_memory(rc: RankCount, b: int, h: int, d: int, item: int) -> tuple[int, int, bool]:
-    """``(held, temporary, merged)``: bytes of merging each crossing pattern's partial
-    results (the local part's call and the cross-rank calls) by their log-sum-exps,
-    and whether any pattern has rows to merge on this rank."""
+def _merge_held(rc: RankCount, b: int, h: int, d: int, item: int) -> int:
+    """Bytes that merging each crossing pattern's partial results (the local part's
+    call and the cross-rank calls) by their log-sum-exps keeps for backward."""
     lse_item = lse_bytes(item)
     acc_item = lse_item  # the merge runs in the lse dtype
-    by_pattern: dict[int, list[Call]] = {}
-    for c in rc.calls:
-        by_pattern.setdefault(c.pattern, []).append(c)
-    held = temp = 0
-    merged = False
-    for i in rc.cross:
-        calls = by_pattern.get(i, [])
-        part_rows = rc.partial.get(i, 0) * h
-        rows = part_rows + sum(c.n_q * c.n_heads for c in calls)
-        if rows == 0:
-            continue  # nothing to merge here
-        merged = True
-        temp += b * rows * lse_item  # lse rows, transposed
+    held = 0
+    for k, (i, calls, part_rows, rows) in enumerate(_merged_patterns(rc, h)):
         if part_rows:  # the partial call's out, lse
             held += b * part_rows * (d * item + lse_item)
         pieces = len(calls) + rc.partial_calls.get(i, 0)
-        # the merge: exp(a), exp(b), total, a/total, b/total (lse dtype), where mask
-        held += b * rows * (5 * lse_item + 1)
+        # the merge: exp(a), exp(b), total, a/total, b/total (lse dtype), where mask;
+        # a/total only when the local result has a gradient (some local call ran, or
+        # an earlier merge wrote into it).
+        a_saved = rc.local_rows > 0 or k > 0
+        held += b * rows * ((5 if a_saved else 4) * lse_item + 1)
         held += b * rows * d * acc_item  # o_a (in the lse dtype)
         held += b * rows * (d * item + lse_item)  # merged rows (index_copy)
         if item != acc_item:
             held += b * rows * d * acc_item  # o_b in the lse dtype
         elif pieces > 1:
             held += b * rows * d * item  # o_b, concatenated
-        if pieces > 1:
-            temp += b * rows * lse_item + (b * rows * d * item if item != acc_item else 0)
-    return held, temp, merged
+    return held
+
+
+def _merged_patterns(rc: RankCount, h: int) -> list[tuple[int, list[Call], int, int]]:
+    """``(pattern, its cross-rank calls, partial rows, rows)`` of every crossing pattern
+    with rows to merge on this rank (rows: (position, head) entries), in merge order."""
+    by_pattern: dict[int, list[Call]] = {}
+    for c in rc.calls:
+        by_pattern.setdefault(c.pattern, []).append(c)
+    merged = []
+    for i in rc.cross:
+        calls = by_pattern.get(i, [])
+        part_rows = rc.partial.get(i, 0) * h
+        rows = part_rows + sum(c.n_q * c.n_heads for c in calls)
+        if rows:  # else no head of this rank has rows in the pattern's segments here
+            merged.append((i, calls, part_rows, rows))
+    return merged
+
+
+class _Ledger:
+    """The bytes alive during a forward (``now``), allocated and freed in the
+    operator's order, and the most alive at once (``peak``)."""
+
+    def __init__(self, start: int) -> None:
+        self.now = self.peak = start
+
+    def alloc(self, *sizes: int) -> None:
+        """Storages created one after the other (each alive when the next is)."""
+        for n in sizes:
+            self.now += n
+            self.peak = max(self.peak, self.now)
+
+    def free(self, *sizes: int) -> None:
+        """Storages whose last reference went."""
+        self.now -= sum(sizes)
+
+
+def _forward_peak(rc: RankCount, chunk: int, b: int, h: int, hk: int, d: int, item: int) -> int:
+    """The most bytes alive at once during one rank's forward of
+    ``sequence_parallel_dilated_attention`` (``world > 1``, gradients enabled): q, k,
+    v and every storage the operator creates, in the order of
+    ``longnet.parallel.attention._run_plan`` and freed where its last reference goes
+    (a Python name or list, or a tensor autograd saved). Alive to the end: ``k_sel``,
+    ``v_sel``, the exchange's output, every call's out and lse (with the lse rows
+    transposed) and what autograd saves. Freed early: the stacked send rows when the
+    exchange has started, their flat copy at its wait, a head map's gathered keys once
+    mapped, the merge's temporaries, the cast copies and concatenated lse rows, and
+    each merged out/lse once the next replaces it. Not counted: the operator's scratch
+    inside a call."""
+    li = lse_bytes(item)
+    row_o = d * item  # one (position, head) row of an output
+    out_o, out_l = b * chunk * h * row_o, b * chunk * h * li  # a whole out, lse
+    led = _Ledger(b * chunk * (h + 2 * hk) * d * item)  # q, k, v
+    # _start_exchange: k_sel, v_sel; the rows sent stacked, their flat copy handed to
+    # the all-to-all and its output; the stack goes when the function returns.
+    kv_sel = b * (rc.send + rc.own) * d * item
+    sent, got = 2 * b * rc.send * d * item, 2 * b * rc.recv * d * item
+    led.alloc(kv_sel, kv_sel, sent, sent, got)
+    led.free(sent)
+    # _local_calls: an out and lse for every row of the chunk (computed, or zeros and
+    # -inf where every pattern crosses ranks), kept in base_o/base_l to the end.
+    led.alloc(out_o, out_l)
+    # _partly_local_calls: out, lse and the lse transposed to rows (a copy unless H = 1).
+    for i in rc.cross:
+        part = b * rc.partial.get(i, 0) * h
+        led.alloc(part * row_o, part * li, part * li if h > 1 else 0)
+    led.free(sent)  # the wait: the all-to-all lets go of the flat copy
+    _cross_calls_ledger(led, rc, b, d, item)
+    _merge_ledger(led, rc, chunk, b, h, d, item)
+    return led.peak
+
+
+def _cross_calls_ledger(led: _Ledger, rc: RankCount, b: int, d: int, item: int) -> None:
+    """``_cross_rank_calls``: the selected query rows, then per call its gathered keys
+    and values (a concatenation of pieces; with a head map, the per-head copy that
+    replaces it), its out, lse and lse rows transposed, all kept (autograd saves them
+    or the lists hold them)."""
+    li = lse_bytes(item)
+    led.alloc(b * sum(c.n_q * c.n_heads for c in rc.calls) * d * item)  # q_sel
+    for c in rc.calls:
+        gathered = 2 * b * c.n_keys * c.n_pairs * d * item if c.pieces > 1 else 0
+        led.alloc(gathered)
+        if c.head_map:
+            led.alloc(2 * b * c.n_keys * c.n_heads * d * item)
+            led.free(gathered)  # replaced by the mapped copy, which the call saves
+        rows = b * c.n_q * c.n_heads
+        transposed = rows * li if c.n_heads > 1 and c.n_q > 1 else 0
+        led.alloc(rows * d * item, rows * li, transposed)
+
+
+def _merge_ledger(
+    led: _Ledger, rc: RankCount, chunk: int, b: int, h: int, d: int, item: int
+) -> None:
+    """``_merge_patterns`` and the tie: the local results concatenated (with several
+    pieces), then per crossing pattern its results concatenated, the rows it replaces
+    selected, ``_merge``'s temporaries and the out and lse with the merged rows copied
+    in, which replace the previous ones; finally the tied out and lse."""
+    li = lse_bytes(item)
+    cast = item != li  # the merge runs in the lse dtype: o_a, o_b cast to it and back
+    out_o, out_l = b * chunk * h * d * item, b * chunk * h * li
+    freeable = (0, 0)  # the current out, lse if only their names hold them
+    if rc.pieces > 1:  # the local results concatenated
+        led.alloc(out_o, out_l)
+        freeable = (out_o, out_l)
+    drop_o = drop_l = 0  # the previous pattern's o_i / l_i, freed when replaced
+    for k, (i, calls, _, n) in enumerate(_merged_patterns(rc, h)):
+        rows = b * n
+        cat = len(calls) + rc.partial_calls.get(i, 0) > 1
+        o_i, l_i = (rows * d * item, rows * li) if cat else (0, 0)
+        led.alloc(o_i)
+        led.free(drop_o)
+        led.alloc(l_i)
+        led.free(drop_l)
+        drop_o = o_i if cast else 0  # without a cast the merge saves o_i
+        drop_l = l_i
+        led.alloc(rows * d * item, rows * li)  # o_a, l_a
+        # The local result has a gradient once some local call ran or a merge wrote in.
+        _merge_fn_ledger(led, rows, d, item, li, cast, rc.local_rows > 0 or k > 0)
+        led.free(rows * li)  # l_a, at _merge's return
+        led.free(rows * d * item if cast else 0)  # o_a, when the merge saved its cast copy
+        led.alloc(out_o, out_l)  # index_copy of out and lse
+        led.free(*freeable)
+        freeable = (out_o, out_l)
+    led.free(drop_o, drop_l)  # _merge_patterns returns
+    # The tie (adding an exact zero): a new out, then a new lse, each replacing its own.
+    led.alloc(out_o)
+    led.free(freeable[0])
+    led.alloc(out_l)
+    led.free(freeable[1])
+
+
+def _merge_fn_ledger(
+    led: _Ledger, rows: int, d: int, item: int, li: int, cast: bool, a_grad: bool
+) -> None:
+    """``_merge`` of ``rows`` entries (``rows`` already includes the batch): what it
+    allocates and frees; it returns with o_m and l_m and, saved for backward, w_a, w_b,
+    the total, the mask, both weights and the outputs it multiplied. Without
+    ``a_grad`` (o_a, l_a without a gradient) the product saves no a/total."""
+    r = rows * li  # one lse-dtype value per row
+    led.alloc(r)  # maximum(l_a, l_b)
+    led.alloc(rows, r, r)  # isfinite, zeros_like, where: m
+    led.free(rows, r, r)  # isfinite, zeros_like, the maximum
+    for _ in range(2):  # w_a = exp(l_a - m), w_b
+        led.alloc(r, r)
+        led.free(r)
+    led.alloc(r, rows)  # total, has
+    led.alloc(r, r)  # ones_like, where: total
+    led.free(r, r)  # ones_like, the first total
+    led.alloc(r, r)  # log(total), m + log
+    led.free(r)  # the log (log saved its input)
+    led.alloc(r, r)  # full_like(-inf), where: lse (l_m)
+    led.free(r, r)  # m + log, full_like
+    acc_rows = rows * d * li
+    for saved in (a_grad, True):  # w / total, the output in the lse dtype, their product
+        led.alloc(r, acc_rows if cast else 0, acc_rows)
+        led.free(0 if saved else r)  # w_a / total, when the product did not save it
+    led.alloc(acc_rows)  # the sum
+    led.free(acc_rows, acc_rows)  # the products
+    if cast:
+        led.alloc(rows * d * item)  # o_m in the input dtype
+        led.free(acc_rows)  # the sum
+    led.free(r)  # m, at the return
 
 
 def index_bytes(rc: RankCount, chunk: int, num_heads: int) -> int:
