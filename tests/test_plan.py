@@ -292,7 +292,7 @@ def test_some_case_crosses_ranks_and_some_does_not(runs):
 
 # The README says the planned activation memory lands within 2% of the bytes autograd
 # keeps (measured 2026-12-02: at most 1.6%, gqa-partial-causal-bf16; 0 for the memory
-# case) and the forward peak within 8% of the resident set's (measured 2.6% to 6.5%).
+# case) and the forward peak within 10% of the resident set's (measured 0.3% to 7.6%).
 # 3% and 10% leave room for allocator noise only: one forgotten or extra buffer of
 # the output's size is 8% to 14% of the memory case.
 HELD_TOLERANCE = 0.03
