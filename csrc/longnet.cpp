@@ -1,6 +1,7 @@
 // Operator schemas of the longnet namespace and the Python module stub.
-// csrc/engine/dispatch.cpp registers the implementations: the fused kernels of
-// csrc/cpu/*.cpp and csrc/cuda/*.cu, or dense engines (csrc/engine/).
+// csrc/engine/dispatch.cpp registers the implementations, which run the engine of the
+// call (csrc/engine/engine.h): `fused` (the kernels of csrc/cpu and csrc/cuda) or a
+// dense engine.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -39,12 +40,11 @@ PyObject* engine_names(PyObject*, PyObject*) {
   return tuple;
 }
 
-// _engine_built(name) -> bool: whether a dense engine of that name is compiled in.
+// _engine_built(name) -> bool: whether an engine of that name is compiled in.
 PyObject* engine_built(PyObject*, PyObject* arg) {
   const char* name = PyUnicode_AsUTF8(arg);
   if (name == nullptr) return nullptr;
-  return PyBool_FromLong(std::string(name) == "fused" ||
-                         longnet::engine::find_engine(name) != nullptr);
+  return PyBool_FromLong(longnet::engine::find_engine(name) != nullptr);
 }
 
 PyMethodDef methods[] = {

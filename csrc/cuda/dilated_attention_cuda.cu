@@ -219,8 +219,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
 }  // namespace
 
 // ------------------------------------------------------------- operators ----
-// The fused engine on CUDA (fused.h): engine/dispatch.cpp registers the operators,
-// checks their arguments and calls these when the fused engine is chosen.
+// The fused engine on CUDA (fused.h): engine/engines_fused.cpp calls these on the
+// arguments engine/dispatch.cpp checked.
 
 std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in,

@@ -159,7 +159,7 @@ bool KernelEngine::on_fallback(const at::Tensor& q, const at::Tensor& k) const {
 std::tuple<at::Tensor, at::Tensor> KernelEngine::forward(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, bool causal,
                                                          double scale) const {
-  if (on_fallback(q, k)) return find_engine("math")->forward(q, k, v, causal, scale);
+  if (on_fallback(q, k)) return math_engine().forward(q, k, v, causal, scale);
   const at::Tensor qa = prepare_input(kernel_, q), ka = prepare_input(kernel_, k),
                    va = prepare_input(kernel_, v);
   if (kernel_ == Kernel::kCudnn) check_int32_strides({&qa, &ka, &va});
@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> KernelEngine::backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const {
   if (on_fallback(q, k)) {
-    return find_engine("math")->backward(grad_out, q, k, v, out, lse, causal, scale);
+    return math_engine().backward(grad_out, q, k, v, out, lse, causal, scale);
   }
   const at::Tensor qa = prepare_input(kernel_, q), ka = prepare_input(kernel_, k),
                    va = prepare_input(kernel_, v);
