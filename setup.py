@@ -5,6 +5,9 @@ CPU-only by default on machines without CUDA. Environment variables:
 * ``LONGNET_FORCE_CUDA=1``: compile the CUDA kernels even without a visible GPU
   (needs nvcc and a CUDA build of torch).
 * ``LONGNET_NO_CUDA=1``: never compile the CUDA kernels.
+* ``LONGNET_BUILD_TESTING=1``: a testing build (defines LONGNET_TESTING): compiles the
+  CPU contract engines (csrc/testing/*.cpp, reached through ``longnet.testing``). The
+  tests need it; CI sets it.
 * ``LONGNET_CUDA_ARCHS``: semicolon-separated compute capabilities, default
   ``"8.0;9.0"`` (A100, H100/H200); PTX is embedded for the newest one.
 * ``LONGNET_DEBUG=1``: ``-O0 -g`` build.
@@ -66,31 +69,43 @@ def _system_includes(cuda: bool) -> list:
     return [flag for d in dirs for flag in ("-isystem", d)]
 
 
+def _sources(directory: str, pattern: str = "*.cpp") -> list:
+    """The files of csrc/<directory> matching ``pattern``, relative to the repository."""
+    found = sorted(glob.glob(os.path.join(HERE, "csrc", directory, pattern)))
+    return [os.path.relpath(p, HERE) for p in found]
+
+
 def make_extension():
     debug = _env_flag("LONGNET_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     werror = _env_flag("LONGNET_WERROR")
     warnings = ["-Wall", "-Wextra"] + (["-Werror"] if werror else [])
+    testing = _env_flag("LONGNET_BUILD_TESTING")
     cuda = _want_cuda()
+    # One macro per optional part, seen by every file (C++ and CUDA), which keeps the
+    # parts a file has in step with the sources listed below: csrc/engine/engines_cuda.cpp
+    # is empty without LONGNET_WITH_CUDA, csrc/engine/kernel_contract.cpp without
+    # LONGNET_WITH_CUDA and LONGNET_TESTING.
+    defines = (["-DLONGNET_WITH_CUDA"] if cuda else []) + (["-DLONGNET_TESTING"] if testing else [])
     cxx_flags = (
-        opt + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"] + warnings + _system_includes(cuda)
+        opt
+        + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"]
+        + warnings
+        + _system_includes(cuda)
+        + defines
     )
-    sources = [
-        os.path.relpath(p, HERE)
-        for p in sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
-        + sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-        + sorted(glob.glob(os.path.join(HERE, "csrc", "engine", "*.cpp")))
-    ]
+    # Operators, fused CPU kernels, engine registry, composition and dense engines.
+    sources = _sources("") + _sources("cpu") + _sources("engine")
+    if testing:
+        sources += _sources("testing")  # the contract engines
+    if cuda:
+        sources += _sources("cuda", "*.cu")  # the fused engine's CUDA kernels
     common = dict(
         name="longnet._C",
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_link_args=["-fopenmp"],
     )
     if cuda:
-        sources += [
-            os.path.relpath(p, HERE)
-            for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
-        ]
         nvcc_flags = (
             opt
             + ["-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -103,10 +118,7 @@ def make_extension():
             nvcc_flags += ["-Werror", "all-warnings"]
         return CUDAExtension(
             sources=sources,
-            extra_compile_args={
-                "cxx": cxx_flags + ["-DLONGNET_WITH_CUDA"],
-                "nvcc": nvcc_flags + ["-DLONGNET_WITH_CUDA"],
-            },
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags + defines},
             **common,
         )
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)

@@ -29,7 +29,8 @@ PyObject* last_engine(PyObject*, PyObject*) {
   return Py_BuildValue("(Ks)", static_cast<unsigned long long>(last.first), last.second.c_str());
 }
 
-// _engine_names() -> tuple of the engine names (without "auto").
+// _engine_names() -> tuple of the API's engine names (without "auto" and the engines
+// for tests).
 PyObject* engine_names(PyObject*, PyObject*) {
   const auto& names = longnet::engine::engine_names();
   PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
@@ -47,12 +48,34 @@ PyObject* engine_built(PyObject*, PyObject* arg) {
   return PyBool_FromLong(longnet::engine::find_engine(name) != nullptr);
 }
 
+// _build_flags() -> tuple of the optional parts compiled in (setup.py): "cuda" (CUDA
+// operators, engines and kernels), "testing" (the engines for tests).
+PyObject* build_flags(PyObject*, PyObject*) {
+  static const char* const flags[] = {
+#ifdef LONGNET_WITH_CUDA
+      "cuda",
+#endif
+#ifdef LONGNET_TESTING
+      "testing",
+#endif
+      nullptr};
+  Py_ssize_t count = 0;
+  while (flags[count] != nullptr) ++count;
+  PyObject* tuple = PyTuple_New(count);
+  if (tuple == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyTuple_SET_ITEM(tuple, i, PyUnicode_FromString(flags[i]));
+  }
+  return tuple;
+}
+
 PyMethodDef methods[] = {
     {"_set_engine", set_engine, METH_O, "Force an engine for this thread."},
     {"_forced_engine", forced_engine, METH_NOARGS, "Engine forced for this thread."},
     {"_last_engine", last_engine, METH_NOARGS, "(sequence, engine) of this thread's last call."},
     {"_engine_names", engine_names, METH_NOARGS, "Names of the engines."},
     {"_engine_built", engine_built, METH_O, "Whether an engine is compiled in."},
+    {"_build_flags", build_flags, METH_NOARGS, "Optional parts compiled in."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

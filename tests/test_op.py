@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import longnet
+import longnet.testing
 from longnet.reference import dilated_attention_reference, pattern_counts
 
 CASES = {
@@ -33,6 +34,21 @@ CASES = {
     "long_blocks": (1, 520, 600, 2, 1, 16, [300, 600], [1, 2]),
     "repeat_pattern": (1, 32, 32, 2, 2, 16, [8, 8], [1, 1]),
 }
+
+
+def require_testing_build():
+    """Skips the calling test unless longnet._C is a testing build (the contract engines,
+    LONGNET_DEBUG_SKIP_ROW; longnet.testing). Under CI=1, whose build must be one, the
+    test fails instead."""
+    if longnet.testing.TESTING_BUILD:
+        return
+    reason = (
+        "needs a testing build of longnet._C: "
+        f"`{longnet.testing.BUILD_COMMAND}` from the repository root"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(f"CI=1 and {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def make_inputs(b, nq, nk, h, hk, d, dtype=torch.float64, seed=0, packed=False):

@@ -40,6 +40,9 @@ class Engine {
  public:
   virtual ~Engine() = default;
   virtual const char* name() const = 0;
+  // Whether the engine exists for tests only (compiled into a testing build, reached
+  // through longnet.testing, never among engine_names()).
+  virtual bool for_tests() const { return false; }
   // Why this engine cannot run a call on these (B, N, H, D) inputs, or nullopt when
   // it can.
   virtual std::optional<std::string> cannot_run(const at::Tensor& q, const at::Tensor& k,
@@ -91,8 +94,8 @@ const Engine* find_engine(const std::string& name);
 // The `math` dense engine (engines_cpu.cpp), which runs every problem.
 const DenseEngine& math_engine();
 
-// Every engine name the API knows, built or not (without "auto"), in the order `auto`
-// prefers them per device.
+// The engine names of the API, built or not (without "auto" and the engines for
+// tests), in the order `auto` prefers them per device.
 const std::vector<std::string>& engine_names();
 
 // ------------------------------------------------------------ selection ----

@@ -1,5 +1,9 @@
 // Argument preparation shared by the CUDA engines and their CPU contract engines
 // (kernel_contract.h). Each step names the contract it keeps and where ATen states it.
+// Empty unless a build has engines derived from KernelEngine: CUDA builds and testing
+// builds.
+#if defined(LONGNET_WITH_CUDA) || defined(LONGNET_TESTING)
+
 #include "engine/kernel_contract.h"
 
 #include <algorithm>
@@ -233,3 +237,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> KernelEngine::backward(
 }
 
 }  // namespace longnet::engine
+
+#endif  // LONGNET_WITH_CUDA || LONGNET_TESTING

@@ -23,11 +23,13 @@ thread_local std::string t_forced;
 thread_local std::pair<uint64_t, std::string> t_last{0, ""};
 std::atomic<uint64_t> g_sequence{0};
 
+// An engine of the API (built or not), or an engine for tests that is built.
 bool is_known(const std::string& name) {
   for (const std::string& n : engine_names()) {
     if (n == name) return true;
   }
-  return name == "auto";
+  const Engine* engine = find_engine(name);
+  return name == "auto" || (engine != nullptr && engine->for_tests());
 }
 
 std::string known_list() {
@@ -82,17 +84,8 @@ const Engine* find_engine(const std::string& name) {
 }
 
 const std::vector<std::string>& engine_names() {
-  // The contract_* engines run on CPU what the CUDA engines run, under the CUDA
-  // kernels' input contracts (engines_contract.cpp); only ever forced.
-  static const std::vector<std::string> names{"fused",
-                                              "cpu_flash",
-                                              "math",
-                                              "cuda_flash",
-                                              "cuda_cudnn",
-                                              "cuda_efficient",
-                                              "contract_cuda_flash",
-                                              "contract_cuda_cudnn",
-                                              "contract_cuda_efficient"};
+  static const std::vector<std::string> names{"fused",      "cpu_flash",  "math",
+                                              "cuda_flash", "cuda_cudnn", "cuda_efficient"};
   return names;
 }
 
