@@ -1,10 +1,16 @@
 """Build of the longnet extension (longnet._C).
 
-CPU-only by default on machines without CUDA. Environment variables:
+The default build has the CPU operators and engines (``fused``, ``cpu_flash``,
+``math``), and, where a GPU is visible and torch is a CUDA build, the CUDA operators
+with the engines on ATen's CUDA kernels (``cuda_flash``, ``cuda_cudnn``,
+``cuda_efficient``, ``math``). Environment variables:
 
-* ``LONGNET_FORCE_CUDA=1``: compile the CUDA kernels even without a visible GPU
-  (needs nvcc and a CUDA build of torch).
-* ``LONGNET_NO_CUDA=1``: never compile the CUDA kernels.
+* ``LONGNET_FORCE_CUDA=1``: a CUDA build even without a visible GPU (needs nvcc and a
+  CUDA build of torch).
+* ``LONGNET_NO_CUDA=1``: never a CUDA build.
+* ``LONGNET_FUSED_CUDA=1``: also compile the ``fused`` engine's CUDA kernels
+  (csrc/cuda/*.cu, defines LONGNET_FUSED_CUDA); a CUDA build, as with
+  ``LONGNET_FORCE_CUDA=1``. Without it ``fused`` runs on CPU only.
 * ``LONGNET_BUILD_TESTING=1``: a testing build (defines LONGNET_TESTING): compiles the
   CPU contract engines (csrc/testing/*.cpp, reached through ``longnet.testing``). The
   tests need it; CI sets it.
@@ -36,17 +42,25 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _want_cuda() -> bool:
+def _want_cuda(fused_cuda: bool) -> bool:
+    """Whether this is a CUDA build; ``fused_cuda`` (LONGNET_FUSED_CUDA=1) asks for one."""
+    forced = _env_flag("LONGNET_FORCE_CUDA") or fused_cuda
+    why = "LONGNET_FUSED_CUDA=1" if fused_cuda else "LONGNET_FORCE_CUDA=1"
     if _env_flag("LONGNET_NO_CUDA"):
+        if fused_cuda:
+            raise RuntimeError(
+                "LONGNET_FUSED_CUDA=1 (the fused CUDA kernels) and LONGNET_NO_CUDA=1 "
+                "(no CUDA build) contradict each other; unset one"
+            )
         return False
     if torch.version.cuda is None or CUDA_HOME is None:
-        if _env_flag("LONGNET_FORCE_CUDA"):
+        if forced:
             raise RuntimeError(
-                "LONGNET_FORCE_CUDA=1 needs a CUDA build of torch and nvcc "
+                f"{why} needs a CUDA build of torch and nvcc "
                 f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
             )
         return False
-    return _env_flag("LONGNET_FORCE_CUDA") or torch.cuda.is_available()
+    return forced or torch.cuda.is_available()
 
 
 def _gencode_flags() -> list:
@@ -80,13 +94,18 @@ def make_extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     werror = _env_flag("LONGNET_WERROR")
     warnings = ["-Wall", "-Wextra"] + (["-Werror"] if werror else [])
+    fused_cuda = _env_flag("LONGNET_FUSED_CUDA")
     testing = _env_flag("LONGNET_BUILD_TESTING")
-    cuda = _want_cuda()
+    cuda = _want_cuda(fused_cuda)
     # One macro per optional part, seen by every file (C++ and CUDA), which keeps the
     # parts a file has in step with the sources listed below: csrc/engine/engines_cuda.cpp
     # is empty without LONGNET_WITH_CUDA, csrc/engine/kernel_contract.cpp without
     # LONGNET_WITH_CUDA and LONGNET_TESTING.
-    defines = (["-DLONGNET_WITH_CUDA"] if cuda else []) + (["-DLONGNET_TESTING"] if testing else [])
+    defines = (
+        (["-DLONGNET_WITH_CUDA"] if cuda else [])
+        + (["-DLONGNET_FUSED_CUDA"] if fused_cuda else [])
+        + (["-DLONGNET_TESTING"] if testing else [])
+    )
     cxx_flags = (
         opt
         + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"]
@@ -98,7 +117,7 @@ def make_extension():
     sources = _sources("") + _sources("cpu") + _sources("engine")
     if testing:
         sources += _sources("testing")  # the contract engines
-    if cuda:
+    if fused_cuda:
         sources += _sources("cuda", "*.cu")  # the fused engine's CUDA kernels
     common = dict(
         name="longnet._C",

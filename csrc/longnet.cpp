@@ -49,11 +49,15 @@ PyObject* engine_built(PyObject*, PyObject* arg) {
 }
 
 // _build_flags() -> tuple of the optional parts compiled in (setup.py): "cuda" (CUDA
-// operators, engines and kernels), "testing" (the engines for tests).
+// operators and engines), "fused_cuda" (the fused CUDA kernels), "testing" (the
+// engines and switches for tests).
 PyObject* build_flags(PyObject*, PyObject*) {
   static const char* const flags[] = {
 #ifdef LONGNET_WITH_CUDA
       "cuda",
+#endif
+#ifdef LONGNET_FUSED_CUDA
+      "fused_cuda",
 #endif
 #ifdef LONGNET_TESTING
       "testing",

@@ -10,7 +10,8 @@ An engine changes how the operator is computed, never what:
 * ``auto``: ``fused`` on CPU; on CUDA ``cuda_flash`` or ``cuda_cudnn`` where they
   apply (bfloat16/float16), ``cuda_efficient`` for float32, ``math`` otherwise.
 
-The CUDA engines need a CUDA build (``engine_built``). A testing build (``LONGNET_BUILD_TESTING=1``)
+``fused`` runs on CUDA only in a build with ``LONGNET_FUSED_CUDA=1``; the CUDA engines
+need a CUDA build (``engine_built``). A testing build (``LONGNET_BUILD_TESTING=1``)
 adds engines for tests, which ``longnet.testing`` reaches and ``ENGINES`` does not
 list.
 

@@ -30,6 +30,7 @@ __all__ = [
     "BUILD_COMMAND",
     "CONTRACT_ENGINES",
     "ENGINES",
+    "FUSED_CUDA",
     "TESTING_BUILD",
     "engine_built",
     "use_engine",
@@ -39,6 +40,9 @@ _FLAGS = frozenset(_C._build_flags())
 
 TESTING_BUILD: bool = "testing" in _FLAGS
 """Whether longnet._C is a testing build (``LONGNET_BUILD_TESTING=1``)."""
+
+FUSED_CUDA: bool = "fused_cuda" in _FLAGS
+"""Whether the fused engine's CUDA kernels are built in (``LONGNET_FUSED_CUDA=1``)."""
 
 BUILD_COMMAND = "LONGNET_BUILD_TESTING=1 pip install --no-build-isolation -e ."
 """The command, from the repository root, that makes a testing build."""
