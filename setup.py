@@ -12,8 +12,9 @@ with the engines on ATen's CUDA kernels (``cuda_flash``, ``cuda_cudnn``,
   (csrc/cuda/*.cu, defines LONGNET_FUSED_CUDA); a CUDA build, as with
   ``LONGNET_FORCE_CUDA=1``. Without it ``fused`` runs on CPU only.
 * ``LONGNET_BUILD_TESTING=1``: a testing build (defines LONGNET_TESTING): compiles the
-  CPU contract engines (csrc/testing/*.cpp, reached through ``longnet.testing``). The
-  tests need it; CI sets it.
+  CPU contract engines (csrc/testing/*.cpp, reached through ``longnet.testing``) and
+  the ``LONGNET_DEBUG_SKIP_ROW`` switch of the fused kernels. The tests need it; CI
+  sets it.
 * ``LONGNET_CUDA_ARCHS``: semicolon-separated compute capabilities, default
   ``"8.0;9.0"`` (A100, H100/H200); PTX is embedded for the newest one.
 * ``LONGNET_DEBUG=1``: ``-O0 -g`` build.

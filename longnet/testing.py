@@ -8,7 +8,8 @@ A testing build of the extension (``LONGNET_BUILD_TESTING=1 pip install
   engine of that kernel, then dense float32 attention on CPU that enforces the
   kernel's input contract; never chosen by ``auto`` and not in
   ``longnet.engines.ENGINES``: ``use_engine`` below forces them;
-* the test operators ``torch.ops.longnet._contract_kernel_forward/_backward``.
+* the test operators ``torch.ops.longnet._contract_kernel_forward/_backward``;
+* the ``LONGNET_DEBUG_SKIP_ROW`` switch of the fused kernels.
 
 In a testing build::
 
