@@ -1,10 +1,20 @@
 """Build of the longnet extension (longnet._C).
 
-CPU-only by default on machines without CUDA. Environment variables:
+The default build has the CPU operators and engines (``fused``, ``cpu_flash``,
+``math``), and, where a GPU is visible and torch is a CUDA build, the CUDA operators
+with the engines on ATen's CUDA kernels (``cuda_flash``, ``cuda_cudnn``,
+``cuda_efficient``, ``math``). Environment variables:
 
-* ``LONGNET_FORCE_CUDA=1``: compile the CUDA kernels even without a visible GPU
-  (needs nvcc and a CUDA build of torch).
-* ``LONGNET_NO_CUDA=1``: never compile the CUDA kernels.
+* ``LONGNET_FORCE_CUDA=1``: a CUDA build even without a visible GPU (needs nvcc and a
+  CUDA build of torch).
+* ``LONGNET_NO_CUDA=1``: never a CUDA build.
+* ``LONGNET_FUSED_CUDA=1``: also compile the ``fused`` engine's CUDA kernels
+  (csrc/cuda/*.cu, defines LONGNET_FUSED_CUDA); a CUDA build, as with
+  ``LONGNET_FORCE_CUDA=1``. Without it ``fused`` runs on CPU only.
+* ``LONGNET_BUILD_TESTING=1``: a testing build (defines LONGNET_TESTING): compiles the
+  CPU contract engines (csrc/testing/*.cpp, reached through ``longnet.testing``) and
+  the ``LONGNET_DEBUG_SKIP_ROW`` switch of the fused kernels. The tests need it; CI
+  sets it.
 * ``LONGNET_CUDA_ARCHS``: semicolon-separated compute capabilities, default
   ``"8.0;9.0"`` (A100, H100/H200); PTX is embedded for the newest one.
 * ``LONGNET_DEBUG=1``: ``-O0 -g`` build.
@@ -33,17 +43,25 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _want_cuda() -> bool:
+def _want_cuda(fused_cuda: bool) -> bool:
+    """Whether this is a CUDA build; ``fused_cuda`` (LONGNET_FUSED_CUDA=1) asks for one."""
+    forced = _env_flag("LONGNET_FORCE_CUDA") or fused_cuda
+    why = "LONGNET_FUSED_CUDA=1" if fused_cuda else "LONGNET_FORCE_CUDA=1"
     if _env_flag("LONGNET_NO_CUDA"):
+        if fused_cuda:
+            raise RuntimeError(
+                "LONGNET_FUSED_CUDA=1 (the fused CUDA kernels) and LONGNET_NO_CUDA=1 "
+                "(no CUDA build) contradict each other; unset one"
+            )
         return False
     if torch.version.cuda is None or CUDA_HOME is None:
-        if _env_flag("LONGNET_FORCE_CUDA"):
+        if forced:
             raise RuntimeError(
-                "LONGNET_FORCE_CUDA=1 needs a CUDA build of torch and nvcc "
+                f"{why} needs a CUDA build of torch and nvcc "
                 f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
             )
         return False
-    return _env_flag("LONGNET_FORCE_CUDA") or torch.cuda.is_available()
+    return forced or torch.cuda.is_available()
 
 
 def _gencode_flags() -> list:
@@ -66,31 +84,48 @@ def _system_includes(cuda: bool) -> list:
     return [flag for d in dirs for flag in ("-isystem", d)]
 
 
+def _sources(directory: str, pattern: str = "*.cpp") -> list:
+    """The files of csrc/<directory> matching ``pattern``, relative to the repository."""
+    found = sorted(glob.glob(os.path.join(HERE, "csrc", directory, pattern)))
+    return [os.path.relpath(p, HERE) for p in found]
+
+
 def make_extension():
     debug = _env_flag("LONGNET_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     werror = _env_flag("LONGNET_WERROR")
     warnings = ["-Wall", "-Wextra"] + (["-Werror"] if werror else [])
-    cuda = _want_cuda()
-    cxx_flags = (
-        opt + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"] + warnings + _system_includes(cuda)
+    fused_cuda = _env_flag("LONGNET_FUSED_CUDA")
+    testing = _env_flag("LONGNET_BUILD_TESTING")
+    cuda = _want_cuda(fused_cuda)
+    # One macro per optional part, seen by every file (C++ and CUDA), which keeps the
+    # parts a file has in step with the sources listed below: csrc/engine/engines_cuda.cpp
+    # is empty without LONGNET_WITH_CUDA, csrc/engine/kernel_contract.cpp without
+    # LONGNET_WITH_CUDA and LONGNET_TESTING.
+    defines = (
+        (["-DLONGNET_WITH_CUDA"] if cuda else [])
+        + (["-DLONGNET_FUSED_CUDA"] if fused_cuda else [])
+        + (["-DLONGNET_TESTING"] if testing else [])
     )
-    sources = [
-        os.path.relpath(p, HERE)
-        for p in sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
-        + sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-        + sorted(glob.glob(os.path.join(HERE, "csrc", "engine", "*.cpp")))
-    ]
+    cxx_flags = (
+        opt
+        + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"]
+        + warnings
+        + _system_includes(cuda)
+        + defines
+    )
+    # Operators, fused CPU kernels, engine registry, composition and dense engines.
+    sources = _sources("") + _sources("cpu") + _sources("engine")
+    if testing:
+        sources += _sources("testing")  # the contract engines
+    if fused_cuda:
+        sources += _sources("cuda", "*.cu")  # the fused engine's CUDA kernels
     common = dict(
         name="longnet._C",
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_link_args=["-fopenmp"],
     )
     if cuda:
-        sources += [
-            os.path.relpath(p, HERE)
-            for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
-        ]
         nvcc_flags = (
             opt
             + ["-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -103,10 +138,7 @@ def make_extension():
             nvcc_flags += ["-Werror", "all-warnings"]
         return CUDAExtension(
             sources=sources,
-            extra_compile_args={
-                "cxx": cxx_flags + ["-DLONGNET_WITH_CUDA"],
-                "nvcc": nvcc_flags + ["-DLONGNET_WITH_CUDA"],
-            },
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags + defines},
             **common,
         )
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)

@@ -1,7 +1,7 @@
-// The project's own kernels, the `fused` engine: CPU (csrc/cpu) and, in a CUDA build,
-// CUDA (csrc/cuda). csrc/engine/dispatch.cpp registers the operators, checks their
-// arguments and calls these when the fused engine is chosen; arguments as the
-// operator schemas in csrc/longnet.cpp.
+// The project's own kernels, the `fused` engine (csrc/engine/engines_fused.cpp): CPU
+// (csrc/cpu) and, in a build with LONGNET_FUSED_CUDA, CUDA (csrc/cuda). The engine
+// calls these on checked arguments (csrc/engine/dispatch.cpp), as the operator schemas
+// in csrc/longnet.cpp give them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,7 +28,7 @@ FusedForward fused_forward;
 FusedBackward fused_backward;
 }  // namespace cpu
 
-namespace cuda {  // defined in the CUDA build only
+namespace cuda {  // defined in builds with LONGNET_FUSED_CUDA only
 FusedForward fused_forward;
 FusedBackward fused_backward;
 }  // namespace cuda

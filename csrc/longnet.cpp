@@ -1,6 +1,7 @@
 // Operator schemas of the longnet namespace and the Python module stub.
-// csrc/engine/dispatch.cpp registers the implementations: the fused kernels of
-// csrc/cpu/*.cpp and csrc/cuda/*.cu, or dense engines (csrc/engine/).
+// csrc/engine/dispatch.cpp registers the implementations, which run the engine of the
+// call (csrc/engine/engine.h): `fused` (the kernels of csrc/cpu and csrc/cuda) or a
+// dense engine.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -28,7 +29,8 @@ PyObject* last_engine(PyObject*, PyObject*) {
   return Py_BuildValue("(Ks)", static_cast<unsigned long long>(last.first), last.second.c_str());
 }
 
-// _engine_names() -> tuple of the engine names (without "auto").
+// _engine_names() -> tuple of the API's engine names (without "auto" and the engines
+// for tests).
 PyObject* engine_names(PyObject*, PyObject*) {
   const auto& names = longnet::engine::engine_names();
   PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
@@ -39,12 +41,36 @@ PyObject* engine_names(PyObject*, PyObject*) {
   return tuple;
 }
 
-// _engine_built(name) -> bool: whether a dense engine of that name is compiled in.
+// _engine_built(name) -> bool: whether an engine of that name is compiled in.
 PyObject* engine_built(PyObject*, PyObject* arg) {
   const char* name = PyUnicode_AsUTF8(arg);
   if (name == nullptr) return nullptr;
-  return PyBool_FromLong(std::string(name) == "fused" ||
-                         longnet::engine::find_engine(name) != nullptr);
+  return PyBool_FromLong(longnet::engine::find_engine(name) != nullptr);
+}
+
+// _build_flags() -> tuple of the optional parts compiled in (setup.py): "cuda" (CUDA
+// operators and engines), "fused_cuda" (the fused CUDA kernels), "testing" (the
+// engines and switches for tests).
+PyObject* build_flags(PyObject*, PyObject*) {
+  static const char* const flags[] = {
+#ifdef LONGNET_WITH_CUDA
+      "cuda",
+#endif
+#ifdef LONGNET_FUSED_CUDA
+      "fused_cuda",
+#endif
+#ifdef LONGNET_TESTING
+      "testing",
+#endif
+      nullptr};
+  Py_ssize_t count = 0;
+  while (flags[count] != nullptr) ++count;
+  PyObject* tuple = PyTuple_New(count);
+  if (tuple == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyTuple_SET_ITEM(tuple, i, PyUnicode_FromString(flags[i]));
+  }
+  return tuple;
 }
 
 PyMethodDef methods[] = {
@@ -53,6 +79,7 @@ PyMethodDef methods[] = {
     {"_last_engine", last_engine, METH_NOARGS, "(sequence, engine) of this thread's last call."},
     {"_engine_names", engine_names, METH_NOARGS, "Names of the engines."},
     {"_engine_built", engine_built, METH_O, "Whether an engine is compiled in."},
+    {"_build_flags", build_flags, METH_NOARGS, "Optional parts compiled in."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -25,10 +25,11 @@ inline void maybe_poison(std::initializer_list<at::Tensor> outputs) {
   for (const at::Tensor& t : outputs) t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
-// LONGNET_DEBUG_SKIP_ROW=1 makes the kernels never initialise row (b=0, q=0, head=0)
-// of their outputs (no store, zeroing or final write; in-place accumulation only adds
-// to it), so tests can show that the poison above catches an element the kernels
-// never set (read once).
+#ifdef LONGNET_TESTING
+// Testing builds (LONGNET_BUILD_TESTING=1, setup.py): LONGNET_DEBUG_SKIP_ROW=1 makes
+// the fused kernels never initialise row (b=0, q=0, head=0) of their outputs (no
+// store, zeroing or final write; in-place accumulation only adds to it), so tests can
+// show that the poison above catches an element the kernels never set (read once).
 inline bool debug_skip_first_row() {
   static const bool skip = [] {
     const char* env = std::getenv("LONGNET_DEBUG_SKIP_ROW");
@@ -36,6 +37,10 @@ inline bool debug_skip_first_row() {
   }();
   return skip;
 }
+#else
+// Other builds write every row: the switch above does not exist there.
+constexpr bool debug_skip_first_row() { return false; }
+#endif
 
 // float64 inputs keep float64 statistics; every other dtype accumulates in float32.
 inline at::ScalarType accumulate_dtype(const at::Tensor& q) {

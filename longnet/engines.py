@@ -7,12 +7,13 @@ An engine changes how the operator is computed, never what:
   composition of dense attention problems over strided views, each run on that dense
   kernel (ATen's CPU flash attention; plain matmul/softmax on any device; ATen's
   FlashAttention-2, cuDNN and memory-efficient CUDA kernels);
-* ``contract_cuda_flash``, ``contract_cuda_efficient``, ``contract_cuda_cudnn``: CPU
-  engines for tests, the composition and argument preparation of the CUDA engine of
-  that kernel with the kernel's input contract enforced on CPU (docs/operator.md,
-  "Engines"); never chosen by ``auto``;
 * ``auto``: ``fused`` on CPU; on CUDA ``cuda_flash`` or ``cuda_cudnn`` where they
   apply (bfloat16/float16), ``cuda_efficient`` for float32, ``math`` otherwise.
+
+``fused`` runs on CUDA only in a build with ``LONGNET_FUSED_CUDA=1``; the CUDA engines
+need a CUDA build (``engine_built``). A testing build (``LONGNET_BUILD_TESTING=1``)
+adds engines for tests, which ``longnet.testing`` reaches and ``ENGINES`` does not
+list.
 
 The environment variable ``LONGNET_ENGINE`` forces an engine for the process;
 ``use_engine`` forces one for a block of code in the current thread (it wins over
@@ -34,7 +35,7 @@ from longnet import _C
 __all__ = ["ENGINES", "use_engine", "last_engine", "engine_built"]
 
 ENGINES: tuple[str, ...] = ("auto",) + tuple(_C._engine_names())
-"""Every engine name ``use_engine`` and ``LONGNET_ENGINE`` accept."""
+"""Every engine name ``use_engine`` and ``LONGNET_ENGINE`` accept (built or not)."""
 
 # Engines of backward calls that autograd ran on another thread, per forward thread:
 # thread id -> (sequence number, engine).
@@ -57,6 +58,13 @@ def use_engine(name: str) -> Iterator[None]:
             RuntimeError naming the reason when the engine cannot run it.
     """
     _check_name(name)
+    with _forced(name):
+        yield
+
+
+@contextlib.contextmanager
+def _forced(name: str) -> Iterator[None]:
+    """Force engine ``name`` (checked by the caller) inside the block, this thread."""
     previous = _C._forced_engine()
     _C._set_engine(name)
     try:

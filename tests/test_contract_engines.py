@@ -1,9 +1,13 @@
 """The CPU contract engines ``contract_cuda_flash``, ``contract_cuda_efficient`` and
 ``contract_cuda_cudnn`` (docs/operator.md, "Engines"): the composition and the argument
 preparation of the CUDA engines (csrc/engine/kernel_contract.cpp), with each CUDA
-kernel's input contract enforced and exploited on CPU (csrc/engine/engines_contract.cpp).
+kernel's input contract enforced and exploited on CPU (csrc/testing/engines_contract.cpp).
 They run the correctness matrix of tests/test_engines.py against the float64 reference,
 and inputs with odd storage offsets and strides go through every engine.
+
+The contract engines exist in testing builds only (``LONGNET_BUILD_TESTING=1``,
+longnet.testing): without one, every test that runs them skips saying so, or fails
+under CI=1.
 
 Before the argument preparation kept those contracts, these tests failed (checked by
 replacing kernel_contract.cpp's preparation with the former direct calls; the report
@@ -30,12 +34,13 @@ float32 accumulation bound of tests/test_op.py); float32 inputs: 1e-5 everywhere
 import pytest
 import torch
 from test_engines import GQA_CASES, RANGE_CASES
-from test_op import CASES, make_inputs
+from test_op import CASES, make_inputs, require_testing_build
 
 import longnet
+import longnet.testing
 from longnet.reference import dilated_attention_reference
 
-CONTRACT = ["contract_cuda_flash", "contract_cuda_efficient", "contract_cuda_cudnn"]
+CONTRACT = list(longnet.testing.CONTRACT_ENGINES)
 DTYPES = {
     "contract_cuda_flash": [torch.bfloat16, torch.float16],
     "contract_cuda_efficient": [torch.float32, torch.bfloat16, torch.float16],
@@ -45,6 +50,17 @@ MAX_DIM = {"contract_cuda_flash": 256, "contract_cuda_efficient": 256, "contract
 IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 F32 = 1e-5
 U = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.fixture(autouse=True)
+def _needs_testing_build(request):
+    """Every test here runs a contract engine or its test operators, except those
+    parametrised with another engine (test_odd_offsets_and_strides); these need a
+    testing build."""
+    callspec = getattr(request.node, "callspec", None)
+    engine = callspec.params.get("engine") if callspec is not None else None
+    if engine is None or engine in CONTRACT:
+        require_testing_build()
 
 
 def tolerances(dtype):
@@ -101,7 +117,7 @@ def run(engine, case, causal, dtype, layout="contiguous", scale=None, strided_gr
         lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         return (out.double() * w_out).sum() + (lse.double() * w_lse).sum()
 
-    with longnet.use_engine(engine):
+    with longnet.testing.use_engine(engine):
         out, lse = longnet.dilated_attention(
             *inputs, ws, rs, is_causal=causal, scale=scale, return_lse=True, **kw
         )
@@ -208,7 +224,7 @@ def test_low_precision_bounds_catch_a_scale_error(engine):
 
 
 def cpu_engines():
-    return [e for e in longnet.engines.ENGINES if e != "auto"]
+    return [e for e in longnet.testing.ENGINES if e != "auto"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -219,7 +235,7 @@ def test_odd_offsets_and_strides(engine, dtype):
     engines on CPU tensors). Caught before the fix: all three contract engines raised
     "misaligned address" (where a GPU kernel faults and kills the CUDA context)."""
     case = CASES["batch_gqa"]
-    if not longnet.engines.engine_built(engine):
+    if not longnet.testing.engine_built(engine):
         with pytest.raises(RuntimeError, match=f"engine '{engine}'.*not built"):
             run(engine, case, True, dtype, layout="odd")
         return
@@ -248,16 +264,17 @@ def test_odd_offsets_and_strides(engine, dtype):
 )
 def test_refusals_name_the_kernel_limit(engine, dtype, d, reason):
     q = torch.randn(1, 16, 2, d, dtype=dtype)
-    with longnet.use_engine(engine):
+    with longnet.testing.use_engine(engine):
         with pytest.raises(
             RuntimeError, match=f"engine '{engine}'.*cannot run this call: .*{reason}"
         ):
             longnet.dilated_attention(q, q, q, [8], [1])
 
 
-def test_contract_engines_are_listed_and_never_automatic():
+def test_contract_engines_are_listed_for_tests_only_and_never_automatic():
     for engine in CONTRACT:
-        assert engine in longnet.engines.ENGINES and longnet.engines.engine_built(engine)
+        assert engine in longnet.testing.ENGINES and longnet.testing.engine_built(engine)
+        assert engine not in longnet.engines.ENGINES
     q = torch.randn(1, 32, 2, 16, dtype=torch.bfloat16)
     longnet.dilated_attention(q, q, q, [8, 32], [1, 2])
     assert longnet.last_engine() == "fused"
@@ -267,7 +284,7 @@ def test_contract_engines_are_listed_and_never_automatic():
 @pytest.mark.parametrize("engine", CONTRACT)
 def test_contract_engines_refuse_cuda_tensors(engine):
     q = torch.randn(1, 16, 2, 16, device="cuda", dtype=torch.bfloat16)
-    with longnet.use_engine(engine):
+    with longnet.testing.use_engine(engine):
         with pytest.raises(RuntimeError, match="needs CPU tensors"):
             longnet.dilated_attention(q, q, q, [8], [1])
 

@@ -4,8 +4,10 @@ Every test skips when no GPU is visible or the extension was built without CUDA;
 test of an engine that cannot run on this GPU (architecture) skips with the reason.
 Engines: ``cuda_flash``, ``cuda_cudnn``, ``cuda_efficient`` (the composition of dense
 problems on ATen's CUDA kernels), ``math`` (the composition on plain matmul/softmax)
-and ``fused`` (the project's CUDA kernels, opt-in). Each test forces its engine and
-asserts ``longnet.last_engine()`` after the forward and after the backward.
+and ``fused`` (the project's CUDA kernels, opt-in: forced, in a build with
+``LONGNET_FUSED_CUDA=1``; its tests skip with the reason in other builds). Each test
+forces its engine and asserts ``longnet.last_engine()`` after the forward and after
+the backward.
 
 Forward outputs (out, lse) and the gradients of a loss on both are compared with
 ``longnet.reference.dilated_attention_reference`` evaluated in float64 on the CPU
@@ -31,11 +33,12 @@ import torch
 from test_op import opcheck_backward
 
 import longnet
+import longnet.testing
 from longnet.reference import dilated_attention_reference, pattern_counts
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and longnet.HAS_CUDA),
-    reason="needs a CUDA device and longnet built with its CUDA kernels",
+    reason="needs a CUDA device and a CUDA build of longnet",
 )
 
 CASES = {
@@ -468,6 +471,16 @@ def test_forced_engine_that_cannot_run_says_why(engine, dtype, d, reason):
 # ------------------------------------------------- fused kernels (opt-in) ----
 
 
+@pytest.mark.skipif(longnet.testing.FUSED_CUDA, reason="the fused CUDA kernels are built in")
+def test_fused_without_its_cuda_kernels_says_how_to_build_them():
+    q = torch.randn(1, 16, 2, 16, device="cuda")
+    with longnet.use_engine("fused"):
+        with pytest.raises(
+            RuntimeError, match="engine 'fused'.*cannot run this call: .*LONGNET_FUSED_CUDA=1"
+        ):
+            longnet.dilated_attention(q, q, q, [8], [1])
+
+
 @pytest.fixture(params=["tensor_core", "generic"])
 def kernel_path(request, monkeypatch):
     """Runs a low-precision test of the fused engine on each kernel family."""
@@ -503,6 +516,7 @@ def test_fused_unaligned_rows_take_generic_path():
     # Rows that are not 16-byte aligned cannot take the tensor-core loads: the
     # operator must still be right (generic kernels).
     b, nq, nk, h, hk, d, ws, rs = CASES["d64"]
+    require_engine("fused", torch.bfloat16, d)
     rounded = [
         t.detach().to(torch.bfloat16).double().requires_grad_()
         for t in make_inputs(b, nq, nk, h, hk, d)
@@ -575,6 +589,7 @@ def test_opcheck(engine):
 
 @pytest.mark.parametrize("engine", ["math", "fused"])
 def test_empty_sequence(engine):
+    require_engine(engine, torch.float32, 8)
     q = torch.randn(2, 0, 4, 8, device="cuda", requires_grad=True)
     k = torch.randn(2, 0, 4, 8, device="cuda", requires_grad=True)
     with longnet.use_engine(engine):

@@ -24,6 +24,7 @@ from test_op import (
 )
 
 import longnet
+import longnet.testing
 from longnet.reference import dilated_attention_reference
 
 COMPOSED = ["cpu_flash", "math"]
@@ -304,12 +305,31 @@ def test_engine_names():
         "cuda_flash",
         "cuda_cudnn",
         "cuda_efficient",
-        "contract_cuda_flash",
-        "contract_cuda_cudnn",
-        "contract_cuda_efficient",
     }
     assert longnet.engines.engine_built("math") and longnet.engines.engine_built("cpu_flash")
+    assert longnet.engines.engine_built("fused")
     assert longnet.engines.engine_built("cuda_flash") == longnet.HAS_CUDA
+    # The engines for tests are reached through longnet.testing only.
+    for engine in longnet.testing.CONTRACT_ENGINES:
+        assert engine not in longnet.engines.ENGINES and engine in longnet.testing.ENGINES
+        with pytest.raises(ValueError, match=f"unknown engine '{engine}'"):
+            longnet.engines.engine_built(engine)
+        with pytest.raises(ValueError, match=f"unknown engine '{engine}'"):
+            with longnet.use_engine(engine):
+                pass
+
+
+def test_contract_engines_outside_a_testing_build_say_how_to_build_one(monkeypatch):
+    monkeypatch.setattr(longnet.testing, "TESTING_BUILD", False)
+    for engine in longnet.testing.CONTRACT_ENGINES:
+        with pytest.raises(RuntimeError, match=f"'{engine}' is compiled only into a testing build"):
+            with longnet.testing.use_engine(engine):
+                pass
+    # longnet.testing.use_engine takes the API's engines in any build.
+    with longnet.testing.use_engine("cpu_flash"):
+        q = torch.randn(1, 16, 2, 8)
+        longnet.dilated_attention(q, q, q, [8], [1])
+    assert longnet.last_engine() == "cpu_flash"
 
 
 def test_unknown_engine_name():

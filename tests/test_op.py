@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import longnet
+import longnet.testing
 from longnet.reference import dilated_attention_reference, pattern_counts
 
 CASES = {
@@ -33,6 +34,21 @@ CASES = {
     "long_blocks": (1, 520, 600, 2, 1, 16, [300, 600], [1, 2]),
     "repeat_pattern": (1, 32, 32, 2, 2, 16, [8, 8], [1, 1]),
 }
+
+
+def require_testing_build():
+    """Skips the calling test unless longnet._C is a testing build (the contract engines,
+    LONGNET_DEBUG_SKIP_ROW; longnet.testing). Under CI=1, whose build must be one, the
+    test fails instead."""
+    if longnet.testing.TESTING_BUILD:
+        return
+    reason = (
+        "needs a testing build of longnet._C: "
+        f"`{longnet.testing.BUILD_COMMAND}` from the repository root"
+    )
+    if os.environ.get("CI"):
+        pytest.fail(f"CI=1 and {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def make_inputs(b, nq, nk, h, hk, d, dtype=torch.float64, seed=0, packed=False):
@@ -462,7 +478,9 @@ def test_poison_catches_an_unwritten_row(dtype, skip):
     # element must match the reference; without the skip switch nothing is NaN. This
     # catches a poison that does not fire (the other tests would then pass on a
     # kernel that forgets rows) and a kernel final pass that writes an element twice
-    # or not at all.
+    # or not at all. The switch exists in testing builds only.
+    if skip == "1":
+        require_testing_build()
     env = dict(os.environ, LONGNET_POISON_OUTPUTS="1", LONGNET_DEBUG_SKIP_ROW=skip)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")

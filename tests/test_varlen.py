@@ -19,9 +19,10 @@ takes). Each batch is checked twice:
 import pytest
 import torch
 from test_contract_engines import tolerances as contract_tolerances
-from test_op import low_precision_tolerances
+from test_op import low_precision_tolerances, require_testing_build
 
 import longnet
+import longnet.testing
 from longnet.packing import (
     cu_seqlens_from_lengths,
     cu_seqlens_from_position_ids,
@@ -108,7 +109,7 @@ def each_alone(engine, cu_q, cu_k, q, k, v, w_out, w_lse, causal):
         a, b, c, e = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
 
         def run(qq, kk, vv):
-            with longnet.use_engine(engine):
+            with longnet.testing.use_engine(engine):
                 return longnet.dilated_attention(
                     qq, kk, vv, WS, RS, is_causal=causal, return_lse=True
                 )
@@ -132,7 +133,7 @@ def engine_params():
         pytest.param(e, dt, id=f"{e}-{IDS[dt]}")
         for e, dts in ENGINE_DTYPES.items()
         for dt in dts
-        if longnet.engines.engine_built(e)
+        if e in longnet.testing.CONTRACT_ENGINES or longnet.engines.engine_built(e)
     ]
 
 
@@ -140,6 +141,8 @@ def engine_params():
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("engine,dtype", engine_params())
 def test_packed_equals_each_document_alone(engine, dtype, causal, batch):
+    if engine in longnet.testing.CONTRACT_ENGINES:
+        require_testing_build()
     num_docs, queries = BATCHES[batch]
     seed = 1000 * num_docs + 10 * int(causal) + list(ENGINE_DTYPES).index(engine)
     cu_q, cu_k, q64, k64, v64 = packed_batch(num_docs, queries, seed)
@@ -147,7 +150,7 @@ def test_packed_equals_each_document_alone(engine, dtype, causal, batch):
     w_out, w_lse = loss_weights(q, dtype)
 
     def packed(qq, kk, vv):
-        with longnet.use_engine(engine):
+        with longnet.testing.use_engine(engine):
             result = longnet.dilated_attention(
                 qq,
                 kk,

@@ -1,7 +1,8 @@
-// CUDA kernels of longnet::dilated_attention_fwd / _bwd (docs/operator.md): argument checks,
-// buffers, the per-pattern launch sequence and the dispatch between the tensor-core
-// kernels (bfloat16/float16, sm80+, head dims tensor_core.cuh accepts) and the
-// generic FMA kernels (every dtype and head dim).
+// CUDA kernels of the `fused` engine (docs/operator.md), compiled only with
+// LONGNET_FUSED_CUDA=1 (setup.py): argument checks, buffers, the per-pattern launch
+// sequence and the dispatch between the tensor-core kernels (bfloat16/float16, sm80+,
+// head dims tensor_core.cuh accepts) and the generic FMA kernels (every dtype and head
+// dim).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -219,8 +220,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& dlse, const at::Ten
 }  // namespace
 
 // ------------------------------------------------------------- operators ----
-// The fused engine on CUDA (fused.h): engine/dispatch.cpp registers the operators,
-// checks their arguments and calls these when the fused engine is chosen.
+// The fused engine on CUDA (fused.h): engine/engines_fused.cpp calls these on the
+// arguments engine/dispatch.cpp checked, in builds with LONGNET_FUSED_CUDA.
 
 std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in,

@@ -31,6 +31,16 @@
 namespace longnet::engine {
 namespace {
 
+// A call as the plan reads it: the arguments, with the key ranges on the host.
+struct Call {
+  at::IntArrayRef segment_lengths, dilation_rates;
+  bool is_causal;
+  double scale;
+  int64_t position_offset;
+  const int64_t* key_start;  // host (B,) or nullptr
+  const int64_t* key_end;    // host (B,) or nullptr
+};
+
 // Rows row0, row0 + step, ... (len of them) of the first segment.
 struct Side {
   int64_t row0, len;
@@ -192,8 +202,6 @@ void for_each_call(const SubProblem& sp, int64_t max_batch,
 
 at::Tensor with_dense_last(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> composed_forward(const DenseEngine& engine,
                                                     const at::Tensor& q_in, const at::Tensor& k_in,
                                                     const at::Tensor& v_in, const Call& call) {
@@ -317,6 +325,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_backward(
     dv.copy_(dv_acc);
   }
   return {dq, dk, dv};
+}
+
+// The Call of the arguments: the checked key ranges (kept alive here) read from their
+// host copies.
+struct PlannedCall {
+  KeyRanges ranges;
+  Call call;
+  PlannedCall(const at::Tensor& q, const at::Tensor& k, const Arguments& args)
+      : ranges(args.key_start, args.key_end, q, k.size(1)),
+        call{args.segment_lengths, args.dilation_rates,     args.is_causal,       args.scale,
+             args.position_offset, ranges.host_start_ptr(), ranges.host_end_ptr()} {}
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> DenseEngine::run_forward(const at::Tensor& q,
+                                                            const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const Arguments& args) const {
+  const PlannedCall planned(q, k, args);
+  return composed_forward(*this, q, k, v, planned.call);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> DenseEngine::run_backward(
+    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const Arguments& args) const {
+  const PlannedCall planned(q, k, args);
+  return composed_backward(*this, grad_out, grad_lse, q, k, v, out, lse, planned.call);
 }
 
 }  // namespace longnet::engine

@@ -1,95 +1,30 @@
-// The operators' CPU (and, in a CUDA build, CUDA) implementations: pick the engine
-// of the call (engine.h, choose_engine), then run the fused kernels or the
-// composition of dense problems on that engine, and record which engine ran.
+// The operators' CPU (and, in a CUDA build, CUDA) implementations: check the
+// arguments, pick the engine of the call (engine.h, choose_engine), run it (each
+// packed document on its own) and record which engine ran.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "checks.h"
 #include "engine/engine.h"
-#include "fused.h"
 #include "op_common.h"
 
 namespace longnet::engine {
 namespace {
 
-// A call as the composition plans it: the checked key ranges (kept alive here) read
-// from their host copies.
-struct ComposedCall {
-  KeyRanges ranges;
-  Call call;
-  ComposedCall(const at::Tensor& q, const at::Tensor& k, at::IntArrayRef segment_lengths,
-               at::IntArrayRef dilation_rates, bool is_causal, double scale,
-               int64_t position_offset, const std::optional<at::Tensor>& key_start,
-               const std::optional<at::Tensor>& key_end)
-      : ranges(key_start, key_end, q, k.size(1)),
-        call{segment_lengths,         dilation_rates,       is_causal, scale, position_offset,
-             ranges.host_start_ptr(), ranges.host_end_ptr()} {}
-};
-
-// One problem (no packed documents) on the engine `name`.
-std::tuple<at::Tensor, at::Tensor> run_forward(const std::string& name, const at::Tensor& q,
-                                               const at::Tensor& k, const at::Tensor& v,
-                                               at::IntArrayRef segment_lengths,
-                                               at::IntArrayRef dilation_rates, bool is_causal,
-                                               double scale, int64_t position_offset,
-                                               const std::optional<at::Tensor>& key_start,
-                                               const std::optional<at::Tensor>& key_end) {
-  if (name == "fused") {
-#ifdef LONGNET_WITH_CUDA
-    if (q.is_cuda()) {
-      return cuda::fused_forward(q, k, v, segment_lengths, dilation_rates, is_causal, scale,
-                                 position_offset, key_start, key_end);
-    }
-#endif
-    return cpu::fused_forward(q, k, v, segment_lengths, dilation_rates, is_causal, scale,
-                              position_offset, key_start, key_end);
-  }
-  const ComposedCall composed(q, k, segment_lengths, dilation_rates, is_causal, scale,
-                              position_offset, key_start, key_end);
-  return composed_forward(*find_engine(name), q, k, v, composed.call);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
-    const std::string& name, const at::Tensor& grad_out, const at::Tensor& grad_lse,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates,
-    bool is_causal, double scale, int64_t position_offset,
-    const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
-  if (name == "fused") {
-#ifdef LONGNET_WITH_CUDA
-    if (q.is_cuda()) {
-      return cuda::fused_backward(grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
-                                  dilation_rates, is_causal, scale, position_offset, key_start,
-                                  key_end);
-    }
-#endif
-    return cpu::fused_backward(grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
-                               dilation_rates, is_causal, scale, position_offset, key_start,
-                               key_end);
-  }
-  const ComposedCall composed(q, k, segment_lengths, dilation_rates, is_causal, scale,
-                              position_offset, key_start, key_end);
-  return composed_backward(*find_engine(name), grad_out, grad_lse, q, k, v, out, lse,
-                           composed.call);
-}
-
 // Packed documents: every document is its own problem (its first key at
-// position_offset), run on views of the packed tensors and written into the packed
-// outputs. Every query row belongs to one document, so every output row is written.
-std::tuple<at::Tensor, at::Tensor> documents_forward(const std::string& name, const Documents& docs,
+// position_offset; args has no key ranges, Documents checked), run on views of the
+// packed tensors and written into the packed outputs. Every query row belongs to one
+// document, so every output row is written.
+std::tuple<at::Tensor, at::Tensor> documents_forward(const Engine& engine, const Documents& docs,
                                                      const at::Tensor& q, const at::Tensor& k,
-                                                     const at::Tensor& v,
-                                                     at::IntArrayRef segment_lengths,
-                                                     at::IntArrayRef dilation_rates, bool is_causal,
-                                                     double scale, int64_t position_offset) {
+                                                     const at::Tensor& v, const Arguments& args) {
   auto [out, lse] = allocate_forward_outputs(q);
   for (int64_t i = 0; i < docs.count(); ++i) {
     const int64_t q0 = docs.q[i], nq = docs.q[i + 1] - q0;
     const int64_t k0 = docs.k[i], nk = docs.k[i + 1] - k0;
     if (nq == 0) continue;
-    const auto [o, l] = run_forward(name, q.narrow(1, q0, nq), k.narrow(1, k0, nk),
-                                    v.narrow(1, k0, nk), segment_lengths, dilation_rates, is_causal,
-                                    scale, position_offset, std::nullopt, std::nullopt);
+    const auto [o, l] =
+        engine.run_forward(q.narrow(1, q0, nq), k.narrow(1, k0, nk), v.narrow(1, k0, nk), args);
     out.narrow(1, q0, nq).copy_(o);
     lse.narrow(2, q0, nq).copy_(l);
   }
@@ -97,10 +32,9 @@ std::tuple<at::Tensor, at::Tensor> documents_forward(const std::string& name, co
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> documents_backward(
-    const std::string& name, const Documents& docs, const at::Tensor& grad_out,
+    const Engine& engine, const Documents& docs, const at::Tensor& grad_out,
     const at::Tensor& grad_lse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, at::IntArrayRef segment_lengths,
-    at::IntArrayRef dilation_rates, bool is_causal, double scale, int64_t position_offset) {
+    const at::Tensor& out, const at::Tensor& lse, const Arguments& args) {
   auto [dq, dk, dv] = allocate_backward_outputs(q, k, v);
   for (int64_t i = 0; i < docs.count(); ++i) {
     const int64_t q0 = docs.q[i], nq = docs.q[i + 1] - q0;
@@ -111,10 +45,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> documents_backward(
       continue;
     }
     const auto [dqi, dki, dvi] =
-        run_backward(name, grad_out.narrow(1, q0, nq), grad_lse.narrow(2, q0, nq),
-                     q.narrow(1, q0, nq), k.narrow(1, k0, nk), v.narrow(1, k0, nk),
-                     out.narrow(1, q0, nq), lse.narrow(2, q0, nq), segment_lengths, dilation_rates,
-                     is_causal, scale, position_offset, std::nullopt, std::nullopt);
+        engine.run_backward(grad_out.narrow(1, q0, nq), grad_lse.narrow(2, q0, nq),
+                            q.narrow(1, q0, nq), k.narrow(1, k0, nk), v.narrow(1, k0, nk),
+                            out.narrow(1, q0, nq), lse.narrow(2, q0, nq), args);
     dq.narrow(1, q0, nq).copy_(dqi);
     dk.narrow(1, k0, nk).copy_(dki);
     dv.narrow(1, k0, nk).copy_(dvi);
@@ -131,13 +64,12 @@ std::tuple<at::Tensor, at::Tensor> forward(
   check_patterns(segment_lengths, dilation_rates);
   check_position_offset(position_offset);
   const Documents docs(cu_seqlens_q, cu_seqlens_k, q, k, key_start, key_end);
-  const std::string name = choose_engine(q, k, v);
-  auto result = docs.defined()
-                    ? documents_forward(name, docs, q, k, v, segment_lengths, dilation_rates,
-                                        is_causal, scale, position_offset)
-                    : run_forward(name, q, k, v, segment_lengths, dilation_rates, is_causal, scale,
-                                  position_offset, key_start, key_end);
-  record_engine(name);
+  const Arguments args{segment_lengths, dilation_rates, is_causal, scale,
+                       position_offset, key_start,      key_end};
+  const Engine& engine = choose_engine(q, k, v);
+  auto result = docs.defined() ? documents_forward(engine, docs, q, k, v, args)
+                               : engine.run_forward(q, k, v, args);
+  record_engine(engine.name());
   return result;
 }
 
@@ -153,14 +85,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   check_position_offset(position_offset);
   check_backward_args(grad_out, grad_lse, q, out, lse);
   const Documents docs(cu_seqlens_q, cu_seqlens_k, q, k, key_start, key_end);
-  const std::string name = choose_engine(q, k, v);
-  auto result =
-      docs.defined()
-          ? documents_backward(name, docs, grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
-                               dilation_rates, is_causal, scale, position_offset)
-          : run_backward(name, grad_out, grad_lse, q, k, v, out, lse, segment_lengths,
-                         dilation_rates, is_causal, scale, position_offset, key_start, key_end);
-  record_engine(name);
+  const Arguments args{segment_lengths, dilation_rates, is_causal, scale,
+                       position_offset, key_start,      key_end};
+  const Engine& engine = choose_engine(q, k, v);
+  auto result = docs.defined()
+                    ? documents_backward(engine, docs, grad_out, grad_lse, q, k, v, out, lse, args)
+                    : engine.run_backward(grad_out, grad_lse, q, k, v, out, lse, args);
+  record_engine(engine.name());
   return result;
 }
 

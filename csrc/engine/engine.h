@@ -1,11 +1,17 @@
-// Dense attention engines and the composition that runs dilated attention on them
+// Engines: the ways of computing the operators, one chosen per call by name
 // (docs/operator.md, "Engines").
 //
-// For one pattern (w, r) and head offset o, the sparse segments of heads o, o+r, ...
-// are ordinary dense attention problems over strided views of the (B, N, H, D)
-// inputs: batch = rows x segments, query/key rows o, o+r, ... of each segment, heads
-// o, o+r, ... The composition plans these views, runs each on a dense engine and
-// merges the results by log-sum-exp; the backward calls every dense backward with
+// Every engine is an Engine registered under its name: `fused` (the project's own
+// kernels, engines_fused.cpp) and the dense engines, whose forward and backward are
+// the composition of dense attention problems below. Each engine says why it cannot
+// run a call (cannot_run); choose_engine runs the forced engine after that check, or
+// the first engine of the device's preference that can run the call.
+//
+// Composition: for one pattern (w, r) and head offset o, the sparse segments of heads
+// o, o+r, ... are ordinary dense attention problems over strided views of the (B, N,
+// H, D) inputs: batch = rows x segments, query/key rows o, o+r, ... of each segment,
+// heads o, o+r, ... The composition plans these views, runs each on a dense engine
+// and merges the results by log-sum-exp; the backward calls every dense backward with
 // the merged out and lse. A dense engine is the only device-specific part.
 #pragma once
 
@@ -19,17 +25,45 @@
 
 namespace longnet::engine {
 
-// One batch of dense attention problems: q (Bt, Lq, Hh, D), k and v (Bt, Lk, Hh, D),
-// strided views whose last dimension is dense. `causal` is only asked for Lq == Lk
-// (where top-left and bottom-right alignment agree).
-class DenseEngine {
+// The operator arguments beyond the tensors (schemas in csrc/longnet.cpp), checked,
+// for one problem: packed documents reach an engine one document at a time.
+struct Arguments {
+  at::IntArrayRef segment_lengths, dilation_rates;
+  bool is_causal;
+  double scale;
+  int64_t position_offset;
+  std::optional<at::Tensor> key_start, key_end;  // int (B,) on q's device, or nullopt
+};
+
+// One way of computing the operators on checked (B, N, H, D) inputs.
+class Engine {
  public:
-  virtual ~DenseEngine() = default;
+  virtual ~Engine() = default;
   virtual const char* name() const = 0;
-  // Why this engine cannot run the dense problems of a call on these (B, N, H, D)
-  // inputs, or nullopt when it can.
+  // Whether the engine exists for tests only (compiled into a testing build, reached
+  // through longnet.testing, never among engine_names()).
+  virtual bool for_tests() const { return false; }
+  // Why this engine cannot run a call on these (B, N, H, D) inputs, or nullopt when
+  // it can.
   virtual std::optional<std::string> cannot_run(const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& v) const = 0;
+  // (out (B, Nq, H, D), lse (B, H, Nq)) of the forward operator.
+  virtual std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v,
+                                                         const Arguments& args) const = 0;
+  // (dq, dk, dv) of the backward operator.
+  virtual std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
+      const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
+      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+      const Arguments& args) const = 0;
+};
+
+// An engine that runs one batch of dense attention problems: q (Bt, Lq, Hh, D), k and
+// v (Bt, Lk, Hh, D), strided views whose last dimension is dense. `causal` is only
+// asked for Lq == Lk (where top-left and bottom-right alignment agree). Its operators
+// are the composition of such problems (composition.cpp).
+class DenseEngine : public Engine {
+ public:
   // Largest batch (Bt) of one call.
   virtual int64_t max_batch() const { return INT64_MAX; }
   // (out (Bt, Lq, Hh, D), lse (Bt, Hh, Lq)); lse in float32 (float64 for float64).
@@ -41,14 +75,27 @@ class DenseEngine {
   virtual std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const = 0;
+
+  std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 const Arguments& args) const final;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
+      const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
+      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+      const Arguments& args) const final;
 };
 
-// Registration of dense engines (by static objects of the engine files).
-void register_engine(const DenseEngine* engine);
-// The dense engine of that name, nullptr when none is built under that name.
-const DenseEngine* find_engine(const std::string& name);
+// ------------------------------------------------------------- registry ----
 
-// Every engine name the API knows, in the order `auto` prefers them per device.
+// Registration of engines (by static objects of the engine files).
+void register_engine(const Engine* engine);
+// The engine of that name, nullptr when none is built under that name.
+const Engine* find_engine(const std::string& name);
+// The `math` dense engine (engines_cpu.cpp), which runs every problem.
+const DenseEngine& math_engine();
+
+// The engine names of the API, built or not (without "auto" and the engines for
+// tests), in the order `auto` prefers them per device.
 const std::vector<std::string>& engine_names();
 
 // ------------------------------------------------------------ selection ----
@@ -64,26 +111,6 @@ std::pair<uint64_t, std::string> last_engine();
 // The engine a call on q, k, v runs: the forced one (thread, then LONGNET_ENGINE)
 // after checking it can run, else the automatic choice. Raises naming why a forced
 // engine cannot run.
-std::string choose_engine(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
-
-// --------------------------------------------------------- composition ----
-
-struct Call {
-  at::IntArrayRef segment_lengths, dilation_rates;
-  bool is_causal;
-  double scale;
-  int64_t position_offset;
-  const int64_t* key_start;  // host (B,) or nullptr
-  const int64_t* key_end;    // host (B,) or nullptr
-};
-
-std::tuple<at::Tensor, at::Tensor> composed_forward(const DenseEngine& engine, const at::Tensor& q,
-                                                    const at::Tensor& k, const at::Tensor& v,
-                                                    const Call& call);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_backward(
-    const DenseEngine& engine, const at::Tensor& grad_out, const at::Tensor& grad_lse,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const Call& call);
+const Engine& choose_engine(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
 }  // namespace longnet::engine

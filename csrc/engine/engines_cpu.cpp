@@ -144,8 +144,11 @@ class CpuFlashEngine final : public DenseEngine {
   }
 };
 
-const MathEngine math_engine;
+const MathEngine math_engine_instance;
 const CpuFlashEngine cpu_flash_engine;
 
 }  // namespace
+
+const DenseEngine& math_engine() { return math_engine_instance; }
+
 }  // namespace longnet::engine

@@ -6,7 +6,7 @@
 // The arguments reach these calls prepared by KernelEngine (kernel_contract.cpp:
 // aligned copies, a compact `out` for the efficient kernel, the lse layout of each
 // kernel, cuDNN's one-query problems on `math`), the code the CPU contract engines
-// run too (engines_contract.cpp). The calls below have the same signatures in torch
+// run too (csrc/testing/engines_contract.cpp). The calls below have the same signatures in torch
 // 2.13 and 2.14 (checked against both versions' ATen/ops headers); torch 2.14 adds
 // trailing defaulted arguments to _cudnn_attention_forward, which these calls leave
 // at their defaults. Older torch versions are not checked: there only `math` and

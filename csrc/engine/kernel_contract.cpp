@@ -1,5 +1,9 @@
 // Argument preparation shared by the CUDA engines and their CPU contract engines
 // (kernel_contract.h). Each step names the contract it keeps and where ATen states it.
+// Empty unless a build has engines derived from KernelEngine: CUDA builds and testing
+// builds.
+#if defined(LONGNET_WITH_CUDA) || defined(LONGNET_TESTING)
+
 #include "engine/kernel_contract.h"
 
 #include <algorithm>
@@ -159,7 +163,7 @@ bool KernelEngine::on_fallback(const at::Tensor& q, const at::Tensor& k) const {
 std::tuple<at::Tensor, at::Tensor> KernelEngine::forward(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, bool causal,
                                                          double scale) const {
-  if (on_fallback(q, k)) return find_engine("math")->forward(q, k, v, causal, scale);
+  if (on_fallback(q, k)) return math_engine().forward(q, k, v, causal, scale);
   const at::Tensor qa = prepare_input(kernel_, q), ka = prepare_input(kernel_, k),
                    va = prepare_input(kernel_, v);
   if (kernel_ == Kernel::kCudnn) check_int32_strides({&qa, &ka, &va});
@@ -184,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> KernelEngine::backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const {
   if (on_fallback(q, k)) {
-    return find_engine("math")->backward(grad_out, q, k, v, out, lse, causal, scale);
+    return math_engine().backward(grad_out, q, k, v, out, lse, causal, scale);
   }
   const at::Tensor qa = prepare_input(kernel_, q), ka = prepare_input(kernel_, k),
                    va = prepare_input(kernel_, v);
@@ -233,3 +237,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> KernelEngine::backward(
 }
 
 }  // namespace longnet::engine
+
+#endif  // LONGNET_WITH_CUDA || LONGNET_TESTING

@@ -9,10 +9,13 @@
 // the lse layout of the kernel, the problems the kernel must not see), then call the
 // kernel (kernel_forward, kernel_backward). Two families derive from it: the CUDA
 // engines (engines_cuda.cpp), whose kernel calls are ATen's, and the CPU contract
-// engines `contract_cuda_*` (engines_contract.cpp), whose kernel calls compute dense
-// attention on CPU while enforcing each kernel's input contract as the CUDA kernel
-// reads its arguments. So the CPU engines run, and the tests check, the exact
-// argument preparation a GPU runs.
+// engines `contract_cuda_*` (csrc/testing/engines_contract.cpp), whose kernel calls
+// compute dense attention on CPU while enforcing each kernel's input contract as the
+// CUDA kernel reads its arguments. So the CPU engines run, and the tests check, the
+// exact argument preparation a GPU runs.
+//
+// kernel_contract.cpp is compiled into CUDA builds (LONGNET_WITH_CUDA) and testing
+// builds (LONGNET_TESTING, setup.py), the builds that have engines derived from it.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -10,8 +10,8 @@
 namespace longnet::engine {
 namespace {
 
-std::vector<const DenseEngine*>& registry() {
-  static std::vector<const DenseEngine*> engines;
+std::vector<const Engine*>& registry() {
+  static std::vector<const Engine*> engines;
   return engines;
 }
 std::mutex& registry_mutex() {
@@ -23,11 +23,13 @@ thread_local std::string t_forced;
 thread_local std::pair<uint64_t, std::string> t_last{0, ""};
 std::atomic<uint64_t> g_sequence{0};
 
+// An engine of the API (built or not), or an engine for tests that is built.
 bool is_known(const std::string& name) {
   for (const std::string& n : engine_names()) {
     if (n == name) return true;
   }
-  return name == "auto";
+  const Engine* engine = find_engine(name);
+  return name == "auto" || (engine != nullptr && engine->for_tests());
 }
 
 std::string known_list() {
@@ -37,23 +39,9 @@ std::string known_list() {
   return s.str();
 }
 
-// Why the project's own kernels cannot run on q, or nullopt.
-std::optional<std::string> fused_cannot_run(const at::Tensor& q) {
-  if (q.device().is_cpu()) return std::nullopt;
-#ifdef LONGNET_WITH_CUDA
-  if (q.is_cuda()) return std::nullopt;
-#else
-  if (q.is_cuda()) return "longnet was built without its CUDA kernels";
-#endif
-  std::ostringstream s;
-  s << "the fused kernels take CPU or CUDA tensors, got " << q.device();
-  return s.str();
-}
-
 std::optional<std::string> cannot_run(const std::string& name, const at::Tensor& q,
                                       const at::Tensor& k, const at::Tensor& v) {
-  if (name == "fused") return fused_cannot_run(q);
-  const DenseEngine* engine = find_engine(name);
+  const Engine* engine = find_engine(name);
   if (engine == nullptr) {
     return "it is not built into this installation of longnet (the CUDA engines need a "
            "CUDA build)";
@@ -61,44 +49,43 @@ std::optional<std::string> cannot_run(const std::string& name, const at::Tensor&
   return engine->cannot_run(q, k, v);
 }
 
-std::string automatic(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  if (q.device().is_cpu()) return "fused";
-  if (q.is_cuda()) {
-    static const char* const preference[] = {"cuda_flash", "cuda_cudnn", "cuda_efficient"};
-    for (const char* name : preference) {
-      if (!cannot_run(name, q, k, v)) return name;
-    }
+// The engines `auto` tries on a device, in order; `math`, which runs every call, when
+// none of them can.
+const std::vector<std::string>& preference(const at::Device& device) {
+  static const std::vector<std::string> cpu{"fused"};
+  static const std::vector<std::string> cuda{"cuda_flash", "cuda_cudnn", "cuda_efficient"};
+  static const std::vector<std::string> other;
+  if (device.is_cpu()) return cpu;
+  if (device.is_cuda()) return cuda;
+  return other;
+}
+
+const Engine& automatic(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const std::string& name : preference(q.device())) {
+    const Engine* engine = find_engine(name);
+    if (engine != nullptr && !engine->cannot_run(q, k, v)) return *engine;
   }
-  return "math";
+  return math_engine();
 }
 
 }  // namespace
 
-void register_engine(const DenseEngine* engine) {
+void register_engine(const Engine* engine) {
   std::lock_guard<std::mutex> lock(registry_mutex());
   registry().push_back(engine);
 }
 
-const DenseEngine* find_engine(const std::string& name) {
+const Engine* find_engine(const std::string& name) {
   std::lock_guard<std::mutex> lock(registry_mutex());
-  for (const DenseEngine* e : registry()) {
+  for (const Engine* e : registry()) {
     if (name == e->name()) return e;
   }
   return nullptr;
 }
 
 const std::vector<std::string>& engine_names() {
-  // The contract_* engines run on CPU what the CUDA engines run, under the CUDA
-  // kernels' input contracts (engines_contract.cpp); only ever forced.
-  static const std::vector<std::string> names{"fused",
-                                              "cpu_flash",
-                                              "math",
-                                              "cuda_flash",
-                                              "cuda_cudnn",
-                                              "cuda_efficient",
-                                              "contract_cuda_flash",
-                                              "contract_cuda_cudnn",
-                                              "contract_cuda_efficient"};
+  static const std::vector<std::string> names{"fused",      "cpu_flash",  "math",
+                                              "cuda_flash", "cuda_cudnn", "cuda_efficient"};
   return names;
 }
 
@@ -108,7 +95,7 @@ const std::string& forced_engine() { return t_forced; }
 void record_engine(const std::string& name) { t_last = {++g_sequence, name}; }
 std::pair<uint64_t, std::string> last_engine() { return t_last; }
 
-std::string choose_engine(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+const Engine& choose_engine(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   std::string name = t_forced;
   const char* source = "longnet.use_engine";
   if (name.empty()) {
@@ -122,7 +109,7 @@ std::string choose_engine(const at::Tensor& q, const at::Tensor& k, const at::Te
   const std::optional<std::string> reason = cannot_run(name, q, k, v);
   TORCH_CHECK(!reason.has_value(), "longnet: engine '", name, "' (forced by ", source,
               ") cannot run this call: ", reason.value_or(""));
-  return name;
+  return *find_engine(name);
 }
 
 }  // namespace longnet::engine

@@ -1,8 +1,8 @@
 // CPU contract engines `contract_cuda_flash`, `contract_cuda_efficient` and
 // `contract_cuda_cudnn` (docs/operator.md, "Engines"): dense attention in float32 on
 // CPU behind the same argument preparation as the CUDA engines (KernelEngine,
-// kernel_contract.cpp), with each kernel's input contract enforced and exploited as
-// the CUDA kernel reads its arguments:
+// csrc/engine/kernel_contract.cpp), with each kernel's input contract enforced and
+// exploited as the CUDA kernel reads its arguments:
 //
 // * they raise where the kernel's TORCH_CHECKs raise (dtypes, head dims, a contiguous
 //   last dimension, heads, int32 strides), and where the kernel would read misaligned
@@ -18,7 +18,9 @@
 // * they make grad_out and out contiguous where ATen does (flash: both; efficient:
 //   grad_out only; cuDNN: neither).
 //
-// Never chosen by `auto`; only forced (longnet.use_engine, LONGNET_ENGINE).
+// Engines for tests: compiled into testing builds only (LONGNET_BUILD_TESTING=1,
+// setup.py), never among the API's engine names, never chosen by `auto`; only forced
+// (longnet.testing.use_engine, LONGNET_ENGINE).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -45,6 +47,7 @@ class ContractEngine final : public KernelEngine {
     register_engine(this);
   }
   const char* name() const override { return name_; }
+  bool for_tests() const override { return true; }
 
  protected:
   std::optional<std::string> device_cannot_run(const at::Tensor& q) const override {
