@@ -247,18 +247,25 @@ def test_gradcheck_rows_without_keys():
 # 8.4e-3 > 7.8e-3, dq and dk 1.5e-2 > 1.2e-2), checked by the same test.
 _F32_ACCUMULATION = 1e-5
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# ATen's CPU flash kernel (the cpu_flash engine) takes another code path on processors
+# without AVX-512: there its bf16/fp16 lse measured (2026-12-07, AMD EPYC with AVX2
+# only) 1.29e-5 and 1.45e-5 relative, against 3.3e-6 with AVX-512 (above). Twice the
+# larger value, 3e-5, bounds cpu_flash's lse; a 1% scale error moves lse by 2e-3,
+# still 60x above it.
+CPU_FLASH_LSE = 3e-5
 
 
-def low_precision_tolerances(dtype, composed=False):
+def low_precision_tolerances(dtype, composed=False, engine=None):
     """{"out", "lse", "dq", "dk", "dv"} -> relative-norm bound (see above) of the fused
-    kernels, or with ``composed`` of the engines that compose dense problems."""
+    kernels, or with ``composed`` of the engines that compose dense problems
+    (``engine="cpu_flash"``: its lse bound, CPU_FLASH_LSE)."""
     if dtype == torch.float32:
         return dict.fromkeys(("out", "lse", "dq", "dk", "dv"), _F32_ACCUMULATION)
     u = _UNIT_ROUNDOFF[dtype]
     extra = u if composed else 0.0
     return {
         "out": u + extra + _F32_ACCUMULATION,
-        "lse": _F32_ACCUMULATION,
+        "lse": CPU_FLASH_LSE if engine == "cpu_flash" else _F32_ACCUMULATION,
         "dq": 2 * u + extra + _F32_ACCUMULATION,
         "dk": 2 * u + extra + _F32_ACCUMULATION,
         "dv": u + extra + _F32_ACCUMULATION,
