@@ -23,9 +23,9 @@ if ! python3 -c "import pytest" 2>/dev/null; then
   fi
 fi
 
-step "build (LONGNET_FORCE_CUDA=1, archs ${LONGNET_CUDA_ARCHS:-9.0})"
+step "build (LONGNET_FORCE_CUDA=1 LONGNET_FUSED_CUDA=1 LONGNET_BUILD_TESTING=1, archs ${LONGNET_CUDA_ARCHS:-9.0})"
 start=$SECONDS
-if ! LONGNET_FORCE_CUDA=1 LONGNET_CUDA_ARCHS="${LONGNET_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+if ! LONGNET_FORCE_CUDA=1 LONGNET_FUSED_CUDA=1 LONGNET_BUILD_TESTING=1 LONGNET_CUDA_ARCHS="${LONGNET_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
     python3 setup.py -q build_ext --inplace > /tmp/longnet_gpu_build.log 2>&1; then
   tail -60 /tmp/longnet_gpu_build.log
   step "build FAILED"

@@ -21,7 +21,8 @@ from longnet.ops import dilated_attention, last_engine, use_engine  # noqa: E402
 HAS_CUDA: bool = torch._C._dispatch_has_kernel_for_dispatch_key(
     "longnet::dilated_attention_fwd", "CUDA"
 )
-"""True when the extension was built with its CUDA kernels."""
+"""True when the extension was built with CUDA operators (the ATen engines; the fused
+CUDA kernels also need ``LONGNET_FUSED_CUDA=1``)."""
 
 __version__ = "0.1.0"
 
