@@ -951,6 +951,9 @@ def test_enable_cache_choice():
         lt.enable(model, [4, 8], [1, 2], cache="int4")
     with pytest.raises(ValueError, match="cropped"):
         lt.DilatedAttentionCache(model.config).crop(-1)
+    model.set_attn_implementation("sdpa")  # would read only the held keys: refused
+    with pytest.raises(ValueError, match="enable"):
+        lt.DilatedAttentionCache(model.config)
 
 
 def test_int8_cache_bytes_and_perplexity():

@@ -946,6 +946,14 @@ class DilatedAttentionCache(Cache):
         num_layers = getattr(text, "num_hidden_layers", None)
         if num_layers is None:
             raise ValueError("DilatedAttentionCache needs config.num_hidden_layers")
+        implementation = getattr(text, "_attn_implementation", None)
+        if implementation != ATTN_IMPLEMENTATION:
+            # Another attention function would silently attend to the held keys only.
+            raise ValueError(
+                f'DilatedAttentionCache needs attn_implementation="{ATTN_IMPLEMENTATION}" '
+                f"(the config has {implementation!r}); call "
+                "longnet.integrations.transformers.enable(model, ...) first"
+            )
         layers: list[Any] = [
             DilatedAttentionLayer(
                 math.lcm(*layer_patterns(text, i)[0]), int8=int8, headroom=headroom
