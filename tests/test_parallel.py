@@ -659,3 +659,39 @@ def test_chunked_feed_forward_and_loss_under_the_mesh(mesh_reports, reference):
     for rep in mesh_reports:
         got, want = rep["chunked-losses"], reference[torch.float64][:4]
         assert len(got) == 4 and max(abs(a - b) for a, b in zip(got, want)) < 1e-9, (got, want)
+
+
+# ------------------------------------------- evaluation over rows that do not split
+
+
+def _eval_batches():
+    """Validation batches of 6, 2 and 4 rows (the last two do not split over dp = 3),
+    with some ignored targets (-100) so that the mean is token-weighted."""
+    gen = torch.Generator().manual_seed(7)
+    out = []
+    for rows in (6, 2, 4):
+        ids = torch.randint(0, 256, (rows, SEQ_LEN + 1), generator=gen)
+        x, y = ids[:, :-1], ids[:, 1:].clone()
+        y[0, : SEQ_LEN // 2] = -100
+        out.append((x, y))
+    return out
+
+
+def _scenario_eval_uneven(rank, world, report):
+    """evaluate_loss at dp = 3 x sp = 1 over batches whose rows do not split over dp."""
+    from longnet.parallel import build_mesh, evaluate_loss, parallelize
+
+    mesh = build_mesh(3, 1, seq_len=SEQ_LEN)
+    model = parallelize(_model(torch.float64), mesh)
+    report["eval"] = evaluate_loss(model, _eval_batches(), mesh)
+
+
+def test_evaluation_with_rows_that_do_not_split_over_dp_equals_one_process(tmp_path):
+    """The validation loss is the token-weighted mean over the global batch: a batch of
+    2 or 4 rows at dp = 3 counts once, not once per dp rank (float64, to 1e-12)."""
+    from longnet.parallel import evaluate_loss
+
+    reports = _spawn(3, ["eval_uneven"], tmp_path)
+    ref = evaluate_loss(_model(torch.float64), _eval_batches())
+    for rep in reports:
+        assert abs(rep["eval"] - ref) < 1e-12 * ref, (rep["rank"], rep["eval"], ref)

@@ -175,8 +175,8 @@ def local_batch(t: Tensor, mesh, *, uneven_rows: str = "error") -> Tensor:
 
     ``uneven_rows``: what a batch whose ``B`` is not divisible by ``dp`` gets:
     ``"error"`` (a ``ValueError``), or ``"whole"``: every ``dp`` rank keeps all its
-    rows (e.g. the last, smaller batch of an evaluation whose per-rank losses are
-    summed with their token counts).
+    rows (e.g. the last, smaller batch of an evaluation, where each ``dp`` rank then
+    counts only its own share of the rows, as :func:`evaluate_loss` does).
     """
     if mesh is None:
         return t
@@ -223,6 +223,24 @@ def mean_over_mesh(value, mesh) -> float:
     return sum_over_mesh([value], mesh)[0] / dist.get_world_size(flat_mesh(mesh).get_group())
 
 
+def _own_rows(y: Tensor, rows: int, mesh) -> Tensor:
+    """``y`` with the targets of the rows that this ``dp`` rank does not count set to
+    ``-100``, for a batch of ``rows`` rows that every ``dp`` rank computes whole
+    (``rows`` not divisible by ``dp``): ``dp`` rank ``d`` counts the rows ``[d * rows
+    // dp, (d + 1) * rows // dp)``, so every row counts on exactly one ``dp`` rank;
+    ``y`` itself when the rows split."""
+    if mesh is None:
+        return y
+    dp = mesh_shape(mesh)[0]
+    if rows % dp == 0:
+        return y
+    d = mesh.get_local_rank("dp")
+    owned = y.new_full(y.shape, -100)
+    lo, hi = d * rows // dp, (d + 1) * rows // dp
+    owned[lo:hi] = y[lo:hi]
+    return owned
+
+
 @torch.no_grad()
 def evaluate_loss(
     model: torch.nn.Module,
@@ -236,12 +254,16 @@ def evaluate_loss(
     """Mean next-token loss (nats per token) of a :class:`~longnet.model.LongNetLM`
     over fixed global batches, over the ranks of ``mesh`` (None: one process).
 
-    A batch is ``(x, y)``, of which every rank computes its :func:`local_batch` (a
-    batch whose rows do not split over ``dp`` whole on every ``dp`` rank), or, on one
-    process, packed rows ``(x, y, cu_seqlens)`` whose targets ``-100`` are not
-    counted. ``autocast_dtype``: the forward under ``torch.autocast`` to it;
-    ``return_logits=False``: the LM head and loss in chunks, no logits. The model is
-    in eval mode during the evaluation and in train mode afterwards.
+    The mean is token-weighted over all the batches: every rank sums its per-token
+    losses and counts its counted targets (not ``-100``, not the model's padding), and
+    the sums and counts are reduced over the mesh, so any mesh gives one process's
+    value. A batch is ``(x, y)``, of which every rank computes its
+    :func:`local_batch` (a batch whose rows do not split over ``dp`` is computed whole
+    on every ``dp`` rank, each counting its own share of the rows), or, on one
+    process, packed rows ``(x, y, cu_seqlens)``. ``autocast_dtype``: the forward
+    under ``torch.autocast`` to it; ``return_logits=False``: the LM head and loss in
+    chunks, no logits. The model is in eval mode during the evaluation and in train
+    mode afterwards.
     """
     device_type = torch.device(device).type
 
@@ -250,6 +272,7 @@ def evaluate_loss(
             return torch.autocast(device_type=device_type, enabled=False)
         return torch.autocast(device_type=device_type, dtype=autocast_dtype)
 
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
@@ -257,15 +280,16 @@ def evaluate_loss(
             x, y, cu = (t.to(device) for t in batch)
             with autocast():
                 _, loss = model(x, y, cu_seqlens=cu, return_logits=return_logits)
-            n = int((y != -100).sum())
-            total += float(loss) * n if n else 0.0
-            count += n
-            continue
-        x, y = (local_batch(t, mesh, uneven_rows="whole").to(device) for t in batch)
-        with autocast():
-            _, loss = model(x, y, return_logits=return_logits)
-        total += float(loss) * y.numel()
-        count += y.numel()
+        else:
+            x, y = (local_batch(t, mesh, uneven_rows="whole").to(device) for t in batch)
+            y = _own_rows(y, batch[1].shape[0], mesh)
+            with autocast():
+                _, loss = model(x, y, return_logits=return_logits)
+        # The model's loss is the mean over its counted targets (not -100, not padding).
+        counted = y != -100 if pad is None else (y != -100) & (y != pad)
+        n = int(counted.sum())
+        total += float(loss) * n if n else 0.0  # no counted target: the loss is 0 / 0
+        count += n
     model.train()
     summed, counted = sum_over_mesh([total, count], mesh, "the validation loss")
     return summed / counted
