@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default="float32",
-        help="autocast dtype for the forward (float32 = no autocast)",
+        help="autocast dtype for the forward (float32 = no autocast; float16: refused, no scaler)",
     )
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -292,7 +292,7 @@ def build_model(args: argparse.Namespace, device: str, dcp_path: str | None, mes
         if args.chunk_size < 1:
             raise SystemExit(f"--chunk-size must be >= 1, got {args.chunk_size}")
         model.set_chunk_size(args.chunk_size)
-    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = {"float32": None, "bfloat16": torch.bfloat16}[args.dtype]
     if mesh is None:
         model.set_activation_checkpointing(args.activation_checkpointing)
         return model, (torch.compile(model) if args.compile else model), dtype
@@ -308,9 +308,11 @@ def build_model(args: argparse.Namespace, device: str, dcp_path: str | None, mes
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; return the metrics (also written to metrics.json)."""
-    try:  # the (dp, sp) degrees, checked once
+    try:  # the (dp, sp) degrees (checked once) and the dtype
         dims = parallel.ParallelDims.from_args(args)
         dims.check_batch(args.batch_size, args.seq_len)
+        if args.dtype == "float16":  # without a scaler small gradients underflow to zero
+            raise ValueError("--dtype float16 needs a gradient scaler: use --dtype bfloat16")
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(str(exc)) from None
     mesh = parallel.init_mesh(dims, args.device, timeout=args.timeout)  # None: one process

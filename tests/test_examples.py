@@ -575,3 +575,21 @@ def test_hung_rank_makes_the_others_fail_naming_the_collective(tmp_path):
     ), named
     assert waited < 60, waited  # the 5 s timeout, plus a loaded machine's slack
     assert proc.returncode != 0
+
+
+def test_train_lm_refuses_float16_without_a_gradient_scaler(tmp_path):
+    """float16 without a gradient scaler lets small gradients underflow to zero, silently:
+    train_lm.py refuses it at the start, naming bfloat16, and trains nothing."""
+    out = tmp_path / "fp16"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "train_lm.py"), *TINY, "--steps", "1"]
+        + ["--dtype", "float16", "--out-dir", str(out), "--quiet", "--no-plot"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "--dtype float16" in proc.stderr and "--dtype bfloat16" in proc.stderr, proc.stderr
+    assert not (out / "metrics.json").exists()
