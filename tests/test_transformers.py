@@ -954,6 +954,8 @@ def test_enable_cache_choice():
     model.set_attn_implementation("sdpa")  # would read only the held keys: refused
     with pytest.raises(ValueError, match="enable"):
         lt.DilatedAttentionCache(model.config)
+    # Switched back to sdpa, generate makes transformers' cache again.
+    assert type(model.generate(ids, **kw).cache) is transformers.DynamicCache
 
 
 def test_int8_cache_bytes_and_perplexity():

@@ -985,13 +985,17 @@ def _prepare_cache_for_generation(
 ) -> Any:
     """``generate``'s cache set-up, with :class:`DilatedAttentionCache` in place of the
     ``DynamicCache`` it makes by default (not of a cache passed by the caller, nor of
-    one named by ``cache_implementation``, nor for assisted decoding)."""
+    one named by ``cache_implementation``, nor for assisted decoding, nor once the
+    model has been switched to another attention implementation)."""
     result = type(model)._prepare_cache_for_generation(
         model, generation_config, model_kwargs, *args
     )
     made = model_kwargs.get("cache")
+    config = model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     if (
-        type(made) is DynamicCache
+        getattr(text, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+        and type(made) is DynamicCache
         and not getattr(made, "_is_user_defined", False)
         and generation_config.cache_implementation in (None, "dynamic")
         and not getattr(generation_config, "is_assistant", False)
