@@ -686,12 +686,55 @@ def _scenario_eval_uneven(rank, world, report):
     report["eval"] = evaluate_loss(model, _eval_batches(), mesh)
 
 
-def test_evaluation_with_rows_that_do_not_split_over_dp_equals_one_process(tmp_path):
+def _scenario_resume_decision(rank, world, report):
+    """CheckpointManager.to_resume where ranks 1 and 2 see other listings of the
+    checkpoint root (a shared file system that has not shown them the newest
+    checkpoint, or shows them one rank 0 does not see): every rank must resume what
+    rank 0 found."""
+    import longnet.parallel.checkpoint as ckpt_mod
+    from longnet.parallel import CheckpointManager
+
+    root = os.path.join(report["dir"], "dcp")
+    if rank == 0:
+        for step in (2, 4):
+            os.makedirs(os.path.join(root, f"step_{step:08d}"))
+            with open(os.path.join(root, f"step_{step:08d}", ckpt_mod.META_NAME), "w") as f:
+                f.write("{}")
+    else:
+        seen = {1: os.path.join(root, "step_00000002"), 2: os.path.join(root, "step_00000006")}
+        ckpt_mod.latest_checkpoint = lambda _root: seen[rank]
+    manager = CheckpointManager(root)
+    report["resume"] = manager.to_resume(True, log=lambda *a: None)
+    report["fresh"] = manager.to_resume(False, log=lambda *a: None)
+    os.environ["TORCHELASTIC_RESTART_COUNT"] = "1"
+    report["restart"] = manager.to_resume(False, log=lambda *a: None)
+    report["missing"] = CheckpointManager(root + "-none").to_resume(True, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    return _spawn(3, ["eval_uneven", "resume_decision"], tmp_path_factory.mktemp("three"))
+
+
+def test_evaluation_with_rows_that_do_not_split_over_dp_equals_one_process(three_ranks):
     """The validation loss is the token-weighted mean over the global batch: a batch of
     2 or 4 rows at dp = 3 counts once, not once per dp rank (float64, to 1e-12)."""
     from longnet.parallel import evaluate_loss
 
-    reports = _spawn(3, ["eval_uneven"], tmp_path)
     ref = evaluate_loss(_model(torch.float64), _eval_batches())
-    for rep in reports:
+    for rep in three_ranks:
         assert abs(rep["eval"] - ref) < 1e-12 * ref, (rep["rank"], rep["eval"], ref)
+
+
+def test_rank_zero_decides_which_checkpoint_every_rank_resumes(three_ranks):
+    """Rank 0 lists the checkpoint root and every rank follows it, also ranks whose own
+    listing shows an older or a newer checkpoint (they would load another step, or
+    wait in another collective until the timeout); a fresh start lists nothing, an
+    elastic restart resumes rank 0's, and a root where rank 0 finds none is None on
+    every rank."""
+    last = os.path.join(three_ranks[0]["dir"], "dcp", "step_00000004")
+    for rep in three_ranks:
+        assert rep["resume"] == last, (rep["rank"], rep["resume"])
+        assert rep["fresh"] is None
+        assert rep["restart"] == last, (rep["rank"], rep["restart"])
+        assert rep["missing"] is None, (rep["rank"], rep["missing"])

@@ -13,7 +13,8 @@ A checkpoint is a directory ``ROOT/step_NNNNNNNN`` holding
   ignored by :func:`latest_checkpoint`.
 
 :class:`CheckpointManager` is what a training script uses: the checkpoint to resume
-(asked for, or after an elastic restart), saving with the newest ``keep`` kept, and
+(asked for, or after an elastic restart; rank 0 lists the directory and broadcasts
+its choice), saving with the newest ``keep`` kept, and
 the final ``save_pretrained`` export. Functions: :func:`save_checkpoint`,
 :func:`load_checkpoint`, :func:`latest_checkpoint`
 (collective on every rank of a job, or plain single-process calls without a process
@@ -314,12 +315,20 @@ class CheckpointManager:
     def to_resume(self, resume: bool, log=print) -> str | None:
         """The checkpoint to continue from: the last one when ``resume`` (None if
         there is none); after a ``torchrun --max-restarts`` restart of a job the last
-        one as well, if the run wrote one (``log`` says which)."""
+        one as well, if the run wrote one (``log`` says which).
+
+        Under a process group rank 0 lists ``root`` and broadcasts its answer (a
+        collective when ``resume`` or after a restart): every rank resumes the same
+        step even where a shared file system shows the ranks different listings.
+        """
         from longnet.parallel.launch import restart_count
 
         restarts = restart_count()
-        if not resume and restarts > 0 and _distributed():
-            found = latest_checkpoint(self.root)
+        after_restart = not resume and restarts > 0 and _distributed()
+        if not resume and not after_restart:
+            return None
+        found = self._latest_on_rank_zero()
+        if after_restart:
             log(
                 f"restart {restarts}: "
                 + (
@@ -328,8 +337,16 @@ class CheckpointManager:
                     else "no checkpoint yet, starting over"
                 )
             )
-            return found
-        return latest_checkpoint(self.root) if resume else None
+        return found
+
+    def _latest_on_rank_zero(self) -> str | None:
+        """:func:`latest_checkpoint` of ``root`` as rank 0 sees it, on every rank."""
+        found = latest_checkpoint(self.root) if _rank() == 0 else None
+        if _distributed():
+            box: list[str | None] = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+        return found
 
     def save(
         self,
