@@ -58,7 +58,7 @@ from __future__ import annotations
 import functools
 import math
 import types
-from typing import Any, Union
+from typing import Any
 
 import torch
 import transformers  # a clear ImportError when the extra is missing
@@ -71,11 +71,22 @@ if int(transformers.__version__.split(".")[0]) < 5:
         'pip install -e ".[transformers]"'
     )
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
 import longnet
-from longnet.ops import validate_patterns
+from longnet.integrations.cache import (
+    CACHE_KINDS,
+    DilatedAttentionCache,
+    DilatedAttentionLayer,
+    prepare_cache_for_generation,
+)
+from longnet.integrations.patterns import (
+    ATTN_IMPLEMENTATION,
+    DILATION_RATES_KEY,
+    SEGMENT_LENGTHS_KEY,
+    layer_patterns,
+    normalize_patterns,
+)
 from longnet.packing import cu_seqlens_from_position_ids
 
 __all__ = [
@@ -90,88 +101,6 @@ __all__ = [
     "key_ranges_from_mask",
     "document_boundaries",
 ]
-
-ATTN_IMPLEMENTATION = "longnet"
-"""The name to pass as ``attn_implementation``."""
-
-SEGMENT_LENGTHS_KEY = "longnet_segment_lengths"
-DILATION_RATES_KEY = "longnet_dilation_rates"
-
-Patterns = Union[list[int], list[list[int]]]
-
-
-# ----------------------------------------------------------------------------------
-# Patterns in the config
-# ----------------------------------------------------------------------------------
-
-
-def _is_per_layer(values: Any) -> bool:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        return False
-    values = list(values)
-    return len(values) > 0 and all(
-        hasattr(x, "__iter__") and not isinstance(x, (str, bytes)) for x in values
-    )
-
-
-def _normalize_patterns(
-    segment_lengths: Any, dilation_rates: Any, num_layers: int | None
-) -> tuple[Patterns, Patterns]:
-    """Validate the patterns: one ``(w, r)`` list pair for every layer, or one pair per
-    layer (lists of lists, as many as the model has layers). Returns plain lists (what
-    the config stores as JSON)."""
-    per_layer_w, per_layer_r = _is_per_layer(segment_lengths), _is_per_layer(dilation_rates)
-    if per_layer_w != per_layer_r:
-        raise ValueError(
-            "segment_lengths and dilation_rates must both be one list of ints (every "
-            "layer) or both be one list per layer, got "
-            f"{segment_lengths!r} and {dilation_rates!r}"
-        )
-    if not per_layer_w:
-        ws, rs = validate_patterns(segment_lengths, dilation_rates)
-        return list(ws), list(rs)
-    segment_lengths, dilation_rates = list(segment_lengths), list(dilation_rates)
-    if len(segment_lengths) != len(dilation_rates):
-        raise ValueError(
-            f"per-layer patterns need as many segment_lengths lists ({len(segment_lengths)}) "
-            f"as dilation_rates lists ({len(dilation_rates)})"
-        )
-    if num_layers is not None and len(segment_lengths) != num_layers:
-        raise ValueError(
-            f"per-layer patterns need one list per layer: the model has {num_layers} "
-            f"layers, got {len(segment_lengths)} lists"
-        )
-    out_w, out_r = [], []
-    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-        try:
-            ws, rs = validate_patterns(w, r)
-        except ValueError as exc:
-            raise ValueError(f"layer {i}: {exc}") from None
-        out_w.append(list(ws))
-        out_r.append(list(rs))
-    return out_w, out_r
-
-
-def layer_patterns(config: Any, layer_idx: int | None) -> tuple[list[int], list[int]]:
-    """The ``(segment_lengths, dilation_rates)`` of layer ``layer_idx`` stored in
-    ``config`` by :func:`enable`."""
-    ws = getattr(config, SEGMENT_LENGTHS_KEY, None)
-    rs = getattr(config, DILATION_RATES_KEY, None)
-    if ws is None or rs is None:
-        raise ValueError(
-            f'attn_implementation="{ATTN_IMPLEMENTATION}" needs dilated attention patterns '
-            f"in the model config ({SEGMENT_LENGTHS_KEY}, {DILATION_RATES_KEY}); call "
-            "longnet.integrations.transformers.enable(model, segment_lengths, "
-            "dilation_rates) first"
-        )
-    if _is_per_layer(ws):
-        if layer_idx is None or not 0 <= int(layer_idx) < len(ws):
-            raise ValueError(
-                f"per-layer dilated attention patterns ({len(ws)} layers) need the "
-                f"attention module's layer_idx, got {layer_idx!r}"
-            )
-        return list(ws[layer_idx]), list(rs[layer_idx])
-    return list(ws), list(rs)
 
 
 def _check_model_config_supported(config: Any) -> None:
@@ -230,7 +159,7 @@ def enable(model: Any, segment_lengths: Any, dilation_rates: Any, *, cache: str 
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     _check_model_config_supported(text_config)
     num_layers = getattr(text_config, "num_hidden_layers", None)
-    ws, rs = _normalize_patterns(segment_lengths, dilation_rates, num_layers)
+    ws, rs = normalize_patterns(segment_lengths, dilation_rates, num_layers)
     for cfg in {id(config): config, id(text_config): text_config}.values():
         setattr(cfg, SEGMENT_LENGTHS_KEY, ws)
         setattr(cfg, DILATION_RATES_KEY, rs)
@@ -239,7 +168,7 @@ def enable(model: Any, segment_lengths: Any, dilation_rates: Any, *, cache: str 
         model.__dict__.pop("_prepare_cache_for_generation", None)
     else:
         model._prepare_cache_for_generation = types.MethodType(
-            functools.partial(_prepare_cache_for_generation, kind=cache), model
+            functools.partial(prepare_cache_for_generation, kind=cache), model
         )
     return model
 
@@ -593,9 +522,27 @@ def document_boundaries(
         cu = _cu_from_document_ids(doc_ids)
         return cu, cu
     position_ids = kwargs.get("position_ids")
-    if attention_mask is not None or not isinstance(position_ids, Tensor):
+    if not isinstance(position_ids, Tensor) or position_ids.shape[-1] != nq:
         return None
-    if position_ids.shape[-1] != nq:
+    if attention_mask is not None:
+        # Position ids that restart between two real queries are packed documents,
+        # which a causal + padding mask would let attend to each other (generate's
+        # left padding restarts only at padding).
+        real = attention_mask
+        if real.dim() == 4:
+            real = _padding_from_4d(real, nq, nk)
+        pos = position_ids.reshape(-1, nq)
+        mask_2d = real.dim() == 2 and real.dtype == torch.bool and real.shape[1] >= nq
+        if mask_2d and pos.shape[0] in (1, b):
+            real = real[:, -nq:].to(position_ids.device).expand(b, -1)
+            pos = pos.expand(b, -1)
+            restarts = (pos[:, 1:] != pos[:, :-1] + 1) & real[:, 1:] & real[:, :-1]
+            if bool(restarts.any()):
+                raise ValueError(
+                    f'attn_implementation="{ATTN_IMPLEMENTATION}" cannot combine packed '
+                    "documents (position_ids that restart inside a row) with a padding "
+                    "mask: drop the attention mask (packed rows need none) or do not pack"
+                )
         return None
     cu = _cu_from_position_ids(position_ids, b)
     if cu is None:
@@ -691,317 +638,6 @@ def longnet_attention_forward(
         key_end=key_end,
     )
     return out, None
-
-
-# ----------------------------------------------------------------------------------
-# Cache that keeps only the keys later queries can read
-# ----------------------------------------------------------------------------------
-
-CACHE_KINDS = ("dilated", "dilated-int8", "full")
-"""What :func:`enable` makes ``generate`` use: :class:`DilatedAttentionCache` (keeps only
-reachable keys), the same in int8, or transformers' own cache (keeps every key)."""
-
-
-def _quantize(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per token and head: ``x`` (B, Hk, n, D) as int8 values and float32
-    scales (B, Hk, n, 1) with ``x ~ values * scales`` (absolute error <= scale / 2)."""
-    x32 = x.detach().to(torch.float32)
-    scale = x32.abs().amax(dim=-1, keepdim=True) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x32 / scale).clamp_(-127, 127).to(torch.int8), scale
-
-
-class DilatedAttentionLayer(CacheLayerMixin):
-    """One layer of :class:`DilatedAttentionCache`.
-
-    Holds, in a buffer of ``period - 1 + headroom`` positions, the keys and values of
-    at most the last ``period - 1`` tokens before the current call (``period`` =
-    ``lcm(segment_lengths)`` of the layer) plus the call's own tokens. A query at
-    relative position ``x`` (counted from its row's first real token) reads, in
-    pattern ``i``, keys of its own segment, which starts at ``floor(x / w_i) * w_i >=
-    floor(x / period) * period > x - period``; so keys more than ``period - 1``
-    positions before the first query of a call are never read again, whatever the
-    row's padding. :func:`key_ranges_from_mask` starts each row a multiple of
-    ``period`` after its first real token, which keeps every segment boundary and head
-    offset without per-row position offsets.
-
-    New tokens are written in place behind the held ones; when the buffer is full the
-    last ``period - 1`` are moved to the front of a fresh buffer (a copy of
-    ``period - 1`` tokens every ``headroom`` tokens). Calls with gradients enabled
-    concatenate instead of writing in place (earlier results stay valid for backward).
-
-    With ``int8=True`` the buffer holds int8 values with one float32 scale per token
-    and head (symmetric, absmax / 127); the held tokens are dequantized into the
-    model's dtype just before the attention call, the call's own tokens are used as
-    computed.
-    """
-
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-
-    def __init__(self, period: int, *, int8: bool = False, headroom: int = 64) -> None:
-        super().__init__()
-        if int(period) < 1:
-            raise ValueError(f"period must be >= 1, got {period}")
-        if int(headroom) < 1:
-            raise ValueError(f"headroom must be >= 1, got {headroom}")
-        self.period = int(period)
-        self.int8 = bool(int8)
-        self.headroom = int(headroom)
-        self.cumulative_length = 0
-        self.first = 0  # buffer index of the first held token
-        self.end = 0  # buffer index past the last held token
-        self.keys: Tensor | None = None
-        self.values: Tensor | None = None
-        self.key_scales: Tensor | None = None
-        self.value_scales: Tensor | None = None
-        self.dtype: torch.dtype | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"DilatedAttentionLayer(period={self.period}, int8={self.int8}, "
-            f"seen={self.cumulative_length}, held={self.held})"
-        )
-
-    @property
-    def held(self) -> int:
-        """Tokens held (the last ``held`` of the ``cumulative_length`` seen)."""
-        return self.end - self.first
-
-    @property
-    def dropped(self) -> int:
-        """Tokens seen and dropped (the first ``dropped`` positions)."""
-        return self.cumulative_length - self.held
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the buffers (keys, values and int8 scales), held or not."""
-        tensors = (self.keys, self.values, self.key_scales, self.value_scales)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.device = key_states.device
-        self.dtype = key_states.dtype
-        self._allocate(key_states, value_states, 0)
-        self.is_initialized = True
-
-    def _allocate(self, key_states: Tensor, value_states: Tensor, capacity: int) -> None:
-        b, hk, _, d = key_states.shape
-        dv = value_states.shape[-1]
-        store = torch.int8 if self.int8 else key_states.dtype
-        self.keys = key_states.new_empty((b, hk, capacity, d), dtype=store)
-        self.values = value_states.new_empty((b, value_states.shape[1], capacity, dv), dtype=store)
-        if self.int8:
-            self.key_scales = key_states.new_empty((b, hk, capacity, 1), dtype=torch.float32)
-            self.value_scales = key_states.new_empty(
-                (b, value_states.shape[1], capacity, 1), dtype=torch.float32
-            )
-
-    def _write(self, at: int, key_states: Tensor, value_states: Tensor) -> None:
-        """Store new tokens at buffer positions ``[at, at + n)``."""
-        assert self.keys is not None and self.values is not None
-        n = key_states.shape[-2]
-        if not self.int8:
-            self.keys[:, :, at : at + n] = key_states
-            self.values[:, :, at : at + n] = value_states
-            return
-        assert self.key_scales is not None and self.value_scales is not None
-        for data, scales, x in (
-            (self.keys, self.key_scales, key_states),
-            (self.values, self.value_scales, value_states),
-        ):
-            q, scale = _quantize(x)
-            data[:, :, at : at + n] = q
-            scales[:, :, at : at + n] = scale
-
-    def _held_states(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
-        """The held tokens followed by the call's new ones (not yet written)."""
-        assert self.keys is not None and self.values is not None
-        if not self.int8:
-            return (
-                torch.cat((self.keys[:, :, self.first : self.end], key_states), dim=-2),
-                torch.cat((self.values[:, :, self.first : self.end], value_states), dim=-2),
-            )
-        assert self.key_scales is not None and self.value_scales is not None
-        out = []
-        for data, scales, x in (
-            (self.keys, self.key_scales, key_states),
-            (self.values, self.value_scales, value_states),
-        ):
-            b, h, n, d = x.shape
-            full = x.new_empty((b, h, self.held + n, d))
-            torch.mul(
-                data[:, :, self.first : self.end],
-                scales[:, :, self.first : self.end],
-                out=full[:, :, : self.held],
-            )
-            full[:, :, self.held :] = x
-            out.append(full)
-        return out[0], out[1]
-
-    def update(
-        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[Tensor, Tensor]:
-        """Append ``(B, Hk, n, D)`` keys and values; return the held ones and the new ones
-        (the keys the call's queries can read), then drop what no later query reads."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        assert self.keys is not None and self.values is not None
-        n = key_states.shape[-2]
-        total = self.cumulative_length + n
-        keep = min(total, self.period - 1)  # what the next call's queries can read
-        grad = torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad)
-        if not grad and self.end + n <= self.keys.shape[-2]:
-            if self.int8:
-                keys, values = self._held_states(key_states, value_states)
-            self._write(self.end, key_states, value_states)
-            self.end += n
-            if not self.int8:
-                keys = self.keys[:, :, self.first : self.end]
-                values = self.values[:, :, self.first : self.end]
-        else:
-            keys, values = self._held_states(key_states, value_states)
-            if grad and not self.int8:
-                self.keys, self.values = keys[:, :, -keep:], values[:, :, -keep:]
-            else:
-                old = (self.keys, self.values, self.key_scales, self.value_scales)
-                from_old = max(0, keep - n)  # held tokens that stay
-                self._allocate(key_states, value_states, keep + self.headroom)
-                for src, dst in zip(
-                    old, (self.keys, self.values, self.key_scales, self.value_scales)
-                ):
-                    if src is not None and dst is not None and from_old > 0:
-                        dst[:, :, :from_old] = src[:, :, self.end - from_old : self.end]
-                self._write(
-                    from_old,
-                    key_states[:, :, n - (keep - from_old) :],
-                    value_states[:, :, n - (keep - from_old) :],
-                )
-            self.end = keep
-        self.cumulative_length = total
-        self.first = self.end - keep
-        return keys, values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.held + query_length, self.dropped
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.keys, self.values = None, None
-        self.key_scales, self.value_scales = None, None
-        self.is_initialized = False
-        self.cumulative_length = self.first = self.end = 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(
-            "DilatedAttentionCache cannot be cropped (it has dropped keys that earlier "
-            "positions need); use transformers' DynamicCache for assisted decoding"
-        )
-
-    def _map_batch(self, fn: Any) -> None:
-        for name in ("keys", "values", "key_scales", "value_scales"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._map_batch(lambda t: t[indices, ...])
-
-
-class DilatedAttentionCache(Cache):
-    """transformers ``Cache`` for ``attn_implementation="longnet"`` that keeps, per
-    layer, only the keys a later query can read under that layer's patterns: at most
-    ``lcm(segment_lengths) - 1`` tokens before a call plus the call's own tokens
-    (``max(segment_lengths) - 1`` when every length divides the longest). Decoding then
-    costs the same per token at any context length, and the cache's memory stays
-    bounded. :func:`enable` makes it ``generate``'s default; pass one as ``cache=`` to
-    a forward to decode by hand (e.g. a prompt prefilled in chunks).
-
-    Exact: every query reads the keys it reads with a cache that keeps everything
-    (left-padded batches included). Not croppable (no assisted decoding).
-
-    Args:
-        config: the model config with the patterns :func:`enable` stored.
-        int8: hold keys and values in int8 with one float32 scale per token and head
-            (0.27x the bytes of float32, 0.53x of bfloat16); approximate.
-        headroom: tokens of room behind the held ones before the buffer is compacted.
-    """
-
-    def __init__(self, config: Any, *, int8: bool = False, headroom: int = 64) -> None:
-        text = (
-            config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        )
-        num_layers = getattr(text, "num_hidden_layers", None)
-        if num_layers is None:
-            raise ValueError("DilatedAttentionCache needs config.num_hidden_layers")
-        implementation = getattr(text, "_attn_implementation", None)
-        if implementation != ATTN_IMPLEMENTATION:
-            # Another attention function would silently attend to the held keys only.
-            raise ValueError(
-                f'DilatedAttentionCache needs attn_implementation="{ATTN_IMPLEMENTATION}" '
-                f"(the config has {implementation!r}); call "
-                "longnet.integrations.transformers.enable(model, ...) first"
-            )
-        layers: list[Any] = [
-            DilatedAttentionLayer(
-                math.lcm(*layer_patterns(text, i)[0]), int8=int8, headroom=headroom
-            )
-            for i in range(num_layers)
-        ]
-        super().__init__(layers=layers)
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` with the offset of the layer that dropped the most
-        keys (0 while no layer dropped any): :func:`longnet_mask` then keeps the mask
-        over every position, and each layer finds its own offset from it."""
-        seen = self.get_seq_length()
-        dropped = max((layer.dropped for layer in self.layers), default=0)
-        return seen + query_length - dropped, dropped
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of every layer's buffers."""
-        return sum(layer.nbytes for layer in self.layers)
-
-    def held(self, layer_idx: int = 0) -> int:
-        """Tokens layer ``layer_idx`` holds."""
-        return self.layers[layer_idx].held
-
-
-def _prepare_cache_for_generation(
-    model: Any, generation_config: Any, model_kwargs: dict[str, Any], *args: Any, kind: str
-) -> Any:
-    """``generate``'s cache set-up, with :class:`DilatedAttentionCache` in place of the
-    ``DynamicCache`` it makes by default (not of a cache passed by the caller, nor of
-    one named by ``cache_implementation``, nor for assisted decoding, nor once the
-    model has been switched to another attention implementation)."""
-    result = type(model)._prepare_cache_for_generation(
-        model, generation_config, model_kwargs, *args
-    )
-    made = model_kwargs.get("cache")
-    config = model.config
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if (
-        getattr(text, "_attn_implementation", None) == ATTN_IMPLEMENTATION
-        and type(made) is DynamicCache
-        and not getattr(made, "_is_user_defined", False)
-        and generation_config.cache_implementation in (None, "dynamic")
-        and not getattr(generation_config, "is_assistant", False)
-    ):
-        model_kwargs["cache"] = DilatedAttentionCache(model.config, int8=kind == "dilated-int8")
-    return result
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, longnet_attention_forward)
