@@ -990,3 +990,24 @@ def test_int8_cache_bytes_and_perplexity():
         err = (data[:, :, held].float() * scale[:, :, held] - x[:, :, held]).abs()
         # Rounding to the nearest step: scale / 2, plus float32's rounding of x / scale.
         assert bool((err <= scale[:, :, held] * (0.5 + 1e-6)).all())
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_packed_position_ids_with_a_left_padding_mask_raise(use_cache):
+    """Packed rows (position ids that restart inside a row) with a left-padding mask:
+    transformers builds a plain causal + padding mask, under which the documents would
+    attend to each other; the call raises a ValueError naming both instead. Left
+    padding whose position ids restart only at the padding (as generate makes them)
+    still runs."""
+    model = _dilated(_tiny("llama"), [4, 8], [1, 2])
+    docs = _documents()[:2]
+    batch = _flattened(docs, "position_ids")
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    n = ids.shape[1]
+    left = torch.ones_like(ids)
+    left[:, :2] = 0
+    with pytest.raises(ValueError, match="packed documents.*padding mask"):
+        model(ids, attention_mask=left, position_ids=pos, use_cache=use_cache)
+    generate_like = torch.cat([torch.ones(1, 2, dtype=torch.long), torch.arange(n - 2)[None]], 1)
+    out = model(ids, attention_mask=left, position_ids=generate_like, use_cache=use_cache)
+    assert bool(torch.isfinite(out.logits).all())
