@@ -38,7 +38,6 @@ recorded before and after each row (the CPUs may be shared). Results go to
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -63,7 +62,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import finetune_transformers as ft  # noqa: E402  (examples/finetune_transformers.py)
 import transformers  # noqa: E402
-from common import machine_info, markdown_table  # noqa: E402  (benchmarks/common.py)
+from common import machine_info, markdown_table, save_results  # noqa: E402  (benchmarks/common.py)
 
 import longnet.integrations.transformers as lt  # noqa: E402
 from longnet.cli import choice_list, int_list  # noqa: E402
@@ -217,16 +216,6 @@ def plot(results: dict[str, Any], path: str) -> bool:
     return True
 
 
-def save(results: dict[str, Any], out_dir: str, name: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, name)
-    with open(base + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(table(results) + "\n")
-    plot(results, base + ".png")
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     log = (lambda *a, **k: None) if args.quiet else print
     lengths = sorted(set(args.lengths + (LONG_LENGTHS if args.long else [])))
@@ -277,9 +266,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"MiB ({row['cache_tokens_per_layer']:,} tokens/layer), ppl {row['ppl']:.3f}, "
                 f"load {load_before[0]:.1f}"
             )
-            save(results, args.out_dir, args.name)
+            save_results(results, args.out_dir, args.name, table, plot)
     results["load_average_end"] = os.getloadavg()
-    save(results, args.out_dir, args.name)
+    save_results(results, args.out_dir, args.name, table, plot)
     log(table(results))
     return results
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import resource
 import statistics
 import time
 from collections.abc import Sequence
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -22,6 +23,7 @@ __all__ = [
     "machine_info",
     "markdown_table",
     "mem_available_bytes",
+    "save_results",
 ]
 
 BWD_FACTOR = 2.5
@@ -173,3 +175,21 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in cells]
     return "\n".join(out)
+
+
+def save_results(
+    results: dict[str, Any],
+    out_dir: str,
+    name: str,
+    table: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], str], bool],
+) -> None:
+    """``out_dir/name.json`` (the results), ``.md`` (``table(results)``) and ``.png``
+    (``plot(results, path)``, which returns False where matplotlib is missing)."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, name)
+    with open(base + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(table(results) + "\n")
+    plot(results, base + ".png")

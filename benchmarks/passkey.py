@@ -36,7 +36,6 @@ length x depth, share of keys found).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -57,7 +56,7 @@ except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from common import machine_info, markdown_table  # noqa: E402  (benchmarks/common.py)
+from common import machine_info, markdown_table, save_results  # noqa: E402  (benchmarks/common.py)
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and "
@@ -336,16 +335,6 @@ def heatmap(results: dict[str, Any], path: str) -> bool:
     return True
 
 
-def save(results: dict[str, Any], out_dir: str, name: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, name)
-    with open(base + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(table(results) + "\n")
-    heatmap(results, base + ".png")
-
-
 def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
     """Every variant over every (length, depth, key); ``model`` / ``tokenizer`` default
     to SmolLM2-135M-Instruct in float32."""
@@ -414,9 +403,9 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
                 f"{variant:>10} {L:>6}: {found}/{len(records)} keys, {seconds:.0f} s, "
                 f"{row['tokens_per_s']:.0f} tokens/s"
             )
-            save(results, args.out_dir, args.name)
+            save_results(results, args.out_dir, args.name, table, heatmap)
     results["total_seconds"] = time.time() - t_start
-    save(results, args.out_dir, args.name)
+    save_results(results, args.out_dir, args.name, table, heatmap)
     log(table(results))
     return results
 
