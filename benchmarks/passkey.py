@@ -208,7 +208,8 @@ def with_adapter(model, adapter_dir: str):
 
 
 def set_variant(model, variant: str, args: argparse.Namespace) -> None:
-    """Attention, RoPE scaling and adapter of ``variant`` on the (adapter-free) model."""
+    """Attention and RoPE scaling of ``variant`` on ``model`` (the ``-ft`` variants run on
+    the adapter-merged copy that :func:`with_adapter` makes)."""
     import longnet.integrations.transformers as longnet_hf
     from longnet.integrations.rope import set_rope_scaling
 
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lengths", type=int_list, default=[2048, 8192, 16384, 32768])
     p.add_argument("--depths", type=depth_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--keys", type=int, default=2, help="trials (keys) per length and depth")
+    p.add_argument("--keys", type=int, default=1, help="trials (keys) per length and depth")
     p.add_argument(
         "--shifts",
         type=int_list,
