@@ -6,29 +6,33 @@ group: rank ``p`` holds positions ``[p*L, (p+1)*L)`` of q, k and v (shifted by
 :func:`sequence_parallel_dilated_attention` returns this rank's rows of exactly the
 operator of docs/operator.md evaluated on the whole sequence.
 
-How it works, for every pattern ``(w, r)``:
+How it works:
 
-* Segments that lie inside one rank's chunk are computed there. Patterns whose every
-  segment touching this rank is local (e.g. ``L % w == 0``) are fused into one call
-  of :func:`longnet.dilated_attention` on the local chunk.
-* A segment that spans several ranks is handled in the dilated frame: for head
+* Each rank computes every pattern on its own rows in one call of
+  :func:`longnet.dilated_attention` (one per document fragment, one packed call for
+  the documents inside the rank), with the segment boundaries they have in the whole
+  sequence: a segment that spans several ranks is clipped to the rows here, which
+  gives each of its queries exactly its keys on this rank.
+* The rest of a rank-crossing segment is handled in the dilated frame: for head
   ``j`` its sparse segment is the rows ``s*w + (j mod r) + t*r``. Each rank selects
   its own rows of that sparse segment (``1/r`` of its chunk per head; with
   grouped-query attention each key/value head once per offset its query heads
   need), and the ranks of the segment exchange them with one autograd-aware
-  all-to-all (backward: the reverse all-to-all). Within the dilated frame the pattern
-  is plain attention over the gathered rows, computed with the operator and the
-  pattern ``([n_keys], [1])``. Causal: a rank receives only from the ranks before
-  it, so its own rows are the last keys, the operator's bottom-right aligned
-  ``Nq < Nk`` case, and the causal rule in the dilated frame is the causal rule in
-  positions. Heads whose offsets give the same per-rank row counts share one call.
-* The partial results are merged by their log-sum-exp, which is exact (docs/operator.md:
-  one softmax over the multiset of keys of all patterns) and differentiable.
+  all-to-all (backward: the reverse all-to-all). A rank's queries of the segment
+  then attend to the received rows alone, in one operator call with the pattern
+  ``([n_keys], [1])`` and no causal mask: under ``is_causal`` a rank receives only
+  from the ranks before it, whose rows all precede its queries. Heads whose offsets
+  give the same per-rank row counts share one call.
+* The received keys' results are merged into the local ones by their log-sum-exp,
+  at the rows they reach only, which is exact (docs/operator.md: one softmax over the
+  multiset of keys of all patterns) and differentiable.
 * Packed documents (``cu_seqlens``): every document is attended alone, its segments
   aligned to its own first token. Documents inside one rank's chunk run in one packed
   call of the operator; a document that crosses a rank boundary is planned as above in
   its own frame (its fragment on each rank is a sequence of its own, at its position
   in the document), so only its segments cross ranks and only its rows are exchanged.
+  The memory a rank holds is that of one sequence's: one local result per row, plus
+  the rows of the segments that cross its boundaries.
 
 All exchanges of one call go into a single all-to-all (and one in backward). A rank
 sends its ``L / r`` selected rows per head to each other rank of a segment it shares
@@ -336,11 +340,10 @@ def _run_plan(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     """This rank's ``(out, lse)``: the exchange started, the local calls computed
-    while it is in flight, then the cross-rank calls on the gathered rows, each
+    while it is in flight, then the cross-rank calls on the received rows, each
     crossing pattern merged into the local result."""
     k_sel, v_sel, got, pending = _start_exchange(plan, k, v, group)
     base_o, base_l = _local_calls(plan, q, k, v, rank, cu, is_causal, scale)
-    outs, lses = _partly_local_calls(plan, q, k, v, is_causal, scale)
     if pending is not None:
         assert got is not None  # all_to_all_start returns both
         pending.wait()
@@ -348,7 +351,7 @@ def _run_plan(
         # patterns' backward (created above) then runs while it is in flight.
         b, d = q.shape[0], q.shape[3]
         got = pending.arrived(got).view(-1, 2, b, d).permute(1, 2, 0, 3)  # (2, B, rows, D)
-    _cross_rank_calls(plan, q, k_sel, v_sel, got, outs, lses, is_causal, scale)
+    outs, lses = _cross_rank_calls(plan, q, got, scale)
     out, lse = _merge_patterns(plan, base_o, base_l, outs, lses)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         # Tie q, k, v and the exchange into both outputs (adding an exact zero) so
@@ -364,9 +367,9 @@ def _run_plan(
 def _start_exchange(
     plan: RankPlan, k: Tensor, v: Tensor, group: dist.ProcessGroup | None
 ) -> tuple[Tensor, Tensor, Tensor | None, Pending | None]:
-    """``(k_sel, v_sel, got, pending)``: every key/value row this rank sends or uses
-    itself (one gather per tensor), and the all-to-all of the sent rows, started
-    (``got`` and ``pending`` are None when the ranks exchange nothing)."""
+    """``(k_sel, v_sel, got, pending)``: every key/value row this rank sends (one
+    gather per tensor), and their all-to-all, started (``got`` and ``pending`` are
+    None when the ranks exchange nothing)."""
     b, chunk, hk, d = k.shape
     kv_index = on_device(plan, plan.kv_index, k.device)
     k_sel = k.reshape(b, chunk * hk, d).index_select(1, kv_index)
@@ -376,8 +379,7 @@ def _start_exchange(
     # One all-to-all carries every cross-rank row of this call, laid out per row as
     # (k or v, B, D) so that each destination's rows are contiguous. It runs while
     # this rank computes its local patterns.
-    n_send = sum(plan.send_rows)
-    flat = torch.stack([k_sel[:, :n_send], v_sel[:, :n_send]]).permute(2, 0, 1, 3)
+    flat = torch.stack([k_sel, v_sel]).permute(2, 0, 1, 3)
     unit = 2 * b * d
     got, pending = all_to_all_start(
         flat.reshape(-1),
@@ -399,12 +401,11 @@ def _local_calls(
     is_causal: bool,
     scale: float,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """The local calls, in row order (outputs and lse): documents inside this rank in
-    one packed call, each sequence or document fragment with the patterns it holds
-    whole."""
-    b, chunk, h, d = q.shape
+    """The local calls, in row order (outputs and lse), every pattern on this rank's
+    rows: documents inside this rank in one packed call, each sequence or document
+    fragment in its own."""
+    chunk = q.shape[1]
     dev = q.device
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     base_o, base_l = [], []
     for piece in plan.pieces:
         a, z = piece.a, piece.b
@@ -415,99 +416,74 @@ def _local_calls(
             g0 = rank * chunk + a
             lo_i, hi_i = bisect.bisect_left(cu, g0), bisect.bisect_right(cu, g0 + z - a)
             local_cu = torch.tensor([x - g0 for x in cu[lo_i:hi_i]], dtype=torch.int64, device=dev)
-        if piece.ws:
-            o_p, l_p = longnet.dilated_attention(
-                qa,
-                ka,
-                va,
-                piece.ws,
-                piece.rs,
-                is_causal=is_causal,
-                scale=scale,
-                return_lse=True,
-                position_offset=piece.position_offset,
-                cu_seqlens_q=local_cu,
-                cu_seqlens_k=local_cu,
-            )
-        else:  # every pattern crosses ranks here: only the merges add to it
-            o_p = q.new_zeros(b, z - a, h, d)
-            l_p = torch.full((b, h, z - a), -math.inf, dtype=lse_dtype, device=dev)
+        o_p, l_p = longnet.dilated_attention(
+            qa,
+            ka,
+            va,
+            piece.ws,
+            piece.rs,
+            is_causal=is_causal,
+            scale=scale,
+            return_lse=True,
+            position_offset=piece.position_offset,
+            cu_seqlens_q=local_cu,
+            cu_seqlens_k=local_cu,
+        )
         base_o.append(o_p)
         base_l.append(l_p)
     return base_o, base_l
 
 
-def _partly_local_calls(
-    plan: RankPlan, q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float
+def _cross_rank_calls(
+    plan: RankPlan, q: Tensor, got: Tensor | None, scale: float
 ) -> tuple[dict[int, list[Tensor]], dict[int, list[Tensor]]]:
-    """Per crossing pattern, the results (flat ``(B, rows * H, D)`` outputs and ``(B,
-    rows * H)`` lse) of its segments that lie on this rank whole."""
-    b, d = q.shape[0], q.shape[3]
+    """Every cross-rank call: its queries attend to the rows it received (``got``,
+    ``(2, B, rows, D)``), all of them (no causal mask: under ``is_causal`` they come
+    from earlier ranks). Per pattern, the results: flat ``(B, rows * H, D)`` outputs
+    and ``(B, rows * H)`` lse, in ``plan.out_index`` order."""
+    b, chunk, h, d = q.shape
     outs: dict[int, list[Tensor]] = {i: [] for i in plan.cross_patterns}
     lses: dict[int, list[Tensor]] = {i: [] for i in plan.cross_patterns}
-    for i, part in zip(plan.partial_pattern, plan.partial):
-        lo, hi = part.a, part.b
-        o_i, l_i = longnet.dilated_attention(
-            q[:, lo:hi],
-            k[:, lo:hi],
-            v[:, lo:hi],
-            part.ws,
-            part.rs,
-            is_causal=is_causal,
-            scale=scale,
-            return_lse=True,
-            position_offset=part.position_offset,
-        )
-        outs[i].append(o_i.reshape(b, -1, d))
-        lses[i].append(l_i.transpose(1, 2).reshape(b, -1))
-    return outs, lses
-
-
-def _cross_rank_calls(
-    plan: RankPlan,
-    q: Tensor,
-    k_sel: Tensor,
-    v_sel: Tensor,
-    got: Tensor | None,
-    outs: dict[int, list[Tensor]],
-    lses: dict[int, list[Tensor]],
-    is_causal: bool,
-    scale: float,
-) -> None:
-    """Run every cross-rank call on its gathered rows (own rows from ``k_sel`` /
-    ``v_sel``, received ones from ``got``) and append its results to ``outs`` /
-    ``lses`` under its pattern."""
-    b, chunk, h, d = q.shape
+    if not plan.calls:
+        return outs, lses
+    assert got is not None  # calls exist only after an exchange
     q_sel = q.reshape(b, chunk * h, d).index_select(1, on_device(plan, plan.q_index, q.device))
     for call in plan.calls:
         ks, vs = [], []
-        for received, start, rows in call.pieces:
+        for start, rows in call.pieces:
             size = rows * call.n_pairs
-            if received:
-                assert got is not None  # received pieces exist only after an exchange
-                kk, vv = got[0, :, start : start + size], got[1, :, start : start + size]
-            else:
-                kk, vv = k_sel[:, start : start + size], v_sel[:, start : start + size]
-            ks.append(kk.reshape(b, rows, call.n_pairs, d))
-            vs.append(vv.reshape(b, rows, call.n_pairs, d))
+            ks.append(got[0, :, start : start + size].reshape(b, rows, call.n_pairs, d))
+            vs.append(got[1, :, start : start + size].reshape(b, rows, call.n_pairs, d))
         kk = torch.cat(ks, dim=1) if len(ks) > 1 else ks[0]
         vv = torch.cat(vs, dim=1) if len(vs) > 1 else vs[0]
         if call.head_map is not None:
             hm = on_device(plan, call.head_map, q.device)
             kk, vv = kk.index_select(2, hm), vv.index_select(2, hm)
         qq = q_sel[:, call.q_start : call.q_start + call.n_q * call.n_heads]
-        o_c, l_c = longnet.dilated_attention(
-            qq.reshape(b, call.n_q, call.n_heads, d),
-            kk,
-            vv,
-            [kk.shape[1]],
-            [1],
-            is_causal=is_causal,
-            scale=scale,
-            return_lse=True,
-        )
+        o_c, l_c = _attend_received(qq.reshape(b, call.n_q, call.n_heads, d), kk, vv, scale)
         outs[call.pattern].append(o_c.reshape(b, -1, d))
-        lses[call.pattern].append(l_c.transpose(1, 2).reshape(b, -1))
+        lses[call.pattern].append(l_c.reshape(b, -1))
+    return outs, lses
+
+
+def _attend_received(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Every query of ``q`` ``(B, n, H, D)`` attends to every key of ``k`` ``(B, m, Hk,
+    D)``: ``(out (B, n, H, D), lse (B, n, H))``. The operator takes at most as many
+    queries as keys, so with ``n > m`` the queries run as ``ceil(n / m)`` batch rows
+    of ``m`` (zero-padded), each against the same keys."""
+    b, n, h, d = q.shape
+    m = k.shape[1]
+    blocks = -(-n // m)
+    if blocks > 1:
+        q = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, blocks * m - n)).reshape(b * blocks, m, h, d)
+        k = k.unsqueeze(1).expand(b, blocks, *k.shape[1:]).reshape(b * blocks, *k.shape[1:])
+        v = v.unsqueeze(1).expand(b, blocks, *v.shape[1:]).reshape(b * blocks, *v.shape[1:])
+    o, lse = longnet.dilated_attention(q, k, v, [m], [1], scale=scale, return_lse=True)
+    lse = lse.transpose(1, 2)
+    if blocks > 1:
+        o = o.reshape(b, blocks * m, h, d)[:, :n]
+        lse = lse.reshape(b, blocks * m, h)[:, :n]
+    return o, lse
 
 
 def _merge_patterns(

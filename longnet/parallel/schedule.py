@@ -2,9 +2,9 @@
 
 :func:`plan_rank` turns a configuration (ranks, heads, patterns, causal, position
 offset, the packed documents that cross a rank boundary) into a :class:`RankPlan`:
-the local operator calls on this rank's rows, the per-pattern calls of segments that
-lie partly here, and for every segment that spans ranks the rows this rank sends and
-the operator call it makes on the rows it gathers (see
+the local operator calls on this rank's rows (every pattern, its rank-crossing
+segments clipped to the rows here), and for every segment that spans ranks the rows
+this rank sends and the operator call its queries make on the rows it receives (see
 :mod:`longnet.parallel.attention` for how the operator runs a plan). Plans are
 cached per configuration; their index tensors live on the CPU and are copied to the
 device once (:func:`on_device`).
@@ -33,7 +33,7 @@ class Call:
     n_heads: int  # query heads |J|
     n_pairs: int  # exchanged (kv head, offset) pairs |U|
     q_start: int  # offset of its queries in the gathered queries
-    pieces: tuple[tuple[bool, int, int], ...]  # keys in position order: (received?, start, rows)
+    pieces: tuple[tuple[int, int], ...]  # received keys in position order: (start, rows)
     head_map: Tensor | None  # (|J|,) pair index per head; None when GQA maps it
 
 
@@ -41,7 +41,8 @@ class Call:
 class Local:
     """One local operator call on this rank's rows ``[a, b)``: the rows of one sequence
     (or document fragment) whose first row sits at absolute position
-    ``position_offset``, computed with the patterns ``ws``/``rs``; with ``packed``,
+    ``position_offset``, computed with the patterns ``ws``/``rs`` (a segment that
+    crosses ranks clipped to these rows: its keys here); with ``packed``,
     rows that hold whole documents, run in one packed call (their boundaries come from
     each call's ``cu_seqlens``, every document's first token at ``position_offset``)."""
 
@@ -63,15 +64,13 @@ class RankPlan:
     """
 
     pieces: tuple[Local, ...]  # the local calls, in row order, covering [0, L)
-    partial: tuple[Local, ...]  # per-pattern calls of locally computed segments
-    partial_pattern: tuple[int, ...]  # their pattern indices
-    cross_patterns: tuple[int, ...]  # patterns that get a per-pattern result
+    cross_patterns: tuple[int, ...]  # patterns whose received keys some call attends
     calls: list[Call]
-    kv_index: Tensor  # rows sent (by destination), then own rows
+    kv_index: Tensor  # rows sent, by destination
     send_rows: tuple[int, ...]  # kv_index entries per destination
     recv_rows: tuple[int, ...]  # received entries per source
     q_index: Tensor  # query rows of all calls
-    out_index: dict[int, Tensor]  # pattern -> output rows (partial, then calls)
+    out_index: dict[int, Tensor]  # pattern -> output rows of its calls
     lse_index: dict[int, Tensor]  # pattern -> lse rows (same entries and order)
     exchange: bool  # whether the ranks exchange anything
     _device_cache: dict = field(default_factory=dict)
@@ -83,7 +82,6 @@ class RankPlan:
         ]
         return (
             f"RankPlan(local calls {local}, cross-rank patterns {list(self.cross_patterns)}, "
-            f"partly local {[(i, p.a, p.b) for i, p in zip(self.partial_pattern, self.partial)]}, "
             f"{len(self.calls)} calls, rows sent {list(self.send_rows)}, "
             f"received {list(self.recv_rows)})"
         )
@@ -143,43 +141,45 @@ class _Exchanges:
 
 
 def _plan_crossing_segment(cfg: _Config, seg: Segment, c: int, base: int, ex: _Exchanges) -> None:
-    """Record the rows this rank receives, sends and computes for the head groups of
-    the cross-rank segment ``seg`` of the document starting at global token ``c``."""
+    """Record the rows this rank receives and sends, and the call its queries make on
+    the received rows, for the head groups of the cross-rank segment ``seg`` of the
+    document starting at global token ``c`` (its rows here are keys of the local call)."""
     rank = cfg.rank
     me = rank - seg.first_rank
     for gi, g in enumerate(seg.groups):
         if g.counts[me] == 0:
             continue  # no queries here, and no rows to send
         key = (c, seg.pattern, seg.index, gi)
-        kv_rows = _rows(seg, g, rank, cfg.chunk, [o for _, o in g.pairs], base)
-        kvh = torch.tensor([hh for hh, _ in g.pairs])
-        flat_kv = kv_rows * cfg.kv_heads + kvh
-        ranks = [
-            q for q in range(seg.first_rank, seg.last_rank + 1) if not cfg.is_causal or q <= rank
+        sources = [
+            q
+            for q in range(seg.first_rank, seg.last_rank + 1)
+            if q != rank and (not cfg.is_causal or q < rank) and g.counts[q - seg.first_rank] > 0
         ]
-        ex.jobs.append((key, seg, g, ranks, flat_kv, base))
-        for q in ranks:
-            nq = g.counts[q - seg.first_rank]
-            if q != rank and nq > 0:
-                ex.recvs[q].append((key, nq * len(g.pairs)))
+        if sources:
+            ex.jobs.append((key, seg, g, sources, base))
+        for q in sources:
+            ex.recvs[q].append((key, g.counts[q - seg.first_rank] * len(g.pairs)))
         # This rank's rows go to every later (causal) or other rank of the segment
         # that has queries in the group.
-        for dst in range(seg.first_rank, seg.last_rank + 1):
-            if (
-                dst != rank
-                and not (cfg.is_causal and dst < rank)
-                and g.counts[dst - seg.first_rank] > 0
-            ):
+        dsts = [
+            dst
+            for dst in range(seg.first_rank, seg.last_rank + 1)
+            if dst != rank
+            and not (cfg.is_causal and dst < rank)
+            and g.counts[dst - seg.first_rank] > 0
+        ]
+        if dsts:
+            kv_rows = _rows(seg, g, rank, cfg.chunk, [o for _, o in g.pairs], base)
+            kvh = torch.tensor([hh for hh, _ in g.pairs])
+            flat_kv = kv_rows * cfg.kv_heads + kvh
+            for dst in dsts:
                 ex.sends[dst].append((key, flat_kv))
 
 
-def _plan_fragment(
-    cfg: _Config, c: int, e: int, ex: _Exchanges, partial: list[tuple[int, Local]]
-) -> tuple[Local, set[int]]:
+def _plan_fragment(cfg: _Config, c: int, e: int, ex: _Exchanges) -> tuple[Local, set[int]]:
     """This rank's part of the sequence (document) of global tokens ``[c, e)``: its
-    local call with the patterns it holds whole, the per-pattern calls of the segments
-    of crossing patterns that lie here whole (appended to ``partial``), the crossing
-    segments' exchanges (recorded in ``ex``), and the crossing patterns."""
+    local call with every pattern (a rank-crossing segment clipped to the rows here),
+    the crossing segments' exchanges (recorded in ``ex``), and the crossing patterns."""
     chunk, rank = cfg.chunk, cfg.rank
     lo, hi, base = cfg.offset, cfg.offset + e - c, cfg.offset - c  # the document's frame
     r_lo, r_hi = rank * chunk, (rank + 1) * chunk
@@ -188,29 +188,14 @@ def _plan_fragment(
     a_abs, b_abs = first + fa, first + fb
     kv_group = cfg.num_heads // cfg.kv_heads
     cross: set[int] = set()
-    local_ws, local_rs = [], []
     for i, (w, r) in enumerate(zip(cfg.ws, cfg.rs)):
-        s_a, s_b = a_abs // w, (b_abs - 1) // w
-        crossing = [
-            s
-            for s in sorted({s_a, s_b})
-            if segment_ranks(s, w, lo, hi, base, chunk)[3]
-            > segment_ranks(s, w, lo, hi, base, chunk)[2]
-        ]
-        if not crossing:
-            local_ws.append(w)
-            local_rs.append(r)
-            continue
-        cross.add(i)
-        s_lo = s_a + 1 if s_a in crossing else s_a
-        s_hi = s_b - 1 if s_b in crossing else s_b
-        if s_lo <= s_hi:
-            pa, pb = max(s_lo * w, a_abs), min((s_hi + 1) * w, b_abs)
-            partial.append((i, Local(pa - first, pb - first, (w,), (r,), pa)))
-        for s in crossing:
-            seg = segment(i, s, w, r, lo, hi, base, chunk, cfg.num_heads, kv_group)
-            _plan_crossing_segment(cfg, seg, c, base, ex)
-    return Local(fa, fb, tuple(local_ws), tuple(local_rs), a_abs), cross
+        for s in sorted({a_abs // w, (b_abs - 1) // w}):
+            _, _, first_rank, last_rank = segment_ranks(s, w, lo, hi, base, chunk)
+            if last_rank > first_rank:
+                cross.add(i)
+                seg = segment(i, s, w, r, lo, hi, base, chunk, cfg.num_heads, kv_group)
+                _plan_crossing_segment(cfg, seg, c, base, ex)
+    return Local(fa, fb, cfg.ws, cfg.rs, a_abs), cross
 
 
 def _with_packed_call(cfg: _Config, pieces: list[Local]) -> list[Local]:
@@ -225,42 +210,26 @@ def _with_packed_call(cfg: _Config, pieces: list[Local]) -> list[Local]:
     return [p for p in pieces if p.b <= head] + [inside] + [p for p in pieces if p.a >= tail]
 
 
-def _index_calls(
-    cfg: _Config,
-    ex: _Exchanges,
-    partial: list[tuple[int, Local]],
-    cross_patterns: tuple[int, ...],
-    own_pos: int,
-):
+def _index_calls(cfg: _Config, ex: _Exchanges):
     """The operator calls of the cross-rank segment groups and the flat indices they
-    read and write: ``(calls, own kv rows, query rows, output rows, lse rows)``, the
-    last two per crossing pattern (the partly local segments' rows first)."""
+    read and write: ``(calls, query rows, output rows, lse rows)``, the last two per
+    pattern that has calls."""
     rank, chunk, num_heads = cfg.rank, cfg.chunk, cfg.num_heads
     recv_start, pos = {}, 0
     for src in range(cfg.world):
         for key, size in ex.recvs[src]:
             recv_start[(key, src)] = pos
             pos += size
-    calls, own_parts, q_parts = [], [], []
-    out_parts: dict[int, list] = {i: [] for i in cross_patterns}
-    lse_parts: dict[int, list] = {i: [] for i in cross_patterns}
-    for i, part in partial:  # the locally computed segments come first
-        local_rows = torch.arange(part.a, part.b)
-        out_parts[i].append(local_rows.unsqueeze(1) * num_heads + torch.arange(num_heads))
-        lse_parts[i].append(local_rows.unsqueeze(1) + torch.arange(num_heads) * chunk)
+    calls, q_parts = [], []
+    out_parts: dict[int, list] = {}
+    lse_parts: dict[int, list] = {}
     q_pos = 0
-    for key, seg, g, ranks, flat_kv, base in ex.jobs:
+    for key, seg, g, sources, base in ex.jobs:
         q_rows = _rows(seg, g, rank, chunk, [j % seg.r for j in g.heads], base)
         heads = torch.tensor(g.heads)
-        pieces_kv = []
-        for src in ranks:
-            rows = g.counts[src - seg.first_rank]
-            if src == rank:
-                pieces_kv.append((False, own_pos, rows))
-                own_parts.append(flat_kv)
-                own_pos += flat_kv.numel()
-            elif rows > 0:
-                pieces_kv.append((True, recv_start[(key, src)], rows))
+        pieces_kv = tuple(
+            (recv_start[(key, src)], g.counts[src - seg.first_rank]) for src in sources
+        )
         ratio = len(g.heads) // len(g.pairs)
         uniform = len(g.heads) % len(g.pairs) == 0 and all(
             m == jj // ratio for jj, m in enumerate(g.head_to_pair)
@@ -272,16 +241,16 @@ def _index_calls(
                 len(g.heads),
                 len(g.pairs),
                 q_pos,
-                tuple(pieces_kv),
+                pieces_kv,
                 None if uniform else torch.tensor(g.head_to_pair),
             )
         )
         q_flat = q_rows * num_heads + heads
         q_parts.append(q_flat)
         q_pos += q_flat.numel()
-        out_parts[seg.pattern].append(q_flat)
-        lse_parts[seg.pattern].append(heads * chunk + q_rows)
-    return calls, own_parts, q_parts, out_parts, lse_parts
+        out_parts.setdefault(seg.pattern, []).append(q_flat)
+        lse_parts.setdefault(seg.pattern, []).append(heads * chunk + q_rows)
+    return calls, q_parts, out_parts, lse_parts
 
 
 @lru_cache(maxsize=64)
@@ -316,14 +285,11 @@ def plan_rank(
         for w in ws
     )
     ex = _Exchanges(sends=[[] for _ in range(world)], recvs=[[] for _ in range(world)])
-    cross: set[int] = set()
     pieces: list[Local] = []
-    partial: list[tuple[int, Local]] = []
     for c, e in spans:
         if c < (rank + 1) * chunk and e > rank * chunk:  # the document has rows here
-            piece, crossing = _plan_fragment(cfg, c, e, ex, partial)
+            piece, _ = _plan_fragment(cfg, c, e, ex)
             pieces.append(piece)
-            cross |= crossing
     if docs is not None:
         pieces = _with_packed_call(cfg, pieces)
     ex.jobs.sort(key=lambda x: x[0])
@@ -331,17 +297,12 @@ def plan_rank(
         lst.sort(key=lambda x: x[0])
     send_parts = [t for dst in range(world) for _, t in ex.sends[dst]]
     send_rows = tuple(sum(t.numel() for _, t in ex.sends[dst]) for dst in range(world))
-    cross_patterns = tuple(sorted(cross))
-    calls, own_parts, q_parts, out_parts, lse_parts = _index_calls(
-        cfg, ex, partial, cross_patterns, sum(send_rows)
-    )
+    calls, q_parts, out_parts, lse_parts = _index_calls(cfg, ex)
     return RankPlan(
         tuple(pieces),
-        tuple(p for _, p in partial),
-        tuple(i for i, _ in partial),
-        cross_patterns,
+        tuple(sorted(out_parts)),
         calls,
-        kv_index=_cat(send_parts + own_parts),
+        kv_index=_cat(send_parts),
         send_rows=send_rows,
         recv_rows=tuple(sum(sz for _, sz in ex.recvs[src]) for src in range(world)),
         q_index=_cat(q_parts),

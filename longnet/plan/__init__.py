@@ -10,7 +10,7 @@ heads, head dim, dtype, patterns, layers, causal, position offset) and a sequenc
   backward (the numbers :func:`longnet.parallel.comm_stats` counts in a real run);
 * the attention's activation memory: what one layer's attention keeps from forward
   to backward (q, k, v, outputs, log-sum-exps, the gathered dilated key/value rows,
-  the per-pattern partial results and their merge);
+  the received keys' results and their merge);
 * the FLOPs the patterns need (``4 * D`` per attended query/key pair forward, 2.5x
   that backward);
 * with a device speed and a link speed, the estimated compute and communication

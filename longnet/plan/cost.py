@@ -446,7 +446,7 @@ def plan_run(
         cu = cumulative(doc_lengths)
     chunk = tokens // ranks
     counts = count_ranks(ranks, chunk, heads, kv_heads, ws, rs, bool(causal), position_offset, cu)
-    crossing = sorted({i for rc in counts for i in rc.cross})
+    crossing = sorted({i for rc in counts for i in rc.crossing})
     per_rank = [
         _rank_cost(
             p,

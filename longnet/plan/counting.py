@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from longnet.parallel.layout import Segment, cdiv, segment, segment_ranks, spanning_documents
+from longnet.parallel.layout import Segment, cdiv, segment, spanning_documents
 from longnet.plan.units import lse_bytes
 
 __all__ = ["Call", "RankCount", "count_ranks", "attention_memory", "index_bytes"]
@@ -32,9 +32,15 @@ class Call:
     n_q: int  # query rows per head on this rank
     n_heads: int
     n_pairs: int  # exchanged (kv head, offset) pairs
-    n_keys: int  # key rows per pair (own and received)
-    pieces: int  # key pieces (own rows, each sending rank)
+    n_keys: int  # key rows per pair, all received
+    pieces: int  # key pieces (one per sending rank)
     head_map: bool  # whether the heads are mapped to pairs by an index
+
+    @property
+    def blocks(self) -> int:
+        """Batch rows the call's queries run as (more queries than keys: blocks of
+        ``n_keys``, see ``longnet.parallel.attention._attend_received``)."""
+        return cdiv(self.n_q, self.n_keys)
 
 
 @dataclass
@@ -43,15 +49,13 @@ class RankCount:
 
     send: int = 0  # kv entries (row, kv head) sent
     recv: int = 0
-    own: int = 0  # kv entries this rank selects for itself
     calls: list[Call] = field(default_factory=list)
-    cross: list[int] = field(default_factory=list)  # crossing pattern indices
-    partial: dict[int, int] = field(default_factory=dict)  # pattern -> local positions
-    partial_calls: dict[int, int] = field(default_factory=dict)  # pattern -> calls
+    cross: list[int] = field(default_factory=list)  # patterns with cross-rank calls here
+    crossing: list[int] = field(default_factory=list)  # patterns with a segment across ranks here
     local_pairs: int = 0
     cross_pairs: int = 0
-    pieces: int = 0  # local calls (and all-crossing fragments) in row order
-    local_rows: int = 0  # rows of the local calls that run the operator
+    pieces: int = 0  # local calls in row order
+    local_rows: int = 0  # rows of the local calls
 
 
 @dataclass(frozen=True)
@@ -120,15 +124,14 @@ def _crossing_segments(
     return sorted(segs)
 
 
-def _spans_ranks(s: int, w: int, lo: int, hi: int, base: int, chunk: int) -> bool:
-    """Whether segment ``s`` of the sequence in this frame lies on two ranks or more."""
-    ranks_of = segment_ranks(s, w, lo, hi, base, chunk)
-    return ranks_of[3] > ranks_of[2]
-
-
 def _count_segment(ranks: list[RankCount], seg: Segment, pattern: int, causal: bool) -> None:
-    """Add the rows, calls and pairs of crossing segment ``seg`` to each of its ranks."""
+    """Add the rows, calls and pairs of crossing segment ``seg`` to each of its ranks:
+    every rank sends its rows to the others (causal: the later ones) that have
+    queries in the group, whose queries attend to them in one call."""
     m = seg.last_rank - seg.first_rank + 1
+    for p in range(seg.first_rank, seg.last_rank + 1):
+        if pattern not in ranks[p].crossing:
+            ranks[p].crossing.append(pattern)
     for g in seg.groups:
         cnt = g.counts
         npairs, nheads = len(g.pairs), len(g.heads)
@@ -145,51 +148,17 @@ def _count_segment(ranks: list[RankCount], seg: Segment, pattern: int, causal: b
             if cnt[a] == 0:
                 continue
             rc = ranks[seg.first_rank + a]
-            own = cnt[a] * npairs
             if causal:
-                dsts = pre_pos[m] - pre_pos[a + 1]
-                keys = pre_rows[a + 1]
-                pieces = pre_pos[a + 1]
+                dsts, keys, sources = pre_pos[m] - pre_pos[a + 1], pre_rows[a], pre_pos[a]
             else:
-                dsts = pre_pos[m] - 1
-                keys = pre_rows[m]
-                pieces = pre_pos[m]
-            rc.send += own * dsts
-            rc.recv += (keys - cnt[a]) * npairs
-            rc.own += own
-            rc.calls.append(Call(pattern, cnt[a], nheads, npairs, keys, pieces, not uniform))
-            pairs = (
-                cnt[a] * keys
-                if not causal
-                else cnt[a] * (keys - cnt[a]) + cnt[a] * (cnt[a] + 1) // 2
-            )
-            rc.cross_pairs += nheads * pairs
-
-
-def _count_partial(
-    rc: RankCount,
-    pattern: int,
-    w: int,
-    r: int,
-    fragment: tuple[int, int],
-    frame: tuple[int, int, int],
-    f: _Frame,
-) -> None:
-    """Rank ``rc``'s local part of a pattern that crosses its boundaries: the segments
-    wholly inside its ``fragment`` (absolute positions) of the sequence at ``frame``
-    ``(lo, hi, base)``, computed alone and merged with the crossing ones."""
-    a_abs, b_abs = fragment
-    lo, hi, base = frame
-    if pattern not in rc.cross:
-        rc.cross.append(pattern)
-    s_a, s_b = a_abs // w, (b_abs - 1) // w
-    s_lo = s_a + 1 if _spans_ranks(s_a, w, lo, hi, base, f.chunk) else s_a
-    s_hi = s_b - 1 if _spans_ranks(s_b, w, lo, hi, base, f.chunk) else s_b
-    if s_lo <= s_hi:
-        pa, pb = max(s_lo * w, a_abs), min((s_hi + 1) * w, b_abs)
-        rc.partial[pattern] = rc.partial.get(pattern, 0) + pb - pa
-        rc.partial_calls[pattern] = rc.partial_calls.get(pattern, 0) + 1
-        rc.local_pairs += _region_pairs(pa, pb, w, r, f.num_heads, f.causal)
+                dsts, keys, sources = pre_pos[m] - 1, pre_rows[m] - cnt[a], pre_pos[m] - 1
+            rc.send += cnt[a] * npairs * dsts
+            rc.recv += keys * npairs
+            if keys:
+                rc.calls.append(Call(pattern, cnt[a], nheads, npairs, keys, sources, not uniform))
+                rc.cross_pairs += nheads * cnt[a] * keys
+                if pattern not in rc.cross:
+                    rc.cross.append(pattern)
 
 
 def _count_span(
@@ -201,31 +170,23 @@ def _count_span(
     f: _Frame,
 ) -> None:
     """Add the global tokens ``[c, e)`` (the whole sequence, or a document that
-    crosses a rank boundary) to the ranks that hold them, pattern by pattern."""
+    crosses a rank boundary) to the ranks that hold them: each fragment's local call
+    of every pattern, and the crossing segments' exchanges and calls."""
     chunk = f.chunk
     lo, hi, base = f.offset, f.offset + e - c, f.offset - c  # the document's frame
     holders = range(c // chunk, (e - 1) // chunk + 1)
-    for p in holders:
-        ranks[p].pieces += 1
-    n_local = dict.fromkeys(holders, 0)  # patterns wholly local to p's fragment
     for i, (w, r) in enumerate(zip(ws, rs)):
-        touched: set[int] = set()
         for s in _crossing_segments(w, chunk, f.world, f.offset, c, e):
             seg = _segment(i, s, w, r, lo, hi, base, chunk, f.num_heads, f.kv_group)
-            touched.update(range(seg.first_rank, seg.last_rank + 1))
             _count_segment(ranks, seg, i, f.causal)
-        for p in holders:
-            a_abs = base + max(c, p * chunk)  # the fragment's absolute positions
-            b_abs = base + min(e, (p + 1) * chunk)
-            if p in touched:
-                _count_partial(ranks[p], i, w, r, (a_abs, b_abs), (lo, hi, base), f)
-            else:
-                # Every segment of the pattern touching p's fragment lies inside it.
-                ranks[p].local_pairs += _region_pairs(a_abs, b_abs, w, r, f.num_heads, f.causal)
-                n_local[p] += 1
     for p in holders:
-        if n_local[p]:  # the fragment's call of its local patterns
-            ranks[p].local_rows += min(e, (p + 1) * chunk) - max(c, p * chunk)
+        a_abs = base + max(c, p * chunk)  # the fragment's absolute positions
+        b_abs = base + min(e, (p + 1) * chunk)
+        ranks[p].pieces += 1
+        ranks[p].local_rows += b_abs - a_abs
+        ranks[p].local_pairs += sum(
+            _region_pairs(a_abs, b_abs, w, r, f.num_heads, f.causal) for w, r in zip(ws, rs)
+        )
 
 
 def _count_inside(
@@ -281,6 +242,7 @@ def count_ranks(
     for rc in ranks:
         rc.calls.sort(key=lambda c: c.pattern)
         rc.cross.sort()
+        rc.crossing.sort()
     return ranks
 
 
@@ -316,67 +278,63 @@ def attention_memory(
 
 
 def _calls_held(rc: RankCount, b: int, d: int, item: int) -> int:
-    """Bytes the cross-rank calls keep for backward: the selected query rows, each
-    call's output and lse, and the keys/values it gathers (or ``k_sel`` / ``v_sel``,
-    when some call reads them as views)."""
+    """Bytes the cross-rank calls keep for backward: the selected query rows (or the
+    zero-padded copy of a call with more queries than keys), each call's output and
+    lse, and the keys/values it reads (a concatenation, the per-head copy of a head
+    map, the batch-row copy of a blocked call, or views of the exchange's output)."""
     lse_item = lse_bytes(item)
     held = 0
-    q_len = sum(c.n_q * c.n_heads for c in rc.calls)
-    if q_len:
-        held += b * q_len * d * item  # q_sel
-    keeps_k_sel = False
+    if any(c.blocks == 1 for c in rc.calls):  # some call reads views of q_sel
+        held += b * sum(c.n_q * c.n_heads for c in rc.calls) * d * item
+    keeps_got = False
     for c in rc.calls:
+        kv_heads = c.n_heads if c.head_map else c.n_pairs
         rows_q = c.n_q * c.n_heads
-        held += b * rows_q * (d * item + lse_item)  # the call's out, lse
-        if c.head_map:
-            held += 2 * b * c.n_keys * c.n_heads * d * item  # k, v per head
-        elif c.pieces > 1:
-            held += 2 * b * c.n_keys * c.n_pairs * d * item  # gathered k, v
+        if c.blocks > 1:
+            rows_q = c.blocks * c.n_keys * c.n_heads
+            held += b * rows_q * d * item  # the padded queries
+        if c.blocks > 1 and b > 1:
+            held += 2 * b * c.blocks * c.n_keys * kv_heads * d * item  # k, v per batch row
+        elif c.head_map or c.pieces > 1:
+            # gathered or mapped k, v (with B = 1 the batch rows are views of them)
+            held += 2 * b * c.n_keys * kv_heads * d * item
         else:
-            keeps_k_sel = True  # views of k_sel, v_sel
-    if keeps_k_sel:
-        held += 2 * b * (rc.send + rc.own) * d * item
+            keeps_got = True  # views of the exchange's output
+        held += b * rows_q * (d * item + lse_item)  # the call's out, lse
+    if keeps_got:
+        held += 2 * b * rc.recv * d * item
     return held
 
 
 def _merge_held(rc: RankCount, b: int, h: int, d: int, item: int) -> int:
-    """Bytes that merging each crossing pattern's partial results (the local part's
-    call and the cross-rank calls) by their log-sum-exps keeps for backward."""
+    """Bytes that merging each crossing pattern's cross-rank results into the local
+    one by their log-sum-exps keeps for backward."""
     lse_item = lse_bytes(item)
     acc_item = lse_item  # the merge runs in the lse dtype
     held = 0
-    for k, (i, calls, part_rows, rows) in enumerate(_merged_patterns(rc, h)):
-        if part_rows:  # the partial call's out, lse
-            held += b * part_rows * (d * item + lse_item)
-        pieces = len(calls) + rc.partial_calls.get(i, 0)
-        # the merge: exp(a), exp(b), total, a/total, b/total (lse dtype), where mask;
-        # a/total only when the local result has a gradient (some local call ran, or
-        # an earlier merge wrote into it).
-        a_saved = rc.local_rows > 0 or k > 0
-        held += b * rows * ((5 if a_saved else 4) * lse_item + 1)
+    for _, calls, rows in _merged_patterns(rc):
+        # the merge: exp(a), exp(b), total, a/total, b/total (lse dtype), where mask
+        held += b * rows * (5 * lse_item + 1)
         held += b * rows * d * acc_item  # o_a (in the lse dtype)
         held += b * rows * (d * item + lse_item)  # merged rows (index_copy)
         if item != acc_item:
             held += b * rows * d * acc_item  # o_b in the lse dtype
-        elif pieces > 1:
+        elif len(calls) > 1:
             held += b * rows * d * item  # o_b, concatenated
     return held
 
 
-def _merged_patterns(rc: RankCount, h: int) -> list[tuple[int, list[Call], int, int]]:
-    """``(pattern, its cross-rank calls, partial rows, rows)`` of every crossing pattern
-    with rows to merge on this rank (rows: (position, head) entries), in merge order."""
+def _merged_patterns(rc: RankCount) -> list[tuple[int, list[Call], int]]:
+    """``(pattern, its cross-rank calls, rows)`` of every pattern with cross-rank calls
+    on this rank (rows: (position, head) entries), in merge order."""
     by_pattern: dict[int, list[Call]] = {}
     for c in rc.calls:
         by_pattern.setdefault(c.pattern, []).append(c)
-    merged = []
-    for i in rc.cross:
-        calls = by_pattern.get(i, [])
-        part_rows = rc.partial.get(i, 0) * h
-        rows = part_rows + sum(c.n_q * c.n_heads for c in calls)
-        if rows:  # else no head of this rank has rows in the pattern's segments here
-            merged.append((i, calls, part_rows, rows))
-    return merged
+    return [
+        (i, by_pattern[i], sum(c.n_q * c.n_heads for c in by_pattern[i]))
+        for i in rc.cross
+        if i in by_pattern
+    ]
 
 
 class _Ledger:
@@ -413,19 +371,14 @@ def _forward_peak(rc: RankCount, chunk: int, b: int, h: int, hk: int, d: int, it
     row_o = d * item  # one (position, head) row of an output
     out_o, out_l = b * chunk * h * row_o, b * chunk * h * li  # a whole out, lse
     led = _Ledger(b * chunk * (h + 2 * hk) * d * item)  # q, k, v
-    # _start_exchange: k_sel, v_sel; the rows sent stacked, their flat copy handed to
+    # _start_exchange: k_sel, v_sel (the rows sent); stacked, their flat copy handed to
     # the all-to-all and its output; the stack goes when the function returns.
-    kv_sel = b * (rc.send + rc.own) * d * item
+    kv_sel = b * rc.send * d * item
     sent, got = 2 * b * rc.send * d * item, 2 * b * rc.recv * d * item
     led.alloc(kv_sel, kv_sel, sent, sent, got)
     led.free(sent)
-    # _local_calls: an out and lse for every row of the chunk (computed, or zeros and
-    # -inf where every pattern crosses ranks), kept in base_o/base_l to the end.
+    # _local_calls: an out and lse for every row of the chunk, kept to the end.
     led.alloc(out_o, out_l)
-    # _partly_local_calls: out, lse and the lse transposed to rows (a copy unless H = 1).
-    for i in rc.cross:
-        part = b * rc.partial.get(i, 0) * h
-        led.alloc(part * row_o, part * li, part * li if h > 1 else 0)
     led.free(sent)  # the wait: the all-to-all lets go of the flat copy
     _cross_calls_ledger(led, rc, b, d, item)
     _merge_ledger(led, rc, chunk, b, h, d, item)
@@ -433,20 +386,27 @@ def _forward_peak(rc: RankCount, chunk: int, b: int, h: int, hk: int, d: int, it
 
 
 def _cross_calls_ledger(led: _Ledger, rc: RankCount, b: int, d: int, item: int) -> None:
-    """``_cross_rank_calls``: the selected query rows, then per call its gathered keys
-    and values (a concatenation of pieces; with a head map, the per-head copy that
-    replaces it), its out, lse and lse rows transposed, all kept (autograd saves them
-    or the lists hold them)."""
+    """``_cross_rank_calls``: the selected query rows, then per call its keys and
+    values (a concatenation of pieces; with a head map, the per-head copy that replaces
+    it; blocked, the padded queries and the keys and values per batch row), its out,
+    lse and lse rows transposed, all kept (autograd saves them or the lists hold them)."""
     li = lse_bytes(item)
+    if not rc.calls:
+        return
     led.alloc(b * sum(c.n_q * c.n_heads for c in rc.calls) * d * item)  # q_sel
     for c in rc.calls:
         gathered = 2 * b * c.n_keys * c.n_pairs * d * item if c.pieces > 1 else 0
         led.alloc(gathered)
         if c.head_map:
             led.alloc(2 * b * c.n_keys * c.n_heads * d * item)
-            led.free(gathered)  # replaced by the mapped copy, which the call saves
-        rows = b * c.n_q * c.n_heads
-        transposed = rows * li if c.n_heads > 1 and c.n_q > 1 else 0
+            led.free(gathered)  # replaced by the mapped copy
+        n = c.n_q
+        if c.blocks > 1:  # the padded queries; with B > 1, k and v per batch row
+            n = c.blocks * c.n_keys
+            kv_heads = c.n_heads if c.head_map else c.n_pairs
+            led.alloc(b * n * c.n_heads * d * item, 2 * b * n * kv_heads * d * item if b > 1 else 0)
+        rows = b * n * c.n_heads
+        transposed = rows * li if c.n_heads > 1 and min(n, c.n_keys) > 1 else 0
         led.alloc(rows * d * item, rows * li, transposed)
 
 
@@ -465,9 +425,9 @@ def _merge_ledger(
         led.alloc(out_o, out_l)
         freeable = (out_o, out_l)
     drop_o = drop_l = 0  # the previous pattern's o_i / l_i, freed when replaced
-    for k, (i, calls, _, n) in enumerate(_merged_patterns(rc, h)):
+    for _, calls, n in _merged_patterns(rc):
         rows = b * n
-        cat = len(calls) + rc.partial_calls.get(i, 0) > 1
+        cat = len(calls) > 1
         o_i, l_i = (rows * d * item, rows * li) if cat else (0, 0)
         led.alloc(o_i)
         led.free(drop_o)
@@ -476,8 +436,7 @@ def _merge_ledger(
         drop_o = o_i if cast else 0  # without a cast the merge saves o_i
         drop_l = l_i
         led.alloc(rows * d * item, rows * li)  # o_a, l_a
-        # The local result has a gradient once some local call ran or a merge wrote in.
-        _merge_fn_ledger(led, rows, d, item, li, cast, rc.local_rows > 0 or k > 0)
+        _merge_fn_ledger(led, rows, d, item, li, cast, True)  # the local result has a gradient
         led.free(rows * li)  # l_a, at _merge's return
         led.free(rows * d * item if cast else 0)  # o_a, when the merge saved its cast copy
         led.alloc(out_o, out_l)  # index_copy of out and lse
@@ -527,9 +486,6 @@ def _merge_fn_ledger(
 def index_bytes(rc: RankCount, chunk: int, num_heads: int) -> int:
     """Bytes of the int64 index tensors of a rank's plan (kv, q, output and lse rows,
     head maps), cached with the plan and shared by every layer."""
-    if not rc.cross:
-        return 0
     q_len = sum(c.n_q * c.n_heads for c in rc.calls)
-    rows = sum(rc.partial.get(i, 0) * num_heads for i in rc.cross) + q_len
     maps = sum(c.n_heads for c in rc.calls if c.head_map)
-    return 8 * (rc.send + rc.own + q_len + 2 * rows + maps)
+    return 8 * (rc.send + 3 * q_len + maps)  # kv rows sent; query, output, lse rows
