@@ -5,7 +5,8 @@
   (:mod:`.schedule`) from the segment geometry it shares with ``longnet.plan``
   (:mod:`.layout`), over autograd-aware collectives with timeouts and traffic
   counters (:mod:`.collectives`: :func:`split_sequence`, :func:`gather_sequence`,
-  :func:`comm_stats`, :func:`set_timeout`, ...).
+  :func:`comm_stats`, :func:`set_timeout`, ...). Plans are cached in at most
+  :func:`set_plan_cache_bytes` bytes (:func:`plan_cache_info`).
 * Training on a ``("dp", "sp")`` device mesh: :class:`ParallelDims` (the degrees,
   validated once; :mod:`.dims`), :func:`init_process_group` under ``torchrun``
   (:mod:`.launch`), :func:`build_mesh` and :func:`parallelize` (:mod:`.mesh`), the
@@ -47,6 +48,7 @@ from longnet.parallel.mesh import (
     sum_over_mesh,
 )
 from longnet.parallel.phases import current_phase, label_collectives, phase
+from longnet.parallel.schedule import PlanCacheInfo, plan_cache_info, set_plan_cache_bytes
 
 if TYPE_CHECKING:
     from longnet.parallel.checkpoint import (
@@ -91,6 +93,9 @@ __all__ = [
     "set_timeout",
     "get_timeout",
     "set_backward_overlap",
+    "set_plan_cache_bytes",
+    "plan_cache_info",
+    "PlanCacheInfo",
     # the mesh and training
     "MESH_DIMS",
     "ParallelDims",

@@ -62,6 +62,14 @@ def segment_ranks(
     return start, stop, (start - base) // chunk, (stop - 1 - base) // chunk
 
 
+# At most 256 segments are kept (with packed documents most batches add new ones).
+# A Segment holds ints only: per head group its heads, (kv head, offset) pairs and head
+# map (at most H ints each over all groups), its rows per spanned rank and the first
+# sparse index per spanned rank and offset: about groups * ranks * min(r, H) ints of
+# ~40 bytes. A chunk that r divides gives one or two groups: ~4 KB for 8 heads over 4
+# ranks, ~160 KB for 64 heads, r = 64 over 64 ranks (256 of them: ~40 MB), ~2.4 MB
+# over 1024 ranks. A chunk that r does not divide splits the heads into up to
+# min(r, H) groups: ~1.5 MB over 64 ranks, ~24 MB over 1024 ranks (64 heads, r = 64).
 @lru_cache(maxsize=256)
 def segment(
     pattern: int,

@@ -6,22 +6,38 @@ the local operator calls on this rank's rows (every pattern, its rank-crossing
 segments clipped to the rows here), and for every segment that spans ranks the rows
 this rank sends and the operator call its queries make on the rows it receives (see
 :mod:`longnet.parallel.attention` for how the operator runs a plan). Plans are
-cached per configuration; their index tensors live on the CPU and are copied to the
-device once (:func:`on_device`).
+cached per configuration in a least-recently-used cache bounded in bytes (the
+plans' index tensors and Python objects on the CPU plus their device copies;
+:func:`set_plan_cache_bytes`, :func:`plan_cache_info`): with packed documents almost
+every batch is a new configuration. Index tensors live on the CPU and are copied to
+the device once per plan (:func:`on_device`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import update_wrapper
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from longnet.parallel.layout import HeadGroup, Segment, segment, segment_ranks
 
-__all__ = ["Call", "Local", "RankPlan", "plan_rank", "on_device"]
+__all__ = [
+    "Call",
+    "Local",
+    "RankPlan",
+    "plan_rank",
+    "on_device",
+    "PlanCacheInfo",
+    "plan_cache_info",
+    "set_plan_cache_bytes",
+]
 
 
 @dataclass
@@ -74,6 +90,8 @@ class RankPlan:
     lse_index: dict[int, Tensor]  # pattern -> lse rows (same entries and order)
     exchange: bool  # whether the ranks exchange anything
     _device_cache: dict = field(default_factory=dict)
+    _nbytes: int = 0  # bytes the plan cache counts for it (host and device copies)
+    _cache_key: tuple | None = None  # its key in the plan cache, once stored there
 
     def __repr__(self) -> str:
         local = [
@@ -88,12 +106,28 @@ class RankPlan:
 
 
 def on_device(plan: RankPlan, t: Tensor, device: torch.device) -> Tensor:
-    """``t`` (one of ``plan``'s index tensors) on ``device``, cached per plan."""
+    """``t`` (one of ``plan``'s index tensors) on ``device``, cached per plan; a copy
+    that holds new memory counts towards the plan cache's bytes."""
     key = (id(t), device)
     hit = plan._device_cache.get(key)
     if hit is None:
         hit = plan._device_cache[key] = t.to(device)
+        _PLANS.grew(plan, _copy_bytes(t, hit))
     return hit
+
+
+def _copy_bytes(t: Tensor, copy: Tensor) -> int:
+    """Bytes that ``copy`` (``t.to(device)``) holds besides ``t``: its storage's bytes
+    when it is a new storage, 0 when ``to`` returned ``t``'s own storage (``t``
+    already on that device: a CPU plan "copied" to the CPU holds nothing more) or a
+    meta tensor (no memory behind it)."""
+    if copy.device.type == "meta":
+        return 0
+    if copy.device == t.device and (
+        copy.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+    ):
+        return 0
+    return copy.untyped_storage().nbytes()
 
 
 def _rows(
@@ -253,8 +287,7 @@ def _index_calls(cfg: _Config, ex: _Exchanges):
     return calls, q_parts, out_parts, lse_parts
 
 
-@lru_cache(maxsize=64)
-def plan_rank(
+def _plan_rank(
     world: int,
     rank: int,
     chunk: int,
@@ -273,7 +306,11 @@ def plan_rank(
     attended alone with its first token at ``offset``: ``docs`` are those that cross
     a rank boundary (:func:`~longnet.parallel.layout.spanning_documents`, the same on
     every rank); every other row belongs to a document inside one rank and runs in the
-    packed local call (its boundaries are filled in per call)."""
+    packed local call (its boundaries are filled in per call).
+
+    Plans are kept in a least-recently-used cache bounded in bytes
+    (:func:`set_plan_cache_bytes`, :func:`plan_cache_info`, ``plan_rank.cache_clear()``);
+    ``plan_rank.__wrapped__`` plans without it."""
     cfg = _Config(world, rank, chunk, num_heads, kv_heads, ws, rs, is_causal, offset)
     spans = docs if docs is not None else ((0, world * chunk),)
     # A rank boundary inside a segment of a document makes that segment cross ranks.
@@ -310,3 +347,168 @@ def plan_rank(
         lse_index={i: _cat(v) for i, v in lse_parts.items()},
         exchange=exchange,
     )
+
+
+# --------------------------------------------------------------------- plan cache
+
+# The default bound of the plan cache. A plan's index tensors grow with the rows of its
+# rank-crossing segments: about 0.2 MB at 4 ranks of 4K tokens, 2-9 MB at 64 ranks of
+# 1M tokens (16 patterns, 32 heads, log-normal documents, causal or not), twice that
+# with their device copies. 256 MiB keeps a dozen of the largest, more than one
+# training step uses (every layer and the backward pass share one plan per batch).
+DEFAULT_PLAN_CACHE_BYTES = 256 * 2**20
+
+# A tensor's Python object, TensorImpl and storage bookkeeping, besides its data: an
+# estimate (a plan of a few rows is mostly these and its Python objects).
+_TENSOR_OBJECT_BYTES = 512
+
+
+def _host_bytes(obj: object, seen: set[object]) -> int:
+    """Bytes of ``obj`` and everything it holds, each object once: a tensor's storage
+    (once per storage) plus ``_TENSOR_OBJECT_BYTES``; containers, dataclasses and
+    scalars by ``sys.getsizeof``."""
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, Tensor):
+        size = _TENSOR_OBJECT_BYTES
+        storage = obj.untyped_storage()
+        where = (obj.device, storage.data_ptr())
+        if obj.device.type != "meta" and where not in seen:
+            seen.add(where)
+            size += storage.nbytes()
+        return size
+    size = sys.getsizeof(obj)
+    if isinstance(obj, (tuple, list)):
+        size += sum(_host_bytes(x, seen) for x in obj)
+    elif isinstance(obj, dict):
+        size += sum(_host_bytes(k, seen) + _host_bytes(v, seen) for k, v in obj.items())
+    elif hasattr(obj, "__dict__"):
+        size += _host_bytes(vars(obj), seen)
+    return size
+
+
+class PlanCacheInfo(NamedTuple):
+    """The state of :func:`plan_rank`'s cache (:func:`plan_cache_info`)."""
+
+    entries: int  # plans kept
+    bytes: int  # their bytes: index tensors and Python objects, plus device copies
+    max_bytes: int  # the bound (:func:`set_plan_cache_bytes`)
+    hits: int
+    misses: int
+    evictions: int  # plans dropped to stay within the bound
+
+
+class _PlanCache:
+    """A planner behind a least-recently-used cache bounded in bytes.
+
+    A plan counts its key, its index tensors and Python objects when it is stored, and
+    every device copy :func:`on_device` makes of its tensors while it is stored. When
+    the bytes exceed ``max_bytes``, the least recently used plans are dropped (a plan
+    larger than the bound alone is returned but not kept); a dropped plan still in use
+    lives on until its last reference goes. Keys are the planner's arguments, the
+    defaults filled in."""
+
+    def __init__(self, planner: Callable[..., RankPlan], max_bytes: int) -> None:
+        update_wrapper(self, planner)
+        self.__name__ = self.__qualname__ = planner.__name__.lstrip("_")
+        self.__wrapped__ = planner
+        self.max_bytes = max_bytes
+        self._plans: OrderedDict[tuple, RankPlan] = OrderedDict()
+        self._bytes = self._hits = self._misses = self._evictions = 0
+        self._lock = threading.Lock()
+
+    def __call__(
+        self,
+        world: int,
+        rank: int,
+        chunk: int,
+        num_heads: int,
+        kv_heads: int,
+        ws: tuple[int, ...],
+        rs: tuple[int, ...],
+        is_causal: bool,
+        offset: int = 0,
+        docs: tuple[tuple[int, int], ...] | None = None,
+    ) -> RankPlan:
+        key = (world, rank, chunk, num_heads, kv_heads, ws, rs, is_causal, offset, docs)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                self._hits += 1
+                return plan
+            self._misses += 1
+        plan = self.__wrapped__(*key)  # outside the lock: planning may take a while
+        plan._nbytes = _host_bytes(plan, set()) + _host_bytes(key, set())
+        with self._lock:
+            kept = self._plans.get(key)
+            if kept is not None:  # another thread planned it meanwhile
+                self._plans.move_to_end(key)
+                return kept
+            plan._cache_key = key
+            self._plans[key] = plan
+            self._bytes += plan._nbytes
+            self._evict()
+        return plan
+
+    def grew(self, plan: RankPlan, nbytes: int) -> None:
+        """Count ``nbytes`` more for ``plan`` (a device copy of one of its tensors)."""
+        if nbytes == 0:
+            return
+        with self._lock:
+            plan._nbytes += nbytes
+            key = plan._cache_key
+            if key is not None and self._plans.get(key) is plan:
+                self._bytes += nbytes
+                self._evict()
+
+    def _evict(self) -> None:
+        while self._bytes > self.max_bytes and self._plans:
+            _, plan = self._plans.popitem(last=False)
+            self._bytes -= plan._nbytes
+            self._evictions += 1
+
+    def set_max_bytes(self, max_bytes: int) -> int:
+        with self._lock:
+            previous, self.max_bytes = self.max_bytes, max_bytes
+            self._evict()
+        return previous
+
+    def cache_info(self) -> PlanCacheInfo:
+        """Entries, bytes, bound, hits, misses and evictions."""
+        with self._lock:
+            return PlanCacheInfo(
+                len(self._plans),
+                self._bytes,
+                self.max_bytes,
+                self._hits,
+                self._misses,
+                self._evictions,
+            )
+
+    def cache_clear(self) -> None:
+        """Drop every plan and reset the counters."""
+        with self._lock:
+            self._plans.clear()
+            self._bytes = self._hits = self._misses = self._evictions = 0
+
+
+plan_rank = _PlanCache(_plan_rank, DEFAULT_PLAN_CACHE_BYTES)
+_PLANS = plan_rank
+
+
+def set_plan_cache_bytes(max_bytes: int) -> int:
+    """Bound :func:`plan_rank`'s cache at ``max_bytes`` bytes (the plans' index tensors
+    and Python objects on the CPU plus their device copies; default
+    ``DEFAULT_PLAN_CACHE_BYTES``, 256 MiB), dropping least recently used plans now if
+    it holds more; 0 keeps no plan. Returns the previous bound."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
+    return _PLANS.set_max_bytes(max_bytes)
+
+
+def plan_cache_info() -> PlanCacheInfo:
+    """Plans kept by :func:`plan_rank`'s cache, their bytes (host and device), its
+    bound, hits, misses and evictions."""
+    return _PLANS.cache_info()
