@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from longnet.modules import KVCache, MultiheadDilatedAttention
 from longnet.ops import validate_patterns
+from longnet.packing import PackedDocuments
 
 __all__ = ["LongNetConfig", "LongNetDecoderLayer", "LongNetDecoder", "LongNetLM"]
 
@@ -217,7 +218,7 @@ class LongNetDecoderLayer(nn.Module):
         *,
         cache: KVCache | None = None,
         position_offset: int | None = None,
-        cu_seqlens: Tensor | None = None,
+        cu_seqlens: Tensor | PackedDocuments | None = None,
     ) -> Tensor:
         if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
             # The hooks of the module call (FSDP's unshard, for one) stay outside the
@@ -232,7 +233,7 @@ class LongNetDecoderLayer(nn.Module):
         x: Tensor,
         cache: KVCache | None,
         position_offset: int | None,
-        cu_seqlens: Tensor | None = None,
+        cu_seqlens: Tensor | PackedDocuments | None = None,
     ) -> Tensor:
         h = self.self_attn(
             self.attn_norm(x), cache=cache, position_offset=position_offset, cu_seqlens=cu_seqlens
@@ -289,7 +290,7 @@ class LongNetDecoder(nn.Module):
         *,
         cache: list[KVCache] | None = None,
         position_offset: int | None = None,
-        cu_seqlens: Tensor | None = None,
+        cu_seqlens: Tensor | PackedDocuments | None = None,
     ) -> Tensor:
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache must hold {len(self.layers)} layer caches, got {len(cache)}")
@@ -440,7 +441,7 @@ class LongNetLM(nn.Module):
         *,
         cache: list[KVCache] | None = None,
         position_offset: int | None = None,
-        cu_seqlens: Tensor | None = None,
+        cu_seqlens: Tensor | PackedDocuments | None = None,
         return_logits: bool = True,
     ) -> Tensor | tuple[Tensor | None, Tensor]:
         """Logits ``(B, N, vocab)``; with ``targets`` ``(B, N)`` also the mean loss.
@@ -465,6 +466,8 @@ class LongNetLM(nn.Module):
                 caller's: a document's last target (the next document's first
                 token) counts unless it is ``-100``. Not combinable with ``cache``.
                 Under sequence parallelism: the boundaries of the whole sequence.
+                The offsets are read once per forward (or never, given a
+                :class:`~longnet.packing.PackedDocuments`).
             return_logits: with ``targets``, ``False`` returns ``(None, loss)`` and
                 computes the LM head and the loss over chunks of positions (the
                 model's :meth:`set_chunk_size`, default :data:`LOSS_CHUNK_SIZE`), each
@@ -483,6 +486,10 @@ class LongNetLM(nn.Module):
                 "packed documents (cu_seqlens) need input_ids of shape (1, N), got "
                 f"{tuple(input_ids.shape)}"
             )
+        if isinstance(cu_seqlens, Tensor):
+            # Read and checked once here; every layer (and its recompute under
+            # activation checkpointing) reuses the host offsets.
+            cu_seqlens = PackedDocuments.from_cu_seqlens(cu_seqlens).to(x.device)
         x = self.decoder(x, cache=cache, position_offset=position_offset, cu_seqlens=cu_seqlens)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if not return_logits:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longnet.ops import dilated_attention, validate_patterns, validate_position_offset
-from longnet.packing import document_positions, validate_cu_seqlens
+from longnet.packing import PackedDocuments, as_packed_documents, validate_cu_seqlens
 
 __all__ = [
     "DilatedAttention",
@@ -74,8 +74,8 @@ class DilatedAttention(nn.Module):
         is_causal: bool | None = None,
         return_lse: bool = False,
         position_offset: int = 0,
-        cu_seqlens_q: Tensor | None = None,
-        cu_seqlens_k: Tensor | None = None,
+        cu_seqlens_q: Tensor | PackedDocuments | None = None,
+        cu_seqlens_k: Tensor | PackedDocuments | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend ``q`` to ``k``/``v``; ``is_causal=None`` uses the module default.
 
@@ -382,7 +382,7 @@ class MultiheadDilatedAttention(nn.Module):
         *,
         cache: KVCache | None = None,
         position_offset: int | None = None,
-        cu_seqlens: Tensor | None = None,
+        cu_seqlens: Tensor | PackedDocuments | None = None,
     ) -> Tensor:
         """Self-attention over ``x`` ``(B, N, E)``; returns ``(B, N, E)``.
 
@@ -407,7 +407,8 @@ class MultiheadDilatedAttention(nn.Module):
                 document. Under sequence parallelism ``x`` is this rank's chunk and
                 ``cu_seqlens`` the boundaries of the whole sequence (the same tensor
                 on every rank). Not combinable with a cache (incremental decoding
-                runs one sequence per row).
+                runs one sequence per row). A :class:`~longnet.packing.PackedDocuments`
+                (built once per forward) may stand for it: nothing is read back then.
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have shape (B, N, {self.embed_dim}), got {tuple(x.shape)}")
@@ -492,7 +493,9 @@ class MultiheadDilatedAttention(nn.Module):
             out = self.inner_norm(out)
         return self.out_proj(out)
 
-    def _forward_packed(self, x: Tensor, cu_seqlens: Tensor, offset: int) -> Tensor:
+    def _forward_packed(
+        self, x: Tensor, cu_seqlens: Tensor | PackedDocuments, offset: int
+    ) -> Tensor:
         """:meth:`forward` for packed documents (``cache`` is None)."""
         b, n, _ = x.shape
         if b != 1:
@@ -506,24 +509,18 @@ class MultiheadDilatedAttention(nn.Module):
             total, first = world * n, rank * n
         else:
             total, first = n, 0
-        validate_cu_seqlens(cu_seqlens, total)
-        cu_seqlens = cu_seqlens.to(x.device)
+        docs = as_packed_documents(cu_seqlens, total).to(x.device)
         q, k, v = self._project(x)
         if self.rotary is not None:
             # Positions restart at every document (this rank's slice of them).
-            pos = offset + document_positions(cu_seqlens, total)[first : first + n]
+            pos = offset + docs.positions()[first : first + n]
             q = self.rotary.rotate(q, pos)
             k = self.rotary.rotate(k, pos)
             if self.rotary.xpos:
                 # Each document's own centre, as when it runs alone (the products
                 # depend on distances only; the centre sets the rounding).
-                lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-                ids = torch.searchsorted(
-                    cu_seqlens[1:].to(torch.int64),
-                    torch.arange(first, first + n, device=x.device),
-                    right=True,
-                )
-                center = offset + lengths.to(torch.int64)[ids] // 2
+                half = torch.tensor(docs.lengths, dtype=torch.int64, device=x.device) // 2
+                center = offset + half[docs.document_ids()[first : first + n]]
                 q = q * self.rotary.xpos_scale(pos, center, 1.0, q.dtype)
                 k = k * self.rotary.xpos_scale(pos, center, -1.0, k.dtype)
         if sp:
@@ -537,11 +534,11 @@ class MultiheadDilatedAttention(nn.Module):
                 is_causal=self.is_causal,
                 scale=self.attention.scale,
                 position_offset=offset,
-                cu_seqlens=cu_seqlens,
+                cu_seqlens=docs,
             )
         else:
             out = self.attention(
-                q, k, v, position_offset=offset, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens
+                q, k, v, position_offset=offset, cu_seqlens_q=docs, cu_seqlens_k=docs
             )
         return self._output(out, b, n)
 

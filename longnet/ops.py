@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from longnet import engines as _engines
-from longnet.packing import validate_cu_seqlens
+from longnet.packing import PackedDocuments, as_packed_documents, validate_cu_seqlens
 
 __all__ = [
     "dilated_attention",
@@ -140,17 +140,19 @@ def validate_key_ranges(
 
 
 def validate_documents(
-    cu_seqlens_q: Tensor | None,
-    cu_seqlens_k: Tensor | None,
+    cu_seqlens_q: Tensor | PackedDocuments | None,
+    cu_seqlens_k: Tensor | PackedDocuments | None,
     q: Tensor,
     k: Tensor,
     key_start: Tensor | None,
     key_end: Tensor | None,
 ) -> tuple[Tensor, Tensor] | None:
     """Check packed-document offsets (docs/operator.md, "Packed documents") and return
-    ``(cu_seqlens_q, cu_seqlens_k)``, the missing one standing for the given one, or
-    None when neither is given. The values are checked outside ``torch.compile`` (a
-    synchronisation on CUDA); the kernels check them again."""
+    ``(cu_seqlens_q, cu_seqlens_k)`` as tensors, the missing one standing for the
+    given one, or None when neither is given. Offsets given as tensors have their
+    values checked outside ``torch.compile`` (a synchronisation on CUDA; the kernels
+    check them again); :class:`~longnet.packing.PackedDocuments` were checked when
+    built, and only their totals are compared here (nothing is read back)."""
     if cu_seqlens_q is None and cu_seqlens_k is None:
         return None
     if key_start is not None or key_end is not None:
@@ -174,27 +176,36 @@ def validate_documents(
                 f"(got {nq} and {nk}); give both cu_seqlens_q and cu_seqlens_k"
             )
         cu_seqlens_q = cu_seqlens_k = given
+    host: dict[str, tuple[int, ...]] = {}
     for name, t, total in (("cu_seqlens_q", cu_seqlens_q, nq), ("cu_seqlens_k", cu_seqlens_k, nk)):
+        if isinstance(t, PackedDocuments):
+            as_packed_documents(t, total, name)  # the totals agree (host ints)
+            host[name] = t.offsets
+            t = t.cu_seqlens
         if isinstance(t, Tensor) and t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
-        if name == "cu_seqlens_k" and t is cu_seqlens_q:
-            continue  # the same tensor, checked as cu_seqlens_q
-        validate_cu_seqlens(t, total, name)  # dtype and shape; values outside compile
-    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        if name == "cu_seqlens_k" and cu_seqlens_k is cu_seqlens_q:
+            continue  # the same offsets, checked as cu_seqlens_q
+        if name not in host:
+            validate_cu_seqlens(t, total, name)  # dtype and shape; values outside compile
+    cu_q = cu_seqlens_q.cu_seqlens if isinstance(cu_seqlens_q, PackedDocuments) else cu_seqlens_q
+    cu_k = cu_seqlens_k.cu_seqlens if isinstance(cu_seqlens_k, PackedDocuments) else cu_seqlens_k
+    if cu_q.shape[0] != cu_k.shape[0]:
         raise ValueError(
             "cu_seqlens_q and cu_seqlens_k must describe as many documents, got shapes "
-            f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}"
+            f"{tuple(cu_q.shape)} and {tuple(cu_k.shape)}"
         )
     if cu_seqlens_k is not cu_seqlens_q and not torch.compiler.is_compiling():
-        len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-        len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-        for i, (a, b) in enumerate(zip(len_q, len_k)):
+        off_q = host.get("cu_seqlens_q") or tuple(cu_q.tolist())
+        off_k = host.get("cu_seqlens_k") or tuple(cu_k.tolist())
+        for i in range(len(off_q) - 1):
+            a, b = off_q[i + 1] - off_q[i], off_k[i + 1] - off_k[i]
             if a > b:
                 raise ValueError(
                     f"document {i} has more queries ({a}) than keys ({b}); each document "
                     "needs Nq <= Nk"
                 )
-    return cu_seqlens_q, cu_seqlens_k
+    return cu_q, cu_k
 
 
 def validate_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float:
@@ -252,8 +263,8 @@ def dilated_attention(
     position_offset: int = ...,
     key_start: Tensor | None = ...,
     key_end: Tensor | None = ...,
-    cu_seqlens_q: Tensor | None = ...,
-    cu_seqlens_k: Tensor | None = ...,
+    cu_seqlens_q: Tensor | PackedDocuments | None = ...,
+    cu_seqlens_k: Tensor | PackedDocuments | None = ...,
 ) -> Tensor: ...
 @overload
 def dilated_attention(
@@ -269,8 +280,8 @@ def dilated_attention(
     position_offset: int = ...,
     key_start: Tensor | None = ...,
     key_end: Tensor | None = ...,
-    cu_seqlens_q: Tensor | None = ...,
-    cu_seqlens_k: Tensor | None = ...,
+    cu_seqlens_q: Tensor | PackedDocuments | None = ...,
+    cu_seqlens_k: Tensor | PackedDocuments | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def dilated_attention(
@@ -286,8 +297,8 @@ def dilated_attention(
     position_offset: int = ...,
     key_start: Tensor | None = ...,
     key_end: Tensor | None = ...,
-    cu_seqlens_q: Tensor | None = ...,
-    cu_seqlens_k: Tensor | None = ...,
+    cu_seqlens_q: Tensor | PackedDocuments | None = ...,
+    cu_seqlens_k: Tensor | PackedDocuments | None = ...,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
@@ -304,8 +315,8 @@ def dilated_attention(
     position_offset: int = 0,
     key_start: Tensor | None = None,
     key_end: Tensor | None = None,
-    cu_seqlens_q: Tensor | None = None,
-    cu_seqlens_k: Tensor | None = None,
+    cu_seqlens_q: Tensor | PackedDocuments | None = None,
+    cu_seqlens_k: Tensor | PackedDocuments | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LongNet dilated attention (Ding et al., 2023), exactly as ``docs/operator.md``
     defines it.
@@ -335,7 +346,9 @@ def dilated_attention(
             ``[cu_seqlens_k[i], cu_seqlens_k[i+1])``, computed as if run alone: its
             first key at ``position_offset``, its queries bottom-right aligned to its
             keys. One of the two may be omitted when ``Nq == Nk`` (it is then the
-            other). Not combinable with ``key_start``/``key_end``.
+            other). Not combinable with ``key_start``/``key_end``. A
+            :class:`~longnet.packing.PackedDocuments` may stand for either: its
+            offsets were checked when it was built and are not read again here.
 
     Returns:
         ``out`` of shape ``(B, Nq, H, D)`` in the input dtype, and with

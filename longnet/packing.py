@@ -6,6 +6,13 @@ nondecreasing entries and ``cu_seqlens[S] = total`` (flash-attn's convention):
 document ``i`` is the tokens ``[cu_seqlens[i], cu_seqlens[i+1])``.
 ``longnet.dilated_attention(..., cu_seqlens_q=, cu_seqlens_k=)`` attends each document
 as if it were alone (docs/operator.md, "Packed documents").
+
+:class:`PackedDocuments` is those boundaries checked once: the offsets on the data's
+device and on the host, with the lengths, the longest document and each token's
+position. Build it once per forward (``PackedDocuments.from_cu_seqlens``,
+``from_lengths``, ``from_position_ids``) and hand it to the modules, the LM, the
+operator and sequence parallelism in place of ``cu_seqlens``: none of them reads the
+offsets back from the device again (flash-attn's ``max_seqlen`` arrives the same way).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "PackedDocuments",
+    "as_packed_documents",
     "cu_seqlens_from_lengths",
     "cu_seqlens_from_position_ids",
     "document_positions",
@@ -58,11 +67,8 @@ def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
     return torch.cat([idx, torch.tensor([n], dtype=torch.int64, device=pos.device)])
 
 
-def validate_cu_seqlens(cu_seqlens: Tensor, total: int, name: str = "cu_seqlens") -> None:
-    """Check a ``cu_seqlens`` tensor against a row of ``total`` tokens; ValueError
-    naming ``name`` otherwise (the values are read, so this synchronises on CUDA;
-    under ``torch.compile`` only the dtype and shape are checked here and the values
-    by the operator)."""
+def _check_offsets_tensor(cu_seqlens: object, name: str) -> None:
+    """dtype and shape of an offsets tensor (no value is read)."""
     if not isinstance(cu_seqlens, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (S+1,), got {type(cu_seqlens)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -71,9 +77,10 @@ def validate_cu_seqlens(cu_seqlens: Tensor, total: int, name: str = "cu_seqlens"
         raise ValueError(
             f"{name} must have shape (S+1,) with S >= 0, got {tuple(cu_seqlens.shape)}"
         )
-    if torch.compiler.is_compiling():
-        return
-    cu = cu_seqlens.tolist()
+
+
+def _check_offsets(cu: Sequence[int], total: int, name: str) -> None:
+    """The values of offsets ``cu`` (host ints) against a row of ``total`` tokens."""
     if cu[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {cu[0]}")
     for i in range(len(cu) - 1):
@@ -86,6 +93,147 @@ def validate_cu_seqlens(cu_seqlens: Tensor, total: int, name: str = "cu_seqlens"
         raise ValueError(
             f"{name}[-1] must equal the number of packed tokens ({total}), got {cu[-1]}"
         )
+
+
+class PackedDocuments:
+    """The document boundaries of one packed row, checked once.
+
+    Attributes:
+        cu_seqlens: int64 ``(S+1,)`` offsets on the data's device.
+        offsets: the same values on the host (a tuple of ints).
+        total: tokens in the row (``offsets[-1]``).
+        max_seqlen: the longest document's length (0 without documents).
+
+    Build it with :meth:`from_cu_seqlens` (reads the offsets once), :meth:`from_lengths`
+    or :meth:`from_position_ids`; everything that takes ``cu_seqlens`` in longnet also
+    takes this object and then reads nothing back from the device.
+    """
+
+    __slots__ = ("cu_seqlens", "offsets", "total", "max_seqlen", "_positions", "_ids")
+
+    def __init__(self, offsets: Sequence[int], device: torch.device | str | None = None) -> None:
+        """From host offsets ``0 = c_0 <= ... <= c_S`` (checked; ValueError otherwise)."""
+        cu = tuple(int(x) for x in offsets)
+        if not cu:
+            raise ValueError("offsets must hold at least one value (0), got none")
+        _check_offsets(cu, cu[-1], "cu_seqlens")
+        self.offsets = cu
+        self.total = cu[-1]
+        self.max_seqlen = max((b - a for a, b in zip(cu[:-1], cu[1:])), default=0)
+        self.cu_seqlens = torch.tensor(cu, dtype=torch.int64, device=device)
+        self._positions: Tensor | None = None
+        self._ids: Tensor | None = None
+
+    @classmethod
+    def from_cu_seqlens(
+        cls, cu_seqlens: Tensor, total: int | None = None, name: str = "cu_seqlens"
+    ) -> PackedDocuments:
+        """From an offsets tensor (int32/int64 ``(S+1,)``): its values are read to the
+        host once here (a synchronisation on CUDA) and checked against ``total``
+        tokens when given; the device copy is kept (as int64)."""
+        _check_offsets_tensor(cu_seqlens, name)
+        cu = tuple(int(x) for x in cu_seqlens.tolist())
+        _check_offsets(cu, cu[-1] if total is None else total, name)
+        docs = cls.__new__(cls)
+        docs.offsets, docs.total = cu, cu[-1]
+        docs.max_seqlen = max((b - a for a, b in zip(cu[:-1], cu[1:])), default=0)
+        docs.cu_seqlens = cu_seqlens.to(torch.int64)
+        docs._positions = docs._ids = None
+        return docs
+
+    @classmethod
+    def from_lengths(
+        cls, lengths: Sequence[int], device: torch.device | str | None = None
+    ) -> PackedDocuments:
+        """From document lengths (host ints, each >= 0)."""
+        lens = [int(x) for x in lengths]
+        if any(n < 0 for n in lens):
+            raise ValueError(f"document lengths must be >= 0, got {lens}")
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        return cls(cu, device)
+
+    @classmethod
+    def from_position_ids(cls, position_ids: Tensor) -> PackedDocuments:
+        """From a packed row's position ids (``(N,)`` or ``(1, N)``): a document starts
+        at token 0 and wherever the id is 0 or does not increase by one."""
+        return cls.from_cu_seqlens(cu_seqlens_from_position_ids(position_ids))
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.offsets[:-1], self.offsets[1:]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.cu_seqlens.device
+
+    def to(self, device: torch.device | str) -> PackedDocuments:
+        """The same boundaries with the device tensors on ``device`` (self if there)."""
+        if torch.device(device) == self.device:
+            return self
+        docs = PackedDocuments.__new__(PackedDocuments)
+        docs.offsets, docs.total, docs.max_seqlen = self.offsets, self.total, self.max_seqlen
+        docs.cu_seqlens = self.cu_seqlens.to(device)
+        docs._positions = docs._ids = None
+        return docs
+
+    def document_ids(self) -> Tensor:
+        """Index of every token's document, int64 ``(total,)`` on the device (cached)."""
+        if self._ids is None:
+            lens = torch.tensor(self.lengths, dtype=torch.int64, device=self.device)
+            ids = torch.arange(self.num_documents, device=self.device)
+            self._ids = torch.repeat_interleave(ids, lens, output_size=self.total)
+        return self._ids
+
+    def positions(self) -> Tensor:
+        """Every token's position inside its document, int64 ``(total,)`` (cached)."""
+        if self._positions is None:
+            starts = self.cu_seqlens[:-1]
+            self._positions = (
+                torch.arange(self.total, device=self.device) - starts[self.document_ids()]
+                if self.total
+                else torch.zeros(0, dtype=torch.int64, device=self.device)
+            )
+        return self._positions
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def __repr__(self) -> str:
+        return (
+            f"PackedDocuments({self.num_documents} documents, {self.total} tokens, "
+            f"max_seqlen={self.max_seqlen}, device={self.device})"
+        )
+
+
+def as_packed_documents(
+    docs: PackedDocuments | Tensor, total: int, name: str = "cu_seqlens"
+) -> PackedDocuments:
+    """``docs`` as :class:`PackedDocuments` for a row of ``total`` tokens: an offsets
+    tensor is read and checked once; an object is checked against ``total`` (no read)."""
+    if isinstance(docs, PackedDocuments):
+        if docs.total != total:
+            raise ValueError(
+                f"{name}[-1] must equal the number of packed tokens ({total}), got {docs.total}"
+            )
+        return docs
+    return PackedDocuments.from_cu_seqlens(docs, total, name)
+
+
+def validate_cu_seqlens(cu_seqlens: Tensor, total: int, name: str = "cu_seqlens") -> None:
+    """Check a ``cu_seqlens`` tensor against a row of ``total`` tokens; ValueError
+    naming ``name`` otherwise (the values are read, so this synchronises on CUDA;
+    under ``torch.compile`` only the dtype and shape are checked here and the values
+    by the operator)."""
+    _check_offsets_tensor(cu_seqlens, name)
+    if torch.compiler.is_compiling():
+        return
+    _check_offsets(cu_seqlens.tolist(), total, name)
 
 
 def _lengths(cu_seqlens: Tensor, total: int) -> Tensor:

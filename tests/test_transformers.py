@@ -551,6 +551,34 @@ def test_flattened_batch_equals_each_document_alone(family, how):
     assert (crossing - alone).abs().max().item() > 1e-2
 
 
+@pytest.mark.parametrize("how", ["position_ids", "no_cache", "flash_kwargs", "unpacked"])
+def test_document_boundaries_are_found_once_per_forward(monkeypatch, how):
+    """Every layer of a forward gets the same mask and keyword tensors: their
+    documents are found (and read back to the host) in the first layer only, packed
+    or not (the unpacked check syncs on CUDA). Catches a per-layer recomputation:
+    4 layers would make 4 calls."""
+    model = _dilated(_tiny("llama", num_hidden_layers=4), [4, 8, 16], [1, 2, 4])
+    calls = []
+    real = lt.document_boundaries
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lt, "document_boundaries", counting)
+    docs = _documents()
+    if how == "unpacked":
+        batch = {"input_ids": torch.tensor([docs[0]])}
+    else:
+        batch = {k: v for k, v in _flattened(docs, how).items() if k != "labels"}
+    with torch.no_grad():
+        model(**batch)
+        assert len(calls) == 1
+        fresh = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        model(**fresh)  # a new forward (new tensors): found again
+    assert len(calls) == 2
+
+
 def _grads(model):
     return torch.cat(
         [

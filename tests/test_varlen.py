@@ -406,3 +406,128 @@ def test_empty_row_and_all_empty_documents():
     # The backward of a row of empty documents runs and gives empty gradients.
     grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
     assert [tuple(g.shape) for g in grads] == [(1, 0, 4, 8), (1, 0, 2, 8), (1, 0, 2, 8)]
+
+
+# ------------------------------------------------- PackedDocuments, host reads ----
+
+
+class _CountsHostReads(torch.Tensor):
+    """An offsets tensor that counts the reads of its values (or of an integer tensor
+    derived from it) back to the host: ``tolist``, ``item``, ``int``/``bool``, ``cpu``,
+    ``numpy``, iteration. Integer results stay this class so derived offsets (lengths,
+    slices) count too; float results (attention outputs) come back plain. The C++
+    kernels' read of a CPU tensor's memory (no copy, no synchronisation) is not seen."""
+
+    reads = 0
+    _READS = {"tolist", "item", "__int__", "__bool__", "__index__", "cpu", "numpy", "__iter__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in cls._READS:
+            cls.reads += 1
+        with torch._C.DisableTorchFunctionSubclass():
+            ret = func(*args, **(kwargs or {}))
+
+        def wrap(t):
+            if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dtype != torch.bool:
+                return t.as_subclass(cls)
+            return t
+
+        return tuple(wrap(t) for t in ret) if isinstance(ret, tuple) else wrap(ret)
+
+
+def _counting(cu):
+    _CountsHostReads.reads = 0
+    return cu.clone().as_subclass(_CountsHostReads)
+
+
+def test_counting_tensor_counts_the_reads_of_derived_offsets():
+    # The probe the next test relies on: it must see reads through derived tensors.
+    cu = _counting(cu_seqlens_from_lengths([3, 4]))
+    (cu[1:] - cu[:-1]).tolist()
+    int(cu[-1])
+    assert _CountsHostReads.reads == 2
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "act_ckpt"])
+def test_packed_lm_reads_the_offsets_once_per_forward(checkpointing):
+    """A packed LongNetLM forward + backward (rotary, 3 layers, activation
+    checkpointing recomputing every layer) reads the offsets back at most once: the
+    LM builds one PackedDocuments and the layers, the operator and the recompute use
+    its host offsets. (Before: every layer read them several times.)"""
+    from longnet.model import LongNetConfig, LongNetLM
+
+    torch.manual_seed(0)
+    config = LongNetConfig(
+        vocab_size=50, embed_dim=32, num_heads=4, num_layers=3, ffn_dim=64,
+        segment_lengths=[4, 8], dilation_rates=[1, 2],
+    )  # fmt: skip
+    model = LongNetLM(config)
+    if checkpointing:
+        model.set_activation_checkpointing(True)
+    ids = torch.randint(0, 50, (1, 30))
+    cu = _counting(cu_seqlens_from_lengths([7, 0, 12, 11]))
+    _, loss = model(ids, ids, cu_seqlens=cu)
+    loss.backward()
+    assert _CountsHostReads.reads <= 1, _CountsHostReads.reads
+    # The same row given the offsets as a PackedDocuments reads nothing.
+    from longnet.packing import PackedDocuments
+
+    docs = PackedDocuments.from_cu_seqlens(cu)
+    _CountsHostReads.reads = 0
+    model.zero_grad()
+    _, loss2 = model(ids, ids, cu_seqlens=docs)
+    loss2.backward()
+    assert _CountsHostReads.reads == 0
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+
+
+def test_packed_documents_object():
+    from longnet.packing import PackedDocuments, as_packed_documents
+
+    docs = PackedDocuments.from_lengths([3, 0, 2, 4])
+    assert docs.offsets == (0, 3, 3, 5, 9) and docs.total == 9 and docs.max_seqlen == 4
+    assert docs.cu_seqlens.tolist() == [0, 3, 3, 5, 9] and docs.cu_seqlens.dtype == torch.int64
+    assert docs.positions().tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+    assert docs.document_ids().tolist() == document_ids(docs.cu_seqlens, 9).tolist()
+    assert len(docs) == 4 and "4 documents, 9 tokens, max_seqlen=4" in repr(docs)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    assert PackedDocuments.from_position_ids(pos).offsets == (0, 3, 5, 9)
+    # One set of messages: the object and the tensor checks name the same things.
+    with pytest.raises(ValueError, match="nondecreasing"):
+        PackedDocuments.from_cu_seqlens(torch.tensor([0, 5, 3]))
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal .*\(10\), got 9"):
+        PackedDocuments.from_cu_seqlens(torch.tensor([0, 4, 9]), total=10)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        PackedDocuments.from_cu_seqlens(torch.tensor([0.0, 2.0]))
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        PackedDocuments.from_lengths([2, -1])
+    with pytest.raises(
+        ValueError, match=r"cu_seqlens\[-1\] must equal the number of packed tokens \(8\), got 9"
+    ):
+        as_packed_documents(docs, 8)
+
+
+def test_operator_takes_packed_documents():
+    """The operator given a PackedDocuments equals the same call with the tensor, and
+    a PackedDocuments for the wrong number of queries raises (host check only)."""
+    from longnet.packing import PackedDocuments
+
+    torch.manual_seed(1)
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 5, 5, 12])
+    want = longnet.dilated_attention(q, k, v, [4, 8], [1, 2], cu_seqlens_q=cu)
+    docs = PackedDocuments.from_cu_seqlens(cu)
+    got = longnet.dilated_attention(q, k, v, [4, 8], [1, 2], cu_seqlens_q=docs)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    q8, k12, v12 = _qkv(nq=8, nk=12)
+    docs_q = PackedDocuments.from_lengths([3, 0, 5])
+    with pytest.raises(ValueError, match="document 0 has more queries"):
+        longnet.dilated_attention(
+            q8, k12, v12, [4], [1],
+            cu_seqlens_q=docs_q, cu_seqlens_k=PackedDocuments.from_lengths([2, 5, 5]),
+        )  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"cu_seqlens_q\[-1\] must equal the number of packed tokens \(12\), got 8"
+    ):
+        longnet.dilated_attention(q, k, v, [4], [1], cu_seqlens_q=docs_q)

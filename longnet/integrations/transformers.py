@@ -58,6 +58,7 @@ from __future__ import annotations
 import functools
 import math
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -87,7 +88,7 @@ from longnet.integrations.patterns import (
     layer_patterns,
     normalize_patterns,
 )
-from longnet.packing import cu_seqlens_from_position_ids
+from longnet.packing import PackedDocuments, cu_seqlens_from_position_ids
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -556,6 +557,64 @@ def document_boundaries(
     return cu, cu
 
 
+class _BoundariesOfForward:
+    """:func:`document_boundaries` computed once per forward: every layer of a
+    forward gets the same mask and keyword tensors, so the first layer's answer (as
+    :class:`~longnet.packing.PackedDocuments`, read to the host once) serves the
+    others, with no read back from the device (no sync on CUDA) in later layers."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._refs: tuple = ()
+        self._value: tuple[PackedDocuments, PackedDocuments] | None = None
+
+    @staticmethod
+    def _sources(attention_mask: Tensor | None, kwargs: dict[str, Any]) -> tuple:
+        return (
+            attention_mask,
+            kwargs.get("position_ids"),
+            kwargs.get("cu_seq_lens_q"),
+            kwargs.get("cu_seq_lens_k"),
+        )
+
+    def __call__(
+        self, attention_mask: Tensor | None, b: int, nq: int, nk: int, kwargs: dict[str, Any]
+    ) -> tuple[PackedDocuments, PackedDocuments] | None:
+        sources = self._sources(attention_mask, kwargs)
+        if not all(t is None or isinstance(t, Tensor) for t in sources):
+            return self._compute(attention_mask, b, nq, nk, kwargs)  # odd inputs: no cache
+        key = (b, nq, nk) + tuple(None if t is None else (id(t), t._version) for t in sources)
+        if key == self._key and all(
+            (ref is None) if t is None else (ref is not None and ref() is t)
+            for t, ref in zip(sources, self._refs)
+        ):
+            return self._value
+        value = self._compute(attention_mask, b, nq, nk, kwargs)
+        self._key = key
+        self._refs = tuple(None if t is None else weakref.ref(t) for t in sources)
+        self._value = value
+        return value
+
+    @staticmethod
+    def _compute(
+        attention_mask: Tensor | None, b: int, nq: int, nk: int, kwargs: dict[str, Any]
+    ) -> tuple[PackedDocuments, PackedDocuments] | None:
+        packed = document_boundaries(attention_mask, b, nq, nk, kwargs)
+        if packed is None:
+            return None
+        cu_q, cu_k = packed
+        docs_q = PackedDocuments.from_cu_seqlens(cu_q, b * nq, "cu_seq_lens_q")
+        docs_k = (
+            docs_q
+            if cu_k is cu_q
+            else PackedDocuments.from_cu_seqlens(cu_k, b * nk, "cu_seq_lens_k")
+        )
+        return docs_q, docs_k
+
+
+_boundaries_of_forward = _BoundariesOfForward()
+
+
 # ----------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------
@@ -607,10 +666,10 @@ def longnet_attention_forward(
 
     b, h, nq, d = query.shape
     nk = key.shape[2]
-    packed = document_boundaries(attention_mask, b, nq, nk, kwargs)
+    packed = _boundaries_of_forward(attention_mask, b, nq, nk, kwargs)
     if packed is not None:
         # Rows flattened into one packed row (views for B = 1).
-        cu_q, cu_k = (cu.to(query.device) for cu in packed)
+        cu_q, cu_k = (docs.to(query.device) for docs in packed)
         out = longnet.dilated_attention(
             query.transpose(1, 2).reshape(1, b * nq, h, d),
             key.transpose(1, 2).reshape(1, b * nk, key.shape[1], d),

@@ -66,6 +66,7 @@ from torch import Tensor
 
 import longnet
 from longnet.ops import validate_inputs, validate_patterns, validate_position_offset
+from longnet.packing import PackedDocuments, as_packed_documents
 from longnet.parallel.collectives import (
     Pending,
     all_gather_small,
@@ -243,7 +244,7 @@ def sequence_parallel_dilated_attention(
     scale: float | None = None,
     return_lse: bool = False,
     position_offset: int = 0,
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | PackedDocuments | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Dilated attention over a sequence split across the ranks of ``group``.
 
@@ -271,7 +272,9 @@ def sequence_parallel_dilated_attention(
             attended as if alone (segments restart at its first token, no key of
             another document), as :func:`longnet.dilated_attention` with
             ``cu_seqlens_q = cu_seqlens_k = cu_seqlens`` on the whole sequence.
-            Documents may span any number of ranks.
+            Documents may span any number of ranks. A
+            :class:`~longnet.packing.PackedDocuments` of the whole sequence may stand
+            for it (its host offsets are used; nothing is read back).
 
     Returns:
         ``out`` ``(B, L, H, D)`` (and ``lse`` ``(B, H, L)`` with ``return_lse``): this
@@ -300,9 +303,16 @@ def sequence_parallel_dilated_attention(
                 f"packed documents (cu_seqlens) need batch size 1 (q of shape (1, L, H, D)), "
                 f"got batch size {b}"
             )
-        cu = _document_offsets_on_host(cu_seqlens, world * chunk, q.device)
+        if isinstance(cu_seqlens, PackedDocuments):
+            cu = list(as_packed_documents(cu_seqlens, world * chunk).offsets)  # no read
+        else:
+            cu = _document_offsets_on_host(cu_seqlens, world * chunk, q.device)
     if world == 1:
-        cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int64, device=q.device)
+        cu_t: Tensor | PackedDocuments | None = None
+        if isinstance(cu_seqlens, PackedDocuments):
+            cu_t = cu_seqlens.to(q.device)
+        elif cu is not None:
+            cu_t = torch.tensor(cu, dtype=torch.int64, device=q.device)
         return longnet.dilated_attention(
             q,
             k,
@@ -313,7 +323,8 @@ def sequence_parallel_dilated_attention(
             scale=scale,
             return_lse=return_lse,
             position_offset=offset,
-            **({} if cu_t is None else {"cu_seqlens_q": cu_t, "cu_seqlens_k": cu_t}),
+            cu_seqlens_q=cu_t,
+            cu_seqlens_k=cu_t,
         )
     cfg, shown = _configuration(q, k, v, ws, rs, is_causal, scale, return_lse, offset, cu)
     _check_ranks_agree(group, rank, cfg, q.device, shown)
