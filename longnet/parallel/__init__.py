@@ -44,7 +44,9 @@ from longnet.parallel.mesh import (
     mean_over_mesh,
     mesh_shape,
     parallelize,
+    seed_rank,
     sum_over_mesh,
+    token_mean_loss,
 )
 from longnet.parallel.phases import current_phase, label_collectives, phase
 
@@ -109,6 +111,8 @@ __all__ = [
     "local_batch",
     "mean_over_mesh",
     "sum_over_mesh",
+    "token_mean_loss",
+    "seed_rank",
     "evaluate_loss",
     "current_phase",
     "phase",
