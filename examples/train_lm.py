@@ -14,6 +14,7 @@ to 1.51 nats per byte.
     torchrun --nproc_per_node=4 examples/train_lm.py --dp 2 --sp 2 --activation-checkpointing
     torchrun --nproc_per_node=2 examples/train_lm.py --sequence-parallel   # = --sp 2
     python examples/train_lm.py --pack-documents        # each file its own document
+    torchrun --nproc_per_node=4 examples/train_lm.py --pack-documents --dp 2 --sp 2
 
 Under torchrun the ranks form a ``(dp, sp)`` device mesh (``longnet.parallel``):
 every sequence is split over ``sp`` ranks, the ``--batch-size`` sequences of a step
@@ -27,7 +28,8 @@ also exported to ``OUT_DIR/checkpoint`` for ``generate.py``.
 ``--pack-documents`` trains on each file as its own document: rows of ``--seq-len``
 tokens carry their file boundaries (``cu_seqlens``), no file attends to another,
 positions restart at every file and no token predicts the next file's first one;
-validation uses packed rows too.
+validation uses packed rows too. Under torchrun every dp rank packs its share of the
+step's rows into one row, split over the sp ranks (a file may cross them).
 
 ``--attention``: ``dilated`` (``--segment-lengths`` / ``--dilation-rates``), ``dense``
 (one pattern ``w = seq_len, r = 1``: full causal attention) or ``sliding`` (one pattern
@@ -436,14 +438,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + ("; activation checkpointing" if args.activation_checkpointing else "")
         + (f"; chunks of {args.chunk_size:,} positions" if args.chunk_size else "")
     )
-    if args.pack_documents and mesh is not None:
-        raise SystemExit("--pack-documents runs on one process for now (not under torchrun)")
     train_data, val_data = load_data(args, log, packed=args.pack_documents)
     b = args.batch_size
     if args.pack_documents:
         n_val = min(len(val_data), max(1, args.eval_windows))
         val_batches = [
-            data.packed_batch(val_data, range(i, min(i + b, n_val))) for i in range(0, n_val, b)
+            parallel.local_packed_batch(val_data, range(i, min(i + b, n_val)), mesh)
+            for i in range(0, n_val, b)
         ]
     else:
         val_batches = data.eval_batches(val_data, args.seq_len, args.eval_windows, b)
@@ -491,12 +492,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         """One optimizer step on the next global batch; its loss, the token-weighted
         mean over the whole global batch (the same on any mesh)."""
         packed = {}
-        if args.pack_documents:
-            x, y, cu = data.random_packed_batch(train_data, args.batch_size, gen)
+        if args.pack_documents:  # the rows of random_packed_batch, this rank's part
+            index = torch.randint(0, len(train_data), (args.batch_size,), generator=gen)
+            x, y, cu = parallel.local_packed_batch(train_data, index.tolist(), mesh)
             packed["cu_seqlens"] = cu.to(device)
         else:
             x, y = data.random_batch(train_data, args.batch_size, args.seq_len, gen)
-        x, y = (parallel.local_batch(t, mesh).to(device) for t in (x, y))
+            x, y = (parallel.local_batch(t, mesh) for t in (x, y))
+        x, y = x.to(device), y.to(device)
         lr = schedule.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -155,6 +156,77 @@ def _scenario_resume_dropout(rank, world, report):
     ]
 
 
+PACKED_MESHES = [(2, 2), (1, 4)]
+# Rows of two packed rows per step (index 4: a row of padding only). At dp2 x sp2 a
+# dp rank holds one row (two shards of 16), at dp1 x sp4 the two rows are split in
+# four: documents cross sp ranks, and the padding row fills whole shards.
+PACKED_STEPS = [[0, 4], [4, 1], [2, 3], [3, 0]]
+
+
+def _packed_rows():
+    """Synthetic documents (lengths 0 to 40) packed into rows of SEQ_LEN, plus a row
+    of padding only (targets all ignored)."""
+    import numpy as np
+
+    from longnet.data import PackedRows, pack_documents
+
+    lengths = [5, 40, 0, 3, 17, 30, 9, 1, 12, 6]
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, 256, (sum(lengths),), generator=gen).numpy()
+    rows = pack_documents(tokens, np.cumsum([0, *lengths]), SEQ_LEN, 256)
+    return PackedRows(
+        torch.cat([rows.inputs, torch.full((1, SEQ_LEN), 256)]),
+        torch.cat([rows.targets, torch.full((1, SEQ_LEN), -100)]),
+        [*rows.cu_seqlens, torch.tensor([0, SEQ_LEN])],
+    )
+
+
+def _train_packed(model, opt, mesh):
+    from longnet.parallel import local_packed_batch, token_mean_loss
+
+    rows, (opt, sched), losses = _packed_rows(), opt, []
+    for index in PACKED_STEPS:
+        x, y, cu = local_packed_batch(rows, index, mesh)
+        loss, value = token_mean_loss(model, x, y, mesh, cu_seqlens=cu)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(value)
+    return losses
+
+
+def _scenario_packed(rank, world, report):
+    """Packed training (documents crossing sp ranks, a shard of padding only) on two
+    meshes and in one process, float64; the counted targets of this rank per step;
+    and the evaluation of a last batch with fewer rows than dp."""
+    from longnet.parallel import (
+        build_mesh,
+        evaluate_loss,
+        local_packed_batch,
+        parallelize,
+    )
+
+    model = _model(torch.float64)
+    report["packed_one_process"] = _train_packed(model, _optimizer(model), None)
+    rows = _packed_rows()
+    val = [[0, 1, 2], [3]]  # the last batch: one row for two dp ranks
+    report["packed_eval_one_process"] = evaluate_loss(
+        _model(torch.float64), [local_packed_batch(rows, i, None) for i in val]
+    )
+    for dp, sp in PACKED_MESHES:
+        mesh = build_mesh(dp, sp, seq_len=SEQ_LEN)
+        model = parallelize(_model(torch.float64), mesh, activation_checkpointing=True)
+        report[f"packed-{dp}x{sp}"] = _train_packed(model, _optimizer(model), mesh)
+        report[f"packed-counted-{dp}x{sp}"] = [
+            int((local_packed_batch(rows, i, mesh)[1] != -100).sum()) for i in PACKED_STEPS
+        ]
+        model = parallelize(_model(torch.float64), mesh)
+        batches = [local_packed_batch(rows, i, mesh) for i in val]
+        report[f"packed-eval-{dp}x{sp}"] = evaluate_loss(model, batches, mesh)
+
+
 def _spawn(world, scenarios, tmp_path):
     """Run this file's ``scenarios`` on ``world`` gloo ranks; the reports. A
     rendezvous that fails because another process took the free port is retried."""
@@ -175,7 +247,7 @@ def _spawn(world, scenarios, tmp_path):
 def four_ranks(tmp_path_factory):
     return _spawn(
         4,
-        ["loss_and_gradients", "dropout_masks", "resume_dropout"],
+        ["loss_and_gradients", "dropout_masks", "resume_dropout", "packed"],
         tmp_path_factory.mktemp("reproducible"),
     )
 
@@ -230,6 +302,27 @@ def test_resume_with_dropout_is_bit_for_bit_on_the_same_mesh(four_ranks):
         assert rep["restored"] is True
         assert rep["resumed"] == rep["straight"], (rep["rank"], rep["resumed"], rep["straight"])
         assert rep["restored_on_other_mesh"] is False
+
+
+@pytest.mark.parametrize("mesh", PACKED_MESHES, ids=lambda m: f"dp{m[0]}xsp{m[1]}")
+def test_packed_training_on_a_mesh_equals_one_process(four_ranks, mesh):
+    """local_packed_batch + token_mean_loss: packed documents on dp2 x sp2 and dp1 x
+    sp4 (activation checkpointing on) train with one process's losses for 4 steps,
+    float64 to 1e-9 as test_parallel's meshes, with documents that cross sp ranks and
+    shards holding only padding (whose own mean loss would be 0 / 0); the validation
+    loss of packed batches, the last with fewer rows than dp, too (1e-12 relative).
+    Catches rows split over dp without their own boundaries, boundaries not those of
+    the whole packed row, and a dp rank without rows that skips the forward (FSDP2's
+    parameter gathers would hang)."""
+    key = f"{mesh[0]}x{mesh[1]}"
+    counted = [c for rep in four_ranks for c in rep[f"packed-counted-{key}"]]
+    assert 0 in counted, counted  # a shard of padding only
+    for rep in four_ranks:
+        want = rep["packed_one_process"]
+        got = rep[f"packed-{key}"]
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-9, (rep["rank"], got, want)
+        ev, ev_want = rep[f"packed-eval-{key}"], rep["packed_eval_one_process"]
+        assert abs(ev - ev_want) <= 1e-12 * ev_want, (rep["rank"], ev, ev_want)
 
 
 # ------------------------------------------------- the learning-rate schedule
@@ -307,3 +400,30 @@ def test_train_lm_resume_continues_the_learning_rate_curve(tmp_path):
         assert json.load(f)["history"]["lr"] == [list(e) for e in want["lr"]]
     with pytest.raises(SystemExit, match="--lr 0.001 differs .* resume with --lr 0.003"):
         resumed("other-lr", "--steps", "8", "--lr", "1e-3")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_train_lm_pack_documents_under_torchrun_has_one_process_losses(tmp_path):
+    """train_lm.py --pack-documents at --dp 2 --sp 2 (refused under torchrun before):
+    the training and validation losses of one process running the same command line,
+    within 16 float32 ulps of losses < 8 (the sums run in another order; measured:
+    about 1 ulp). A rank packing the wrong rows or losing the boundaries is off by
+    > 1e-3."""
+    from test_examples import TINY as EXAMPLE_TINY
+    from test_examples import _run, _torchrun
+
+    args = ["--pack-documents", "--steps", "3", "--eval-interval", "3"]
+    one, mesh = str(tmp_path / "one"), str(tmp_path / "mesh")
+    _run("train_lm.py", *EXAMPLE_TINY, *args, "--out-dir", one, "--quiet", "--no-plot")
+    proc = _torchrun(4, *args, "--out-dir", mesh, "--dp", "2", "--sp", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = []
+    for d in (one, mesh):
+        with open(os.path.join(d, "metrics.json")) as f:
+            runs.append(json.load(f))
+    assert runs[1]["mesh"] == {"dp": 2, "sp": 2} and runs[1]["pack_documents"] is True
+    bound = 16 * float(torch.finfo(torch.float32).eps) * 8
+    for key in ("train", "val"):
+        want, got = runs[0]["history"][key], runs[1]["history"][key]
+        assert [s for s, _ in got] == [s for s, _ in want] and got
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got, want)) <= bound, (key, got, want)

@@ -7,8 +7,9 @@
   per-layer activation checkpointing, per-layer ``torch.compile``, then FSDP2
   ``fully_shard`` of every decoder layer and of the root over the flattened
   ``dp x sp`` mesh (mixed precision through FSDP2's ``MixedPrecisionPolicy``).
-* :func:`local_batch`, :func:`mean_over_mesh`, :func:`sum_over_mesh`: this rank's
-  block of a global batch, and the mean or sum of per-rank numbers;
+* :func:`local_batch`, :func:`local_packed_batch`, :func:`mean_over_mesh`,
+  :func:`sum_over_mesh`: this rank's block of a global batch (of packed rows), and
+  the mean or sum of per-rank numbers;
   :func:`token_mean_loss`: a training step's loss, the token-weighted mean over the
   whole global batch; :func:`evaluate_loss`: a model's mean loss over batches, over
   the mesh.
@@ -62,6 +63,7 @@ __all__ = [
     "mesh_shape",
     "parallelize",
     "local_batch",
+    "local_packed_batch",
     "mean_over_mesh",
     "sum_over_mesh",
     "flat_mesh",
@@ -207,6 +209,43 @@ def local_batch(t: Tensor, mesh, *, uneven_rows: str = "error") -> Tensor:
     return t[d * rows : (d + 1) * rows, s * cols : (s + 1) * cols]
 
 
+def local_packed_batch(rows: Any, index: Sequence[int], mesh) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's part of the packed global batch of rows ``index`` of ``rows`` (a
+    :class:`longnet.data.PackedRows`): ``(inputs, targets, cu_seqlens)``.
+
+    ``dp`` rank ``d`` joins the rows ``index[d * k // dp : (d + 1) * k // dp]`` (``k =
+    len(index)``) into one packed row (:func:`longnet.data.packed_batch`; a row
+    boundary is a document boundary) and keeps the positions ``[s * n / sp, (s + 1) *
+    n / sp)`` of it; ``cu_seqlens`` are the boundaries of the whole packed row, as
+    sequence parallelism takes them, so a document may cross ``sp`` ranks. A ``dp``
+    rank without rows (``k < dp``, e.g. the last validation batch) gets one row of
+    ignored targets, so that every rank runs the same forwards (FSDP2 gathers the
+    parameters in each). ``mesh=None``: ``packed_batch(rows, index)``. With
+    :func:`token_mean_loss` the loss is one process's on the whole packed batch,
+    whatever split the mesh makes.
+    """
+    from longnet.data import packed_batch
+
+    if mesh is None:
+        return packed_batch(rows, index)
+    dp, sp = mesh_shape(mesh)
+    d, s = mesh.get_local_rank("dp"), mesh.get_local_rank("sp")
+    index = [int(i) for i in index]
+    mine = index[d * len(index) // dp : (d + 1) * len(index) // dp]
+    if mine:
+        x, y, cu = packed_batch(rows, mine)
+    else:
+        n = rows.inputs.shape[1]
+        x = rows.inputs.new_zeros((1, n))
+        y = rows.targets.new_full((1, n), -100)
+        cu = torch.tensor([0, n], dtype=torch.int64)
+    n = x.shape[1]
+    if n % sp:
+        raise ValueError(f"the packed row length {n} must be divisible by sp = {sp}")
+    cols = n // sp
+    return x[:, s * cols : (s + 1) * cols], y[:, s * cols : (s + 1) * cols], cu
+
+
 def sum_over_mesh(values: Sequence[float], mesh, what: str = "the loss") -> list[float]:
     """The sums over all ranks of the mesh of per-rank numbers (``values`` themselves
     when ``mesh`` is None: one process). ``what`` names the numbers in
@@ -328,8 +367,9 @@ def evaluate_loss(
     the sums and counts are reduced over the mesh, so any mesh gives one process's
     value. A batch is ``(x, y)``, of which every rank computes its
     :func:`local_batch` (a batch whose rows do not split over ``dp`` is computed whole
-    on every ``dp`` rank, each counting its own share of the rows), or, on one
-    process, packed rows ``(x, y, cu_seqlens)``. ``autocast_dtype``: the forward
+    on every ``dp`` rank, each counting its own share of the rows), or packed rows
+    ``(x, y, cu_seqlens)``: this rank's own part (:func:`local_packed_batch`; on one
+    process the whole batch). ``autocast_dtype``: the forward
     under ``torch.autocast`` to it; ``return_logits=False``: the LM head and loss in
     chunks, no logits. The model is in eval mode during the evaluation and in train
     mode afterwards.
@@ -344,7 +384,7 @@ def evaluate_loss(
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        if len(batch) == 3:  # packed rows with their document boundaries, one process
+        if len(batch) == 3:  # this rank's packed rows with their document boundaries
             x, y, cu = (t.to(device) for t in batch)
             with autocast():
                 _, loss = model(x, y, cu_seqlens=cu, return_logits=return_logits, reduction="sum")
