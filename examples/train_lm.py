@@ -14,6 +14,7 @@ to 1.51 nats per byte.
     torchrun --nproc_per_node=4 examples/train_lm.py --dp 2 --sp 2 --activation-checkpointing
     torchrun --nproc_per_node=2 examples/train_lm.py --sequence-parallel   # = --sp 2
     python examples/train_lm.py --pack-documents        # each file its own document
+    torchrun --nproc_per_node=4 examples/train_lm.py --pack-documents --dp 2 --sp 2
 
 Under torchrun the ranks form a ``(dp, sp)`` device mesh (``longnet.parallel``):
 every sequence is split over ``sp`` ranks, the ``--batch-size`` sequences of a step
@@ -27,7 +28,8 @@ also exported to ``OUT_DIR/checkpoint`` for ``generate.py``.
 ``--pack-documents`` trains on each file as its own document: rows of ``--seq-len``
 tokens carry their file boundaries (``cu_seqlens``), no file attends to another,
 positions restart at every file and no token predicts the next file's first one;
-validation uses packed rows too.
+validation uses packed rows too. Under torchrun every dp rank packs its share of the
+step's rows into one row, split over the sp ranks (a file may cross them).
 
 ``--attention``: ``dilated`` (``--segment-lengths`` / ``--dilation-rates``), ``dense``
 (one pattern ``w = seq_len, r = 1``: full causal attention) or ``sliding`` (one pattern
@@ -40,8 +42,18 @@ with ``--activation-checkpointing`` one process trains on a million tokens
 (``python -m longnet.plan ... --chunk-size N`` counts it).
 
 Outputs under ``--out-dir``: ``checkpoint/`` (a ``save_pretrained`` directory),
-``dcp/step_*`` (the training checkpoints: model, optimizer, data position, RNG and loss
-history), ``metrics.json`` and ``loss_curve.png``.
+``dcp/step_*`` (the training checkpoints: model, optimizer, learning-rate schedule,
+data position, every rank's generator states and loss history), ``metrics.json`` and
+``loss_curve.png``.
+
+What a run reproduces: the training loss of a step is the token-weighted mean over the
+whole global batch (``longnet.parallel.token_mean_loss``), so any mesh gives one
+process's losses and gradients up to the order of the sums (dropout off), also when
+targets are ignored. A resume continues the learning-rate curve it was on (a new
+``--steps`` moves the end of the decay without a jump) and, on a mesh of the same
+shape, every rank's generator states, so a run with dropout resumes bit for bit.
+Every dp row and sp shard draws dropout masks of its own (``longnet.parallel.seed_rank``):
+on a mesh of another shape the masks, and so the losses with dropout, differ.
 """
 
 from __future__ import annotations
@@ -238,13 +250,95 @@ def load_data(args: argparse.Namespace, log=print, packed: bool = False):
     return tuple(data.pack_documents(t, o, args.seq_len, pad) for t, o in parts)
 
 
+class LRSchedule:
+    """Linear warm-up over ``warmup_steps`` steps, then cosine decay to ``lr *
+    min_lr_ratio`` at step ``steps``, constant after. Saved in the checkpoints
+    (``state_dict`` / ``load_state_dict``), so a resume continues the curve its run
+    was on, whatever ``--steps`` it is given.
+
+    The decay is a list of pieces ``(start, ratio, end)``: from ``ratio`` of ``lr`` at
+    step ``start`` down a half cosine to ``min_lr_ratio`` at step ``end`` (first
+    ``(warmup_steps, 1.0, steps)``). :meth:`extend` moves the end to another total
+    from a resume step: before the decay has begun the curve is exactly that of a run
+    started with the new total; after, a new piece starts at the rate the run had
+    reached at that step, so the curve never jumps.
+    """
+
+    def __init__(self, lr: float, warmup_steps: int, steps: int, min_lr_ratio: float) -> None:
+        self.lr, self.warmup_steps, self.min_lr_ratio = float(lr), int(warmup_steps), min_lr_ratio
+        self.pieces: list[tuple[int, float, int]] = [(self.warmup_steps, 1.0, int(steps))]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LRSchedule:
+        return cls(args.lr, args.warmup_steps, args.steps, args.min_lr_ratio)
+
+    @property
+    def steps(self) -> int:
+        """The step at which the decay ends."""
+        return self.pieces[-1][2]
+
+    def ratio(self, step: int) -> float:
+        """The learning rate of ``step`` (0-based) as a fraction of ``lr``."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        start, high, end = next(p for p in reversed(self.pieces) if p[0] <= step)
+        progress = min(1.0, (step - start) / max(1, end - start))
+        low = self.min_lr_ratio
+        return low + (high - low) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * self.ratio(step)
+
+    def extend(self, step: int, steps: int) -> None:
+        """Make ``steps`` the end of the decay, continuing from ``step`` (the next step
+        to run)."""
+        start, high, _ = self.pieces[-1]
+        if step <= start:
+            self.pieces[-1] = (start, high, int(steps))
+        else:
+            self.pieces.append((step, self.ratio(step), int(steps)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "warmup_steps": self.warmup_steps,
+            "min_lr_ratio": self.min_lr_ratio,
+            "pieces": [list(p) for p in self.pieces],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr, self.warmup_steps = state["lr"], state["warmup_steps"]
+        self.min_lr_ratio = state["min_lr_ratio"]
+        self.pieces = [(int(a), float(b), int(c)) for a, b, c in state["pieces"]]
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up, then cosine decay to ``lr * min_lr_ratio``."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
-    ratio = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return args.lr * ratio
+    """Linear warm-up, then cosine decay to ``lr * min_lr_ratio`` (the curve of a run
+    started with ``args``)."""
+    return LRSchedule.from_args(args).lr_at(step)
+
+
+def _resume_schedule(schedule: LRSchedule, step: int, args: argparse.Namespace, log) -> None:
+    """Check the command line against the checkpoint's schedule (the warm-up, peak and
+    final learning rates must be the same: another curve would jump) and follow a new
+    ``--steps``."""
+    for name in ("lr", "warmup_steps", "min_lr_ratio"):
+        saved, given = getattr(schedule, name), getattr(args, name)
+        if saved != given:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(
+                f"--resume: {flag} {given} differs from the checkpoint's learning-rate "
+                f"schedule ({flag} {saved}); resume with {flag} {saved}, or start a new "
+                "run in another --out-dir"
+            )
+    if args.steps != schedule.steps:
+        before, saved_steps = schedule.lr_at(step), schedule.steps
+        schedule.extend(step, args.steps)
+        log(
+            f"note: --steps {args.steps} differs from the checkpoint's {saved_steps}: the "
+            f"learning rate continues from {before:.3g} at step {step} and decays to "
+            f"{schedule.lr * schedule.min_lr_ratio:.3g} at step {args.steps}"
+        )
 
 
 def save_plot(history: dict[str, list], path: str, title: str) -> bool:
@@ -344,14 +438,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + ("; activation checkpointing" if args.activation_checkpointing else "")
         + (f"; chunks of {args.chunk_size:,} positions" if args.chunk_size else "")
     )
-    if args.pack_documents and mesh is not None:
-        raise SystemExit("--pack-documents runs on one process for now (not under torchrun)")
     train_data, val_data = load_data(args, log, packed=args.pack_documents)
     b = args.batch_size
     if args.pack_documents:
         n_val = min(len(val_data), max(1, args.eval_windows))
         val_batches = [
-            data.packed_batch(val_data, range(i, min(i + b, n_val))) for i in range(0, n_val, b)
+            parallel.local_packed_batch(val_data, range(i, min(i + b, n_val)), mesh)
+            for i in range(0, n_val, b)
         ]
     else:
         val_batches = data.eval_batches(val_data, args.seq_len, args.eval_windows, b)
@@ -363,11 +456,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(args.seed + 1)
-    history: dict[str, list] = {"train": [], "val": []}
+    schedule = LRSchedule.from_args(args)
+    history: dict[str, list] = {"train": [], "val": [], "lr": []}
     step, elapsed0 = 0, 0.0
-    if dcp_path is not None:
-        state = parallel.load_checkpoint(dcp_path, model, optimizer)["extra"]
+    if dcp_path is None:
+        # Dropout masks of their own on every dp row and sp shard (the parameters
+        # were initialized from the shared seed).
+        parallel.seed_rank(args.seed, mesh)
+    else:
+        loaded = ckpt.load(dcp_path, model, optimizer, scheduler=schedule)
+        state = loaded["extra"]
         log(f"resuming from {dcp_path} at step {state['step']}")
+        if not loaded["rng_restored"]:  # another mesh: other masks, not the start's again
+            log("note: the checkpoint was written on another mesh: dropout draws other masks")
+            parallel.seed_rank(args.seed, mesh, step=state["step"])
         for name in ("seq_len", "batch_size", "seed"):
             if getattr(args, name) != state["args"][name]:
                 log(
@@ -376,6 +478,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
         gen.set_state(state["generator"])
         history, step, elapsed0 = state["history"], state["step"], state.get("elapsed_s", 0.0)
+        history.setdefault("lr", [])
+        _resume_schedule(schedule, step, args, log)
 
     eval_kw = {"device": device, "autocast_dtype": autocast_dtype, "return_logits": logits}
 
@@ -385,25 +489,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write(f"step {step}: validation loss {loss:.4f}")
 
     def train_step() -> float:
-        """One optimizer step on the next global batch; the mean loss over the ranks."""
+        """One optimizer step on the next global batch; its loss, the token-weighted
+        mean over the whole global batch (the same on any mesh)."""
         packed = {}
-        if args.pack_documents:
-            x, y, cu = data.random_packed_batch(train_data, args.batch_size, gen)
+        if args.pack_documents:  # the rows of random_packed_batch, this rank's part
+            index = torch.randint(0, len(train_data), (args.batch_size,), generator=gen)
+            x, y, cu = parallel.local_packed_batch(train_data, index.tolist(), mesh)
             packed["cu_seqlens"] = cu.to(device)
         else:
             x, y = data.random_batch(train_data, args.batch_size, args.seq_len, gen)
-        x, y = (parallel.local_batch(t, mesh).to(device) for t in (x, y))
+            x, y = (parallel.local_batch(t, mesh) for t in (x, y))
+        x, y = x.to(device), y.to(device)
+        lr = schedule.lr_at(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr
+        history["lr"].append((step + 1, lr))
         with torch.autocast(device.split(":")[0], autocast_dtype, autocast_dtype is not None):
-            _, loss = fwd_model(x, y, return_logits=logits, **packed)
+            loss, value = parallel.token_mean_loss(
+                fwd_model, x, y, mesh, return_logits=logits, **packed
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under the mesh FSDP2 reduce-scatters the gradients
         if args.grad_clip > 0:
             with parallel.phase("the all-reduce of the gradient norm (clipping)"):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
-        return parallel.mean_over_mesh(float(loss.detach()), mesh)
+        return value
 
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -444,7 +555,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 extra = {"step": step, "generator": gen.get_state(), "history": history}
                 extra.update(elapsed_s=elapsed0 + time.time() - t0, args=vars(args))
                 with parallel.phase("the sharded checkpoint's collectives (DCP save)"):
-                    ckpt.save(step, model, optimizer, extra=extra)
+                    ckpt.save(step, model, optimizer, scheduler=schedule, extra=extra)
         except RuntimeError as exc:
             if mesh is None:
                 raise

@@ -239,10 +239,12 @@ class LongNetDecoderLayer(nn.Module):
             self.attn_norm(x), cache=cache, position_offset=position_offset, cu_seqlens=cu_seqlens
         )
         x = x + F.dropout(h, p=self.dropout, training=self.training)
-        if self.chunk_size is not None and cache is None and torch.is_grad_enabled():
-            h = self._chunked_ffn(x, self.chunk_size)
-        else:
+        if self.chunk_size is None:
             h = self._ffn(x)
+        elif cache is None and torch.is_grad_enabled():
+            h = self._chunked_ffn(x, self.chunk_size)
+        else:  # no grad (evaluation) or a cache (generation's prefill): nothing to recompute
+            h = self._ffn_in_chunks(x, self.chunk_size)
         return x + F.dropout(h, p=self.dropout, training=self.training)
 
     def _ffn(self, x: Tensor) -> Tensor:
@@ -260,6 +262,14 @@ class LongNetDecoderLayer(nn.Module):
             for s in range(0, n, chunk)
         ]
         return torch.cat(parts, dim=1)
+
+    def _ffn_in_chunks(self, x: Tensor, chunk: int) -> Tensor:
+        """The feed-forward over ``chunk`` positions at a time without recomputation
+        (no backward needs it): only one chunk's ``(B, chunk, ffn_dim)`` hidden
+        activations live at a time."""
+        if x.shape[1] <= chunk:
+            return self._ffn(x)
+        return torch.cat([self._ffn(x[:, s : s + chunk]) for s in range(0, x.shape[1], chunk)], 1)
 
 
 class LongNetDecoder(nn.Module):
@@ -317,15 +327,29 @@ def _chunk_loss_sum(x: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     )
 
 
-def chunked_lm_loss(x: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def chunked_lm_loss(
+    x: Tensor, weight: Tensor, targets: Tensor, chunk: int, reduction: str = "mean"
+) -> Tensor:
     """Mean cross-entropy of ``F.linear(x, weight)`` ``(B, N, V)`` against ``targets``
     ``(B, N)`` (``-100`` ignored), ``chunk`` positions at a time: each chunk's logits
     (float32 at least, as in the full loss) live only while its loss sum is computed
     and again while its backward runs (``torch.utils.checkpoint``), so memory holds
     ``B * chunk * V`` logits instead of ``B * N * V``. The result is the full loss up
-    to the order of the sums (chunk sums, then the division by the target count)."""
+    to the order of the sums (chunk sums, then the division by the target count).
+    ``reduction="sum"``: the sum of the per-token losses instead of their mean (0
+    when no target counts). Without grad (evaluation) the chunks are computed once,
+    with nothing kept."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    _check_reduction(reduction)
     n = x.shape[1]
     total: Tensor | None = None
     for s in range(0, n, chunk):
@@ -338,6 +362,8 @@ def chunked_lm_loss(x: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> T
         )
         total = part if total is None else total + part
     assert total is not None  # n >= 1
+    if reduction == "sum":
+        return total
     count = (targets != -100).sum()
     return total / count.to(total.dtype)
 
@@ -415,12 +441,15 @@ class LongNetLM(nn.Module):
         return any(layer.activation_checkpointing for layer in self.decoder.layers)
 
     def set_chunk_size(self, tokens: int | None) -> None:
-        """Compute every decoder layer's feed-forward in training over sequence chunks
-        of ``tokens`` positions, each recomputed in backward (the ``(B, N, ffn_dim)``
-        hidden activations never all live; one more feed-forward per layer), and use
-        ``tokens`` as the chunk of the LM head and loss of ``forward(...,
-        return_logits=False)`` (default :data:`LOSS_CHUNK_SIZE`). ``None``: whole
-        sequences (the default). A training setting, not saved with the model."""
+        """Compute every decoder layer's feed-forward over sequence chunks of
+        ``tokens`` positions, and use ``tokens`` as the chunk of the LM head and loss
+        of ``forward(..., return_logits=False)`` (default :data:`LOSS_CHUNK_SIZE`).
+        In training each chunk is recomputed in backward (the ``(B, N, ffn_dim)``
+        hidden activations never all live; one more feed-forward per layer); without
+        grad (evaluation) and with a cache (the prefill of :meth:`generate`) the
+        chunks run once, one chunk's hidden activations alive at a time. ``None``:
+        whole sequences (the default). A setting of the run, not saved with the
+        model."""
         if tokens is not None and (isinstance(tokens, bool) or int(tokens) != tokens or tokens < 1):
             raise ValueError(f"tokens must be a positive int or None, got {tokens!r}")
         self.chunk_size = None if tokens is None else int(tokens)
@@ -443,6 +472,7 @@ class LongNetLM(nn.Module):
         position_offset: int | None = None,
         cu_seqlens: Tensor | PackedDocuments | None = None,
         return_logits: bool = True,
+        reduction: str = "mean",
     ) -> Tensor | tuple[Tensor | None, Tensor]:
         """Logits ``(B, N, vocab)``; with ``targets`` ``(B, N)`` also the mean loss.
 
@@ -474,7 +504,13 @@ class LongNetLM(nn.Module):
                 recomputed in backward, so the ``(B, N, vocab)`` logits and their
                 gradient never all live. The loss and gradients are those of the
                 full computation up to the order of the sums.
+            reduction: ``"mean"`` (the default): the loss is the mean over the
+                counted targets (NaN when none counts); ``"sum"``: their sum (0 when
+                none counts). With :meth:`count_targets`, ``"sum"`` gives a mean over
+                any set of batches, rows or sequence shards that is weighted by tokens
+                (see :func:`longnet.parallel.token_mean_loss`).
         """
+        _check_reduction(reduction)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, N), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -497,7 +533,11 @@ class LongNetLM(nn.Module):
                 raise ValueError("return_logits=False needs targets (it returns only the loss)")
             self._check_targets(input_ids, targets)
             return None, chunked_lm_loss(
-                x, weight, self._loss_targets(targets), self.chunk_size or LOSS_CHUNK_SIZE
+                x,
+                weight,
+                self._loss_targets(targets),
+                self.chunk_size or LOSS_CHUNK_SIZE,
+                reduction,
             )
         logits = F.linear(x, weight)
         if targets is None:
@@ -507,9 +547,18 @@ class LongNetLM(nn.Module):
         # float32 at least (float64 models keep float64).
         wide = logits if logits.dtype == torch.float64 else logits.float()
         loss = F.cross_entropy(
-            wide.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            wide.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction=reduction,
         )
         return logits, loss
+
+    def count_targets(self, targets: Tensor) -> Tensor:
+        """The number of targets that count in the loss (not ``-100``, not
+        ``config.pad_token_id``): the denominator of ``forward``'s mean loss, an int64
+        scalar on ``targets``' device."""
+        return (self._loss_targets(targets) != -100).sum()
 
     @staticmethod
     def _check_targets(input_ids: Tensor, targets: Tensor) -> None:
@@ -584,7 +633,7 @@ class LongNetLM(nn.Module):
             cache = self.new_cache() if use_cache else None
             step_input = ids
             for _ in range(max_new_tokens):
-                logits = self(step_input, cache=cache)[:, -1, :].float()
+                logits = self._last_logits(step_input, cache).float()
                 nxt = self._pick(logits, temperature, top_k, greedy, generator)
                 if eos_token_id is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
@@ -596,6 +645,14 @@ class LongNetLM(nn.Module):
             return ids
         finally:
             self.train(was_training)
+
+    def _last_logits(self, input_ids: Tensor, cache: list[KVCache] | None) -> Tensor:
+        """Logits ``(B, vocab)`` of the last position of ``input_ids`` (in eval mode):
+        the LM head runs on that position alone, so a long prompt's prefill never
+        holds ``(B, N, vocab)`` logits."""
+        x = self.decoder(self.embed_tokens(input_ids), cache=cache)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x[:, -1], weight)
 
     @staticmethod
     def _pick(

@@ -549,3 +549,89 @@ def test_chunked_feed_forward_and_loss_equal_the_whole_sequence(norm_style):
         tiny_model()(ids, return_logits=False)
     with pytest.raises(ValueError, match="positive int"):
         tiny_model().set_chunk_size(0)
+
+
+def test_sum_reduction_and_target_count():
+    """forward(..., reduction="sum") is the mean loss times count_targets (the logits
+    path and the chunked path, float64 to 1e-12), and a batch whose targets are all
+    ignored gives a zero sum with zero (finite) gradients instead of the mean's 0 / 0
+    = NaN. Catches a sum that counts padding or ignored targets."""
+    model = tiny_model()
+    model.set_chunk_size(7)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 256, (2, 30))
+    targets = torch.randint(3, 256, (2, 30))
+    targets[0, 3:12] = -100
+    targets[1, 20:25] = model.config.pad_token_id
+    count = model.count_targets(targets)
+    assert count.dtype == torch.int64 and int(count) == 60 - 9 - 5
+    for logits in (True, False):
+        _, mean = model(ids, targets, return_logits=logits)
+        _, total = model(ids, targets, return_logits=logits, reduction="sum")
+        assert abs(total.item() - mean.item() * int(count)) <= 1e-12 * total.item()
+        ignored = torch.full_like(targets, -100)
+        _, zero = model(ids, ignored, return_logits=logits, reduction="sum")
+        zero.backward()
+        assert zero.item() == 0.0 and int(model.count_targets(ignored)) == 0
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(bool((g == 0).all()) for g in grads)
+        model.zero_grad()
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        model(ids, targets, reduction="none")
+
+
+class _LargestOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records, per size of the last dimension, the most elements of any one tensor
+    an operator produced (a probe of what the computation holds at once), leaving out
+    tensors of the shape of a parameter of ``model`` or of its transpose."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.largest: dict[int, int] = {}
+        shapes = [tuple(p.shape) for p in model.parameters()]
+        self.skip = set(shapes) | {s[::-1] for s in shapes}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and tuple(t.shape) not in self.skip:
+                last = t.shape[-1]
+                self.largest[last] = max(self.largest.get(last, 0), t.numel())
+        return out
+
+
+def test_chunked_feed_forward_and_lm_head_without_grad():
+    """Without grad (evaluation) the chunked feed-forward and LM head + loss equal the
+    unchunked ones (float64, 1e-12: only the order of the sums differs) and do chunk:
+    no operator produces more than B x chunk x ffn_dim hidden values or B x chunk x
+    vocab logits (unchunked: B x N x ...). The prefill of generate() with a cache
+    chunks the feed-forward too and computes the LM head at the last position only.
+    Catches an evaluation or a prefill that runs the feed-forward or the LM head over
+    the whole sequence."""
+    torch.manual_seed(0)
+    b, n, chunk = 2, 30, 7
+    ids = torch.randint(3, 256, (b, n))
+    targets = torch.randint(3, 256, (b, n))
+    targets[0, 3:12] = -100
+    cfg = tiny_config()
+    ffn, vocab = cfg.ffn_dim, cfg.vocab_size
+    plain = tiny_model()
+    with torch.no_grad():
+        want_logits = plain(ids)
+        _, want_loss = plain(ids, targets)
+    model = tiny_model()
+    model.set_chunk_size(chunk)
+    with torch.no_grad(), _LargestOutputs(model) as probe:
+        _, loss = model(ids, targets, return_logits=False)
+    assert abs(loss.item() - want_loss.item()) <= 1e-12
+    assert probe.largest[ffn] == b * chunk * ffn, probe.largest
+    assert probe.largest[vocab] == b * chunk * vocab, probe.largest
+    with torch.no_grad(), _LargestOutputs(model) as probe:
+        logits = model(ids)  # the logits asked for are whole; the feed-forward chunks
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-12)
+    assert probe.largest[ffn] == b * chunk * ffn, probe.largest
+    with _LargestOutputs(model) as probe:
+        out = model.generate(ids, 1, greedy=True)
+    assert probe.largest[ffn] == b * chunk * ffn, probe.largest
+    assert probe.largest[vocab] == b * vocab, probe.largest
+    torch.testing.assert_close(out[:, -1], want_logits[:, -1].argmax(-1), rtol=0, atol=0)

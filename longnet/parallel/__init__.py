@@ -42,10 +42,13 @@ from longnet.parallel.mesh import (
     evaluate_loss,
     flat_mesh,
     local_batch,
+    local_packed_batch,
     mean_over_mesh,
     mesh_shape,
     parallelize,
+    seed_rank,
     sum_over_mesh,
+    token_mean_loss,
 )
 from longnet.parallel.phases import current_phase, label_collectives, phase
 from longnet.parallel.schedule import PlanCacheInfo, plan_cache_info, set_plan_cache_bytes
@@ -112,8 +115,11 @@ __all__ = [
     "flat_mesh",
     "parallelize",
     "local_batch",
+    "local_packed_batch",
     "mean_over_mesh",
     "sum_over_mesh",
+    "token_mean_loss",
+    "seed_rank",
     "evaluate_loss",
     "current_phase",
     "phase",

@@ -7,7 +7,12 @@ A checkpoint is a directory ``ROOT/step_NNNNNNNN`` holding
   turn FSDP2's DTensors into plain names, so a checkpoint loads on any mesh shape or
   world size and DCP reshards it);
 * ``trainer_state.pt`` (rank 0): the scheduler, the caller's ``extra`` (the data
-  position, e.g. a ``torch.Generator`` state and the loss history) and the RNG state;
+  position, e.g. a ``torch.Generator`` state and the loss history);
+* ``rng/dp<d>_sp<s>.pt`` (every rank): the rank's CPU generator state and, where CUDA
+  is in use, its device's, keyed by the rank's ``(dp, sp)`` mesh coordinates
+  (``d = rank // sp``, ``s = rank % sp``); a resume on a mesh of the same shape
+  restores every rank's own states (dropout draws then continue bit for bit), one on
+  another mesh restores none (:func:`~longnet.parallel.seed_rank` reseeds there);
 * ``longnet_checkpoint.json`` (rank 0, written last): the model config, the step,
   the mesh it was written on. A directory without it is an unfinished write and is
   ignored by :func:`latest_checkpoint`.
@@ -53,6 +58,7 @@ __all__ = [
 
 META_NAME = "longnet_checkpoint.json"
 TRAINER_NAME = "trainer_state.pt"
+RNG_DIR = "rng"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _FORMAT = 1
 
@@ -77,6 +83,33 @@ def _one_process_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+def _rng_layout(mesh_shape: Sequence[int] | None) -> tuple[tuple[int, int], str]:
+    """``((dp, sp), file name)`` of this rank's generator states: the coordinates of
+    rank ``r`` are ``(r // sp, r % sp)``; without ``mesh_shape`` every rank is a
+    ``dp`` rank (``sp = 1``)."""
+    world = dist.get_world_size() if _distributed() else 1
+    sp = 1 if mesh_shape is None else int(mesh_shape[1])
+    if sp < 1 or world % sp:
+        raise ValueError(f"mesh_shape {tuple(mesh_shape or ())} does not fit {world} ranks")
+    rank = _rank()
+    return (world // sp, sp), f"dp{rank // sp}_sp{rank % sp}.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's CPU generator state and its CUDA device's (when CUDA is in use)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if cuda else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _param_dtype(model: LongNetLM) -> str:
@@ -149,20 +182,25 @@ def save_checkpoint(
         scheduler: anything with ``state_dict()`` / ``load_state_dict()``.
         extra: picklable values to restore on resume (rank 0's are saved): the data
             position, loss history, ...
-        mesh_shape: recorded for information (e.g. ``(dp, sp)``).
+        mesh_shape: ``(dp, sp)`` of the job: keys every rank's generator states by
+            its mesh coordinates (None: ``(world, 1)``), and is recorded.
         keep: keep only the newest ``keep`` finished checkpoints under ``root``.
     """
     import torch.distributed.checkpoint as dcp
 
     if not hasattr(model, "config"):
         raise TypeError(f"save_checkpoint expects a LongNetLM, got {type(model).__name__}")
+    rng_mesh, rng_file = _rng_layout(mesh_shape)
     path = os.path.join(root, f"step_{int(step):08d}")
     if _rank() == 0:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(os.path.join(path, RNG_DIR), exist_ok=True)
         stale = os.path.join(path, META_NAME)
         if os.path.exists(stale):
             os.remove(stale)  # rewritten below once the new state is complete
     _barrier()
+    # Every rank's own generator states, before DCP's collectives (which every rank
+    # passes before rank 0 writes the metadata below).
+    torch.save(_rng_state(), os.path.join(path, RNG_DIR, rng_file))
     with _one_process_quiet():
         dcp.save(_state(model, optimizer), checkpoint_id=path, no_dist=not _distributed())
     if _rank() == 0:
@@ -170,7 +208,6 @@ def save_checkpoint(
             {
                 "scheduler": None if scheduler is None else scheduler.state_dict(),
                 "extra": extra or {},
-                "rng": torch.get_rng_state(),
             },
             os.path.join(path, TRAINER_NAME),
         )
@@ -182,6 +219,7 @@ def save_checkpoint(
             "has_optimizer": optimizer is not None,
             "world_size": dist.get_world_size() if _distributed() else 1,
             "mesh_shape": None if mesh_shape is None else list(mesh_shape),
+            "rng_mesh": list(rng_mesh),
         }
         tmp = os.path.join(path, META_NAME + ".tmp")
         with open(tmp, "w") as f:
@@ -231,10 +269,18 @@ def load_checkpoint(
     *,
     scheduler: Any = None,
     restore_rng: bool = True,
+    mesh_shape: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Load ``path`` (a ``step_*`` directory) into ``model`` / ``optimizer`` /
     ``scheduler`` in place, on any mesh; collective. Returns ``{"step", "extra",
-    "meta"}``.
+    "meta", "rng_restored"}``.
+
+    ``restore_rng``: every rank restores the generator states its mesh coordinates
+    saved (``mesh_shape``: this job's ``(dp, sp)``, None: ``(world, 1)``) when the
+    checkpoint was written on a mesh of the same shape; on another mesh nothing is
+    restored (``rng_restored`` False: seed the ranks, e.g. with
+    :func:`~longnet.parallel.seed_rank`), since no rank there draws the masks of a
+    saved rank.
 
     Raises:
         FileNotFoundError: ``path`` is not a finished checkpoint.
@@ -263,9 +309,22 @@ def load_checkpoint(
     trainer = torch.load(os.path.join(path, TRAINER_NAME), map_location="cpu", weights_only=False)
     if scheduler is not None and trainer["scheduler"] is not None:
         scheduler.load_state_dict(trainer["scheduler"])
+    restored = False
     if restore_rng:
-        torch.set_rng_state(trainer["rng"])
-    return {"step": int(meta["step"]), "extra": trainer["extra"], "meta": meta}
+        rng_mesh, rng_file = _rng_layout(mesh_shape)
+        own = os.path.join(path, RNG_DIR, rng_file)
+        if meta.get("rng_mesh") == list(rng_mesh) and os.path.isfile(own):
+            _set_rng_state(torch.load(own, map_location="cpu", weights_only=False))
+            restored = True
+        elif "rng" in trainer and meta.get("world_size") == 1 == rng_mesh[0] * rng_mesh[1]:
+            torch.set_rng_state(trainer["rng"])  # written by one process before RNG_DIR
+            restored = True
+    return {
+        "step": int(meta["step"]),
+        "extra": trainer["extra"],
+        "meta": meta,
+        "rng_restored": restored,
+    }
 
 
 def export_pretrained(path: str, out_dir: str, *, dtype: torch.dtype | None = None):
@@ -354,6 +413,7 @@ class CheckpointManager:
         model: LongNetLM,
         optimizer: torch.optim.Optimizer | None = None,
         *,
+        scheduler: Any = None,
         extra: dict[str, Any] | None = None,
     ) -> str:
         """:func:`save_checkpoint` of ``step`` (and, on one process, the export)."""
@@ -362,6 +422,7 @@ class CheckpointManager:
             step,
             model,
             optimizer,
+            scheduler=scheduler,
             extra=extra,
             mesh_shape=self.mesh_shape,
             keep=self.keep,
@@ -369,6 +430,20 @@ class CheckpointManager:
         if self.export_dir is not None and not _distributed():
             model.save_pretrained(self.export_dir)
         return path
+
+    def load(
+        self,
+        path: str,
+        model: LongNetLM,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        scheduler: Any = None,
+    ) -> dict[str, Any]:
+        """:func:`load_checkpoint` of ``path`` on this job's mesh (every rank's own
+        generator states restored when the mesh has the checkpoint's shape)."""
+        return load_checkpoint(
+            path, model, optimizer, scheduler=scheduler, mesh_shape=self.mesh_shape
+        )
 
     def export(self) -> None:
         """Under a process group: rank 0 turns the last checkpoint into the

@@ -7,9 +7,14 @@
   per-layer activation checkpointing, per-layer ``torch.compile``, then FSDP2
   ``fully_shard`` of every decoder layer and of the root over the flattened
   ``dp x sp`` mesh (mixed precision through FSDP2's ``MixedPrecisionPolicy``).
-* :func:`local_batch`, :func:`mean_over_mesh`, :func:`sum_over_mesh`: this rank's
-  block of a global batch, and the mean or sum of per-rank numbers;
-  :func:`evaluate_loss`: a model's mean loss over batches, over the mesh.
+* :func:`local_batch`, :func:`local_packed_batch`, :func:`mean_over_mesh`,
+  :func:`sum_over_mesh`: this rank's block of a global batch (of packed rows), and
+  the mean or sum of per-rank numbers;
+  :func:`token_mean_loss`: a training step's loss, the token-weighted mean over the
+  whole global batch; :func:`evaluate_loss`: a model's mean loss over batches, over
+  the mesh.
+* :func:`seed_rank`: this rank's generators seeded from the run's seed and the
+  rank's mesh coordinates (dropout masks differ across shards and rows).
 
 The degrees are validated once by :class:`~longnet.parallel.dims.ParallelDims`,
 which :func:`build_mesh` uses.
@@ -20,24 +25,28 @@ a part of their gradient (the attention backward sends every rank the gradient o
 the rows it sent), so gradients must be reduced over both dimensions; one
 reduce-scatter over the flattened mesh does that and leaves each rank ``1 / (dp *
 sp)`` of the parameters, gradients and optimizer state. FSDP2 averages the
-gradients over the ``dp * sp`` ranks; each rank's loss is the mean over its own
-``(B / dp) x (N / sp)`` tokens, so the average is the gradient of the global mean
-loss when every rank holds the same number of counted targets (no padding).
+gradients over the ``dp * sp`` ranks. A rank's own mean loss (``model(x, y)``) gives
+the gradient of the global mean only when every rank holds the same number of
+counted targets; :func:`token_mean_loss` gives it for any counts (ignored targets,
+padding, a shard without any counted target): every rank's loss is its sum of
+per-token losses times ``dp * sp`` over the global count of counted targets.
 
 Example (under ``torchrun --nproc_per_node 4``)::
 
     dist.init_process_group("gloo")
     mesh = build_mesh(dp=2, sp=2, seq_len=4096)
     model = parallelize(LongNetLM(config), mesh, activation_checkpointing=True)
+    seed_rank(0, mesh)  # dropout masks of their own on every rank
     x, y = local_batch(x_global, mesh), local_batch(y_global, mesh)
-    _, loss = model(x, y)
+    loss, value = token_mean_loss(model, x, y, mesh)  # value: the global mean loss
     loss.backward()
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -54,9 +63,12 @@ __all__ = [
     "mesh_shape",
     "parallelize",
     "local_batch",
+    "local_packed_batch",
     "mean_over_mesh",
     "sum_over_mesh",
     "flat_mesh",
+    "token_mean_loss",
+    "seed_rank",
     "evaluate_loss",
 ]
 
@@ -197,6 +209,43 @@ def local_batch(t: Tensor, mesh, *, uneven_rows: str = "error") -> Tensor:
     return t[d * rows : (d + 1) * rows, s * cols : (s + 1) * cols]
 
 
+def local_packed_batch(rows: Any, index: Sequence[int], mesh) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's part of the packed global batch of rows ``index`` of ``rows`` (a
+    :class:`longnet.data.PackedRows`): ``(inputs, targets, cu_seqlens)``.
+
+    ``dp`` rank ``d`` joins the rows ``index[d * k // dp : (d + 1) * k // dp]`` (``k =
+    len(index)``) into one packed row (:func:`longnet.data.packed_batch`; a row
+    boundary is a document boundary) and keeps the positions ``[s * n / sp, (s + 1) *
+    n / sp)`` of it; ``cu_seqlens`` are the boundaries of the whole packed row, as
+    sequence parallelism takes them, so a document may cross ``sp`` ranks. A ``dp``
+    rank without rows (``k < dp``, e.g. the last validation batch) gets one row of
+    ignored targets, so that every rank runs the same forwards (FSDP2 gathers the
+    parameters in each). ``mesh=None``: ``packed_batch(rows, index)``. With
+    :func:`token_mean_loss` the loss is one process's on the whole packed batch,
+    whatever split the mesh makes.
+    """
+    from longnet.data import packed_batch
+
+    if mesh is None:
+        return packed_batch(rows, index)
+    dp, sp = mesh_shape(mesh)
+    d, s = mesh.get_local_rank("dp"), mesh.get_local_rank("sp")
+    index = [int(i) for i in index]
+    mine = index[d * len(index) // dp : (d + 1) * len(index) // dp]
+    if mine:
+        x, y, cu = packed_batch(rows, mine)
+    else:
+        n = rows.inputs.shape[1]
+        x = rows.inputs.new_zeros((1, n))
+        y = rows.targets.new_full((1, n), -100)
+        cu = torch.tensor([0, n], dtype=torch.int64)
+    n = x.shape[1]
+    if n % sp:
+        raise ValueError(f"the packed row length {n} must be divisible by sp = {sp}")
+    cols = n // sp
+    return x[:, s * cols : (s + 1) * cols], y[:, s * cols : (s + 1) * cols], cu
+
+
 def sum_over_mesh(values: Sequence[float], mesh, what: str = "the loss") -> list[float]:
     """The sums over all ranks of the mesh of per-rank numbers (``values`` themselves
     when ``mesh`` is None: one process). ``what`` names the numbers in
@@ -221,6 +270,65 @@ def mean_over_mesh(value, mesh) -> float:
     if mesh is None:
         return float(value)
     return sum_over_mesh([value], mesh)[0] / dist.get_world_size(flat_mesh(mesh).get_group())
+
+
+def _count_targets(model: torch.nn.Module, y: Tensor) -> int:
+    """The targets of ``y`` that ``model``'s loss counts: not ``-100`` and not the
+    model's padding id (``config.pad_token_id``)."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    counted = y != -100 if pad is None else (y != -100) & (y != pad)
+    return int(counted.sum())
+
+
+def token_mean_loss(
+    model: torch.nn.Module, x: Tensor, y: Tensor, mesh=None, **forward_kwargs: Any
+) -> tuple[Tensor, float]:
+    """One training step's loss: ``(loss, value)``, where ``value`` is the mean
+    next-token loss over every counted target of the global batch (a float, the same
+    on every rank; NaN when no target of the global batch counts) and ``loss`` the
+    tensor to backpropagate on this rank.
+
+    ``x``, ``y`` are this rank's block (:func:`local_batch`) of a
+    :class:`~longnet.model.LongNetLM`'s batch; ``forward_kwargs`` go to the model
+    (``return_logits``, ``cu_seqlens``). Every rank computes the sum of its per-token
+    losses (``reduction="sum"``) and counts its counted targets (not ``-100``, not
+    the padding id); one all-reduce over the ``dp x sp`` ranks gives the global sum
+    and count. ``loss`` is the local sum times ``dp * sp`` over the global count:
+    after FSDP2's average over the ``dp * sp`` ranks (:func:`parallelize`) the
+    gradient is that of the global token mean, whatever split of rows and positions
+    the mesh makes, including ranks whose targets are all ignored (their sum is 0,
+    not 0 / 0). With ``mesh=None`` (one process) ``loss`` is the mean itself (0 when
+    no target counts). Collective under a mesh: every rank calls it.
+    """
+    _, local = model(x, y, reduction="sum", **forward_kwargs)
+    total, count = sum_over_mesh(
+        [float(local.detach()), _count_targets(model, y)], mesh, "the loss sum and target count"
+    )
+    world = 1 if mesh is None else dist.get_world_size(flat_mesh(mesh).get_group())
+    loss = local * (world / max(count, 1.0))
+    return loss, (total / count if count else float("nan"))
+
+
+def seed_rank(seed: int, mesh=None, *, step: int = 0) -> int:
+    """Seed this rank's generators (``torch.manual_seed``: the CPU one and every
+    accelerator's) with a seed derived from ``seed``, ``step`` and the rank's mesh
+    coordinates ``(d, s)`` (``(0, 0)`` for ``mesh=None``: one process); return it.
+
+    Call it after building the model from the shared seed (the same initial
+    parameters on every rank): from then on every ``dp`` row and every ``sp`` shard
+    draws dropout masks of its own, instead of every rank drawing the same ones. The
+    draws of a rank are a function of ``(seed, step, d, s)``: a run is reproducible
+    on the same mesh, while on a mesh of another shape the dropout masks differ
+    (another split of the rows and positions draws other masks), so with dropout > 0
+    the losses depend on the mesh. ``step``: a resume whose generator states cannot
+    be restored (another mesh) seeds with its step, so it does not repeat the masks
+    of the run's start.
+    """
+    d, s = (0, 0) if mesh is None else (mesh.get_local_rank("dp"), mesh.get_local_rank("sp"))
+    digest = hashlib.sha256(f"longnet-rank-seed/{seed}/{step}/{d}/{s}".encode()).digest()
+    derived = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    torch.manual_seed(derived)
+    return derived
 
 
 def _own_rows(y: Tensor, rows: int, mesh) -> Tensor:
@@ -259,8 +367,9 @@ def evaluate_loss(
     the sums and counts are reduced over the mesh, so any mesh gives one process's
     value. A batch is ``(x, y)``, of which every rank computes its
     :func:`local_batch` (a batch whose rows do not split over ``dp`` is computed whole
-    on every ``dp`` rank, each counting its own share of the rows), or, on one
-    process, packed rows ``(x, y, cu_seqlens)``. ``autocast_dtype``: the forward
+    on every ``dp`` rank, each counting its own share of the rows), or packed rows
+    ``(x, y, cu_seqlens)``: this rank's own part (:func:`local_packed_batch`; on one
+    process the whole batch). ``autocast_dtype``: the forward
     under ``torch.autocast`` to it; ``return_logits=False``: the LM head and loss in
     chunks, no logits. The model is in eval mode during the evaluation and in train
     mode afterwards.
@@ -272,24 +381,21 @@ def evaluate_loss(
             return torch.autocast(device_type=device_type, enabled=False)
         return torch.autocast(device_type=device_type, dtype=autocast_dtype)
 
-    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        if len(batch) == 3:  # packed rows with their document boundaries, one process
+        if len(batch) == 3:  # this rank's packed rows with their document boundaries
             x, y, cu = (t.to(device) for t in batch)
             with autocast():
-                _, loss = model(x, y, cu_seqlens=cu, return_logits=return_logits)
+                _, loss = model(x, y, cu_seqlens=cu, return_logits=return_logits, reduction="sum")
         else:
             x, y = (local_batch(t, mesh, uneven_rows="whole").to(device) for t in batch)
             y = _own_rows(y, batch[1].shape[0], mesh)
             with autocast():
-                _, loss = model(x, y, return_logits=return_logits)
-        # The model's loss is the mean over its counted targets (not -100, not padding).
-        counted = y != -100 if pad is None else (y != -100) & (y != pad)
-        n = int(counted.sum())
-        total += float(loss) * n if n else 0.0  # no counted target: the loss is 0 / 0
-        count += n
+                _, loss = model(x, y, return_logits=return_logits, reduction="sum")
+        # The sum over the counted targets (not -100, not padding): 0 when none counts.
+        total += float(loss)
+        count += _count_targets(model, y)
     model.train()
     summed, counted = sum_over_mesh([total, count], mesh, "the validation loss")
     return summed / counted
