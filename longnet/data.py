@@ -177,8 +177,43 @@ class PackedRows:
         return int(self.inputs.shape[0])
 
 
+def _with_fillers(
+    tokens: np.ndarray, offsets: np.ndarray, seq_len: int, every: int, align: int, pad: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stream with a filler document of ``pad`` before every document that would
+    cross a cut (a multiple of ``every`` that is not a row start) at a distance from
+    its start that is not a multiple of ``align``; returns the new tokens, offsets and
+    the filler tokens' mask."""
+    parts, new_offsets, fill = [], [0], []
+    pos = 0
+    for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        length = b - a
+        cut = (pos // every + 1) * every  # the first cut after the document's start
+        if length and cut < pos + length and cut % seq_len and (cut - pos) % align:
+            gap = (cut - pos) % align
+            parts.append(np.full(gap, pad, dtype=tokens.dtype))
+            fill.append(np.ones(gap, dtype=bool))
+            pos += gap
+            new_offsets.append(pos)
+        parts.append(tokens[a:b])
+        fill.append(np.zeros(length, dtype=bool))
+        pos += length
+        new_offsets.append(pos)
+    return (
+        np.concatenate(parts) if parts else tokens[:0],
+        np.asarray(new_offsets, dtype=np.int64),
+        np.concatenate(fill) if fill else np.zeros(0, dtype=bool),
+    )
+
+
 def pack_documents(
-    tokens: np.ndarray, offsets: np.ndarray, seq_len: int, pad_token_id: int
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    seq_len: int,
+    pad_token_id: int,
+    *,
+    boundary_every: int | None = None,
+    align: int = 1,
 ) -> PackedRows:
     """Cut a document stream into rows of ``seq_len`` tokens, each row with its
     document boundaries.
@@ -195,9 +230,28 @@ def pack_documents(
             nondecreasing).
         seq_len: tokens per row.
         pad_token_id: id that fills the last row.
+        boundary_every, align: where sequence parallelism cuts a row (every
+            ``boundary_every`` tokens, a divisor of ``seq_len``), a document that would
+            cross a cut starts a multiple of ``align`` tokens before it (a divisor of
+            ``boundary_every``): a filler of ``pad_token_id`` with no targets, a piece
+            of its own, goes before it. Its segments of every pattern with ``w``
+            dividing ``align`` then end at the cut, so only longer patterns exchange
+            rows there (``benchmarks/plan_document_alignment.py``: a 16K grid costs
+            under 1% filler and halves the worst rank's traffic). Default: no filler.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if boundary_every is not None:
+        if boundary_every < 1 or seq_len % boundary_every:
+            raise ValueError(
+                f"boundary_every must be a positive divisor of seq_len ({seq_len}), "
+                f"got {boundary_every}"
+            )
+        if align < 1 or boundary_every % align:
+            raise ValueError(
+                f"align must be a positive divisor of boundary_every ({boundary_every}), "
+                f"got {align}"
+            )
     offsets = np.asarray(offsets, dtype=np.int64)
     n = int(tokens.size)
     if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0 or offsets[-1] != n:
@@ -209,6 +263,12 @@ def pack_documents(
         raise ValueError("offsets must be nondecreasing")
     if n == 0:
         raise ValueError("no tokens to pack")
+    filler = None
+    if boundary_every is not None and align > 1:
+        tokens, offsets, filler = _with_fillers(
+            tokens, offsets, seq_len, boundary_every, align, pad_token_id
+        )
+        n = int(tokens.size)
     rows = -(-n // seq_len)
     width = rows * seq_len
     ids = np.full(width, pad_token_id, dtype=np.int64)
@@ -219,6 +279,8 @@ def pack_documents(
     targets[: n - 1] = tokens[1:]
     ends = offsets[1:][np.diff(offsets) > 0]  # ends of the non-empty documents
     targets[ends - 1] = -100
+    if filler is not None:
+        targets[:n][filler] = -100
     # Boundaries inside the padded stream: the documents' starts, every row start,
     # and the start of the padding.
     cuts = np.unique(np.concatenate([offsets, np.arange(0, width + 1, seq_len), [n]]))

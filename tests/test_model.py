@@ -635,3 +635,61 @@ def test_chunked_feed_forward_and_lm_head_without_grad():
     assert probe.largest[ffn] == b * chunk * ffn, probe.largest
     assert probe.largest[vocab] == b * vocab, probe.largest
     torch.testing.assert_close(out[:, -1], want_logits[:, -1].argmax(-1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("every,align", [(8, 4), (16, 16), (8, 8)])
+def test_pack_documents_aligns_documents_that_cross_a_sequence_parallel_cut(every, align):
+    """With boundary_every/align, every document that crosses a cut (a multiple of
+    ``every`` inside a row) starts a multiple of ``align`` tokens before it, the
+    documents keep their tokens in order, fillers carry no target, and every target
+    is still its own document's next token. Then the sequence-parallel plan of each
+    row exchanges nothing for patterns whose w divides align (it did without: the
+    last assert). Catches a filler in the wrong place or with targets, and a
+    document that still crosses off the grid."""
+    from longnet.data import pack_documents
+    from longnet.parallel.layout import spanning_documents
+    from longnet.parallel.schedule import plan_rank
+
+    rng = np.random.default_rng(every + align)
+    lengths = rng.integers(0, 3 * every, size=40)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = rng.integers(1, 200, size=int(offsets[-1]))
+    L = 2 * every if every < 16 else 32
+    plain = pack_documents(tokens, offsets, L, 0)
+    rows = pack_documents(tokens, offsets, L, 0, boundary_every=every, align=align)
+    # The documents' tokens, in order, are the non-filler tokens.
+    filler = (rows.targets == -100) & (rows.inputs == 0)
+    assert rows.inputs[~filler].tolist()[: tokens.size] == tokens.tolist()
+    # Every cut inside a row: the piece that crosses it starts on the grid.
+    crossing_before = crossing_after = 0
+    for packed, count in ((plain, "before"), (rows, "after")):
+        for r in range(len(packed)):
+            cu = packed.cu_seqlens[r].tolist()
+            for g in range(every, L, every):
+                docs = [(a, b) for a, b in zip(cu[:-1], cu[1:]) if a < g < b]
+                if count == "after":
+                    assert all((g - a) % align == 0 for a, _ in docs), (r, g, docs)
+                    crossing_after += sum((g - a) % align != 0 for a, _ in docs)
+                else:
+                    crossing_before += sum((g - a) % align != 0 for a, _ in docs)
+            # No plan exchanges anything for patterns dividing align.
+            if count == "after":
+                spans = spanning_documents(cu, L // every, every)
+                plan = plan_rank(L // every, 1, every, 2, 2, (align,), (1,), True, 0, spans)
+                assert sum(plan.recv_rows) == sum(plan.send_rows) == 0, (r, cu)
+    assert crossing_before > 0 and crossing_after == 0
+    # Targets: every document token keeps the target it has without fillers (its own
+    # document's next token, or none), so no target points into a filler.
+    n = tokens.size
+    pairs_plain = list(
+        zip(plain.inputs.reshape(-1)[:n].tolist(), plain.targets.reshape(-1)[:n].tolist())
+    )
+    keep = ~filler.reshape(-1)
+    pairs = list(
+        zip(rows.inputs.reshape(-1)[keep][:n].tolist(), rows.targets.reshape(-1)[keep][:n].tolist())
+    )
+    assert pairs == pairs_plain
+    with pytest.raises(ValueError, match="boundary_every must be a positive divisor"):
+        pack_documents(tokens, offsets, L, 0, boundary_every=L + 1)
+    with pytest.raises(ValueError, match="align must be a positive divisor"):
+        pack_documents(tokens, offsets, L, 0, boundary_every=every, align=every + 1)
