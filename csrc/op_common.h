@@ -143,7 +143,8 @@ struct KeyRanges {
 };
 
 // Packed documents (cu_seqlens_q / cu_seqlens_k, flash-attn's convention), checked
-// and copied to the host (a synchronisation on CUDA): document i is the queries
+// and copied to the host (a synchronisation when they are on a CUDA device; none when
+// they are given on the CPU): document i is the queries
 // [q[i], q[i+1]) against the keys [k[i], k[i+1]) of a batch of one row.
 struct Documents {
   std::vector<int64_t> q, k;  // S+1 offsets each; empty when no documents are given
@@ -184,8 +185,11 @@ struct Documents {
                 " must have shape (S+1,) with S >= 0, got ", t.sizes());
     TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "longnet: ", name,
                 " must be an int32 or int64 tensor, got ", t.scalar_type());
-    TORCH_CHECK(t.device() == query.device(), "longnet: ", name, " must be on the device of q (",
-                query.device(), "), got ", t.device());
+    // On the CPU the offsets are read in place; a caller that has them on the host
+    // (longnet.packing.PackedDocuments) passes them there, so a CUDA call never waits
+    // for a copy back.
+    TORCH_CHECK(t.device() == query.device() || t.device().is_cpu(), "longnet: ", name,
+                " must be on the device of q (", query.device(), ") or the CPU, got ", t.device());
     const at::Tensor host = t.to(at::kCPU, at::kLong).contiguous();
     const int64_t* p = host.data_ptr<int64_t>();
     std::vector<int64_t> offsets(p, p + host.numel());

@@ -519,7 +519,7 @@ class MultiheadDilatedAttention(nn.Module):
             if self.rotary.xpos:
                 # Each document's own centre, as when it runs alone (the products
                 # depend on distances only; the centre sets the rounding).
-                half = torch.tensor(docs.lengths, dtype=torch.int64, device=x.device) // 2
+                half = docs.document_lengths() // 2
                 center = offset + half[docs.document_ids()[first : first + n]]
                 q = q * self.rotary.xpos_scale(pos, center, 1.0, q.dtype)
                 k = k * self.rotary.xpos_scale(pos, center, -1.0, k.dtype)

@@ -182,14 +182,21 @@ def validate_documents(
             as_packed_documents(t, total, name)  # the totals agree (host ints)
             host[name] = t.offsets
             t = t.cu_seqlens
-        if isinstance(t, Tensor) and t.device != q.device:
-            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+        if isinstance(t, Tensor) and t.device not in (q.device, torch.device("cpu")):
+            raise ValueError(
+                f"{name} must be on the device of q ({q.device}) or the CPU, got {t.device}"
+            )
         if name == "cu_seqlens_k" and cu_seqlens_k is cu_seqlens_q:
             continue  # the same offsets, checked as cu_seqlens_q
         if name not in host:
             validate_cu_seqlens(t, total, name)  # dtype and shape; values outside compile
-    cu_q = cu_seqlens_q.cu_seqlens if isinstance(cu_seqlens_q, PackedDocuments) else cu_seqlens_q
-    cu_k = cu_seqlens_k.cu_seqlens if isinstance(cu_seqlens_k, PackedDocuments) else cu_seqlens_k
+    # PackedDocuments hand the kernels their host copy: nothing is copied back.
+    cu_q = (
+        cu_seqlens_q.host_cu_seqlens if isinstance(cu_seqlens_q, PackedDocuments) else cu_seqlens_q
+    )
+    cu_k = (
+        cu_seqlens_k.host_cu_seqlens if isinstance(cu_seqlens_k, PackedDocuments) else cu_seqlens_k
+    )
     if cu_q.shape[0] != cu_k.shape[0]:
         raise ValueError(
             "cu_seqlens_q and cu_seqlens_k must describe as many documents, got shapes "
@@ -340,7 +347,8 @@ def dilated_attention(
             Query rows that fall before ``key_start[b]`` get ``out = 0``,
             ``lse = -inf``.
         cu_seqlens_q, cu_seqlens_k: packed documents (flash-attn's varlen
-            convention): int tensors of shape ``(S+1,)`` on q's device, nondecreasing
+            convention): int tensors of shape ``(S+1,)`` on q's device or the CPU
+            (the kernels read them on the host: on the CPU no copy back), nondecreasing
             from 0 to ``Nq`` (resp. ``Nk``), with ``B = 1``. Document ``i`` is the
             queries ``[cu_seqlens_q[i], cu_seqlens_q[i+1])`` against the keys
             ``[cu_seqlens_k[i], cu_seqlens_k[i+1])``, computed as if run alone: its

@@ -100,6 +100,8 @@ class PackedDocuments:
 
     Attributes:
         cu_seqlens: int64 ``(S+1,)`` offsets on the data's device.
+        host_cu_seqlens: the same offsets as a CPU tensor (what the operator's kernels
+            read, so a CUDA call never copies them back).
         offsets: the same values on the host (a tuple of ints).
         total: tokens in the row (``offsets[-1]``).
         max_seqlen: the longest document's length (0 without documents).
@@ -109,7 +111,15 @@ class PackedDocuments:
     takes this object and then reads nothing back from the device.
     """
 
-    __slots__ = ("cu_seqlens", "offsets", "total", "max_seqlen", "_positions", "_ids")
+    __slots__ = (
+        "cu_seqlens",
+        "host_cu_seqlens",
+        "offsets",
+        "total",
+        "max_seqlen",
+        "_positions",
+        "_ids",
+    )
 
     def __init__(self, offsets: Sequence[int], device: torch.device | str | None = None) -> None:
         """From host offsets ``0 = c_0 <= ... <= c_S`` (checked; ValueError otherwise)."""
@@ -120,7 +130,8 @@ class PackedDocuments:
         self.offsets = cu
         self.total = cu[-1]
         self.max_seqlen = max((b - a for a, b in zip(cu[:-1], cu[1:])), default=0)
-        self.cu_seqlens = torch.tensor(cu, dtype=torch.int64, device=device)
+        self.host_cu_seqlens = torch.tensor(cu, dtype=torch.int64)
+        self.cu_seqlens = self.host_cu_seqlens.to(device)
         self._positions: Tensor | None = None
         self._ids: Tensor | None = None
 
@@ -138,6 +149,7 @@ class PackedDocuments:
         docs.offsets, docs.total = cu, cu[-1]
         docs.max_seqlen = max((b - a for a, b in zip(cu[:-1], cu[1:])), default=0)
         docs.cu_seqlens = cu_seqlens.to(torch.int64)
+        docs.host_cu_seqlens = torch.tensor(cu, dtype=torch.int64)
         docs._positions = docs._ids = None
         return docs
 
@@ -179,27 +191,28 @@ class PackedDocuments:
         docs = PackedDocuments.__new__(PackedDocuments)
         docs.offsets, docs.total, docs.max_seqlen = self.offsets, self.total, self.max_seqlen
         docs.cu_seqlens = self.cu_seqlens.to(device)
+        docs.host_cu_seqlens = self.host_cu_seqlens
         docs._positions = docs._ids = None
         return docs
 
     def document_ids(self) -> Tensor:
-        """Index of every token's document, int64 ``(total,)`` on the device (cached)."""
+        """Index of every token's document, int64 ``(total,)`` on the device (cached;
+        computed there from ``cu_seqlens``: no copy between host and device)."""
         if self._ids is None:
-            lens = torch.tensor(self.lengths, dtype=torch.int64, device=self.device)
-            ids = torch.arange(self.num_documents, device=self.device)
-            self._ids = torch.repeat_interleave(ids, lens, output_size=self.total)
+            tokens = torch.arange(self.total, device=self.device)
+            self._ids = torch.searchsorted(self.cu_seqlens[1:], tokens, right=True)
         return self._ids
 
     def positions(self) -> Tensor:
         """Every token's position inside its document, int64 ``(total,)`` (cached)."""
         if self._positions is None:
-            starts = self.cu_seqlens[:-1]
-            self._positions = (
-                torch.arange(self.total, device=self.device) - starts[self.document_ids()]
-                if self.total
-                else torch.zeros(0, dtype=torch.int64, device=self.device)
-            )
+            tokens = torch.arange(self.total, device=self.device)
+            self._positions = tokens - self.cu_seqlens[self.document_ids()]
         return self._positions
+
+    def document_lengths(self) -> Tensor:
+        """The documents' lengths, int64 ``(S,)`` on the device."""
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
 
     def __len__(self) -> int:
         return self.num_documents

@@ -602,3 +602,36 @@ def test_mixed_devices_raise_clear_error():
     k = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="one device"):
         longnet.dilated_attention(q, k, k, [4], [1])
+
+
+def test_packed_lm_never_waits_for_the_offsets():
+    """A packed LongNetLM forward + backward on CUDA with the offsets given as a
+    PackedDocuments makes no synchronising call (torch.cuda.set_sync_debug_mode
+    "error" raises at any: a copy of the offsets back to the host, an .item(), a
+    nonzero), and equals the same step given the offsets as a CUDA tensor (read once
+    by the LM)."""
+    from longnet.model import LongNetConfig, LongNetLM
+    from longnet.packing import PackedDocuments
+
+    torch.manual_seed(0)
+    config = LongNetConfig(
+        vocab_size=50, embed_dim=32, num_heads=4, num_layers=2, ffn_dim=64,
+        segment_lengths=[4, 8], dilation_rates=[1, 2],
+    )  # fmt: skip
+    model = LongNetLM(config).cuda().double()
+    ids = torch.randint(0, 50, (1, 30), device="cuda")
+    lengths = [7, 0, 12, 11]
+    docs = PackedDocuments.from_lengths(lengths, device="cuda")
+    _, want = model(ids, ids, cu_seqlens=docs.cu_seqlens)
+    want.backward()
+    grad_want = model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, loss = model(ids, ids, cu_seqlens=docs)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(loss, want, rtol=0, atol=0)
+    torch.testing.assert_close(model.embed_tokens.weight.grad, grad_want, rtol=0, atol=0)

@@ -312,7 +312,7 @@ def sequence_parallel_dilated_attention(
         if isinstance(cu_seqlens, PackedDocuments):
             cu_t = cu_seqlens.to(q.device)
         elif cu is not None:
-            cu_t = torch.tensor(cu, dtype=torch.int64, device=q.device)
+            cu_t = torch.tensor(cu, dtype=torch.int64)  # on the CPU: read there
         return longnet.dilated_attention(
             q,
             k,
@@ -416,7 +416,6 @@ def _local_calls(
     rows: documents inside this rank in one packed call, each sequence or document
     fragment in its own."""
     chunk = q.shape[1]
-    dev = q.device
     base_o, base_l = [], []
     for piece in plan.pieces:
         a, z = piece.a, piece.b
@@ -426,7 +425,8 @@ def _local_calls(
             assert cu is not None  # packed pieces exist only with documents
             g0 = rank * chunk + a
             lo_i, hi_i = bisect.bisect_left(cu, g0), bisect.bisect_right(cu, g0 + z - a)
-            local_cu = torch.tensor([x - g0 for x in cu[lo_i:hi_i]], dtype=torch.int64, device=dev)
+            # On the CPU: the kernels read offsets on the host (no copy to the device).
+            local_cu = torch.tensor([x - g0 for x in cu[lo_i:hi_i]], dtype=torch.int64)
         o_p, l_p = longnet.dilated_attention(
             qa,
             ka,
