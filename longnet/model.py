@@ -241,35 +241,31 @@ class LongNetDecoderLayer(nn.Module):
         x = x + F.dropout(h, p=self.dropout, training=self.training)
         if self.chunk_size is None:
             h = self._ffn(x)
-        elif cache is None and torch.is_grad_enabled():
-            h = self._chunked_ffn(x, self.chunk_size)
-        else:  # no grad (evaluation) or a cache (generation's prefill): nothing to recompute
-            h = self._ffn_in_chunks(x, self.chunk_size)
+        else:
+            # In training each chunk is recomputed in backward; without grad
+            # (evaluation) or with a cache (generation's prefill) nothing needs it.
+            recompute = cache is None and torch.is_grad_enabled()
+            h = self._ffn_in_chunks(x, self.chunk_size, recompute)
         return x + F.dropout(h, p=self.dropout, training=self.training)
 
     def _ffn(self, x: Tensor) -> Tensor:
         return self.ffn(self.ffn_norm(x))
 
-    def _chunked_ffn(self, x: Tensor, chunk: int) -> Tensor:
-        """The feed-forward (and its LayerNorm) over ``chunk`` positions at a time,
-        each chunk recomputed in backward: only the input (which the residual keeps
-        anyway) stays, not the ``(B, N, ffn_dim)`` hidden activations."""
+    def _ffn_in_chunks(self, x: Tensor, chunk: int, recompute: bool) -> Tensor:
+        """The feed-forward (and its LayerNorm) over ``chunk`` positions at a time, so
+        the ``(B, N, ffn_dim)`` hidden activations never all live. With ``recompute``
+        each chunk runs again in backward (only the input, which the residual keeps
+        anyway, stays); without, one chunk's hidden activations live at a time."""
+
+        def run(part: Tensor) -> Tensor:
+            if recompute:
+                return torch.utils.checkpoint.checkpoint(self._ffn, part, use_reentrant=False)
+            return self._ffn(part)
+
         n = x.shape[1]
         if n <= chunk:
-            return torch.utils.checkpoint.checkpoint(self._ffn, x, use_reentrant=False)
-        parts = [
-            torch.utils.checkpoint.checkpoint(self._ffn, x[:, s : s + chunk], use_reentrant=False)
-            for s in range(0, n, chunk)
-        ]
-        return torch.cat(parts, dim=1)
-
-    def _ffn_in_chunks(self, x: Tensor, chunk: int) -> Tensor:
-        """The feed-forward over ``chunk`` positions at a time without recomputation
-        (no backward needs it): only one chunk's ``(B, chunk, ffn_dim)`` hidden
-        activations live at a time."""
-        if x.shape[1] <= chunk:
-            return self._ffn(x)
-        return torch.cat([self._ffn(x[:, s : s + chunk]) for s in range(0, x.shape[1], chunk)], 1)
+            return run(x)
+        return torch.cat([run(x[:, s : s + chunk]) for s in range(0, n, chunk)], dim=1)
 
 
 class LongNetDecoder(nn.Module):
@@ -527,7 +523,7 @@ class LongNetLM(nn.Module):
             # activation checkpointing) reuses the host offsets.
             cu_seqlens = PackedDocuments.from_cu_seqlens(cu_seqlens).to(x.device)
         x = self.decoder(x, cache=cache, position_offset=position_offset, cu_seqlens=cu_seqlens)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        weight = self._head_weight()
         if not return_logits:
             if targets is None:
                 raise ValueError("return_logits=False needs targets (it returns only the loss)")
@@ -651,8 +647,11 @@ class LongNetLM(nn.Module):
         the LM head runs on that position alone, so a long prompt's prefill never
         holds ``(B, N, vocab)`` logits."""
         x = self.decoder(self.embed_tokens(input_ids), cache=cache)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x[:, -1], weight)
+        return F.linear(x[:, -1], self._head_weight())
+
+    def _head_weight(self) -> Tensor:
+        """The LM head's weight (the token embedding's when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @staticmethod
     def _pick(

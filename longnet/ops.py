@@ -176,35 +176,30 @@ def validate_documents(
                 f"(got {nq} and {nk}); give both cu_seqlens_q and cu_seqlens_k"
             )
         cu_seqlens_q = cu_seqlens_k = given
-    host: dict[str, tuple[int, ...]] = {}
+    host: dict[str, tuple[int, ...] | None] = {}  # the offsets' values, when read
     for name, t, total in (("cu_seqlens_q", cu_seqlens_q, nq), ("cu_seqlens_k", cu_seqlens_k, nk)):
+        if name == "cu_seqlens_k" and cu_seqlens_k is cu_seqlens_q:
+            break  # the same offsets, checked as cu_seqlens_q
         if isinstance(t, PackedDocuments):
-            as_packed_documents(t, total, name)  # the totals agree (host ints)
-            host[name] = t.offsets
-            t = t.cu_seqlens
+            host[name] = as_packed_documents(t, total, name).offsets  # totals agree: no read
+            continue
         if isinstance(t, Tensor) and t.device not in (q.device, torch.device("cpu")):
             raise ValueError(
                 f"{name} must be on the device of q ({q.device}) or the CPU, got {t.device}"
             )
-        if name == "cu_seqlens_k" and cu_seqlens_k is cu_seqlens_q:
-            continue  # the same offsets, checked as cu_seqlens_q
-        if name not in host:
-            validate_cu_seqlens(t, total, name)  # dtype and shape; values outside compile
+        host[name] = validate_cu_seqlens(t, total, name)  # values outside compile
     # PackedDocuments hand the kernels their host copy: nothing is copied back.
-    cu_q = (
-        cu_seqlens_q.host_cu_seqlens if isinstance(cu_seqlens_q, PackedDocuments) else cu_seqlens_q
-    )
-    cu_k = (
-        cu_seqlens_k.host_cu_seqlens if isinstance(cu_seqlens_k, PackedDocuments) else cu_seqlens_k
+    cu_q, cu_k = (
+        t.host_cu_seqlens if isinstance(t, PackedDocuments) else t
+        for t in (cu_seqlens_q, cu_seqlens_k)
     )
     if cu_q.shape[0] != cu_k.shape[0]:
         raise ValueError(
             "cu_seqlens_q and cu_seqlens_k must describe as many documents, got shapes "
             f"{tuple(cu_q.shape)} and {tuple(cu_k.shape)}"
         )
-    if cu_seqlens_k is not cu_seqlens_q and not torch.compiler.is_compiling():
-        off_q = host.get("cu_seqlens_q") or tuple(cu_q.tolist())
-        off_k = host.get("cu_seqlens_k") or tuple(cu_k.tolist())
+    off_q, off_k = host.get("cu_seqlens_q"), host.get("cu_seqlens_k")
+    if off_q is not None and off_k is not None:  # two sets of offsets, read
         for i in range(len(off_q) - 1):
             a, b = off_q[i + 1] - off_q[i], off_k[i + 1] - off_k[i]
             if a > b:

@@ -17,6 +17,7 @@ offsets back from the device again (flash-attn's ``max_seqlen`` arrives the same
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -127,11 +128,16 @@ class PackedDocuments:
         if not cu:
             raise ValueError("offsets must hold at least one value (0), got none")
         _check_offsets(cu, cu[-1], "cu_seqlens")
-        self.offsets = cu
-        self.total = cu[-1]
-        self.max_seqlen = max((b - a for a, b in zip(cu[:-1], cu[1:])), default=0)
-        self.host_cu_seqlens = torch.tensor(cu, dtype=torch.int64)
-        self.cu_seqlens = self.host_cu_seqlens.to(device)
+        host = torch.tensor(cu, dtype=torch.int64)
+        self._fill(cu, host.to(device), host)
+
+    def _fill(self, offsets: tuple[int, ...], cu_seqlens: Tensor, host: Tensor) -> None:
+        """Set every field from checked offsets and their device and host tensors."""
+        self.offsets = offsets
+        self.total = offsets[-1]
+        self.max_seqlen = max((b - a for a, b in zip(offsets[:-1], offsets[1:])), default=0)
+        self.cu_seqlens = cu_seqlens
+        self.host_cu_seqlens = host
         self._positions: Tensor | None = None
         self._ids: Tensor | None = None
 
@@ -146,11 +152,7 @@ class PackedDocuments:
         cu = tuple(int(x) for x in cu_seqlens.tolist())
         _check_offsets(cu, cu[-1] if total is None else total, name)
         docs = cls.__new__(cls)
-        docs.offsets, docs.total = cu, cu[-1]
-        docs.max_seqlen = max((b - a for a, b in zip(cu[:-1], cu[1:])), default=0)
-        docs.cu_seqlens = cu_seqlens.to(torch.int64)
-        docs.host_cu_seqlens = torch.tensor(cu, dtype=torch.int64)
-        docs._positions = docs._ids = None
+        docs._fill(cu, cu_seqlens.to(torch.int64), torch.tensor(cu, dtype=torch.int64))
         return docs
 
     @classmethod
@@ -161,10 +163,7 @@ class PackedDocuments:
         lens = [int(x) for x in lengths]
         if any(n < 0 for n in lens):
             raise ValueError(f"document lengths must be >= 0, got {lens}")
-        cu = [0]
-        for n in lens:
-            cu.append(cu[-1] + n)
-        return cls(cu, device)
+        return cls([0, *itertools.accumulate(lens)], device)
 
     @classmethod
     def from_position_ids(cls, position_ids: Tensor) -> PackedDocuments:
@@ -189,10 +188,7 @@ class PackedDocuments:
         if torch.device(device) == self.device:
             return self
         docs = PackedDocuments.__new__(PackedDocuments)
-        docs.offsets, docs.total, docs.max_seqlen = self.offsets, self.total, self.max_seqlen
-        docs.cu_seqlens = self.cu_seqlens.to(device)
-        docs.host_cu_seqlens = self.host_cu_seqlens
-        docs._positions = docs._ids = None
+        docs._fill(self.offsets, self.cu_seqlens.to(device), self.host_cu_seqlens)
         return docs
 
     def document_ids(self) -> Tensor:
@@ -238,31 +234,28 @@ def as_packed_documents(
     return PackedDocuments.from_cu_seqlens(docs, total, name)
 
 
-def validate_cu_seqlens(cu_seqlens: Tensor, total: int, name: str = "cu_seqlens") -> None:
+def validate_cu_seqlens(
+    cu_seqlens: Tensor, total: int, name: str = "cu_seqlens"
+) -> tuple[int, ...] | None:
     """Check a ``cu_seqlens`` tensor against a row of ``total`` tokens; ValueError
-    naming ``name`` otherwise (the values are read, so this synchronises on CUDA;
-    under ``torch.compile`` only the dtype and shape are checked here and the values
-    by the operator)."""
+    naming ``name`` otherwise. Returns the values, read to the host (a synchronisation
+    on CUDA); under ``torch.compile`` only the dtype and shape are checked here (the
+    operator checks the values) and None is returned."""
     _check_offsets_tensor(cu_seqlens, name)
     if torch.compiler.is_compiling():
-        return
-    _check_offsets(cu_seqlens.tolist(), total, name)
-
-
-def _lengths(cu_seqlens: Tensor, total: int) -> Tensor:
-    validate_cu_seqlens(cu_seqlens, total)
-    return (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+        return None
+    cu = tuple(int(x) for x in cu_seqlens.tolist())
+    _check_offsets(cu, total, name)
+    return cu
 
 
 def document_ids(cu_seqlens: Tensor, total: int) -> Tensor:
-    """Index of the document of every token, int64 ``(total,)``."""
-    lengths = _lengths(cu_seqlens, total)
-    ids = torch.arange(lengths.shape[0], device=cu_seqlens.device)
-    return torch.repeat_interleave(ids, lengths, output_size=total)
+    """Index of the document of every token, int64 ``(total,)``
+    (:meth:`PackedDocuments.document_ids`)."""
+    return PackedDocuments.from_cu_seqlens(cu_seqlens, total).document_ids()
 
 
 def document_positions(cu_seqlens: Tensor, total: int) -> Tensor:
-    """Position of every token inside its own document, int64 ``(total,)``."""
-    ids = document_ids(cu_seqlens, total)
-    starts = cu_seqlens.to(torch.int64)[:-1]
-    return torch.arange(total, device=cu_seqlens.device) - starts[ids]
+    """Position of every token inside its own document, int64 ``(total,)``
+    (:meth:`PackedDocuments.positions`)."""
+    return PackedDocuments.from_cu_seqlens(cu_seqlens, total).positions()

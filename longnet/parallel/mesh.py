@@ -272,16 +272,8 @@ def mean_over_mesh(value, mesh) -> float:
     return sum_over_mesh([value], mesh)[0] / dist.get_world_size(flat_mesh(mesh).get_group())
 
 
-def _count_targets(model: torch.nn.Module, y: Tensor) -> int:
-    """The targets of ``y`` that ``model``'s loss counts: not ``-100`` and not the
-    model's padding id (``config.pad_token_id``)."""
-    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-    counted = y != -100 if pad is None else (y != -100) & (y != pad)
-    return int(counted.sum())
-
-
 def token_mean_loss(
-    model: torch.nn.Module, x: Tensor, y: Tensor, mesh=None, **forward_kwargs: Any
+    model: LongNetLM, x: Tensor, y: Tensor, mesh=None, **forward_kwargs: Any
 ) -> tuple[Tensor, float]:
     """One training step's loss: ``(loss, value)``, where ``value`` is the mean
     next-token loss over every counted target of the global batch (a float, the same
@@ -302,7 +294,7 @@ def token_mean_loss(
     """
     _, local = model(x, y, reduction="sum", **forward_kwargs)
     total, count = sum_over_mesh(
-        [float(local.detach()), _count_targets(model, y)], mesh, "the loss sum and target count"
+        [float(local.detach()), int(model.count_targets(y))], mesh, "the loss sum and target count"
     )
     world = 1 if mesh is None else dist.get_world_size(flat_mesh(mesh).get_group())
     loss = local * (world / max(count, 1.0))
@@ -351,7 +343,7 @@ def _own_rows(y: Tensor, rows: int, mesh) -> Tensor:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: torch.nn.Module,
+    model: LongNetLM,
     batches,
     mesh=None,
     *,
@@ -395,7 +387,7 @@ def evaluate_loss(
                 _, loss = model(x, y, return_logits=return_logits, reduction="sum")
         # The sum over the counted targets (not -100, not padding): 0 when none counts.
         total += float(loss)
-        count += _count_targets(model, y)
+        count += int(model.count_targets(y))
     model.train()
     summed, counted = sum_over_mesh([total, count], mesh, "the validation loss")
     return summed / counted

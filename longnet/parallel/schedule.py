@@ -112,7 +112,7 @@ def on_device(plan: RankPlan, t: Tensor, device: torch.device) -> Tensor:
     hit = plan._device_cache.get(key)
     if hit is None:
         hit = plan._device_cache[key] = t.to(device)
-        _PLANS.grew(plan, _copy_bytes(t, hit))
+        plan_rank.grew(plan, _copy_bytes(t, hit))
     return hit
 
 
@@ -495,7 +495,6 @@ class _PlanCache:
 
 
 plan_rank = _PlanCache(_plan_rank, DEFAULT_PLAN_CACHE_BYTES)
-_PLANS = plan_rank
 
 
 def set_plan_cache_bytes(max_bytes: int) -> int:
@@ -505,10 +504,10 @@ def set_plan_cache_bytes(max_bytes: int) -> int:
     it holds more; 0 keeps no plan. Returns the previous bound."""
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
         raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
-    return _PLANS.set_max_bytes(max_bytes)
+    return plan_rank.set_max_bytes(max_bytes)
 
 
 def plan_cache_info() -> PlanCacheInfo:
     """Plans kept by :func:`plan_rank`'s cache, their bytes (host and device), its
     bound, hits, misses and evictions."""
-    return _PLANS.cache_info()
+    return plan_rank.cache_info()
