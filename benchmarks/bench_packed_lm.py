@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +25,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench_varlen import mixes  # noqa: E402
-from common import markdown_table  # noqa: E402
+from common import markdown_table, time_in_checkout  # noqa: E402
 
 _WORKER = r"""
 import json, sys, time
@@ -55,24 +54,8 @@ for _ in range(cfg["repeats"]):
     t0 = time.perf_counter()
     step()
     times.append(time.perf_counter() - t0)
-print(json.dumps({"times": times, "file": __import__("longnet").__file__}))
+print("RESULT " + json.dumps(times))
 """
-
-
-def run_once(root: str, cfg: dict) -> list[float]:
-    env = dict(os.environ, PYTHONPATH=root)
-    out = subprocess.run(
-        [sys.executable, "-c", _WORKER, json.dumps(cfg)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    if not res["file"].startswith(os.path.abspath(root)):
-        raise RuntimeError(f"{root}: imported longnet from {res['file']}")
-    return res["times"]
 
 
 def main() -> None:
@@ -104,8 +87,8 @@ def main() -> None:
         this: list[float] = []
         other: list[float] = []
         for _ in range(args.rounds):
-            this += run_once(ROOT, cfg)
-            other += run_once(args.other, cfg)
+            this += time_in_checkout(ROOT, _WORKER, cfg)
+            other += time_in_checkout(args.other, _WORKER, cfg)
         t_this, t_other = statistics.median(this), statistics.median(other)
         rows.append(
             {

@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import pattern_flops  # noqa: E402
+from benchmarks.common import pattern_flops, time_in_checkout  # noqa: E402
 from longnet.cli import int_list  # noqa: E402
 
 _WORKER = r"""
@@ -51,21 +50,6 @@ for _ in range(cfg["repeats"]):
     times.append(time.perf_counter() - t0)
 print("RESULT " + json.dumps(times))
 """
-
-
-def _time_in(checkout: str, cfg: dict) -> list[float]:
-    env = dict(os.environ, PYTHONPATH=checkout, OMP_NUM_THREADS=str(cfg["threads"]))
-    proc = subprocess.run(
-        [sys.executable, "-c", _WORKER, json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=checkout,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"the run in {checkout} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 
 
 def main(argv=None) -> int:
@@ -115,7 +99,7 @@ def main(argv=None) -> int:
     times: dict[str, list[float]] = {name: [] for name in builds}
     for i in range(args.rounds):
         for name, path in builds.items() if i % 2 == 0 else reversed(builds.items()):
-            times[name] += _time_in(path, cfg)
+            times[name] += time_in_checkout(path, _WORKER, cfg)
             print(f"round {i + 1}: {name:<5} {min(times[name][-args.repeats :]):.3f} s", flush=True)
     med = {name: statistics.median(t) for name, t in times.items()}
     print(

@@ -8,6 +8,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -136,6 +138,25 @@ def time_calls(
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def time_in_checkout(checkout: str, worker: str, cfg: dict) -> list[float]:
+    """Run ``worker`` (Python source that reads ``json.loads(sys.argv[1])`` and prints
+    ``RESULT <json list of seconds>``) with ``cfg`` in a fresh process importing
+    longnet from ``checkout`` (its working directory and ``PYTHONPATH``), with
+    ``cfg["threads"]`` OpenMP threads; returns the times."""
+    env = dict(os.environ, PYTHONPATH=checkout, OMP_NUM_THREADS=str(cfg["threads"]))
+    proc = subprocess.run(
+        [sys.executable, "-c", worker, json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=checkout,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"the run in {checkout} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 
 
 def machine_info(threads: int) -> dict[str, object]:
