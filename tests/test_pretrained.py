@@ -42,6 +42,9 @@ NEW_TOKENS = 64
 COVERING = ([512], [1])  # one pattern whose segment holds every token: dense attention
 COVERING_MIX = ([256, 512], [1, 1])  # two patterns linking every pair once each
 DILATED = ([16, 32, 64], [1, 2, 4])  # many segment boundaries inside prompt + 64 tokens
+# The longest segment covers prompt + 64 tokens: the cache keeps per-pattern rows
+# (DilatedPatternLayer) instead of the last lcm(w) - 1 tokens.
+WIDE = ([16, 64, 256], [1, 4, 16])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -241,17 +244,21 @@ def test_covering_patterns_generate_as_sdpa(smollm2, few_layers, dtype):
 # ----------------------------------------------------------------------------------
 
 
-def test_dilated_generation_with_cache_equals_without(smollm2, few_layers):
+@pytest.mark.parametrize("patterns", [DILATED, WIDE], ids=["dilated", "wide"])
+def test_dilated_generation_with_cache_equals_without(smollm2, few_layers, patterns):
     """Greedy decoding with the cache (one query against all keys per step, the
-    operator's Nq < Nk path) equals decoding without it: each step's logits are the
-    last row of a full causal forward over the prefix, which one forward over prompt
-    + generated tokens gives for every step at once."""
+    operator's Nq < Nk path; for WIDE, the per-pattern rows) equals decoding without
+    it: each step's logits are the last row of a full causal forward over the prefix,
+    which one forward over prompt + generated tokens gives for every step at once."""
     (model, model64), tok = few_layers, smollm2[1]
+    layer = lt.DilatedAttentionCache(_use(model, patterns).config).layers[0]
+    want = lt.DilatedPatternLayer if patterns is WIDE else lt.DilatedAttentionLayer
+    assert type(layer) is want  # what generate's default cache holds
     ids = _prompt(tok, "bisect.py", 40)  # 40 + 64 tokens cross many segments of 16-64
-    cached_tok, cached_steps = _generate(model, ids, DILATED)
+    cached_tok, cached_steps = _generate(model, ids, patterns)
     seq = torch.cat([ids, cached_tok], 1)
-    full = _logits(model, seq, DILATED)[:, ids.shape[1] - 1 : -1]
-    ref = _logits(model64, seq, DILATED)[:, ids.shape[1] - 1 : -1]
+    full = _logits(model, seq, patterns)[:, ids.shape[1] - 1 : -1]
+    ref = _logits(model64, seq, patterns)[:, ids.shape[1] - 1 : -1]
     e_cache, e_full = _check_within(
         cached_steps, full, ref, "dilated, cached steps vs full forward"
     )
@@ -265,7 +272,8 @@ def test_dilated_generation_with_cache_equals_without(smollm2, few_layers):
     assert _max_err(dense, ref) > 100 * ERROR_RATIO * e_full
 
 
-def test_left_padded_batch_generates_each_prompt_alone(smollm2, few_layers):
+@pytest.mark.parametrize("patterns", [DILATED, WIDE], ids=["dilated", "wide"])
+def test_left_padded_batch_generates_each_prompt_alone(smollm2, few_layers, patterns):
     """Two prompts of different lengths, left-padded into one batch, dilated
     attention: each row generates the tokens, with the logits, of its prompt alone."""
     (model, model64), tok = few_layers, smollm2[1]
@@ -275,11 +283,11 @@ def test_left_padded_batch_generates_each_prompt_alone(smollm2, few_layers):
     mask = torch.zeros(2, width, dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, width - p.shape[1] :], mask[row, width - p.shape[1] :] = p[0], 1
-    b_tok, b_steps = _generate(model, ids, DILATED, mask)
+    b_tok, b_steps = _generate(model, ids, patterns, mask)
     for row, p in enumerate(prompts):
-        a_tok, a_steps = _generate(model, p, DILATED)
+        a_tok, a_steps = _generate(model, p, patterns)
         # The prompt alone is the baseline; a float64 run of it is the reference.
-        ref = _logits(model64, torch.cat([p, a_tok], 1), DILATED)[:, p.shape[1] - 1 : -1]
+        ref = _logits(model64, torch.cat([p, a_tok], 1), patterns)[:, p.shape[1] - 1 : -1]
         e_b, e_a = _check_within(b_steps[row : row + 1], a_steps, ref, f"row {row}, batch vs alone")
         steps = _check_same_tokens(
             b_tok[row : row + 1],

@@ -77,9 +77,15 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 import longnet
 from longnet.integrations.cache import (
     CACHE_KINDS,
+    STORAGE_KINDS,
     DilatedAttentionCache,
     DilatedAttentionLayer,
     prepare_cache_for_generation,
+)
+from longnet.integrations.pattern_cache import (
+    PATTERN_LAYER_MARK,
+    DilatedPatternLayer,
+    pattern_storage_rows,
 )
 from longnet.integrations.patterns import (
     ATTN_IMPLEMENTATION,
@@ -95,7 +101,10 @@ __all__ = [
     "CACHE_KINDS",
     "DilatedAttentionCache",
     "DilatedAttentionLayer",
+    "DilatedPatternLayer",
+    "STORAGE_KINDS",
     "enable",
+    "pattern_storage_rows",
     "layer_patterns",
     "longnet_attention_forward",
     "longnet_mask",
@@ -356,6 +365,24 @@ def _padding_from_4d(mask: Tensor, nq: int, nk: int) -> Tensor:
     return padding
 
 
+def _padding_of(attention_mask: Tensor | None, batch_size: int, nq: int) -> Tensor | None:
+    """The ``(B, W)`` padding mask (True: a real token) over the last ``W`` positions
+    from the mask the model passes to its attention function, or ``None``."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        padding = _padding_from_4d(attention_mask, nq, attention_mask.shape[-1])
+    elif attention_mask.dim() == 2 and attention_mask.dtype == torch.bool:
+        padding = attention_mask
+    else:
+        raise ValueError(
+            f'attn_implementation="{ATTN_IMPLEMENTATION}" got an attention mask of shape '
+            f"{tuple(attention_mask.shape)} and dtype {attention_mask.dtype}; expected the "
+            "2-D padding mask made by its mask function or a 4-D causal + padding mask"
+        )
+    return padding.expand(batch_size, -1) if padding.shape[0] != batch_size else padding
+
+
 def key_ranges_from_mask(
     attention_mask: Tensor | None,
     batch_size: int,
@@ -379,20 +406,9 @@ def key_ranges_from_mask(
     needs the cache to have kept at least ``period - 1`` keys before the first query
     (what :class:`DilatedAttentionCache` keeps); fewer raise ``ValueError``.
     """
-    if attention_mask is None:
+    padding = _padding_of(attention_mask, batch_size, nq)
+    if attention_mask is None or padding is None:
         return None, None
-    if attention_mask.dim() == 4:
-        padding = _padding_from_4d(attention_mask, nq, nk)
-    elif attention_mask.dim() == 2 and attention_mask.dtype == torch.bool:
-        padding = attention_mask
-    else:
-        raise ValueError(
-            f'attn_implementation="{ATTN_IMPLEMENTATION}" got an attention mask of shape '
-            f"{tuple(attention_mask.shape)} and dtype {attention_mask.dtype}; expected the "
-            "2-D padding mask made by its mask function or a 4-D causal + padding mask"
-        )
-    if padding.shape[0] != batch_size:
-        padding = padding.expand(batch_size, -1)
     width = padding.shape[1]
     dropped = width - nk if attention_mask.dim() == 2 else 0
     if width < nq or (dropped > 0 and period is None) or (dropped <= 0 and width > nk):
@@ -666,6 +682,11 @@ def longnet_attention_forward(
 
     b, h, nq, d = query.shape
     nk = key.shape[2]
+    pattern_layer = getattr(key, PATTERN_LAYER_MARK, None)
+    if pattern_layer is not None:  # a DilatedAttentionCache layer with per-pattern storage
+        return pattern_layer.attend(
+            query, key, value, _padding_of(attention_mask, b, nq), scaling
+        ), None
     packed = _boundaries_of_forward(attention_mask, b, nq, nk, kwargs)
     if packed is not None:
         # Rows flattened into one packed row (views for B = 1).
