@@ -19,7 +19,9 @@ Variants (``--variants``):
 * ``dilated-full``: ``--segment-lengths`` / ``--dilation-rates`` with the same
   ``DynamicCache`` (what ``generate`` used before ``DilatedAttentionCache``);
 * ``dilated``: the same patterns with ``DilatedAttentionCache`` (only the keys a later
-  query can read: ``lcm(w) - 1`` tokens plus the current ones);
+  query can read: ``lcm(w) - 1`` tokens plus the current ones, or, for patterns whose
+  segments grow to cover the context, each pattern's current segment at the offsets
+  its heads read; the ``storage`` column says which);
 * ``dilated-int8``: the same in int8 (one float32 scale per token and head).
 
 Per row: prefill seconds (the prompt in chunks of ``--prefill-chunk`` tokens through
@@ -33,6 +35,8 @@ recorded before and after each row (the CPUs may be shared). Results go to
     python benchmarks/bench_decode.py                  # 2K and 16K, 32 tokens (the default)
     python benchmarks/bench_decode.py --long           # adds 32K and 128K
     python benchmarks/bench_decode.py --lengths 4096 --variants dilated,dilated-int8
+    python benchmarks/bench_decode.py --covering --lengths 8192,32768,131072 \
+        --variants dilated,dilated-int8,dilated-full --name decode_covering_cpu
 """
 
 from __future__ import annotations
@@ -99,6 +103,17 @@ def held_tokens(cache: Any) -> int:
     return int(cache.layers[0].keys.shape[-2])
 
 
+def storage(cache: Any) -> str:
+    """How the first layer holds its keys: every key, the last lcm(w) - 1 tokens
+    ("period"), or per pattern ("pattern": then the held count is rows per head)."""
+    if not isinstance(cache, lt.DilatedAttentionCache):
+        return "every key"
+    layer = cache.layers[0]
+    if isinstance(layer, lt.DilatedPatternLayer):
+        return "pattern" if layer.per_pattern else "pattern (every key so far)"
+    return "period"
+
+
 @torch.no_grad()
 def measure(model: Any, cache: Any, tokens: torch.Tensor, length: int, chunk: int) -> dict:
     """Prefill ``tokens[:, :length]`` in chunks, then feed the next tokens one at a time.
@@ -127,6 +142,7 @@ def measure(model: Any, cache: Any, tokens: torch.Tensor, length: int, chunk: in
         "decode_ms": [round(1e3 * t, 3) for t in times],
         "cache_bytes": cache_bytes(cache),
         "cache_tokens_per_layer": held_tokens(cache),
+        "storage": storage(cache),
         "seen_tokens": cache.get_seq_length(),
         "nll_mean": statistics.fmean(nll),
         "ppl": math.exp(statistics.fmean(nll)),
@@ -143,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", type=choice_list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--segment-lengths", type=int_list, default=[2048, 4096, 8192])
     p.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4])
+    p.add_argument(
+        "--covering",
+        action="store_true",
+        help="patterns covering 128K: segments 2K .. 128K, rates 1 .. 64 (replaces the above)",
+    )
     p.add_argument("--prefill-chunk", type=int, default=4096, help="prefill chunk (tokens)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -161,6 +182,7 @@ def table(results: dict[str, Any]) -> str:
         rows.append(
             [
                 r["variant"],
+                r.get("storage", ""),
                 f"{r['length']:,}",
                 f"{r['prefill_s']:.1f}",
                 f"{r['decode_ms_median']:.1f}",
@@ -172,12 +194,13 @@ def table(results: dict[str, Any]) -> str:
         )
     headers = [
         "variant",
+        "storage",
         "context",
         "prefill s",
         "decode ms/token",
         f"vs {first[results['rows'][0]['variant']]['length']:,}",
         "cache MiB",
-        "tokens held/layer",
+        "held/layer (pattern: rows/head)",
         f"ppl ({results['new_tokens'] + 1} tokens)",
     ]
     return markdown_table(headers, rows)
@@ -219,6 +242,9 @@ def plot(results: dict[str, Any], path: str) -> bool:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     log = (lambda *a, **k: None) if args.quiet else print
     lengths = sorted(set(args.lengths + (LONG_LENGTHS if args.long else [])))
+    if args.covering:
+        args.segment_lengths = [2048 << i for i in range(7)]
+        args.dilation_rates = [1 << i for i in range(7)]
     torch.set_num_threads(max(1, args.threads))
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

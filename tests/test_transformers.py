@@ -1029,7 +1029,8 @@ def test_int8_cache_bytes_and_perplexity():
 @pytest.mark.parametrize("patterns", list(TRIM_PATTERNS) + ["grown"])
 def test_pattern_storage_generates_what_the_full_cache_generates(patterns):
     """Left-padded batch, greedy, float64: every step's logits with per-pattern storage
-    equal those with transformers' cache (which keeps every key)."""
+    (every key first, per-pattern rows once they are fewer) equal those with
+    transformers' cache (which keeps every key)."""
     ws, rs = TRIM_PATTERNS.get(patterns, ([8, 16, 32], [1, 2, 4]))
     model = _dilated(_tiny("llama", max_position_embeddings=64), ws, rs).double()
     full = lt.enable(copy.deepcopy(model), ws, rs, cache="full")
@@ -1037,6 +1038,9 @@ def test_pattern_storage_generates_what_the_full_cache_generates(patterns):
     cache = lt.DilatedAttentionCache(model.config, storage="pattern")
     tokens, logits = _generate(model, ids, mask, n=25, cache=cache)
     assert all(isinstance(layer, lt.DilatedPatternLayer) for layer in cache.layers)
+    # Every key is kept until it costs more than the per-pattern rows: past that point
+    # here (the switch comes during decoding for "grown"), before it for "covering".
+    assert all(layer.per_pattern == (patterns != "covering") for layer in cache.layers)
     want_tokens, want = _generate(full, ids, mask, n=25)
     torch.testing.assert_close(tokens, want_tokens, rtol=0, atol=0)
     torch.testing.assert_close(logits, want, **DECODE_TOL)

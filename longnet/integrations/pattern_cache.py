@@ -59,11 +59,12 @@ class _Store:
         t = [self.data] + ([self.scale] if self.scale is not None else [])
         return sum(x.numel() * x.element_size() for x in t)
 
-    def grow(self, slots: int, limit: int) -> None:
-        """At least ``slots`` slots (doubling, at most ``limit``), contents kept."""
+    def grow(self, slots: int, limit: int, step: float = 1.0) -> None:
+        """At least ``slots`` slots (growing by ``step`` times the capacity, at most
+        ``limit``), contents kept."""
         if slots <= self.capacity:
             return
-        cap = min(limit, max(slots, 2 * self.capacity))
+        cap = min(limit, max(slots, self.capacity + max(64, int(step * self.capacity))))
         for name in ("data", "scale"):
             old = getattr(self, name)
             if old is None:
@@ -82,12 +83,13 @@ class _Store:
         else:
             self.data[index] = x.to(self.data.dtype)
 
-    def read(self, slots: int) -> Tensor:
-        """The first ``slots`` slots of every row and head, in the model's dtype."""
+    def read(self, slots: int, heads: slice = slice(None)) -> Tensor:
+        """The first ``slots`` slots of every row and of ``heads``, in the model's dtype."""
         if not self.int8:
-            return self.data[:, :, :slots]
+            return self.data[:, heads, :slots]
         assert self.scale is not None
-        return self.data[:, :, :slots].to(self.dtype) * self.scale[:, :, :slots].to(self.dtype)
+        scale = self.scale[:, heads, :slots].to(self.dtype)
+        return self.data[:, heads, :slots].to(self.dtype) * scale
 
     def map_batch(self, fn: Any) -> None:
         self.data = fn(self.data)
@@ -111,6 +113,12 @@ class DilatedPatternLayer(CacheLayerMixin):
     (a prompt, or a prompt's chunk) rebuilds each row's positions from the longest
     pattern's segment start (positions no pattern keeps are never read) and runs
     ``longnet.dilated_attention`` on them.
+
+    While every key costs fewer rows than the per-pattern bound
+    (:func:`pattern_storage_rows`: short contexts), the layer keeps every position as
+    transformers' cache does (in a buffer that grows in place) and runs the operator on
+    them; it switches once the context passes that bound, so it never holds more than
+    the smaller of the two (plus one call's tokens).
 
     Inference only: a call with gradients raises. ``int8=True`` stores int8 values with
     one float32 scale per position and head, dequantized just before the read.
@@ -139,6 +147,12 @@ class DilatedPatternLayer(CacheLayerMixin):
         self.starts: list[int | None] = []  # each row's first real position, once seen
         self.keys_per_pattern: list[_Store] = []
         self.values_per_pattern: list[_Store] = []
+        # Until every key costs more rows than the per-pattern bound, every position
+        # is kept as is: (B, Hk, capacity, D) by position, a DynamicCache that grows
+        # in place.
+        self.dense_keys: _Store | None = None
+        self.dense_values: _Store | None = None
+        self.switch_rows = 0  # pattern_storage_rows: past it, per-pattern rows are fewer
         self.kv_heads = 0
 
     def __repr__(self) -> str:
@@ -151,9 +165,17 @@ class DilatedPatternLayer(CacheLayerMixin):
     # -- bookkeeping -------------------------------------------------------------
 
     @property
+    def per_pattern(self) -> bool:
+        """Whether the keys are held per pattern yet (else every position is)."""
+        return self.is_initialized and self.dense_keys is None
+
+    @property
     def held(self) -> int:
-        """Key rows per head held, for the batch row that holds the most: over the
-        patterns, the current segment's positions at one head's offset."""
+        """Every position seen while every key is kept; then the key rows per head
+        held, for the batch row that holds the most: over the patterns, the current
+        segment's positions at one head's offset."""
+        if self.dense_keys is not None:
+            return self.cumulative_length
         xs = [x for x in (self._last_positions() or []) if x >= 0]
         if not xs:
             return 0
@@ -169,7 +191,9 @@ class DilatedPatternLayer(CacheLayerMixin):
     @property
     def nbytes(self) -> int:
         """Bytes of the buffers (keys, values and int8 scales)."""
-        return sum(s.nbytes for s in self.keys_per_pattern + self.values_per_pattern)
+        stores = self.keys_per_pattern + self.values_per_pattern
+        stores += [s for s in (self.dense_keys, self.dense_values) if s is not None]
+        return sum(s.nbytes for s in stores)
 
     def _last_positions(self) -> list[int] | None:
         """Each row's position of the last token seen (negative: padding only)."""
@@ -194,6 +218,11 @@ class DilatedPatternLayer(CacheLayerMixin):
             self.values_per_pattern.append(
                 _Store(value_states, slots, value_states.shape[-1], self.int8)
             )
+        self.dense_keys = _Store(key_states, hk, d, self.int8)
+        self.dense_values = _Store(value_states, hk, value_states.shape[-1], self.int8)
+        self.switch_rows = pattern_storage_rows(
+            self.segment_lengths, self.dilation_rates, self.heads, hk
+        )
         self.starts = [None] * b
         self.is_initialized = True
 
@@ -225,6 +254,7 @@ class DilatedPatternLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys_per_pattern, self.values_per_pattern = [], []
+        self.dense_keys = self.dense_values = None
         self.starts = []
         self.is_initialized = False
         self.cumulative_length = 0
@@ -236,7 +266,9 @@ class DilatedPatternLayer(CacheLayerMixin):
         )
 
     def _map_batch(self, fn: Any, rows: list[int]) -> None:
-        for store in self.keys_per_pattern + self.values_per_pattern:
+        stores = self.keys_per_pattern + self.values_per_pattern
+        stores += [s for s in (self.dense_keys, self.dense_values) if s is not None]
+        for store in stores:
             store.map_batch(fn)
         self.starts = [self.starts[i] for i in rows]
 
@@ -290,6 +322,12 @@ class DilatedPatternLayer(CacheLayerMixin):
             scale = 1.0 / math.sqrt(d)
         self._read_starts(padding, n)
         before = self.cumulative_length
+        if self.dense_keys is not None:
+            out = self._attend_every_key(query, key, value, scale)
+            self.cumulative_length = before + n
+            if self.cumulative_length * self.kv_heads >= self.switch_rows:
+                self._switch_to_patterns()
+            return out
         # Position of the call's first token in each row (None: no real token yet).
         first = [before - s if s is not None else None for s in self.starts]
         if n == 1 and all(x is not None and x > 0 for x in first):
@@ -301,6 +339,39 @@ class DilatedPatternLayer(CacheLayerMixin):
             self._store(key, value, first)
         self.cumulative_length = before + n
         return out
+
+    def _attend_every_key(self, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        """Every position kept: the call's tokens written behind the held ones (the
+        buffer doubles when full), the operator on all of them, each row from its
+        first real token."""
+        assert self.dense_keys is not None and self.dense_values is not None
+        before, n = self.cumulative_length, key.shape[2]
+        total = before + n
+        for store, x in ((self.dense_keys, key), (self.dense_values, value)):
+            store.grow(total, 1 << 62, step=0.125)  # at most 1/8 (or 64) unused
+            store.put((slice(None), slice(None), slice(before, total)), x)
+        dev = query.device
+        starts = [s if s is not None else total for s in self.starts]
+        return longnet.dilated_attention(
+            query.transpose(1, 2),
+            self.dense_keys.read(total).transpose(1, 2),
+            self.dense_values.read(total).transpose(1, 2),
+            self.segment_lengths,
+            self.dilation_rates,
+            is_causal=True,
+            scale=scale,
+            key_start=torch.tensor(starts, device=dev),
+            key_end=torch.full((len(starts),), total, device=dev),
+        )
+
+    def _switch_to_patterns(self) -> None:
+        """From every position to the per-pattern rows of the last segments."""
+        assert self.dense_keys is not None and self.dense_values is not None
+        total = self.cumulative_length
+        keys, values = self.dense_keys.read(total), self.dense_values.read(total)
+        self.dense_keys = self.dense_values = None
+        # Row b's buffer position t is its position t - start (negative: padding).
+        self._store(keys, values, [-s if s is not None else None for s in self.starts])
 
     def _store(self, key: Tensor, value: Tensor, first: list[int | None]) -> None:
         """Write the call's tokens into every pattern's rows (row b's token t sits at
@@ -373,14 +444,16 @@ class DilatedPatternLayer(CacheLayerMixin):
 
     def _decode(self, query: Tensor, xs: list[int], scale: float) -> Tensor:
         """One new token per row at positions ``xs`` (already stored): one softmax over
-        the keys every pattern gives each head."""
+        the keys every pattern gives each head. Only the rows a head reads are read:
+        with ``r > 1`` a pattern serves the heads at the new position's offset, a
+        strided slice of heads when every row is at the same offset."""
         b, h, _, d = query.shape
         dev = query.device
         acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-        q = query.to(acc) * scale
+        q = query.to(acc).view(b, h, d) * scale
         g = h // self.kv_heads
-        heads = torch.arange(h, device=dev)
-        scores, values = [], []
+        all_heads = torch.arange(h, device=dev)
+        scores, values = [], []  # per pattern: (B, H, m) logits, (heads served, rows)
         for w, r, ks, vs in zip(
             self.segment_lengths,
             self.dilation_rates,
@@ -390,34 +463,52 @@ class DilatedPatternLayer(CacheLayerMixin):
             us = [x % w for x in xs]
             counts = [u // r + 1 for u in us]
             m = max(counts)
-            k = ks.read(m).to(acc)
-            v = vs.read(m).to(acc)
-            if r == 1:  # (B, Hk, m, D): the query heads of a key/value head share it
-                s = torch.matmul(q.view(b, self.kv_heads, g, d), k.transpose(-1, -2))
-                s = s.view(b, h, m)
-                v = v.repeat_interleave(g, dim=1) if g > 1 else v
-                live = torch.ones(b, h, 1, dtype=torch.bool, device=dev)
-            else:  # (B, H, m, D): each head its own offset
-                s = torch.matmul(q, k.transpose(-1, -2)).view(b, h, m)
-                res = torch.tensor([u % r for u in us], device=dev)
-                live = (heads[None, :] % r == res[:, None])[:, :, None]
             cnt = torch.tensor(counts, device=dev).view(b, 1, 1)
-            keep = live & (torch.arange(m, device=dev).view(1, 1, m) < cnt)
-            scores.append(s.masked_fill(~keep, -math.inf))
-            values.append(v)
+            keep = torch.arange(m, device=dev).view(1, 1, m) < cnt  # (B, 1, m)
+            offsets = {u % r for u in us}
+            if r == 1:  # (B, Hk, m, D): the query heads of a key/value head share it
+                k = ks.read(m).to(acc)
+                sc = torch.matmul(q.view(b, self.kv_heads, g, d), k.transpose(-1, -2))
+                sc = sc.view(b, h, m).masked_fill(~keep, -math.inf)
+                heads: slice | None = None
+            elif len(offsets) == 1:  # the heads at this offset: a strided view
+                heads = slice(offsets.pop(), None, r)
+                if heads.start >= h:
+                    continue  # r > H: no head at this offset
+                k = ks.read(m, heads).to(acc)
+                live = torch.matmul(q[:, heads, None, :], k.transpose(-1, -2)).squeeze(2)
+                sc = torch.full((b, h, m), -math.inf, dtype=acc, device=dev)
+                sc[:, heads] = live.masked_fill(~keep, -math.inf)
+            else:  # rows at different offsets: every head, masked
+                k = ks.read(m).to(acc)
+                sc = torch.matmul(q[:, :, None, :], k.transpose(-1, -2)).squeeze(2)
+                res = torch.tensor([u % r for u in us], device=dev)
+                served = (all_heads[None, :] % r == res[:, None])[:, :, None]
+                sc = sc.masked_fill(~(served & keep), -math.inf)
+                heads = slice(None)
+            scores.append(sc)
+            values.append((heads, vs.read(m, heads if heads is not None else slice(None))))
+        if not scores:  # no pattern serves any head here: no key, out = 0
+            return query.new_zeros((b, 1, h, d))
         logits = torch.cat(scores, dim=-1)  # (B, H, sum m): the multiset union
         top = logits.amax(dim=-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         p = torch.exp(logits - top)
         total = p.sum(dim=-1, keepdim=True)
         p = p / torch.where(total > 0, total, torch.ones_like(total))  # no key: out = 0
-        out = torch.zeros(b, h, d, dtype=acc, device=dev)
+        dv = values[0][1].shape[-1] if values else d
+        out = torch.zeros(b, h, dv, dtype=acc, device=dev)
         at = 0
-        for v in values:
+        for heads, v in values:
             m = v.shape[2]
-            out += torch.matmul(p[:, :, None, at : at + m], v).view(b, h, -1)
+            v = v.to(acc)
+            blk = p[:, :, at : at + m]
+            if heads is None:  # grouped: (B, Hk, G, m) @ (B, Hk, m, Dv)
+                out += torch.matmul(blk.view(b, self.kv_heads, g, m), v).view(b, h, dv)
+            else:
+                out[:, heads] += torch.matmul(blk[:, heads, None, :], v).squeeze(2)
             at += m
-        return out.to(query.dtype).view(b, 1, h, -1)
+        return out.to(query.dtype).view(b, 1, h, dv)
 
     def _rebuild_and_attend(
         self,
