@@ -30,6 +30,11 @@ tokens carry their file boundaries (``cu_seqlens``), no file attends to another,
 positions restart at every file and no token predicts the next file's first one;
 validation uses packed rows too. Under torchrun every dp rank packs its share of the
 step's rows into one row, split over the sp ranks (a file may cross them).
+``--align-documents A`` (with sp > 1) puts pad filler, without targets, before every
+training file that would cross a sequence-parallel cut, so that it starts a multiple
+of ``A`` tokens before the cut: patterns with ``w`` dividing ``A`` then exchange nothing
+there (``benchmarks/plan_document_alignment.py``: 16K costs under 1% filler and
+halves the worst rank's traffic). The training rows then depend on sp.
 
 ``--attention``: ``dilated`` (``--segment-lengths`` / ``--dilation-rates``), ``dense``
 (one pattern ``w = seq_len, r = 1``: full causal attention) or ``sliding`` (one pattern
@@ -105,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each file is a document: rows of --seq-len tokens packed with their file "
         "boundaries (cu_seqlens); no attention or target across files",
+    )
+    g.add_argument(
+        "--align-documents",
+        type=int,
+        metavar="A",
+        help="with --pack-documents and sp > 1: a training document that would cross a "
+        "sequence-parallel cut starts a multiple of A tokens before it (pad filler, no "
+        "targets), so patterns with w dividing A exchange nothing there",
     )
     g.add_argument(
         "--max-train-bytes", type=int, help="read at most about this many training bytes"
@@ -205,10 +218,13 @@ def model_config(args: argparse.Namespace) -> LongNetConfig:
     )
 
 
-def load_data(args: argparse.Namespace, log=print, packed: bool = False):
+def load_data(
+    args: argparse.Namespace, log=print, packed: bool = False, cut_every: int | None = None
+):
     """Train and validation token streams (uint16 numpy arrays), held out by file (one
     file: its last part); ``packed`` (``--pack-documents``): train and validation
-    :class:`longnet.data.PackedRows`, every file one document."""
+    :class:`longnet.data.PackedRows`, every file one document. ``cut_every``: where
+    sequence parallelism cuts each training row (with ``--align-documents``)."""
     if args.data is None:
         root, files = data.stdlib_source_files()
         source = f"Python stdlib .py files under {root}"
@@ -247,7 +263,29 @@ def load_data(args: argparse.Namespace, log=print, packed: bool = False):
     if not packed:
         return parts[0][0], parts[1][0]
     pad = longnet.ByteTokenizer.pad_token_id
+    train = parts[0]
+    if cut_every is not None and getattr(args, "align_documents", None):
+        aligned = data.pack_documents(
+            *train, args.seq_len, pad, boundary_every=cut_every, align=args.align_documents
+        )
+        filler = aligned.filler_tokens
+        log(
+            f"data: training documents aligned to {args.align_documents} tokens before "
+            f"the sequence-parallel cuts (every {cut_every:,} tokens of a row): "
+            f"{filler:,} filler tokens ({100 * filler / aligned.inputs.numel():.2f}%)"
+        )
+        return aligned, data.pack_documents(*parts[1], args.seq_len, pad)
     return tuple(data.pack_documents(t, o, args.seq_len, pad) for t, o in parts)
+
+
+def sequence_parallel_cuts(seq_len: int, batch_size: int, dp: int, sp: int) -> int | None:
+    """Where sequence parallelism cuts each packed training row (every that many
+    tokens, a divisor of ``seq_len``): a dp rank joins ``batch_size / dp`` rows into
+    one and splits it into ``sp`` equal parts. ``None`` when no cut falls inside a
+    row (one process, or whole rows per sp rank)."""
+    part = batch_size // dp * seq_len // sp
+    every = math.gcd(part, seq_len)
+    return None if sp == 1 or every == seq_len else every
 
 
 class LRSchedule:
@@ -407,6 +445,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dims.check_batch(args.batch_size, args.seq_len)
         if args.dtype == "float16":  # without a scaler small gradients underflow to zero
             raise ValueError("--dtype float16 needs a gradient scaler: use --dtype bfloat16")
+        if args.align_documents is not None:
+            if not args.pack_documents:
+                raise ValueError("--align-documents needs --pack-documents")
+            if args.align_documents < 1:
+                raise ValueError(f"--align-documents must be >= 1, got {args.align_documents}")
+            cuts = sequence_parallel_cuts(args.seq_len, args.batch_size, dims.dp, dims.sp)
+            if cuts is not None and cuts % args.align_documents:
+                raise ValueError(
+                    f"--align-documents {args.align_documents} must divide the distance "
+                    f"between sequence-parallel cuts ({cuts} tokens here)"
+                )
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(str(exc)) from None
     mesh = parallel.init_mesh(dims, args.device, timeout=args.timeout)  # None: one process
@@ -438,7 +487,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + ("; activation checkpointing" if args.activation_checkpointing else "")
         + (f"; chunks of {args.chunk_size:,} positions" if args.chunk_size else "")
     )
-    train_data, val_data = load_data(args, log, packed=args.pack_documents)
+    cuts = sequence_parallel_cuts(args.seq_len, args.batch_size, dims.dp, dims.sp)
+    if args.align_documents and cuts is None:
+        log("--align-documents: no sequence-parallel cut inside a row on this mesh; no effect")
+    train_data, val_data = load_data(args, log, packed=args.pack_documents, cut_every=cuts)
     b = args.batch_size
     if args.pack_documents:
         n_val = min(len(val_data), max(1, args.eval_windows))
@@ -576,6 +628,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dilation_rates": cfg.dilation_rates,
         "seq_len": args.seq_len,
         "pack_documents": bool(args.pack_documents),
+        "align_documents": args.align_documents,
         "parameters": n_params,
         "mesh": {"dp": dims.dp, "sp": dims.sp},
         "val_loss_start": history["val"][0][1] if history["val"] else None,

@@ -167,11 +167,13 @@ class PackedRows:
             is in another document (or there is none) and on padding.
         cu_seqlens: one int64 tensor ``(S_r + 1,)`` per row: the row's document
             pieces (and trailing padding, a piece of its own), from 0 to ``seq_len``.
+        filler_tokens: pad tokens put before documents to align them (``align``).
     """
 
     inputs: Tensor
     targets: Tensor
     cu_seqlens: list[Tensor]
+    filler_tokens: int = 0
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -293,6 +295,7 @@ def pack_documents(
         torch.from_numpy(ids.reshape(rows, seq_len)),
         torch.from_numpy(targets.reshape(rows, seq_len)),
         cu_rows,
+        int(filler.sum()) if filler is not None else 0,
     )
 
 

@@ -143,6 +143,56 @@ def test_train_lm_pack_documents_runs_and_lowers_the_loss(tmp_path):
     assert metrics["val_loss_end"] < metrics["val_loss_start"] - 0.2
 
 
+def test_train_lm_align_documents_starts_crossing_documents_on_the_grid():
+    """--align-documents A: where sequence parallelism cuts a packed training row
+    (sequence_parallel_cuts: batch / dp rows joined, split in sp parts), every document
+    crossing a cut starts a multiple of A tokens before it; the targets are those of
+    the plain packing, in the same order (only pad filler without targets is added);
+    validation stays as packed without it. Bad combinations are refused."""
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import train_lm
+    finally:
+        sys.path.remove(EXAMPLES)
+
+    cuts = train_lm.sequence_parallel_cuts
+    assert cuts(512, 2, 1, 4) == 256  # 2 rows of 512 in 4 parts: a cut mid-row
+    assert cuts(512, 3, 1, 2) == 256  # 1536 in 2 parts: cuts at 768 = row 1's 256
+    assert cuts(512, 4, 1, 2) is None and cuts(512, 2, 2, 1) is None  # whole rows
+    args = train_lm.build_parser().parse_args([*TINY, "--pack-documents"])
+    plain_train, plain_val = train_lm.load_data(args, lambda *a: None, packed=True)
+    args.align_documents = 8
+    lines = []
+    train, val = train_lm.load_data(args, lines.append, packed=True, cut_every=16)
+    assert f"{train.filler_tokens:,} filler tokens" in lines[-1] and train.filler_tokens > 0
+    crossing = 0
+    for row, cu in enumerate(train.cu_seqlens):
+        cu = cu.tolist()
+        for cut in range(16, 64, 16):
+            for a, e in zip(cu[:-1], cu[1:]):
+                # a document piece (filler and the trailing padding have no targets)
+                if a < cut < e and bool((train.targets[row, a:e] != -100).any()):
+                    crossing += 1
+                    assert (cut - a) % 8 == 0, (cu, cut)
+    assert crossing > 10  # documents do cross the cuts (the check is not vacuous)
+    for x, y in ((train, plain_train), (val, plain_val)):
+        assert torch.equal(x.targets[x.targets != -100], y.targets[y.targets != -100])
+    assert not torch.equal(train.inputs, plain_train.inputs[: len(train)])  # filler went in
+    assert torch.equal(val.inputs, plain_val.inputs)
+    for extra, message in (
+        (["--align-documents", "8"], "needs --pack-documents"),
+        (["--pack-documents", "--align-documents", "0"], "must be >= 1"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(EXAMPLES, "train_lm.py"), *TINY, *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+        )
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_train_lm_rejects_resume_without_checkpoint(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(
