@@ -35,6 +35,8 @@ recorded before and after each row (the CPUs may be shared). Results go to
     python benchmarks/bench_decode.py                  # 2K and 16K, 32 tokens (the default)
     python benchmarks/bench_decode.py --long           # adds 32K and 128K
     python benchmarks/bench_decode.py --lengths 4096 --variants dilated,dilated-int8
+    python benchmarks/bench_decode.py --lengths 2048 --variants dilated,dilated-int8 \
+        --agreement 16 --name decode_int8_agreement_cpu     # greedy tokens int8 vs float
     python benchmarks/bench_decode.py --covering --lengths 8192,32768,131072 \
         --variants dilated,dilated-int8,dilated-full --name decode_covering_cpu
 """
@@ -168,8 +170,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--name", default="decode_cpu", help="result file name (no extension)")
+    p.add_argument(
+        "--agreement",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also: greedy tokens of N held-out prompts with each dilated cache against the "
+        "float one (how often int8 changes what generate returns)",
+    )
+    p.add_argument("--agreement-length", type=int, default=1024, help="tokens per prompt")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+@torch.no_grad()
+def greedy_agreement(
+    model: Any, stream: torch.Tensor, variants: list[str], n: int, length: int, new: int
+) -> dict[str, Any]:
+    """``n`` prompts of ``length`` tokens (evenly spaced windows of ``stream``), ``new``
+    greedy tokens each with every variant's cache: per variant, the prompts whose
+    tokens equal the ``dilated`` (float) cache's, and the first differing step of the
+    others."""
+    starts = torch.linspace(0, stream.shape[1] - length - 1, n).long().tolist()
+    tokens: dict[str, list[list[int]]] = {}
+    for variant in variants:
+        tokens[variant] = []
+        for s in starts:
+            prompt = stream[:, s : s + length]
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                cache=make_cache(variant, model),
+            )
+            tokens[variant].append(out[0, length:].tolist())
+    base = tokens["dilated"]
+    result: dict[str, Any] = {"prompts": n, "prompt_tokens": length, "new_tokens": new}
+    for variant in variants:
+        if variant == "dilated":
+            continue
+        firsts = [
+            next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            for a, b in zip(tokens[variant], base)
+        ]
+        result[variant] = {
+            "same": sum(f is None for f in firsts),
+            "first_difference": [f for f in firsts if f is not None],
+        }
+    return result
 
 
 def table(results: dict[str, Any]) -> str:
@@ -203,7 +253,17 @@ def table(results: dict[str, Any]) -> str:
         "held/layer (pattern: rows/head)",
         f"ppl ({results['new_tokens'] + 1} tokens)",
     ]
-    return markdown_table(headers, rows)
+    text = markdown_table(headers, rows)
+    agree = results.get("agreement")
+    if agree:
+        got = agree["dilated-int8"]
+        text += (
+            f"\n\nGreedy tokens, int8 against the float cache: {got['same']} of "
+            f"{agree['prompts']} prompts of {agree['prompt_tokens']:,} tokens identical over "
+            f"{agree['new_tokens']} new tokens (first differences at steps "
+            f"{got['first_difference']})."
+        )
+    return text
 
 
 def plot(results: dict[str, Any], path: str) -> bool:
@@ -251,11 +311,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_smollm2(torch.float32)
     root, files = stdlib_source_files()
     _, val_files = split_by_file(files, root)
-    need = max(lengths) + args.new_tokens + 1
+    need = max(lengths + [args.agreement_length]) + args.new_tokens + 1
     stream = ft.encode_with_tokenizer(val_files, tokenizer, max_bytes=8 * need)
     if stream.size < need:
         raise SystemExit(f"the held-out text has {stream.size:,} tokens, fewer than {need:,}")
     tokens = torch.from_numpy(stream[:need]).to(torch.long)[None]
+    tokens_all = torch.from_numpy(stream).to(torch.long)[None]
     results: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), float32",
         "text": f"held-out .py files of the standard library ({root}), split_by_file 5 %",
@@ -293,6 +354,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"load {load_before[0]:.1f}"
             )
             save_results(results, args.out_dir, args.name, table, plot)
+    dilated = [v for v in ("dilated", "dilated-int8") if v in args.variants]
+    if args.agreement and len(dilated) == 2:
+        lt.enable(model, args.segment_lengths, args.dilation_rates)
+        results["agreement"] = greedy_agreement(
+            model, tokens_all, dilated, args.agreement, args.agreement_length, args.new_tokens
+        )
+        got = results["agreement"]["dilated-int8"]
+        log(
+            f"greedy tokens, int8 vs float cache: {got['same']} of {args.agreement} prompts "
+            f"identical over {args.new_tokens} tokens; first differences at steps "
+            f"{got['first_difference']}"
+        )
     results["load_average_end"] = os.getloadavg()
     save_results(results, args.out_dir, args.name, table, plot)
     log(table(results))
