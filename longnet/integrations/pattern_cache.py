@@ -332,8 +332,11 @@ class DilatedPatternLayer(CacheLayerMixin):
         first = [before - s if s is not None else None for s in self.starts]
         if n == 1 and all(x is not None and x > 0 for x in first):
             xs = [x for x in first if x is not None]
-            self._store(key, value, list(first))
-            out = self._decode(query, xs, scale)
+            if len(set(xs)) == 1:  # every row at one position (one row, beams)
+                out = self._decode_at(query, key, value, xs[0], scale)
+            else:
+                self._store(key, value, list(first))
+                out = self._decode(query, xs, scale)
         else:
             out = self._rebuild_and_attend(query, key, value, first, scale)
             self._store(key, value, first)
@@ -441,6 +444,81 @@ class DilatedPatternLayer(CacheLayerMixin):
         rows_t, slots_t, at_t, h_t = (torch.tensor(a, device=dev) for a in (rows, slots, at, src_h))
         ks.put((rows_t, slots_t, at_t), key[rows_t, h_t, 0])
         vs.put((rows_t, slots_t, at_t), value[rows_t, h_t, 0])
+
+    def _expanded(self, x: Tensor) -> Tensor:
+        """``(B, Hk, 1, D)`` as ``(B, H, D)``: each query head's key/value head."""
+        b, hk, _, d = x.shape
+        g = self.heads // hk
+        return x[:, :, 0, None, :].expand(b, hk, g, d).reshape(b, self.heads, d)
+
+    def _decode_at(self, query: Tensor, key: Tensor, value: Tensor, x: int, scale: float) -> Tensor:
+        """One new token per row, every row at position ``x``: stored by slicing, and
+        read per pattern as the ``m`` held rows of the heads at ``x``'s offset (every
+        one of them valid), all patterns' logits in one softmax."""
+        b, h, _, d = query.shape
+        hk = self.kv_heads
+        g = h // hk
+        acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+        q = query.to(acc).view(b, h, d) * scale
+        key_h = value_h = None  # the new token's keys/values per query head, once needed
+        # (query heads: a slice, or None for every head via its kv head; m; stores)
+        plan: list[tuple[slice | None, int, _Store, _Store]] = []
+        for w, r, ks, vs in zip(
+            self.segment_lengths,
+            self.dilation_rates,
+            self.keys_per_pattern,
+            self.values_per_pattern,
+        ):
+            u = x % w
+            m = u // r + 1
+            limit = -(-w // r)
+            ks.grow(m, limit)
+            vs.grow(m, limit)
+            if r == 1:
+                ks.put((slice(None), slice(None), u), key[:, :, 0])
+                vs.put((slice(None), slice(None), u), value[:, :, 0])
+                plan.append((None, m, ks, vs))
+                continue
+            if u % r >= h:
+                continue  # r > H: no head at this offset
+            heads: slice | None = slice(u % r, None, r)
+            if key_h is None:
+                key_h, value_h = self._expanded(key), self._expanded(value)
+            assert value_h is not None
+            ks.put((slice(None), heads, u // r), key_h[:, heads])
+            vs.put((slice(None), heads, u // r), value_h[:, heads])
+            plan.append((heads, m, ks, vs))
+        if not plan:  # no pattern serves any head here: no key, out = 0
+            return query.new_zeros((b, 1, h, d))
+        total = sum(m for _, m, _, _ in plan)
+        logits = torch.full((b, h, total), -math.inf, dtype=acc, device=query.device)
+        at = 0
+        for heads, m, ks, _ in plan:
+            if heads is None:  # (B, Hk, G, D) @ (B, Hk, D, m)
+                k = ks.read(m).to(acc)
+                logits[:, :, at : at + m] = torch.matmul(
+                    q.view(b, hk, g, d), k.transpose(-1, -2)
+                ).view(b, h, m)
+            else:  # (B, Hl, 1, D) @ (B, Hl, D, m)
+                k = ks.read(m, heads).to(acc)
+                logits[:, heads, at : at + m] = torch.matmul(
+                    q[:, heads, None, :], k.transpose(-1, -2)
+                ).squeeze(2)
+            at += m
+        p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a head without keys: 0
+        dv = value.shape[-1]
+        out = torch.zeros(b, h, dv, dtype=acc, device=query.device)
+        at = 0
+        for heads, m, _, vs in plan:
+            if heads is None:
+                v = vs.read(m).to(acc)
+                blk = p.view(b, hk, g, total)[..., at : at + m]
+                out += torch.matmul(blk, v).view(b, h, dv)
+            else:
+                v = vs.read(m, heads).to(acc)
+                out[:, heads] += torch.matmul(p[:, heads, None, at : at + m], v).squeeze(2)
+            at += m
+        return out.to(query.dtype).view(b, 1, h, dv)
 
     def _decode(self, query: Tensor, xs: list[int], scale: float) -> Tensor:
         """One new token per row at positions ``xs`` (already stored): one softmax over
