@@ -986,6 +986,22 @@ def test_enable_cache_choice():
     assert type(model.generate(ids, **kw).cache) is transformers.DynamicCache
 
 
+def _float_and_int8_teacher_forced(model, ids, **cache_kw):
+    """Float and int8 caches ({int8: cache}) after feeding ``ids`` one token at a
+    time, and the mean next-token negative log-likelihood through each."""
+    caches, nll = {}, {}
+    for int8 in (False, True):
+        cache = caches[int8] = lt.DilatedAttentionCache(model.config, int8=int8, **cache_kw)
+        with torch.no_grad():
+            logits = torch.cat(
+                [model(ids[:, i : i + 1], cache=cache).logits for i in range(ids.shape[1])], 1
+            )
+        nll[int8] = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)
+        ).item()
+    return caches, nll
+
+
 def test_int8_cache_bytes_and_perplexity():
     """int8 with one float32 scale per token and head: (D + 4) / (4 D) of float32's
     bytes (0.27 at D = 64), the held tokens within scale / 2 of float (absmax / 254
@@ -995,17 +1011,7 @@ def test_int8_cache_bytes_and_perplexity():
     kw = dict(max_position_embeddings=128, hidden_size=128, head_dim=64)
     model = _dilated(_tiny("llama", **kw), ws, rs)
     ids = torch.randint(2, VOCAB, (2, 64), generator=torch.Generator().manual_seed(9))
-    caches = {}
-    nll = {}
-    for int8 in (False, True):
-        cache = caches[int8] = lt.DilatedAttentionCache(model.config, int8=int8, headroom=4)
-        with torch.no_grad():
-            logits = torch.cat(
-                [model(ids[:, i : i + 1], cache=cache).logits for i in range(ids.shape[1])], 1
-            )
-        nll[int8] = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)
-        ).item()
+    caches, nll = _float_and_int8_teacher_forced(model, ids, headroom=4)
     ratio = caches[True].nbytes / caches[False].nbytes
     assert ratio == (64 + 4) / (4 * 64) < 0.3
     assert math.exp(nll[True]) <= 1.01 * math.exp(nll[False])
@@ -1104,16 +1110,7 @@ def test_pattern_storage_beam_search_int8_and_errors():
         _tiny("llama", max_position_embeddings=128, hidden_size=128, head_dim=64), ws, rs
     )
     ids = torch.randint(2, VOCAB, (2, 64), generator=torch.Generator().manual_seed(9))
-    caches, nll = {}, {}
-    for int8 in (False, True):
-        cache = caches[int8] = lt.DilatedAttentionCache(model.config, int8=int8, storage="pattern")
-        with torch.no_grad():
-            logits = torch.cat(
-                [model(ids[:, i : i + 1], cache=cache).logits for i in range(ids.shape[1])], 1
-            )
-        nll[int8] = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)
-        ).item()
+    caches, nll = _float_and_int8_teacher_forced(model, ids, storage="pattern")
     assert caches[True].nbytes / caches[False].nbytes == (64 + 4) / (4 * 64)
     assert math.exp(nll[True]) <= 1.01 * math.exp(nll[False])
     with pytest.raises(ValueError, match="inference"):
