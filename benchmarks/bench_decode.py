@@ -288,6 +288,7 @@ def plot(results: dict[str, Any], path: str) -> bool:
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
     ax2.set_yscale("log")
+    ax1.set_ylim(bottom=0)  # ratios read off the plot as they are
     ax1.legend()
     ws, rs = results["segment_lengths"], results["dilation_rates"]
     fig.suptitle(
