@@ -264,7 +264,7 @@ def load_data(
         return parts[0][0], parts[1][0]
     pad = longnet.ByteTokenizer.pad_token_id
     train = parts[0]
-    if cut_every is not None and getattr(args, "align_documents", None):
+    if cut_every is not None and args.align_documents:
         aligned = data.pack_documents(
             *train, args.seq_len, pad, boundary_every=cut_every, align=args.align_documents
         )
@@ -445,12 +445,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dims.check_batch(args.batch_size, args.seq_len)
         if args.dtype == "float16":  # without a scaler small gradients underflow to zero
             raise ValueError("--dtype float16 needs a gradient scaler: use --dtype bfloat16")
+        cuts = sequence_parallel_cuts(args.seq_len, args.batch_size, dims.dp, dims.sp)
         if args.align_documents is not None:
             if not args.pack_documents:
                 raise ValueError("--align-documents needs --pack-documents")
             if args.align_documents < 1:
                 raise ValueError(f"--align-documents must be >= 1, got {args.align_documents}")
-            cuts = sequence_parallel_cuts(args.seq_len, args.batch_size, dims.dp, dims.sp)
             if cuts is not None and cuts % args.align_documents:
                 raise ValueError(
                     f"--align-documents {args.align_documents} must divide the distance "
@@ -487,7 +487,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + ("; activation checkpointing" if args.activation_checkpointing else "")
         + (f"; chunks of {args.chunk_size:,} positions" if args.chunk_size else "")
     )
-    cuts = sequence_parallel_cuts(args.seq_len, args.batch_size, dims.dp, dims.sp)
     if args.align_documents and cuts is None:
         log("--align-documents: no sequence-parallel cut inside a row on this mesh; no effect")
     train_data, val_data = load_data(args, log, packed=args.pack_documents, cut_every=cuts)

@@ -11,7 +11,11 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from longnet.integrations.pattern_cache import DilatedPatternLayer, pattern_storage_rows
+from longnet.integrations.pattern_cache import (
+    DilatedPatternLayer,
+    pattern_storage_rows,
+    quantize_int8,
+)
 from longnet.integrations.patterns import ATTN_IMPLEMENTATION, layer_patterns
 
 __all__ = [
@@ -29,15 +33,6 @@ STORAGE_KINDS = ("auto", "period", "pattern")
 CACHE_KINDS = ("dilated", "dilated-int8", "full")
 """What :func:`enable` makes ``generate`` use: :class:`DilatedAttentionCache` (keeps only
 reachable keys), the same in int8, or transformers' own cache (keeps every key)."""
-
-
-def _quantize(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per token and head: ``x`` (B, Hk, n, D) as int8 values and float32
-    scales (B, Hk, n, 1) with ``x ~ values * scales`` (absolute error <= scale / 2)."""
-    x32 = x.detach().to(torch.float32)
-    scale = x32.abs().amax(dim=-1, keepdim=True) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x32 / scale).clamp_(-127, 127).to(torch.int8), scale
 
 
 class DilatedAttentionLayer(CacheLayerMixin):
@@ -140,7 +135,7 @@ class DilatedAttentionLayer(CacheLayerMixin):
             (self.keys, self.key_scales, key_states),
             (self.values, self.value_scales, value_states),
         ):
-            q, scale = _quantize(x)
+            q, scale = quantize_int8(x)
             data[:, :, at : at + n] = q
             scales[:, :, at : at + n] = scale
 

@@ -30,8 +30,9 @@ def pattern_storage_rows(
     )
 
 
-def _quantize(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per row of the last dimension: values and float32 scales."""
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row of the last dimension (per token and head): int8 values
+    and float32 scales with ``x ~ values * scales`` (absolute error <= scale / 2)."""
     x32 = x.detach().to(torch.float32)
     scale = x32.abs().amax(dim=-1, keepdim=True) / 127.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -77,7 +78,7 @@ class _Store:
         """``data[index] = x`` (``x``: (n, D) rows in the model's dtype)."""
         if self.int8:
             assert self.scale is not None
-            q, s = _quantize(x)
+            q, s = quantize_int8(x)
             self.data[index] = q
             self.scale[index] = s
         else:
@@ -345,7 +346,7 @@ class DilatedPatternLayer(CacheLayerMixin):
 
     def _attend_every_key(self, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
         """Every position kept: the call's tokens written behind the held ones (the
-        buffer doubles when full), the operator on all of them, each row from its
+        buffer grows by 1/8 when full), the operator on all of them, each row from its
         first real token."""
         assert self.dense_keys is not None and self.dense_values is not None
         before, n = self.cumulative_length, key.shape[2]
@@ -569,11 +570,7 @@ class DilatedPatternLayer(CacheLayerMixin):
         if not scores:  # no pattern serves any head here: no key, out = 0
             return query.new_zeros((b, 1, h, d))
         logits = torch.cat(scores, dim=-1)  # (B, H, sum m): the multiset union
-        top = logits.amax(dim=-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        p = torch.exp(logits - top)
-        total = p.sum(dim=-1, keepdim=True)
-        p = p / torch.where(total > 0, total, torch.ones_like(total))  # no key: out = 0
+        p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a head without keys: 0
         dv = values[0][1].shape[-1] if values else d
         out = torch.zeros(b, h, dv, dtype=acc, device=dev)
         at = 0
