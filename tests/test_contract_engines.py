@@ -417,3 +417,136 @@ def test_cudnn_kernel_refuses_one_query_and_unequal_grad_strides():
     g = torch.randn(out.shape).to(torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)
     with pytest.raises(RuntimeError, match=r"grad_output.strides\(\) == output.strides\(\)"):
         kernel_backward(engine, g, q, k, v, out, lse, False, 0.25)
+
+
+# ------------------------------------------------- varlen kernel calls ----
+# Packed documents reach FlashAttention-2 and the memory-efficient kernel as varlen
+# calls (cumulative int32 offsets, one launch for the problems of all documents);
+# torch.ops.longnet._contract_kernel_forward_varlen/_backward_varlen run one such call
+# exactly as given, and _contract_kernel_calls counts the dense and varlen calls.
+
+VARLEN = ["contract_cuda_flash", "contract_cuda_efficient"]
+
+
+def varlen_problem(engine, lengths, h=2, d=16, dtype=torch.bfloat16, seed=0):
+    """(q, k, v, cu, max_len) of sequences of `lengths` (square problems) in the
+    kernel's varlen shape: flash (T, H, D), efficient (1, T, H, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = [torch.randn(total, h, d, generator=gen).to(dtype) for _ in range(3)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    if engine == "contract_cuda_efficient":
+        q, k, v = q[None], k[None], v[None]
+    return q, k, v, cu, max(lengths)
+
+
+def varlen_forward(engine, q, k, v, cu_q, cu_k, max_q, max_k, causal=True, scale=0.25):
+    return torch.ops.longnet._contract_kernel_forward_varlen(
+        engine, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale
+    )
+
+
+def kernel_calls(engine):
+    dense_calls, varlen_calls = torch.ops.longnet._contract_kernel_calls(engine)
+    return dense_calls, varlen_calls
+
+
+@pytest.mark.parametrize("engine", VARLEN)
+def test_varlen_kernel_is_each_sequence_alone_in_the_kernels_lse_layout(engine):
+    """Every sequence of a varlen call equals the dense kernel on that sequence alone
+    (out, lse, dq, dk, dv bit for bit); lse comes as the varlen kernel writes it: flash
+    (H, total_q), efficient (P, H, max_q rounded up to 32) with unspecified padding."""
+    lengths = [5, 1, 12, 40]
+    q, k, v, cu, m = varlen_problem(engine, lengths)
+    out, lse = varlen_forward(engine, q, k, v, cu, cu, m, m)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+    grads = torch.ops.longnet._contract_kernel_backward_varlen(
+        engine, g, q, k, v, out, lse, cu, cu, m, m, True, 0.25
+    )
+    flash = engine == "contract_cuda_flash"
+    if flash:
+        assert lse.shape == (2, sum(lengths))
+    else:
+        assert lse.shape == (len(lengths), 2, 64)
+    rows = (lambda t: t) if flash else (lambda t: t[0])
+    for i, n in enumerate(lengths):
+        a = int(cu[i])
+        part = [rows(t)[a : a + n][None] for t in (q, k, v)]
+        o_i, l_i = kernel_forward(engine, *part, True, 0.25)
+        assert torch.equal(rows(out)[a : a + n], o_i[0])
+        if flash:
+            assert torch.equal(lse[:, a : a + n], l_i[0])
+        else:
+            assert torch.equal(lse[i, :, :n], l_i[0, :, :n])
+            assert torch.isnan(lse[i, :, n:]).all()
+        g_i = rows(g)[a : a + n][None]
+        d_i = kernel_backward(engine, g_i, *part, o_i, l_i, True, 0.25)
+        for got, want in zip(grads, d_i):
+            assert torch.equal(rows(got)[a : a + n], want[0])
+
+
+@pytest.mark.parametrize("engine", VARLEN)
+def test_varlen_kernel_checks_the_offsets_as_a_gpu_reads_them(engine):
+    q, k, v, cu, m = varlen_problem(engine, [8, 24])
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must have dtype int32"):
+        varlen_forward(engine, q, k, v, cu.long(), cu, m, m)
+    strided = torch.zeros(6, dtype=torch.int32)[::2]
+    strided.copy_(cu)
+    with pytest.raises(RuntimeError, match="cu_seqlens_k must be a contiguous 1-d tensor"):
+        varlen_forward(engine, q, k, v, cu, strided, m, m)
+    with pytest.raises(RuntimeError, match="more than max_seqlen_q = 23"):
+        varlen_forward(engine, q, k, v, cu, cu, 23, m)
+    short = torch.tensor([0, 8, 20], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"must run from 0 to the packed rows \(32\)"):
+        varlen_forward(engine, q, k, v, short, short, m, m)
+    wrong_shape = q[0] if engine == "contract_cuda_efficient" else q[None]
+    with pytest.raises(RuntimeError, match="batch_size=1" if wrong_shape.dim() == 3 else "total"):
+        varlen_forward(engine, wrong_shape, k, v, cu, cu, m, m)
+    buf = torch.zeros(*q.shape[:-1], 17, dtype=q.dtype)
+    buf[..., 1:] = q
+    with pytest.raises(RuntimeError, match="misaligned address: the kernel reads query"):
+        varlen_forward(engine, buf[..., 1:], k, v, cu, cu, m, m)
+
+
+def test_flash_varlen_backward_reads_lse_contiguous():
+    """mha_varlen_bwd reads softmax_lse as a contiguous (H, total_q) tensor."""
+    engine = "contract_cuda_flash"
+    q, k, v, cu, m = varlen_problem(engine, [8, 24])
+    out, lse = varlen_forward(engine, q, k, v, cu, cu, m, m)
+    transposed = lse.t().contiguous().t()
+    with pytest.raises(RuntimeError, match="softmax_lse must be a contiguous"):
+        torch.ops.longnet._contract_kernel_backward_varlen(
+            engine, out, q, k, v, out, transposed, cu, cu, m, m, True, 0.25
+        )
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("engine", CONTRACT)
+def test_packed_documents_make_the_same_kernel_calls_for_any_number_of_documents(engine, causal):
+    """Flash and the efficient kernel run packed documents as varlen calls, one per
+    group of problems that share pattern, head set and mask: 64 documents make no more
+    calls than 2 and no dense call. cuDNN (no varlen) runs each document on its own."""
+    from test_varlen import HK, RS, WS, D, H
+
+    def calls(num_docs):
+        lengths = torch.full((num_docs,), 2 * max(WS) + 5)  # every kind of segment
+        cu = longnet.packing.cu_seqlens_from_lengths(lengths)
+        gen = torch.Generator().manual_seed(num_docs)
+        total = int(cu[-1])
+        q = torch.randn(1, total, H, D, generator=gen).to(torch.bfloat16).requires_grad_()
+        k, v = [torch.randn(1, total, HK, D, generator=gen).to(torch.bfloat16) for _ in "kv"]
+        before = kernel_calls(engine)
+        with longnet.testing.use_engine(engine):
+            out, lse = longnet.dilated_attention(
+                q, k, v, WS, RS, is_causal=causal, return_lse=True, cu_seqlens_q=cu, cu_seqlens_k=cu
+            )
+            (out.float().sum() + lse.sum()).backward()
+        after = kernel_calls(engine)
+        return after[0] - before[0], after[1] - before[1]
+
+    few, many = calls(2), calls(64)
+    if engine == "contract_cuda_cudnn":
+        assert few[1] == many[1] == 0 and many[0] > 16 * few[0]
+        return
+    assert few[0] == many[0] == 0, "no dense kernel call"
+    assert 0 < many[1] == few[1]

@@ -22,7 +22,9 @@
 #include <algorithm>
 #include <functional>
 #include <limits>
+#include <map>
 #include <numeric>
+#include <tuple>
 
 #include "engine/engine.h"
 #include "op_common.h"
@@ -54,7 +56,8 @@ struct SubProblem {
   int64_t h0, heads, hstep;    // query heads h0, h0 + hstep, ...
   int64_t kh0, khstep;         // their key/value heads kh0, kh0 + khstep, ...
   bool causal;
-  bool fresh;  // no earlier problem reaches these query rows: store instead of merge
+  bool fresh;       // no earlier problem reaches these query rows: store instead of merge
+  int64_t pattern;  // index of its pattern (w, r)
 };
 
 // (nb, segments, len, heads, D) view of a (B, N, H, D) tensor.
@@ -116,6 +119,7 @@ void plan_rows(std::vector<SubProblem>& plan, int64_t b0, int64_t nb, const RowS
     for (int64_t o = 0; o < std::min(r, heads); ++o) {
       SubProblem base{};
       base.fresh = pi == 0;  // the first pattern's problems hold disjoint query rows
+      base.pattern = static_cast<int64_t>(pi);
       base.b0 = b0;
       base.nb = nb;
       base.step = r;
@@ -327,6 +331,140 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_backward(
   return {dq, dk, dv};
 }
 
+// ---------------------------------------------------------- packed documents ----
+//
+// The problems of every document, grouped by what one varlen call shares: pattern,
+// mask and head set. Within a group every query row appears once (a row belongs to
+// one segment of a pattern for one head set; the causal split puts its two parts in
+// a non-causal and a causal group), so the merges below are row-wise gathers and
+// scatters. Groups run in the order (pattern, non-causal before causal, head set),
+// which merges every row's problems in the order composed_forward does for the
+// document alone, with the same float32 operations (on gathered rows, where a
+// vectorized exp or log can differ from a strided view's in the last bit).
+
+struct GroupKey {
+  int64_t pattern, causal, h0, heads, hstep, kh0, khstep;
+  bool operator<(const GroupKey& o) const {
+    return std::tie(pattern, causal, h0, heads, hstep, kh0, khstep) <
+           std::tie(o.pattern, o.causal, o.h0, o.heads, o.hstep, o.kh0, o.khstep);
+  }
+};
+
+// One group: its problems as pieces of query rows q_base + step * t (t < q_len)
+// against key rows k_base + step * t (t < k_len), rows of the packed tensors.
+struct PieceGroup {
+  int64_t step = 1;
+  bool causal = false, fresh = true;
+  int64_t h0 = 0, heads = 0, hstep = 1, kh0 = 0, khstep = 1;
+  std::vector<int64_t> q_base, q_len, k_base, k_len;
+};
+
+std::vector<PieceGroup> plan_documents(const std::vector<int64_t>& doc_q,
+                                       const std::vector<int64_t>& doc_k, const at::Tensor& q,
+                                       const at::Tensor& k, const Call& call) {
+  std::map<GroupKey, PieceGroup> groups;
+  for (size_t i = 0; i + 1 < doc_q.size(); ++i) {
+    const int64_t nq = doc_q[i + 1] - doc_q[i], nk = doc_k[i + 1] - doc_k[i];
+    if (nq == 0) continue;
+    for (const SubProblem& sp :
+         make_plan(q.narrow(1, doc_q[i], nq), k.narrow(1, doc_k[i], nk), call)) {
+      PieceGroup& g =
+          groups[GroupKey{sp.pattern, sp.causal, sp.h0, sp.heads, sp.hstep, sp.kh0, sp.khstep}];
+      g.step = sp.step;
+      g.causal = sp.causal;
+      g.fresh = g.fresh && sp.fresh;
+      g.h0 = sp.h0, g.heads = sp.heads, g.hstep = sp.hstep, g.kh0 = sp.kh0, g.khstep = sp.khstep;
+      for (int64_t s = 0; s < sp.segments; ++s) {
+        g.q_base.push_back(doc_q[i] + sp.q.row0 + s * sp.seg_step);
+        g.q_len.push_back(sp.q.len);
+        g.k_base.push_back(doc_k[i] + sp.k.row0 + s * sp.seg_step);
+        g.k_len.push_back(sp.k.len);
+      }
+    }
+  }
+  std::vector<PieceGroup> plan;
+  for (auto& entry : groups) plan.push_back(std::move(entry.second));
+  return plan;
+}
+
+// One varlen call of a group: pieces [p0, p1), their packed rows on the device.
+struct Launch {
+  PackedSequences seqs;
+  at::Tensor q_rows, k_rows;  // int64 (Tq,), (Tk,): rows of the packed tensors
+};
+
+// Rows base[p] + step * t (t < len[p]) of pieces [p0, p1), concatenated, on `device`,
+// and their int32 offsets (P+1,) on the host.
+std::pair<at::Tensor, std::vector<int64_t>> piece_rows(const std::vector<int64_t>& base,
+                                                       const std::vector<int64_t>& len, size_t p0,
+                                                       size_t p1, int64_t step, at::Device device) {
+  std::vector<int64_t> cu{0}, start(p1 - p0);
+  for (size_t p = p0; p < p1; ++p) {
+    start[p - p0] = base[p] - step * cu.back();  // row of t-th element: start + step * index
+    cu.push_back(cu.back() + len[p]);
+  }
+  const int64_t total = cu.back();
+  const auto host = at::TensorOptions().dtype(at::kLong);
+  const at::Tensor lens =
+      at::from_blob(const_cast<int64_t*>(len.data()) + p0, {static_cast<int64_t>(p1 - p0)}, host)
+          .to(device);
+  const at::Tensor starts =
+      at::from_blob(start.data(), {static_cast<int64_t>(p1 - p0)}, host).to(device);
+  const at::Tensor index = at::arange(total, at::TensorOptions().dtype(at::kLong).device(device));
+  const at::Tensor rows =
+      at::repeat_interleave(starts, lens, /*dim=*/0, /*output_size=*/total).add_(index, step);
+  return {rows, cu};
+}
+
+// The group's calls: at most max_batch pieces each (a grid dimension) and fewer than
+// 2^31 rows (int32 offsets).
+std::vector<Launch> launches(const PieceGroup& g, int64_t max_batch, at::Device device) {
+  std::vector<Launch> out;
+  constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
+  const size_t pieces = g.q_base.size();
+  for (size_t p0 = 0; p0 < pieces;) {
+    size_t p1 = p0;
+    int64_t tq = 0, tk = 0;
+    while (p1 < pieces && static_cast<int64_t>(p1 - p0) < max_batch &&
+           tq + g.q_len[p1] < kMaxRows && tk + g.k_len[p1] < kMaxRows) {
+      tq += g.q_len[p1];
+      tk += g.k_len[p1];
+      ++p1;
+    }
+    TORCH_CHECK(p1 > p0, "longnet: one problem of ", g.q_len[p0], " rows exceeds int32 offsets");
+    Launch l;
+    std::tie(l.q_rows, l.seqs.host_q) = piece_rows(g.q_base, g.q_len, p0, p1, g.step, device);
+    std::tie(l.k_rows, l.seqs.host_k) = piece_rows(g.k_base, g.k_len, p0, p1, g.step, device);
+    l.seqs.max_q = *std::max_element(g.q_len.begin() + p0, g.q_len.begin() + p1);
+    l.seqs.max_k = *std::max_element(g.k_len.begin() + p0, g.k_len.begin() + p1);
+    const auto int32 = [&](const std::vector<int64_t>& cu) {
+      return at::tensor(cu, at::TensorOptions().dtype(at::kLong)).to(at::kInt).to(device);
+    };
+    l.seqs.cu_q = int32(l.seqs.host_q);
+    l.seqs.cu_k = int32(l.seqs.host_k);
+    out.push_back(std::move(l));
+    p0 = p1;
+  }
+  return out;
+}
+
+// (N, heads, D) view of heads h0, h0 + hstep, ... of a (1, N, H, D) tensor.
+at::Tensor head_rows(const at::Tensor& t, int64_t h0, int64_t heads, int64_t hstep) {
+  return t.select(0, 0).as_strided({t.size(1), heads, t.size(3)},
+                                   {t.stride(1), hstep * t.stride(2), t.stride(3)},
+                                   t.storage_offset() + h0 * t.stride(2));
+}
+
+// (heads, N) view of heads h0, h0 + hstep, ... of a (1, H, N) tensor (lse).
+at::Tensor head_stats(const at::Tensor& t, int64_t h0, int64_t heads, int64_t hstep) {
+  return t.select(0, 0).as_strided({heads, t.size(2)}, {hstep * t.stride(1), t.stride(2)},
+                                   t.storage_offset() + h0 * t.stride(1));
+}
+
+at::Tensor gather_rows(const at::Tensor& t, const PieceGroup& g, const at::Tensor& rows, bool kv) {
+  return head_rows(t, kv ? g.kh0 : g.h0, g.heads, kv ? g.khstep : g.hstep).index_select(0, rows);
+}
+
 // The Call of the arguments: the checked key ranges (kept alive here) read from their
 // host copies.
 struct PlannedCall {
@@ -339,6 +477,139 @@ struct PlannedCall {
 };
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> composed_documents_forward(
+    const DenseEngine& engine, const std::vector<int64_t>& doc_q, const std::vector<int64_t>& doc_k,
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const Arguments& args) {
+  at::Tensor out, lse;
+  std::tie(out, lse) = allocate_forward_outputs(q_in);
+  const at::ScalarType acc_type = accumulate_dtype(q_in);
+  lse.fill_(-std::numeric_limits<double>::infinity());  // rows no problem reaches
+  const bool direct = q_in.scalar_type() == acc_type;
+  at::Tensor acc = direct ? out : at::empty(q_in.sizes(), q_in.options().dtype(acc_type));
+  acc.zero_();
+  const Call call{args.segment_lengths,
+                  args.dilation_rates,
+                  args.is_causal,
+                  args.scale,
+                  args.position_offset,
+                  nullptr,
+                  nullptr};
+  const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in), v = with_dense_last(v_in);
+  for (const PieceGroup& g : plan_documents(doc_q, doc_k, q, k, call)) {
+    at::Tensor acc_h = head_rows(acc, g.h0, g.heads, g.hstep);
+    at::Tensor lse_h = head_stats(lse, g.h0, g.heads, g.hstep);
+    for (const Launch& l : launches(g, engine.max_batch(), q.device())) {
+      at::Tensor o_p, l_p;
+      std::tie(o_p, l_p) = engine.forward_varlen(
+          gather_rows(q, g, l.q_rows, false), gather_rows(k, g, l.k_rows, true),
+          gather_rows(v, g, l.k_rows, true), l.seqs, g.causal, call.scale);
+      o_p = o_p.to(acc_type);
+      l_p = l_p.to(acc_type);
+      if (g.fresh) {
+        acc_h.index_copy_(0, l.q_rows, o_p);
+        lse_h.index_copy_(1, l.q_rows, l_p);
+        continue;
+      }
+      // As composed_forward: every query of a problem sees a key, l_p is finite.
+      const at::Tensor old_l = lse_h.index_select(1, l.q_rows);
+      const at::Tensor merged = at::logaddexp(old_l, l_p);
+      const at::Tensor w_old = (old_l - merged).exp_().t().unsqueeze(-1);
+      const at::Tensor w_new = (l_p - merged).exp_().t().unsqueeze(-1);
+      at::Tensor acc_p = acc_h.index_select(0, l.q_rows);
+      acc_p.mul_(w_old).add_(o_p * w_new);
+      acc_h.index_copy_(0, l.q_rows, acc_p);
+      lse_h.index_copy_(1, l.q_rows, merged);
+    }
+  }
+  if (!direct) out.copy_(acc);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_documents_backward(
+    const DenseEngine& engine, const std::vector<int64_t>& doc_q, const std::vector<int64_t>& doc_k,
+    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
+    const at::Tensor& lse_in, const Arguments& args) {
+  at::Tensor dq, dk, dv;
+  std::tie(dq, dk, dv) = allocate_backward_outputs(q_in, k_in, v_in);
+  const at::ScalarType acc_type = accumulate_dtype(q_in);
+  const bool direct = q_in.scalar_type() == acc_type;
+  const auto accumulator = [&](const at::Tensor& t) {
+    return direct ? t : at::empty(t.sizes(), t.options().dtype(acc_type));
+  };
+  at::Tensor dq_acc = accumulator(dq), dk_acc = accumulator(dk), dv_acc = accumulator(dv);
+  dq_acc.zero_();
+  dk_acc.zero_();
+  dv_acc.zero_();
+  const Call call{args.segment_lengths,
+                  args.dilation_rates,
+                  args.is_causal,
+                  args.scale,
+                  args.position_offset,
+                  nullptr,
+                  nullptr};
+  const at::ScalarType dtype = q_in.scalar_type();
+  const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in), v = with_dense_last(v_in);
+  const at::Tensor dout = with_dense_last(grad_out.to(dtype));
+  const at::Tensor out = with_dense_last(out_in.to(dtype));
+  const at::Tensor lse = lse_in.to(acc_type);
+  const at::Tensor dlse = grad_lse.to(acc_type);
+  const bool with_dlse = q.size(1) > 0 && q.size(3) > 0 &&
+                         at::logical_and(dlse != 0, at::isfinite(lse)).any().item<bool>();
+  for (const PieceGroup& g : plan_documents(doc_q, doc_k, q, k, call)) {
+    at::Tensor dq_h = head_rows(dq_acc, g.h0, g.heads, g.hstep);
+    at::Tensor dk_h = head_rows(dk_acc, g.kh0, g.heads, g.khstep);
+    at::Tensor dv_h = head_rows(dv_acc, g.kh0, g.heads, g.khstep);
+    for (const Launch& l : launches(g, engine.max_batch(), q.device())) {
+      const at::Tensor qg = gather_rows(q, g, l.q_rows, false);
+      const at::Tensor kg = gather_rows(k, g, l.k_rows, true);
+      const at::Tensor vg = gather_rows(v, g, l.k_rows, true);
+      const at::Tensor lse_g =
+          head_stats(lse, g.h0, g.heads, g.hstep).index_select(1, l.q_rows).to(at::kFloat);
+      at::Tensor dq_p, dk_p, dv_p;
+      std::tie(dq_p, dk_p, dv_p) = engine.backward_varlen(
+          gather_rows(dout, g, l.q_rows, false), qg, kg, vg, gather_rows(out, g, l.q_rows, false),
+          lse_g, l.seqs, g.causal, call.scale);
+      dq_h.index_add_(0, l.q_rows, dq_p.to(acc_type));
+      dk_h.index_add_(0, l.k_rows, dk_p.to(acc_type));
+      dv_h.index_add_(0, l.k_rows, dv_p.to(acc_type));
+      if (with_dlse) {
+        // dS += dlse * P, as composed_backward: values 0, out = -e_0, grad_out = dlse * e_0.
+        const at::Tensor dl = head_stats(dlse, g.h0, g.heads, g.hstep).index_select(1, l.q_rows);
+        at::Tensor dout2 = at::zeros(qg.sizes(), qg.options());
+        dout2.select(2, 0).copy_(dl.t());
+        at::Tensor out2 = at::zeros(qg.sizes(), qg.options());
+        out2.select(2, 0).fill_(-1);
+        const at::Tensor v0 = at::zeros(kg.sizes(), kg.options());
+        at::Tensor dq2, dk2, dv2;
+        std::tie(dq2, dk2, dv2) =
+            engine.backward_varlen(dout2, qg, kg, v0, out2, lse_g, l.seqs, g.causal, call.scale);
+        dq_h.index_add_(0, l.q_rows, dq2.to(acc_type));
+        dk_h.index_add_(0, l.k_rows, dk2.to(acc_type));
+      }
+    }
+  }
+  if (!direct) {
+    dq.copy_(dq_acc);
+    dk.copy_(dk_acc);
+    dv.copy_(dv_acc);
+  }
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> DenseEngine::forward_varlen(const at::Tensor&, const at::Tensor&,
+                                                               const at::Tensor&,
+                                                               const PackedSequences&, bool,
+                                                               double) const {
+  TORCH_CHECK(false, "longnet: engine ", name(), " has no varlen calls");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> DenseEngine::backward_varlen(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const PackedSequences&, bool, double) const {
+  TORCH_CHECK(false, "longnet: engine ", name(), " has no varlen calls");
+}
 
 std::tuple<at::Tensor, at::Tensor> DenseEngine::run_forward(const at::Tensor& q,
                                                             const at::Tensor& k,

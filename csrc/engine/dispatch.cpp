@@ -1,6 +1,7 @@
 // The operators' CPU (and, in a CUDA build, CUDA) implementations: check the
-// arguments, pick the engine of the call (engine.h, choose_engine), run it (each
-// packed document on its own) and record which engine ran.
+// arguments, pick the engine of the call (engine.h, choose_engine), run it (packed
+// documents one by one, or together on an engine with varlen calls) and record which
+// engine ran.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -11,13 +12,24 @@
 namespace longnet::engine {
 namespace {
 
+// A dense engine with varlen calls (engine.h, has_varlen), or nullptr.
+const DenseEngine* varlen_engine(const Engine& engine) {
+  const auto* dense = dynamic_cast<const DenseEngine*>(&engine);
+  return dense != nullptr && dense->has_varlen() ? dense : nullptr;
+}
+
 // Packed documents: every document is its own problem (its first key at
 // position_offset; args has no key ranges, Documents checked), run on views of the
 // packed tensors and written into the packed outputs. Every query row belongs to one
-// document, so every output row is written.
+// document, so every output row is written. An engine with varlen calls runs the
+// problems of all documents together (composed_documents_forward/_backward).
+
 std::tuple<at::Tensor, at::Tensor> documents_forward(const Engine& engine, const Documents& docs,
                                                      const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, const Arguments& args) {
+  if (const DenseEngine* dense = varlen_engine(engine)) {
+    return composed_documents_forward(*dense, docs.q, docs.k, q, k, v, args);
+  }
   auto [out, lse] = allocate_forward_outputs(q);
   for (int64_t i = 0; i < docs.count(); ++i) {
     const int64_t q0 = docs.q[i], nq = docs.q[i + 1] - q0;
@@ -35,6 +47,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> documents_backward(
     const Engine& engine, const Documents& docs, const at::Tensor& grad_out,
     const at::Tensor& grad_lse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const Arguments& args) {
+  if (const DenseEngine* dense = varlen_engine(engine)) {
+    return composed_documents_backward(*dense, docs.q, docs.k, grad_out, grad_lse, q, k, v, out,
+                                       lse, args);
+  }
   auto [dq, dk, dv] = allocate_backward_outputs(q, k, v);
   for (int64_t i = 0; i < docs.count(); ++i) {
     const int64_t q0 = docs.q[i], nq = docs.q[i + 1] - q0;

@@ -58,6 +58,18 @@ class Engine {
       const Arguments& args) const = 0;
 };
 
+// Sequences packed along the first dimension of (T, H, D) tensors: sequence i is the
+// query rows [cu_q[i], cu_q[i+1]) against the key rows [cu_k[i], cu_k[i+1]). The
+// offsets are int32 (P+1,) on the inputs' device (flash-attn's cu_seqlens); max_q and
+// max_k are the longest lengths; the host copies, read by the tests' contract engines
+// only, are the same offsets.
+struct PackedSequences {
+  at::Tensor cu_q, cu_k;
+  int64_t max_q, max_k;
+  std::vector<int64_t> host_q, host_k;
+  int64_t count() const { return static_cast<int64_t>(host_q.size()) - 1; }
+};
+
 // An engine that runs one batch of dense attention problems: q (Bt, Lq, Hh, D), k and
 // v (Bt, Lk, Hh, D), strided views whose last dimension is dense. `causal` is only
 // asked for Lq == Lk (where top-left and bottom-right alignment agree). Its operators
@@ -76,6 +88,25 @@ class DenseEngine : public Engine {
       const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const = 0;
 
+  // Whether the engine also runs many dense problems of different lengths in one call
+  // (forward_varlen, backward_varlen): packed documents then run every group of
+  // problems that share their heads, pattern and mask in one call, whatever the
+  // number of documents (composed_documents_forward/_backward).
+  virtual bool has_varlen() const { return false; }
+  // (out (Tq, Hh, D), lse (Hh, Tq) float32) of the packed problems: q (Tq, Hh, D), k
+  // and v (Tk, Hh, D), contiguous. `causal` only for problems with Lq == Lk.
+  virtual std::tuple<at::Tensor, at::Tensor> forward_varlen(const at::Tensor& q,
+                                                            const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const PackedSequences& seqs,
+                                                            bool causal, double scale) const;
+  // (dq, dk, dv) of the packed problems given out (Tq, Hh, D) and lse (Hh, Tq) float32
+  // from a larger softmax.
+  virtual std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_varlen(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, const PackedSequences& seqs, bool causal,
+      double scale) const;
+
   std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v,
                                                  const Arguments& args) const final;
@@ -84,6 +115,19 @@ class DenseEngine : public Engine {
       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
       const Arguments& args) const final;
 };
+
+// Packed documents on an engine with has_varlen(): document i is the queries
+// [doc_q[i], doc_q[i+1]) against the keys [doc_k[i], doc_k[i+1]) of (1, N, H, D)
+// inputs (args without key ranges). Every group of problems of all documents that
+// share their pattern, head set and mask runs in one varlen call (composition.cpp).
+std::tuple<at::Tensor, at::Tensor> composed_documents_forward(
+    const DenseEngine& engine, const std::vector<int64_t>& doc_q, const std::vector<int64_t>& doc_k,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Arguments& args);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_documents_backward(
+    const DenseEngine& engine, const std::vector<int64_t>& doc_q, const std::vector<int64_t>& doc_k,
+    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const Arguments& args);
 
 // ------------------------------------------------------------- registry ----
 

@@ -101,6 +101,26 @@ class CudaFlashEngine final : public KernelEngine {
                                          q.size(1), k.size(1), 0.0, causal, rng, rng,
                                          std::optional<double>(scale));
   }
+  std::tuple<at::Tensor, at::Tensor> kernel_forward_varlen(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v,
+                                                           const PackedSequences& seqs, bool causal,
+                                                           double scale) const override {
+    const c10::cuda::CUDAGuard guard(q.device());
+    // (total, H, D) aligned; int32 offsets on the device; lse (H, total_q).
+    auto r = at::_flash_attention_forward(q, k, v, seqs.cu_q, seqs.cu_k, seqs.max_q, seqs.max_k,
+                                          0.0, causal, false, std::optional<double>(scale));
+    return {std::get<0>(r), std::get<1>(r)};
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward_varlen(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, const PackedSequences& seqs, bool causal,
+      double scale) const override {
+    const c10::cuda::CUDAGuard guard(q.device());
+    const at::Tensor rng = unused_rng(q);
+    return at::_flash_attention_backward(grad_out, q, k, v, out, lse, seqs.cu_q, seqs.cu_k,
+                                         seqs.max_q, seqs.max_k, 0.0, causal, rng, rng,
+                                         std::optional<double>(scale));
+  }
 };
 
 class CudaEfficientEngine final : public KernelEngine {
@@ -133,6 +153,28 @@ class CudaEfficientEngine final : public KernelEngine {
     const at::Tensor rng = unused_rng(q);
     auto r = at::_efficient_attention_backward(
         grad_out, q, k, v, std::nullopt, out, std::nullopt, std::nullopt, q.size(1), k.size(1), lse,
+        0.0, rng, rng, causal ? 1 : 0, false, std::optional<double>(scale));
+    return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+  }
+  std::tuple<at::Tensor, at::Tensor> kernel_forward_varlen(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v,
+                                                           const PackedSequences& seqs, bool causal,
+                                                           double scale) const override {
+    const c10::cuda::CUDAGuard guard(q.device());
+    // (1, total, H, D); lse (P, H, max_q rounded up to 32). Causal problems are square.
+    auto r = at::_efficient_attention_forward(q, k, v, std::nullopt, seqs.cu_q, seqs.cu_k,
+                                              seqs.max_q, seqs.max_k, 0.0, causal ? 1 : 0, true,
+                                              std::optional<double>(scale));
+    return {std::get<0>(r), std::get<1>(r)};
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward_varlen(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, const PackedSequences& seqs, bool causal,
+      double scale) const override {
+    const c10::cuda::CUDAGuard guard(q.device());
+    const at::Tensor rng = unused_rng(q);
+    auto r = at::_efficient_attention_backward(
+        grad_out, q, k, v, std::nullopt, out, seqs.cu_q, seqs.cu_k, seqs.max_q, seqs.max_k, lse,
         0.0, rng, rng, causal ? 1 : 0, false, std::optional<double>(scale));
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
   }

@@ -236,6 +236,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> KernelEngine::backward(
   return kernel_backward(dout, qa, ka, va, o, lse_k, causal, scale);
 }
 
+std::tuple<at::Tensor, at::Tensor> KernelEngine::kernel_forward_varlen(const at::Tensor&,
+                                                                       const at::Tensor&,
+                                                                       const at::Tensor&,
+                                                                       const PackedSequences&, bool,
+                                                                       double) const {
+  TORCH_CHECK(false, "longnet: ", kernel_label(kernel_), " has no varlen calls");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> KernelEngine::kernel_backward_varlen(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const PackedSequences&, bool, double) const {
+  TORCH_CHECK(false, "longnet: ", kernel_label(kernel_), " has no varlen calls");
+}
+
+int64_t efficient_lse_length(int64_t max_q) {
+  return (max_q + kEfficientLseAlign - 1) / kEfficientLseAlign * kEfficientLseAlign;
+}
+
+at::Tensor padded_lse_index(const PackedSequences& seqs, int64_t total_q, int64_t padded) {
+  const at::Tensor cu = seqs.cu_q.to(at::kLong);
+  const at::Tensor lens = cu.slice(0, 1) - cu.slice(0, 0, -1);
+  // Row j of the packed queries is row j - cu[i] of sequence i: index i * padded + j - cu[i].
+  const at::Tensor starts =
+      at::arange(seqs.count(), cu.options()).mul_(padded) - cu.slice(0, 0, -1);
+  return at::repeat_interleave(starts, lens, 0, total_q).add_(at::arange(total_q, cu.options()));
+}
+
+std::tuple<at::Tensor, at::Tensor> KernelEngine::forward_varlen(const at::Tensor& q,
+                                                                const at::Tensor& k,
+                                                                const at::Tensor& v,
+                                                                const PackedSequences& seqs,
+                                                                bool causal, double scale) const {
+  TORCH_CHECK(has_varlen(), "longnet: ", kernel_label(kernel_), " has no varlen calls");
+  // Every kernel: 16-byte aligned pointers and strides (a gathered input already is).
+  const at::Tensor qa = aligned(q), ka = aligned(k), va = aligned(v);
+  const int64_t tq = q.size(0), heads = q.size(1);
+  if (kernel_ == Kernel::kFlash) {
+    // flash_api.cpp mha_varlen_fwd: (total, H, D) tensors; softmax_lse (H, total_q)
+    // (unpadded_lse).
+    auto [out, lse] = kernel_forward_varlen(qa, ka, va, seqs, causal, scale);
+    TORCH_CHECK(lse.dim() == 2 && lse.size(0) == heads && lse.size(1) == tq,
+                "longnet: ", kernel_label(kernel_), " returned a varlen softmax_lse of shape ",
+                lse.sizes(), ", expected (H, total_q) = (", heads, ", ", tq, ")");
+    return {out, lse};
+  }
+  // attention.cu _efficient_attention_forward with cu_seqlens: a batch of one row,
+  // (1, total, H, D); logsumexp (P, H, max_q rounded up to 32), unpadded here.
+  auto [out, lse] =
+      kernel_forward_varlen(qa.unsqueeze(0), ka.unsqueeze(0), va.unsqueeze(0), seqs, causal, scale);
+  const int64_t padded = efficient_lse_length(seqs.max_q);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == seqs.count() && lse.size(1) == heads &&
+                  lse.size(2) == padded,
+              "longnet: ", kernel_label(kernel_), " returned a varlen logsumexp of shape ",
+              lse.sizes(), ", expected (P, H, ", padded, ")");
+  const at::Tensor flat = lse.transpose(0, 1).reshape({heads, seqs.count() * padded});
+  return {out.select(0, 0), flat.index_select(1, padded_lse_index(seqs, tq, padded))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> KernelEngine::backward_varlen(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const PackedSequences& seqs, bool causal,
+    double scale) const {
+  TORCH_CHECK(has_varlen(), "longnet: ", kernel_label(kernel_), " has no varlen calls");
+  const at::Tensor qa = aligned(q), ka = aligned(k), va = aligned(v);
+  const at::Tensor lse32 = lse.to(at::kFloat);
+  if (kernel_ == Kernel::kFlash) {
+    // As the dense backward: grad_out and out aligned (ATen makes them contiguous);
+    // mha_varlen_bwd reads softmax_lse as a contiguous (H, total_q) float32 tensor.
+    return kernel_backward_varlen(aligned(grad_out), qa, ka, va, aligned(out), lse32.contiguous(),
+                                  seqs, causal, scale);
+  }
+  // Efficient: out compact (Params::o_strideM = H * D), lse back in the kernel's
+  // layout, its padding +inf (no probability is read there).
+  const int64_t heads = q.size(1), padded = efficient_lse_length(seqs.max_q);
+  at::Tensor flat = at::full({heads, seqs.count() * padded}, std::numeric_limits<float>::infinity(),
+                             lse32.options());
+  flat.index_copy_(1, padded_lse_index(seqs, q.size(0), padded), lse32);
+  const at::Tensor lse_k = flat.view({heads, seqs.count(), padded}).transpose(0, 1).contiguous();
+  auto [dq, dk, dv] = kernel_backward_varlen(aligned(grad_out).unsqueeze(0), qa.unsqueeze(0),
+                                             ka.unsqueeze(0), va.unsqueeze(0),
+                                             compact(out).unsqueeze(0), lse_k, seqs, causal, scale);
+  return {dq.select(0, 0), dk.select(0, 0), dv.select(0, 0)};
+}
+
 }  // namespace longnet::engine
 
 #endif  // LONGNET_WITH_CUDA || LONGNET_TESTING

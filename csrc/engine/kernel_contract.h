@@ -59,6 +59,11 @@ at::Tensor aligned(const at::Tensor& t);
 at::Tensor compact(const at::Tensor& t);
 // Largest stride of a dimension of size > 1 (0 when none).
 int64_t largest_stride(const at::Tensor& t);
+// For each packed query row, its index in the efficient kernel's varlen lse (P, H,
+// padded) flattened over (P, padded): sequence i's row t at i * padded + t.
+at::Tensor padded_lse_index(const PackedSequences& seqs, int64_t total_q, int64_t padded);
+// max_q rounded up to the efficient kernel's lse alignment (kEfficientLseAlign).
+int64_t efficient_lse_length(int64_t max_q);
 
 // Why `kernel` cannot run the dense problems the composition makes of these (B, N, H,
 // D) inputs (dtype, head dim, strides), without the device checks; nullopt when it can.
@@ -77,6 +82,18 @@ class KernelEngine : public DenseEngine {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const final;
+  // Packed problems in one call: FlashAttention-2 and memory-efficient attention take
+  // cumulative offsets (mha_varlen_fwd/bwd; cu_seqlens of the efficient kernels), cuDNN
+  // is left to one call per document.
+  bool has_varlen() const override { return kernel_ != Kernel::kCudnn; }
+  std::tuple<at::Tensor, at::Tensor> forward_varlen(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v,
+                                                    const PackedSequences& seqs, bool causal,
+                                                    double scale) const final;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_varlen(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, const PackedSequences& seqs, bool causal,
+      double scale) const final;
   Kernel kernel() const { return kernel_; }
 
  protected:
@@ -93,6 +110,20 @@ class KernelEngine : public DenseEngine {
   virtual std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
       const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const = 0;
+  // The kernel's varlen forward on prepared arguments: flash (T, H, D) tensors, lse
+  // (H, Tq); efficient (1, T, H, D) tensors, lse (P, H, max_q rounded up to 32) with
+  // sequence i's row t at [i, :, t]. Offsets int32 on the inputs' device. Only
+  // kernels with has_varlen() are asked (the default raises).
+  virtual std::tuple<at::Tensor, at::Tensor> kernel_forward_varlen(const at::Tensor& q,
+                                                                   const at::Tensor& k,
+                                                                   const at::Tensor& v,
+                                                                   const PackedSequences& seqs,
+                                                                   bool causal, double scale) const;
+  // The kernel's varlen backward, the shapes and lse layout of kernel_forward_varlen.
+  virtual std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward_varlen(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, const PackedSequences& seqs, bool causal,
+      double scale) const;
 
  private:
   // Problems this kernel must not see (cuDNN: one query or one key), run on `math`.

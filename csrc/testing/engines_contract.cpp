@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -61,6 +62,108 @@ class ContractEngine final : public KernelEngine {
   std::tuple<at::Tensor, at::Tensor> kernel_forward(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v, bool causal,
                                                     double scale) const override {
+    ++dense_calls_;
+    return dense_forward(q, k, v, causal, scale);
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const override {
+    ++dense_calls_;
+    return dense_backward(grad_out, q, k, v, out, lse, causal, scale);
+  }
+
+  // Varlen calls: the offsets' contract checked, then every sequence on the dense
+  // kernel's code as a (1, L, H, D) view of the packed tensors, its lse written where
+  // the varlen kernel writes it (flash (H, total_q); efficient (P, H, padded), the
+  // padding NaN).
+  std::tuple<at::Tensor, at::Tensor> kernel_forward_varlen(const at::Tensor& q_in,
+                                                           const at::Tensor& k_in,
+                                                           const at::Tensor& v_in,
+                                                           const PackedSequences& seqs, bool causal,
+                                                           double scale) const override {
+    ++varlen_calls_;
+    const at::Tensor q = varlen_rows(q_in, "query"), k = varlen_rows(k_in, "key"),
+                     v = varlen_rows(v_in, "value");
+    check_varlen(q, k, seqs);
+    const int64_t heads = q.size(1), count = seqs.count();
+    at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const auto f32 = q.options().dtype(at::kFloat);
+    const bool flash = kernel() == Kernel::kFlash;
+    at::Tensor lse = flash ? at::full({heads, q.size(0)}, nan, f32)
+                           : at::full({count, heads, efficient_lse_length(seqs.max_q)}, nan, f32);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t q0 = seqs.host_q[i], lq = seqs.host_q[i + 1] - q0;
+      const int64_t k0 = seqs.host_k[i], lk = seqs.host_k[i + 1] - k0;
+      if (lq == 0) continue;
+      TORCH_CHECK(lk > 0, label(), ": sequence ", i, " has queries and no keys");
+      auto [o, l] =
+          dense_forward(q.narrow(0, q0, lq).unsqueeze(0), k.narrow(0, k0, lk).unsqueeze(0),
+                        v.narrow(0, k0, lk).unsqueeze(0), causal, scale);
+      out.narrow(0, q0, lq).copy_(o.select(0, 0));
+      if (flash) {
+        lse.narrow(1, q0, lq).copy_(l.select(0, 0));
+      } else {
+        lse.select(0, i).narrow(1, 0, lq).copy_(l.select(0, 0).narrow(1, 0, lq));
+      }
+    }
+    return {flash ? out : out.unsqueeze(0), lse};
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward_varlen(
+      const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+      const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+      const PackedSequences& seqs, bool causal, double scale) const override {
+    ++varlen_calls_;
+    const at::Tensor q = varlen_rows(q_in, "query"), k = varlen_rows(k_in, "key"),
+                     v = varlen_rows(v_in, "value");
+    const at::Tensor grad_out = varlen_rows(grad_out_in, "grad_out"),
+                     out = varlen_rows(out_in, "out");
+    check_varlen(q, k, seqs);
+    const int64_t heads = q.size(1), count = seqs.count();
+    TORCH_CHECK(lse_in.scalar_type() == at::kFloat, label(), ": logsumexp must be float32, got ",
+                lse_in.scalar_type());
+    if (kernel() == Kernel::kFlash) {
+      // mha_varlen_bwd reads softmax_lse as (H, total_q) at head * total_q + row.
+      TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == heads && lse_in.size(1) == q.size(0) &&
+                      lse_in.is_contiguous(),
+                  label(), ": softmax_lse must be a contiguous (", heads, ", ", q.size(0),
+                  ") tensor, got ", lse_in.sizes(), " with strides ", strides_of(lse_in));
+    } else {
+      const int64_t padded = efficient_lse_length(seqs.max_q);
+      TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == count && lse_in.size(1) == heads &&
+                      lse_in.size(2) >= padded && lse_in.stride(2) == 1,
+                  label(), ": logsumexp must be (", count, ", ", heads, ", >= ", padded, "), got ",
+                  lse_in.sizes());
+    }
+    at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
+               dv = at::zeros(v.sizes(), v.options());
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t q0 = seqs.host_q[i], lq = seqs.host_q[i + 1] - q0;
+      const int64_t k0 = seqs.host_k[i], lk = seqs.host_k[i + 1] - k0;
+      if (lq == 0) continue;
+      const at::Tensor lse_i = kernel() == Kernel::kFlash
+                                   ? lse_in.narrow(1, q0, lq).unsqueeze(0).contiguous()
+                                   : lse_in.select(0, i).unsqueeze(0);
+      const auto rows = [&](const at::Tensor& t, int64_t r0, int64_t n) {
+        return t.narrow(0, r0, n).unsqueeze(0);
+      };
+      auto [dqi, dki, dvi] =
+          dense_backward(rows(grad_out, q0, lq), rows(q, q0, lq), rows(k, k0, lk), rows(v, k0, lk),
+                         rows(out, q0, lq), lse_i, causal, scale);
+      dq.narrow(0, q0, lq).copy_(dqi.select(0, 0));
+      dk.narrow(0, k0, lk).copy_(dki.select(0, 0));
+      dv.narrow(0, k0, lk).copy_(dvi.select(0, 0));
+    }
+    if (kernel() == Kernel::kFlash) return {dq, dk, dv};
+    return {dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)};
+  }
+
+ private:
+  std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& v, bool causal,
+                                                   double scale) const {
     check_inputs(q, k, v);
     const int64_t bt = q.size(0), lq = q.size(1), heads = q.size(2);
     at::Tensor s = scores(q, k, causal, scale);
@@ -86,10 +189,9 @@ class ContractEngine final : public KernelEngine {
     return {out, lse};
   }
 
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
       const at::Tensor& grad_out_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-      const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
-      double scale) const override {
+      const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double scale) const {
     check_inputs(q, k, v);
     const int64_t bt = q.size(0), lq = q.size(1), heads = q.size(2), dv = v.size(3);
     TORCH_CHECK(grad_out_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(), label(),
@@ -177,8 +279,75 @@ class ContractEngine final : public KernelEngine {
       const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) const {
     return kernel_backward(grad_out, q, k, v, out, lse, causal, scale);
   }
+  std::tuple<at::Tensor, at::Tensor> raw_forward_varlen(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v,
+                                                        const PackedSequences& seqs, bool causal,
+                                                        double scale) const {
+    return kernel_forward_varlen(q, k, v, seqs, causal, scale);
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> raw_backward_varlen(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, const PackedSequences& seqs, bool causal,
+      double scale) const {
+    return kernel_backward_varlen(grad_out, q, k, v, out, lse, seqs, causal, scale);
+  }
+  // (dense kernel calls, varlen kernel calls) since the process started.
+  std::vector<int64_t> calls() const { return {dense_calls_.load(), varlen_calls_.load()}; }
 
  private:
+  // The (T, H, D) rows of a varlen argument in the kernel's shape: flash takes (T, H,
+  // D) (mha_varlen_fwd), the efficient kernel (1, T, H, D) ("cu_seqlen only supports
+  // batch_size=1").
+  at::Tensor varlen_rows(const at::Tensor& t, const char* arg) const {
+    if (kernel() == Kernel::kFlash) {
+      TORCH_CHECK(t.dim() == 3, label(), ": varlen ", arg, " must be (total, H, D), got ",
+                  t.sizes());
+      return t;
+    }
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == 1, label(), ": cu_seqlen only supports batch_size=1, ",
+                arg, " of shape ", t.sizes());
+    return t.select(0, 0);
+  }
+
+  // The varlen kernels' offsets (flash_api.cpp mha_varlen_fwd/bwd; attention.cu with
+  // cu_seqlens): int32, contiguous, on the inputs' device, (P+1,) with P >= 1 and P in
+  // a grid dimension. The kernels read them unchecked, so the values are checked here
+  // as a GPU would misread them: rows past the tensors, or max_seqlen below a length
+  // (the grid is sized from max_seqlen: rows past it are never computed).
+  void check_varlen(const at::Tensor& q, const at::Tensor& k, const PackedSequences& s) const {
+    for (const at::Tensor* cu : {&s.cu_q, &s.cu_k}) {
+      const char* arg = cu == &s.cu_q ? "cu_seqlens_q" : "cu_seqlens_k";
+      TORCH_CHECK(cu->scalar_type() == at::kInt, label(), ": ", arg, " must have dtype int32, got ",
+                  cu->scalar_type());
+      TORCH_CHECK(cu->device() == q.device(), label(), ": ", arg,
+                  " must be on the device of the inputs");
+      TORCH_CHECK(cu->dim() == 1 && cu->is_contiguous(), label(), ": ", arg,
+                  " must be a contiguous 1-d tensor");
+    }
+    TORCH_CHECK(s.cu_q.size(0) == s.cu_k.size(0) && s.cu_q.size(0) >= 2, label(),
+                ": cu_seqlens_q and cu_seqlens_k must be (P+1,) with P >= 1, got ", s.cu_q.sizes(),
+                " and ", s.cu_k.sizes());
+    TORCH_CHECK(s.cu_q.size(0) - 1 <= kMaxGridBatch, label(), ": ", s.cu_q.size(0) - 1,
+                " sequences exceed the 65535 blocks of a grid dimension");
+    TORCH_CHECK(at::equal(s.cu_q.to(at::kLong), at::tensor(s.host_q, at::kLong)) &&
+                    at::equal(s.cu_k.to(at::kLong), at::tensor(s.host_k, at::kLong)),
+                label(), ": the offsets differ from their host copies");
+    const auto check = [&](const std::vector<int64_t>& cu, int64_t total, int64_t max_len,
+                           const char* arg, const char* max_arg) {
+      TORCH_CHECK(cu.front() == 0 && cu.back() == total, label(), ": ", arg,
+                  " must run from 0 to the packed rows (", total, "), got ", cu.front(), " .. ",
+                  cu.back());
+      for (size_t i = 0; i + 1 < cu.size(); ++i) {
+        TORCH_CHECK(cu[i] <= cu[i + 1], label(), ": ", arg, " must be nondecreasing at ", i);
+        TORCH_CHECK(cu[i + 1] - cu[i] <= max_len, label(), ": sequence ", i, " has ",
+                    cu[i + 1] - cu[i], " rows, more than ", max_arg, " = ", max_len,
+                    ": the kernel's grid would leave its last rows unwritten");
+      }
+    };
+    check(s.host_q, q.size(0), s.max_q, "cu_seqlens_q", "max_seqlen_q");
+    check(s.host_k, k.size(0), s.max_k, "cu_seqlens_k", "max_seqlen_k");
+  }
+
   std::string label() const {
     return std::string("longnet: ") + name_ + " (" + kernel_label(kernel()) + ")";
   }
@@ -319,6 +488,7 @@ class ContractEngine final : public KernelEngine {
   }
 
   const char* name_;
+  mutable std::atomic<int64_t> dense_calls_{0}, varlen_calls_{0};
 };
 
 const ContractEngine contract_flash(Kernel::kFlash, "contract_cuda_flash");
@@ -349,9 +519,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contract_kernel_backward(
   return contract_engine(engine).raw_backward(grad_out, q, k, v, out, lse, causal, scale);
 }
 
+PackedSequences packed(const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
+                       int64_t max_k) {
+  const auto host = [](const at::Tensor& t) {
+    const at::Tensor h = t.to(at::kCPU, at::kLong).contiguous();
+    return std::vector<int64_t>(h.data_ptr<int64_t>(), h.data_ptr<int64_t>() + h.numel());
+  };
+  return PackedSequences{cu_q, cu_k, max_q, max_k, host(cu_q), host(cu_k)};
+}
+
+std::tuple<at::Tensor, at::Tensor> contract_kernel_forward_varlen(
+    const std::string& engine, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k, bool causal,
+    double scale) {
+  return contract_engine(engine).raw_forward_varlen(q, k, v, packed(cu_q, cu_k, max_q, max_k),
+                                                    causal, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contract_kernel_backward_varlen(
+    const std::string& engine, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q,
+    const at::Tensor& cu_k, int64_t max_q, int64_t max_k, bool causal, double scale) {
+  return contract_engine(engine).raw_backward_varlen(
+      grad_out, q, k, v, out, lse, packed(cu_q, cu_k, max_q, max_k), causal, scale);
+}
+
+std::vector<int64_t> contract_kernel_calls(const std::string& engine) {
+  return contract_engine(engine).calls();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(longnet, m) {
+  m.def(
+      "_contract_kernel_forward_varlen(str engine, Tensor q, Tensor k, Tensor v, Tensor cu_q, "
+      "Tensor cu_k, int max_q, int max_k, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "_contract_kernel_backward_varlen(str engine, Tensor grad_out, Tensor q, Tensor k, "
+      "Tensor v, Tensor out, Tensor lse, Tensor cu_q, Tensor cu_k, int max_q, int max_k, "
+      "bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("_contract_kernel_calls(str engine) -> int[]", &contract_kernel_calls);
   m.def(
       "_contract_kernel_forward(str engine, Tensor q, Tensor k, Tensor v, bool causal, "
       "float scale) -> (Tensor, Tensor)");
@@ -363,6 +570,8 @@ TORCH_LIBRARY_FRAGMENT(longnet, m) {
 TORCH_LIBRARY_IMPL(longnet, CPU, m) {
   m.impl("_contract_kernel_forward", &contract_kernel_forward);
   m.impl("_contract_kernel_backward", &contract_kernel_backward);
+  m.impl("_contract_kernel_forward_varlen", &contract_kernel_forward_varlen);
+  m.impl("_contract_kernel_backward_varlen", &contract_kernel_backward_varlen);
 }
 
 }  // namespace longnet::engine
