@@ -17,7 +17,7 @@ with the engines on ATen's CUDA kernels (``cuda_flash``, ``cuda_cudnn``,
   sets it.
 * ``LONGNET_CUDA_ARCHS``: semicolon-separated compute capabilities, default
   ``"8.0;9.0"`` (A100, H100/H200); PTX is embedded for the newest one.
-* ``LONGNET_DEBUG=1``: ``-O0 -g`` build.
+* ``LONGNET_DEBUG=1``: ``-O0 -g`` build (else ``-O3``, and C++ without debug info).
 * ``LONGNET_WERROR=1``: compiler warnings are errors (``-Wall -Wextra`` always warn, in
   C++ and in the host code of the CUDA files; nvcc's own warnings too). CI sets it.
 * ``MAX_JOBS``: parallel compile jobs (ninja).
@@ -107,8 +107,11 @@ def make_extension():
         + (["-DLONGNET_FUSED_CUDA"] if fused_cuda else [])
         + (["-DLONGNET_TESTING"] if testing else [])
     )
+    # Python's CFLAGS carry -g; a release build drops the debug info (-g0), which
+    # halves the time to compile a file that includes ATen and shrinks the library.
     cxx_flags = (
         opt
+        + ([] if debug else ["-g0"])
         + ["-std=c++20", "-fopenmp", "-fvisibility=hidden"]
         + warnings
         + _system_includes(cuda)
