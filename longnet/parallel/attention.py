@@ -398,6 +398,7 @@ def _start_exchange(
         [unit * x for x in plan.recv_rows],
         group,
         "key/value exchange",
+        free_sent=True,  # flat is this exchange's own copy
     )
     return k_sel, v_sel, got, pending
 

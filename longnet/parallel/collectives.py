@@ -152,15 +152,21 @@ class Pending:
     """An all-to-all in flight: call :meth:`wait` before reading its output, then
     read it through :meth:`arrived`."""
 
-    def __init__(self, work, what: str, group, link=None, sizes=None):
+    def __init__(self, work, what: str, group, link=None, sizes=None, free_sent=False):
         # work is (collective handle, send buffer): the buffer must live until done.
         self._work, self._what, self._group = work, what, group
         self._link, self._sizes = link, sizes
+        self._free_sent = free_sent
 
     def wait(self) -> None:
         if self._work is not None:
-            (work, _), self._work = self._work, None
+            (work, sent), self._work = self._work, None
             _wait(work, self._what, self._group)
+            if self._free_sent:
+                # The backend's worker thread can hold the finished collective, and
+                # with it the send buffer, a while longer: free its memory here, now
+                # that it was sent (a buffer only this exchange uses).
+                sent.untyped_storage().resize_(0)
 
     def arrived(self, out: Tensor) -> Tensor:
         """``out`` (the exchange's output, after :meth:`wait`) marked as arrived: in
@@ -183,13 +189,13 @@ class _AllToAll(torch.autograd.Function):
     the transfer). The backward waits before it returns."""
 
     @staticmethod
-    def forward(ctx, x, send_sizes, recv_sizes, group, what, box):
+    def forward(ctx, x, send_sizes, recv_sizes, group, what, box, free_sent):
         ctx.sizes = (send_sizes, recv_sizes)
         ctx.group = group
         ctx.what = what
         out, work = _launch(x, send_sizes, recv_sizes, group)
         ctx.link = {}
-        box.append(Pending(work, what, group, ctx.link, ctx.sizes))
+        box.append(Pending(work, what, group, ctx.link, ctx.sizes, free_sent))
         return out
 
     @staticmethod
@@ -200,7 +206,7 @@ class _AllToAll(torch.autograd.Function):
             started = _launch(grad, recv_sizes, send_sizes, ctx.group)
         g, (work, _buf) = started
         _wait(work, ctx.what + " (backward)", ctx.group)
-        return g, None, None, None, None, None
+        return g, None, None, None, None, None, None
 
 
 class _Arrive(torch.autograd.Function):
@@ -226,19 +232,22 @@ def all_to_all_start(
     recv_sizes: Sequence[int],
     group=None,
     what: str = "all_to_all",
+    free_sent: bool = False,
 ) -> tuple[Tensor, Pending]:
     """Start sending ``x[sum(send_sizes[:d]) : ...]`` to rank ``d`` of ``group``.
 
     Returns ``(out, pending)``: ``out`` becomes the concatenation of what every rank
     sent here (``recv_sizes[s]`` elements from rank ``s``) once ``pending.wait()``
     returned. ``x`` is 1-D. Differentiable (the backward exchange is synchronous);
-    every rank of ``group`` must call it."""
+    every rank of ``group`` must call it. ``free_sent=True`` frees the memory of the
+    send buffer (``x``, or its contiguous copy) in ``pending.wait()``: only for an
+    ``x`` that nothing reads afterwards."""
     if x.dim() != 1:
         raise ValueError(f"all_to_all expects a 1-D tensor, got shape {tuple(x.shape)}")
     if sum(send_sizes) != x.numel():
         raise ValueError(f"send_sizes sum to {sum(send_sizes)} but x has {x.numel()} elements")
     box: list[Pending] = []
-    out = _AllToAll.apply(x, tuple(send_sizes), tuple(recv_sizes), group, what, box)
+    out = _AllToAll.apply(x, tuple(send_sizes), tuple(recv_sizes), group, what, box, free_sent)
     return out, box[0]
 
 
