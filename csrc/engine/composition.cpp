@@ -206,18 +206,88 @@ void for_each_call(const SubProblem& sp, int64_t max_batch,
 
 at::Tensor with_dense_last(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
+// The forward's outputs and the accumulator of out (out itself when the input dtype
+// is the accumulation dtype): out = 0 and lse = -inf until a problem reaches a row.
+struct ForwardAccumulator {
+  at::Tensor out, lse, acc;
+  at::ScalarType acc_type;
+  explicit ForwardAccumulator(const at::Tensor& q) : acc_type(accumulate_dtype(q)) {
+    std::tie(out, lse) = allocate_forward_outputs(q);
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    acc = q.scalar_type() == acc_type ? out : at::empty(q.sizes(), q.options().dtype(acc_type));
+    acc.zero_();
+  }
+  std::tuple<at::Tensor, at::Tensor> result() {
+    if (!acc.is_same(out)) out.copy_(acc);
+    return {out, lse};
+  }
+};
+
+// dq, dk, dv and their accumulators (themselves in the accumulation dtype), zeroed.
+struct GradAccumulator {
+  at::Tensor dq, dk, dv, dq_acc, dk_acc, dv_acc;
+  at::ScalarType acc_type;
+  GradAccumulator(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
+      : acc_type(accumulate_dtype(q)) {
+    std::tie(dq, dk, dv) = allocate_backward_outputs(q, k, v);
+    const bool direct = q.scalar_type() == acc_type;
+    const auto accumulator = [&](const at::Tensor& t) {
+      return direct ? t : at::empty(t.sizes(), t.options().dtype(acc_type));
+    };
+    dq_acc = accumulator(dq).zero_();
+    dk_acc = accumulator(dk).zero_();
+    dv_acc = accumulator(dv).zero_();
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result() {
+    if (!dq_acc.is_same(dq)) {
+      dq.copy_(dq_acc);
+      dk.copy_(dk_acc);
+      dv.copy_(dv_acc);
+    }
+    return {dq, dk, dv};
+  }
+};
+
+// The backward's row inputs in the dtypes the problems take (grad_out and out in the
+// input dtype, lse and its gradient in the accumulation dtype), and whether any row
+// reached by a problem has a gradient on lse (rows with lse = -inf are in none).
+struct BackwardInputs {
+  at::Tensor dout, out, lse, dlse;
+  bool with_dlse;
+  BackwardInputs(const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& out_in,
+                 const at::Tensor& lse_in, const at::Tensor& grad_lse, at::ScalarType acc_type)
+      : dout(with_dense_last(grad_out.to(q.scalar_type()))),
+        out(with_dense_last(out_in.to(q.scalar_type()))),
+        lse(lse_in.to(acc_type)),
+        dlse(grad_lse.to(acc_type)) {
+    with_dlse = q.size(1) > 0 && q.size(3) > 0 &&
+                at::logical_and(dlse != 0, at::isfinite(lse)).any().item<bool>();
+  }
+};
+
+// A problem whose dense backward gives the terms of dq and dk that a gradient on lse
+// adds (dS += dlse * P): values 0, out = -e_0 and grad_out = dlse * e_0, so that
+// rowsum(grad_out * out) = -dlse and grad_out . v = 0. `dl` is dlse in the shape of
+// q without its last dimension.
+struct LseGradientProblem {
+  at::Tensor grad_out, out, v;
+  LseGradientProblem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& dl)
+      : grad_out(at::zeros(q.sizes(), q.options())),
+        out(at::zeros(q.sizes(), q.options())),
+        v(at::zeros(k.sizes(), k.options())) {
+    grad_out.select(-1, 0).copy_(dl);
+    out.select(-1, 0).fill_(-1);
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> composed_forward(const DenseEngine& engine,
                                                     const at::Tensor& q_in, const at::Tensor& k_in,
                                                     const at::Tensor& v_in, const Call& call) {
-  at::Tensor out, lse;
-  std::tie(out, lse) = allocate_forward_outputs(q_in);
-  const at::ScalarType acc_type = accumulate_dtype(q_in);
   // Every element of out and lse is written here: rows that no problem reaches
   // keep out = 0 and lse = -inf.
-  lse.fill_(-std::numeric_limits<double>::infinity());
-  const bool direct = q_in.scalar_type() == acc_type;
-  at::Tensor acc = direct ? out : at::empty(q_in.sizes(), q_in.options().dtype(acc_type));
-  acc.zero_();
+  ForwardAccumulator result(q_in);
+  at::Tensor &acc = result.acc, &lse = result.lse;
+  const at::ScalarType acc_type = result.acc_type;
   if (q_in.numel() > 0 && k_in.numel() > 0) {
     const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in),
                      v = with_dense_last(v_in);
@@ -252,36 +322,19 @@ std::tuple<at::Tensor, at::Tensor> composed_forward(const DenseEngine& engine,
     for (const SubProblem& sp : make_plan(q, k, call))
       for_each_call(sp, engine.max_batch(), folds, run);
   }
-  if (!direct) out.copy_(acc);
-  return {out, lse};
+  return result.result();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_backward(
     const DenseEngine& engine, const at::Tensor& grad_out, const at::Tensor& grad_lse,
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const Call& call) {
-  at::Tensor dq, dk, dv;
-  std::tie(dq, dk, dv) = allocate_backward_outputs(q_in, k_in, v_in);
-  const at::ScalarType acc_type = accumulate_dtype(q_in);
-  const bool direct = q_in.scalar_type() == acc_type;
-  const auto accumulator = [&](const at::Tensor& t) {
-    return direct ? t : at::empty(t.sizes(), t.options().dtype(acc_type));
-  };
-  at::Tensor dq_acc = accumulator(dq), dk_acc = accumulator(dk), dv_acc = accumulator(dv);
-  dq_acc.zero_();
-  dk_acc.zero_();
-  dv_acc.zero_();
+  GradAccumulator grads(q_in, k_in, v_in);
   if (q_in.numel() > 0 && k_in.numel() > 0) {
-    const at::ScalarType dtype = q_in.scalar_type();
     const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in),
                      v = with_dense_last(v_in);
-    const at::Tensor dout = with_dense_last(grad_out.to(dtype));
-    const at::Tensor out = with_dense_last(out_in.to(dtype));
-    const at::Tensor lse = lse_in.to(acc_type);
-    const at::Tensor dlse = grad_lse.to(acc_type);
-    // Rows with lse = -inf are in no problem; their dlse plays no part.
-    const bool with_dlse =
-        q.size(3) > 0 && at::logical_and(dlse != 0, at::isfinite(lse)).any().item<bool>();
+    const BackwardInputs rows(q, grad_out, out_in, lse_in, grad_lse, grads.acc_type);
+    const at::Tensor &dout = rows.dout, &out = rows.out, &lse = rows.lse, &dlse = rows.dlse;
     const auto folds = [&](const SubProblem& sp) {
       return batch_folds(view5(q, sp, sp.q, false)) && batch_folds(view5(k, sp, sp.k, true)) &&
              batch_folds(view5(v, sp, sp.k, true)) && batch_folds(view5(dout, sp, sp.q, false)) &&
@@ -294,9 +347,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_backward(
       const int64_t bt = qv.size(0);
       const at::Tensor lse_p =
           row_stats_view(lse, sp).reshape({bt, sp.heads, sp.q.len}).contiguous();
-      at::Tensor dq5 = view5(dq_acc, sp, sp.q, false);
-      at::Tensor dk5 = view5(dk_acc, sp, sp.k, true);
-      at::Tensor dv5 = view5(dv_acc, sp, sp.k, true);
+      at::Tensor dq5 = view5(grads.dq_acc, sp, sp.q, false);
+      at::Tensor dk5 = view5(grads.dk_acc, sp, sp.k, true);
+      at::Tensor dv5 = view5(grads.dv_acc, sp, sp.k, true);
       at::Tensor dq_p, dk_p, dv_p;
       std::tie(dq_p, dk_p, dv_p) =
           engine.backward(fold(view5(dout, sp, sp.q, false)), qv, kv, vv,
@@ -304,18 +357,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_backward(
       dq5.add_(dq_p.reshape(dq5.sizes()));
       dk5.add_(dk_p.reshape(dk5.sizes()));
       dv5.add_(dv_p.reshape(dv5.sizes()));
-      if (with_dlse) {
-        // dS += dlse * P: values 0, out = -e_0, grad_out = dlse * e_0.
-        const at::Tensor dl =
-            row_stats_view(dlse, sp).permute({0, 1, 3, 2}).reshape({bt, sp.q.len, sp.heads});
-        at::Tensor dout2 = at::zeros(qv.sizes(), qv.options());
-        dout2.select(3, 0).copy_(dl);
-        at::Tensor out2 = at::zeros(qv.sizes(), qv.options());
-        out2.select(3, 0).fill_(-1);
-        const at::Tensor v0 = at::zeros(kv.sizes(), kv.options());
+      if (rows.with_dlse) {
+        const LseGradientProblem p(
+            qv, kv,
+            row_stats_view(dlse, sp).permute({0, 1, 3, 2}).reshape({bt, sp.q.len, sp.heads}));
         at::Tensor dq2, dk2, dv2;
         std::tie(dq2, dk2, dv2) =
-            engine.backward(dout2, qv, kv, v0, out2, lse_p, sp.causal, call.scale);
+            engine.backward(p.grad_out, qv, kv, p.v, p.out, lse_p, sp.causal, call.scale);
         dq5.add_(dq2.reshape(dq5.sizes()));
         dk5.add_(dk2.reshape(dk5.sizes()));
       }
@@ -323,12 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_backward(
     for (const SubProblem& sp : make_plan(q, k, call))
       for_each_call(sp, engine.max_batch(), folds, run);
   }
-  if (!direct) {
-    dq.copy_(dq_acc);
-    dk.copy_(dk_acc);
-    dv.copy_(dv_acc);
-  }
-  return {dq, dk, dv};
+  return grads.result();
 }
 
 // ---------------------------------------------------------- packed documents ----
@@ -461,6 +504,17 @@ at::Tensor head_stats(const at::Tensor& t, int64_t h0, int64_t heads, int64_t hs
                                    t.storage_offset() + h0 * t.stride(1));
 }
 
+// The Call of packed documents (no key ranges: Documents refuses them).
+Call document_call(const Arguments& args) {
+  return Call{args.segment_lengths,
+              args.dilation_rates,
+              args.is_causal,
+              args.scale,
+              args.position_offset,
+              nullptr,
+              nullptr};
+}
+
 at::Tensor gather_rows(const at::Tensor& t, const PieceGroup& g, const at::Tensor& rows, bool kv) {
   return head_rows(t, kv ? g.kh0 : g.h0, g.heads, kv ? g.khstep : g.hstep).index_select(0, rows);
 }
@@ -481,24 +535,13 @@ struct PlannedCall {
 std::tuple<at::Tensor, at::Tensor> composed_documents_forward(
     const DenseEngine& engine, const std::vector<int64_t>& doc_q, const std::vector<int64_t>& doc_k,
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const Arguments& args) {
-  at::Tensor out, lse;
-  std::tie(out, lse) = allocate_forward_outputs(q_in);
-  const at::ScalarType acc_type = accumulate_dtype(q_in);
-  lse.fill_(-std::numeric_limits<double>::infinity());  // rows no problem reaches
-  const bool direct = q_in.scalar_type() == acc_type;
-  at::Tensor acc = direct ? out : at::empty(q_in.sizes(), q_in.options().dtype(acc_type));
-  acc.zero_();
-  const Call call{args.segment_lengths,
-                  args.dilation_rates,
-                  args.is_causal,
-                  args.scale,
-                  args.position_offset,
-                  nullptr,
-                  nullptr};
+  ForwardAccumulator result(q_in);
+  const at::ScalarType acc_type = result.acc_type;
+  const Call call = document_call(args);
   const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in), v = with_dense_last(v_in);
   for (const PieceGroup& g : plan_documents(doc_q, doc_k, q, k, call)) {
-    at::Tensor acc_h = head_rows(acc, g.h0, g.heads, g.hstep);
-    at::Tensor lse_h = head_stats(lse, g.h0, g.heads, g.hstep);
+    at::Tensor acc_h = head_rows(result.acc, g.h0, g.heads, g.hstep);
+    at::Tensor lse_h = head_stats(result.lse, g.h0, g.heads, g.hstep);
     for (const Launch& l : launches(g, engine.max_batch(), q.device())) {
       at::Tensor o_p, l_p;
       std::tie(o_p, l_p) = engine.forward_varlen(
@@ -522,8 +565,7 @@ std::tuple<at::Tensor, at::Tensor> composed_documents_forward(
       lse_h.index_copy_(1, l.q_rows, merged);
     }
   }
-  if (!direct) out.copy_(acc);
-  return {out, lse};
+  return result.result();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_documents_backward(
@@ -531,71 +573,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_documents_backward(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
     const at::Tensor& lse_in, const Arguments& args) {
-  at::Tensor dq, dk, dv;
-  std::tie(dq, dk, dv) = allocate_backward_outputs(q_in, k_in, v_in);
-  const at::ScalarType acc_type = accumulate_dtype(q_in);
-  const bool direct = q_in.scalar_type() == acc_type;
-  const auto accumulator = [&](const at::Tensor& t) {
-    return direct ? t : at::empty(t.sizes(), t.options().dtype(acc_type));
-  };
-  at::Tensor dq_acc = accumulator(dq), dk_acc = accumulator(dk), dv_acc = accumulator(dv);
-  dq_acc.zero_();
-  dk_acc.zero_();
-  dv_acc.zero_();
-  const Call call{args.segment_lengths,
-                  args.dilation_rates,
-                  args.is_causal,
-                  args.scale,
-                  args.position_offset,
-                  nullptr,
-                  nullptr};
-  const at::ScalarType dtype = q_in.scalar_type();
+  GradAccumulator grads(q_in, k_in, v_in);
+  const at::ScalarType acc_type = grads.acc_type;
+  const Call call = document_call(args);
   const at::Tensor q = with_dense_last(q_in), k = with_dense_last(k_in), v = with_dense_last(v_in);
-  const at::Tensor dout = with_dense_last(grad_out.to(dtype));
-  const at::Tensor out = with_dense_last(out_in.to(dtype));
-  const at::Tensor lse = lse_in.to(acc_type);
-  const at::Tensor dlse = grad_lse.to(acc_type);
-  const bool with_dlse = q.size(1) > 0 && q.size(3) > 0 &&
-                         at::logical_and(dlse != 0, at::isfinite(lse)).any().item<bool>();
+  const BackwardInputs rows(q, grad_out, out_in, lse_in, grad_lse, acc_type);
   for (const PieceGroup& g : plan_documents(doc_q, doc_k, q, k, call)) {
-    at::Tensor dq_h = head_rows(dq_acc, g.h0, g.heads, g.hstep);
-    at::Tensor dk_h = head_rows(dk_acc, g.kh0, g.heads, g.khstep);
-    at::Tensor dv_h = head_rows(dv_acc, g.kh0, g.heads, g.khstep);
+    at::Tensor dq_h = head_rows(grads.dq_acc, g.h0, g.heads, g.hstep);
+    at::Tensor dk_h = head_rows(grads.dk_acc, g.kh0, g.heads, g.khstep);
+    at::Tensor dv_h = head_rows(grads.dv_acc, g.kh0, g.heads, g.khstep);
     for (const Launch& l : launches(g, engine.max_batch(), q.device())) {
       const at::Tensor qg = gather_rows(q, g, l.q_rows, false);
       const at::Tensor kg = gather_rows(k, g, l.k_rows, true);
       const at::Tensor vg = gather_rows(v, g, l.k_rows, true);
       const at::Tensor lse_g =
-          head_stats(lse, g.h0, g.heads, g.hstep).index_select(1, l.q_rows).to(at::kFloat);
+          head_stats(rows.lse, g.h0, g.heads, g.hstep).index_select(1, l.q_rows).to(at::kFloat);
       at::Tensor dq_p, dk_p, dv_p;
       std::tie(dq_p, dk_p, dv_p) = engine.backward_varlen(
-          gather_rows(dout, g, l.q_rows, false), qg, kg, vg, gather_rows(out, g, l.q_rows, false),
-          lse_g, l.seqs, g.causal, call.scale);
+          gather_rows(rows.dout, g, l.q_rows, false), qg, kg, vg,
+          gather_rows(rows.out, g, l.q_rows, false), lse_g, l.seqs, g.causal, call.scale);
       dq_h.index_add_(0, l.q_rows, dq_p.to(acc_type));
       dk_h.index_add_(0, l.k_rows, dk_p.to(acc_type));
       dv_h.index_add_(0, l.k_rows, dv_p.to(acc_type));
-      if (with_dlse) {
-        // dS += dlse * P, as composed_backward: values 0, out = -e_0, grad_out = dlse * e_0.
-        const at::Tensor dl = head_stats(dlse, g.h0, g.heads, g.hstep).index_select(1, l.q_rows);
-        at::Tensor dout2 = at::zeros(qg.sizes(), qg.options());
-        dout2.select(2, 0).copy_(dl.t());
-        at::Tensor out2 = at::zeros(qg.sizes(), qg.options());
-        out2.select(2, 0).fill_(-1);
-        const at::Tensor v0 = at::zeros(kg.sizes(), kg.options());
+      if (rows.with_dlse) {
+        const LseGradientProblem p(
+            qg, kg, head_stats(rows.dlse, g.h0, g.heads, g.hstep).index_select(1, l.q_rows).t());
         at::Tensor dq2, dk2, dv2;
-        std::tie(dq2, dk2, dv2) =
-            engine.backward_varlen(dout2, qg, kg, v0, out2, lse_g, l.seqs, g.causal, call.scale);
+        std::tie(dq2, dk2, dv2) = engine.backward_varlen(p.grad_out, qg, kg, p.v, p.out, lse_g,
+                                                         l.seqs, g.causal, call.scale);
         dq_h.index_add_(0, l.q_rows, dq2.to(acc_type));
         dk_h.index_add_(0, l.k_rows, dk2.to(acc_type));
       }
     }
   }
-  if (!direct) {
-    dq.copy_(dq_acc);
-    dk.copy_(dk_acc);
-    dv.copy_(dv_acc);
-  }
-  return {dq, dk, dv};
+  return grads.result();
 }
 
 std::tuple<at::Tensor, at::Tensor> DenseEngine::forward_varlen(const at::Tensor&, const at::Tensor&,
