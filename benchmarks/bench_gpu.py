@@ -16,13 +16,16 @@ Compares forward and forward+backward time, TFLOP/s and peak memory of
   counts as a log-count score modification (exact semantics, block-sparse only;
   causal problem only, to keep compile time down);
 
-then the longest sequence whose forward, and whose forward+backward, fits (target
-64M tokens forward, H * D = 128) on the automatic engine choice.
+then packed documents (log-normal lengths, mean N / 32) as one packed call against
+one call per document on each engine (cuda_flash and cuda_efficient run the packed
+call as varlen kernel calls), then the longest sequence whose forward, and whose
+forward+backward, fits (target 64M tokens forward, H * D = 128) on the automatic
+engine choice.
 
 TFLOP/s count only needed FLOPs: 4 * N * H * D * w_i / r_i**2 per pattern forward,
 half of it causal, 2.5x for the backward (so forward+backward is 3.5x).
 
-Usage: python3 benchmarks/bench_gpu.py [--quick] [--skip-flex] [--max-tokens N]
+Usage: python3 benchmarks/bench_gpu.py [--quick] [--skip-flex] [--skip-packed] [--max-tokens N]
        [--engines cuda_flash,cuda_cudnn,cuda_efficient,fused]
 """
 
@@ -391,6 +394,67 @@ def largest(max_tokens: int, ws: list[int], rs: list[int], backward: bool) -> No
     print(f"largest {what}: nothing fitted", flush=True)
 
 
+def document_lengths(n: int, mean: int, seed: int = 0) -> list[int]:
+    """Log-normal document lengths (sigma 1, the given mean) that sum to n."""
+    gen = torch.Generator().manual_seed(seed)
+    mu = math.log(mean) - 0.5
+    lengths: list[int] = []
+    while sum(lengths) < n:
+        draw = float(torch.empty(1).log_normal_(mu, 1.0, generator=gen))
+        lengths.append(max(1, min(int(draw), n - sum(lengths))))
+    return lengths
+
+
+def packed_documents(
+    n: int,
+    heads: int,
+    dim: int,
+    ws: Sequence[int],
+    rs: Sequence[int],
+    engines: Sequence[str],
+    reps: int,
+    mean: int,
+) -> None:
+    """Packed documents (causal): one packed call (cu_seqlens; varlen kernel calls on
+    cuda_flash and cuda_efficient, one problem set per document elsewhere) against
+    the same documents one call each."""
+    lengths = document_lengths(n, mean)
+    log(f"packed documents: {len(lengths)} documents in {n:,} tokens (mean {mean:,})")
+    cu = longnet.packing.cu_seqlens_from_lengths(lengths)  # on the host: no sync per call
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    inputs = [
+        torch.randn(1, n, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    ]
+    flops = sum(needed_flops(b - a, heads, dim, ws, rs, True) for a, b in bounds)
+    rows: list[dict] = []
+    for engine in engines:
+
+        def packed(a, b, c, engine=engine):
+            with longnet.use_engine(engine):
+                return longnet.dilated_attention(
+                    a, b, c, ws, rs, is_causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu
+                )
+
+        def one_call_each(a, b, c, engine=engine):
+            with longnet.use_engine(engine):
+                parts = [
+                    longnet.dilated_attention(
+                        a[:, s:e], b[:, s:e], c[:, s:e], ws, rs, is_causal=True
+                    )
+                    for s, e in bounds
+                ]
+            return torch.cat(parts, dim=1)
+
+        bench_method(f"{engine} packed", packed, inputs, flops, rows, reps)
+        bench_method(f"{engine} per document", one_call_each, inputs, flops, rows, reps)
+    print_table(
+        f"packed documents, causal, N = {n:,} in {len(lengths)} documents, H = {heads}, "
+        f"D = {dim}, w = {list(ws)}, r = {list(rs)}",
+        rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller problems, one rep")
@@ -401,6 +465,7 @@ def main() -> None:
         default=64 * 2**20,
         help="first N tried by the largest-forward probe (default 64M)",
     )
+    parser.add_argument("--skip-packed", action="store_true", help="do not time packed documents")
     parser.add_argument(
         "--engines",
         default="cuda_flash,cuda_cudnn,cuda_efficient,fused",
@@ -418,6 +483,8 @@ def main() -> None:
     engines = [e for e in args.engines.split(",") if e]
     for causal in (False, True):
         compare_problem(n, heads, dim, ws, rs, causal, args.skip_flex, reps, engines)
+    if not args.skip_packed:
+        packed_documents(n, heads, dim, [2048, 8192], [1, 4], engines, reps, mean=n // 32)
     max_tokens = args.max_tokens // (8 if args.quick else 1)
     largest(max_tokens, [2048, 8192, 32768], [1, 4, 16], backward=False)
     largest(max_tokens // 2, [2048, 8192, 32768], [1, 4, 16], backward=True)
