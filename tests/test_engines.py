@@ -397,3 +397,6 @@ def test_gpu_benchmark_imports_and_counts_flops():
     assert bench_gpu.needed_flops(1024, 2, 64, [1024, 2048], [1, 2], True) == (
         2.0 * 1024**2 * 2 * 64 * (1 + 1 / 4)
     )
+    # The packed-documents problem: positive lengths that fill N exactly.
+    lengths = bench_gpu.document_lengths(65536, 2048)
+    assert sum(lengths) == 65536 and min(lengths) >= 1 and 10 < len(lengths) < 200
