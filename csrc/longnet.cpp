@@ -102,9 +102,10 @@ TORCH_LIBRARY(longnet, m) {
       "int[] dilation_rates, bool is_causal, float scale, int position_offset=0, "
       "Tensor? key_start=None, Tensor? key_end=None, Tensor? cu_seqlens_q=None, "
       "Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)");
-  // Gradients of a loss on both outputs; returns (dq, dk, dv).
+  // Gradients of a loss on both outputs; returns (dq, dk, dv). grad_lse None: the
+  // loss does not read lse (no pass for its gradient, nothing to read back).
   m.def(
-      "dilated_attention_bwd(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor k, Tensor v, "
+      "dilated_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, int[] segment_lengths, int[] dilation_rates, bool is_causal, "
       "float scale, int position_offset=0, Tensor? key_start=None, Tensor? key_end=None, "
       "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> (Tensor, Tensor, Tensor)");

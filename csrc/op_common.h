@@ -69,9 +69,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(
   return {dq, dk, dv};
 }
 
+// grad_lse may be undefined (the loss does not read lse).
 inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& grad_lse,
                                 const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
   for (const at::Tensor* t : {&grad_out, &grad_lse, &out, &lse}) {
+    if (!t->defined()) continue;
     TORCH_CHECK(t->device() == q.device(),
                 "longnet: grad_out, grad_lse, out and lse must be on the device of q (", q.device(),
                 "), got ", t->device());
@@ -79,7 +81,7 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& gr
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "longnet: grad_out and out must have the shape of q ", q.sizes());
   const std::vector<int64_t> lse_shape{q.size(0), q.size(2), q.size(1)};
-  TORCH_CHECK(grad_lse.sizes() == lse_shape && lse.sizes() == lse_shape,
+  TORCH_CHECK((!grad_lse.defined() || grad_lse.sizes() == lse_shape) && lse.sizes() == lse_shape,
               "longnet: grad_lse and lse must have shape (B, H, Nq) = ", lse_shape);
 }
 

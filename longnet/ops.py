@@ -430,6 +430,9 @@ def _setup_context(ctx, inputs, output):
     position_offset, key_start, key_end, cu_q, cu_k = list(inputs[7:]) + defaults[len(inputs) - 7 :]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_start, key_end, cu_q, cu_k)
+    # A loss that does not read lse gives grad_lse None (not zeros): the backward then
+    # skips the pass for it, and on a GPU never reads a gradient back to decide.
+    ctx.set_materialize_grads(False)
     ctx.patterns = (list(segment_lengths), list(dilation_rates))
     ctx.is_causal = is_causal
     ctx.scale = scale
@@ -441,8 +444,6 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_start, key_end, cu_q, cu_k = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    if grad_lse is None:
-        grad_lse = torch.zeros_like(lse)
     with _engines._backward_scope(getattr(ctx, "engine", None)):
         dq, dk, dv = torch.ops.longnet.dilated_attention_bwd.default(
             grad_out,

@@ -550,3 +550,49 @@ def test_packed_documents_make_the_same_kernel_calls_for_any_number_of_documents
         return
     assert few[0] == many[0] == 0, "no dense kernel call"
     assert 0 < many[1] == few[1]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one-sequence", "packed"])
+def test_backward_without_a_loss_on_lse_runs_no_pass_for_it(packed):
+    """The lse gradient costs one more dense backward per problem. A loss that does not
+    read lse gives the operator no grad_lse (not zeros), so no such pass runs and
+    nothing is read back to decide (on a GPU that would wait for the device): the
+    backward makes half the kernel calls of one whose loss reads lse, and the same
+    gradients as a loss that reads lse with weight 0."""
+    engine = "contract_cuda_flash"
+    q, k, v = [t.requires_grad_() for t in problem(1, 40, 40, 2, 16, torch.bfloat16, seed=4)]
+    kw = {"cu_seqlens_q": torch.tensor([0, 17, 40])} if packed else {}
+    kw["cu_seqlens_k"] = kw.get("cu_seqlens_q")
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class GradLseSeen(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.longnet.dilated_attention_bwd.default:
+                self.seen.append(args[1])
+            return func(*args, **(kwargs or {}))
+
+    def backward_calls(lse_weight):
+        with longnet.testing.use_engine(engine):
+            out, lse = longnet.dilated_attention(
+                q, k, v, [8, 16], [1, 2], is_causal=True, return_lse=True, **kw
+            )
+        loss = out.float().sum()
+        if lse_weight is not None:
+            loss = loss + lse_weight * lse.sum()
+        before = sum(kernel_calls(engine))
+        GradLseSeen.seen = []
+        with GradLseSeen():
+            grads = torch.autograd.grad(loss, (q, k, v))
+        (grad_lse,) = GradLseSeen.seen
+        assert (grad_lse is None) == (lse_weight is None)
+        return sum(kernel_calls(engine)) - before, grads
+
+    without, grads_without = backward_calls(None)
+    with_lse, _ = backward_calls(1.0)
+    _, grads_zero_weight = backward_calls(0.0)  # zeros: on the CPU the pass is skipped too
+    assert 0 < without and with_lse == 2 * without
+    for a, b in zip(grads_without, grads_zero_weight):
+        assert torch.equal(a, b)

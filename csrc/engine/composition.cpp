@@ -249,19 +249,22 @@ struct GradAccumulator {
 };
 
 // The backward's row inputs in the dtypes the problems take (grad_out and out in the
-// input dtype, lse and its gradient in the accumulation dtype), and whether any row
-// reached by a problem has a gradient on lse (rows with lse = -inf are in none).
+// input dtype, lse and its gradient in the accumulation dtype), and whether the
+// problems' backward runs again for the gradient on lse: never without one (the loss
+// reads no lse), on the CPU only when a row reached by a problem has a nonzero one
+// (rows with lse = -inf are in none), on a GPU always (reading that back would wait
+// for the device).
 struct BackwardInputs {
   at::Tensor dout, out, lse, dlse;
-  bool with_dlse;
+  bool with_dlse = false;
   BackwardInputs(const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& out_in,
                  const at::Tensor& lse_in, const at::Tensor& grad_lse, at::ScalarType acc_type)
       : dout(with_dense_last(grad_out.to(q.scalar_type()))),
         out(with_dense_last(out_in.to(q.scalar_type()))),
-        lse(lse_in.to(acc_type)),
-        dlse(grad_lse.to(acc_type)) {
-    with_dlse = q.size(1) > 0 && q.size(3) > 0 &&
-                at::logical_and(dlse != 0, at::isfinite(lse)).any().item<bool>();
+        lse(lse_in.to(acc_type)) {
+    if (!grad_lse.defined() || q.size(1) == 0 || q.size(3) == 0) return;
+    dlse = grad_lse.to(acc_type);
+    with_dlse = !q.is_cpu() || at::logical_and(dlse != 0, at::isfinite(lse)).any().item<bool>();
   }
 };
 
@@ -436,6 +439,12 @@ struct Launch {
   at::Tensor q_rows, k_rows;  // int64 (Tq,), (Tk,): rows of the packed tensors
 };
 
+// A host tensor on `device`, copied without waiting for the device (pinned memory,
+// non-blocking: the caching host allocator keeps it until the copy ran).
+at::Tensor host_to(const at::Tensor& host, at::Device device) {
+  return device.is_cpu() ? host : host.pin_memory().to(device, /*non_blocking=*/true);
+}
+
 // Rows base[p] + step * t (t < len[p]) of pieces [p0, p1), concatenated, on `device`,
 // and their int32 offsets (P+1,) on the host.
 std::pair<at::Tensor, std::vector<int64_t>> piece_rows(const std::vector<int64_t>& base,
@@ -449,10 +458,8 @@ std::pair<at::Tensor, std::vector<int64_t>> piece_rows(const std::vector<int64_t
   const int64_t total = cu.back();
   const auto host = at::TensorOptions().dtype(at::kLong);
   const at::Tensor lens =
-      at::from_blob(const_cast<int64_t*>(len.data()) + p0, {static_cast<int64_t>(p1 - p0)}, host)
-          .to(device);
-  const at::Tensor starts =
-      at::from_blob(start.data(), {static_cast<int64_t>(p1 - p0)}, host).to(device);
+      host_to(at::tensor(at::ArrayRef<int64_t>(len.data() + p0, p1 - p0), host), device);
+  const at::Tensor starts = host_to(at::tensor(start, host), device);
   const at::Tensor index = at::arange(total, at::TensorOptions().dtype(at::kLong).device(device));
   const at::Tensor rows =
       at::repeat_interleave(starts, lens, /*dim=*/0, /*output_size=*/total).add_(index, step);
@@ -481,7 +488,7 @@ std::vector<Launch> launches(const PieceGroup& g, int64_t max_batch, at::Device 
     l.seqs.max_q = *std::max_element(g.q_len.begin() + p0, g.q_len.begin() + p1);
     l.seqs.max_k = *std::max_element(g.k_len.begin() + p0, g.k_len.begin() + p1);
     const auto int32 = [&](const std::vector<int64_t>& cu) {
-      return at::tensor(cu, at::TensorOptions().dtype(at::kLong)).to(at::kInt).to(device);
+      return host_to(at::tensor(cu, at::TensorOptions().dtype(at::kLong)).to(at::kInt), device);
     };
     l.seqs.cu_q = int32(l.seqs.host_q);
     l.seqs.cu_k = int32(l.seqs.host_k);

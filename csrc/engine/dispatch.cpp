@@ -60,10 +60,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> documents_backward(
       dv.narrow(1, k0, nk).zero_();
       continue;
     }
-    const auto [dqi, dki, dvi] =
-        engine.run_backward(grad_out.narrow(1, q0, nq), grad_lse.narrow(2, q0, nq),
-                            q.narrow(1, q0, nq), k.narrow(1, k0, nk), v.narrow(1, k0, nk),
-                            out.narrow(1, q0, nq), lse.narrow(2, q0, nq), args);
+    const auto [dqi, dki, dvi] = engine.run_backward(
+        grad_out.narrow(1, q0, nq), grad_lse.defined() ? grad_lse.narrow(2, q0, nq) : at::Tensor(),
+        q.narrow(1, q0, nq), k.narrow(1, k0, nk), v.narrow(1, k0, nk), out.narrow(1, q0, nq),
+        lse.narrow(2, q0, nq), args);
     dq.narrow(1, q0, nq).copy_(dqi);
     dk.narrow(1, k0, nk).copy_(dki);
     dv.narrow(1, k0, nk).copy_(dvi);
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse_in, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     at::IntArrayRef segment_lengths, at::IntArrayRef dilation_rates, bool is_causal, double scale,
     int64_t position_offset, const std::optional<at::Tensor>& key_start,
@@ -99,6 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   check_qkv(q, k, v, scale);
   check_patterns(segment_lengths, dilation_rates);
   check_position_offset(position_offset);
+  // Undefined when the loss does not read lse.
+  const at::Tensor grad_lse = grad_lse_in.has_value() ? *grad_lse_in : at::Tensor();
   check_backward_args(grad_out, grad_lse, q, out, lse);
   const Documents docs(cu_seqlens_q, cu_seqlens_k, q, k, key_start, key_end);
   const Arguments args{segment_lengths, dilation_rates, is_causal, scale,

@@ -51,7 +51,7 @@ class Engine {
   virtual std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v,
                                                          const Arguments& args) const = 0;
-  // (dq, dk, dv) of the backward operator.
+  // (dq, dk, dv) of the backward operator; grad_lse undefined when the loss reads no lse.
   virtual std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
       const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,

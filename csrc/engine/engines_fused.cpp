@@ -42,9 +42,11 @@ class FusedEngine final : public Engine {
   }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
-      const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
+      const at::Tensor& grad_out, const at::Tensor& grad_lse_in, const at::Tensor& q,
       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
       const Arguments& args) const override {
+    // The kernels read a gradient on lse in every row: zeros when the loss reads no lse.
+    const at::Tensor grad_lse = grad_lse_in.defined() ? grad_lse_in : at::zeros_like(lse);
 #ifdef LONGNET_FUSED_CUDA
     if (q.is_cuda()) {
       return cuda::fused_backward(grad_out, grad_lse, q, k, v, out, lse, args.segment_lengths,
