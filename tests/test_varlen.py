@@ -554,3 +554,39 @@ def test_operator_takes_packed_documents():
         ValueError, match=r"cu_seqlens_q\[-1\] must equal the number of packed tokens \(12\), got 8"
     ):
         longnet.dilated_attention(q, k, v, [4], [1], cu_seqlens_q=docs_q)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(
+    "engine,dtype",
+    [
+        ("contract_cuda_flash", torch.bfloat16),
+        ("contract_cuda_efficient", torch.float32),
+        ("math", torch.float64),
+    ],
+    ids=["contract_cuda_flash-bf16", "contract_cuda_efficient-f32", "math-f64"],
+)
+def test_packed_documents_at_a_position_offset(engine, dtype, causal):
+    """Every document's first key at position_offset = 5: segments straddle each
+    document's start, so the varlen groups hold partial first segments (and, causal,
+    their split into keys before the first query and a square problem), with fewer
+    queries than keys in some documents. Against the float64 reference."""
+    if engine in longnet.testing.CONTRACT_ENGINES:
+        require_testing_build()
+    cu_q, cu_k, q64, k64, v64 = packed_batch(7, "fewer", seed=77 + int(causal))
+    q, k, v = [t.to(dtype) for t in (q64, k64, v64)]
+    w_out, w_lse = loss_weights(q, dtype)
+    kw = dict(is_causal=causal, position_offset=5, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+    def packed(qq, kk, vv):
+        with longnet.testing.use_engine(engine):
+            return longnet.dilated_attention(qq, kk, vv, WS, RS, return_lse=True, **kw)
+
+    def reference(qq, kk, vv):
+        return dilated_attention_reference(qq, kk, vv, WS, RS, **kw)
+
+    got = forward_backward(packed, q, k, v, w_out, w_lse)
+    want = forward_backward(reference, *[t.double() for t in (q, k, v)], w_out, w_lse)
+    tol = bounds(engine, dtype)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert rel(got[name], want[name]) <= tol[name], (name, rel(got[name], want[name]))
