@@ -140,7 +140,7 @@ def retrieves(model, trial: Trial) -> tuple[bool, list[int]]:
     """Whether greedy decoding after the prompt emits the answer tokens, and the
     predicted tokens up to and including the first wrong one."""
     n = trial.answer_len
-    x = trial.ids[None, :-1]
+    x = trial.ids[None, :-1].to(next(model.parameters()).device)
     logits = model(input_ids=x, use_cache=False, logits_to_keep=n).logits[0]
     predicted = logits.argmax(-1).tolist()
     target = trial.ids[-n:].tolist()
@@ -263,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA adapter directory of examples/finetune_long_context.py (the -ft variants)",
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, ...)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the model's dtype (when the harness loads it)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--name", default="passkey", help="file name of the results")
@@ -338,7 +345,7 @@ def heatmap(results: dict[str, Any], path: str) -> bool:
 
 def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
     """Every variant over every (length, depth, key); ``model`` / ``tokenizer`` default
-    to SmolLM2-135M-Instruct in float32."""
+    to SmolLM2-135M-Instruct in ``--dtype``; the model runs on ``--device``."""
     log = (lambda *a, **k: None) if args.quiet else print
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
@@ -351,7 +358,8 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
         from longnet.integrations.smollm2 import load_smollm2
 
         transformers.logging.set_verbosity_error()
-        model, tokenizer = load_smollm2(torch.float32)
+        model, tokenizer = load_smollm2(getattr(torch, args.dtype))
+    model = model.to(args.device)
     tuned = None
     if any(v.endswith("-ft") for v in variants):
         if not args.adapter:
@@ -369,6 +377,8 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict[str, Any]:
         "dilation_rates": args.dilation_rates,
         "rope": args.rope,
         "adapter": args.adapter,
+        "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype),
         "command": " ".join(sys.argv),
         "machine": machine_info(args.threads),
         "rows": [],

@@ -142,5 +142,6 @@ def test_harness_scores_reach(smollm2, tmp_path):
     assert found == {"sdpa": [True, True], "local": [False, False]}
     saved = json.loads((tmp_path / "passkey.json").read_text())
     assert [r["variant"] for r in saved["rows"]] == ["sdpa", "local"]
+    assert (saved["device"], saved["dtype"]) == ("cpu", "torch.float32")
     assert "| sdpa" in (tmp_path / "passkey.md").read_text()
     assert (tmp_path / "passkey.png").stat().st_size > 0
