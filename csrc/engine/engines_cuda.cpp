@@ -6,16 +6,16 @@
 // The arguments reach these calls prepared by KernelEngine (kernel_contract.cpp:
 // aligned copies, a compact `out` for the efficient kernel, the lse layout of each
 // kernel, cuDNN's one-query problems on `math`), the code the CPU contract engines
-// run too (csrc/testing/engines_contract.cpp). The calls below have the same signatures in torch
-// 2.13 and 2.14 (checked against both versions' ATen/ops headers); torch 2.14 adds
-// trailing defaulted arguments to _cudnn_attention_forward, which these calls leave
-// at their defaults. Older torch versions are not checked: there only `math` and
-// `fused` run on CUDA.
+// run too (csrc/testing/engines_contract.cpp). The calls below compile against torch
+// 2.11 to 2.14 (their ATen/ops headers checked: the later versions only add trailing
+// defaulted arguments to _flash_attention_forward and _cudnn_attention_forward, which
+// these calls leave at their defaults; built against 2.11 and 2.14.1). Older torch
+// versions are not checked: there only `math` and `fused` run on CUDA.
 #ifdef LONGNET_WITH_CUDA
 
 #include <torch/version.h>
 
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)
 #define LONGNET_ATEN_ATTENTION_ENGINES 1
 #endif
 
