@@ -561,13 +561,17 @@ def test_backward_without_a_loss_on_lse_runs_no_pass_for_it(packed):
     gradients as a loss that reads lse with weight 0."""
     engine = "contract_cuda_flash"
     q, k, v = [t.requires_grad_() for t in problem(1, 40, 40, 2, 16, torch.bfloat16, seed=4)]
-    kw = {"cu_seqlens_q": torch.tensor([0, 17, 40])} if packed else {}
-    kw["cu_seqlens_k"] = kw.get("cu_seqlens_q")
+    cu = torch.tensor([0, 17, 40])
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu) if packed else {}
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class GradLseSeen(TorchDispatchMode):
-        seen: list = []
+        """Records the grad_lse argument of every backward operator call."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.longnet.dilated_attention_bwd.default:
@@ -583,10 +587,9 @@ def test_backward_without_a_loss_on_lse_runs_no_pass_for_it(packed):
         if lse_weight is not None:
             loss = loss + lse_weight * lse.sum()
         before = sum(kernel_calls(engine))
-        GradLseSeen.seen = []
-        with GradLseSeen():
+        with GradLseSeen() as mode:
             grads = torch.autograd.grad(loss, (q, k, v))
-        (grad_lse,) = GradLseSeen.seen
+        (grad_lse,) = mode.seen
         assert (grad_lse is None) == (lse_weight is None)
         return sum(kernel_calls(engine)) - before, grads
 

@@ -446,7 +446,7 @@ at::Tensor host_to(const at::Tensor& host, at::Device device) {
 }
 
 // Rows base[p] + step * t (t < len[p]) of pieces [p0, p1), concatenated, on `device`,
-// and their int32 offsets (P+1,) on the host.
+// and the pieces' cumulative offsets (P+1,) on the host.
 std::pair<at::Tensor, std::vector<int64_t>> piece_rows(const std::vector<int64_t>& base,
                                                        const std::vector<int64_t>& len, size_t p0,
                                                        size_t p1, int64_t step, at::Device device) {

@@ -23,7 +23,6 @@ const DenseEngine* varlen_engine(const Engine& engine) {
 // packed tensors and written into the packed outputs. Every query row belongs to one
 // document, so every output row is written. An engine with varlen calls runs the
 // problems of all documents together (composed_documents_forward/_backward).
-
 std::tuple<at::Tensor, at::Tensor> documents_forward(const Engine& engine, const Documents& docs,
                                                      const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, const Arguments& args) {
